@@ -1,0 +1,67 @@
+"""L7: `lmforge <command>`. Thin: each command is a recipe module with `add_arguments(parser)` and
+`main(args)`, imported only when that command runs so `lmforge --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (recipe module, one-line help). Add a line per command; keep it sorted by lifecycle.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": ("lmforge.recipes.pipeline", "run the whole lifecycle on a corpus and write a report"),
+    "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),
+    "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="lmforge: data, tokenizer, pretraining, fine-tuning, quantization, inference, "
+        "serving and evaluation of language models in one PyTorch package.",
+        epilog="Run `lmforge <command> --help` for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = _build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"lmforge: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    from lmforge.common import LmforgeError
+
+    try:
+        recipe = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("lmforge"):
+            print(f"lmforge: error: command {name!r} is not available in this build ({e.name} missing)", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=(recipe.__doc__ or help_text).strip())
+    recipe.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        result = recipe.main(args)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The package's import graph points down the layers of shared/DESIGN.md, and modules stay small."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "lmforge"
+
+LAYERS = {
+    "common": 0,
+    "tokenizer": 1, "model": 1,
+    "data": 2, "multimodal": 2, "peft": 2, "quant": 2,
+    "checkpoint": 3,
+    "train": 4, "infer": 4,
+    "eval": 5, "serve": 5,
+    "recipes": 6,
+    "cli": 7, "__main__": 7,
+}
+# Sideways imports allowed on top of "any layer below": (importer, imported).
+ALLOWED_SIDEWAYS = set()
+# serve may import anything below except train (DESIGN.md).
+FORBIDDEN = {("serve", "train")}
+# Modules allowed past the 500-line budget, with the reason.
+SIZE_EXEMPT: dict[str, str] = {}
+MAX_LINES = 500
+
+
+def _component(module_path: Path) -> str:
+    rel = module_path.relative_to(PKG)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imported_components(tree: ast.AST, module_path: Path) -> set[str]:
+    found = set()
+    rel_pkg = module_path.relative_to(PKG).parent.parts
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "lmforge" and len(parts) > 1:
+                    found.add(parts[1])
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                if parts[0] != "lmforge":
+                    continue
+                if len(parts) > 1:
+                    found.add(parts[1])
+                else:
+                    found.update(a.name for a in node.names)
+            else:
+                base = list(rel_pkg[: len(rel_pkg) - (node.level - 1)]) if node.level > 1 else list(rel_pkg)
+                parts = base + ((node.module or "").split(".") if node.module else [])
+                if parts:
+                    found.add(parts[0])
+                else:
+                    found.update(a.name for a in node.names)
+    return found
+
+
+def test_every_component_has_a_layer():
+    for path in PKG.rglob("*.py"):
+        if path.name == "__init__.py" and path.parent == PKG:
+            continue
+        assert _component(path) in LAYERS, f"{path} is in no layer; add it to DESIGN.md and LAYERS"
+
+
+def test_imports_point_down_the_layers():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.name == "__init__.py" and path.parent == PKG:
+            continue  # the package root only re-exports lazily
+        me = _component(path)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for other in _imported_components(tree, path):
+            if other == me or other not in LAYERS:
+                continue
+            if (me, other) in FORBIDDEN:
+                bad.append(f"{path.relative_to(PKG)} imports {other} (forbidden)")
+            elif LAYERS[other] >= LAYERS[me] and (me, other) not in ALLOWED_SIDEWAYS:
+                bad.append(f"{path.relative_to(PKG)} (L{LAYERS[me]} {me}) imports {other} (L{LAYERS[other]})")
+    assert not bad, "layering violations:\n" + "\n".join(bad)
+
+
+def test_recipes_do_not_import_each_other():
+    bad = []
+    for path in (PKG / "recipes").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and "recipes" in node.module.split("."):
+                if not node.module.endswith("_common"):
+                    bad.append(f"{path.name} imports {node.module}")
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and not node.module.startswith("_"):
+                bad.append(f"{path.name} imports .{node.module}")
+    assert not bad, "recipes import each other:\n" + "\n".join(bad)
+
+
+def test_modules_stay_small():
+    big = []
+    for path in PKG.rglob("*.py"):
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        rel = str(path.relative_to(PKG))
+        if n > MAX_LINES and rel not in SIZE_EXEMPT:
+            big.append(f"{rel}: {n} lines")
+    assert not big, "modules over budget (split them or add an exemption with a reason):\n" + "\n".join(big)
+
+
+def test_layering_checker_catches_a_violation(tmp_path):
+    # The checker itself must be able to fail: an L1 module importing L4 is caught.
+    fake = PKG / "model" / "_probe_fake.py"
+    tree = ast.parse("from lmforge.infer import generate\nfrom ..train import x\n")
+    comps = _imported_components(tree, fake)
+    assert comps == {"infer", "train"}
+    assert all(LAYERS[c] > LAYERS["model"] for c in comps)
