@@ -1,0 +1,117 @@
+"""ModelConfig: one flat dataclass. A field exists only for a real axis of variation between the
+families we load (GPT-2, Llama 2/3, Qwen2, Mistral, Mixtral); presets are plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.common import LmforgeError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # HF family used for export: gpt2 | llama | qwen2 | mistral | mixtral
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (no GQA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    activation: str = "silu"  # silu | gelu | gelu_new (tanh approximation, GPT-2) | relu
+    gated_mlp: bool = True  # SwiGLU-style gate_proj * up_proj; False: up_proj -> act -> down_proj
+    position: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    attention_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
+    attention_out_bias: bool = False  # bias on o_proj (GPT-2)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral: a query sees only the last `sliding_window` keys
+    num_experts: int = 0  # > 0: sparse mixture-of-experts MLP (Mixtral)
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.02
+    causal: bool = True  # False: bidirectional attention (masked LM)
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # HF config fields we carry but do not use
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        checks = [
+            (self.norm in ("rmsnorm", "layernorm"), "norm", self.norm),
+            (self.position in ("rope", "learned"), "position", self.position),
+            (self.activation in ("silu", "gelu", "gelu_new", "relu", "gelu_pytorch_tanh"), "activation", self.activation),
+            (self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads", self.num_key_value_heads),
+            (self.vocab_size > 0 and self.hidden_size > 0 and self.num_hidden_layers > 0, "sizes", self.vocab_size),
+        ]
+        for ok, name, value in checks:
+            if not ok:
+                raise LmforgeError(f"invalid model config: {name}={value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise LmforgeError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise LmforgeError(f"unknown model preset {name!r}: choose from {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count from the shapes alone (used by memory estimates and MFU)."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        q = self.num_attention_heads * self.head_dim
+        attn = h * q * 2 + h * kv * 2
+        mlp = h * self.intermediate_size * (3 if self.gated_mlp else 2)
+        if self.num_experts:
+            mlp = mlp * self.num_experts + h * self.num_experts
+        per_layer = attn + mlp + 2 * h
+        n = per_layer * self.num_hidden_layers + h
+        if include_embeddings:
+            n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+            if self.position == "learned":
+                n += self.max_position_embeddings * h
+        return n
+
+
+_GPT2_STYLE = dict(arch="gpt2", norm="layernorm", activation="gelu_new", gated_mlp=False, position="learned",
+                   attention_bias=True, attention_out_bias=True, mlp_bias=True, tie_word_embeddings=True)
+
+PRESETS: dict[str, dict] = {
+    # A few hundred thousand parameters: tests and the default pipeline on a laptop CPU.
+    "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "small": dict(arch="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+    "tiny-gpt2": dict(_GPT2_STYLE, vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512),
+    "tiny-moe": dict(arch="mixtral", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                     max_position_embeddings=512),
+    # GPT-2 small (124M).
+    "gpt2": dict(_GPT2_STYLE, vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=1024, bos_token_id=50256, eos_token_id=50256),
+    # A Llama-shaped ~110M model with grouped-query attention.
+    "llama-100m": dict(arch="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+                       tie_word_embeddings=True),
+}

@@ -1,0 +1,173 @@
+"""The decoder-only Transformer, readable top to bottom.
+
+    input_ids [B, T] -> embed_tokens (+ embed_positions for learned positions)
+      -> num_hidden_layers x Block:  x + attn(norm(x)),  x + mlp(norm(x))
+      -> norm -> lm_head -> logits [B, T, V]
+
+Parameter names are Hugging Face Llama's (`model.layers.0.self_attn.q_proj.weight`, ...), so
+conversion is a key map and adapter/quantization targets need no translation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .layers import MLP, Attention, MoE, RotaryEmbedding, load_balancing_loss, make_norm
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.input_layernorm = make_norm(c.norm, c.hidden_size, c.norm_eps)
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                   layer_idx, qkv_bias=c.attention_bias, out_bias=c.attention_out_bias)
+        self.post_attention_layernorm = make_norm(c.norm, c.hidden_size, c.norm_eps)
+        if c.num_experts:
+            self.mlp = MoE(c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok, c.activation)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, c.activation, c.gated_mlp, c.mlp_bias)
+
+    def forward(self, x, rope, mask, kv_cache=None, start_pos: int = 0, is_causal: bool = False):
+        """Returns (x, router_logits or None)."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, start_pos, is_causal)
+        h = self.mlp(self.post_attention_layernorm(x))
+        router_logits = None
+        if isinstance(h, tuple):
+            h, router_logits = h
+        return x + h, router_logits
+
+
+class Backbone(nn.Module):
+    """HF's `model.` prefix: embeddings, blocks and the final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        if c.position == "learned":
+            self.embed_positions = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        else:
+            self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.norm = make_norm(c.norm, c.hidden_size, c.norm_eps)
+        self.gradient_checkpointing = False
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # GPT-2 scaled init: residual projections shrink with depth so the residual stream stays O(1).
+        std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_cache=None, start_pos: int = 0, segment_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                return_aux_loss: bool = False, return_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V] (the last `logits_to_keep` positions when > 0).
+
+        attention_mask [B, S]: 1 for real tokens, 0 for padding, over every key position (with a
+        cache S = start_pos + T). kv_cache/start_pos: the new tokens' keys/values go to slots
+        [start_pos, start_pos + T). segment_ids [B, T]: packed documents attend only within their own
+        segment (positions restart at each). attn_mask [B, 1, T, S] bool overrides all masking.
+        """
+        c, m = self.config, self.model
+        x = m.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        S = start_pos + T if kv_cache is not None else T
+        if position_ids is None:
+            position_ids = default_positions(B, T, start_pos, segment_ids, x.device)
+        rope = None
+        if c.position == "learned":
+            x = x + m.embed_positions(position_ids)
+        else:
+            rope = m.rotary(position_ids, x.dtype)
+        if attn_mask is not None:
+            mask, is_causal = attn_mask, False
+        else:
+            mask, is_causal = build_mask(c, B, T, S, start_pos, attention_mask, segment_ids, x.device)
+
+        router_logits = []
+        for block in m.layers:
+            if m.gradient_checkpointing and self.training:
+                x, r = checkpoint(block, x, rope, mask, kv_cache, start_pos, is_causal, use_reentrant=False)
+            else:
+                x, r = block(x, rope, mask, kv_cache, start_pos, is_causal)
+            if r is not None:
+                router_logits.append(r)
+        hidden = m.norm(x)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if not (return_aux_loss or return_hidden):
+            return logits
+        out = (logits,)
+        if return_aux_loss:
+            aux = (load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok) if router_logits
+                   else logits.new_zeros(()))
+            out += (aux,)
+        if return_hidden:
+            out += (hidden,)
+        return out
+
+
+def default_positions(B: int, T: int, start_pos: int, segment_ids: torch.Tensor | None, device) -> torch.Tensor:
+    """Positions start_pos..start_pos+T-1, or restarting at 0 at each new segment for packed docs."""
+    pos = torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
+    if segment_ids is None:
+        return pos
+    new_segment = torch.ones_like(segment_ids, dtype=torch.bool)
+    new_segment[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    idx = torch.arange(T, device=device).expand(B, T)
+    segment_start = torch.where(new_segment, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - segment_start
+
+
+def build_mask(c: ModelConfig, B: int, T: int, S: int, start_pos: int, attention_mask, segment_ids, device):
+    """Boolean attention mask [B|1, 1, T, S] (True = may attend), or None with an is_causal flag when
+    SDPA's built-in causal path (or no mask at all) is exact, which is the fast common case."""
+    window = c.sliding_window if c.sliding_window and S > c.sliding_window else None
+    if attention_mask is None and segment_ids is None and window is None:
+        if not c.causal or T == 1:
+            return None, False  # every query sees every key
+        if T == S:
+            return None, True
+    q = torch.arange(start_pos, start_pos + T, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    allowed = torch.ones(T, S, dtype=torch.bool, device=device)
+    if c.causal:
+        allowed &= k <= q
+    if window is not None:
+        allowed &= (q - k) < window
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :S].to(torch.bool)
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    # A padding query would otherwise see no key at all (NaN softmax); let it see itself.
+    return allowed | (k == q)[None, None], False
