@@ -1,0 +1,171 @@
+"""Chat templates: render a conversation with a Jinja template exactly as transformers does,
+and find the characters of that rendering the assistant wrote (the SFT loss mask).
+
+The template is whatever the tokenizer folder stores (tokenizer_config.json or
+chat_template.jinja), so training, serving and evaluation all render the same string.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from datetime import datetime
+from typing import Any, Iterable
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from lmforge.common import LmforgeError
+
+# ChatML (Qwen, OpenAI). `content` may be a string or a list of parts
+# ({"type": "text", "text": ...} / {"type": "image"}), so vision-language conversations put
+# the <image> placeholder where the image goes. Raw string: Jinja itself reads the '\n' escapes.
+CHATML_TEMPLATE = (
+    r"{% for message in messages %}"
+    r"{{ '<|im_start|>' + message['role'] + '\n' }}"
+    r"{% if message['content'] is string %}{{ message['content'] }}"
+    r"{% elif message['content'] %}{% for part in message['content'] %}"
+    r"{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    r"{% endfor %}{% endif %}"
+    r"{{ '<|im_end|>\n' }}"
+    r"{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+# Private-use characters that bracket `{% generation %}` bodies when we ask for their positions.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_MARK_VAR = "lmforge_mark_generation"
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`: marks assistant-written text.
+
+    Renders the body unchanged unless the template variable `lmforge_mark_generation` is true,
+    in which case the body is bracketed by private-use markers that `_strip_marks` turns
+    into character spans.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        call = self.call_method("_mark", [nodes.Name(_MARK_VAR, "load")])
+        return nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _mark(self, on: Any, caller: Any) -> str:
+        body = caller()
+        return f"{_OPEN}{body}{_CLOSE}" if on else body
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson HTML-escapes; chat templates expect plain JSON (as in transformers).
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=32)
+def compile_template(source: str) -> jinja2.Template:
+    """Compile like transformers: immutable sandbox, trim_blocks, lstrip_blocks, same helpers."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise LmforgeError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from None
+
+
+def check_messages(messages: Any) -> None:
+    """Raise LmforgeError naming the first bad message (index, role, content)."""
+    if not isinstance(messages, (list, tuple)):
+        raise LmforgeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise LmforgeError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise LmforgeError(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        content = m.get("content")
+        if content is None and not (role == "assistant" and m.get("tool_calls")):
+            raise LmforgeError(f"message {i} ({role}): missing 'content'")
+        if content is not None and not isinstance(content, (str, list)):
+            raise LmforgeError(f"message {i} ({role}): 'content' must be a string or a list of parts, "
+                               f"got {type(content).__name__}")
+
+
+def render(template: str, messages: list[dict], add_generation_prompt: bool = False, **variables: Any) -> str:
+    """The template's string for `messages`. `variables` are extra template variables
+    (bos_token, eos_token, tools, ...), as transformers passes its special tokens map."""
+    check_messages(messages)
+    context = {"tools": None, "documents": None, **variables}
+    try:
+        return compile_template(template).render(messages=list(messages),
+                                                 add_generation_prompt=add_generation_prompt, **context)
+    except jinja2.TemplateError as e:
+        raise LmforgeError(f"chat template failed: {e}") from None
+
+
+def _strip_marks(marked: str) -> tuple[str, list[tuple[int, int]]]:
+    out, spans, pos, start = [], [], 0, 0
+    for piece in re.split(f"([{_OPEN}{_CLOSE}])", marked):
+        if piece == _OPEN:
+            start = pos
+        elif piece == _CLOSE:
+            spans.append((start, pos))
+        else:
+            out.append(piece)
+            pos += len(piece)
+    return "".join(out), spans
+
+
+def _trim_after_end_token(text: str, start: int, end: int, end_tokens: Iterable[str]) -> int:
+    """Drop template whitespace that follows the turn's last special token ("<|im_end|>\\n"):
+    the model stops at the end-of-turn token, it never writes the newline after it."""
+    segment = text[start:end]
+    cut = max((segment.rfind(t) + len(t) for t in end_tokens if t and t in segment), default=-1)
+    if cut > 0 and not segment[cut:].strip():
+        return start + cut
+    return end
+
+
+def assistant_spans(template: str, messages: list[dict], add_generation_prompt: bool = False,
+                    end_tokens: Iterable[str] = (), **variables: Any) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, [(start, end) character spans the assistant wrote, end-of-turn included]).
+
+    Templates with `{% generation %}` say so themselves. For the others, turn i's span runs
+    from the end of render(messages[:i], add_generation_prompt=True) to the end of
+    render(messages[:i+1]): exact for any template whose renderings grow by appending.
+    """
+    text = render(template, messages, add_generation_prompt, **variables)
+    if _GENERATION_TAG.search(template):
+        marked, spans = _strip_marks(render(template, messages, add_generation_prompt,
+                                            **{**variables, _MARK_VAR: True}))
+        if marked != text:
+            raise LmforgeError("chat template renders differently when its {% generation %} blocks are tracked")
+        return text, spans
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(template, messages[:i], True, **variables)
+        if not text.startswith(prompt):  # template ignores add_generation_prompt mid-conversation
+            prompt = render(template, messages[:i], False, **variables)
+        turn = render(template, messages[: i + 1], False, **variables)
+        if not (text.startswith(prompt) and text.startswith(turn)):
+            raise LmforgeError(f"message {i}: the chat template does not render conversations by appending turns, "
+                               "so the loss mask cannot be found; mark assistant text with {% generation %}")
+        spans.append((len(prompt), _trim_after_end_token(text, len(prompt), len(turn), end_tokens)))
+    return text, spans
