@@ -82,6 +82,12 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
+    def reset_buffers(self, device=None) -> None:
+        """Recreate non-persistent buffers (RoPE frequencies), e.g. after building on the meta device."""
+        c = self.config
+        if c.position == "rope":
+            self.model.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

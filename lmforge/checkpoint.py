@@ -1,0 +1,177 @@
+"""L3: save and load models. Two folder formats, both safetensors only (nothing is unpickled):
+
+* lmforge checkpoint: `lmforge_config.json` ({"model": ModelConfig, "transforms": [...]}) +
+  `model.safetensors` (lmforge names) + tokenizer files (tokenizer.json, tokenizer_config.json with
+  the chat template, the one source of truth for training, serving and evaluation).
+* Hugging Face folder: `config.json` + `model.safetensors` or a sharded `model.safetensors.index.json`
+  (GPT-2, Llama, Qwen2, Mistral, Mixtral), read and written with the key maps in `model.hf_keys`.
+
+`transforms` is the manifest of what was done to the model (quantization scheme, adapters). Loading
+builds the model on the meta device, replays each transform (module swaps), then loads the weights
+with `assign=True`, so a quantized checkpoint loads without re-quantizing and without a float copy.
+Transforms record themselves in `model.lmforge_transforms` (a list of dicts with a "kind").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.common import LmforgeError, atomic_dir, atomic_write_json, get_dtype, read_json
+from lmforge.model import ModelConfig, Transformer
+from lmforge.model.hf_keys import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+
+LMFORGE_CONFIG = "lmforge_config.json"
+FORMAT_VERSION = 1
+# transform kind -> module with `replay(model, entry)` that recreates the transform's modules.
+TRANSFORM_MODULES = {"quant": "lmforge.quant", "peft": "lmforge.peft"}
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / LMFORGE_CONFIG).is_file() or (path / "config.json").is_file()
+
+
+def load_model(path: str | Path, device=None, dtype=None) -> Transformer:
+    """An lmforge checkpoint or a Hugging Face model folder -> eval-mode Transformer."""
+    path = Path(path)
+    if not path.exists():
+        raise LmforgeError(f"model path not found: {path}")
+    if (path / LMFORGE_CONFIG).is_file():
+        meta = read_json(path / LMFORGE_CONFIG, "lmforge config")
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise LmforgeError(f"{path / LMFORGE_CONFIG}: missing field 'model'")
+        config = ModelConfig.from_dict(meta["model"])
+        transforms = meta.get("transforms", [])
+        state = _read_safetensors(path)
+    elif (path / "config.json").is_file():
+        config = config_from_hf(read_json(path / "config.json", "config.json"), str(path / "config.json"))
+        transforms = []
+        state = state_dict_from_hf(_read_safetensors(path), config)
+    else:
+        raise LmforgeError(f"{path} is not a model folder: expected {LMFORGE_CONFIG} (lmforge) or config.json "
+                           "(Hugging Face) with model.safetensors")
+    model = build_and_load(config, state, transforms, source=str(path))
+    if dtype is not None:
+        model = model.to(get_dtype(dtype))
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def build_and_load(config: ModelConfig, state: dict, transforms: list[dict] | None = None,
+                   source: str = "state dict") -> Transformer:
+    """Build on the meta device, replay transforms, then load `state` by assignment."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    for entry in transforms or []:
+        replay_transform(model, entry, source)
+    _check_state(model, state, source)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.reset_buffers(next(iter(state.values())).device if state else None)
+    model.tie_weights()
+    return model
+
+
+def replay_transform(model: torch.nn.Module, entry: dict, source: str = "checkpoint") -> None:
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    if kind not in TRANSFORM_MODULES:
+        raise LmforgeError(f"{source}: unknown transform {kind!r} in the manifest; this build of lmforge knows "
+                           f"{', '.join(TRANSFORM_MODULES)} (is the checkpoint from a newer lmforge?)")
+    module = importlib.import_module(TRANSFORM_MODULES[kind])
+    if not hasattr(module, "replay"):
+        raise LmforgeError(f"{source}: transform {kind!r} cannot be replayed by this build of lmforge")
+    module.replay(model, entry)
+    model.lmforge_transforms = list(getattr(model, "lmforge_transforms", [])) + [entry]
+
+
+def _check_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise LmforgeError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        raise LmforgeError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}"
+                           + (" ..." if len(unexpected) > 5 else "") + " (config and weights disagree)")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise LmforgeError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "
+                               f"the config expects {tuple(expected[name].shape)}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    files = [path / "model.safetensors"]
+    if index.is_file():
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LmforgeError(f"{index}: missing 'weight_map'")
+        files = sorted({path / f for f in weight_map.values()})
+    elif not files[0].is_file():
+        bins = list(path.glob("*.bin")) + list(path.glob("*.pt"))
+        hint = " (found pickle files: convert them to safetensors; lmforge never unpickles)" if bins else ""
+        raise LmforgeError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+    state = {}
+    for f in files:
+        if not f.is_file():
+            raise LmforgeError(f"{f}: shard listed in the index is missing")
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LmforgeError(f"{f}: not a readable safetensors file ({e})") from None
+    return state
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write an lmforge checkpoint folder atomically (the old folder is replaced only when complete)."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    meta = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(),
+            "transforms": list(getattr(model, "lmforge_transforms", [])), **(extra or {})}
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "lmforge": "1"})
+        atomic_write_json(tmp / LMFORGE_CONFIG, meta)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return out_dir
+
+
+def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
+    """Export to a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    if getattr(model, "lmforge_transforms", None):
+        kinds = ", ".join(e.get("kind", "?") for e in model.lmforge_transforms)
+        raise LmforgeError(f"cannot export a transformed model ({kinds}) to a plain HF folder: merge adapters / "
+                           "dequantize first")
+    out_dir = Path(out_dir)
+    hf_config = config_to_hf(model.config)
+    state = state_dict_to_hf(model.state_dict(), model.config)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return out_dir
+
+
+def load_tokenizer_if_any(path: str | Path):
+    """The tokenizer stored with a model folder, or None when there is none."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from lmforge.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
