@@ -2,6 +2,7 @@
 transformers, chat template parity, loss masks, and errors on bad input."""
 
 import json
+import pickle
 
 import pytest
 
@@ -81,6 +82,23 @@ def test_encode_batch_matches_encode(tok):
     assert tok.encode_batch(SAMPLES, add_bos=True) == [[tok.bos_id] + tok.encode(t) for t in SAMPLES]
 
 
+def test_decode_accepts_tensors_and_rejects_bad_ids(tok):
+    torch = pytest.importorskip("torch")
+    ids = tok.encode(SAMPLES[1])
+    assert tok.decode(torch.tensor(ids)) == SAMPLES[1]
+    with pytest.raises(LmforgeError, match="token id -100 is outside the vocabulary"):
+        tok.decode(ids + [-100])
+    with pytest.raises(LmforgeError, match=f"token id {tok.vocab_size} is outside"):
+        tok.decode([tok.vocab_size])
+
+
+def test_pickles_for_dataloader_workers(tok):
+    tok.render_chat(MESSAGES)  # fill the cached properties first
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.encode_batch(SAMPLES) == tok.encode_batch(SAMPLES)
+    assert copy.render_chat(MESSAGES) == tok.render_chat(MESSAGES)
+
+
 def test_special_tokens(tok):
     ids = {t: tok.token_to_id(t) for t in DEFAULT_SPECIAL_TOKENS}
     assert list(ids.values()) == list(range(len(DEFAULT_SPECIAL_TOKENS)))  # specials come first
@@ -140,6 +158,39 @@ def test_bare_tokenizer_json_gets_default_roles(tok, tmp_path):
     assert loaded.chat_template is None
 
 
+@pytest.mark.parametrize("kind", ["bytelevel_trim_offsets", "template_adds_bos", "truncation"])
+def test_post_processors_and_truncation_in_a_file_change_nothing(tok, tmp_path, kind):
+    """GPT-2's file trims offsets, Llama-style files add BOS, some files truncate: none of it may
+    leak into encode() or shift the loss mask."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import processors
+
+    backend = Backend.from_str(tok.backend.to_str())
+    if kind == "bytelevel_trim_offsets":
+        backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    elif kind == "template_adds_bos":
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.bos_id)])
+    else:
+        backend.enable_truncation(max_length=4)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.encode_batch(SAMPLES) == tok.encode_batch(SAMPLES)
+    assert loaded.encode(SAMPLES[0]) == tok.encode(SAMPLES[0])
+    # A header ending in a space before content starting with "\n": trimmed offsets would pull
+    # the space token into the assistant span.
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    messages = MESSAGES[:2] + [{"role": "assistant", "content": "\n\nIt is 4. "}]
+    for template, messages in ((CHATML_TEMPLATE, MESSAGES), (template, messages)):
+        ids, mask = Tokenizer(loaded.backend, **tok.special_tokens, chat_template=template).render_chat(messages)
+        assert ids == tok.encode(Tokenizer(tok.backend, **tok.special_tokens, chat_template=template)
+                                 .apply_chat_template(messages))
+        assert _masked_runs(tok, ids, mask) == [m["content"] + "<|endoftext|>" if template != CHATML_TEMPLATE
+                                                else m["content"] + "<|im_end|>"
+                                                for m in messages if m["role"] == "assistant"]
+
+
 def test_hf_config_variants(tok, tmp_path):
     """AddedToken dicts for special tokens, a list of named templates, and a .jinja file that wins."""
     (tmp_path / "tokenizer.json").write_text(tok.backend.to_str())
@@ -184,6 +235,16 @@ def test_transformers_loads_what_we_saved(tok, tmp_path):
         assert tok.apply_chat_template(MESSAGES, add_generation_prompt=prompt) == expected
         ids = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=prompt, return_dict=True)
         assert ids["input_ids"] == tok.render_chat(MESSAGES, add_generation_prompt=prompt)[0]
+
+
+def test_template_sees_other_named_tokens_like_transformers(tok, tmp_path):
+    template = "{{ unk_token }}|{{ bos_token }}|{% for m in messages %}{{ m['content'] }}{% endfor %}|{{ pad_token }}"
+    hf = _hf_fast(tok, template)
+    hf.unk_token = "<image>"
+    hf.save_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    assert ours.apply_chat_template(MESSAGES[:2]) == hf.apply_chat_template(MESSAGES[:2], tokenize=False)
+    assert ours.apply_chat_template(MESSAGES[:2], bos_token="B").startswith("<image>|B|")
 
 
 def test_chatml_renders_image_parts(tok):

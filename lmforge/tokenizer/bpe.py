@@ -21,6 +21,7 @@ from lmforge.tokenizer.chat import CHATML_TEMPLATE, assistant_spans, render
 # bos = eos = "<|endoftext|>" (GPT-2 style: one document separator), pad = "<|pad|>".
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<image>"]
 _ROLES = ("bos_token", "eos_token", "pad_token")
+_OTHER_ROLES = ("unk_token", "sep_token", "cls_token", "mask_token")  # template variables only
 # tokenizer_config.json keys we write ourselves; other keys of a loaded config are kept as they were.
 _OWN_KEYS = {*_ROLES, "chat_template", "tokenizer_class", "auto_map", "clean_up_tokenization_spaces"}
 
@@ -80,7 +81,9 @@ class Tokenizer:
             if not isinstance(t, str):
                 raise LmforgeError(f"encode_batch: text {i} is a {type(t).__name__}, not a string")
         bos = self._bos(add_bos)
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        # encode_batch_fast (tokenizers >= 0.21) skips computing offsets.
+        batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        encodings = batch(texts, add_special_tokens=False)
         return [bos + e.ids for e in encodings]
 
     def _bos(self, add_bos: bool) -> list[int]:
@@ -94,7 +97,11 @@ class Tokenizer:
         """`ids`: a list of ints, or anything with `.tolist()` (a tensor, a numpy array)."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:  # the Rust decoder would drop it silently (or overflow on -100 labels)
+            raise LmforgeError(f"decode: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -110,8 +117,12 @@ class Tokenizer:
         return self.chat_template
 
     def _template_vars(self, extra: dict[str, Any]) -> dict[str, Any]:
-        # As transformers: the special tokens that are set, then the caller's variables on top.
-        return {**{k: v for k, v in self.special_tokens.items() if v is not None}, **extra}
+        # As transformers: the named special tokens that are set (ours, then other roles a loaded
+        # config names, such as unk_token), then the caller's variables on top.
+        others = {k: self.extra_config.get(k) for k in _OTHER_ROLES}
+        others = {k: v.get("content") if isinstance(v, dict) else v for k, v in others.items()}
+        named = {**others, **self.special_tokens}
+        return {**{k: v for k, v in named.items() if isinstance(v, str)}, **extra}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             **template_vars: Any) -> str:
