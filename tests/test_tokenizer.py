@@ -45,6 +45,28 @@ GENERATION_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Block tags on their own indented lines (so trim_blocks/lstrip_blocks matter), namespace,
+# tojson and tools, as in Llama-3/Qwen templates.
+TOOLS_TEMPLATE = """{{- bos_token }}
+{%- set ns = namespace(system='') %}
+{%- for m in messages %}
+    {%- if m['role'] == 'system' %}
+        {%- set ns.system = m['content'] %}
+    {%- endif %}
+{%- endfor %}
+{% if tools is not none %}
+Tools: {{ tools | tojson }}
+{% endif %}
+{% if ns.system %}System: {{ ns.system }}
+{% endif %}
+{% for m in messages if m['role'] != 'system' %}
+    <{{ m['role'] }} n={{ loop.index0 }}>
+    {{ m['content'] | trim }}{{ eos_token if m['role'] == 'assistant' else '' }}
+{% endfor %}
+{% if add_generation_prompt %}
+    <assistant>
+{% endif %}"""
+
 MESSAGES = [
     {"role": "system", "content": "You are helpful."},
     {"role": "user", "content": "What is 2+2?"},
@@ -224,6 +246,17 @@ def test_load_what_transformers_saved(tok, tmp_path):
         assert ours.apply_chat_template(MESSAGES, add_generation_prompt=prompt) == expected
 
 
+@pytest.mark.parametrize("tools", [None, [{"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number", "description": "ünïcode <&>"}}}}}]])
+def test_whitespace_control_and_tools_match_transformers(tok, tools):
+    hf = _hf_fast(tok, TOOLS_TEMPLATE)
+    ours = Tokenizer(tok.backend, **tok.special_tokens, chat_template=TOOLS_TEMPLATE)
+    for prompt in (False, True):
+        expected = hf.apply_chat_template(MESSAGES, tools=tools, tokenize=False, add_generation_prompt=prompt)
+        assert ours.apply_chat_template(MESSAGES, add_generation_prompt=prompt, tools=tools) == expected
+    assert "\n\n" not in expected.replace(tok.special_tokens["eos_token"], "")  # trim_blocks was applied
+
+
 def test_transformers_loads_what_we_saved(tok, tmp_path):
     transformers = pytest.importorskip("transformers")
     tok.save(tmp_path)
@@ -282,6 +315,8 @@ def test_loss_mask_chatml(tok):
     assert ids == tok.encode(tok.apply_chat_template(MESSAGES)) and len(mask) == len(ids)
     assert _masked_runs(tok, ids, mask) == _assistant_texts("<|im_end|>")
     assert ids[-1] == tok.token_to_id("\u010a") and mask[-1] == 0  # the "\n" after <|im_end|> is template
+    ids1, mask1 = tok.render_chat([{"role": "assistant", "content": "Hi"}] + MESSAGES[1:2])
+    assert _masked_runs(tok, ids1, mask1) == ["Hi<|im_end|>"]
     ids2, mask2 = tok.render_chat(MESSAGES[:4], add_generation_prompt=True)
     assert _masked_runs(tok, ids2, mask2) == _assistant_texts("<|im_end|>")[:1]
     assert ids2 == tok.encode(tok.apply_chat_template(MESSAGES[:4], add_generation_prompt=True))
