@@ -9,7 +9,6 @@ import sys
 
 # command -> (recipe module, one-line help). Add a line per command; keep it sorted by lifecycle.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pipeline": ("lmforge.recipes.pipeline", "run the whole lifecycle on a corpus and write a report"),
     "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),
     "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
 }

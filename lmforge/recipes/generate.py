@@ -1,0 +1,83 @@
+"""Generate text from a model: an lmforge checkpoint or a Hugging Face folder (GPT-2, Llama, Qwen2,
+Mistral, Mixtral). Greedy by default; sampling with --temperature/--top-k/--top-p; --stream prints
+tokens as they come; --chat wraps the prompt in the model's own chat template."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lmforge.common import LmforgeError, get_device, seed_everything
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (lmforge checkpoint or Hugging Face folder)")
+    p.add_argument("--prompt", help="prompt text (encoded with the model's tokenizer)")
+    p.add_argument("--prompt-ids", help="prompt as comma-separated token ids (for folders without a tokenizer)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+
+
+def main(args: argparse.Namespace) -> int:
+    from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.infer.generate import compiled_decode, generate, stream_text
+    from lmforge.infer.sampling import SamplingParams
+
+    if args.prompt is None and args.prompt_ids is None:
+        raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3)")
+    device = get_device(args.device)
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    tokenizer = load_tokenizer_if_any(args.model)
+    if args.seed is not None:
+        seed_everything(args.seed)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop_strings=list(args.stop))
+    decode_fn = compiled_decode(model) if args.compile else None
+
+    if args.prompt_ids is not None or tokenizer is None:
+        if args.prompt_ids is None:
+            raise LmforgeError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise LmforgeError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+        if bad:
+            raise LmforgeError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
+        out = generate(model, ids, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                       top_k=params.top_k, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+                       seed=params.seed, compile=args.compile)
+        print(",".join(str(t) for t in out[0].tolist()))
+        return 0
+
+    prompt = args.prompt
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        end_of_turn = tokenizer.token_to_id("<|im_end|>")
+        if end_of_turn is not None:
+            params.stop_token_ids.append(end_of_turn)
+    start, pieces = time.perf_counter(), []
+    for piece in stream_text(model, tokenizer, prompt, params, decode_fn):
+        pieces.append(piece)
+        if args.stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    print("" if args.stream else "".join(pieces))
+    n_tokens = len(tokenizer.encode("".join(pieces)))
+    print(f"[~{n_tokens} tokens in {time.perf_counter() - start:.2f}s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,117 @@
+"""Generation: KV-cache decode equals full forward, batched equals alone, sampling controls."""
+
+import pytest
+import torch
+
+from lmforge.common import LmforgeError
+from lmforge.infer.generate import _held_back, _stop_cut, generate, stream_text
+from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from lmforge.model import KVCache, ModelConfig, Transformer
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-gpt2", "tiny-moe"])
+def model(request):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.preset(request.param)).eval()
+
+
+def test_cached_decode_logits_equal_full_forward(model):
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.for_model(model, 2, 20)
+        parts = [model(ids[:, :12], kv_cache=cache, start_pos=0)]
+        for t in range(12, 20):
+            parts.append(model(ids[:, t:t + 1], kv_cache=cache, start_pos=t))
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+
+
+def test_batched_prompts_of_different_lengths_equal_alone(model):
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 11, 7)]
+    batched = generate(model, prompts, max_new_tokens=16)
+    for i, p in enumerate(prompts):
+        assert batched[i].tolist() == generate(model, p, max_new_tokens=16)[0].tolist()
+
+
+def test_same_seed_same_sample_and_different_seed_differs(model):
+    kw = dict(max_new_tokens=24, temperature=1.0, top_k=50)
+    a = generate(model, [1, 2, 3], seed=7, **kw)
+    b = generate(model, [1, 2, 3], seed=7, **kw)
+    c = generate(model, [1, 2, 3], seed=8, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_stop_token_ends_rows_and_pads_with_it(model):
+    ids = [1, 2, 3, 4]
+    free = generate(model, ids, max_new_tokens=10)[0].tolist()
+    stop = free[3]
+    out = generate(model, [ids, ids], max_new_tokens=10, stop_token_ids=[stop])
+    first = free.index(stop)
+    assert out.shape[1] == first + 1
+    assert out[0].tolist() == free[: first + 1]
+
+
+def test_filters_match_transformers_processors():
+    tf = pytest.importorskip("transformers")
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    ref_k = tf.TopKLogitsWarper(top_k=10)(None, logits.clone())
+    assert torch.equal(filter_logits(logits, top_k=10).isinf(), ref_k.isinf())
+    ref_p = tf.TopPLogitsWarper(top_p=0.8)(None, logits.clone())
+    assert torch.equal(filter_logits(logits, top_p=0.8).isinf(), ref_p.isinf())
+    prev = torch.tensor([[1, 5, 7], [2, 2, 3], [0, 99, 50]])
+    ref_r = tf.RepetitionPenaltyLogitsProcessor(1.3)(prev, logits.clone())
+    seen = torch.zeros(3, 100, dtype=torch.bool).scatter_(1, prev, True)
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), ref_r)
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    draws = sample(logits, SamplingParams(temperature=1.0), g)
+    freq = torch.bincount(draws, minlength=3).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.02)
+
+
+def test_bad_sampling_values_are_clear_errors():
+    with pytest.raises(LmforgeError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(LmforgeError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(LmforgeError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=-3)
+
+
+def test_context_overflow_for_learned_positions():
+    m = Transformer(ModelConfig.preset("tiny-gpt2", max_position_embeddings=16)).eval()
+    with pytest.raises(LmforgeError, match="exceeds the model's context"):
+        generate(m, list(range(10)), max_new_tokens=10)
+
+
+def test_stop_string_helpers():
+    assert _stop_cut("hello world", ["wor"]) == 6
+    assert _stop_cut("hello", ["x"]) is None
+    assert _held_back("abc\n\n", ["\n\nUser:"]) == 2
+    assert _held_back("abc", ["\n\n"]) == 0
+
+
+class CharTokenizer:
+    """A one-character-per-token tokenizer, enough to test text streaming."""
+    eos_id = None
+
+    def encode(self, text):
+        return [ord(c) % 512 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_stream_text_stops_at_stop_string(model):
+    tok = CharTokenizer()
+    params = SamplingParams(max_new_tokens=30)
+    full = "".join(stream_text(model, tok, "ab", params))
+    assert len(full) == 30
+    stop = full[5:7]
+    cut = full.find(stop)
+    pieces = list(stream_text(model, tok, "ab", SamplingParams(max_new_tokens=30, stop_strings=[stop])))
+    assert "".join(pieces) == full[:cut]
