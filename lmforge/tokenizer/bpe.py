@@ -41,6 +41,7 @@ class Tokenizer:
         # A tokenizer.json may carry truncation/padding settings that would silently cut text.
         backend.no_truncation()
         backend.no_padding()
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)  # ids are 0..vocab_size-1
         self.special_tokens: dict[str, str | None] = {"bos_token": bos_token, "eos_token": eos_token,
                                                       "pad_token": pad_token}
         self.bos_id, self.eos_id, self.pad_id = (self._role_id(r) for r in _ROLES)
@@ -55,10 +56,6 @@ class Tokenizer:
         if i is None:
             raise LmforgeError(f"{role} {token!r} is not in the tokenizer's vocabulary")
         return i
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def __len__(self) -> int:
         return self.vocab_size
