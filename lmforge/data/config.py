@@ -1,0 +1,123 @@
+"""The data recipe: nested dataclasses read from YAML, every field overridable as `section.field=value`."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.common import LmforgeError
+from lmforge.data.dedup import DedupConfig
+from lmforge.data.filters import FilterConfig
+from lmforge.data.normalize import NormalizeConfig
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "data-default.yaml"
+
+
+@dataclass
+class InputConfig:
+    paths: list[str] | None = None  # files, folders, globs; None: the built-in standard-library corpus
+    source: str | None = None  # source name of every document (None: the file's stem)
+    text_field: str = "text"  # JSONL key / parquet column
+    stdlib_include_tests: bool = False
+    shard_bytes: int = 4_000_000  # input bytes per work unit (the unit of parallelism and of resume)
+
+
+@dataclass
+class MixConfig:
+    weights: dict[str, float] | None = None  # target token shares per source (None: natural mix)
+    total_tokens: int | None = None  # None: as many training tokens as the corpus has
+    seed: int = 0
+
+
+@dataclass
+class TokenizeConfig:
+    tokenizer: str | None = None  # a tokenizer folder/file; None: train one on the corpus
+    vocab_size: int = 8192
+    train_bytes: int = 20_000_000  # text the tokenizer is trained on (a prefix of the training docs)
+    batch_size: int = 512
+
+
+@dataclass
+class PackConfig:
+    val_fraction: float = 0.01  # share of documents held out (by a hash of the id: stable across runs)
+    shard_tokens: int = 50_000_000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    workers: int = 0  # processes for the per-shard stages; 0: all cores
+    executor: str = "local"  # "local" (process pool) or "ray"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise LmforgeError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        kwargs[key] = _build(hint, value, f"{where}.{key}") if dataclasses.is_dataclass(hint) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise LmforgeError(f"{where}: {e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise LmforgeError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`dedup.threshold=0.7` -> ("dedup.threshold", 0.7); the value is parsed as YAML."""
+    import yaml
+
+    if "=" not in item:
+        raise LmforgeError(f"--set {item!r}: expected section.field=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise LmforgeError(f"--set {item!r}: value is not valid YAML ({e})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> DataConfig:
+    """Recipe YAML (default: configs/data-default.yaml) + `--set` overrides + explicit values."""
+    import yaml
+
+    path = Path(path) if path else DEFAULT_RECIPE
+    if not path.is_file():
+        raise LmforgeError(f"data recipe not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LmforgeError(f"{path}: invalid YAML ({e})") from None
+    for item in overrides or []:
+        _set_dotted(tree, *parse_override(item))
+    for key, value in (values or {}).items():
+        _set_dotted(tree, key, value)
+    return _build(DataConfig, tree, str(path))

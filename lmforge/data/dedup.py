@@ -1,0 +1,292 @@
+"""Stage 4, dedup: exact (hash of the normalised text) and near-duplicate MinHash LSH.
+
+Fast path, all numpy, no Python loop per hash:
+  1. Shingle hashes without building a string per shingle: the text is an integer array (UTF-8 bytes
+     for word shingles, code points for character shingles); prefix sums of `unit * M**pos` (mod 2**64)
+     give the polynomial hash of any span as `(H[end] - H[start]) * M**-start`, since M is odd and so
+     invertible mod 2**64. A k-word shingle is the byte span from the start of word i to the end of
+     word i+k-1.
+  2. All num_perm permutations at once: `(a * x + b) mod 2**32` on a [shingles, num_perm] uint32
+     block (a odd, so each is a bijection of the 32-bit hash space), then the minimum per column.
+  3. LSH: bands x rows of the signature -> bucket keys -> candidate pairs; candidates verified by
+     exact Jaccard on the shingle sets (what makes precision and recall both high), union-find,
+     one document kept per cluster (the first in input order, so the result is deterministic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from lmforge.common import LmforgeError
+
+_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible mod 2**64
+_MASK32 = np.uint64(0xFFFFFFFF)
+_IS_SPACE = np.zeros(256, dtype=bool)
+_IS_SPACE[[9, 10, 11, 12, 13, 32]] = True
+_CHUNK = 2048  # shingles per permutation block: a [2048, 128] uint32 block stays in L2 cache
+_MAX_BUCKET_PAIRS = 64  # a bucket larger than this is linked as a chain, not all pairs
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    shingle: str = "word"  # "word" (k whitespace-separated words) or "char" (k characters)
+    ngram: int = 5
+    lowercase: bool = False
+    num_perm: int = 128
+    bands: int = 20
+    rows: int = 6  # bands * rows <= num_perm; LSH threshold ~ (1/bands)**(1/rows)
+    threshold: float = 0.8  # Jaccard at or above which two documents are duplicates
+    verify: bool = True  # check candidates with exact Jaccard (else trust the signature estimate)
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.shingle not in ("word", "char"):
+            raise LmforgeError(f"dedup.shingle: {self.shingle!r} is not 'word' or 'char'")
+        if self.bands * self.rows > self.num_perm:
+            raise LmforgeError(f"dedup: bands x rows = {self.bands}x{self.rows} exceeds num_perm={self.num_perm}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise LmforgeError(f"dedup.threshold must be in (0, 1], got {self.threshold}")
+        if self.ngram < 1 or self.bands < 1 or self.rows < 1:
+            raise LmforgeError("dedup.ngram, dedup.bands and dedup.rows must be >= 1")
+
+    @property
+    def lsh_threshold(self) -> float:
+        """The Jaccard at which a pair becomes a candidate with probability ~1/2."""
+        return (1.0 / self.bands) ** (1.0 / self.rows)
+
+
+def exact_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """Murmur3's finaliser: spreads every input bit over the output (in place)."""
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+class _Powers:
+    """M**i and M**-i mod 2**64, grown on demand."""
+
+    def __init__(self) -> None:
+        self.pow = np.ones(1, dtype=np.uint64)
+        self.inv = np.ones(1, dtype=np.uint64)
+        self._minv = np.uint64(pow(int(_MUL), -1, 2**64))
+
+    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if n > len(self.pow):
+            size = max(n, 2 * len(self.pow))
+            self.pow = self._geometric(_MUL, size)
+            self.inv = self._geometric(self._minv, size)
+        return self.pow[:n], self.inv[:n]
+
+    @staticmethod
+    def _geometric(base: np.uint64, size: int) -> np.ndarray:
+        out = np.empty(size, dtype=np.uint64)
+        out[0] = 1
+        with np.errstate(over="ignore"):
+            np.cumprod(np.full(size - 1, base, dtype=np.uint64), out=out[1:])
+        return out
+
+
+class MinHasher:
+    """Shingling + MinHash signatures, vectorised over the shingles of each document."""
+
+    def __init__(self, num_perm: int = 128, seed: int = 1, shingle: str = "word", ngram: int = 5,
+                 lowercase: bool = False) -> None:
+        self.num_perm, self.shingle, self.ngram, self.lowercase = num_perm, shingle, ngram, lowercase
+        rng = np.random.default_rng(seed)
+        self.a = (rng.integers(1, 2**32, size=num_perm, dtype=np.uint64) | np.uint64(1)).astype(np.uint32)
+        self.b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+        self._powers = _Powers()
+
+    @classmethod
+    def from_config(cls, cfg: DedupConfig) -> "MinHasher":
+        return cls(cfg.num_perm, cfg.seed, cfg.shingle, cfg.ngram, cfg.lowercase)
+
+    def units(self, text: str) -> np.ndarray:
+        """The text as integers: UTF-8 bytes (word shingles) or code points (character shingles)."""
+        if self.lowercase:
+            text = text.lower()
+        if self.shingle == "word":
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+    def spans(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) offsets into `units` of every shingle; a text shorter than one shingle is one shingle."""
+        k = self.ngram
+        if self.shingle == "char":
+            n = len(units)
+            if n == 0:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            if n <= k:
+                return np.zeros(1, np.int64), np.full(1, n, np.int64)
+            starts = np.arange(n - k + 1, dtype=np.int64)
+            return starts, starts + k
+        word = ~_IS_SPACE[units]
+        edges = np.flatnonzero(np.diff(word.view(np.int8), prepend=0, append=0))
+        wstart, wend = edges[0::2], edges[1::2]  # word i is units[wstart[i]:wend[i]]
+        if len(wstart) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if len(wstart) < k:
+            return wstart[:1], wend[-1:]
+        return wstart[: len(wstart) - k + 1], wend[k - 1:]
+
+    def span_hashes(self, units: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """64-bit hash of every span: polynomial hash from prefix sums, then fmix64."""
+        if len(starts) == 0:
+            return np.zeros(0, dtype=np.uint64)
+        pw, inv = self._powers.get(len(units) + 1)
+        with np.errstate(over="ignore"):
+            prefix = np.zeros(len(units) + 1, dtype=np.uint64)
+            np.cumsum(units.astype(np.uint64) * pw[: len(units)], out=prefix[1:])
+            h = (prefix[ends] - prefix[starts]) * inv[starts]
+            h += (ends - starts).astype(np.uint64)  # length in, so "ab" and "ab\0" differ
+            return _fmix64(h)
+
+    def shingle_hashes(self, text: str) -> np.ndarray:
+        units = self.units(text)
+        return self.span_hashes(units, *self.spans(units))
+
+    def shingle_set(self, text: str) -> np.ndarray:
+        return np.unique(self.shingle_hashes(text))
+
+    def signature_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
+        """[num_perm] uint32 minimum of (a*x + b) mod 2**32 over the shingles (all 0xFFFFFFFF if none)."""
+        sig = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
+        x = (hashes >> np.uint64(32)).astype(np.uint32)
+        for off in range(0, len(x), _CHUNK):
+            block = x[off: off + _CHUNK, None] * self.a  # [chunk, num_perm], wraps mod 2**32
+            block += self.b
+            np.minimum(sig, block.min(axis=0), out=sig)
+        return sig
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
+        for i, text in enumerate(texts):
+            out[i] = self.signature_of_hashes(self.shingle_hashes(text))
+        return out
+
+
+def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    return float(np.mean(sig_a == sig_b))
+
+
+def exact_jaccard(set_a: np.ndarray, set_b: np.ndarray) -> float:
+    """Jaccard of two sorted unique hash arrays (`MinHasher.shingle_set`)."""
+    if len(set_a) == 0 and len(set_b) == 0:
+        return 1.0
+    inter = len(np.intersect1d(set_a, set_b, assume_unique=True))
+    return inter / (len(set_a) + len(set_b) - inter)
+
+
+def lsh_candidates(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """[pairs, 2] int64 (i < j, unique, sorted) of documents sharing at least one band bucket."""
+    n = len(sigs)
+    found = []
+    for band in range(bands):
+        cols = sigs[:, band * rows: (band + 1) * rows].astype(np.uint64)
+        key = np.full(n, band, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for c in range(rows):
+                key = _fmix64(key * _MUL + cols[:, c])
+        order = np.argsort(key, kind="stable")
+        k = key[order]
+        starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+        sizes = np.diff(np.append(starts, n))
+        for s, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+            found.append(_bucket_pairs(order[s: s + size]))
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.concatenate(found)
+    pairs.sort(axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def _bucket_pairs(members: np.ndarray) -> np.ndarray:
+    members = np.sort(members)
+    if len(members) > _MAX_BUCKET_PAIRS:  # boilerplate buckets: a chain keeps them connected cheaply
+        return np.stack([members[:-1], members[1:]], axis=1)
+    i, j = np.triu_indices(len(members), k=1)
+    return np.stack([members[i], members[j]], axis=1)
+
+
+class UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return int(root)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the smaller index becomes the root: the first document of a cluster is kept
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+@dataclass
+class NearDupResult:
+    cluster: np.ndarray  # [n] int64: index of the kept document of each document's cluster
+    candidates: int
+    verified: int  # candidate pairs at or above the threshold
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.cluster == np.arange(len(self.cluster))
+
+
+def near_duplicates(sigs: np.ndarray, cfg: DedupConfig,
+                    shingle_sets: Callable[[list[int]], dict[int, np.ndarray]] | None = None) -> NearDupResult:
+    """Clusters of near-duplicates. `shingle_sets(indices)` gives those documents' shingle sets for
+    verification; it is asked only for documents in candidate pairs, so texts need not all be in memory."""
+    pairs = lsh_candidates(sigs, cfg.bands, cfg.rows)
+    verify = cfg.verify and shingle_sets is not None
+    sets = shingle_sets(np.unique(pairs).tolist()) if verify and len(pairs) else {}
+    uf = UnionFind(len(sigs))
+    verified = 0
+    for i, j in pairs.tolist():
+        if verify:
+            similar = exact_jaccard(sets[i], sets[j]) >= cfg.threshold
+        else:
+            similar = estimate_jaccard(sigs[i], sigs[j]) >= cfg.threshold
+        if similar:
+            verified += 1
+            uf.union(i, j)
+    return NearDupResult(cluster=uf.roots(), candidates=len(pairs), verified=verified)
+
+
+def dedup_texts(texts: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory convenience: -> (keep mask, cluster: index of each text's kept representative).
+    Exact duplicates first (cheap), then MinHash LSH over the exact-unique texts."""
+    n = len(texts)
+    cluster = np.arange(n, dtype=np.int64)
+    if cfg.exact:
+        first: dict[str, int] = {}
+        for i, t in enumerate(texts):
+            cluster[i] = first.setdefault(exact_hash(t), i)
+    unique = np.flatnonzero(cluster == np.arange(n))
+    if cfg.near and len(unique) > 1:
+        hasher = MinHasher.from_config(cfg)
+        sigs = hasher.signatures([texts[i] for i in unique])
+        near = near_duplicates(sigs, cfg, lambda idx: {k: hasher.shingle_set(texts[unique[k]]) for k in idx})
+        rep = unique[near.cluster]  # representative (global index) of each exact-unique text
+        cluster = rep[np.searchsorted(unique, cluster)]
+    return cluster == np.arange(n), cluster

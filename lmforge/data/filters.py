@@ -1,0 +1,198 @@
+"""Stage 3, quality filters: the Gopher rules (Rae et al. 2021, appendix A) and the C4 rules
+(Raffel et al. 2020), each threshold a recipe field. A rejected document gets the name of the
+first rule it failed; the stats report counts per rule.
+
+Words: text written without spaces (Chinese, Japanese) counts each character as a word, so a
+Chinese paragraph is not rejected as one giant word.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lmforge.data.normalize import detect_language, is_char_language
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORDS = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_ALPHA = re.compile(r"[^\W\d_]")
+_TERMINAL = (".", "!", "?", '"', "'", "\u3002", "\uff01", "\uff1f", "\u201d")
+STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}  # Gopher's English stop words
+C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies")
+
+
+@dataclass
+class FilterConfig:
+    """Thresholds of the heuristic rules; `None` turns a rule off. Defaults are the papers' values."""
+
+    sources: list[str] | None = None  # sources the quality rules apply to (None: all)
+    languages: list[str] | None = None  # keep only these language codes (None: all)
+    min_language_score: float = 0.5
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    max_symbol_word_ratio: float | None = 0.1
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    min_alpha_words_ratio: float | None = 0.8
+    min_stop_words: int | None = 2  # English only
+    max_dup_line_frac: float | None = 0.3
+    max_dup_para_frac: float | None = 0.3
+    max_dup_line_char_frac: float | None = 0.2
+    max_dup_para_char_frac: float | None = 0.2
+    max_top_ngram_char_frac: dict[int, float] = field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    max_dup_ngram_char_frac: dict[int, float] = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+    # C4
+    c4_lorem_ipsum: bool = True
+    c4_curly_brace: bool = True
+    c4_javascript: bool = True
+    c4_filter_lines: bool = False  # drop lines without terminal punctuation / under c4_min_words_per_line words
+    c4_min_words_per_line: int = 3
+    c4_min_sentences: int | None = None
+
+    def __post_init__(self) -> None:
+        # YAML keys of nested maps arrive as strings
+        self.max_top_ngram_char_frac = {int(k): float(v) for k, v in (self.max_top_ngram_char_frac or {}).items()}
+        self.max_dup_ngram_char_frac = {int(k): float(v) for k, v in (self.max_dup_ngram_char_frac or {}).items()}
+
+
+def words_of(text: str) -> list[str]:
+    return _WORDS.findall(text)
+
+
+def _above(value: float, limit: float | None) -> bool:
+    return limit is not None and value > limit
+
+
+def _below(value: float, limit: float | None) -> bool:
+    return limit is not None and value < limit
+
+
+def gopher_quality(text: str, words: list[str], lang: str, cfg: FilterConfig) -> str | None:
+    n = len(words)
+    if _below(n, cfg.min_words):
+        return "gopher_min_words"
+    if _above(n, cfg.max_words):
+        return "gopher_max_words"
+    if not is_char_language(lang):  # mean word length is meaningless when a word is a character
+        mean = sum(len(w) for w in words) / max(n, 1)
+        if _below(mean, cfg.min_mean_word_length) or _above(mean, cfg.max_mean_word_length):
+            return "gopher_mean_word_length"
+    symbols = text.count("#") + text.count("...") + text.count("\u2026")
+    if _above(symbols / max(n, 1), cfg.max_symbol_word_ratio):
+        return "gopher_symbol_word_ratio"
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if lines:
+        bullets = sum(ln.lstrip().startswith(("\u2022", "-", "*", "\u25cf", "\u25e6")) for ln in lines)
+        if _above(bullets / len(lines), cfg.max_bullet_lines_ratio):
+            return "gopher_bullet_lines"
+        ellipsis = sum(ln.rstrip().endswith(("...", "\u2026")) for ln in lines)
+        if _above(ellipsis / len(lines), cfg.max_ellipsis_lines_ratio):
+            return "gopher_ellipsis_lines"
+    alpha = sum(1 for w in words if _ALPHA.search(w))
+    if _below(alpha / max(n, 1), cfg.min_alpha_words_ratio):
+        return "gopher_alpha_words"
+    if lang == "en" and cfg.min_stop_words is not None:
+        if len(STOP_WORDS.intersection(w.lower() for w in words)) < cfg.min_stop_words:
+            return "gopher_stop_words"
+    return None
+
+
+def _dup_fractions(parts: list[str]) -> tuple[float, float]:
+    """(share of parts that repeat an earlier one, share of characters in those repeats)."""
+    seen: set[str] = set()
+    dup, dup_chars = 0, 0
+    for p in parts:
+        if p in seen:
+            dup += 1
+            dup_chars += len(p)
+        seen.add(p)
+    total_chars = sum(len(p) for p in parts)
+    return dup / max(len(parts), 1), dup_chars / max(total_chars, 1)
+
+
+def gopher_repetition(text: str, words: list[str], cfg: FilterConfig) -> str | None:
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    paras = [p for p in re.split(r"\n{2,}", text) if p.strip()]
+    line_frac, line_chars = _dup_fractions(lines)
+    para_frac, para_chars = _dup_fractions(paras)
+    if _above(line_frac, cfg.max_dup_line_frac):
+        return "gopher_dup_lines"
+    if _above(para_frac, cfg.max_dup_para_frac):
+        return "gopher_dup_paragraphs"
+    if _above(line_chars, cfg.max_dup_line_char_frac):
+        return "gopher_dup_line_chars"
+    if _above(para_chars, cfg.max_dup_para_char_frac):
+        return "gopher_dup_paragraph_chars"
+    total = sum(len(w) for w in words) or 1
+    for n, limit in sorted(cfg.max_top_ngram_char_frac.items()):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        if grams:
+            gram, count = grams.most_common(1)[0]
+            if count > 1 and _above(count * sum(len(w) for w in gram) / total, limit):
+                return f"gopher_top_{n}gram"
+    for n, limit in sorted(cfg.max_dup_ngram_char_frac.items()):
+        if _above(_dup_ngram_char_frac(words, n) / total, limit):
+            return f"gopher_dup_{n}gram"
+    return None
+
+
+def _dup_ngram_char_frac(words: list[str], n: int) -> int:
+    """Characters of the words covered by an n-gram seen more than once (each word counted once)."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    covered = bytearray(len(words))
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i:i + n] = b"\x01" * n
+    return sum(len(w) for w, c in zip(words, covered) if c)
+
+
+def c4_lines(text: str, cfg: FilterConfig) -> str:
+    """C4's line-level cleaning: keep lines ending in terminal punctuation with enough words."""
+    kept = []
+    for line in text.split("\n"):
+        s = line.strip()
+        low = s.lower()
+        if not s.endswith(_TERMINAL) or len(words_of(s)) < cfg.c4_min_words_per_line:
+            continue
+        if (cfg.c4_javascript and "javascript" in low) or any(p in low for p in C4_POLICY):
+            continue
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def c4_document(text: str, cfg: FilterConfig) -> str | None:
+    low = text.lower()
+    if cfg.c4_lorem_ipsum and "lorem ipsum" in low:
+        return "c4_lorem_ipsum"
+    if cfg.c4_curly_brace and "{" in text:
+        return "c4_curly_brace"
+    if cfg.c4_javascript and not cfg.c4_filter_lines and "javascript" in low:
+        return "c4_javascript"
+    if cfg.c4_min_sentences is not None:
+        sentences = len(re.findall(r"[.!?\u3002\uff01\uff1f]+(?:\s|$)", text))
+        if sentences < cfg.c4_min_sentences:
+            return "c4_min_sentences"
+    return None
+
+
+def apply_filters(text: str, source: str, cfg: FilterConfig) -> tuple[str, str | None, str]:
+    """-> (possibly line-cleaned text, rejecting rule or None, language code)."""
+    lang, score = detect_language(text)
+    if cfg.languages is not None and (lang not in cfg.languages or score < cfg.min_language_score):
+        return text, "language", lang
+    if cfg.sources is not None and source not in cfg.sources:
+        return text, None, lang
+    if cfg.c4_filter_lines:
+        text = c4_lines(text, cfg)
+        if not text.strip():
+            return text, "c4_no_lines_left", lang
+    rule = c4_document(text, cfg)
+    if rule is None:
+        words = words_of(text)
+        rule = gopher_quality(text, words, lang, cfg) or gopher_repetition(text, words, cfg)
+    return text, rule, lang
