@@ -1,0 +1,238 @@
+"""The serving engine: many requests share one model through a paged KV cache and continuous batching.
+
+    engine = Engine(model, tokenizer)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=64))
+    while engine.has_unfinished():
+        for event in engine.step():   # Event(request_id, new_token_ids, finished, finish_reason, logprobs)
+            ...
+
+Each `step()` asks the scheduler for a batch, runs it through the model (decode rows [B, 1] and
+prefill chunks [B, T] as separate forwards so one-token rows are not padded to the longest
+prompt), samples one token for every row whose pending tokens are all computed, and reports what
+happened. New tokens are left-padded inside a forward so the last column is every row's last real
+token, and an explicit [B, 1, T, S] mask plus position ids make each row see only its own
+context: a sequence decodes the same alone or among others. All public methods take a lock, so a
+server thread may add/cancel requests while another thread steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from typing import NamedTuple, Sequence as Seq
+
+import torch
+
+from lmforge.common import LmforgeError
+
+from .paged import BlockPool, PagedKVCache, slot_map
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler, Sequence, Status
+
+
+class Event(NamedTuple):
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" (stop token/string), "length" (max_new_tokens or context), None
+    logprobs: list | None = None  # per new token: (token, logprob, [(top_token, logprob), ...]) when asked
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_batch_tokens: int = 2048, max_seqs: int = 64,
+                 block_size: int = 16, num_blocks: int | None = None, prefix_caching: bool = True,
+                 preemption: str = "swap", swap_blocks: int | None = None, max_model_len: int | None = None,
+                 seed: int = 0):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        c = model.config
+        p = next(model.parameters())
+        self.device = p.device
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        self.max_model_len = min(max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        if num_blocks is None:  # room for max_seqs sequences of a quarter context each, at least 2 full ones
+            per_seq = -(-self.max_model_len // block_size)
+            num_blocks = max(2 * per_seq, max_seqs * per_seq // 4) + 1
+        self.block_size = block_size
+        self.max_model_len = min(self.max_model_len, (num_blocks - 1) * block_size)  # one sequence must always fit
+        self.pool = BlockPool(num_blocks, block_size)
+        self.cache = PagedKVCache(c, num_blocks, block_size, self.device, dtype)
+        self.scheduler = Scheduler(self.pool, self.cache, max_seqs, max_batch_tokens, prefix_caching, preemption,
+                                   swap_blocks)
+        self.requests: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._finished_early: list[Event] = []
+        self.eos = [tokenizer.eos_id] if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None else []
+        self.counters = dict(steps=0, generated_tokens=0, prompt_tokens=0)
+
+    # ------------------------------------------------------------------ public API
+
+    def add_request(self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, adapter: str | None = None,
+                    logprobs: int | None = None) -> int:
+        """Queue a request; returns its id. `logprobs=n` reports each new token's logprob and the top n."""
+        sampling = sampling or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise LmforgeError("every prompt needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise LmforgeError(f"token id {bad[0]} is outside the vocabulary (size {self.model.config.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise LmforgeError(f"prompt of {len(prompt)} tokens does not fit the engine's context of "
+                               f"{self.max_model_len} tokens")
+        with self._lock:
+            seq = Sequence(next(self._ids), prompt, sampling, adapter, logprobs)
+            if sampling.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+            self.requests[seq.id] = seq
+            self.counters["prompt_tokens"] += len(prompt)
+            if sampling.max_new_tokens == 0:
+                self._finish(seq, "length")
+                self._finished_early.append(Event(seq.id, [], True, "length"))
+            else:
+                self.scheduler.waiting.append(seq)
+            return seq.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        with self._lock:
+            seq = self.requests.get(request_id)
+            if seq is None or seq.status is Status.FINISHED:
+                return False
+            self._finish(seq, "cancelled")
+            return True
+
+    def has_unfinished(self) -> bool:
+        s = self.scheduler
+        return bool(s.waiting or s.running or s.swapped or self._finished_early)
+
+    def output(self, request_id: int) -> list[int]:
+        return list(self.requests[request_id].output)
+
+    @property
+    def stats(self) -> dict:
+        s, pool = self.scheduler, self.pool
+        return dict(blocks_total=pool.num_blocks - 1, blocks_used=pool.num_used, blocks_free=pool.num_free,
+                    blocks_cached=len(pool.evictable), queue_depth=len(s.waiting), running=len(s.running),
+                    swapped=len(s.swapped), prefix_memory_saved_bytes=s.counters["prefix_hit_blocks"]
+                    * self.cache.bytes_per_block, **s.counters, **self.counters)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Run one scheduling step; returns an Event per request that produced a token or finished."""
+        with self._lock:
+            events, self._finished_early = self._finished_early, []
+            batch = self.scheduler.schedule()
+            if not batch:
+                return events
+            self.counters["steps"] += 1
+            decodes = [(s, n) for s, n in batch if n == 1]
+            prefills = [(s, n) for s, n in batch if n > 1]
+            for group in (decodes, prefills):
+                if group:
+                    events += self._run(group)
+            return events
+
+    def generate_batch(self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
+                       adapters: Seq[str | None] | None = None) -> list[list[int]]:
+        """Run prompts to completion; returns the new token ids of each, in order."""
+        params = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        ids = [self.add_request(p, s, a) for p, s, a in zip(prompts, params, adapters)]
+        while self.has_unfinished():
+            self.step()
+        return [self.output(i) for i in ids]
+
+    # ------------------------------------------------------------------ one forward
+
+    def _run(self, group: list[tuple[Sequence, int]]) -> list[Event]:
+        logits = self._forward(group)
+        events = []
+        for row, (seq, n) in enumerate(group):
+            seq.num_computed += n
+            self.scheduler.register_full_blocks(seq)
+            if seq.num_pending == 0 and seq.status is Status.RUNNING:
+                events.append(self._sample_and_check(seq, logits[row]))
+        return events
+
+    def _forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Last-token logits [B, V] for the rows' new tokens (left-padded to the longest)."""
+        T = max(n for _, n in group)
+        B = len(group)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        write_pos, read_pos = [], []
+        for row, (seq, n) in enumerate(group):
+            start = seq.num_computed
+            ids[row, T - n:] = torch.tensor(seq.tokens[start:start + n])
+            write_pos.append([-1] * (T - n) + list(range(start, start + n)))
+            read_pos.append(list(range(start + n)))
+        qpos = torch.tensor(write_pos)
+        ctx = torch.tensor([len(r) for r in read_pos])
+        S = int(ctx.max())
+        tables = [seq.blocks for seq, _ in group]
+        self.cache.set_step(slot_map(tables, write_pos, self.block_size, self.device),
+                            slot_map(tables, read_pos, self.block_size, self.device))
+        mask = self._mask(qpos, ctx, S).to(self.device)
+        adapters = [seq.adapter for seq, _ in group]
+        with self._adapter_rows(adapters):
+            logits = self.model(ids.to(self.device), position_ids=qpos.clamp(min=0).to(self.device),
+                                attn_mask=mask, kv_cache=self.cache, logits_to_keep=1)
+        return logits[:, -1].float()
+
+    def _mask(self, qpos: torch.Tensor, ctx: torch.Tensor, S: int) -> torch.Tensor:
+        """[B, 1, T, S]: key j is visible to a query at position p if j <= p and j is in the row's context."""
+        k = torch.arange(S)[None, None, :]
+        q = qpos[:, :, None]
+        allowed = (k <= q) & (k < ctx[:, None, None])
+        window = self.model.config.sliding_window
+        if window:
+            allowed &= (q - k) < window
+        allowed |= (q < 0) & (k == 0)  # padding queries see one key (their output is discarded)
+        return allowed[:, None]
+
+    def _adapter_rows(self, adapters: list[str | None]):
+        if not any(adapters):
+            return contextlib.nullcontext()
+        from lmforge.peft import adapter_rows
+
+        return adapter_rows(self.model, adapters)
+
+    # ------------------------------------------------------------------ sampling and stopping
+
+    def _sample_and_check(self, seq: Sequence, logits: torch.Tensor) -> Event:
+        p = seq.params
+        seen = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
+        token = int(sample(logits[None], p, seq.generator or self._generator, seen)[0])
+        lp = None
+        if seq.logprobs is not None:
+            logp = logits.log_softmax(-1)
+            top = logp.topk(seq.logprobs) if seq.logprobs else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            lp = [(token, float(logp[token]), alts)]
+            seq.token_logprobs += lp
+        seq.output.append(token)
+        self.counters["generated_tokens"] += 1
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            self._finish(seq, reason)
+        return Event(seq.id, [token], reason is not None, reason, lp)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or token in self.eos:
+            return "stop"
+        if p.stop_strings and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output)
+            if any(s and s in text for s in p.stop_strings):
+                return "stop"
+        if len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str | None) -> None:
+        self.scheduler.finish(seq, reason)

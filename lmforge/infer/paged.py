@@ -1,0 +1,155 @@
+"""Paged KV cache: one pool of fixed-size blocks shared by every sequence (vLLM's PagedAttention
+layout, gathered rather than fused since this is readable PyTorch).
+
+Each layer's keys/values live in a flat slot pool [num_blocks * block_size, Hkv, hd]; slot
+`b * block_size + i` is token i of block b. A sequence owns a block table (list of block ids), so
+memory grows a block at a time and nothing is reserved for tokens that never come.
+
+The engine calls `set_step(write_slots, read_slots)` before each forward; attention's
+`update(layer_idx, k, v, start_pos)` then scatters the new keys to `write_slots` [B, T] and
+gathers each row's whole context from `read_slots` [B, S]. Padding points at block 0, which is
+reserved as a scratch block and never handed out.
+
+`BlockPool` is the allocator: reference counts (prefix-shared blocks), a hash table of full
+blocks for prefix caching, and an LRU of cached blocks nobody uses any more that are evicted
+only when the free list is empty.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+import torch
+
+PAD_BLOCK = 0  # scratch block: padding tokens write here, padded keys read from here (masked out)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is scratch), got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free: deque[int] = deque(range(1, num_blocks))
+        self.ref = [0] * num_blocks
+        self.by_hash: dict[int, int] = {}  # prefix hash -> block holding those tokens
+        self.hash_of: dict[int, int] = {}  # block -> its prefix hash
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, LRU first
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (free or evictable cached)."""
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - 1 - self.num_free
+
+    def allocate(self) -> int | None:
+        """A block with ref 1, or None when the pool is exhausted."""
+        if self.free:
+            block = self.free.popleft()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.by_hash[self.hash_of.pop(block)]
+        else:
+            return None
+        self.ref[block] = 1
+        return block
+
+    def release(self, block: int) -> None:
+        self.ref[block] -= 1
+        if self.ref[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None  # keep its contents for a later prefix hit
+            else:
+                self.free.append(block)
+
+    def lookup(self, prefix_hash: int) -> int | None:
+        """The cached block for this prefix hash (its ref count taken), or None."""
+        block = self.by_hash.get(prefix_hash)
+        if block is None:
+            return None
+        if self.ref[block] == 0:
+            self.evictable.pop(block, None)
+        self.ref[block] += 1
+        return block
+
+    def register(self, block: int, prefix_hash: int) -> None:
+        """Record that `block` (full) holds the tokens behind `prefix_hash`."""
+        if prefix_hash not in self.by_hash and block not in self.hash_of:
+            self.by_hash[prefix_hash] = block
+            self.hash_of[block] = prefix_hash
+
+
+def block_hashes(tokens: list[int], block_size: int, salt: object = None) -> list[int]:
+    """Chained hash of every full block: block i's hash covers all tokens up to its end (and the
+    salt, e.g. the LoRA adapter, since the same tokens give different keys under another adapter)."""
+    out, h = [], hash(("lmforge-prefix", salt))
+    for i in range(len(tokens) // block_size):
+        h = hash((h, tuple(tokens[i * block_size:(i + 1) * block_size])))
+        out.append(h)
+    return out
+
+
+class PagedKVCache:
+    """Per-layer slot pools plus the per-step slot maps; implements the model's `update` protocol."""
+
+    def __init__(self, config, num_blocks: int, block_size: int = 16, device=None, dtype=torch.float32):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.write_slots: torch.Tensor | None = None
+        self.read_slots: torch.Tensor | None = None
+
+    @property
+    def bytes_per_block(self) -> int:
+        t = self.k[0]
+        return 2 * len(self.k) * self.block_size * t.shape[1] * t.shape[2] * t.element_size()
+
+    def set_step(self, write_slots: torch.Tensor, read_slots: torch.Tensor) -> None:
+        """write_slots [B, T]: where each new token's k/v goes; read_slots [B, S]: each row's context."""
+        self.write_slots, self.read_slots = write_slots.reshape(-1), read_slots
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0):
+        """k, v [B, Hkv, T, hd] -> every row's keys/values [B, Hkv, S, hd] (start_pos is implied by the slots)."""
+        B, H, T, D = k.shape
+        self.k[layer_idx].index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(B * T, H, D))
+        self.v[layer_idx].index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(B * T, H, D))
+        S = self.read_slots.shape[1]
+        flat = self.read_slots.reshape(-1)
+        k_all = self.k[layer_idx].index_select(0, flat).view(B, S, H, D).transpose(1, 2)
+        v_all = self.v[layer_idx].index_select(0, flat).view(B, S, H, D).transpose(1, 2)
+        return k_all, v_all
+
+    def _slots(self, blocks: list[int]) -> torch.Tensor:
+        b = torch.tensor(blocks, dtype=torch.long, device=self.k[0].device)
+        return (b[:, None] * self.block_size + torch.arange(self.block_size, device=b.device)).reshape(-1)
+
+    def read_blocks(self, blocks: list[int], device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copy the blocks' contents out (KV offload): per layer (k, v) [n * block_size, Hkv, hd]."""
+        slots = self._slots(blocks)
+        return [(k.index_select(0, slots).to(device), v.index_select(0, slots).to(device))
+                for k, v in zip(self.k, self.v)]
+
+    def write_blocks(self, blocks: list[int], data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Inverse of read_blocks (swap back in, possibly to different block ids)."""
+        slots = self._slots(blocks)
+        for (k, v), (dk, dv) in zip(zip(self.k, self.v), data):
+            k.index_copy_(0, slots, dk.to(k.device))
+            v.index_copy_(0, slots, dv.to(v.device))
+
+
+def slot_map(tables: list[list[int]], positions: list[list[int]], block_size: int, device=None) -> torch.Tensor:
+    """Slot index for each (row, position); position -1 means padding (scratch slot)."""
+    width = max(len(p) for p in positions)
+    max_blocks = max(1, max(len(t) for t in tables))
+    table = torch.full((len(tables), max_blocks), PAD_BLOCK, dtype=torch.long)
+    pos = torch.full((len(tables), width), -1, dtype=torch.long)
+    for i, (t, p) in enumerate(zip(tables, positions)):
+        table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        pos[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    pad = pos < 0
+    pos = pos.clamp(min=0)
+    slots = table.gather(1, pos // block_size) * block_size + pos % block_size
+    return slots.masked_fill(pad, PAD_BLOCK * block_size).to(device)

@@ -1,0 +1,169 @@
+"""Paged KV cache + continuous batching engine: same tokens as the static-cache generator, alone or
+among 32 others, under preemption (swap and recompute), with prefix caching, cancel and logprobs."""
+
+import threading
+
+import pytest
+import torch
+
+from lmforge.common import LmforgeError
+from lmforge.infer.engine import Engine
+from lmforge.infer.generate import generate
+from lmforge.infer.paged import BlockPool, block_hashes
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import KVCache, ModelConfig, Transformer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # A larger init makes the logits peaked so greedy choices are far from ties.
+    return Transformer(ModelConfig.preset("tiny", initializer_range=0.2)).eval()
+
+
+def _prompts(n, seed=1, lo=3, hi=40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_alone_equals_among_32_and_static_generate(model):
+    prompts = _prompts(33)
+    sp = SamplingParams(max_new_tokens=16)
+    reference = [generate(model, p, max_new_tokens=16)[0].tolist() for p in prompts]
+    alone = Engine(model, block_size=4).generate_batch(prompts[:1], sp)[0]
+    together = Engine(model, block_size=4).generate_batch(prompts, sp)
+    assert alone == together[0] == reference[0]
+    assert together == reference
+
+
+@torch.no_grad()
+def test_paged_logits_equal_static_cache_logits(model):
+    prompt = _prompts(1, seed=3)[0]
+    engine = Engine(model, block_size=4)
+    others = [engine.add_request(p, SamplingParams(max_new_tokens=8)) for p in _prompts(5, seed=4)]
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=8), logprobs=512)
+    while engine.has_unfinished():
+        engine.step()
+    seq = engine.requests[rid]
+    assert all(engine.requests[o].finish_reason == "length" for o in others)
+    cache = KVCache.for_model(model, 1, 64)
+    ids = torch.tensor([prompt])
+    logits = model(ids, kv_cache=cache, start_pos=0)[:, -1]
+    pos = len(prompt)
+    for token, logprob, top in seq.token_logprobs:
+        ref = logits.log_softmax(-1)[0]
+        got = torch.zeros(512)
+        for t, lp in top:
+            got[t] = lp
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert logprob == pytest.approx(float(ref[token]), abs=1e-5)
+        logits = model(torch.tensor([[token]]), kv_cache=cache, start_pos=pos)[:, -1]
+        pos += 1
+
+
+@pytest.mark.parametrize("preemption", ["swap", "recompute"])
+def test_preemption_keeps_outputs(model, preemption):
+    prompts = _prompts(12, seed=5)
+    sp = SamplingParams(max_new_tokens=12)
+    reference = [generate(model, p, max_new_tokens=12)[0].tolist() for p in prompts]
+    engine = Engine(model, block_size=4, num_blocks=30, max_batch_tokens=48, preemption=preemption)
+    assert engine.generate_batch(prompts, sp) == reference
+    s = engine.stats
+    assert s["preemptions"] > 0
+    assert (s["swaps_out"] > 0) == (preemption == "swap")
+    assert s["blocks_used"] == 0 and s["running"] == 0
+
+
+def test_chunked_prefill_matches(model):
+    prompts = _prompts(3, seed=6, lo=60, hi=90)
+    reference = [generate(model, p, max_new_tokens=6)[0].tolist() for p in prompts]
+    engine = Engine(model, block_size=8, max_batch_tokens=16)  # prompts run in 16-token chunks
+    assert engine.generate_batch(prompts, SamplingParams(max_new_tokens=6)) == reference
+
+
+def test_prefix_cache_hits_and_same_output(model):
+    shared = _prompts(1, seed=7, lo=40, hi=41)[0]
+    prompts = [shared + [i + 1, i + 2] for i in range(4)]
+    reference = [generate(model, p, max_new_tokens=5)[0].tolist() for p in prompts]
+    engine = Engine(model, block_size=8)
+    first = engine.generate_batch(prompts[:1], SamplingParams(max_new_tokens=5))
+    rest = engine.generate_batch(prompts[1:], SamplingParams(max_new_tokens=5))
+    assert first + rest == reference
+    s = engine.stats
+    assert s["prefix_hit_blocks"] == 3 * 5  # 40 shared tokens = 5 full blocks, for each later prompt
+    assert s["prefix_memory_saved_bytes"] > 0
+
+
+def test_prefix_hash_depends_on_everything_before():
+    a = block_hashes([1, 2, 3, 4, 5, 6], 3)
+    b = block_hashes([9, 2, 3, 4, 5, 6], 3)
+    assert len(a) == 2 and a[1] != b[1]
+    assert block_hashes([1, 2, 3], 3, salt="lora-a") != block_hashes([1, 2, 3], 3)
+
+
+def test_block_pool_refcounts_and_eviction():
+    pool = BlockPool(3, 4)
+    a, b = pool.allocate(), pool.allocate()
+    assert pool.allocate() is None and pool.num_free == 0
+    pool.register(a, 123)
+    pool.release(a)
+    assert pool.num_free == 1 and pool.lookup(123) == a  # cached block revived
+    pool.release(a)
+    c = pool.allocate()  # evicts the cached block
+    assert c == a and pool.lookup(123) is None
+    pool.release(b)
+    assert pool.num_free == 1
+
+
+def test_cancel_frees_blocks_and_stop_tokens(model):
+    engine = Engine(model, block_size=4)
+    rid = engine.add_request(_prompts(1)[0], SamplingParams(max_new_tokens=50))
+    engine.step()
+    assert engine.stats["blocks_used"] > 0 and engine.stats["running"] == 1
+    assert engine.cancel(rid) and not engine.cancel(rid)
+    assert engine.stats["blocks_used"] == 0 and not engine.has_unfinished()
+    prompt = _prompts(1, seed=8)[0]
+    first = generate(model, prompt, max_new_tokens=3)[0].tolist()
+    engine.add_request(prompt, SamplingParams(max_new_tokens=50, stop_token_ids=[first[2]]))
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    assert [t for e in events for t in e.new_token_ids] == first[:first.index(first[2]) + 1]
+    assert events[-1].finished and events[-1].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    prompts = _prompts(4, seed=9)
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=42)
+    alone = Engine(model).generate_batch(prompts[:1], sp)[0]
+    together = Engine(model).generate_batch(prompts, sp)[0]
+    assert alone == together
+
+
+def test_threads_add_while_stepping(model):
+    engine = Engine(model, block_size=4)
+    ids = []
+
+    def add():
+        for p in _prompts(8, seed=10):
+            ids.append(engine.add_request(p, SamplingParams(max_new_tokens=4)))
+
+    thread = threading.Thread(target=add)
+    thread.start()
+    while thread.is_alive() or engine.has_unfinished():
+        engine.step()
+    thread.join()
+    assert all(len(engine.output(i)) == 4 for i in ids)
+
+
+def test_bad_requests(model):
+    engine = Engine(model, max_model_len=32)
+    with pytest.raises(LmforgeError, match="outside the vocabulary"):
+        engine.add_request([1, 99999])
+    with pytest.raises(LmforgeError, match="does not fit"):
+        engine.add_request(list(range(40)))
+    with pytest.raises(LmforgeError, match="at least one token"):
+        engine.add_request([])
