@@ -176,12 +176,14 @@ class IntNLinear(QuantLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, self.group_size, scales_zeros)
 
     def _prepack(self):
-        """tinygemm layout: w = (q - 8) * scale + z', so z' = (8 - zero) * scale; [G, N, 2] bf16."""
-        if self.out_features % 16 or self.group_size not in (32, 64, 128, 256):
+        """tinygemm layout: w = (c - 8) * scale + z' with c = q + shift and z' = (8 - shift - zero) * scale,
+        [G, N, 2] bf16. The shift centres 2/3-bit codes on 8 so that z', rounded to bf16, stays small."""
+        if self.out_features % 16 or self.group_size not in (32, 64, 128, 256) or self.bits > 4:
             return False
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+        shift = 8 - 2 ** (self.bits - 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32) + shift, 1)
         s = self.scales.float()
-        scales_zeros = torch.stack([s.t(), ((8 - self.zeros.float()) * s).t()], -1)
+        scales_zeros = torch.stack([s.t(), ((8 - shift - self.zeros.float()) * s).t()], -1)
         return packed, scales_zeros.to(torch.bfloat16).contiguous()
 
 

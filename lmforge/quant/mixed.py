@@ -1,11 +1,13 @@
 """Mixed precision: measure how much the validation loss rises when only one layer is quantized
-(at each candidate width), then give bits to the layers where they buy the most loss per bit,
-until the parameter-weighted average width reaches the budget (e.g. 4.5 bits)."""
+(at each candidate width), then choose the widths that minimise the summed increase while the
+parameter-weighted average width stays within the budget (e.g. 4.5 bits)."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,33 +47,42 @@ def sensitivity(model: nn.Module, names: list[str], choices: list[str], loss_fn:
 
 
 def allocate(sens: dict[str, dict[str, float]], sizes: dict[str, int], choices: list[str],
-             budget_bits: float) -> dict[str, str]:
-    """Greedy: start every layer at the narrowest choice; repeatedly take the upgrade with the
-    largest loss decrease per extra bit that keeps the average within the budget."""
-    order = sorted(choices, key=lambda c: bits_of(parse_scheme(c)))
-    bits = {c: bits_of(parse_scheme(c)) for c in order}
-    total = sum(sizes.values())
-    plan = {n: order[0] for n in sens}
-    used = sum(bits[order[0]] * sizes[n] for n in sens)
-    if used > budget_bits * total + 1e-6:
-        raise LmforgeError(f"--budget-bits {budget_bits} is below the narrowest choice {order[0]} ({bits[order[0]]} bits)")
-    while True:
-        best, best_gain = None, float("-inf")
-        for n, cur in plan.items():
-            i = order.index(cur)
-            if i + 1 == len(order):
+             budget_bits: float, max_units: int = 100_000) -> dict[str, str]:
+    """Pick one choice per layer minimising the summed loss increase subject to
+    sum(bits * params) <= budget_bits * sum(params): a multiple-choice knapsack, solved exactly by
+    dynamic programming over the budget in units of the gcd of all costs (exact), or of
+    budget / max_units with costs rounded up (never over budget) when that is finer."""
+    names = list(sens)
+    bits = [bits_of(parse_scheme(c)) for c in choices]
+    capacity = budget_bits * sum(sizes[n] for n in names)
+    unit = float(math.gcd(*(int(b * sizes[n]) for b in bits for n in names)))
+    unit = max(unit, capacity / max_units)
+    resolution = int(capacity / unit + 1e-9)
+    inf = float("inf")
+    best = np.full(resolution + 1, inf)
+    best[0] = 0.0  # best[c]: least loss with cost exactly c units
+    picks = []
+    for n in names:
+        new, pick = np.full(resolution + 1, inf), np.full(resolution + 1, -1)
+        for j, c in enumerate(choices):
+            w = int(np.ceil(bits[j] * sizes[n] / unit - 1e-9))
+            if w > resolution:
                 continue
-            nxt = order[i + 1]
-            extra = (bits[nxt] - bits[cur]) * sizes[n]
-            if used + extra > budget_bits * total + 1e-6:
-                continue
-            gain = (sens[n][cur] - sens[n][nxt]) / extra
-            if gain > best_gain:
-                best, best_gain = (n, nxt, extra), gain
-        if best is None:
-            return plan
-        n, nxt, extra = best
-        plan[n], used = nxt, used + extra
+            cand = np.full(resolution + 1, inf)
+            cand[w:] = best[: resolution + 1 - w] + sens[n][c]
+            better = cand < new
+            new[better], pick[better] = cand[better], j
+        best = new
+        picks.append(pick)
+    if not np.isfinite(best).any():
+        narrowest = min(choices, key=lambda c: bits_of(parse_scheme(c)))
+        raise LmforgeError(f"--budget-bits {budget_bits} is below the narrowest choice {narrowest}")
+    cost, plan = int(np.argmin(best)), {}
+    for n, pick in zip(reversed(names), reversed(picks)):
+        j = int(pick[cost])
+        plan[n] = choices[j]
+        cost -= int(np.ceil(bits[j] * sizes[n] / unit - 1e-9))
+    return plan
 
 
 def mixed_precision(model: nn.Module, names: list[str], loss_fn: Callable[[], float], budget_bits: float = 4.5,
