@@ -18,7 +18,7 @@ from .calibrate import BlockInputs, calibrate_blocks, check_calibration, observe
 from .gptq import Hessian, gptq_quantize
 from .linear import IntNLinear
 from .mixed import lm_loss, mixed_precision
-from .scheme import DEFAULT_SKIP, linear_names, make_quant_linear, parse_scheme, quant_config, set_module, swap
+from .scheme import DEFAULT_SKIP, check_config, linear_names, make_quant_linear, parse_scheme, quant_config, set_module, swap
 from .smooth import smoothquant_linear
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed")
@@ -112,6 +112,8 @@ def record(model: nn.Module, config: dict) -> None:
     model.lmforge_transforms = list(getattr(model, "lmforge_transforms", [])) + [{"kind": "quant", **config}]
 
 
-def replay(model: nn.Module, entry: dict) -> None:
+def replay(model: nn.Module, entry: dict, source: str = "checkpoint") -> None:
     """Checkpoint hook: recreate the empty quantized modules an entry describes (meta device)."""
-    swap(model, {k: v for k, v in entry.items() if k != "kind"})
+    config = {k: v for k, v in entry.items() if k != "kind"}
+    check_config(config, f"{source}: quantization config")
+    swap(model, config)
