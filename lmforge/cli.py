@@ -9,8 +9,16 @@ import sys
 
 # command -> (recipe module, one-line help). Add a line per command; keep it sorted by lifecycle.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("lmforge.recipes.data", "prepare pretraining data (filter, dedup, mix, pack) or check contamination"),
+    "pretrain": ("lmforge.recipes.pretrain", "pretrain a model (causal LM, masked LM, span corruption)"),
+    "sft": ("lmforge.recipes.sft", "supervised fine-tuning on chat/prompt-response JSONL (full or PEFT)"),
+    "estimate": ("lmforge.recipes.estimate", "memory needed to run or train a model, without running it"),
+    "plot": ("lmforge.recipes.plot", "plot a training run's loss curves to PNG"),
     "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),
     "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
+    "quantize": ("lmforge.recipes.quantize", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, NF4, QAT, mixed precision)"),
+    "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model (zero-shot, retrieval)"),
+    "vlm": ("lmforge.recipes.vlm", "train a LLaVA-style vision-language model (--stage 1|2) or evaluate it"),
 }
 
 
