@@ -70,6 +70,7 @@ def _add(model: nn.Module, config: PeftConfig) -> None:
         add_prefix(model, config)
     else:
         raise LmforgeError(f"not a PEFT config: {type(config).__name__}")
+    model.train(model.training)  # new modules (dropout) follow the model's train/eval mode
     mark_only_adapters_trainable(model)
 
 

@@ -143,6 +143,11 @@ class PromptSlot(_Slot):
 
 class PrefixSlot(_Slot):
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.active:  # all prefixes switched off: an empty prefix (P = 0)
+            enc = next(iter(self.values()))
+            _, _, n_kv, hd = enc.shape
+            empty = enc.embedding.new_zeros(n_kv, 0, hd)
+            return empty, empty
         kv = torch.cat([self[n].value()[layer] for n in self.active], dim=-2)  # [2, n_kv, P, hd]
         return kv[0], kv[1]
 
