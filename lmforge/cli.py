@@ -17,7 +17,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),
     "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
     "quantize": ("lmforge.recipes.quantize", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, NF4, QAT, mixed precision)"),
-    "quantize": ("lmforge.recipes.quantize", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, NF4, QAT, mixed precision)"),
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model (zero-shot, retrieval)"),
     "vlm": ("lmforge.recipes.vlm", "train a LLaVA-style vision-language model (--stage 1|2) or evaluate it"),
 }
