@@ -1,0 +1,158 @@
+"""Helpers shared by recipes: YAML configs with command-line overrides, run folders, a metrics
+JSONL writer. Generic: nothing here knows about a particular job.
+
+    cfg = load_config("pretrain-tiny", ["train.steps=50", "optim.lr=1e-3"])   # or a .yaml path
+    section(cfg, "train", TrainConfig)       # -> dataclass, unknown fields named in the error
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from lmforge.common import LmforgeError, atomic_write_text
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: str, flags: dict[str, str] | None = None) -> None:
+    """--config NAME_OR_PATH, --set a.b=c (repeatable), and one flag per `flags` entry (flag -> dotted key)."""
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) or "none"
+    parser.add_argument("--config", default=default, help=f"recipe YAML: a path or a built-in name ({names})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set train.steps=100 --set model.hidden_size=128")
+    for flag, key in (flags or {}).items():
+        parser.add_argument(flag, dest=_dest(flag), default=None, metavar="VALUE", help=f"same as --set {key}=VALUE")
+
+
+def _dest(flag: str) -> str:
+    return "flag_" + flag.lstrip("-").replace("-", "_")
+
+
+def overrides_from_args(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    out = list(getattr(args, "overrides", []) or [])
+    for flag, key in flags.items():
+        value = getattr(args, _dest(flag), None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise LmforgeError(f"config {name_or_path!r} not found: not a file, and not a built-in config "
+                       f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))})")
+
+
+def load_config(name_or_path: str, overrides: list[str] = (), open_sections: tuple[str, ...] = ("model",)) -> dict:
+    """Read the YAML and apply `key.sub=value` overrides (values parsed as YAML scalars).
+
+    An override of a key the config does not have is an error (a typo would otherwise be silently
+    ignored), except inside `open_sections`, whose fields are checked by their own dataclass.
+    """
+    import yaml
+
+    path = resolve_config_path(name_or_path)
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LmforgeError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LmforgeError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise LmforgeError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+        key, raw = item.split("=", 1)
+        set_dotted(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, open_sections)
+    return cfg
+
+
+def set_dotted(cfg: dict, key: str, value: Any, open_sections: tuple[str, ...] = ()) -> None:
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None and (i > 0 or part in open_sections):
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise LmforgeError(f"override {key!r}: {'.'.join(parts[: i + 1])!r} is not a section of the config")
+        node = child
+    if parts[-1] not in node and parts[0] not in open_sections:
+        known = ", ".join(sorted(node)) or "none"
+        raise LmforgeError(f"override {key!r}: unknown field {parts[-1]!r} (known here: {known})")
+    node[parts[-1]] = value
+
+
+def section(cfg: dict, name: str, cls: type, **extra: Any):
+    """Build dataclass `cls` from cfg[name], naming unknown fields in the error."""
+    data = {**(cfg.get(name) or {}), **extra}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise LmforgeError(f"config section {name!r}: unknown field(s) {', '.join(unknown)} "
+                           f"(known: {', '.join(sorted(fields))})")
+    return cls(**data)
+
+
+def make_run_dir(root: str | Path, name: str, cfg: dict | None = None, resume: bool = False) -> Path:
+    """`root/name`: created (and the config saved as config.yaml) unless resuming an existing run."""
+    import yaml
+
+    run = Path(root) / name
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg is not None and not (resume and (run / "config.yaml").exists()):
+        atomic_write_text(run / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    return run
+
+
+class MetricsWriter:
+    """Appends one JSON object per line (with a wall-clock time) to `path`; a no-op when disabled."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard_dir: str | Path | None = None) -> None:
+        self.path, self.enabled = Path(path), enabled
+        self._file = None
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+            if tensorboard_dir:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(tensorboard_dir))
+                except ImportError:
+                    raise LmforgeError("tensorboard logging needs the `tensorboard` package (pip install tensorboard)")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        self._file.flush()
+        if self._tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise LmforgeError(f"no metrics file at {path}")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

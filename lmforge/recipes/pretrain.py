@@ -1,0 +1,165 @@
+"""Pretrain a language model from a YAML recipe: causal LM (default), masked LM or T5-style span
+corruption, on prepared shards (`lmforge data prepare`) or the built-in stdlib corpus.
+
+    lmforge pretrain                                    # tiny model, built-in corpus, ~1-2 min on CPU
+    lmforge pretrain --set train.steps=500 --objective mlm --out runs
+    lmforge pretrain --resume                           # continue the run from its newest good checkpoint
+    torchrun --nproc_per_node 2 -m lmforge pretrain --strategy fsdp
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from lmforge.common import LmforgeError, get_logger
+from lmforge.model import ModelConfig, Transformer
+from lmforge.recipes._common import (MetricsWriter, add_config_arguments, load_config, make_run_dir,
+                                     overrides_from_args, section)
+from lmforge.train import (ObjectiveTokens, OptimConfig, RunContext, TrainConfig, autocast_dtype, batch_generator,
+                           fit, prepare_model, setup_runtime, shutdown)
+
+log = get_logger("lmforge.pretrain")
+
+FLAGS = {"--steps": "train.steps", "--objective": "train.objective", "--strategy": "train.strategy",
+         "--data": "data.path", "--model": "model.preset", "--out": "run.dir", "--name": "run.name",
+         "--seq-len": "train.seq_len", "--batch-size": "train.micro_batch_size", "--grad-accum": "train.grad_accum",
+         "--lr": "optim.lr", "--device": "run.device", "--dtype": "train.dtype"}
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str | None = None  # shard folder from `lmforge data prepare`; None: the built-in corpus
+    max_bytes: int = 2_000_000  # built-in corpus: bytes of the stdlib to use
+    vocab_size: int = 512  # built-in corpus: tokenizer size
+    val_fraction: float = 0.05
+    cache_dir: str = "runs/.cache"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    dir: str = "runs"
+    name: str = "pretrain"
+    device: str = "auto"
+    tensorboard: bool = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "pretrain-tiny", FLAGS)
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue from the run's newest good checkpoint (or the given checkpoint folder)")
+    parser.add_argument("--auto-fit", action="store_true", help="pick the largest micro-batch that fits in memory")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+
+
+def load_recipe(args: argparse.Namespace) -> dict:
+    overrides = overrides_from_args(args, FLAGS)
+    for flag, key in (("auto_fit", "train.auto_fit"), ("compile", "train.compile"),
+                      ("activation_checkpointing", "train.activation_checkpointing")):
+        if getattr(args, flag, False):
+            overrides.append(f"{key}=true")
+    return load_config(args.config, overrides)
+
+
+def build_data(data: DataConfig, cfg: TrainConfig, info, run_root: Path):
+    """-> (train loader, validation loader factory, tokenizer, shard folder)."""
+    from lmforge.data.loader import ShardLoader
+    from lmforge.data.pack import read_index
+    from lmforge.train.builtin import builtin_pretrain_data, data_tokenizer
+
+    folder = Path(data.path) if data.path else None
+    if folder is None:
+        if info.is_main:
+            builtin_pretrain_data(data.cache_dir, data.max_bytes, data.vocab_size, data.val_fraction, cfg.seed)
+        from lmforge.train.distributed import barrier
+
+        barrier()  # the other ranks wait for rank 0 to build the cache
+        folder = builtin_pretrain_data(data.cache_dir, data.max_bytes, data.vocab_size, data.val_fraction, cfg.seed)
+    if not (folder / "index.json").is_file():
+        raise LmforgeError(f"data.path {folder}: no index.json (make one with `lmforge data prepare`)")
+    # The loader yields seq_len tokens + 1 for the shifted labels; span corruption uses all of them.
+    loader = ShardLoader(folder, cfg.seq_len, cfg.micro_batch_size, "train", cfg.seed, info.rank, info.world_size)
+
+    def val_loader():
+        return ShardLoader(folder, cfg.seq_len, cfg.micro_batch_size, "val", 1234, info.rank, info.world_size,
+                           prefetch=0)
+
+    val_tokens = read_index(folder)[0]["splits"].get("val", {}).get("tokens", 0)
+    if val_tokens < info.world_size * cfg.micro_batch_size * (cfg.seq_len + 1) * 2:
+        log.warning("%s: validation split too small (%d tokens) for one batch; no evaluation", folder, val_tokens)
+        val_loader = None
+    return loader, val_loader, data_tokenizer(folder), folder
+
+
+def model_config(cfg: dict, vocab_size: int, objective: str) -> ModelConfig:
+    fields = dict(cfg.get("model") or {})
+    preset = fields.pop("preset", None)
+    fields.setdefault("vocab_size", vocab_size)
+    if fields["vocab_size"] < vocab_size:
+        raise LmforgeError(f"model.vocab_size {fields['vocab_size']} is smaller than the data's {vocab_size} "
+                           f"(tokenizer + {objective} special ids)")
+    if objective != "clm":
+        fields["causal"] = False if objective == "mlm" else fields.get("causal", True)
+    return ModelConfig.preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
+
+
+def windows(batch) -> torch.Tensor:
+    x, y = batch
+    return torch.cat([x, y[:, -1:]], dim=1)
+
+
+def main(args: argparse.Namespace) -> dict:
+    cfg = load_recipe(args)
+    train_cfg, optim_cfg = section(cfg, "train", TrainConfig), section(cfg, "optim", OptimConfig)
+    data_cfg, run_cfg = section(cfg, "data", DataConfig), section(cfg, "run", RunConfig)
+    device, info = setup_runtime(run_cfg.device, train_cfg.seed)
+    run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
+    from lmforge.data.pack import read_index
+
+    # The tokenizer decides the vocabulary; build the data first.
+    probe_dir = Path(data_cfg.path) if data_cfg.path else None
+    if probe_dir is not None:
+        read_index(probe_dir)  # fail early, before building a model, on a bad data folder
+    if train_cfg.auto_fit:
+        from lmforge.train.memory import auto_fit
+
+        train_cfg = auto_fit(model_config(cfg, 1, train_cfg.objective), train_cfg, device, info.world_size)
+    loader, val_loader, tokenizer, folder = build_data(data_cfg, train_cfg, info, Path(run_cfg.dir))
+    objective = ObjectiveTokens(train_cfg.objective, tokenizer.vocab_size, tokenizer.eos_id)
+    mconfig = model_config(cfg, objective.model_vocab, train_cfg.objective)
+    if mconfig.max_position_embeddings < train_cfg.seq_len + 2 * len(objective.sentinels):
+        raise LmforgeError(f"train.seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings "
+                           f"{mconfig.max_position_embeddings}")
+    model = Transformer(mconfig)
+    log.info("model: %.2fM parameters, objective %s, data %s", sum(p.numel() for p in model.parameters()) / 1e6,
+             train_cfg.objective, folder)
+    wrapped, optimizer = prepare_model(model, train_cfg, optim_cfg, device)
+
+    def next_micro(step: int, i: int) -> dict:
+        return objective.batch(windows(next(loader)), batch_generator(train_cfg.seed, step, i, info.rank))
+
+    def val_batches():
+        vl = val_loader()
+        return [objective.batch(windows(next(vl)), batch_generator(99, 0, i, info.rank))
+                for i in range(train_cfg.eval_batches)]
+
+    if val_loader is None:
+        val_batches = None
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main,
+                            tensorboard_dir=run_dir / "tb" if run_cfg.tensorboard else None)
+    ctx = RunContext(run_dir, device, autocast_dtype(train_cfg.dtype, device), info, metrics, tokenizer,
+                     aux_coef=mconfig.router_aux_loss_coef if mconfig.num_experts else 0.0)
+    try:
+        summary = fit(wrapped, optimizer, next_micro, loader, val_batches, train_cfg, optim_cfg, ctx, args.resume)
+    finally:
+        metrics.close()
+        loader.close()
+        shutdown()
+    if info.is_main:
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+              f"best val loss {summary['best_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s -> {run_dir}/final")
+    return 0

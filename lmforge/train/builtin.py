@@ -1,0 +1,115 @@
+"""Built-in training data from the default corpus (the running interpreter's standard library), so
+`lmforge pretrain` and `lmforge sft` work with nothing else:
+
+* pretraining shards: a byte-budgeted, evenly spread subset of the stdlib (code and prose), a BPE
+  tokenizer trained on it, packed with the data pipeline's ShardWriter into the folder format
+  `lmforge.data.loader.ShardLoader` reads (cached: built once per settings).
+* an SFT set: a function's signature in, the first sentence of its docstring out, split into
+  train/validation by module so no module is in both.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.common import atomic_dir, get_logger
+from lmforge.data.pack import ShardWriter, is_validation, write_index
+from lmforge.data.readers import ReadReport
+from lmforge.data.stdlib import read_stdlib, stdlib_files
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
+
+log = get_logger("lmforge.train")
+
+
+def _spread(files: list[Path], max_bytes: int) -> list[Path]:
+    """Every k-th file so the subset covers the whole library, not just the modules starting with 'a'."""
+    total = sum(f.stat().st_size for f in files)
+    step = max(1, int(total / max(max_bytes, 1)))
+    out, size = [], 0
+    for f in files[::step]:
+        if size >= max_bytes:
+            break
+        out.append(f)
+        size += f.stat().st_size
+    return out
+
+
+def builtin_pretrain_data(cache_dir: str | Path, max_bytes: int = 2_000_000, vocab_size: int = 512,
+                          val_fraction: float = 0.05, seed: int = 0) -> Path:
+    """A shard folder (index.json + tokenizer/) built from the stdlib; reused when it exists."""
+    key = hashlib.sha1(json.dumps([max_bytes, vocab_size, val_fraction, seed]).encode()).hexdigest()[:10]
+    out = Path(cache_dir) / f"builtin-{key}"
+    if (out / "index.json").is_file():
+        return out
+    log.info("building the built-in corpus (%d bytes of the stdlib, vocab %d) in %s", max_bytes, vocab_size, out)
+    docs = list(read_stdlib(_spread(stdlib_files(), max_bytes), ReadReport()))
+    tokenizer = train_tokenizer((d.text for d in docs), vocab_size=vocab_size)
+    with atomic_dir(out) as tmp:
+        writers = {s: ShardWriter(tmp, s, tokenizer.vocab_size, tokenizer.eos_id, 1 << 22) for s in ("train", "val")}
+        for doc, ids in zip(docs, tokenizer.encode_batch([d.text for d in docs])):
+            split = "val" if is_validation(doc.id, val_fraction, seed) else "train"
+            writers[split].add(np.asarray(ids, dtype=np.uint32))
+        splits = {s: w.close() for s, w in writers.items()}
+        tokenizer.save(tmp / "tokenizer")
+        write_index(tmp, splits, tokenizer.vocab_size, tokenizer.eos_id)
+    return out
+
+
+def data_tokenizer(data_dir: str | Path):
+    """The tokenizer a shard folder was made with (index.json names its folder)."""
+    data_dir = Path(data_dir)
+    index = json.loads((data_dir / "index.json").read_text())
+    return load_tokenizer(data_dir / (index.get("tokenizer") or "tokenizer"))
+
+
+# ----------------------------------------------------------------------------- SFT set
+
+_SENTENCE = re.compile(r"^(.+?[.!?])(\s|$)", re.S)
+
+
+def first_sentence(doc: str) -> str | None:
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    m = _SENTENCE.match(text)
+    sentence = m.group(1) if m else text
+    return sentence if 10 <= len(sentence) <= 200 else None
+
+
+def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    return f"{prefix} {node.name}({ast.unparse(node.args)}){returns}:"
+
+
+def function_examples(source: str) -> list[dict]:
+    """{"prompt": signature, "response": first docstring sentence} for each documented public function."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            sentence = first_sentence(doc) if doc else None
+            if sentence:
+                out.append({"prompt": signature(node), "response": sentence})
+    return out
+
+
+def builtin_sft_examples(max_bytes: int = 1_500_000, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[dict]]:
+    """{"train": [...], "val": [...]}: examples of one module all land in the same split."""
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    for path in _spread(stdlib_files(), max_bytes):
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        split = "val" if is_validation(path.stem + str(path.parent.name), val_fraction, seed) else "train"
+        splits[split].extend(function_examples(source))
+    return splits

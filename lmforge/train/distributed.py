@@ -1,0 +1,122 @@
+"""Data parallelism through torchrun: DDP (replicated model, all-reduced gradients) or FSDP2
+(`fully_shard`: parameters, gradients and optimizer state sharded across ranks). Single-process
+runs go through the same functions, which then do nothing.
+
+State dicts are always gathered to full, unsharded tensors (torch.distributed.checkpoint's
+state_dict helpers), so a checkpoint written by N ranks loads in one process and vice versa.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from lmforge.common import DistInfo, LmforgeError, dist_info
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA); a no-op for one process."""
+    info = dist_info()
+    if info.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=int(os.environ.get("LMFORGE_DIST_TIMEOUT_MIN", 30))))
+    return info
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    if not is_distributed():
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:  # one all-gather per block keeps peak memory at ~one block
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise LmforgeError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if enabled or not is_distributed():
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict with the model's own key names (collective under FSDP)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"state": {param_name: {...}}, "param_groups": [...]} keyed by parameter name, not index."""
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
+                    optim_state: dict | None) -> None:
+    """Every rank passes the full state; each keeps its own shard."""
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_state, options=opts)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+
+
+def total_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ returns a DTensor under FSDP; the global norm is its full value."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

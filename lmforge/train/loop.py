@@ -1,0 +1,153 @@
+"""The pieces of a training loop as plain functions: one optimizer step over a list of
+micro-batches (accumulation, token-weighted loss, MoE aux loss, autocast, clipping, non-finite and
+spike guards), evaluation, early stopping. Recipes write the loop itself (see recipes/pretrain.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .distributed import all_reduce_sum, gradient_sync, total_norm
+from .objectives import IGNORE, lm_loss_sum
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 128
+    objective: str = "clm"  # clm | mlm | span
+    clip_grad: float = 1.0  # 0: no clipping (the norm is still logged)
+    dtype: str = "auto"  # autocast dtype: auto = bf16 on GPUs that support it, else fp32
+    compile: bool = False
+    activation_checkpointing: bool = False
+    strategy: str = "ddp"  # ddp | fsdp (only under torchrun)
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    save_every: int = 100
+    keep_last: int = 2
+    spike_factor: float = 4.0  # skip an update whose loss exceeds this x the running mean (0: off)
+    spike_window: int = 20
+    log_every: int = 1
+    auto_fit: bool = False
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class SpikeGuard:
+    """Flags a loss above `factor` x the mean of the last `window` accepted losses."""
+
+    factor: float = 4.0
+    window: int = 20
+    history: deque = field(default_factory=deque)
+
+    def is_spike(self, loss: float) -> bool:
+        if self.factor <= 0 or len(self.history) < self.window:
+            return False
+        return loss > self.factor * (sum(self.history) / len(self.history))
+
+    def accept(self, loss: float) -> None:
+        self.history.append(loss)
+        while len(self.history) > self.window:
+            self.history.popleft()
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int  # input tokens processed on all ranks
+    skipped: str | None  # None, "nonfinite" or "spike"
+
+
+def forward_loss(model: nn.Module, batch: dict, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(summed token loss, aux loss, labelled tokens) for one micro-batch."""
+    kwargs = {k: batch[k] for k in ("segment_ids", "attn_mask", "attention_mask") if batch.get(k) is not None}
+    logits, aux = model(batch["input_ids"], return_aux_loss=True, **kwargs)
+    loss_sum, n = lm_loss_sum(logits, batch["labels"])
+    return loss_sum, aux * aux_coef, n
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
+               device: torch.device, dtype: torch.dtype, clip_grad: float, world_size: int,
+               guard: SpikeGuard, aux_coef: float = 0.0) -> StepResult:
+    """One optimizer step. The loss is the mean over every labelled token of the global batch (all
+    micro-batches on all ranks), so accumulation and data parallelism give the same update as
+    one big batch even when micro-batches hold different numbers of labelled tokens."""
+    local = sum(int((b["labels"] != IGNORE).sum()) for b in micro_batches)
+    n_global = max(1, int(all_reduce_sum(torch.tensor(float(local))).item()))
+    scale = world_size / n_global  # gradients are averaged over ranks; undo that average
+    loss_total = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with gradient_sync(model, i == len(micro_batches) - 1), autocast(device, dtype):
+            loss_sum, aux, _ = forward_loss(model, batch, aux_coef)
+            loss = loss_sum * scale + aux / len(micro_batches)
+        loss.backward()
+        loss_total += loss_sum.detach().float()
+    loss_value = float(all_reduce_sum(loss_total)) / n_global
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = clip_grad if clip_grad > 0 else float("inf")
+    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+    skipped = None
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        skipped = "nonfinite"
+    elif guard.is_spike(loss_value):
+        skipped = "spike"
+    else:
+        optimizer.step()
+        guard.accept(loss_value)
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b["input_ids"].numel() for b in micro_batches) * world_size
+    return StepResult(loss_value, grad_norm, tokens, skipped)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, device: torch.device, dtype: torch.dtype) -> dict:
+    """Token-weighted validation loss and perplexity over `batches` (summed over ranks)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with autocast(device, dtype):
+            loss_sum, _, n = forward_loss(model, batch, 0.0)
+        total += float(loss_sum)
+        count += n
+    model.train(was_training)
+    total, count = all_reduce_sum(total), all_reduce_sum(count)
+    loss = float(total / count.clamp(min=1))
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+@dataclass
+class EarlyStopping:
+    patience: int = 0
+    best: float = float("inf")
+    bad_evals: int = 0
+
+    def update(self, val_loss: float) -> bool:
+        """Record an evaluation; True when it is a new best."""
+        if val_loss < self.best:
+            self.best, self.bad_evals = val_loss, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
