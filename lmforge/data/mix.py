@@ -52,8 +52,11 @@ def mix(items: Sequence[MixItem], weights: dict[str, float] | None, seed: int = 
         its = by_source[source]
         target = shares[source] * total
         ratio = target / available[source] if available[source] else 0.0
-        picked = list(its) * int(ratio)  # whole epochs
-        picked += _subset(its, target - int(ratio) * available[source], rng)
+        epochs = int(ratio + 1e-9)  # float shares: 0.9999999 of a source is all of it
+        picked = list(its) * epochs
+        rest = target - epochs * available[source]
+        if rest > 1e-6 * available[source]:
+            picked += _subset(its, rest, rng)
         chosen += picked
         report[source] = {"documents": len(its), "tokens_available": available[source],
                           "weight": shares[source], "epochs": round(ratio, 4),
