@@ -1,0 +1,176 @@
+"""Built-in tasks from the default corpus (the standard library), so a model trained by the
+pipeline on nothing else still gets a meaningful report. Held-out modules are the ones the data
+pipeline's split puts in validation (`lmforge.data.pack.is_validation` on the same document ids,
+`stdlib/<path>` for code and `stdlib/<path>#prose` for prose, same fraction and seed), so the model
+never trained on them.
+
+    stdlib_code_ppl      perplexity / bits per byte of held-out modules' source
+    stdlib_prose_ppl     the same on held-out modules' docstrings and comments
+    stdlib_docstring     signature -> first sentence of the docstring (generation, ROUGE-L)
+    stdlib_docstring_mc  which of 4 first sentences belongs to this function (log-likelihood)
+
+Everything is deterministic for a given seed. `run_builtin(lm, BuiltinConfig())` runs them all;
+`LocalLM(model, tokenizer)` makes an `lm` from a model in memory.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import random
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.data.pack import is_validation
+from lmforge.data.stdlib import prose_of, stdlib_files
+from lmforge.eval.perplexity import text_perplexity
+from lmforge.eval.tasks import TaskConfig, TaskResult, aggregate, run_generation, run_multiple_choice
+
+FIRST_SENTENCE = r"(?s)^\s*(.+?[.!?])(?=\s|$)"
+
+
+@dataclass
+class BuiltinConfig:
+    val_fraction: float = 0.05  # must match the split the model was trained with (pretrain data.val_fraction) ...
+    split_seed: int = 0  # ... and its seed
+    seed: int = 0  # choice of examples and distractors
+    max_docs: int = 8  # documents per perplexity task
+    max_chars: int = 8000  # characters kept of each document (its start)
+    num_examples: int = 40  # docstring tasks
+    num_choices: int = 4
+    max_new_tokens: int = 32
+    stride: int | None = None
+    root: str | None = None  # another stdlib folder (tests)
+
+
+@functools.lru_cache(maxsize=4)
+def _files(root: str | None) -> tuple[Path, tuple[Path, ...]]:
+    base = Path(root or sysconfig.get_paths()["stdlib"])
+    return base, tuple(stdlib_files(root=base))
+
+
+def held_out(cfg: BuiltinConfig, suffix: str = "") -> list[tuple[str, Path]]:
+    """(document id, file) of the modules the pipeline's split holds out (`suffix` "#prose" for prose)."""
+    base, files = _files(cfg.root)
+    out = []
+    for f in files:
+        doc_id = f"stdlib/{f.relative_to(base).as_posix()}{suffix}"
+        if is_validation(doc_id, cfg.val_fraction, cfg.split_seed):
+            out.append((doc_id, f))
+    return out
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def perplexity_docs(cfg: BuiltinConfig, kind: str) -> list[tuple[str, str]]:
+    docs = []
+    for doc_id, path in held_out(cfg, "#prose" if kind == "prose" else ""):
+        text = _read(path)
+        if text is not None and kind == "prose":
+            text = prose_of(text)
+        if text and text.strip():
+            docs.append((doc_id, text[:cfg.max_chars]))
+    return docs[:cfg.max_docs]
+
+
+def first_sentence(doc: str) -> str:
+    """First sentence of a docstring's first paragraph, whitespace squeezed."""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    m = re.match(FIRST_SENTENCE, para)
+    return m.group(1) if m else para
+
+
+def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """`def name(args) -> ret:` without decorators or body."""
+    stub = copy.copy(node)
+    stub.decorator_list, stub.body = [], [ast.Expr(ast.Constant(...))]
+    return ast.unparse(stub).split("\n")[0]
+
+
+def functions(cfg: BuiltinConfig) -> list[dict]:
+    """Documented functions of the held-out modules: {id, signature, sentence}, sorted by id."""
+    out, seen = [], set()
+    for doc_id, path in held_out(cfg):
+        text = _read(path)
+        try:
+            tree = ast.parse(text or "")
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            sentence = first_sentence(doc) if doc else ""
+            if len(sentence.split()) < 3 or sentence in seen:  # too short to tell apart, or a duplicate
+                continue
+            seen.add(sentence)
+            out.append({"id": f"{doc_id}:{node.lineno}:{node.name}", "signature": signature(node),
+                        "sentence": sentence})
+    return sorted(out, key=lambda f: f["id"])
+
+
+def _prompt(fn: dict) -> str:
+    return f'{fn["signature"]}\n    """'
+
+
+def docstring_examples(cfg: BuiltinConfig) -> list[dict]:
+    fns = functions(cfg)
+    rng = random.Random(cfg.seed)
+    picked = rng.sample(fns, min(cfg.num_examples, len(fns)))
+    return [{"id": f["id"], "prompt": _prompt(f), "answers": [f["sentence"]]} for f in picked]
+
+
+def docstring_mc_examples(cfg: BuiltinConfig) -> list[dict]:
+    fns = functions(cfg)
+    rng = random.Random(cfg.seed + 1)
+    picked = rng.sample(fns, min(cfg.num_examples, len(fns)))
+    out = []
+    for f in picked:
+        others = [g["sentence"] for g in fns if g["id"] != f["id"]]
+        choices = rng.sample(others, min(cfg.num_choices - 1, len(others))) + [f["sentence"]]
+        rng.shuffle(choices)
+        out.append({"id": f["id"], "context": _prompt(f), "choices": choices, "gold": choices.index(f["sentence"])})
+    return out
+
+
+def task_configs(cfg: BuiltinConfig) -> dict[str, TaskConfig]:
+    return {
+        "stdlib_code_ppl": TaskConfig("stdlib_code_ppl", "perplexity", stride=cfg.stride),
+        "stdlib_prose_ppl": TaskConfig("stdlib_prose_ppl", "perplexity", stride=cfg.stride),
+        "stdlib_docstring": TaskConfig("stdlib_docstring", "generation", seed=cfg.seed, target_delimiter="",
+                                       max_new_tokens=cfg.max_new_tokens, stop=['"""', "\n\n"],
+                                       answer_regex=FIRST_SENTENCE, metrics=["rouge_l", "exact_match"]),
+        "stdlib_docstring_mc": TaskConfig("stdlib_docstring_mc", "multiple_choice", seed=cfg.seed,
+                                          target_delimiter=""),
+    }
+
+
+def run_builtin(lm, cfg: BuiltinConfig | None = None, tasks: list[str] | None = None) -> list[TaskResult]:
+    """Run the built-in tasks (all, or the names in `tasks`) with an `lm` (e.g. `LocalLM(model, tokenizer)`)."""
+    cfg = cfg or BuiltinConfig()
+    configs = task_configs(cfg)
+    results = []
+    for name in tasks or list(configs):
+        tc = configs[name]
+        if tc.type == "perplexity":
+            metrics, records = text_perplexity(lm, perplexity_docs(cfg, "prose" if "prose" in name else "code"),
+                                               cfg.stride)
+            results.append(TaskResult(name, tc.type, metrics, records))
+        elif tc.type == "generation":
+            results.append(run_generation(lm, tc, docstring_examples(cfg)))
+        else:
+            results.append(run_multiple_choice(lm, tc, docstring_mc_examples(cfg)))
+        results[-1].config = {"builtin": cfg.__dict__.copy()}
+    return results
+
+
+__all__ = ["BuiltinConfig", "run_builtin", "functions", "docstring_examples", "docstring_mc_examples",
+           "perplexity_docs", "held_out", "aggregate"]

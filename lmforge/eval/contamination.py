@@ -1,0 +1,63 @@
+"""Contamination: each task example checked against the training corpus with the data package's
+n-gram index (`lmforge.data.ngram`, 13-gram by default as in GPT-3). Contaminated examples are
+flagged in the results and every task's metrics are also reported on the clean subset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from lmforge.common import LmforgeError
+from lmforge.data.ngram import NGramIndex, check_examples, summarize
+
+
+def _corpus_texts(path: Path) -> Iterator[str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f.suffix == ".jsonl":
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.strip():
+                    yield str(json.loads(line).get("text", ""))
+        elif f.suffix in (".txt", ".md", ".py", ".rst"):
+            yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def load_index(spec: str | Path, n: int = 13) -> NGramIndex:
+    """A saved index (.npy, from `NGramIndex.save`), or a corpus file/folder (.txt/.md/.py/.rst/.jsonl)
+    indexed on the fly."""
+    path = Path(spec)
+    if not path.exists():
+        raise LmforgeError(f"contamination corpus/index not found: {path}")
+    if path.suffix == ".npy":
+        return NGramIndex.load(path)
+    return NGramIndex.build(_corpus_texts(path), n=n)
+
+
+def index_from_texts(texts: Iterable[str], n: int = 13) -> NGramIndex:
+    return NGramIndex.build(texts, n=n)
+
+
+def example_text(record: dict) -> str:
+    """The part of an example a model could have memorised: question and gold answer."""
+    text = record.get("input", record.get("prompt", ""))  # the example itself, not its few-shot prefix
+    if "choices" in record:
+        return text + " " + record["choices"][record["gold"]]
+    if "answers" in record:
+        return text + " " + record["answers"][0]
+    return str(record.get("prompt", record.get("question", record.get("text", ""))))
+
+
+def flag(result, cfg, index: NGramIndex, min_overlap: int | None = None) -> None:
+    """Mark `result.examples` (contaminated, longest_overlap) and add the clean-subset metrics."""
+    from lmforge.eval.tasks import aggregate
+
+    if result.type == "perplexity":
+        return  # documents are scored whole; their overlap is reported by the data pipeline's decontamination
+    checks = check_examples(index, [(r["id"], example_text(r)) for r in result.examples], min_overlap)
+    for record, c in zip(result.examples, checks):
+        record["contaminated"] = c.contaminated
+        record["longest_overlap"] = c.longest_overlap
+    result.contamination = summarize(checks)
+    result.metrics_clean = aggregate(cfg, [r for r in result.examples if not r["contaminated"]])

@@ -1,0 +1,201 @@
+"""What the tasks score: a local lmforge model or an OpenAI-compatible endpoint, behind the three
+requests lm-evaluation-harness also uses.
+
+    loglikelihood([(context, continuation), ...]) -> [(sum log p(continuation | context), is_greedy)]
+    loglikelihood_rolling([text, ...])             -> [sum log p(text)]  (every token scored)
+    generate([prompt, ...], max_new_tokens, stop)  -> [completion text]
+
+Requests sharing a context (the choices of a multiple-choice question) are scored together: the
+context is prefilled once into a `KVCache`, the cache rows are copied for every choice, and all
+continuations run as one right-padded batch on top of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.common import LmforgeError, get_device
+from lmforge.model import KVCache
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing spaces of the context move to the continuation, the continuation's
+    ids are what the joint encoding adds after the context's ids (BPE merges across the seam)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+@dataclass
+class LocalLM:
+    """An lmforge model + its tokenizer. `max_length` defaults to the model's context size."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    batch_size: int = 8
+    max_length: int | None = None
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        self.max_length = self.max_length or self.model.config.max_position_embeddings
+        self.device = next(self.model.parameters()).device
+        tok = self.tokenizer
+        self.prefix_id = tok.bos_id if tok.bos_id is not None else tok.eos_id
+        if self.prefix_id is None:
+            raise LmforgeError("the tokenizer has neither a bos nor an eos token to start a text with")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None, dtype: str | None = None, **kw) -> "LocalLM":
+        from lmforge.checkpoint import load_model, load_tokenizer_if_any
+
+        model = load_model(path, device=get_device(device), dtype=dtype)
+        tokenizer = load_tokenizer_if_any(path)
+        if tokenizer is None:
+            raise LmforgeError(f"{path}: no tokenizer.json next to the model; evaluation needs the model's tokenizer")
+        return cls(model, tokenizer, name=kw.pop("name", Path(path).name), **kw)
+
+    # ------------------------------------------------------------------ log-likelihood
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        # Group by context (choices of one question arrive together) so each context is prefilled once.
+        order = sorted(range(len(requests)), key=lambda i: requests[i][0])
+        for context, group in itertools.groupby(order, key=lambda i: requests[i][0]):
+            idx = list(group)
+            pairs = [encode_pair(self.tokenizer, context, requests[i][1]) for i in idx]
+            ctx_ids = pairs[0][0] if all(p[0] == pairs[0][0] for p in pairs) else None
+            if ctx_ids is None:  # cannot happen with a deterministic tokenizer; stay correct anyway
+                results = [self.score_choices(p[0], [p[1]])[0] for p in pairs]
+            else:
+                results = []
+                for start in range(0, len(idx), self.batch_size):
+                    results += self.score_choices(ctx_ids, [p[1] for p in pairs[start:start + self.batch_size]])
+            for i, r in zip(idx, results):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def score_choices(self, ctx_ids: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """Log-probabilities of several continuations of one context, sharing the context's KV cache."""
+        if any(len(c) == 0 for c in conts):
+            raise LmforgeError("a continuation encodes to no tokens (empty answer choice?)")
+        longest = max(len(c) for c in conts)
+        ctx_ids = [self.prefix_id] + list(ctx_ids) if not ctx_ids else list(ctx_ids)
+        ctx_ids = ctx_ids[-max(1, self.max_length - longest):]  # keep the end of a long context
+        B, P = len(conts), len(ctx_ids)
+        cache = KVCache.for_model(self.model, 1, P + longest)
+        last = self.model(torch.tensor([ctx_ids], device=self.device), kv_cache=cache, start_pos=0,
+                          logits_to_keep=1)[:, -1]  # [1, V] predicts the first continuation token
+        cache.select_rows(torch.zeros(B, dtype=torch.long, device=self.device))  # B copies of the prefix
+        tokens = torch.zeros(B, longest, dtype=torch.long, device=self.device)
+        for i, c in enumerate(conts):
+            tokens[i, :len(c)] = torch.tensor(c)
+        # Right padding: pads sit after every real token so causal attention never lets them in.
+        logits = self.model(tokens[:, :-1], kv_cache=cache, start_pos=P) if longest > 1 else None
+        steps = last.expand(B, -1)[:, None] if logits is None else torch.cat([last.expand(B, -1)[:, None], logits], 1)
+        logp = F.log_softmax(steps.float(), dim=-1)  # [B, longest, V]
+        picked = logp.gather(-1, tokens[..., None])[..., 0]
+        greedy = logp.argmax(-1) == tokens
+        results = []
+        for i, c in enumerate(conts):
+            n = len(c)
+            results.append((float(picked[i, :n].sum()), bool(greedy[i, :n].all())))
+        return results
+
+    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[float]:
+        from lmforge.eval.perplexity import token_nll
+
+        return [-token_nll(self.model, self.tokenizer.encode(t), self.prefix_id, self.max_length, stride,
+                           self.batch_size)[0] for t in texts]
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
+                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        from lmforge.infer.generate import generate
+
+        eos = self.tokenizer.eos_id
+        stops = [eos] if eos is not None else []
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = [self.tokenizer.encode(p) or [self.prefix_id] for p in prompts[start:start + self.batch_size]]
+            # Keep the end of a prompt that would not leave room for the answer.
+            batch = [ids[-max(1, self.max_length - max_new_tokens):] for ids in batch]
+            new = generate(self.model, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                           seed=None if seed is None else seed + start, stop_token_ids=stops)
+            for row in new.tolist():
+                if eos is not None and eos in row:
+                    row = row[:row.index(eos)]
+                out.append(cut_at_stop(self.tokenizer.decode(row), stop))
+        return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Text before the earliest stop string."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+class EndpointLM:
+    """An OpenAI-compatible server (`/v1/completions`). Log-likelihoods use the legacy
+    `echo=True, logprobs=1, max_tokens=0` request (as lm-eval's local-completions does), which the
+    server must support; generation only needs plain completions."""
+
+    def __init__(self, base_url: str, model: str = "default", api_key: str = "EMPTY", timeout: float = 120.0,
+                 chat: bool = False) -> None:
+        from openai import OpenAI
+
+        self.name = model if model != "default" else base_url
+        self.model_id, self.chat = model, chat
+        base_url = base_url.rstrip("/")
+        self.client = OpenAI(base_url=base_url if base_url.endswith("/v1") else base_url + "/v1",
+                             api_key=api_key, timeout=timeout, max_retries=1)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
+                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        out = []
+        for p in prompts:
+            kw = dict(model=self.model_id, max_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                      stop=list(stop)[:4] or None)  # OpenAI accepts at most 4 stop strings
+            if self.chat:
+                r = self.client.chat.completions.create(messages=[{"role": "user", "content": p}], **kw)
+                text = r.choices[0].message.content or ""
+            else:
+                text = self.client.completions.create(prompt=p, **kw).choices[0].text
+            out.append(cut_at_stop(text, stop))
+        return out
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        out = []
+        for context, continuation in requests:
+            r = self.client.completions.create(model=self.model_id, prompt=context + continuation, echo=True,
+                                               max_tokens=0, logprobs=1, temperature=0.0)
+            lp = r.choices[0].logprobs
+            if lp is None or not lp.text_offset:
+                raise LmforgeError(f"{self.name}: the endpoint returned no prompt logprobs (echo=True is needed "
+                                   "for log-likelihood tasks)")
+            first = next(i for i, off in enumerate(lp.text_offset) if off >= len(context))
+            tokens = lp.token_logprobs[first:]
+            greedy = all(max(top.values()) <= t + 1e-6 for t, top in zip(tokens, (lp.top_logprobs or [])[first:]) if top)
+            out.append((float(sum(tokens)), greedy))
+        return out
+
+    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[float]:
+        return [self.loglikelihood([("", t)])[0][0] for t in texts]
+
+
+def load_lm(spec: str, device: str | None = None, dtype: str | None = None, batch_size: int = 8,
+            endpoint_model: str = "default") -> LocalLM | EndpointLM:
+    """A model folder -> LocalLM; an http(s) URL -> EndpointLM."""
+    if spec.startswith(("http://", "https://")):
+        return EndpointLM(spec, model=endpoint_model)
+    return LocalLM.load(spec, device=device, dtype=dtype, batch_size=batch_size)

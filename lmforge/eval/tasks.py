@@ -1,0 +1,258 @@
+"""Tasks read from local JSONL files, scored through an `lm` (see lm.py), every prediction kept.
+
+    multiple_choice  {"context"|"question", "choices": [...], "gold"|"answer"|"label": index or choice text}
+    generation       {"prompt"|"question", "answer"|"answers": str or [str, ...]}
+    code             {"prompt", "test", "entry_point"}   (HumanEval fields; see codeexec.py)
+    perplexity       a .txt file (one document) or .jsonl with "text"; or `data_dir` of packed shards
+
+Few-shot prompts draw `num_fewshot` examples with a seeded RNG (from `fewshot_path`, else from the
+task's own file minus the example being asked). Every example keeps its per-example scores, so
+`aggregate` can recompute a task's metrics on any subset (the uncontaminated one, say).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lmforge.common import LmforgeError
+from lmforge.eval import metrics as M
+
+TASK_TYPES = ("multiple_choice", "generation", "code", "perplexity", "judge_pairwise", "judge_single")
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    type: str
+    path: str | None = None  # JSONL (or .txt for perplexity)
+    data_dir: str | None = None  # perplexity on packed shards instead of a file
+    split: str = "val"
+    limit: int | None = None  # first N examples only
+    num_fewshot: int = 0
+    fewshot_path: str | None = None
+    seed: int = 0
+    target_delimiter: str = " "  # between a context and its answer (lm-eval's default)
+    fewshot_delimiter: str = "\n\n"
+    max_new_tokens: int = 64
+    stop: list[str] | None = None  # stop strings (None: "\n\n" for generation, HumanEval's for code)
+    answer_regex: str | None = None  # the first group is the answer
+    metrics: list[str] = field(default_factory=lambda: ["exact_match", "f1"])
+    temperature: float = 0.0
+    num_samples: int = 1  # code: completions per problem
+    k: list[int] = field(default_factory=lambda: [1])  # code: pass@k
+    timeout: float = 10.0  # code: seconds per candidate
+    memory_mb: int = 1024  # code: address-space limit per candidate
+    stride: int | None = None  # perplexity: sliding-window stride (None: non-overlapping windows)
+    judge: str | None = None  # judge_*: model folder or endpoint URL of the judge
+    baseline: str | None = None  # judge_pairwise: model to compare against (else the file's "baseline" answers)
+
+    def __post_init__(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise LmforgeError(f"task {self.name!r}: unknown type {self.type!r} (choose from {', '.join(TASK_TYPES)})")
+
+
+@dataclass
+class TaskResult:
+    name: str
+    type: str
+    metrics: dict[str, float]
+    examples: list[dict]
+    metrics_clean: dict[str, float] | None = None
+    contamination: dict | None = None
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"task file not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise LmforgeError(f"{path}:{n}: expected a JSON object per line")
+        rows.append(row)
+    if not rows:
+        raise LmforgeError(f"{path}: no examples")
+    return rows
+
+
+def _field(row: dict, names: tuple[str, ...], where: str) -> Any:
+    for n in names:
+        if n in row:
+            return row[n]
+    raise LmforgeError(f"{where}: missing field {names[0]!r} (also accepted: {', '.join(names[1:]) or 'none'})")
+
+
+def normalize_mc(row: dict, where: str) -> dict:
+    context = _field(row, ("context", "question", "query"), where)
+    choices = _field(row, ("choices", "options", "endings"), where)
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise LmforgeError(f"{where}: 'choices' must be a list of at least 2 strings")
+    gold = _field(row, ("gold", "answer", "label"), where)
+    if isinstance(gold, str) and gold in choices:
+        gold = choices.index(gold)
+    if not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise LmforgeError(f"{where}: 'gold' must be an index into choices (0..{len(choices) - 1}) or a choice, got {gold!r}")
+    return {"id": str(row.get("id", where)), "context": str(context), "choices": [str(c) for c in choices], "gold": gold}
+
+
+def normalize_gen(row: dict, where: str) -> dict:
+    prompt = _field(row, ("prompt", "question", "context", "input"), where)
+    answers = _field(row, ("answer", "answers", "target", "reference"), where)
+    answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
+    if not answers:
+        raise LmforgeError(f"{where}: empty 'answer' list")
+    return {**row, "id": str(row.get("id", row.get("task_id", where))), "prompt": str(prompt), "answers": answers}
+
+
+def load_examples(cfg: TaskConfig, normalize: Callable[[dict, str], dict]) -> list[dict]:
+    if not cfg.path:
+        raise LmforgeError(f"task {cfg.name!r}: 'path' is required for type {cfg.type}")
+    rows = read_jsonl(cfg.path)
+    out = [normalize(r, f"{cfg.path}:{i + 1}") for i, r in enumerate(rows)]
+    for i, ex in enumerate(out):  # default ids by line keep examples addressable in the report
+        ex["id"] = ex["id"] if "id" in rows[i] or "task_id" in rows[i] else f"{cfg.name}/{i}"
+    return out[:cfg.limit] if cfg.limit else out
+
+
+def fewshot_prefix(cfg: TaskConfig, pool: list[dict], index: int, exclude_self: bool,
+                   render: Callable[[dict], str]) -> str:
+    """`num_fewshot` seeded examples (never the asked one), each rendered with its answer."""
+    if cfg.num_fewshot <= 0:
+        return ""
+    candidates = [ex for i, ex in enumerate(pool) if not (exclude_self and i == index)]
+    rng = random.Random(f"{cfg.seed}:{index}")  # per-example seed: stable when `limit` changes
+    shots = rng.sample(candidates, min(cfg.num_fewshot, len(candidates)))
+    return "".join(render(s) + cfg.fewshot_delimiter for s in shots)
+
+
+def fewshot_pool(cfg: TaskConfig, examples: list[dict], normalize) -> tuple[list[dict], bool]:
+    """(pool, whether it is the task's own examples, so the asked one must be left out)."""
+    if cfg.fewshot_path:
+        rows = read_jsonl(cfg.fewshot_path)
+        return [normalize(r, f"{cfg.fewshot_path}:{i + 1}") for i, r in enumerate(rows)], False
+    return examples, True
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def run_multiple_choice(lm, cfg: TaskConfig, examples: list[dict] | None = None) -> TaskResult:
+    examples = examples if examples is not None else load_examples(cfg, normalize_mc)
+    pool, own = fewshot_pool(cfg, examples, normalize_mc)
+    d = cfg.target_delimiter
+    requests, contexts = [], []
+    for i, ex in enumerate(examples):
+        ctx = fewshot_prefix(cfg, pool, i, own, lambda s: s["context"] + d + s["choices"][s["gold"]]) + ex["context"]
+        contexts.append(ctx)
+        requests += [(ctx, d + c) for c in ex["choices"]]
+    scores = lm.loglikelihood(requests)
+    records, pos = [], 0
+    for ex, ctx in zip(examples, contexts):
+        lls = [s[0] for s in scores[pos:pos + len(ex["choices"])]]
+        pos += len(ex["choices"])
+        # Length normalisation by characters of the choice, as lm-eval's acc_norm.
+        normed = [ll / max(1, len(d + c)) for ll, c in zip(lls, ex["choices"])]
+        pred, pred_norm = int(np.argmax(lls)), int(np.argmax(normed))
+        records.append({"id": ex["id"], "input": ex["context"], "prompt": ctx, "choices": ex["choices"], "gold": ex["gold"],
+                        "loglikelihoods": lls, "prediction": pred, "prediction_norm": pred_norm,
+                        "scores": {"acc": float(pred == ex["gold"]), "acc_norm": float(pred_norm == ex["gold"])}})
+    return TaskResult(cfg.name, cfg.type, aggregate(cfg, records), records)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def run_generation(lm, cfg: TaskConfig, examples: list[dict] | None = None) -> TaskResult:
+    examples = examples if examples is not None else load_examples(cfg, normalize_gen)
+    pool, own = fewshot_pool(cfg, examples, normalize_gen)
+    d = cfg.target_delimiter
+    prompts = [fewshot_prefix(cfg, pool, i, own, lambda s: s["prompt"] + d + s["answers"][0]) + ex["prompt"]
+               for i, ex in enumerate(examples)]
+    stop = ["\n\n"] if cfg.stop is None else cfg.stop
+    outputs = lm.generate(prompts, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature,
+                          seed=cfg.seed)
+    records = []
+    for ex, prompt, out in zip(examples, prompts, outputs):
+        pred = M.extract_answer(out, cfg.answer_regex)
+        records.append({"id": ex["id"], "input": ex["prompt"], "prompt": prompt, "output": out, "prediction": pred, "answers": ex["answers"],
+                        "scores": sentence_scores(pred, ex["answers"], cfg.metrics)})
+    return TaskResult(cfg.name, cfg.type, aggregate(cfg, records), records)
+
+
+_SENTENCE_METRICS = {"exact_match": M.exact_match, "f1": M.token_f1, "rouge_l": M.rouge_l}
+_CORPUS_METRICS = {"bleu": M.bleu, "chrf": M.chrf}
+
+
+def sentence_scores(pred: str, answers: list[str], names: list[str]) -> dict[str, float]:
+    unknown = set(names) - set(_SENTENCE_METRICS) - set(_CORPUS_METRICS)
+    if unknown:
+        raise LmforgeError(f"unknown metric(s) {', '.join(sorted(unknown))} (known: "
+                           f"{', '.join([*_SENTENCE_METRICS, *_CORPUS_METRICS])})")
+    return {n: _SENTENCE_METRICS[n](pred, answers) for n in names if n in _SENTENCE_METRICS}
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def aggregate(cfg: TaskConfig, records: list[dict]) -> dict[str, float]:
+    """Task metrics from per-example records (so a subset can be re-scored)."""
+    if cfg.type == "perplexity":
+        from lmforge.eval.perplexity import aggregate as ppl
+
+        return ppl(records)
+    if cfg.type == "code":
+        from lmforge.eval.codeexec import aggregate as code
+
+        return code(records, cfg.k)
+    if cfg.type == "judge_pairwise":
+        from lmforge.eval.judge import aggregate_pairwise
+
+        return aggregate_pairwise(records, cfg.seed)
+    if cfg.type == "judge_single":
+        from lmforge.eval.judge import aggregate_single
+
+        return aggregate_single(records, cfg.seed)
+    out = {"examples": len(records)}
+    if not records:
+        return out
+    for name in records[0]["scores"]:
+        out[name] = M.mean([r["scores"][name] for r in records])
+    if cfg.type == "generation":
+        for name in cfg.metrics:
+            if name in _CORPUS_METRICS:
+                out[name] = _CORPUS_METRICS[name]([r["prediction"] for r in records], [r["answers"] for r in records])
+    return out
+
+
+PRIMARY = {"multiple_choice": "acc", "generation": None, "code": "pass@1", "perplexity": "bits_per_byte",
+           "judge_pairwise": "win_rate", "judge_single": "score"}
+
+
+def primary_metric(result: dict) -> tuple[str, float] | None:
+    """The headline (name, value) of a task result dict, for tables and plots."""
+    name = PRIMARY.get(result["type"])
+    metrics = result["metrics"]
+    if name is None:
+        name = next((m for m in ("rouge_l", "exact_match", "f1", "bleu", "chrf") if m in metrics), None)
+    if name is None or name not in metrics:
+        name = next((k for k in metrics if k != "examples"), None)
+    return (name, metrics[name]) if name else None
