@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("lmforge.recipes.plot", "plot a training run's loss curves to PNG"),
     "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),
     "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
+    "eval": ("lmforge.recipes.evaluate", "evaluate a model or endpoint (perplexity, choice, generation, code, judge) or --compare two runs"),
     "quantize": ("lmforge.recipes.quantize", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, NF4, QAT, mixed precision)"),
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model (zero-shot, retrieval)"),
     "vlm": ("lmforge.recipes.vlm", "train a LLaVA-style vision-language model (--stage 1|2) or evaluate it"),
