@@ -57,21 +57,24 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
     return {"state": state, "param_groups": groups}
 
 
-def model_to_save(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain Transformer holding full tensors, whatever the wrapping (collective under FSDP)."""
+def model_to_save(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A plain Transformer holding full tensors, whatever the wrapping (collective under FSDP:
+    every rank calls it; ranks other than 0 get None, the gathered state lives on rank 0)."""
     inner = unwrap(model)
     state = full_model_state(model)
-    plain = build_and_load(inner.config, dict(state), getattr(inner, "lmforge_transforms", []))
-    return plain
+    if not state:
+        return None
+    return build_and_load(inner.config, dict(state), getattr(inner, "lmforge_transforms", []))
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict, tokenizer=None, keep_last: int = 3, is_main: bool = True) -> Path | None:
     """Collective: every rank calls it (gathering shards); rank 0 writes. Returns the folder."""
     plain = model_to_save(model)
-    tensors, groups = _flatten_optimizer(full_optimizer_state(model, optimizer))
+    optim_state = full_optimizer_state(model, optimizer)
     if not is_main:
         return None
+    tensors, groups = _flatten_optimizer(optim_state)
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
