@@ -18,11 +18,11 @@ from torch import nn
 from lmforge.common import LmforgeError
 
 from .adalora import AdaLoraLinear
-from .bottleneck import AdapterSlot, add_bottleneck
+from .bottleneck import add_bottleneck
 from .config import (ALL_LINEAR, AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, PeftConfig,
                      PrefixConfig, PromptTuningConfig, PTuningConfig, config_from_dict, config_to_dict,
                      expand_targets, matches, validate)
-from .layers import IA3Linear, LoraLinear, WrappedLinear, is_linear_like
+from .layers import IA3Linear, LoraLinear, NamedAdapters, WrappedLinear, is_linear_like
 from .prompt import add_prefix, add_prompt, prompt_modules
 
 ADAPTER_MARKERS = ("lora_", "ia3_", "peft_")
@@ -132,7 +132,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _containers(model: nn.Module) -> list[nn.Module]:
     """Every module that holds named adapters and has `set_active`."""
-    return [m for m in model.modules() if isinstance(m, (WrappedLinear, AdapterSlot))] + prompt_modules(model)
+    return [m for m in model.modules() if isinstance(m, (WrappedLinear, NamedAdapters))]
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
@@ -169,24 +169,22 @@ def adapter_rows(model: nn.Module, rows: list[str | None]) -> Iterator[None]:
             m.row_index, m.row_count = None, 0
 
 
+def _mergeables(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, WrappedLinear)] + prompt_modules(model)
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold active LoRA/DoRA/AdaLoRA/IA3 adapters into the base weights (reversible with `unmerge`;
-    a quantized base is replaced by a float copy while merged) and prefix reparameterisations into
-    plain K/V tensors. Bottleneck adapters and prompts are not linear and stay as they are."""
-    for m in model.modules():
-        if isinstance(m, WrappedLinear):
-            m.merge()
-    for p in prompt_modules(model):
-        p.merge()
+    a quantized base is replaced by a float copy while merged) and prompt/prefix encoders into
+    plain tensors. Bottleneck adapters are not linear and stay as they are."""
+    for m in _mergeables(model):
+        m.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, WrappedLinear):
-            m.unmerge()
-    for p in prompt_modules(model):
-        p.unmerge()
+    for m in _mergeables(model):
+        m.unmerge()
     return model
 
 

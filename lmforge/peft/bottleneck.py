@@ -16,6 +16,7 @@ from torch import nn
 from lmforge.common import LmforgeError
 
 from .config import AdapterConfig
+from .layers import NamedAdapters
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -33,18 +34,8 @@ class Bottleneck(nn.Module):
         return h + self.up(_ACTIVATIONS[self.activation](self.down(h)))
 
 
-class AdapterSlot(nn.ModuleDict):
+class AdapterSlot(NamedAdapters):
     """Named bottleneck adapters of one sub-block; the active ones are applied in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.active: list[str] = []
-
-    def set_active(self, names: list[str]) -> None:
-        self.active = [n for n in names if n in self]
-
-    def adapter_names(self) -> list[str]:
-        return list(self.keys())
 
     def apply_to(self, out):
         h = out[0] if isinstance(out, tuple) else out  # some blocks return (hidden, extras)

@@ -20,6 +20,20 @@ from torch import nn
 from lmforge.common import LmforgeError
 
 
+class NamedAdapters(nn.ModuleDict):
+    """A container of named adapters (bottleneck slots, soft prompts); the `active` ones are used."""
+
+    def __init__(self):
+        super().__init__()
+        self.active: list[str] = []
+
+    def set_active(self, names: list[str]) -> None:
+        self.active = [n for n in names if n in self]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.keys())
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear or a quantized linear following the `dequantize()` protocol."""
     if isinstance(module, WrappedLinear):
@@ -240,19 +254,16 @@ class IA3Linear(WrappedLinear):
         return out * scale.to(out.dtype)
 
     def _merge_one(self, name: str, lin: nn.Linear) -> None:
-        l = self.ia3_l[name].to(lin.weight.dtype)
-        if self.feedforward:
-            lin.weight.data.mul_(l.unsqueeze(0))
-        else:
-            lin.weight.data.mul_(l.unsqueeze(1))
-            if lin.bias is not None:
-                lin.bias.data.mul_(l)
+        self._rescale(lin, self.ia3_l[name].to(lin.weight.dtype))
 
     def _unmerge_one(self, name: str, lin: nn.Linear) -> None:
-        l = self.ia3_l[name].to(lin.weight.dtype)
+        self._rescale(lin, 1.0 / self.ia3_l[name].to(lin.weight.dtype))
+
+    def _rescale(self, lin: nn.Linear, l: torch.Tensor) -> None:
+        """Fold x * l (feedforward: weight columns) or out * l (weight rows and bias) into `lin`."""
         if self.feedforward:
-            lin.weight.data.div_(l.unsqueeze(0))
-        else:
-            lin.weight.data.div_(l.unsqueeze(1))
-            if lin.bias is not None:
-                lin.bias.data.div_(l)
+            lin.weight.data.mul_(l.unsqueeze(0))
+            return
+        lin.weight.data.mul_(l.unsqueeze(1))
+        if lin.bias is not None:
+            lin.bias.data.mul_(l)

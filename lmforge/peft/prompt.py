@@ -25,6 +25,7 @@ from torch import nn
 from lmforge.common import LmforgeError
 
 from .config import PrefixConfig, PromptTuningConfig, PTuningConfig
+from .layers import NamedAdapters
 
 
 class _Foldable(nn.Module):
@@ -111,18 +112,8 @@ class PrefixEncoder(_Foldable):
         return flat.view(-1, L, two, n_kv, hd).permute(1, 2, 3, 0, 4)  # [L, 2, n_kv, P, hd]
 
 
-class _Slot(nn.ModuleDict):
+class _Slot(NamedAdapters):
     """Named soft-prompt adapters of one kind; the active ones are concatenated."""
-
-    def __init__(self):
-        super().__init__()
-        self.active: list[str] = []
-
-    def set_active(self, names: list[str]) -> None:
-        self.active = [n for n in names if n in self]
-
-    def adapter_names(self) -> list[str]:
-        return list(self.keys())
 
     def merge(self) -> None:
         for name in self.active:
