@@ -66,7 +66,7 @@ def test_kv_cache_decoding_equals_full_forward(name):
 def test_prompt_tuning_needs_cache_room_for_the_virtual_tokens():
     model, x = _model("prompt"), batch(B=1, T=5)
     assert peft.virtual_tokens(model) == 4
-    with pytest.raises(ValueError, match="KV cache full"):
+    with pytest.raises(LmforgeError, match="adds 4 virtual tokens; allocate peft.virtual_tokens"):
         model(x, kv_cache=KVCache.for_model(model, 1, 5), start_pos=0)
 
 

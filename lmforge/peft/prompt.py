@@ -174,7 +174,12 @@ def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
         kwargs["attention_mask"] = torch.cat([mask.new_ones(B, P), mask], dim=1)
     if pos is not None:
         pos = pos + P
-    if kwargs.get("kv_cache") is not None and kwargs.get("start_pos", 0) > 0:  # decode: prompt is cached
+    cache, T = kwargs.get("kv_cache"), ref.shape[1]
+    room = getattr(cache, "max_len", None)
+    if room is not None and kwargs.get("start_pos", 0) + P + T > room:
+        raise LmforgeError(f"KV cache of {room} slots is too short: prompt tuning adds {P} virtual tokens; "
+                           "allocate peft.virtual_tokens(model) more slots")
+    if cache is not None and kwargs.get("start_pos", 0) > 0:  # decode: the prompt is already cached
         kwargs["start_pos"] = kwargs["start_pos"] + P
         kwargs["position_ids"] = pos
         return args, kwargs
