@@ -82,7 +82,7 @@ def process_unit(unit: WorkUnit, cfg: DataConfig, work_dir: str) -> dict:
     report = ReadReport()
     hasher = MinHasher.from_config(cfg.dedup) if cfg.dedup.near else None
     stats: dict = {"normalized": {}, "filtered": {}, "rejected": {}, "by_source": {}}
-    sigs, kept = [], 0
+    sigs: list = []  # shingle hashes of the kept documents; signatures in one batch at the end
     with atomic_path(work / f"{unit.stem}.docs.jsonl") as docs_tmp, \
             atomic_path(work / f"{unit.stem}.rejected.jsonl") as rej_tmp, \
             open(docs_tmp, "w", encoding="utf-8") as docs_f, open(rej_tmp, "w", encoding="utf-8") as rej_f:
@@ -103,11 +103,10 @@ def process_unit(unit: WorkUnit, cfg: DataConfig, work_dir: str) -> dict:
                       "text": text}
             docs_f.write(json.dumps(record, ensure_ascii=False) + "\n")
             if hasher is not None:
-                sigs.append(hasher.signature_of_hashes(hasher.shingle_hashes(text)))
-            kept += 1
+                sigs.append(hasher.shingle_hashes(text))
     num_perm = cfg.dedup.num_perm
     with atomic_path(work / f"{unit.stem}.sig.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, np.stack(sigs) if sigs else np.zeros((0, num_perm), dtype=np.uint32))
+        np.save(f, hasher.signatures_of_hashes(sigs) if hasher else np.zeros((0, num_perm), dtype=np.uint32))
     stats["read"] = report.to_dict()
     atomic_write_json(work / f"{unit.stem}.done.json", {"fingerprint": fingerprint(cfg, unit), "stats": stats})
     return stats
