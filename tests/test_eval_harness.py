@@ -1,0 +1,93 @@
+"""lm-evaluation-harness backend: the "lmforge" model type gives the same accuracy through lm-eval as
+`lmforge eval` on the same local JSONL and model."""
+
+import json
+import math
+import os
+import re
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lmforge[eval]')")
+
+from lmforge.eval.tasks import TaskConfig, run_multiple_choice  # noqa: E402
+from test_eval_common import tiny_lm  # noqa: E402
+
+ROWS = [{"context": f"def f{i}(x):\n    return x", "choices": [" + 1", " * 2", " - 3", " // 4"], "gold": i % 4}
+        for i in range(12)]
+
+TASK_YAML = """task: lmforge_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+target_delimiter: ""
+num_fewshot: 0
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+ROLLING_YAML = """task: lmforge_local_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+"""
+
+
+def test_harness_accuracy_equals_lmforge_eval(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    import lmforge.eval.harness  # noqa: F401  registers "lmforge"
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "import os\nprint(os.getcwd())\n"}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(TASK_YAML.format(path=data))
+    (tasks / "ppl.yaml").write_text(ROLLING_YAML.format(path=texts))
+
+    lm = tiny_lm()
+    ours = run_multiple_choice(lm, TaskConfig("mc", "multiple_choice", path=str(data), target_delimiter=""))
+    harness_lm = get_model("lmforge")(lm=lm)
+    out = lm_eval.simple_evaluate(model=harness_lm, tasks=["lmforge_local_mc", "lmforge_local_ppl"],
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                  bootstrap_iters=0)
+    res = out["results"]["lmforge_local_mc"]
+    assert res["acc,none"] == pytest.approx(ours.metrics["acc"])
+    assert res["acc_norm,none"] == pytest.approx(ours.metrics["acc_norm"])
+    # Rolling log-likelihood: word perplexity = exp(-loglik / words), words counted as lm-eval does.
+    text = "import os\nprint(os.getcwd())\n"
+    words = len(re.split(r"\s+", text))
+    expected = pytest.approx(math.exp(-lm.loglikelihood_rolling([text])[0] / words), rel=1e-4)
+    assert out["results"]["lmforge_local_ppl"]["word_perplexity,none"] == expected
+    assert 0.0 <= ours.metrics["acc"] <= 1.0 and os.path.isdir(tmp_path / "hf-cache")
+
+
+def test_generate_until_honours_stop_strings():
+    import lmforge.eval.harness as h
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    lm = tiny_lm()
+    outs = h.LmforgeHarnessLM(lm=lm).generate_until([Req("def f(x):", {"until": ["\n"], "max_gen_toks": 8})])
+    assert len(outs) == 1 and "\n" not in outs[0]
