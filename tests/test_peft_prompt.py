@@ -108,3 +108,20 @@ def test_packed_batches_are_refused_with_prompt_tuning():
     model, x = _model("prompt"), batch()
     with pytest.raises(LmforgeError, match="segment_ids"):
         model(x, segment_ids=torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-moe"])
+def test_other_families_lora_prompt_and_prefix(preset):
+    # GPT-2 style (learned positions, biases, tied head) and Mixtral style (experts' linears are targets).
+    torch.manual_seed(0)
+    from lmforge.model import build_model
+
+    model, x = build_model(preset).eval(), batch(B=2, T=8)
+    base = model(x)
+    peft.apply(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+    torch.testing.assert_close(model(x), base, atol=1e-6, rtol=0)
+    peft.apply(model, peft.PrefixConfig(num_virtual_tokens=2, projection=False))
+    peft.apply(model, peft.PromptTuningConfig(num_virtual_tokens=3))
+    perturb(model, scale=0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(_decode_logits(model, x, prefill=5), model(x), atol=1e-5, rtol=0)
