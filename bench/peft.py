@@ -241,7 +241,8 @@ def main() -> None:
             if len(pair[m]) < ARGS.repeats:
                 print(f"  {m} (repeat) ...", flush=True)
                 pair[m].append(child(m, work / "data.pt", work / "model"))
-    results["peft-lora"] = pair["peft-lora"][0]
+    if pair["peft-lora"]:
+        results["peft-lora"] = pair["peft-lora"][0]
     report(results, pair)
 
 
