@@ -29,6 +29,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: str, flags: d
         parser.add_argument(flag, dest=_dest(flag), default=None, metavar="VALUE", help=f"same as --set {key}=VALUE")
 
 
+_SWITCHES = {"--auto-fit": ("train.auto_fit", "pick the largest micro-batch that fits in memory"),
+             "--compile": ("train.compile", "torch.compile the model"),
+             "--activation-checkpointing": ("train.activation_checkpointing", "recompute activations in backward")}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """--resume and the on/off switches shared by training recipes."""
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue from the run's newest good checkpoint (or the given checkpoint folder)")
+    for flag, (key, help_text) in _SWITCHES.items():
+        parser.add_argument(flag, dest=_dest(flag), action="store_true", help=f"{help_text} ({key}=true)")
+
+
+def switch_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"{key}=true" for flag, (key, _) in _SWITCHES.items() if getattr(args, _dest(flag), False)]
+
+
 def _dest(flag: str) -> str:
     return "flag_" + flag.lstrip("-").replace("-", "_")
 
@@ -101,6 +118,16 @@ def section(cfg: dict, name: str, cls: type, **extra: Any):
         raise LmforgeError(f"config section {name!r}: unknown field(s) {', '.join(unknown)} "
                            f"(known: {', '.join(sorted(fields))})")
     return cls(**data)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The `run:` section every training recipe has."""
+
+    dir: str = "runs"
+    name: str = "run"
+    device: str = "auto"
+    tensorboard: bool = False
 
 
 def make_run_dir(root: str | Path, name: str, cfg: dict | None = None, resume: bool = False) -> Path:

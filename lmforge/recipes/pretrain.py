@@ -17,8 +17,8 @@ import torch
 
 from lmforge.common import LmforgeError, get_logger
 from lmforge.model import ModelConfig, Transformer
-from lmforge.recipes._common import (MetricsWriter, add_config_arguments, load_config, make_run_dir,
-                                     overrides_from_args, section)
+from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
+                                     make_run_dir, overrides_from_args, section, switch_overrides)
 from lmforge.train import (ObjectiveTokens, OptimConfig, RunContext, TrainConfig, autocast_dtype, batch_generator,
                            fit, prepare_model, setup_runtime, shutdown)
 
@@ -39,30 +39,9 @@ class DataConfig:
     cache_dir: str = "runs/.cache"
 
 
-@dataclasses.dataclass
-class RunConfig:
-    dir: str = "runs"
-    name: str = "pretrain"
-    device: str = "auto"
-    tensorboard: bool = False
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "pretrain-tiny", FLAGS)
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue from the run's newest good checkpoint (or the given checkpoint folder)")
-    parser.add_argument("--auto-fit", action="store_true", help="pick the largest micro-batch that fits in memory")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
-
-
-def load_recipe(args: argparse.Namespace) -> dict:
-    overrides = overrides_from_args(args, FLAGS)
-    for flag, key in (("auto_fit", "train.auto_fit"), ("compile", "train.compile"),
-                      ("activation_checkpointing", "train.activation_checkpointing")):
-        if getattr(args, flag, False):
-            overrides.append(f"{key}=true")
-    return load_config(args.config, overrides)
+    add_train_arguments(parser)
 
 
 def build_data(data: DataConfig, cfg: TrainConfig, info, run_root: Path):
@@ -113,7 +92,7 @@ def windows(batch) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> dict:
-    cfg = load_recipe(args)
+    cfg = load_config(args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
     train_cfg, optim_cfg = section(cfg, "train", TrainConfig), section(cfg, "optim", OptimConfig)
     data_cfg, run_cfg = section(cfg, "data", DataConfig), section(cfg, "run", RunConfig)
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
