@@ -174,19 +174,28 @@ def _write_train_docs(out: Path, units: list[WorkUnit], work: Path, train_keep: 
 def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Run every stage; -> the stats (also written as stats.json and stats.md)."""
     t0 = time.perf_counter()
+    timing: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        timing[stage] = round(time.perf_counter() - t0 - sum(timing.values()), 2)
+
     out, work = Path(out_dir), Path(out_dir) / "work"
     units = plan_units(cfg)
     workers = cfg.workers or default_workers()
     resumed = run_units(units, cfg, work, workers, progress)
+    lap("read_normalize_filter_minhash")
     corpus = load_corpus(units, work)
     if not corpus.ids:
         raise LmforgeError("every document was filtered out: nothing to deduplicate or pack (see rejected.jsonl)")
     cluster, dedup_stats = global_dedup(units, work, corpus, cfg)
     keep = cluster == np.arange(len(cluster))
     val = np.array([is_validation(i, cfg.pack.val_fraction, cfg.pack.seed) for i in corpus.ids], dtype=bool)
+    lap("dedup")
     tokenizer = get_tokenizer(cfg, units, work, corpus, keep & ~val)
     tokenizer.save(out / "tokenizer")
+    lap("tokenizer")
     flats, offsets = tokenize_units(units, work, keep, corpus, tokenizer, cfg, progress)
+    lap("tokenize")
     ntok = np.array([int(offsets[u][i + 1] - offsets[u][i]) for u, i in zip(corpus.unit, corpus.local)], dtype=np.int64)
     train_idx = np.flatnonzero(keep & ~val)
     items = [MixItem(int(g), corpus.sources[g], int(ntok[g]) + 1) for g in train_idx]
@@ -196,12 +205,13 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
     write_index(out, splits, tokenizer.vocab_size, tokenizer.eos_id)
     _write_train_docs(out, units, work, keep & ~val)
     _merge_rejected(units, work, out)
+    lap("mix_pack_write")
     seconds = time.perf_counter() - t0
     stats = merge_unit_stats([unit_stats(u, work) for u in units])
     stats.update(dedup=dedup_stats, mix=mix_report, workers=workers, work_units=len(units), resumed_units=resumed,
                  tokens={s: {"tokens": v["tokens"], "documents": v["documents"], "shards": len(v["shards"])}
                          for s, v in splits.items()},
-                 vocab_size=tokenizer.vocab_size, seconds=round(seconds, 2),
+                 vocab_size=tokenizer.vocab_size, seconds=round(seconds, 2), stage_seconds=timing,
                  mb_per_s=round(stats["read"]["bytes"] / 1e6 / max(seconds, 1e-9), 2))
     atomic_write_json(out / "stats.json", stats)
     atomic_write_text(out / "stats.md", render_markdown(stats))

@@ -65,6 +65,9 @@ def render_markdown(stats: dict) -> str:
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {s} | {m['weight']:.3f} | {m['epochs']:.2f} | {m['tokens']:,} | {m['share']:.3f} |"
                   for s, m in stats["mix"].items()]
+    if stats.get("stage_seconds"):
+        lines += ["", "## Time", "", "| stage | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in stats["stage_seconds"].items()]
     if "seconds" in stats:
         lines += ["", f"{stats['seconds']} s on {stats['workers']} worker(s): {stats['mb_per_s']} MB/s of input "
                   f"({stats['resumed_units']} of {stats['work_units']} work units resumed)."]
