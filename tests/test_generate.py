@@ -115,3 +115,19 @@ def test_stream_text_stops_at_stop_string(model):
     cut = full.find(stop)
     pieces = list(stream_text(model, tok, "ab", SamplingParams(max_new_tokens=30, stop_strings=[stop])))
     assert "".join(pieces) == full[:cut]
+
+
+def test_prepared_model_gives_the_same_logits_and_state_dict(model):
+    import copy
+
+    from lmforge.infer.fast import TransposedLinear, prepare_for_inference
+
+    ids = torch.randint(0, 512, (2, 9))
+    ref_state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = prepare_for_inference(copy.deepcopy(model))
+    assert any(isinstance(m, TransposedLinear) for m in fast.modules())
+    with torch.no_grad():
+        assert torch.allclose(fast(ids), model(ids), atol=1e-5)
+    state = fast.state_dict()
+    assert set(state) == set(ref_state) and all(torch.equal(state[k], ref_state[k]) for k in state)
+    assert generate(fast, [1, 2, 3], max_new_tokens=8).tolist() == generate(model, [1, 2, 3], max_new_tokens=8).tolist()

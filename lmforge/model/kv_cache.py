@@ -17,8 +17,8 @@ class KVCache:
                  dtype: torch.dtype = torch.float32):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.max_len = max_len
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int) -> "KVCache":

@@ -32,13 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.infer.fast import prepare_for_inference
     from lmforge.infer.generate import compiled_decode, generate, stream_text
     from lmforge.infer.sampling import SamplingParams
 
     if args.prompt is None and args.prompt_ids is None:
         raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3)")
     device = get_device(args.device)
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = prepare_for_inference(load_model(args.model, device=device, dtype=args.dtype))
     tokenizer = load_tokenizer_if_any(args.model)
     if args.seed is not None:
         seed_everything(args.seed)
