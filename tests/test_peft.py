@@ -219,6 +219,14 @@ def _two_lora_model():
     return model
 
 
+def test_second_all_linear_lora_wraps_the_same_layers():
+    model = tiny_model()
+    peft.apply(model, peft.LoraConfig(r=2, target_modules="all-linear", adapter_name="a"))
+    peft.apply(model, peft.LoraConfig(r=2, target_modules="all-linear", adapter_name="b"))
+    layers = [m for m in model.modules() if isinstance(m, peft.LoraLinear)]
+    assert len(layers) == 14 and all(m.adapter_names() == ["a", "b"] and m.active == ["b"] for m in layers)
+
+
 def test_several_adapters_on_one_base_selected_per_call_and_per_row():
     model, x = _two_lora_model(), batch(B=3)
     outs = {}
@@ -252,7 +260,9 @@ def test_bad_configs_and_clashes_raise_clear_errors():
     peft.apply(model, peft.LoraConfig(target_modules=["v"]))
     with pytest.raises(LmforgeError, match="already on this model"):
         peft.apply(model, peft.LoraConfig(target_modules=["q"]))
+    before = model.state_dict().keys()
     with pytest.raises(LmforgeError, match="already carries a LoraLinear"):
-        peft.apply(model, peft.IA3Config(target_modules=["v"], feedforward_modules=[]))
+        peft.apply(model, peft.IA3Config(target_modules=["k", "v"], feedforward_modules=[]))
+    assert model.state_dict().keys() == before  # nothing half-applied
     with pytest.raises(LmforgeError, match="unknown PEFT method 'loraa'"):
         peft.config_from_dict({"method": "loraa"})

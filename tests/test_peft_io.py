@@ -29,6 +29,8 @@ def test_save_then_load_gives_identical_outputs(name, tmp_path):
     from safetensors.torch import load_file
     assert all(peft.is_adapter_key(k) for k in load_file(str(tmp_path / "lmforge_adapter.safetensors")))
     assert peft.count_parameters(fresh)[0] == peft.count_parameters(model)[0]
+    peft.load_adapter(model, tmp_path)  # onto a model that has the adapter already: tensors only
+    torch.testing.assert_close(model(x), want, atol=0, rtol=0)
 
 
 def test_adapter_on_the_wrong_base_is_a_clear_error(tmp_path):

@@ -81,11 +81,8 @@ def _target_names(model: nn.Module, config: LoraConfig | AdaLoraConfig | IA3Conf
         parts = name.split(".")
         if "base_layer" in parts or is_adapter_key(name):
             continue  # inside a wrapper or an adapter
-        if ALL_LINEAR in targets:
-            ok = is_linear_like(module) and parts[-1] != "lm_head"
-        else:
-            ok = matches(name, targets) and (is_linear_like(module) or isinstance(module, WrappedLinear))
-        if ok:
+        linear = is_linear_like(module) or isinstance(module, WrappedLinear)
+        if linear and (parts[-1] != "lm_head" if ALL_LINEAR in targets else matches(name, targets)):
             names.append(name)
     if not names:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear_like(m)})
@@ -96,11 +93,14 @@ def _target_names(model: nn.Module, config: LoraConfig | AdaLoraConfig | IA3Conf
 
 def _wrap_linears(model: nn.Module, config: LoraConfig | AdaLoraConfig | IA3Config) -> None:
     cls = _LAYER_CLASS[config.method]
-    for name in _target_names(model, config):
+    names = _target_names(model, config)
+    for name in names:  # check all before changing any, so a refused apply leaves the model as it was
         module = model.get_submodule(name)
         if isinstance(module, WrappedLinear) and not isinstance(module, cls):
             raise LmforgeError(f"{name} already carries a {type(module).__name__}; {config.method} cannot wrap "
                                "the same linear (apply it to other target_modules)")
+    for name in names:
+        module = model.get_submodule(name)
         if not isinstance(module, cls):
             module = cls(module, matches(name, expand_targets(config.feedforward_modules))) \
                 if isinstance(config, IA3Config) else cls(module)

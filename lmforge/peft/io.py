@@ -106,8 +106,10 @@ def load_adapter(model: nn.Module, directory: str | Path, base_model_name: str |
         for c in configs:
             c.adapter_name = adapter_name
         tensors = {_rename(k, old, adapter_name): v for k, v in tensors.items()}
+    present = peft_configs(model)
     for c in configs:
-        apply(model, c)
+        if c not in present:  # the same adapter already there (e.g. resuming): just load its tensors
+            apply(model, c)
     _load_tensors(model, tensors, directory)
     return model
 
