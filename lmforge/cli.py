@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("lmforge.recipes.estimate", "memory needed to run or train a model, without running it"),
     "plot": ("lmforge.recipes.plot", "plot a training run's loss curves to PNG"),
     "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),
+    "train-medusa": ("lmforge.recipes.train_medusa", "train Medusa speculative-decoding heads on a frozen model"),
     "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
     "eval": ("lmforge.recipes.evaluate", "evaluate a model or endpoint (perplexity, choice, generation, code, judge) or --compare two runs"),
     "quantize": ("lmforge.recipes.quantize", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, NF4, QAT, mixed precision)"),

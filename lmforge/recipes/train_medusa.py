@@ -1,0 +1,115 @@
+"""Train Medusa decoding heads on a frozen base model. Head k learns to predict the token k + 1
+places after the next one from the base model's last hidden state; `lmforge generate --medusa DIR`
+then verifies a tree of their guesses per forward pass. Data: a .txt/.jsonl ("text" field) file,
+or the built-in stdlib corpus; --self-distill trains on the base model's own greedy continuations
+instead (what the heads will be asked to predict at inference)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.common import LmforgeError, get_device, get_logger, seed_everything
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model folder (lmforge checkpoint or Hugging Face folder)")
+    p.add_argument("--out", required=True, help="folder for the heads (medusa_config.json + safetensors)")
+    p.add_argument("--data", help="training text: .txt or .jsonl with a 'text' field (default: the stdlib corpus)")
+    p.add_argument("--max-bytes", type=int, default=1_000_000, help="bytes of text to use")
+    p.add_argument("--self-distill", type=int, default=0, metavar="N",
+                   help="train on N greedy continuations of the base model (prompts cut from the data)")
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--layers", type=int, default=1, help="residual blocks per head")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def read_text(path: str | None, max_bytes: int) -> str:
+    if path is None:
+        from lmforge.data.stdlib import stdlib_files
+
+        parts, size = [], 0
+        for f in stdlib_files():
+            text = f.read_text(encoding="utf-8", errors="replace")
+            parts.append(text)
+            size += len(text)
+            if size >= max_bytes:
+                break
+        return "\n".join(parts)[:max_bytes]
+    p = Path(path)
+    if not p.is_file():
+        raise LmforgeError(f"--data {path}: no such file")
+    if p.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                row = json.loads(line)
+                if "text" not in row:
+                    raise LmforgeError(f"{path} line {i + 1}: no 'text' field")
+                texts.append(row["text"])
+        return "\n".join(texts)[:max_bytes]
+    return p.read_text(encoding="utf-8", errors="replace")[:max_bytes]
+
+
+def self_distill(model, stream: torch.Tensor, n: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """n rows of [short data prompt + the base model's greedy continuation], seq_len tokens each."""
+    from lmforge.infer.generate import generate
+
+    prompt_len = max(4, seq_len // 8)
+    starts = torch.randint(0, len(stream) - prompt_len, (n,), generator=gen)
+    prompts = stream[starts[:, None] + torch.arange(prompt_len)]
+    rows = []
+    for i in range(0, n, 16):
+        batch = prompts[i:i + 16].to(next(model.parameters()).device)
+        rows.append(torch.cat([batch.cpu(), generate(model, batch, max_new_tokens=seq_len - prompt_len)], dim=1))
+    return torch.cat(rows)
+
+
+def main(args: argparse.Namespace) -> int:
+    from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.infer.medusa import MedusaHeads, medusa_loss, save_medusa
+
+    log = get_logger()
+    seed_everything(args.seed)
+    device = get_device(args.device)
+    model = load_model(args.model, device=device).eval().requires_grad_(False)
+    tokenizer = load_tokenizer_if_any(args.model)
+    if tokenizer is None:
+        raise LmforgeError(f"{args.model} has no tokenizer.json: train-medusa needs one to tokenize the data")
+    stream = torch.tensor(tokenizer.encode(read_text(args.data, args.max_bytes)), dtype=torch.long)
+    if len(stream) < args.seq_len + 1:
+        raise LmforgeError(f"only {len(stream)} tokens of training text; need more than --seq-len {args.seq_len}")
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = self_distill(model, stream, args.self_distill, args.seq_len, gen) if args.self_distill else None
+
+    heads = MedusaHeads(model.config.hidden_size, args.heads, args.layers).to(device)
+    opt = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / args.steps))
+    start, accs = time.perf_counter(), []
+    for step in range(args.steps):
+        if rows is not None:
+            batch = rows[torch.randint(0, len(rows), (args.batch_size,), generator=gen)]
+        else:
+            starts = torch.randint(0, len(stream) - args.seq_len, (args.batch_size,), generator=gen)
+            batch = stream[starts[:, None] + torch.arange(args.seq_len)]
+        loss, accs = medusa_loss(model, heads, batch.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            log.info("step %d loss %.4f head top-1 acc %s", step, loss.item(), [round(a, 3) for a in accs])
+    summary = dict(steps=args.steps, final_loss=round(loss.item(), 4), head_top1_accuracy=[round(a, 4) for a in accs],
+                   seconds=round(time.perf_counter() - start, 1), base_model=str(args.model))
+    save_medusa(heads.cpu(), args.out, extra={"training": summary})
+    print(json.dumps(summary))
+    return 0
