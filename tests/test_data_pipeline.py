@@ -157,3 +157,25 @@ def test_cli_prepare_and_contamination(prepared, corpus, tmp_path, capsys):
     assert result["examples"][0]["longest_overlap"] == 30
     clean_ids = [json.loads(line)["id"] for line in clean.read_text().splitlines()]
     assert not any(i.endswith("b2.txt") for i in clean_ids) and len(clean_ids) > 0
+
+
+def test_ray_executor_matches_local(prepared, corpus, tmp_path):
+    from lmforge.common import LmforgeError
+
+    out, _ = prepared
+    cfg = _cfg(corpus, executor="ray", workers=2, **{"tokenize.tokenizer": str(out / "tokenizer")})
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(LmforgeError, match="pip install 'lmforge\\[ray\\]'"):
+            prepare(cfg, tmp_path, progress=False)
+        pytest.skip("ray is not installed (optional extra); checked the error message instead")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        prepare(cfg, tmp_path, progress=False)
+    finally:
+        ray.shutdown()
+    for split in ("train", "val"):
+        assert (out / f"{split}-00000.bin").read_bytes() == (tmp_path / f"{split}-00000.bin").read_bytes()

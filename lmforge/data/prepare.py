@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -138,16 +139,28 @@ def get_tokenizer(cfg: DataConfig, units: list[WorkUnit], work: Path, corpus: Co
 
 def tokenize_units(units: list[WorkUnit], work: Path, keep: np.ndarray, corpus: Corpus, tokenizer, cfg: DataConfig,
                    progress: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Tokens of every kept document, per unit: (flat uint32 ids, offsets [docs in unit + 1])."""
+    """Tokens of every kept document, per unit: (flat ids, offsets [docs in unit + 1]), written to
+    work/ and memory-mapped back, so memory stays flat; a unit tokenized by the same tokenizer and
+    the same dedup result before is reused (resume)."""
     from tqdm import tqdm
 
+    tok_id = hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()[:16]
     flats, offsets = [], []
     for u in tqdm(units, desc="tokenize", unit="unit", disable=not progress):
         kept_local = set(corpus.local[(corpus.unit == u.index) & keep].tolist())
-        texts = (rec["text"] if i in kept_local else "" for i, rec in enumerate(iter_unit_docs(u, work)))
-        arrays = list(tokenize_texts(tokenizer, texts, cfg.tokenize.batch_size))
-        offsets.append(np.cumsum([0] + [len(a) for a in arrays]))
-        flats.append(np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32))
+        stamp = f"{tok_id}:{hashlib.sha256(str(sorted(kept_local)).encode()).hexdigest()[:16]}"
+        flat_path, off_path, done = (work / f"{u.stem}.tok.npy", work / f"{u.stem}.tok_offsets.npy",
+                                     work / f"{u.stem}.tok.done")
+        if not (done.is_file() and done.read_text() == stamp):
+            texts = (rec["text"] if i in kept_local else "" for i, rec in enumerate(iter_unit_docs(u, work)))
+            arrays = list(tokenize_texts(tokenizer, texts, cfg.tokenize.batch_size))
+            for path, arr in ((off_path, np.cumsum([0] + [len(a) for a in arrays])),
+                              (flat_path, np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32))):
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    np.save(f, arr)
+            atomic_write_text(done, stamp)
+        flats.append(np.load(flat_path, mmap_mode="r"))
+        offsets.append(np.load(off_path))
     return flats, offsets
 
 
