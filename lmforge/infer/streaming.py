@@ -1,0 +1,97 @@
+"""StreamingLLM (Xiao et al. 2024): generate past the cache size with bounded memory by keeping the
+first `sinks` tokens (attention sinks: the softmax parks its mass there) plus a sliding window of
+the most recent tokens.
+
+Positions are cache-relative, as in the paper: a token's position is its slot in the cache, so
+the model never sees a position beyond `sinks + window`. When old tokens are evicted, the kept
+window slides left by n slots; its keys were rotated (RoPE) for their old slots, and since
+rotations compose, R(p - n) k = R(-n) R(p) k re-rotates them in place without the raw keys.
+(Learned absolute positions are baked into the hidden state and cannot be moved; those models
+just use cache-relative positions for new tokens.)
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from lmforge.common import LmforgeError
+from lmforge.model.layers import apply_rope
+
+from .sampling import SamplingParams, sample
+
+
+class SinkKVCache:
+    """[B, Hkv, sinks + window, hd] per layer; `update` has the static cache's contract."""
+
+    def __init__(self, config, batch_size: int, sinks: int, window: int, device=None, dtype=torch.float32):
+        if sinks < 0 or window < 2:
+            raise LmforgeError(f"streaming cache needs sinks >= 0 and window >= 2, got sinks={sinks} window={window}")
+        self.sinks, self.window, self.capacity = sinks, window, sinks + window
+        shape = (batch_size, config.num_key_value_heads, self.capacity, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.length = 0  # filled slots
+        self.evicted = 0  # tokens dropped so far
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
+        end = start_pos + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"streaming cache overflow: slot {end} > capacity {self.capacity} (call make_room first)")
+        self.k[layer_idx][:, :, start_pos:end] = k
+        self.v[layer_idx][:, :, start_pos:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def make_room(self, n_new: int, rotary=None) -> None:
+        """Evict the oldest non-sink tokens so that n_new more fit; re-rotate the kept keys."""
+        n = self.length + n_new - self.capacity
+        if n <= 0:
+            return
+        if n_new > self.window:
+            raise ValueError(f"{n_new} new tokens do not fit a window of {self.window}")
+        s, keep = self.sinks, self.length - self.sinks - n
+        rot = None
+        if rotary is not None:
+            cos, sin = rotary(torch.tensor([[-n]], device=self.k[0].device), self.k[0].dtype)
+            rot = cos, sin
+        for i in range(len(self.k)):
+            kept_k = self.k[i][:, :, s + n:s + n + keep]
+            self.k[i][:, :, s:s + keep] = apply_rope(kept_k, *rot) if rot is not None else kept_k.clone()
+            self.v[i][:, :, s:s + keep] = self.v[i][:, :, s + n:s + n + keep].clone()
+        self.length -= n
+        self.evicted += n
+
+
+@torch.inference_mode()
+def stream_generate_sinks(model, prompt_ids: list[int], params: SamplingParams, sinks: int = 4,
+                          window: int = 252, chunk: int | None = None) -> Iterator[int]:
+    """Yield new tokens one at a time for a single prompt; memory stays at sinks + window slots
+    however long the prompt or the generation."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cache = SinkKVCache(model.config, 1, sinks, window, device, dtype if dtype.is_floating_point else torch.float32)
+    rotary = model.model.rotary if model.config.position == "rope" else None
+    chunk = chunk or max(1, window // 2)
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    stop = set(params.stop_token_ids)
+
+    def feed(tokens: list[int]) -> torch.Tensor:
+        logits = None
+        for i in range(0, len(tokens), chunk):
+            piece = tokens[i:i + chunk]
+            cache.make_room(len(piece), rotary)
+            start = cache.length
+            ids = torch.tensor([piece], device=device)
+            pos = torch.arange(start, start + len(piece), device=device)[None]
+            logits = model(ids, position_ids=pos, kv_cache=cache, start_pos=start, logits_to_keep=1)[:, -1]
+            cache.length += len(piece)
+        return logits
+
+    logits = feed(list(prompt_ids))
+    for i in range(params.max_new_tokens):
+        token = int(sample(logits.float(), params, generator)[0])
+        yield token
+        if token in stop or i == params.max_new_tokens - 1:
+            return
+        logits = feed([token])
