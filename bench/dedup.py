@@ -140,7 +140,8 @@ def main() -> None:
 
     if not args.no_pipeline:
         stats = pipeline_mb_per_s(workers=2)
-        print(f"\nWhole pipeline (`lmforge data prepare`, default recipe, 2 workers): {stats['read']['bytes'] / 1e6:.1f} MB "
+        print(f"\nWhole pipeline (`lmforge data prepare`, default recipe, 2 workers): "
+              f"{stats['read']['bytes'] / 1e6:.1f} MB "
               f"in {stats['seconds']:.1f} s = {stats['mb_per_s']:.2f} MB/s "
               f"({stats['tokens']['train']['tokens']:,} training tokens)")
 

@@ -109,7 +109,8 @@ class ExampleOverlap:
         return self.__dict__.copy()
 
 
-def check_examples(index: NGramIndex, examples: Iterable[tuple[str, str]], min_overlap: int | None = None) -> list[ExampleOverlap]:
+def check_examples(index: NGramIndex, examples: Iterable[tuple[str, str]],
+                   min_overlap: int | None = None) -> list[ExampleOverlap]:
     """Per (id, text): overlap with the index. Contaminated when the longest overlap reaches
     `min_overlap` words (default n: any shared n-gram)."""
     need = min_overlap or index.n
@@ -129,7 +130,8 @@ def summarize(results: list[ExampleOverlap]) -> dict:
             "too_short": sum(r.ngrams == 0 for r in results)}
 
 
-def decontaminate(docs: Iterable[Document], eval_index: NGramIndex, removed: list[str] | None = None) -> Iterator[Document]:
+def decontaminate(docs: Iterable[Document], eval_index: NGramIndex,
+                  removed: list[str] | None = None) -> Iterator[Document]:
     """Training documents sharing no n-gram with the evaluation index; ids of the others go to `removed`."""
     for doc in docs:
         if eval_index.contains(doc.text):

@@ -118,10 +118,18 @@ def _write_clusters(path: Path, cluster: np.ndarray, corpus: Corpus) -> int:
 
 
 def get_tokenizer(cfg: DataConfig, units: list[WorkUnit], work: Path, corpus: Corpus, train_mask: np.ndarray):
+    """The given tokenizer, else one trained on the training documents (reused on a re-run when
+    neither the tokenizer settings nor the training documents changed)."""
     from lmforge.tokenizer import Tokenizer, train_tokenizer
 
     if cfg.tokenize.tokenizer:
         return Tokenizer.load(cfg.tokenize.tokenizer)
+    train_hashes = [corpus.hashes[g] for g in np.flatnonzero(train_mask)]
+    key = json.dumps([cfg.tokenize.vocab_size, cfg.tokenize.train_bytes, train_hashes])
+    stamp, saved = work / "tokenizer.stamp", work.parent / "tokenizer"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    if stamp.is_file() and stamp.read_text() == digest and (saved / "tokenizer.json").is_file():
+        return Tokenizer.load(saved)
 
     def sample():
         budget, g = cfg.tokenize.train_bytes, 0
@@ -134,7 +142,10 @@ def get_tokenizer(cfg: DataConfig, units: list[WorkUnit], work: Path, corpus: Co
 
     log.info("training a %d-token BPE tokenizer on up to %d bytes of the corpus", cfg.tokenize.vocab_size,
              cfg.tokenize.train_bytes)
-    return train_tokenizer(sample(), vocab_size=cfg.tokenize.vocab_size)
+    tokenizer = train_tokenizer(sample(), vocab_size=cfg.tokenize.vocab_size)
+    tokenizer.save(saved)
+    atomic_write_text(stamp, digest)
+    return tokenizer
 
 
 def tokenize_units(units: list[WorkUnit], work: Path, keep: np.ndarray, corpus: Corpus, tokenizer, cfg: DataConfig,
@@ -214,7 +225,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
     items = [MixItem(int(g), corpus.sources[g], int(ntok[g]) + 1) for g in train_idx]
     train_order, mix_report = mix(items, cfg.mix.weights, cfg.mix.seed, cfg.mix.total_tokens)
     splits = {"train": _pack_split(out, "train", train_order, corpus, flats, offsets, tokenizer, cfg),
-              "val": _pack_split(out, "val", np.flatnonzero(keep & val).tolist(), corpus, flats, offsets, tokenizer, cfg)}
+              "val": _pack_split(out, "val", np.flatnonzero(keep & val).tolist(), corpus, flats, offsets,
+                                 tokenizer, cfg)}
     write_index(out, splits, tokenizer.vocab_size, tokenizer.eos_id)
     _write_train_docs(out, units, work, keep & ~val)
     _merge_rejected(units, work, out)

@@ -32,6 +32,7 @@ def stdlib_files(include_tests: bool = False, root: str | Path | None = None) ->
 
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_STATEMENTS = (ast.stmt, ast.excepthandler, ast.match_case)
 _TRIPLE = re.compile(r'"""|\'\'\'')
 
 
@@ -48,7 +49,7 @@ def docstrings(tree: ast.AST) -> list[str]:
         for name in ("body", "orelse", "finalbody", "handlers", "cases"):
             children = getattr(node, name, None)
             if isinstance(children, list):
-                stack.extend(reversed([c for c in children if isinstance(c, (ast.stmt, ast.excepthandler, ast.match_case))]))
+                stack.extend(reversed([c for c in children if isinstance(c, _STATEMENTS)]))
     return out
 
 

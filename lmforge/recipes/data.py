@@ -82,7 +82,8 @@ def _contamination(args: argparse.Namespace) -> int:
     from lmforge.data.readers import ReadReport, read_inputs
 
     eval_report = ReadReport()
-    examples = [(d.id, d.text) for d in read_inputs(args.eval, source="eval", text_field=args.field, report=eval_report)]
+    eval_docs = read_inputs(args.eval, source="eval", text_field=args.field, report=eval_report)
+    examples = [(d.id, d.text) for d in eval_docs]
     if not examples:
         raise LmforgeError(f"no evaluation examples with a {args.field!r} field in {', '.join(args.eval)}")
     docs, train_report = _train_docs(args.train, args.train_field)
