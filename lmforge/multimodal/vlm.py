@@ -1,0 +1,160 @@
+"""A LLaVA-style vision-language model: frozen image encoder -> MLP projector -> the lmforge LM.
+
+    prompt ids  [..., <image> x N, ...]     (each <image> placeholder expanded to N tokens)
+    embeddings  embed_tokens(ids), then the N image-token rows are overwritten (spliced) with
+                projector(vit(image)[:, 1:])   (the patch features; the class token is dropped)
+    forward     language_model(inputs_embeds=...) -> logits [B, T, V]
+
+The model keeps the LM's forward signature (plus `pixel_values`), so the KV cache, masks and
+position handling are the LM's own. Generation prefills the spliced embeddings, then decodes ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from lmforge.common import LmforgeError
+from lmforge.model import KVCache, ModelConfig, Transformer
+
+from .vit import VisionConfig, VisionTransformer
+
+
+@dataclass
+class VlmConfig:
+    vision: VisionConfig
+    text: ModelConfig
+    image_token_id: int
+    feature_layer: int = -1  # which ViT block's output feeds the projector (-2: LLaVA's penultimate)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    def to_dict(self) -> dict:
+        return {"vision": self.vision.to_dict(), "text": self.text.to_dict(),
+                "image_token_id": self.image_token_id, "feature_layer": self.feature_layer}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VlmConfig":
+        return cls(VisionConfig.from_dict(d["vision"]), ModelConfig.from_dict(d["text"]), d["image_token_id"],
+                   d.get("feature_layer", -1))
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's mlp2x_gelu: vision width -> LM width."""
+
+    def __init__(self, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, text_dim)
+        self.fc2 = nn.Linear(text_dim, text_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+def expand_image_tokens(ids: list[int], mask: list[int], image_token_id: int, n: int) -> tuple[list[int], list[int]]:
+    """Replace each <image> id by n copies (the slots the image features will fill); the loss
+    mask is 0 on them (the model never predicts image tokens)."""
+    out_ids, out_mask = [], []
+    for i, m in zip(ids, mask):
+        if i == image_token_id:
+            out_ids += [i] * n
+            out_mask += [0] * n
+        else:
+            out_ids.append(i)
+            out_mask.append(m)
+    return out_ids, out_mask
+
+
+def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """embeds [B, T, D] with the image-token rows replaced, in reading order, by features
+    [num_images, N, D] (image k fills the k-th run of N placeholders). Differentiable in both."""
+    slots = input_ids == image_token_id
+    if int(slots.sum()) != features.shape[0] * features.shape[1]:
+        raise LmforgeError(f"the prompt has {int(slots.sum())} image-token slots but {features.shape[0]} image(s) "
+                           f"x {features.shape[1]} features were given (one <image> per image, expanded "
+                           f"to {features.shape[1]} tokens)")
+    return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: VlmConfig, vision: VisionTransformer | None = None,
+                 language_model: Transformer | None = None):
+        super().__init__()
+        self.vlm_config = config
+        self.vision = vision or VisionTransformer(config.vision)
+        self.language_model = language_model or Transformer(config.text)
+        self.projector = Projector(config.vision.hidden_size, config.text.hidden_size)
+        self.vision.requires_grad_(False)  # the image encoder stays frozen in both stages
+
+    @property
+    def config(self) -> ModelConfig:
+        """The LM's config, so LM tooling (KVCache.for_model, generation) works unchanged."""
+        return self.language_model.config
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[num_images, 3, H, W] -> projected patch features [num_images, N, D_lm]."""
+        with torch.no_grad():
+            hidden, _ = self.vision(pixel_values, layer=self.vlm_config.feature_layer)
+        return self.projector(hidden[:, 1:])
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if image_features is None and pixel_values is not None:
+            image_features = self.image_features(pixel_values)
+        if image_features is None:
+            if bool((input_ids == self.vlm_config.image_token_id).any()):
+                raise LmforgeError("the prompt has <image> placeholders but no image was given")
+            return embeds
+        return splice(embeds, input_ids, image_features, self.vlm_config.image_token_id)
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
+                inputs_embeds: torch.Tensor | None = None, **lm_kwargs):
+        """The LM's forward (same keyword arguments, same outputs) with images spliced in."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=inputs_embeds, **lm_kwargs)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+@torch.no_grad()
+def generate(model: VisionLanguageModel, inputs_embeds: torch.Tensor, max_new_tokens: int = 32,
+             sample_fn: Callable[[torch.Tensor], torch.Tensor] = greedy,
+             stop_token_ids: list[int] | tuple[int, ...] = (), attention_mask: torch.Tensor | None = None,
+             ) -> list[list[int]]:
+    """Prefill the spliced prompt embeddings [B, T, D] into a KV cache, then decode token ids.
+    `sample_fn` maps last-position logits [B, V] to ids [B] (greedy by default; the recipes pass
+    lmforge.infer.sampling.sample). Left-padded batches pass attention_mask [B, T]."""
+    B, T, _ = inputs_embeds.shape
+    lm = model.language_model
+    cache = KVCache.for_model(lm, B, T + max_new_tokens)
+    mask = attention_mask
+    position_ids = None
+    if mask is not None:  # positions count real tokens only, so left padding does not shift them
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = lm(inputs_embeds=inputs_embeds, kv_cache=cache, start_pos=0, attention_mask=mask,
+                position_ids=position_ids, logits_to_keep=1)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        token = sample_fn(logits[:, -1])
+        for b in range(B):
+            if not done[b]:
+                out[b].append(int(token[b]))
+                done[b] = int(token[b]) in stop_token_ids
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+        logits = lm(token[:, None], kv_cache=cache, start_pos=T + step, attention_mask=mask,
+                    position_ids=position_ids)
+    return out

@@ -1,0 +1,199 @@
+"""CLIP: train an image encoder and a text encoder into one embedding space, or evaluate one.
+
+    lmforge clip train --config clip-shapes --out runs/clip-shapes [--set steps=300]
+    lmforge clip eval --model runs/clip-shapes [--data shapes]
+
+Evaluation: zero-shot classification (single-shape images against colour+shape prompts, or the
+digits against "a handwritten digit three"...) and image<->text retrieval recall@1/5, on a
+held-out split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, read_json, seed_everything
+from lmforge.model import ModelConfig
+from lmforge.multimodal import (CLIP, ClipConfig, VisionConfig, class_names, info_nce, load_examples,
+                                load_hf_vision, load_multimodal, recall_at_k, save_multimodal, to_pixels,
+                                zero_shot_accuracy)
+from lmforge.multimodal.config import ClipTrainConfig, load_config, make_optimizer, warmup_cosine
+from lmforge.multimodal.data import DIGIT_TEMPLATES, digit_class_names
+from lmforge.multimodal.shapes import SIZES
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
+
+log = get_logger("lmforge.clip")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["train", "eval"])
+    p.add_argument("--config", help="YAML settings (a name in lmforge/configs/ such as clip-shapes, or a path)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a setting")
+    p.add_argument("--out", help="train: output folder")
+    p.add_argument("--model", help="eval: a CLIP folder written by `lmforge clip train`")
+    p.add_argument("--data", help="eval: shapes | digits | a JSONL (default: what the model was trained on)")
+    p.add_argument("--json", help="write the metrics to this JSON file")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def encode_texts(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids ending in EOS (the pooled position) and their attention mask."""
+    rows = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids.to(device), mask.to(device)
+
+
+def pixels(model: CLIP, images: list[np.ndarray], device) -> torch.Tensor:
+    vc = model.config.vision
+    return to_pixels(images, vc.image_size, vc.image_mean, vc.image_std).to(device)
+
+
+def hard_negative_indices(captions: list[str], batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Half random anchors, half each anchor's nearest different caption by word overlap
+    ("a red circle" next to "a blue circle"): the contrast the model must learn to resolve."""
+    vocab = {w: i for i, w in enumerate(sorted({w for c in captions for w in c.split()}))}
+    bow = np.zeros((len(captions), len(vocab)), dtype=np.float32)
+    for i, c in enumerate(captions):
+        for w in c.split():
+            bow[i, vocab[w]] += 1
+    anchors = rng.choice(len(captions), batch_size - batch_size // 2, replace=False)
+    overlap = bow[anchors] @ bow.T  # [A, N]
+    caps = np.array(captions)
+    overlap[caps[anchors][:, None] == caps[None, :]] = -1  # never the same caption
+    overlap += rng.random(overlap.shape) * 0.5  # break ties at random
+    return np.concatenate([anchors, overlap.argmax(axis=1)])[:batch_size]
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def build(cfg: ClipTrainConfig, vocab_size: int) -> CLIP:
+    text = ModelConfig.preset(cfg.text_preset, **{**cfg.text, "vocab_size": vocab_size})
+    vision = VisionConfig.from_dict(cfg.vision)
+    model = CLIP(ClipConfig(vision, text, cfg.projection_dim))
+    if cfg.init_vision:
+        model.vision = load_hf_vision(cfg.init_vision)
+        model.visual_projection = torch.nn.Linear(model.vision.config.hidden_size, cfg.projection_dim, bias=False)
+        model.config.vision = model.vision.config
+    model.freeze(vision=cfg.freeze_vision)
+    return model
+
+
+def train(cfg: ClipTrainConfig, out: str) -> dict:
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    image_size = VisionConfig.from_dict(cfg.vision).image_size
+    examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, image_size)
+    if not examples:
+        raise LmforgeError(f"no training images in {cfg.data!r}")
+    texts = [c for ex in examples for c in ex.captions] + prompt_texts(cfg.data)
+    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    model = build(cfg, tokenizer.vocab_size).to(device).train()
+    optimizer = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    flat_caps = [ex.captions[0] for ex in examples]
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps)
+        idx = (hard_negative_indices(flat_caps, cfg.batch_size, rng) if cfg.hard_negatives
+               else rng.choice(len(examples), cfg.batch_size, replace=False))
+        batch = [examples[i] for i in idx]
+        caps = [ex.captions[int(rng.integers(len(ex.captions)))] for ex in batch]
+        # Positives: the same caption text, or for labelled sets the same class (digits).
+        keys = [str(ex.label) if cfg.data == "digits" else c for ex, c in zip(batch, caps)]
+        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32, device=device)
+        ids, mask = encode_texts(tokenizer, caps, device)
+        logits = model(pixels(model, [ex.image for ex in batch], device), ids, mask)
+        loss = info_nce(logits, same / same.sum(1, keepdim=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log.info("step %d/%d loss %.4f temperature %.4f", step, cfg.steps, loss.item(),
+                     1 / model.logit_scale.exp().item())
+    seconds = time.perf_counter() - start
+    model.eval()
+    metrics = evaluate(model, tokenizer, cfg.data, cfg.eval_size, cfg.seed)
+    metrics.update(train_seconds=round(seconds, 1), steps=cfg.steps, final_loss=round(loss.item(), 4))
+    save_multimodal(model, out, tokenizer, extra={"train_config": vars(cfg), "metrics": metrics})
+    return metrics
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def prompt_texts(data: str) -> list[str]:
+    if data == "digits":
+        return [t.format(n) for n in digit_class_names() for t in DIGIT_TEMPLATES]
+    return [f"a {size} {name}" for name in class_names() for size in SIZES]
+
+
+@torch.no_grad()
+def class_embeddings(model: CLIP, tokenizer, data: str, device) -> torch.Tensor:
+    """One unit vector per class: the mean over its prompt templates (prompt ensembling)."""
+    if data == "digits":
+        groups = [[t.format(n) for t in DIGIT_TEMPLATES] for n in digit_class_names()]
+    else:
+        groups = [[f"a {size} {name}" for size in SIZES] for name in class_names()]
+    flat = [t for g in groups for t in g]
+    emb = model.encode_text(*encode_texts(tokenizer, flat, device)).view(len(groups), len(groups[0]), -1)
+    return torch.nn.functional.normalize(emb.mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(model: CLIP, tokenizer, data: str, eval_size: int, seed: int) -> dict:
+    device = next(model.parameters()).device
+    size = model.config.vision.image_size
+    metrics = {"data": data}
+    if data in ("shapes", "shapes1", "digits"):
+        zs = load_examples("digits" if data == "digits" else "shapes1", "test", eval_size, seed, size)
+        img = model.encode_image(pixels(model, [ex.image for ex in zs], device))
+        labels = torch.tensor([ex.label for ex in zs], device=device)
+        metrics["zero_shot_acc"] = round(zero_shot_accuracy(img, class_embeddings(model, tokenizer, data, device),
+                                                            labels), 4)
+        metrics["zero_shot_classes"] = 10 if data == "digits" else len(class_names())
+    examples = load_examples(data, "test", eval_size, seed, size)
+    caps = [ex.captions[0] for ex in examples]
+    img = model.encode_image(pixels(model, [ex.image for ex in examples], device))
+    txt = model.encode_text(*encode_texts(tokenizer, caps, device))
+    arr = np.array(caps)
+    match = torch.from_numpy(arr[:, None] == arr[None, :]).to(device)  # identical captions both count
+    i2t, t2i = recall_at_k(img @ txt.T, match), recall_at_k(txt @ img.T, match)
+    metrics.update({"i2t_r1": round(i2t[1], 4), "i2t_r5": round(i2t[5], 4),
+                    "t2i_r1": round(t2i[1], 4), "t2i_r5": round(t2i[5], 4), "eval_images": len(examples)})
+    return metrics
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "train":
+        if not args.out:
+            raise LmforgeError("clip train needs --out DIR")
+        cfg = load_config(ClipTrainConfig, args.config or "clip-shapes", args.set)
+        metrics = train(cfg, args.out)
+    else:
+        if not args.model:
+            raise LmforgeError("clip eval needs --model DIR")
+        model = load_multimodal(args.model, get_device("auto"), kind="clip")
+        tokenizer = load_tokenizer(args.model)
+        cfg = load_config(ClipTrainConfig, None, args.set)
+        meta = read_json(Path(args.model) / "config.json")
+        data = args.data or meta.get("extra", {}).get("train_config", {}).get("data", "shapes")
+        metrics = evaluate(model, tokenizer, data, cfg.eval_size, cfg.seed)
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        atomic_write_json(args.json, metrics)
+    return 0

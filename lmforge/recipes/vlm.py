@@ -1,0 +1,392 @@
+"""Train a LLaVA-style vision-language model in two stages, or evaluate one.
+
+    lmforge vlm train --stage 1 --config vlm-shapes --set vision=runs/clip-shapes --out runs/vlm-s1
+    lmforge vlm train --stage 2 --config vlm-shapes --init runs/vlm-s1 --out runs/vlm-s2
+    lmforge vlm eval --model runs/vlm-s2 [--noise]
+
+Stage 1 trains only the projector, on captions ("describe the image."), with the image encoder
+and the LM frozen. Stage 2 trains projector + LM (full, or LoRA with `--set lora_rank=8`) on the
+visual questions plus captions. Without `--set lm=DIR` a fresh `lm_preset` model is first
+trained text-only on the dataset's conversations (images removed) so stage 1 starts from an
+LM that speaks the captions' language, as LLaVA starts from a pretrained LM.
+
+Eval: VQA exact-match accuracy (per question kind), caption BLEU and CIDEr-D, the same with the
+images replaced by noise (must fall to the blind baseline), and that blind baseline itself
+(the most common training answer to each question).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import load_model, load_tokenizer_if_any
+from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, seed_everything
+from lmforge.infer.sampling import SamplingParams, sample
+from lmforge.model import ModelConfig, Transformer
+from lmforge.multimodal import (VisionLanguageModel, VlmConfig, bleu, cider_d, generate, image_turn, is_multimodal,
+                                load_examples, load_hf_vision, load_multimodal, pixels_for, render_ids,
+                                save_multimodal)
+from lmforge.multimodal.config import VlmTrainConfig, load_config, make_optimizer, warmup_cosine
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
+
+log = get_logger("lmforge.vlm")
+CAPTION_PROMPT = "describe the image."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["train", "eval"])
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="train: 1 = projector on captions, "
+                   "2 = projector + LM on questions")
+    p.add_argument("--config", help="YAML settings (a name in lmforge/configs/ such as vlm-shapes, or a path)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a setting")
+    p.add_argument("--init", help="stage 2: the stage-1 folder to continue from")
+    p.add_argument("--out", help="train: output folder")
+    p.add_argument("--model", help="eval: a VLM folder")
+    p.add_argument("--noise", action="store_true", help="eval: only the noise-image control")
+    p.add_argument("--json", help="write the metrics to this JSON file")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def load_vision(folder: str):
+    """The image encoder of a `clip train` folder, or a Hugging Face CLIP vision folder."""
+    if not folder:
+        raise LmforgeError("vlm stage 1 needs an image encoder: --set vision=<clip folder or HF CLIP vision folder>")
+    if is_multimodal(folder):
+        return load_multimodal(folder, kind="clip").vision
+    return load_hf_vision(folder)
+
+
+def conversations(examples, caption_share: float, captions_only: bool) -> list[tuple[int, str, str]]:
+    """(example index, question, answer) pairs to train on."""
+    out = [(i, CAPTION_PROMPT, c) for i, ex in enumerate(examples) for c in ex.captions]
+    if captions_only:
+        return out
+    qa = [(i, q, a) for i, ex in enumerate(examples) for q, a, _ in ex.qa]
+    keep = int(len(qa) * caption_share / (1 - caption_share))
+    return qa + out[:keep]
+
+
+def fresh_lm(cfg: VlmTrainConfig, examples, device):
+    """A new tokenizer + LM trained text-only on the conversations (images removed)."""
+    texts = [t for ex in examples for t in ex.captions] + [f"{q} {a}" for ex in examples for q, a, _ in ex.qa]
+    tokenizer = train_tokenizer(texts + [CAPTION_PROMPT], vocab_size=cfg.vocab_size)
+    lm = Transformer(ModelConfig.preset(cfg.lm_preset, **{**cfg.lm_overrides, "vocab_size": tokenizer.vocab_size}))
+    lm.to(device).train()
+    optimizer = make_optimizer(list(lm.parameters()), cfg.lm_lr, 0.0)
+    rng = np.random.default_rng(cfg.seed + 1)
+    pairs = conversations(examples, 0.25, captions_only=False)
+    cache: dict = {}
+    for step in range(cfg.text_warmup_steps):
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lm_lr * warmup_cosine(step, cfg.text_warmup_steps, cfg.warmup_steps)
+        rows = []
+        for j in rng.choice(len(pairs), cfg.batch_size):
+            q, a = pairs[j][1:]
+            if (q, a) not in cache:
+                cache[q, a] = tokenizer.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            rows.append(cache[q, a])
+        ids, labels = pad_batch(rows, tokenizer.pad_id, device)
+        loss = lm_loss(lm(ids), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == cfg.text_warmup_steps - 1:
+            log.info("text warm-up step %d/%d loss %.4f", step, cfg.text_warmup_steps, loss.item())
+    return lm, tokenizer
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and next-token labels [B, T] (-100 off the assistant's tokens).
+    Right padding needs no attention mask: causal real tokens never see the pads after them."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, (row, mask) in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        target = torch.tensor(row[1:] + [pad_id])
+        keep = torch.tensor(mask[1:] + [0], dtype=torch.bool)
+        labels[b, : len(row)] = torch.where(keep, target, torch.full_like(target, -100))
+    return ids.to(device), labels.to(device)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build_stage1(cfg: VlmTrainConfig, examples, device):
+    vision = load_vision(cfg.vision)
+    if cfg.lm:
+        lm, tokenizer = load_model(cfg.lm, device=device), load_tokenizer_if_any(cfg.lm)
+        if tokenizer is None or tokenizer.token_to_id("<image>") is None or not tokenizer.chat_template:
+            raise LmforgeError(f"{cfg.lm}: the LM's tokenizer needs an '<image>' token and a chat template")
+    else:
+        lm, tokenizer = fresh_lm(cfg, examples, device)
+    config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer)
+    return VisionLanguageModel(config, vision, lm).to(device), tokenizer
+
+
+def set_trainable(model: VisionLanguageModel, stage: int, lora_rank: int) -> list[dict]:
+    """Stage 1: projector only. Stage 2: projector + LM, or projector + LoRA adapters on the LM."""
+    model.language_model.requires_grad_(stage == 2 and not lora_rank)
+    if stage == 2 and lora_rank:
+        try:
+            from lmforge import peft
+        except ImportError:
+            raise LmforgeError("lora_rank > 0 needs lmforge.peft, which this build lacks") from None
+        peft.apply(model.language_model, peft.LoraConfig(r=lora_rank, alpha=2 * lora_rank,
+                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "up_proj", "down_proj", "gate_proj"]))
+    model.projector.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    if stage == 1:
+        size = load_vision(cfg.vision).config.image_size
+        examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, size)
+        model, tokenizer = build_stage1(cfg, examples, device)
+    else:
+        if not init:
+            raise LmforgeError("vlm stage 2 needs --init <stage-1 folder>")
+        model, tokenizer = load_multimodal(init, device, kind="vlm"), load_tokenizer(init)
+        examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, model.vlm_config.vision.image_size)
+    params = set_trainable(model, stage, cfg.lora_rank)
+    projector = {id(p) for p in model.projector.parameters()}
+    # The fresh projector learns at `lr`; the pretrained LM (stage 2) at the gentler `lm_lr`.
+    groups = [{"params": list(model.projector.parameters()), "base_lr": cfg.lr},
+              {"params": [p for p in params if id(p) not in projector], "base_lr": cfg.lm_lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98),
+                                  weight_decay=cfg.weight_decay)
+    pairs = conversations(examples, 0.25, captions_only=False)
+    cache: dict = {}
+    for step in range(cfg.text_warmup_steps):
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lm_lr * warmup_cosine(step, cfg.text_warmup_steps, cfg.warmup_steps)
+        rows = []
+        for j in rng.choice(len(pairs), cfg.batch_size):
+            q, a = pairs[j][1:]
+            if (q, a) not in cache:
+                cache[q, a] = tokenizer.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            rows.append(cache[q, a])
+        ids, labels = pad_batch(rows, tokenizer.pad_id, device)
+        loss = lm_loss(lm(ids), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == cfg.text_warmup_steps - 1:
+            log.info("text warm-up step %d/%d loss %.4f", step, cfg.text_warmup_steps, loss.item())
+    return lm, tokenizer
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and next-token labels [B, T] (-100 off the assistant's tokens).
+    Right padding needs no attention mask: causal real tokens never see the pads after them."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, (row, mask) in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        target = torch.tensor(row[1:] + [pad_id])
+        keep = torch.tensor(mask[1:] + [0], dtype=torch.bool)
+        labels[b, : len(row)] = torch.where(keep, target, torch.full_like(target, -100))
+    return ids.to(device), labels.to(device)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build_stage1(cfg: VlmTrainConfig, examples, device):
+    vision = load_vision(cfg.vision)
+    if cfg.lm:
+        lm, tokenizer = load_model(cfg.lm, device=device), load_tokenizer_if_any(cfg.lm)
+        if tokenizer is None or tokenizer.token_to_id("<image>") is None or not tokenizer.chat_template:
+            raise LmforgeError(f"{cfg.lm}: the LM's tokenizer needs an '<image>' token and a chat template")
+    else:
+        lm, tokenizer = fresh_lm(cfg, examples, device)
+    config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer)
+    return VisionLanguageModel(config, vision, lm).to(device), tokenizer
+
+
+def set_trainable(model: VisionLanguageModel, stage: int, lora_rank: int) -> list[dict]:
+    """Stage 1: projector only. Stage 2: projector + LM, or projector + LoRA adapters on the LM."""
+    model.language_model.requires_grad_(stage == 2 and not lora_rank)
+    if stage == 2 and lora_rank:
+        try:
+            from lmforge import peft
+        except ImportError:
+            raise LmforgeError("lora_rank > 0 needs lmforge.peft, which this build lacks") from None
+        peft.apply(model.language_model, peft.LoraConfig(r=lora_rank, alpha=2 * lora_rank,
+                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "up_proj", "down_proj", "gate_proj"]))
+    model.projector.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    if stage == 1:
+        size = load_vision(cfg.vision).config.image_size
+        examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, size)
+        model, tokenizer = build_stage1(cfg, examples, device)
+    else:
+        if not init:
+            raise LmforgeError("vlm stage 2 needs --init <stage-1 folder>")
+        model, tokenizer = load_multimodal(init, device, kind="vlm"), load_tokenizer(init)
+        examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, model.vlm_config.vision.image_size)
+    params = set_trainable(model, stage, cfg.lora_rank)
+    lrs = {id(p): cfg.lr for p in model.projector.parameters()}
+    optimizer = make_optimizer(params, cfg.lm_lr, cfg.weight_decay)
+    for g in optimizer.param_groups:  # the fresh projector learns faster than the pretrained LM
+        g["base_lr"] = cfg.lr if all(id(p) in lrs for p in g["params"]) else cfg.lm_lr
+    if stage == 2:  # split the groups so the projector keeps its own LR
+        optimizer = torch.optim.AdamW([{"params": list(model.projector.parameters()), "base_lr": cfg.lr},
+                                       {"params": [p for p in params if id(p) not in lrs], "base_lr": cfg.lm_lr}],
+                                      lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    pairs = conversations(examples, 0.2, captions_only=stage == 1)
+    steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
+    loss = fit(model, tokenizer, examples, pairs, optimizer, steps, cfg, device)
+    if stage == 2 and cfg.lora_rank:
+        from lmforge import peft
+
+        peft.merge_and_unload(model.language_model)
+    model.eval()
+    metrics = evaluate(model, tokenizer, cfg, examples)
+    metrics.update(stage=stage, steps=steps, final_loss=round(loss, 4))
+    save_multimodal(model, out, tokenizer, extra={"train_config": vars(cfg), "metrics": metrics})
+    return metrics
+
+
+def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainConfig, device) -> float:
+    cfgv = model.vlm_config
+    rng = np.random.default_rng(cfg.seed + 2)
+    cache: dict = {}
+    model.train()
+    model.vision.eval()
+    start = time.perf_counter()
+    loss = torch.zeros(())
+    for step in range(steps):
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * warmup_cosine(step, steps, cfg.warmup_steps)
+        batch = [pairs[j] for j in rng.choice(len(pairs), cfg.batch_size)]
+        rows = []
+        for _, q, a in batch:
+            if (q, a) not in cache:
+                cache[q, a] = render_ids(tokenizer, image_turn(q, a), cfgv.image_token_id, cfgv.num_image_tokens)
+            rows.append(cache[q, a])
+        ids, labels = pad_batch(rows, tokenizer.pad_id, device)
+        pixel_values = pixels_for(model, [examples[i].image for i, _, _ in batch])
+        loss = lm_loss(model(ids, pixel_values), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.info("step %d/%d loss %.4f (%.1fs)", step, steps, loss.item(), time.perf_counter() - start)
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def answer_batch(model: VisionLanguageModel, tokenizer, images: list[np.ndarray], questions: list[str],
+                 max_new_tokens: int, noise: bool = False, seed: int = 0) -> list[str]:
+    """Greedy answers to one question per image (left-padded batch)."""
+    cfgv = model.vlm_config
+    rows = [render_ids(tokenizer, image_turn(q), cfgv.image_token_id, cfgv.num_image_tokens, True)[0]
+            for q in questions]
+    width = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+    if noise:  # the control: same prompts, images of uniform noise
+        rng = np.random.default_rng(seed)
+        images = [rng.integers(0, 256, im.shape, dtype=np.uint8) for im in images]
+    embeds = model.embed(ids.to(device), pixels_for(model, images))
+    end = tokenizer.token_to_id("<|im_end|>")
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    out = generate(model, embeds, max_new_tokens, lambda logits: sample(logits, params),
+                   stop_token_ids=[end, tokenizer.eos_id], attention_mask=mask.to(device))
+    return [tokenizer.decode(o).strip() for o in out]
+
+
+def evaluate(model: VisionLanguageModel, tokenizer, cfg: VlmTrainConfig, train_examples=None,
+             noise_only: bool = False, batch: int = 64) -> dict:
+    size = model.vlm_config.vision.image_size
+    test = load_examples(cfg.data, "test", cfg.eval_size, cfg.seed, size)
+    qa = [(ex.image, q, a, kind) for ex in test for q, a, kind in ex.qa]
+    metrics: dict = {"data": cfg.data, "questions": len(qa)}
+    variants = [True] if noise_only else [False, True]
+    for noise in variants:
+        tag = "noise_" if noise else ""
+        preds = []
+        for s in range(0, len(qa), batch):
+            chunk = qa[s:s + batch]
+            preds += answer_batch(model, tokenizer, [c[0] for c in chunk], [c[1] for c in chunk], 8, noise, cfg.seed)
+        correct = defaultdict(list)
+        for (_, _, a, kind), p in zip(qa, preds):
+            correct[kind].append(p.lower() == a.lower())
+            correct["all"].append(p.lower() == a.lower())
+        for kind, hits in sorted(correct.items()):
+            metrics[f"{tag}vqa_{kind}"] = round(float(np.mean(hits)), 4)
+    if train_examples is not None:
+        metrics["blind_vqa_all"] = round(blind_baseline(train_examples, qa), 4)
+    if not noise_only:
+        refs = [ex.captions for ex in test]
+        caps = []
+        for s in range(0, len(test), batch):
+            chunk = test[s:s + batch]
+            caps += answer_batch(model, tokenizer, [ex.image for ex in chunk], [CAPTION_PROMPT] * len(chunk),
+                                 cfg.max_new_tokens)
+        metrics.update(caption_bleu=round(bleu(caps, refs), 2), caption_cider=round(cider_d(caps, refs), 3),
+                       caption_exact=round(float(np.mean([c in r for c, r in zip(caps, refs)])), 4),
+                       caption_example=f"{caps[0]!r} (ref {refs[0][0]!r})")
+    return metrics
+
+
+def blind_baseline(train_examples, qa) -> float:
+    """Accuracy of always giving the most common training answer to each question text."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for ex in train_examples:
+        for q, a, _ in ex.qa:
+            answers[q][a] += 1
+    return float(np.mean([bool(answers[q]) and answers[q].most_common(1)[0][0] == a for _, q, a, _ in qa]))
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(VlmTrainConfig, args.config or "vlm-shapes", args.set)
+    if args.action == "train":
+        if not args.out:
+            raise LmforgeError("vlm train needs --out DIR")
+        metrics = train(cfg, args.stage, args.init, args.out)
+    else:
+        if not args.model:
+            raise LmforgeError("vlm eval needs --model DIR")
+        model = load_multimodal(args.model, get_device(cfg.device), kind="vlm")
+        train_examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, model.vlm_config.vision.image_size)
+        metrics = evaluate(model, load_tokenizer(args.model), cfg, train_examples, noise_only=args.noise)
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        atomic_write_json(args.json, metrics)
+    return 0
