@@ -87,3 +87,10 @@ def test_checkpoint_loads_as_model(tmp_path, data_dir):
         assert torch.equal(a, b), k
     manifest = json.loads((tmp_path / "pretrain" / "checkpoints" / "step-00000002" / "manifest.json").read_text())
     assert "train_state.safetensors" in manifest["files"]
+
+
+def test_plot_writes_png(tmp_path, data_dir):
+    pretrain(tmp_path, data_dir, "--steps", "3", "--set", "train.eval_every=3", "--set", "train.save_every=0")
+    assert cli(["plot", str(tmp_path / "pretrain"), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli(["plot", str(tmp_path / "missing")]) == 2

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from lmforge.common import LmforgeError, get_logger
+from lmforge.common import LmforgeError, dist_info, get_logger
 from lmforge.model import ModelConfig, Transformer
 from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
                                      make_run_dir, overrides_from_args, section, switch_overrides)
 from lmforge.train import (ObjectiveTokens, OptimConfig, RunContext, TrainConfig, autocast_dtype, batch_generator,
                            fit, prepare_model, setup_runtime, shutdown)
+from lmforge.train.builtin import data_tokenizer
 
 log = get_logger("lmforge.pretrain")
 
@@ -44,23 +45,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
 
 
-def build_data(data: DataConfig, cfg: TrainConfig, info, run_root: Path):
-    """-> (train loader, validation loader factory, tokenizer, shard folder)."""
+def data_folder(data: DataConfig, seed: int) -> Path:
+    """The shard folder: data.path, or the built-in corpus (built once by rank 0, cached)."""
+    from lmforge.data.pack import read_index
+    from lmforge.train.builtin import builtin_pretrain_data
+    from lmforge.train.distributed import barrier
+
+    if data.path:
+        folder = Path(data.path)
+        if not (folder / "index.json").is_file():
+            raise LmforgeError(f"data.path {folder}: no index.json (make one with `lmforge data prepare`)")
+        read_index(folder)  # fail early, before building a model, on a bad data folder
+        return folder
+    if dist_info().is_main:
+        builtin_pretrain_data(data.cache_dir, data.max_bytes, data.vocab_size, data.val_fraction, seed)
+    barrier()  # the other ranks wait for rank 0 to build the cache
+    return builtin_pretrain_data(data.cache_dir, data.max_bytes, data.vocab_size, data.val_fraction, seed)
+
+
+def loaders(folder: Path, cfg: TrainConfig, info):
+    """-> (train loader, validation loader factory or None). Windows are seq_len + 1 tokens."""
     from lmforge.data.loader import ShardLoader
     from lmforge.data.pack import read_index
-    from lmforge.train.builtin import builtin_pretrain_data, data_tokenizer
 
-    folder = Path(data.path) if data.path else None
-    if folder is None:
-        if info.is_main:
-            builtin_pretrain_data(data.cache_dir, data.max_bytes, data.vocab_size, data.val_fraction, cfg.seed)
-        from lmforge.train.distributed import barrier
-
-        barrier()  # the other ranks wait for rank 0 to build the cache
-        folder = builtin_pretrain_data(data.cache_dir, data.max_bytes, data.vocab_size, data.val_fraction, cfg.seed)
-    if not (folder / "index.json").is_file():
-        raise LmforgeError(f"data.path {folder}: no index.json (make one with `lmforge data prepare`)")
-    # The loader yields seq_len tokens + 1 for the shifted labels; span corruption uses all of them.
     loader = ShardLoader(folder, cfg.seq_len, cfg.micro_batch_size, "train", cfg.seed, info.rank, info.world_size)
 
     def val_loader():
@@ -70,8 +77,8 @@ def build_data(data: DataConfig, cfg: TrainConfig, info, run_root: Path):
     val_tokens = read_index(folder)[0]["splits"].get("val", {}).get("tokens", 0)
     if val_tokens < info.world_size * cfg.micro_batch_size * (cfg.seq_len + 1) * 2:
         log.warning("%s: validation split too small (%d tokens) for one batch; no evaluation", folder, val_tokens)
-        val_loader = None
-    return loader, val_loader, data_tokenizer(folder), folder
+        return loader, None
+    return loader, val_loader
 
 
 def model_config(cfg: dict, vocab_size: int, objective: str) -> ModelConfig:
@@ -97,19 +104,15 @@ def main(args: argparse.Namespace) -> dict:
     data_cfg, run_cfg = section(cfg, "data", DataConfig), section(cfg, "run", RunConfig)
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
-    from lmforge.data.pack import read_index
-
-    # The tokenizer decides the vocabulary; build the data first.
-    probe_dir = Path(data_cfg.path) if data_cfg.path else None
-    if probe_dir is not None:
-        read_index(probe_dir)  # fail early, before building a model, on a bad data folder
+    folder = data_folder(data_cfg, train_cfg.seed)  # the data's tokenizer decides the vocabulary
+    tokenizer = data_tokenizer(folder)
+    objective = ObjectiveTokens(train_cfg.objective, tokenizer.vocab_size, tokenizer.eos_id)
+    mconfig = model_config(cfg, objective.model_vocab, train_cfg.objective)
     if train_cfg.auto_fit:
         from lmforge.train.memory import auto_fit
 
-        train_cfg = auto_fit(model_config(cfg, 1, train_cfg.objective), train_cfg, device, info.world_size)
-    loader, val_loader, tokenizer, folder = build_data(data_cfg, train_cfg, info, Path(run_cfg.dir))
-    objective = ObjectiveTokens(train_cfg.objective, tokenizer.vocab_size, tokenizer.eos_id)
-    mconfig = model_config(cfg, objective.model_vocab, train_cfg.objective)
+        train_cfg = auto_fit(mconfig, train_cfg, device, info.world_size)
+    loader, val_loader = loaders(folder, train_cfg, info)
     if mconfig.max_position_embeddings < train_cfg.seq_len + 2 * len(objective.sentinels):
         raise LmforgeError(f"train.seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings "
                            f"{mconfig.max_position_embeddings}")

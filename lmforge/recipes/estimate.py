@@ -1,0 +1,57 @@
+"""Print the memory a model needs for inference, full fine-tuning, LoRA and QLoRA at a given batch
+and sequence length (weights, gradients, optimizer states, activations, KV cache), without running it.
+
+    lmforge estimate --model llama-100m --batch 4 --seq-len 1024
+    lmforge estimate --model runs/pretrain-tiny/final --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmforge.common import LmforgeError, get_dtype, read_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a preset name, a model folder, or a config JSON/YAML file")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", help="weights of frozen bases / inference and activations")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+
+
+def model_config(spec: str):
+    from lmforge.model import PRESETS, ModelConfig
+
+    path = Path(spec)
+    if spec in PRESETS and not path.exists():
+        return ModelConfig.preset(spec)
+    if path.is_dir():
+        if (path / "lmforge_config.json").is_file():
+            return ModelConfig.from_dict(read_json(path / "lmforge_config.json")["model"])
+        if (path / "config.json").is_file():
+            from lmforge.model.hf_keys import config_from_hf
+
+            return config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+        data = data.get("model", data) if isinstance(data, dict) else data
+        preset = data.pop("preset", None) if isinstance(data, dict) else None
+        return ModelConfig.preset(preset, **data) if preset else ModelConfig.from_dict(data)
+    raise LmforgeError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), a model folder or a config file")
+
+
+def main(args: argparse.Namespace) -> int:
+    from lmforge.train.memory import estimate_table
+
+    config = model_config(args.model)
+    nbytes = get_dtype(args.dtype).itemsize
+    print(f"{args.model}: {config.num_parameters() / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} "
+          f"tokens, {args.dtype} (full fine-tuning keeps fp32 weights + AdamW)")
+    print(estimate_table(config, args.batch, args.seq_len, param_bytes=nbytes, act_bytes=nbytes,
+                         lora_r=args.lora_r, checkpointing=args.activation_checkpointing))
+    return 0
