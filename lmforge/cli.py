@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),
     "train-medusa": ("lmforge.recipes.train_medusa", "train Medusa speculative-decoding heads on a frozen model"),
     "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
+    "serve": ("lmforge.recipes.serve", "serve a model over an OpenAI-compatible HTTP API (streaming, LoRA by name, chat page)"),
     "eval": ("lmforge.recipes.evaluate", "evaluate a model or endpoint (perplexity, choice, generation, code, judge) or --compare two runs"),
     "quantize": ("lmforge.recipes.quantize", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, NF4, QAT, mixed precision)"),
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model (zero-shot, retrieval)"),

@@ -1,0 +1,61 @@
+"""Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+/v1/models, streaming), with LoRA adapters selected by the request's `model` field, optional
+Bearer API key, /health, /metrics (Prometheus) and a chat page at /."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lmforge.common import LmforgeError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (lmforge checkpoint or Hugging Face folder)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter served as model NAME (repeatable)")
+    p.add_argument("--served-model-name", help="the base model's name in the API (default: the folder name)")
+    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY, else open)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--max-seqs", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond --max-seqs before 429")
+    p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step (chunked prefill)")
+    p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from --max-seqs)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish")
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise LmforgeError(f"--adapter expects NAME=DIR, got {item!r}")
+        if name in adapters:
+            raise LmforgeError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = folder
+    return adapters
+
+
+def main(args: argparse.Namespace) -> int:
+    from lmforge.serve import ServeConfig, serve
+
+    for flag in ("max_seqs", "max_queue", "max_batch_tokens", "block_size", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise LmforgeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    cfg = ServeConfig(model=args.model, adapters=parse_adapters(args.adapter), served_model_name=args.served_model_name,
+                      api_key=args.api_key or None, host=args.host, port=args.port, device=args.device,
+                      dtype=args.dtype, max_seqs=args.max_seqs, max_queue=args.max_queue,
+                      max_batch_tokens=args.max_batch_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
+                      max_model_len=args.max_model_len, request_timeout=args.request_timeout,
+                      max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+    serve(cfg)
+    return 0

@@ -1,0 +1,140 @@
+"""From submitted requests to text deltas: one async generator drives all the choices of an HTTP
+request (n > 1, or several prompts), turns token events into text, applies stop strings, records
+latency metrics, enforces the per-request deadline, and cancels whatever is still running when
+the consumer goes away (client disconnect, error), which frees the KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from .metrics import Metrics
+from .protocol import APIError
+from .runner import EngineFailed, EngineRunner, QueueFull, Submission
+from .text import TextStream
+
+
+@dataclass
+class Delta:
+    index: int  # the choice
+    text: str
+    token_ids: list[int]
+    logprobs: list | None  # the engine's (token, logprob, [(token, logprob), ...]) per new token
+    finish_reason: str | None
+
+
+@dataclass
+class _Choice:
+    text: TextStream
+    started: float
+    last: float | None = None
+    tokens: int = 0
+    finish_reason: str | None = None
+
+
+def submit(runner: EngineRunner, subs: list[Submission]) -> tuple[list[int], asyncio.Queue]:
+    """Queue the choices now (before any response starts, so a full queue is a plain 429)."""
+    try:
+        return runner.submit(subs)
+    except QueueFull as e:
+        raise APIError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full") from None
+
+
+async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted: tuple[list[int], asyncio.Queue],
+                   stop: list[str], timeout: float) -> AsyncIterator[Delta]:
+    """Deltas of every choice, interleaved as tokens come; raises APIError (504 timeout, 500
+    engine failure)."""
+    ids, queue = submitted
+    now = time.perf_counter()
+    index = {rid: i for i, rid in enumerate(ids)}
+    choices = [_Choice(TextStream(tokenizer, stop), now) for _ in ids]
+    deadline, open_ = now + timeout, len(ids)
+    try:
+        while open_:
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.perf_counter()))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise APIError(504, f"the request did not finish within the server's {timeout:g} s timeout",
+                               type="timeout_error", code="timeout") from None
+            if isinstance(ev, EngineFailed):
+                raise APIError(500, f"the inference engine failed: {ev}", type="server_error")
+            i = index[ev.request_id]
+            if choices[i].finish_reason is not None:  # already cut at a stop string
+                continue
+            delta = _advance(choices[i], i, ev, metrics)
+            if delta.finish_reason is not None:
+                open_ -= 1
+                if not ev.finished:  # a stop string the engine did not see yet: stop it now
+                    runner.cancel(ev.request_id)
+            yield delta
+    finally:
+        for rid in ids:  # no-op for finished requests; frees the blocks of the rest
+            runner.cancel(rid)
+
+
+def _advance(ch: _Choice, i: int, ev, metrics: Metrics) -> Delta:
+    now = time.perf_counter()
+    n = len(ev.new_token_ids)
+    if n:
+        if ch.last is None:
+            metrics.ttft.observe(now - ch.started)
+        else:
+            metrics.itl.observe(now - ch.last)
+        ch.last, ch.tokens = now, ch.tokens + n
+        metrics.generation_tokens.inc(n)
+    text = ch.text.push(ev.new_token_ids)
+    reason = ev.finish_reason if ev.finished else None
+    if ch.text.stopped:
+        reason = "stop"
+    if reason is not None:
+        text += ch.text.flush()
+        ch.finish_reason = reason
+        metrics.latency.observe(now - ch.started)
+    return Delta(i, text, list(ev.new_token_ids), ev.logprobs, reason)
+
+
+async def collect(deltas: AsyncIterator[Delta], n: int) -> list[dict]:
+    """Run to the end; per choice: text, token count, finish reason, logprob entries."""
+    out = [dict(text="", tokens=0, finish_reason=None, logprobs=[]) for _ in range(n)]
+    async for d in deltas:
+        o = out[d.index]
+        if o["finish_reason"] is not None:
+            continue
+        o["text"] += d.text
+        o["tokens"] += len(d.token_ids)
+        o["logprobs"] += d.logprobs or []
+        o["finish_reason"] = d.finish_reason
+    return out
+
+
+# ----------------------------------------------------------------------------- logprobs, OpenAI's shapes
+
+
+def _token_str(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def completion_logprobs(tokenizer, entries: list, offset: int = 0) -> dict:
+    """The legacy completions shape: parallel lists of tokens, logprobs, top-n dicts, text offsets."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for token, lp, alts in entries:
+        s = _token_str(tokenizer, token)
+        tokens.append(s)
+        lps.append(lp)
+        tops.append({_token_str(tokenizer, t): v for t, v in alts})
+        offsets.append(offset)
+        offset += len(s)
+    return dict(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+def chat_logprobs(tokenizer, entries: list) -> dict:
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+
+    def item(token: int, lp: float) -> dict:
+        s = _token_str(tokenizer, token)
+        return dict(token=s, logprob=lp, bytes=list(s.encode("utf-8")))
+
+    return dict(content=[{**item(t, lp), "top_logprobs": [item(a, v) for a, v in alts]} for t, lp, alts in entries])

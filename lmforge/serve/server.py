@@ -1,0 +1,105 @@
+"""Load a model (plus LoRA adapters) into an engine and run the app under uvicorn.
+
+SIGTERM/SIGINT: uvicorn stops accepting connections, the app answers 503 to new requests on
+open connections, in-flight requests (streams included) run to the end within `drain_timeout`,
+then the engine thread stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.common import LmforgeError, get_device, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter folder
+    served_model_name: str | None = None  # default: the model folder's name
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "float32"
+    max_seqs: int = 32  # sequences decoded together
+    max_queue: int = 64  # requests waiting beyond max_seqs before 429
+    max_batch_tokens: int = 2048
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_model_len: int | None = None
+    request_timeout: float = 600.0
+    max_body_bytes: int = 1 << 20
+    drain_timeout: float = 30.0
+
+
+def load_adapters(model, adapters: dict[str, str]) -> list[str]:
+    """Load each LoRA adapter under its serving name; all start inactive (per-row selection)."""
+    from lmforge import peft
+
+    for name, folder in adapters.items():
+        if not Path(folder).is_dir():
+            raise LmforgeError(f"--adapter {name}={folder}: no such folder")
+        peft.load_adapter(model, folder, adapter_name=name)
+    others = sorted({c.method for c in peft.peft_configs(model)} - {"lora"})
+    if others:
+        raise LmforgeError(f"only LoRA/DoRA adapters can be served per request, got {others}")
+    if adapters:
+        peft.set_adapter(model, [])  # base output unless a request's row selects an adapter
+        model.eval()
+    return list(adapters)
+
+
+def build_state(cfg: ServeConfig, model=None, tokenizer=None):
+    """The ServerState for `cfg` (model and tokenizer loaded from cfg.model unless given)."""
+    from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.infer.engine import Engine
+
+    from .app import ServerState
+    from .runner import EngineRunner
+
+    if model is None:
+        model = load_model(cfg.model, device=get_device(cfg.device), dtype=cfg.dtype)
+        tokenizer = load_tokenizer_if_any(cfg.model)
+    adapters = load_adapters(model, cfg.adapters)
+    name = cfg.served_model_name or Path(cfg.model).resolve().name
+    if name in adapters:
+        raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
+    engine = Engine(model, tokenizer, max_seqs=cfg.max_seqs, max_batch_tokens=cfg.max_batch_tokens,
+                    block_size=cfg.block_size, num_blocks=cfg.num_blocks, max_model_len=cfg.max_model_len)
+    runner = EngineRunner(engine, max_in_flight=cfg.max_seqs + cfg.max_queue)
+    return ServerState(runner, tokenizer, name, adapters, api_key=cfg.api_key, request_timeout=cfg.request_timeout,
+                       max_body_bytes=cfg.max_body_bytes)
+
+
+def make_server(cfg: ServeConfig, state=None):
+    """A uvicorn.Server for the app (call `.run()`; in a non-main thread it installs no signal handlers)."""
+    import uvicorn
+
+    from .app import create_app
+
+    state = state or build_state(cfg)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True  # new requests on open connections get 503 while the rest finish
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after shutting down (the process then dies of it); a
+            # SIGTERM that drained cleanly is a normal exit, status 0.
+            captured = getattr(self, "_captured_signals", [])
+            if sig == signal.SIGTERM and sig in captured:
+                captured.remove(sig)
+
+    config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="warning",
+                            timeout_graceful_shutdown=cfg.drain_timeout, access_log=False)
+    return Server(config)
+
+
+def serve(cfg: ServeConfig) -> None:
+    server = make_server(cfg)
+    log.info("serving %s on http://%s:%d", cfg.model, cfg.host, cfg.port)
+    server.run()

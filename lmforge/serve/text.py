@@ -1,0 +1,106 @@
+"""Text in and out of the engine: chat prompts through the checkpoint's own template, the
+template's end-of-turn token, and incremental detokenization that honours stop strings.
+"""
+
+from __future__ import annotations
+
+from lmforge.common import LmforgeError
+
+from .protocol import APIError, ChatMessage
+
+_MARK = "\ue010lmforge-end-of-turn-probe\ue011"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the chat template closes an assistant turn with ("<|im_end|>" for ChatML,
+    "<|eot_id|>" for Llama 3, "<end_of_turn>" for Gemma), found by rendering a probe turn and
+    reading the first special token after it; plus EOS. Generation stops at any of them."""
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if not tokenizer.chat_template:
+        return ids
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": _MARK}])
+    except LmforgeError:
+        return ids
+    after = text[text.find(_MARK) + len(_MARK):] if _MARK in text else ""
+    specials = [t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special]
+    for i in range(len(after)):
+        hit = next((s for s in specials if after.startswith(s, i)), None)
+        if hit is not None:
+            tid = tokenizer.token_to_id(hit)
+            return ids + [tid] if tid is not None and tid not in ids else ids
+        if not after[i].isspace():
+            break
+    return ids
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage], accepts_images: bool = False) -> list[int]:
+    """The conversation rendered by the tokenizer's chat template and encoded, ready to generate
+    the assistant's turn."""
+    if tokenizer is None or not tokenizer.chat_template:
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    plain = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type == "image_url" for p in content) and not accepts_images:
+                raise APIError(400, "this model does not accept images", param=f"messages.{i}.content")
+            content = "".join(p.text for p in content if p.type == "text")
+        plain.append({"role": m.role, "content": content or ""})
+    try:
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True)
+    except LmforgeError as e:
+        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    return tokenizer.encode(text)
+
+
+class TextStream:
+    """Token ids in, text out, piece by piece: holds back a trailing incomplete UTF-8 character and
+    any tail that could be the start of a stop string; cuts the text at the first stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self.stopped = False
+
+    def push(self, ids: list[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids += ids
+        full = self.tokenizer.decode(self.ids)
+        cut = self._first_stop(full)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(full[:cut])
+        safe = len(full.rstrip("\ufffd"))  # an incomplete byte sequence decodes to U+FFFD for now
+        safe -= self._stop_prefix_len(full[:safe])
+        return self._emit(full[:safe])
+
+    def flush(self) -> str:
+        """The held-back tail, at the end of generation."""
+        if self.stopped:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, upto: str) -> str:
+        piece = upto[len(self.text):] if upto.startswith(self.text) else ""
+        self.text += piece
+        return piece
+
+    def _first_stop(self, text: str) -> int | None:
+        # A stop string can only end in the new text, so start looking just before it.
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest tail of `text` that begins some stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
