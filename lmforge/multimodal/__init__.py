@@ -6,7 +6,7 @@
     inputs = prepare_chat(vlm, tokenizer, messages_with_images); ids = generate(vlm, inputs["inputs_embeds"])
 """
 
-from .chat import image_turn, pixels_for, prepare_chat, render_ids, split_images
+from .chat import answer_image, image_turn, pixels_for, prepare_chat, render_ids, split_images
 from .clip import CLIP, ClipConfig, info_nce, same_text_targets
 from .data import load_digits, load_examples, load_image, read_jsonl_folder, to_pixels
 from .io import is_multimodal, load_hf_vision, load_multimodal, save_hf_vision, save_multimodal
@@ -16,7 +16,7 @@ from .vit import VisionConfig, VisionTransformer, hf_to_lmforge, lmforge_to_hf
 from .vlm import Projector, VisionLanguageModel, VlmConfig, expand_image_tokens, generate, splice
 
 __all__ = [
-    "CLIP", "ClipConfig", "Example", "Projector", "VisionConfig", "VisionLanguageModel", "VisionTransformer",
+    "CLIP", "ClipConfig", "answer_image", "Example", "Projector", "VisionConfig", "VisionLanguageModel", "VisionTransformer",
     "VlmConfig", "bleu", "cider_d", "class_names", "expand_image_tokens", "generate", "hf_to_lmforge",
     "image_turn", "info_nce", "is_multimodal", "lmforge_to_hf", "load_digits", "load_examples",
     "load_hf_vision", "load_image", "load_multimodal", "make_shapes", "pixels_for", "prepare_chat",

@@ -19,7 +19,7 @@ import torch
 from lmforge.common import LmforgeError
 
 from .data import load_image, to_pixels
-from .vlm import VisionLanguageModel, expand_image_tokens
+from .vlm import VisionLanguageModel, expand_image_tokens, generate, greedy
 
 
 def _image_source(part: dict, where: str) -> Any:
@@ -90,3 +90,15 @@ def prepare_chat(model: VisionLanguageModel, tokenizer, messages: list[dict],
     pixel_values = pixels_for(model, images) if images else None
     return {"input_ids": input_ids, "pixel_values": pixel_values,
             "inputs_embeds": model.embed(input_ids, pixel_values)}
+
+
+def answer_image(model: VisionLanguageModel, tokenizer, image: Any, prompt: str, max_new_tokens: int = 64,
+                 sample_fn=None, system: str | None = None) -> str:
+    """One image + one question -> the model's answer (what `lmforge generate --image` prints).
+    `sample_fn` maps logits [B, V] to ids [B]; greedy when None."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "\n" + prompt}]}]
+    inputs = prepare_chat(model, tokenizer, messages)
+    stops = [i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.eos_id) if i is not None]
+    out = generate(model, inputs["inputs_embeds"], max_new_tokens, sample_fn or greedy, stop_token_ids=stops)
+    return tokenizer.decode(out[0]).strip()

@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--image", help="image file for a vision-language model folder (lmforge vlm train)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -39,6 +40,15 @@ def main(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3)")
     device = get_device(args.device)
+    if args.image:  # a vision-language model: the image is spliced in at the prompt's <image>
+        from lmforge.infer.sampling import sample
+        from lmforge.multimodal import answer_image, load_multimodal
+
+        vlm, tokenizer = load_multimodal(args.model, device, kind="vlm"), load_tokenizer_if_any(args.model)
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        print(answer_image(vlm, tokenizer, args.image, args.prompt or "describe the image.", args.max_new_tokens,
+                           lambda logits: sample(logits, params), system=args.system))
+        return 0
     model = prepare_for_inference(load_model(args.model, device=device, dtype=args.dtype))
     tokenizer = load_tokenizer_if_any(args.model)
     if args.seed is not None:
