@@ -141,7 +141,7 @@ def test_cli_prepare_and_contamination(prepared, corpus, tmp_path, capsys):
     out, _ = prepared
     assert cli(["data", "prepare", str(corpus / "books"), "-o", str(tmp_path / "p"), "--no-progress",
                 "--workers", "1", "--tokenizer", str(out / "tokenizer"), "--set", "mix.weights=null",
-                "--set", "dedup.threshold=0.7"]) == 0
+                "--set", "dedup.threshold=0.7", "--set", "pack.val_fraction=0"]) == 0
     assert "training tokens" in capsys.readouterr().out
     assert cli(["data", "prepare", "-o", str(tmp_path / "q"), "--set", "dedup.nope=1"]) == 2
     assert "unknown field(s) nope" in capsys.readouterr().err
