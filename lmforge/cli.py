@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("lmforge.recipes.data", "prepare pretraining data (filter, dedup, mix, pack) or check contamination"),
     "pretrain": ("lmforge.recipes.pretrain", "pretrain a model (causal LM, masked LM, span corruption)"),
     "sft": ("lmforge.recipes.sft", "supervised fine-tuning on chat/prompt-response JSONL (full or PEFT)"),
+    "align": ("lmforge.recipes.align", "post-training: DPO, reward model, GRPO, PPO, distillation (full or LoRA)"),
     "estimate": ("lmforge.recipes.estimate", "memory needed to run or train a model, without running it"),
     "plot": ("lmforge.recipes.plot", "plot a training run's loss curves to PNG"),
     "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),

@@ -1,0 +1,413 @@
+"""Post-training: DPO (IPO, conservative), reward modelling, GRPO, PPO and knowledge distillation,
+full or with LoRA, from a YAML recipe. Each method prints and saves its before/after figures.
+
+    lmforge align --method dpo                                   # demo: fresh tiny model, format preferences
+    lmforge align --method dpo --model runs/x/final --set task.name=docstring
+    lmforge align --method reward --model runs/x/final --out runs --name rm
+    lmforge align --method grpo --set task.name=arithmetic       # verifiable reward
+    lmforge align --method ppo --model runs/x/final --set model.reward_model=runs/rm/final
+    lmforge align --method distill --model runs/draft/final --set model.teacher=runs/base/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, seed_everything
+from lmforge.recipes._common import add_config_arguments, load_config, make_run_dir, overrides_from_args
+from lmforge.train import align as A
+from lmforge.train import align_data as D
+
+log = get_logger("lmforge.align")
+METHODS = ("dpo", "reward", "grpo", "ppo", "distill")
+FLAGS = {"--method": "method", "--model": "model.path", "--steps": "train.steps", "--out": "run.dir",
+         "--name": "run.name", "--task": "task.name", "--lr": "train.lr"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, "align-default", FLAGS)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, overrides_from_args(args, FLAGS), open_sections=("model",))
+    if cfg["method"] not in METHODS:
+        raise LmforgeError(f"method {cfg['method']!r}: choose one of {', '.join(METHODS)}")
+    seed_everything(cfg["train"]["seed"])
+    run = make_run_dir(cfg["run"]["dir"], cfg["run"]["name"], cfg)
+    device = get_device(cfg["train"]["device"])
+    results = RUNNERS[cfg["method"]](cfg, device, run)
+    atomic_write_json(run / "results.json", {"method": cfg["method"], **results})
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def task_records(cfg: dict) -> tuple[list[dict], list[dict]]:
+    t = cfg["task"]
+    n, m, seed = t["train_size"], t["eval_size"], t["seed"]
+    if t["name"] == "format":
+        return D.format_preference_pairs(n, seed), D.format_preference_pairs(m, seed + 1)
+    if t["name"] == "arithmetic":
+        return D.arithmetic_prompts(n, seed), D.arithmetic_prompts(m, seed + 1)
+    if t["name"] == "docstring":
+        from lmforge.train.builtin import builtin_sft_examples
+
+        ex = builtin_sft_examples(max_bytes=600_000)
+        return (D.docstring_preference_pairs(ex["train"], seed)[:n], D.docstring_preference_pairs(ex["val"], seed)[:m])
+    if t["name"] == "file":
+        if not t.get("path"):
+            raise LmforgeError("task.name=file needs task.path (a JSONL file)")
+        records = D.read_pairs(t["path"]) if cfg["method"] in ("dpo", "reward") else _read_prompts(t["path"])
+        split = max(1, len(records) // 10)
+        return records[split:], records[:split]
+    raise LmforgeError(f"task.name {t['name']!r}: choose format, docstring, arithmetic or file")
+
+
+def _read_prompts(path: str) -> list[dict]:
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            rec = json.loads(line)
+            if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
+                raise LmforgeError(f"{path}:{n}: need string fields 'prompt' and 'answer'")
+            out.append(rec)
+    return out
+
+
+def load_policy(cfg: dict, records: list[dict], device):
+    """(model, tokenizer): the configured model, or a fresh preset + tokenizer trained on the task."""
+    from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.model import build_model
+    from lmforge.tokenizer import train_tokenizer
+
+    path = cfg["model"].get("path")
+    if path:
+        model, tok = load_model(path), load_tokenizer_if_any(path)
+        if tok is None:
+            raise LmforgeError(f"{path}: no tokenizer.json next to the model")
+    else:
+        texts = [" ".join(str(v) for v in r.values()) for r in records] * 4 + [str(i) for i in range(100)]
+        tok = train_tokenizer(texts, vocab_size=300)
+        model = build_model(cfg["model"].get("preset", "tiny"), vocab_size=tok.vocab_size)
+    if cfg["peft"]["method"] == "lora":
+        from lmforge import peft
+
+        peft.apply(model, peft.LoraConfig(r=cfg["peft"]["r"], alpha=cfg["peft"]["alpha"], target_modules="all-linear"))
+    elif cfg["peft"]["method"] != "full":
+        raise LmforgeError(f"peft.method {cfg['peft']['method']!r}: align supports full and lora")
+    return model.to(device), tok
+
+
+class Reference:
+    """The frozen reference policy: the base with LoRA disabled (no second copy), else a frozen copy."""
+
+    def __init__(self, model):
+        from lmforge import peft
+
+        self.model, self.lora = model, bool(peft.peft_configs(model))
+        self.copy = None if self.lora else copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, ids, attention_mask=None):
+        if self.copy is not None:
+            return self.copy(ids, attention_mask=attention_mask)
+        from lmforge import peft
+
+        with peft.adapter_rows(self.model, [None] * ids.shape[0]):
+            return self.model(ids, attention_mask=attention_mask)
+
+
+def _optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg["train"]["lr"], weight_decay=0.0)
+
+
+def _batches(n: int, size: int, step: int, seed: int) -> list[int]:
+    """A seeded random batch of indices for `step` (the same on a re-run)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(n, generator=g)[:size].tolist()
+
+
+def _save(model, tok, run: Path, name: str = "final") -> None:
+    from lmforge.checkpoint import save_model
+
+    save_model(model, run / name, tokenizer=tok)
+
+
+# ----------------------------------------------------------------------------- DPO and reward model
+
+
+def _pair_tensors(tok, records, max_len, device):
+    prompts = [r["prompt"] for r in records] * 2
+    responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    return [t.to(device) for t in D.encode_responses(tok, prompts, responses, max_len)]
+
+
+def _pair_logps(model, tensors):
+    ids, attn, resp = tensors
+    logp = A.sequence_logprobs(model, ids, resp, attn)
+    return logp.chunk(2)
+
+
+def run_dpo(cfg: dict, device, run: Path) -> dict:
+    train, held = task_records(cfg)
+    model, tok = load_policy(cfg, train, device)
+    ref = Reference(model)
+    dc, tc = cfg["dpo"], cfg["train"]
+
+    def evaluate() -> dict:
+        model.eval()
+        with torch.no_grad():
+            t = _pair_tensors(tok, held, tc["max_len"], device)
+            pc, pr = _pair_logps(model, t)
+            rc, rr = _pair_logps(ref, t)
+            out = A.dpo_loss(pc, pr, rc, rr, dc["beta"], dc["loss_type"], dc["label_smoothing"])
+        model.train()
+        # accuracy of the *policy's* own preference (log pi_c > log pi_r), which DPO should raise
+        return {"margin": out.margin, "reward_accuracy": out.accuracy,
+                "policy_prefers_chosen": float((pc > pr).float().mean())}
+
+    before = evaluate()
+    opt = _optimizer(model, cfg)
+    for step in tqdm(range(tc["steps"]), desc="dpo"):
+        batch = [train[i] for i in _batches(len(train), tc["batch_size"], step, tc["seed"])]
+        t = _pair_tensors(tok, batch, tc["max_len"], device)
+        with torch.no_grad():
+            rc, rr = _pair_logps(ref, t)
+        pc, pr = _pair_logps(model, t)
+        out = A.dpo_loss(pc, pr, rc, rr, dc["beta"], dc["loss_type"], dc["label_smoothing"])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    after = evaluate()
+    _save(model, tok, run)
+    return {"before": before, "after": after}
+
+
+def run_reward(cfg: dict, device, run: Path) -> dict:
+    from safetensors.torch import save_file
+
+    train, held = task_records(cfg)
+    lm, tok = load_policy(cfg, train, device)
+    rm = A.RewardModel(lm).to(device)
+    tc = cfg["train"]
+
+    def rewards(records):
+        ids, attn, _ = _pair_tensors(tok, records, tc["max_len"], device)
+        return rm(ids, attn).chunk(2)
+
+    def accuracy() -> float:
+        rm.eval()
+        with torch.no_grad():
+            c, r = rewards(held)
+        rm.train()
+        return float(((c > r).float() + 0.5 * (c == r).float()).mean())  # a tie counts half
+
+    before = accuracy()
+    opt = _optimizer(rm, cfg)
+    for step in tqdm(range(tc["steps"]), desc="reward"):
+        c, r = rewards([train[i] for i in _batches(len(train), tc["batch_size"], step, tc["seed"])])
+        loss = A.bradley_terry_loss(c, r)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = accuracy()
+    _save(lm, tok, run)
+    save_file({k: v.contiguous() for k, v in rm.score.state_dict().items()}, str(run / "final" / "reward_head.safetensors"))
+    return {"before": {"pairwise_accuracy": before}, "after": {"pairwise_accuracy": after}}
+
+
+def load_reward_model(path: str, device) -> A.RewardModel:
+    from safetensors.torch import load_file
+
+    from lmforge.checkpoint import load_model
+
+    head = Path(path) / "reward_head.safetensors"
+    if not head.is_file():
+        raise LmforgeError(f"{path}: not a reward model (no reward_head.safetensors; train one with --method reward)")
+    rm = A.RewardModel(load_model(path))
+    rm.score.load_state_dict(load_file(str(head)))
+    return rm.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- GRPO and PPO
+
+
+def rollout(model, tok, prompts: list[str], rc: dict, seed: int, device):
+    """Sample completions with the lmforge generator (KV cache) -> (texts, ids, attn, resp masks)."""
+    from lmforge.infer.generate import generate
+
+    model.eval()
+    prompt_ids = [tok.encode(p) for p in prompts]
+    stop = [tok.eos_id] if tok.eos_id is not None else []
+    new = generate(model, prompt_ids, max_new_tokens=rc["max_new_tokens"], temperature=rc["temperature"],
+                   seed=seed, stop_token_ids=stop)
+    model.train()
+    completions = []
+    for row in new.tolist():
+        cut = row.index(tok.eos_id) + 1 if tok.eos_id in row else len(row)
+        completions.append(row[:cut])
+    rows = [p + c for p, c in zip(prompt_ids, completions)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_id or 0, dtype=torch.long)
+    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
+        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        attn[i, :len(p) + len(c)] = 1
+        resp[i, len(p):len(p) + len(c)] = 1
+    texts = [tok.decode([t for t in c if t != tok.eos_id]) for c in completions]
+    return texts, ids.to(device), attn.to(device), resp.to(device)
+
+
+def _score(texts, records, reward_model, ids, attn, task_reward):
+    if reward_model is not None:
+        with torch.no_grad():
+            return reward_model(ids, attn).float()
+    return torch.tensor([task_reward(t, r["answer"]) for t, r in zip(texts, records)], device=ids.device)
+
+
+def shaped_arithmetic_reward(completion: str, answer: str) -> float:
+    """Exact answer 1.0; right first digit 0.3; any leading digit 0.1 (a signal for a fresh model)."""
+    exact = D.arithmetic_reward(completion, answer)
+    text = completion.lstrip()
+    return exact or (0.3 if text[:1] == answer[:1] else 0.1 if text[:1].isdigit() else 0.0)
+
+
+def _mean_reward(model, tok, held, rc, reward_model, device, seed=1234) -> float:
+    texts, ids, attn, _ = rollout(model, tok, [r["prompt"] for r in held], {**rc, "temperature": 0.0}, seed, device)
+    return float(_score(texts, held, reward_model, ids, attn, shaped_arithmetic_reward).mean())
+
+
+def run_grpo(cfg: dict, device, run: Path) -> dict:
+    return _run_rl(cfg, device, run, use_value=False)
+
+
+def run_ppo(cfg: dict, device, run: Path) -> dict:
+    return _run_rl(cfg, device, run, use_value=True)
+
+
+def _run_rl(cfg: dict, device, run: Path, use_value: bool) -> dict:
+    if cfg["task"]["name"] in ("format", "docstring") and not cfg["model"].get("reward_model"):
+        cfg["task"]["name"] = "arithmetic"  # a verifiable task when no reward model is given
+    train, held = task_records(cfg)
+    model, tok = load_policy(cfg, train, device)
+    ref = Reference(model)
+    rm = load_reward_model(cfg["model"]["reward_model"], device) if cfg["model"].get("reward_model") else None
+    rc, tc = cfg["rl"], cfg["train"]
+    value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device) if use_value else None
+    params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if use_value else [])
+    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.0)
+    kl_ctl = A.AdaptiveKLController(rc["kl_coef"], rc["kl_target"], horizon=max(10, tc["steps"]))
+    before = _mean_reward(model, tok, held, rc, rm, device)
+    kls = []
+    G = rc["group_size"] if not use_value else 1
+    for step in tqdm(range(tc["steps"]), desc="ppo" if use_value else "grpo"):
+        batch = [train[i] for i in _batches(len(train), rc["prompts_per_step"], step, tc["seed"])]
+        records = [r for r in batch for _ in range(G)]
+        texts, ids, attn, resp = rollout(model, tok, [r["prompt"] for r in records], rc, step + 1, device)
+        rewards = _score(texts, records, rm, ids, attn, shaped_arithmetic_reward)
+        mask = resp[:, 1:].float()
+        with torch.no_grad():
+            ref_logp = A.token_logprobs(ref(ids, attn), ids)
+            logits, hidden = model(ids, attention_mask=attn, return_hidden=True)
+            old_logp = A.token_logprobs(logits, ids)
+        if use_value:
+            with torch.no_grad():
+                old_values = value_head(hidden[:, :-1]).squeeze(-1) * mask
+            token_rewards = -kl_ctl.value * (old_logp - ref_logp) * mask
+            last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)
+            token_rewards = token_rewards + last.float() * rewards[:, None]
+            adv, returns = A.gae(token_rewards, old_values, mask, rc["gamma"], rc["lam"])
+            adv = A.whiten(adv, mask)
+        else:
+            adv = A.grpo_advantages(rewards, G)[:, None] * mask
+        for _ in range(rc["ppo_epochs"]):
+            logits, hidden = model(ids, attention_mask=attn, return_hidden=True)
+            logp = A.token_logprobs(logits, ids)
+            loss = A.ppo_policy_loss(logp, old_logp, adv, mask, rc["clip"])
+            if use_value:
+                values = value_head(hidden[:, :-1]).squeeze(-1)
+                loss = loss + 0.5 * A.ppo_value_loss(values, old_values, returns, mask, rc["clip"])
+            else:
+                loss = loss + rc["kl_coef"] * (A.kl_penalty(logp, ref_logp) * mask).sum() / mask.sum().clamp(min=1)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        kl = float(((old_logp - ref_logp) * mask).sum() / mask.sum().clamp(min=1))
+        kls.append(kl)
+        if use_value:
+            kl_ctl.update(kl, 1)
+    after = _mean_reward(model, tok, held, rc, rm, device)
+    _save(model, tok, run)
+    return {"before": {"mean_reward": before}, "after": {"mean_reward": after, "kl_to_reference": kls[-1] if kls else 0.0,
+                                                          "max_kl": max(kls) if kls else 0.0}}
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def run_distill(cfg: dict, device, run: Path) -> dict:
+    from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.model import build_model
+
+    teacher_path = cfg["model"].get("teacher")
+    if not teacher_path:
+        raise LmforgeError("distill needs model.teacher (the teacher model folder)")
+    teacher = load_model(teacher_path).to(device).eval().requires_grad_(False)
+    tok = load_tokenizer_if_any(teacher_path)
+    if cfg["model"].get("path"):
+        student = load_model(cfg["model"]["path"])
+    else:  # a fresh student, seeded apart from the teacher's initialisation
+        torch.manual_seed(cfg["train"]["seed"] + 1)
+        student = build_model(cfg["model"].get("preset", "tiny"), vocab_size=teacher.config.vocab_size)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise LmforgeError(f"student vocab {student.config.vocab_size} != teacher vocab {teacher.config.vocab_size}")
+    student.to(device).train()
+    windows = _distill_windows(cfg, tok, teacher.config.vocab_size)
+    held, train = windows[:16].to(device), windows[16:].to(device)
+    dc, tc = cfg["distill"], cfg["train"]
+
+    def agreement() -> float:
+        with torch.no_grad():
+            return float((student(held).argmax(-1) == teacher(held).argmax(-1)).float().mean())
+
+    before = agreement()
+    opt = _optimizer(student, cfg)
+    for step in tqdm(range(tc["steps"]), desc="distill"):
+        x = train[_batches(len(train), tc["batch_size"], step, tc["seed"])]
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = A.distill_loss(student(x), t_logits, temperature=dc["temperature"], kind=dc["kind"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = agreement()
+    _save(student, tok, run)
+    return {"before": {"greedy_agreement": before}, "after": {"greedy_agreement": after}}
+
+
+def _distill_windows(cfg: dict, tok, vocab: int) -> torch.Tensor:
+    """Token windows of the task text (or random ids without a tokenizer) to match the teacher on."""
+    L = cfg["distill"]["seq_len"]
+    n = cfg["task"]["train_size"] + 16
+    if tok is None:
+        return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(0))
+    from lmforge.train.builtin import builtin_sft_examples
+
+    text = " ".join(e["prompt"] + " " + e["response"] for e in builtin_sft_examples(max_bytes=400_000)["train"])
+    ids = torch.tensor(tok.encode(text)[: n * L])
+    if len(ids) < 17 * L:
+        raise LmforgeError("not enough text to distill on")
+    return ids[: len(ids) // L * L].view(-1, L)
+
+
+RUNNERS = {"dpo": run_dpo, "reward": run_reward, "grpo": run_grpo, "ppo": run_ppo, "distill": run_distill}
