@@ -163,3 +163,32 @@ def test_endpoint_scoring_through_openai_client(tmp_path):
     assert results["tasks"][0]["metrics"]["acc"] == 1.0
     assert results["tasks"][1]["metrics"]["exact_match"] == 1.0
     assert results["model"] == "fake"
+
+
+def test_judge_task_through_evaluate(tmp_path):
+    from test_eval_judge import StubJudge, _answer
+
+    rows = [{"question": f"Name a colour ({i})", "baseline": "bad answer"} for i in range(4)]
+    path = _write(tmp_path / "q.jsonl", rows)
+    model = OracleLM({r["question"]: "good answer" for r in rows}, junk="")
+    judge = StubJudge(lambda p: "[[A]]" if "good" in _answer(p, "A") else "[[B]]")
+    cfg = TaskConfig("vs", "judge_pairwise", path=str(path), judge="stub-judge")
+    results = evaluate(model, [cfg], load=lambda spec: judge)
+    m = results["tasks"][0]["metrics"]
+    assert m["win_rate"] == 1.0 and m["wins"] == 4 and m["consistency"] == 1.0
+    write_report(results, tmp_path / "out")  # judge tasks have a plot with the CI
+    assert (tmp_path / "out" / "scores.png").is_file()
+
+
+def test_quantized_checkpoint_loads_through_its_manifest(tmp_path):
+    from lmforge.checkpoint import save_model
+    from lmforge.eval.lm import LocalLM
+    from lmforge.quant import QuantOptions, QuantLinear, quantize_model
+
+    lm = tiny_lm()
+    quantize_model(lm.model, QuantOptions(method="rtn", scheme="int8"), progress=False)
+    save_model(lm.model, tmp_path / "q", tokenizer=tiny_tokenizer())
+    loaded = LocalLM.load(tmp_path / "q")
+    assert any(isinstance(m, QuantLinear) for m in loaded.model.modules())
+    req = [("def f(x):", " return x"), ("def f(x):", " pass")]
+    assert loaded.loglikelihood(req) == pytest.approx(lm.loglikelihood(req), abs=1e-4)

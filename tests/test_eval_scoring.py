@@ -161,3 +161,21 @@ def test_bad_task_rows_name_the_line(tmp_path, row, message):
     with pytest.raises(LmforgeError, match=message) as e:
         run_multiple_choice(OracleLM({}), TaskConfig("mc", "multiple_choice", path=path))
     assert "bad.jsonl:2" in str(e.value)
+
+
+def test_validation_shard_perplexity_equals_text_perplexity(tmp_path):
+    import numpy as np
+
+    from lmforge.data.pack import ShardWriter, write_index
+    from lmforge.eval.perplexity import shard_perplexity, text_perplexity
+
+    lm = tiny_lm()
+    texts = ["def f(x):\n    return x\n", "import os\nprint(os.sep)\n", "# a comment\nclass A:\n    pass\n"]
+    writer = ShardWriter(tmp_path, "val", lm.tokenizer.vocab_size, lm.tokenizer.eos_id, shard_tokens=20)
+    for t in texts:
+        writer.add(np.asarray(lm.tokenizer.encode(t)))
+    write_index(tmp_path, {"val": writer.close()}, lm.tokenizer.vocab_size, lm.tokenizer.eos_id)
+    from_shards, records = shard_perplexity(lm, tmp_path, "val")
+    from_text, _ = text_perplexity(lm, [(str(i), t) for i, t in enumerate(texts)])
+    assert len(records) == 3 and from_shards["bits_per_byte"] == pytest.approx(from_text["bits_per_byte"], rel=1e-6)
+    assert len(shard_perplexity(lm, tmp_path, "val", limit=2)[1]) == 2

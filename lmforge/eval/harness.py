@@ -15,6 +15,7 @@ task gives the same numbers through either front end.
 
 from __future__ import annotations
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -33,6 +34,8 @@ class LmforgeHarnessLM(LM):
             if not pretrained:
                 raise ValueError("model_args needs pretrained=<lmforge checkpoint or HF folder>")
             bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                device = None  # lm-eval asks for cuda by default; use what this machine has
             lm = LocalLM.load(pretrained, device=device, dtype=dtype, batch_size=bs,
                               max_length=int(max_length) if max_length else None)
         self.lm = lm

@@ -61,7 +61,7 @@ class LocalLM:
         tokenizer = load_tokenizer_if_any(path)
         if tokenizer is None:
             raise LmforgeError(f"{path}: no tokenizer.json next to the model; evaluation needs the model's tokenizer")
-        return cls(model, tokenizer, name=kw.pop("name", Path(path).name), **kw)
+        return cls(model, tokenizer, name=kw.pop("name", "/".join(Path(path).resolve().parts[-2:])), **kw)
 
     # ------------------------------------------------------------------ log-likelihood
 

@@ -81,34 +81,31 @@ def aggregate(records: Sequence[dict]) -> dict[str, float]:
                      sum(r["bytes"] for r in records))
 
 
-def shard_documents(data_dir: str | Path, split: str = "val", max_tokens: int | None = None) -> list[np.ndarray]:
-    """Token documents of a packed data split (`lmforge/data` shards: documents end with EOS)."""
+def shard_documents(data_dir: str | Path, split: str = "val", limit: int | None = None) -> list[np.ndarray]:
+    """Token documents of a packed data split (`lmforge/data` shards: every document ends with EOS)."""
     from lmforge.data.pack import read_index
 
     index, folder = read_index(data_dir)
     if split not in index["splits"]:
         raise LmforgeError(f"{data_dir}: no split {split!r} (has {', '.join(index['splits'])})")
     eos = index["eos_id"]
-    docs, seen = [], 0
+    docs = []
     for shard in index["splits"][split]["shards"]:
         arr = np.fromfile(folder / shard["file"], dtype=np.dtype(index["dtype"]))
-        ends = np.flatnonzero(arr == eos)
-        start = 0
-        for end in ends.tolist() + ([len(arr)] if len(arr) and (not len(ends) or ends[-1] != len(arr) - 1) else []):
-            if end > start:
-                docs.append(arr[start:end].astype(np.int64))
-                seen += end - start
-            start = end + 1
-            if max_tokens and seen >= max_tokens:
+        for doc in np.split(arr, np.flatnonzero(arr == eos) + 1):
+            doc = doc[:-1] if len(doc) and doc[-1] == eos else doc
+            if len(doc):
+                docs.append(doc.astype(np.int64))
+            if limit and len(docs) >= limit:
                 return docs
     return docs
 
 
 def shard_perplexity(lm, data_dir: str | Path, split: str = "val", stride: int | None = None,
-                     max_tokens: int | None = None) -> tuple[dict, list[dict]]:
+                     limit: int | None = None) -> tuple[dict, list[dict]]:
     """Perplexity over the documents of packed validation shards; bytes come from decoding the ids."""
     records = []
-    for i, doc in enumerate(shard_documents(data_dir, split, max_tokens)):
+    for i, doc in enumerate(shard_documents(data_dir, split, limit)):
         ids = doc.tolist()
         nll, n = token_nll(lm.model, ids, lm.prefix_id, lm.max_length, stride, lm.batch_size)
         text = lm.tokenizer.decode(ids)

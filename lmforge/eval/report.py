@@ -75,8 +75,10 @@ def _bars(path: Path, title: str, labels: list[str], series: dict[str, list[floa
         ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     ax.set_title(title)
+    top = max((v for vs in series.values() for v in vs if not math.isnan(v)), default=1.0)
+    ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)  # room for the value labels
     if len(series) > 1:
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=len(series), frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, path)
 

@@ -46,7 +46,7 @@ def run_perplexity(lm, cfg: TaskConfig) -> TaskResult:
                    for (i, t), n in zip(texts, nll)]
         return TaskResult(cfg.name, cfg.type, {"bits_per_byte": P.aggregate(records)["bits_per_byte"]}, records)
     if cfg.data_dir:
-        metrics, records = P.shard_perplexity(lm, cfg.data_dir, cfg.split, cfg.stride)
+        metrics, records = P.shard_perplexity(lm, cfg.data_dir, cfg.split, cfg.stride, cfg.limit)
     else:
         metrics, records = P.text_perplexity(lm, _perplexity_texts(cfg, read_jsonl), cfg.stride)
     return TaskResult(cfg.name, cfg.type, metrics, records)

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from lmforge.common import LmforgeError, get_logger, seed_everything
-from lmforge.recipes._common import add_config_arguments, load_config, overrides_from_args
+from lmforge.recipes._common import add_config_arguments, load_config, overrides_from_args, set_dotted
 
 log = get_logger("lmforge.eval")
 FLAGS = {"--out": "out", "--limit": "limit", "--device": "device", "--dtype": "dtype", "--batch-size": "batch_size",
@@ -59,13 +59,30 @@ def build_tasks(cfg: dict) -> list:
     return tasks
 
 
+def read_config(name: str, overrides: list[str]) -> dict:
+    """eval-default.yaml, with the fields of another config file on top (a file may list only its
+    tasks), then the command-line overrides."""
+    import yaml
+
+    cfg = load_config("eval-default")
+    if name != "eval-default":
+        user = load_config(name, open_sections=())
+        unknown = sorted(set(user) - TOP_LEVEL)
+        if unknown:
+            raise LmforgeError(f"{name}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_LEVEL))})")
+        cfg.update(user)
+    for item in overrides:
+        if "=" not in item:
+            raise LmforgeError(f"override {item!r}: expected KEY=VALUE, e.g. builtin.num_examples=20")
+        key, raw = item.split("=", 1)
+        set_dotted(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return cfg
+
+
 def main(args: argparse.Namespace) -> int:
     from lmforge.eval.report import write_comparison
 
-    cfg = load_config(args.config, overrides_from_args(args, FLAGS))
-    unknown = sorted(set(cfg) - TOP_LEVEL)
-    if unknown:
-        raise LmforgeError(f"{args.config}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_LEVEL))})")
+    cfg = read_config(args.config, overrides_from_args(args, FLAGS))
     if args.compare:
         paths = write_comparison(args.compare[0], args.compare[1], cfg["out"])
         print(f"comparison written to {paths['markdown']} and {paths['html']}")
