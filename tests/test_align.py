@@ -113,3 +113,33 @@ def test_distillation_raises_agreement(tmp_path):
     out = recipe.run_distill(_cfg("distill", 40, **{"model.teacher": tmp_path / "teacher", "train.lr": 0.005}),
                              torch.device("cpu"), tmp_path / "student")
     assert out["after"]["greedy_agreement"] > out["before"]["greedy_agreement"] + 0.1
+
+
+class PrincipleJudge:
+    """A test judge that applies the written principle exactly (brackets + final period)."""
+
+    def generate(self, prompts, **kw):
+        import re
+
+        out = []
+        for p in prompts:
+            a = re.search(r"Assistant A's Answer\]\n(.*?)\n\[The End", p, re.S).group(1)
+            b = re.search(r"Assistant B's Answer\]\n(.*?)\n\[The End", p, re.S).group(1)
+            score = lambda t: ("[" in t) + t.strip().endswith(".")  # noqa: E731
+            out.append("[[A]]" if score(a) > score(b) else "[[B]]" if score(b) > score(a) else "[[C]]")
+        return out
+
+
+def test_rlaif_labels_pairs_by_the_principles_and_trains(tmp_path):
+    torch.manual_seed(0)
+    cfg = _cfg("rlaif", 10, **{"rl.max_new_tokens": 8, "task.train_size": 64, "task.eval_size": 16})
+    cfg["rlaif"]["judge"] = PrincipleJudge()
+    train, _ = recipe.task_records(cfg)
+    model, tok = recipe.load_policy(cfg, train, torch.device("cpu"))
+    pairs = recipe.label_pairs_with_judge(model, tok, [r["prompt"] for r in train], PrincipleJudge(),
+                                          cfg["rlaif"]["principles"], cfg["rl"], torch.device("cpu"))
+    score = lambda t: ("[" in t) + t.strip().endswith(".")  # noqa: E731
+    assert pairs and all(score(p["chosen"]) > score(p["rejected"]) for p in pairs)
+    out = recipe.run_rlaif(cfg, torch.device("cpu"), tmp_path)
+    assert out["labelled_pairs"] >= 4 and math.isfinite(out["after"]["margin"])
+    assert (tmp_path / "final" / "model.safetensors").exists()

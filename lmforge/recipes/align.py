@@ -7,6 +7,7 @@ full or with LoRA, from a YAML recipe. Each method prints and saves its before/a
     lmforge align --method grpo --set task.name=arithmetic       # verifiable reward
     lmforge align --method ppo --model runs/x/final --set model.reward_model=runs/rm/final
     lmforge align --method distill --model runs/draft/final --set model.teacher=runs/base/final
+    lmforge align --method rlaif --model runs/x/final --set rlaif.judge=http://localhost:8000/v1
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lmforge.train import align as A
 from lmforge.train import align_data as D
 
 log = get_logger("lmforge.align")
-METHODS = ("dpo", "reward", "grpo", "ppo", "distill")
+METHODS = ("dpo", "reward", "grpo", "ppo", "distill", "rlaif")
 FLAGS = {"--method": "method", "--model": "model.path", "--steps": "train.steps", "--out": "run.dir",
          "--name": "run.name", "--task": "task.name", "--lr": "train.lr"}
 
@@ -160,6 +161,10 @@ def _pair_logps(model, tensors):
 def run_dpo(cfg: dict, device, run: Path) -> dict:
     train, held = task_records(cfg)
     model, tok = load_policy(cfg, train, device)
+    return train_dpo(cfg, model, tok, train, held, device, run)
+
+
+def train_dpo(cfg: dict, model, tok, train: list[dict], held: list[dict], device, run: Path) -> dict:
     ref = Reference(model)
     dc, tc = cfg["dpo"], cfg["train"]
 
@@ -236,6 +241,43 @@ def load_reward_model(path: str, device) -> A.RewardModel:
     rm = A.RewardModel(load_model(path))
     rm.score.load_state_dict(load_file(str(head)))
     return rm.to(device).eval()
+
+
+def run_rlaif(cfg: dict, device, run: Path) -> dict:
+    """AI feedback: the policy samples two answers per prompt, a judge model (a model folder or an
+    OpenAI-compatible URL) picks the one that better follows the written principles (both orders,
+    so position bias cancels), and the labelled pairs train the policy with DPO."""
+    from lmforge.eval.lm import load_lm
+
+    judge_spec = cfg["rlaif"].get("judge")
+    if not judge_spec:
+        raise LmforgeError("rlaif needs rlaif.judge: a judge model folder or an OpenAI-compatible endpoint URL")
+    train, held = task_records(cfg)
+    model, tok = load_policy(cfg, train, device)
+    judge = load_lm(str(judge_spec)) if isinstance(judge_spec, (str, Path)) else judge_spec
+    labelled = label_pairs_with_judge(model, tok, [r["prompt"] for r in train + held], judge,
+                                      cfg["rlaif"]["principles"], cfg["rl"], device)
+    if len(labelled) < 4:
+        raise LmforgeError(f"the judge preferred one answer in only {len(labelled)} pairs: too few to train on")
+    split = max(1, len(labelled) // 5)
+    results = train_dpo(cfg, model, tok, labelled[split:], labelled[:split], device, run)
+    return {"labelled_pairs": len(labelled), **results}
+
+
+def label_pairs_with_judge(model, tok, prompts: list[str], judge, principles: str, rc: dict, device) -> list[dict]:
+    from lmforge.eval.judge import judge_pairwise
+
+    a, *_ = rollout(model, tok, prompts, rc, 1, device)
+    b, *_ = rollout(model, tok, prompts, rc, 2, device)
+    questions = [f"{p}\n(Judge by these principles: {principles})" for p in prompts]
+    records = judge_pairwise(judge, questions, a, b)
+    pairs = []
+    for prompt, x, y, rec in zip(prompts, a, b, records):
+        win = rec["scores"]["win"]
+        if win != 0.5 and x != y:
+            chosen, rejected = (x, y) if win > 0.5 else (y, x)
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
 
 
 # ----------------------------------------------------------------------------- GRPO and PPO
@@ -410,4 +452,4 @@ def _distill_windows(cfg: dict, tok, vocab: int) -> torch.Tensor:
     return ids[: len(ids) // L * L].view(-1, L)
 
 
-RUNNERS = {"dpo": run_dpo, "reward": run_reward, "grpo": run_grpo, "ppo": run_ppo, "distill": run_distill}
+RUNNERS = {"rlaif": run_rlaif, "dpo": run_dpo, "reward": run_reward, "grpo": run_grpo, "ppo": run_ppo, "distill": run_distill}
