@@ -432,6 +432,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_drain_finishes_in_flight_streams_and_refuses_new_work(ckpt):
+    """What SIGTERM triggers (uvicorn's handle_exit), in-process: the open stream runs to its end,
+    a new request on an open connection gets 503, then the server stops."""
+    s = ServerThread(ServeConfig(model=str(ckpt[0]), drain_timeout=30)).__enter__()
+    try:
+        keep_alive = httpx.Client(timeout=30)
+        assert keep_alive.get(s.url + "/health").status_code == 200
+        c, r = _open_stream(s.url, max_tokens=400, first_chunk=False)
+        s.server.handle_exit(signal.SIGTERM, None)
+        late = keep_alive.post(s.url + "/v1/completions", json={"model": "tiny-chat", "prompt": "hi"})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+        s.thread.join(30)
+        assert not s.thread.is_alive()
+        r.close()
+        c.close()
+        keep_alive.close()
+    finally:
+        s.__exit__()
+
+
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(ckpt):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
