@@ -78,7 +78,8 @@ class WrappedLinear(nn.Module):
             return b
         w = self.base_weight().detach()
         bias = getattr(b, "bias", None)
-        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        # The model's compute dtype (dequantize() may return fp32 under a bf16 model).
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, **self._factory())
         lin.weight.data.copy_(w)
         if bias is not None:
             lin.bias.data.copy_(bias.detach())
