@@ -1,8 +1,9 @@
 """MinHash near-dedup: lmforge vs datasketch, side by side on the standard-library corpus.
 
-Both get the same shingles (word 5-grams: byte spans from the start of word i to the end of word
-i+4) and num_perm=128. Timed end to end from the document texts:
-  datasketch: shingle byte strings + `MinHash.bulk` (its fastest path), then `MinHashLSH(threshold=0.8)`
+Both get the same shingles (word 5-grams, words = runs of non-whitespace bytes) and num_perm=128.
+Timed end to end from the document texts:
+  datasketch: shingle byte strings (b" ".join of 5 words) + `MinHash.bulk` (its fastest path),
+              then `MinHashLSH(threshold=0.8)`
   lmforge:    `MinHasher.signatures` (vectorised shingle hashes + all permutations as one matrix op),
               then LSH bands x rows + exact-Jaccard verification of the candidates.
 Ground truth: exact Jaccard of every pair of documents (sparse doc x shingle product), pairs >= 0.8.
@@ -35,11 +36,7 @@ def corpus(include_tests: bool) -> list[str]:
 def datasketch_signatures(texts: list[str], hasher: MinHasher) -> list:
     from datasketch import MinHash
 
-    shingles = []
-    for t in texts:
-        units = hasher.units(t)
-        shingles.append([units[s:e].tobytes() for s, e in zip(*hasher.spans(units))])
-    return MinHash.bulk(shingles, num_perm=NUM_PERM)
+    return MinHash.bulk([hasher.shingle_strings(t) for t in texts], num_perm=NUM_PERM)
 
 
 def datasketch_pairs(sigs: list) -> set[tuple[int, int]]:

@@ -1,11 +1,9 @@
 """Stage 4, dedup: exact (hash of the normalised text) and near-duplicate MinHash LSH.
 
 Fast path, all numpy, no Python loop per hash:
-  1. Shingle hashes without building a string per shingle: the text is an integer array (UTF-8 bytes
-     for word shingles, code points for character shingles); prefix sums of `unit * M**pos` (mod 2**64)
-     give the polynomial hash of any span as `(H[end] - H[start]) * M**-start`, since M is odd and so
-     invertible mod 2**64. A k-word shingle is the byte span from the start of word i to the end of
-     word i+k-1.
+  1. Shingle hashes without building a string per shingle or per word: prefix sums of
+     `byte * M**pos` (mod 2**32) give every word's polynomial hash as `(H[end] - H[start]) * M**-start`
+     (M is odd, so invertible); a k-word shingle hash is a polynomial in k word hashes (mod 2**64).
   2. All num_perm permutations at once: `(a * x + b) mod 2**32` on a [shingles, num_perm] uint32
      block (a odd, so each is a bijection of the 32-bit hash space), then the minimum per column.
   3. LSH: bands x rows of the signature -> bucket keys -> candidate pairs; candidates verified by
@@ -74,31 +72,37 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
 
 
 class _Powers:
-    """M**i and M**-i mod 2**64, grown on demand."""
+    """M**i and M**-i mod 2**32 (M odd, so invertible), grown on demand."""
 
     def __init__(self) -> None:
-        self.pow = np.ones(1, dtype=np.uint64)
-        self.inv = np.ones(1, dtype=np.uint64)
-        self._minv = np.uint64(pow(int(_MUL), -1, 2**64))
+        self.pow = np.ones(1, dtype=np.uint32)
+        self.inv = np.ones(1, dtype=np.uint32)
+        self._m = np.uint32(int(_MUL) & 0xFFFFFFFF)
+        self._minv = np.uint32(pow(int(self._m), -1, 2**32))
 
     def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if n > len(self.pow):
             size = max(n, 2 * len(self.pow))
-            self.pow = self._geometric(_MUL, size)
+            self.pow = self._geometric(self._m, size)
             self.inv = self._geometric(self._minv, size)
         return self.pow[:n], self.inv[:n]
 
     @staticmethod
-    def _geometric(base: np.uint64, size: int) -> np.ndarray:
-        out = np.empty(size, dtype=np.uint64)
+    def _geometric(base: np.uint32, size: int) -> np.ndarray:
+        out = np.empty(size, dtype=np.uint32)
         out[0] = 1
         with np.errstate(over="ignore"):
-            np.cumprod(np.full(size - 1, base, dtype=np.uint64), out=out[1:])
+            np.cumprod(np.full(size - 1, base, dtype=np.uint32), out=out[1:])
         return out
 
 
 class MinHasher:
-    """Shingling + MinHash signatures, vectorised over the shingles of each document."""
+    """Shingling + MinHash signatures, vectorised over the shingles of each document.
+
+    A shingle is `ngram` consecutive words (runs of bytes above the space, so whitespace between
+    words does not matter) or `ngram` consecutive characters; `shingle_strings` spells them out
+    (b" ".join of the words) for comparison with other implementations.
+    """
 
     def __init__(self, num_perm: int = 128, seed: int = 1, shingle: str = "word", ngram: int = 5,
                  lowercase: bool = False) -> None:
@@ -120,48 +124,67 @@ class MinHasher:
             return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
-    def spans(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(start, end) offsets into `units` of every shingle; a text shorter than one shingle is one shingle."""
-        k = self.ngram
-        if self.shingle == "char":
-            n = len(units)
-            if n == 0:
-                return np.zeros(0, np.int64), np.zeros(0, np.int64)
-            if n <= k:
-                return np.zeros(1, np.int64), np.full(1, n, np.int64)
-            starts = np.arange(n - k + 1, dtype=np.int64)
-            return starts, starts + k
-        # not whitespace (9..13, 32): three SIMD comparisons beat a lookup-table gather
-        word = (units > 32) | (units < 9) | ((units > 13) & (units < 32))
+    @staticmethod
+    def word_spans(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) byte offsets of the words: runs of bytes above the space (one SIMD comparison;
+        tab, newline and the other control bytes separate words too)."""
+        word = units > 32
         n = len(units)
         change = np.empty(n + 1, dtype=bool)  # word/space boundaries, the text's ends included
         change[0], change[n] = word[0] if n else False, word[-1] if n else False
         np.not_equal(word[1:], word[:-1], out=change[1:n])
         edges = np.flatnonzero(change)
-        wstart, wend = edges[0::2], edges[1::2]  # word i is units[wstart[i]:wend[i]]
-        if len(wstart) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        if len(wstart) < k:
-            return wstart[:1], wend[-1:]
-        return wstart[: len(wstart) - k + 1], wend[k - 1:]
+        return edges[0::2], edges[1::2]
 
-    def span_hashes(self, units: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """64-bit hash of every span: polynomial hash from prefix sums, then fmix64."""
+    def token_hashes(self, text: str) -> np.ndarray:
+        """One uint64 per word (32-bit polynomial hash of its bytes from prefix sums, length in the
+        high half) or per character (its code point)."""
+        units = self.units(text)
+        if self.shingle == "char":
+            return units.astype(np.uint64)
+        starts, ends = self.word_spans(units)
         if len(starts) == 0:
             return np.zeros(0, dtype=np.uint64)
-        pw, inv = self._powers.get(len(units) + 1)
+        pw, inv = self._powers.get(len(units))
         with np.errstate(over="ignore"):
-            prefix = np.empty(len(units) + 1, dtype=np.uint64)
+            prefix = np.empty(len(units) + 1, dtype=np.uint32)
             prefix[0] = 0
-            np.multiply(units, pw[: len(units)], out=prefix[1:], dtype=np.uint64)
+            np.multiply(units, pw, out=prefix[1:], dtype=np.uint32)
             np.cumsum(prefix[1:], out=prefix[1:])
-            h = (prefix[ends] - prefix[starts]) * inv[starts]
-            h += (ends - starts).astype(np.uint64)  # length in, so "ab" and "ab\0" differ
-            return _fmix64(h)
+            h = ((prefix[ends] - prefix[starts]) * inv[starts]).astype(np.uint64)
+        h |= (ends - starts).astype(np.uint64) << np.uint64(32)
+        return h
 
     def shingle_hashes(self, text: str) -> np.ndarray:
+        """64-bit hash of every shingle, in order; a text shorter than one shingle is one shingle."""
+        return self.combine(self.token_hashes(text), self.ngram, whole_if_short=True)
+
+    @staticmethod
+    def combine(tokens: np.ndarray, k: int, whole_if_short: bool = False) -> np.ndarray:
+        """Hashes of every k consecutive tokens: a polynomial in the token hashes, then fmix64."""
+        n = len(tokens)
+        if n < k:
+            if n == 0 or not whole_if_short:
+                return np.zeros(0, dtype=np.uint64)
+            k = n
+        m = n - k + 1
+        with np.errstate(over="ignore"):
+            h = tokens[:m] * _MUL
+            for j in range(1, k):
+                h += tokens[j: j + m]
+                h *= _MUL
+            h += np.uint64(k)
+        return _fmix64(h)
+
+    def shingle_strings(self, text: str) -> list[bytes]:
+        """The shingles spelled out (slow; for tests and for feeding other MinHash libraries)."""
         units = self.units(text)
-        return self.span_hashes(units, *self.spans(units))
+        if self.shingle == "char":
+            items, sep = [chr(c).encode("utf-8") for c in units.tolist()], b""
+        else:
+            items, sep = [units[s:e].tobytes() for s, e in zip(*self.word_spans(units))], b" "
+        k = min(self.ngram, len(items))
+        return [sep.join(items[i: i + k]) for i in range(len(items) - k + 1)] if items else []
 
     def shingle_set(self, text: str) -> np.ndarray:
         return np.unique(self.shingle_hashes(text))

@@ -54,11 +54,7 @@ class NGramIndex:
 
     def ngram_hashes(self, text: str) -> np.ndarray:
         """Hashes of the text's word n-grams in order; empty when it has fewer than n words."""
-        units = self._hasher.units(_canonical(text))
-        starts, ends = self._hasher.spans(units)
-        if len(starts) == 0 or (len(starts) == 1 and len(units[starts[0]:ends[0]].tobytes().split()) < self.n):
-            return np.zeros(0, dtype=np.uint64)
-        return self._hasher.span_hashes(units, starts, ends)
+        return self._hasher.combine(self._hasher.token_hashes(_canonical(text)), self.n)
 
     def matches(self, text: str) -> np.ndarray:
         """[number of n-grams] bool: which of the text's n-grams occur in the index."""
