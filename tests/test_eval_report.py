@@ -36,10 +36,30 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def test_contamination_flags_and_clean_subset(tmp_path):
+def _shard_corpus(folder, texts):
+    """A packed data folder (train split) with its tokenizer, as `lmforge data prepare` writes."""
+    import numpy as np
+
+    from lmforge.data.pack import ShardWriter, write_index
+
+    tok = tiny_tokenizer()
+    writer = ShardWriter(folder, "train", tok.vocab_size, tok.eos_id, shard_tokens=1 << 16)
+    for t in texts:
+        writer.add(np.asarray(tok.encode(t)))
+    tok.save(folder / "tokenizer")
+    write_index(folder, {"train": writer.close()}, tok.vocab_size, tok.eos_id)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["text", "shards"])
+def test_contamination_flags_and_clean_subset(tmp_path, kind):
     path = _write(tmp_path / "mc.jsonl", MC)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("unrelated text. " + MC[1]["context"] + MC[1]["choices"][0] + " more. " + MC[4]["context"])
+    texts = ["unrelated text. " + MC[1]["context"] + MC[1]["choices"][0] + " more.", MC[4]["context"]]
+    if kind == "text":
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text(" ".join(texts))
+    else:
+        corpus = _shard_corpus(tmp_path / "data", texts)
     oracle = OracleLM({})  # right on examples 1 and 4 only (golds end in 0: 10 and 40 score best, others worst)
     oracle.loglikelihood = lambda reqs: [(0.0 if c.strip() in ("10", "40") else -1.0 if c.endswith("0") else -0.5, True)
                                          for _, c in reqs]
@@ -75,6 +95,17 @@ def test_builtin_tasks_are_deterministic_and_held_out():
     assert all(len(set(e["choices"])) == 4 and 0 <= e["gold"] < 4 for e in mc)
     assert docstring_mc_examples(BuiltinConfig(num_examples=6, seed=1)) != mc
     assert len(functions(cfg)) >= 20
+
+
+def test_evaluate_builtin_for_a_model_in_memory(tmp_path):
+    from lmforge.eval import evaluate_builtin
+
+    lm = tiny_lm()
+    lm.model.train()
+    results = evaluate_builtin(lm.model, lm.tokenizer, tmp_path / "r", name="mine", num_examples=2, max_docs=1,
+                               max_chars=200, max_new_tokens=4)
+    assert [t["name"] for t in results["tasks"]][-1] == "stdlib_docstring_mc" and results["model"] == "mine"
+    assert (tmp_path / "r" / "report.html").is_file() and lm.model.training  # mode restored
 
 
 def test_builtin_oracle_and_tiny_model():

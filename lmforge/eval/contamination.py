@@ -24,14 +24,28 @@ def _corpus_texts(path: Path) -> Iterator[str]:
             yield f.read_text(encoding="utf-8", errors="replace")
 
 
+def _shard_texts(folder: Path, split: str = "train") -> Iterator[str]:
+    """Documents of a packed data folder (`lmforge data prepare`, pretraining caches), decoded with
+    the tokenizer stored next to them."""
+    from lmforge.eval.perplexity import shard_documents
+    from lmforge.tokenizer import load_tokenizer
+
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer(folder / (index.get("tokenizer") or "tokenizer"))
+    for doc in shard_documents(folder, split):
+        yield tokenizer.decode(doc.tolist())
+
+
 def load_index(spec: str | Path, n: int = 13) -> NGramIndex:
-    """A saved index (.npy, from `NGramIndex.save`), or a corpus file/folder (.txt/.md/.py/.rst/.jsonl)
-    indexed on the fly."""
+    """A saved index (.npy, from `NGramIndex.save`), a packed data folder (its train split), or a
+    corpus file/folder (.txt/.md/.py/.rst/.jsonl) indexed on the fly."""
     path = Path(spec)
     if not path.exists():
         raise LmforgeError(f"contamination corpus/index not found: {path}")
     if path.suffix == ".npy":
         return NGramIndex.load(path)
+    if (path / "index.json").is_file():
+        return NGramIndex.build(_shard_texts(path), n=n)
     return NGramIndex.build(_corpus_texts(path), n=n)
 
 
