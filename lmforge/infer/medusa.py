@@ -120,9 +120,11 @@ def _ancestor_mask(parent: list[int]) -> torch.Tensor:
 
 @torch.inference_mode()
 def medusa_generate(model, heads: MedusaHeads, prompt_ids: list[int], params: SamplingParams,
-                    choices: tuple[int, ...] = (3, 2, 2), eos_token_ids: list[int] | None = None
+                    choices: tuple[int, ...] | None = None, eos_token_ids: list[int] | None = None
                     ) -> tuple[list[int], SpecStats]:
-    """Greedy decoding with Medusa tree verification; identical tokens to plain greedy."""
+    """Greedy decoding with Medusa tree verification; identical tokens to plain greedy. `choices`:
+    top-k per tree level (default 3, 2, 2, then 1 for further heads)."""
+    choices = choices or ((3, 2, 2) + (1,) * heads.num_heads)[:heads.num_heads]
     if not params.greedy:
         raise LmforgeError("Medusa decoding here is greedy only (temperature 0); use --draft or --lookup to sample")
     if len(choices) > heads.num_heads:

@@ -5,6 +5,7 @@ tokens as they come; --chat wraps the prompt in the model's own chat template.""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -29,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--image", help="image file for a vision-language model folder (lmforge vlm train)")
+    p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller draft model (same tokenizer)")
+    p.add_argument("--lookup", action="store_true", help="speculative decoding with prompt-lookup (n-gram) drafts")
+    p.add_argument("--medusa", metavar="DIR", help="speculative decoding with Medusa heads (lmforge train-medusa)")
+    p.add_argument("--spec-k", type=int, default=4, help="tokens drafted per step for --draft/--lookup")
+    p.add_argument("--prompts", metavar="FILE.jsonl", help="batch mode: every prompt of the file through the engine")
+    p.add_argument("--out", metavar="FILE.jsonl", help="where --prompts writes the completions")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,8 +44,8 @@ def main(args: argparse.Namespace) -> int:
     from lmforge.infer.generate import compiled_decode, generate, stream_text
     from lmforge.infer.sampling import SamplingParams
 
-    if args.prompt is None and args.prompt_ids is None:
-        raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3)")
+    if args.prompt is None and args.prompt_ids is None and args.prompts is None:
+        raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3, or --prompts FILE.jsonl --out FILE.jsonl)")
     device = get_device(args.device)
     if args.image:  # a vision-language model: the image is spliced in at the prompt's <image>
         from lmforge.infer.sampling import sample
@@ -57,6 +64,25 @@ def main(args: argparse.Namespace) -> int:
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop_strings=list(args.stop))
     decode_fn = compiled_decode(model) if args.compile else None
+    if args.prompts:  # batch mode: all prompts through the continuous-batching engine
+        from lmforge.infer.batch import run_prompts_file
+
+        if not args.out:
+            raise LmforgeError("--prompts needs --out FILE.jsonl")
+        print(json.dumps(run_prompts_file(model, tokenizer, args.prompts, args.out, params)), file=sys.stderr)
+        return 0
+    if args.draft or args.lookup or args.medusa:  # speculative decoding of one prompt
+        from lmforge.infer.batch import speculative_decode
+
+        if args.prompt_ids is None and tokenizer is None:
+            raise LmforgeError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
+        ids = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else tokenizer.encode(args.prompt)
+        eos = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
+        out, stats = speculative_decode(model, ids, params, draft=args.draft, lookup=args.lookup, medusa=args.medusa,
+                                        k=args.spec_k, eos_token_ids=eos)
+        print(",".join(map(str, out)) if args.prompt_ids else tokenizer.decode(out))
+        print(json.dumps(stats.as_dict()), file=sys.stderr)
+        return 0
 
     if args.prompt_ids is not None or tokenizer is None:
         if args.prompt_ids is None:

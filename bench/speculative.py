@@ -1,0 +1,195 @@
+"""Speculative decoding speed-ups at batch 1, greedy, against plain decoding of the same target.
+
+Trains (once; cached in --workdir) on the stdlib corpus: a byte-level BPE tokenizer, a target
+model, a much smaller draft model (sequence-level distillation: the draft learns the target's own
+greedy continuations of corpus prompts, the text it will be asked to guess) and Medusa heads
+(same self-distilled data). Then, per method, tokens/s over the same prompts (median of repeats),
+the ratio to plain decoding, acceptance rates, and whether the tokens equal plain greedy.
+
+    python bench/speculative.py                # trains ~5 min the first time on 1 CPU core
+    python bench/speculative.py --retrain      # ignore the cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import load_model, save_model
+from lmforge.infer.generate import generate
+from lmforge.infer.medusa import MedusaHeads, load_medusa, medusa_generate, medusa_loss, save_medusa
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.speculative import DraftProposer, LookupProposer, speculative_generate
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
+
+SHAPES = {
+    "target": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
+                   num_key_value_heads=2),
+    "draft": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1),
+}
+
+
+def corpus(max_bytes: int) -> str:
+    from lmforge.data.stdlib import stdlib_files
+
+    parts, size = [], 0
+    for f in stdlib_files():
+        parts.append(f.read_text(encoding="utf-8", errors="replace"))
+        size += len(parts[-1])
+        if size > max_bytes:
+            break
+    return "\n".join(parts)[:max_bytes]
+
+
+def train_lm(model, batches, steps: int, lr: float, name: str) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    model.train()
+    loss = torch.zeros(())
+    for step in range(steps):
+        for g in opt.param_groups:  # warmup then cosine
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        ids, weight = batches(step)
+        logits = model(ids[:, :-1])
+        per_tok = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        loss = (per_tok * weight[:, 1:].flatten()).sum() / weight[:, 1:].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  {name} step {step} loss {loss.item():.3f}", flush=True)
+    return loss.item()
+
+
+def build(args, work: Path):
+    text = corpus(args.corpus_bytes)
+    tok = train_tokenizer([text], vocab_size=args.vocab)
+    stream = torch.tensor(tok.encode(text), dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    seq = args.seq_len
+
+    def windows(_):
+        starts = torch.randint(0, len(stream) - seq - 1, (args.batch_size,), generator=g)
+        ids = stream[starts[:, None] + torch.arange(seq + 1)]
+        return ids, torch.ones_like(ids, dtype=torch.float)
+
+    base = dict(vocab_size=tok.vocab_size, max_position_embeddings=1024, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    target = Transformer(ModelConfig.preset("tiny", **base, **SHAPES["target"]))
+    t0 = time.perf_counter()
+    train_lm(target, windows, args.target_steps, 3e-3, "target")
+    save_model(target.eval(), work / "target", tokenizer=tok)
+
+    # The target's own greedy continuations of corpus prompts: what the draft and heads must predict.
+    plen, n = 32, args.distill_rows
+    starts = torch.randint(0, len(stream) - plen, (n,), generator=g)
+    prompts = stream[starts[:, None] + torch.arange(plen)]
+    rows = torch.cat([torch.cat([p, generate(target, p, max_new_tokens=seq - plen)], 1)
+                      for p in prompts.split(32)])
+    weight = torch.ones_like(rows, dtype=torch.float)
+    weight[:, :plen] = 0.2  # mostly the continuation, a little real text
+
+    def distilled(_):
+        idx = torch.randint(0, n, (args.batch_size,), generator=g)
+        return rows[idx], weight[idx]
+
+    draft = Transformer(ModelConfig.preset("tiny", **base, **SHAPES["draft"]))
+    train_lm(draft, windows, args.draft_steps // 2, 3e-3, "draft (corpus)")
+    train_lm(draft, distilled, args.draft_steps, 2e-3, "draft (distill)")
+    save_model(draft.eval(), work / "draft", tokenizer=tok)
+
+    target.requires_grad_(False)
+    heads = MedusaHeads(target.config.hidden_size, 3)
+    opt = torch.optim.AdamW(heads.parameters(), lr=3e-3)
+    for step in range(args.medusa_steps):
+        loss, accs = medusa_loss(target, heads, distilled(step)[0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    print(f"  medusa heads top-1 accuracy {[round(a, 3) for a in accs]}")
+    save_medusa(heads, work / "medusa")
+    print(f"trained in {time.perf_counter() - t0:.0f}s")
+
+
+def run(fn, prompts, repeats):
+    """Median tokens/s over repeats, with the outputs and the last run's stats."""
+    rates, outs, stats = [], None, []
+    for _ in range(repeats):
+        outs, stats, t, n = [], [], time.perf_counter(), 0
+        for p in prompts:
+            o, s = fn(p)
+            outs.append(o)
+            stats.append(s)
+            n += len(o)
+        rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates), outs, stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/lmforge_bench_speculative")
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--target-steps", type=int, default=400)
+    ap.add_argument("--draft-steps", type=int, default=400)
+    ap.add_argument("--medusa-steps", type=int, default=300)
+    ap.add_argument("--distill-rows", type=int, default=256)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--new", type=int, default=96)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    if args.retrain or not (work / "medusa").exists():
+        build(args, work)
+    target, draft = load_model(work / "target").eval(), load_model(work / "draft").eval()
+    heads = load_medusa(work / "medusa")
+    tok = load_tokenizer(work / "target")
+    text = corpus(args.corpus_bytes)
+    g = torch.Generator().manual_seed(123)
+    ids = tok.encode(text[-200_000:])  # the corpus tail: mostly unseen by the short training runs
+    prompts = [ids[s:s + 48] for s in torch.randint(0, len(ids) - 48, (args.prompts,), generator=g).tolist()]
+    # Input-grounded prompts for prompt lookup: a code snippet, then its first line again (copy it).
+    snippets = [ids[s:s + 64] for s in torch.randint(0, len(ids) - 64, (args.prompts,), generator=g).tolist()]
+    copy_prompts = [s + tok.encode("\n\n") + s[:8] for s in snippets]
+    sp = SamplingParams(max_new_tokens=args.new)
+    k = args.k
+
+    def plain(p):
+        return generate(target, p, max_new_tokens=args.new)[0].tolist(), None
+
+    methods = {
+        "draft model": (prompts, lambda p: speculative_generate(target, p, sp, DraftProposer(draft, 1024), k=k)),
+        "prompt lookup (free text)": (prompts, lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
+        "prompt lookup (copy task)": (copy_prompts,
+                                      lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
+        "medusa (3 heads, tree 3x2x2)": (prompts, lambda p: medusa_generate(target, heads, p, sp)),
+    }
+    print(f"target {target.config.num_parameters() / 1e6:.1f}M params, draft {draft.config.num_parameters() / 1e6:.2f}M,"
+          f" {args.prompts} prompts x {args.new} new tokens, greedy, batch 1, k={k}, {args.threads} thread(s)")
+    print(f"{'method':32s} {'tok/s':>8s} {'plain':>8s} {'speed-up':>9s} {'accept':>7s} {'tok/step':>9s} same")
+    for name, (ps, fn) in methods.items():
+        base_rate, base_out, _ = run(plain, ps, args.repeats)
+        rate, outs, stats = run(fn, ps, args.repeats)
+        acc = sum(s.accepted for s in stats) / max(1, sum(s.proposed for s in stats))
+        per_step = sum(s.new_tokens for s in stats) / max(1, sum(s.steps for s in stats))
+        print(f"{name:32s} {rate:8.1f} {base_rate:8.1f} {rate / base_rate:8.2f}x {acc:7.2f} {per_step:9.2f} "
+              f"{outs == base_out}")
+        print("   per-request acceptance:", [round(s.acceptance_rate, 2) for s in stats])
+
+
+if __name__ == "__main__":
+    main()

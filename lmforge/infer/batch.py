@@ -1,0 +1,115 @@
+"""Front doors used by `lmforge generate`: a JSONL file of prompts through the engine, and one
+prompt through speculative decoding (draft model, prompt lookup or Medusa heads).
+
+Input rows: {"prompt": "..."} or {"prompt_ids": [...]} or {"messages": [...]} (chat template),
+with optional "id", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "adapter".
+Output rows (same order): id, completion, completion_ids, finish_reason, prompt_tokens,
+completion_tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from lmforge.common import LmforgeError, atomic_write_text
+
+from .engine import Engine
+from .sampling import SamplingParams
+
+ROW_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise LmforgeError(f"--prompts {path}: no such file")
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path} line {i}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not ({"prompt", "prompt_ids", "messages"} & set(row)):
+            raise LmforgeError(f"{path} line {i}: needs a 'prompt', 'prompt_ids' or 'messages' field")
+        rows.append(row)
+    if not rows:
+        raise LmforgeError(f"--prompts {path}: no prompts in the file")
+    return rows
+
+
+def _encode(row: dict, tokenizer, where: str) -> list[int]:
+    if "prompt_ids" in row:
+        return [int(t) for t in row["prompt_ids"]]
+    if tokenizer is None:
+        raise LmforgeError(f"{where}: the model has no tokenizer, so rows need 'prompt_ids'")
+    if "messages" in row:
+        return tokenizer.encode(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True))
+    return tokenizer.encode(row["prompt"])
+
+
+def _cut_stop(text: str, stops: list[str]) -> str:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return text[:min(hits)] if hits else text
+
+
+def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path, params: SamplingParams,
+                     **engine_kwargs) -> dict:
+    """Every prompt of the file through one Engine; writes out_path atomically; returns a summary."""
+    rows = read_prompts(in_path)
+    engine = Engine(model, tokenizer, **engine_kwargs)
+    start, ids = time.perf_counter(), []
+    for i, row in enumerate(rows, start=1):
+        overrides = {k: row[k] for k in ROW_PARAMS if k in row}
+        try:
+            sp = dataclasses.replace(params, stop_token_ids=list(params.stop_token_ids), **overrides)
+        except TypeError as e:
+            raise LmforgeError(f"{in_path} line {i}: {e}") from None
+        ids.append(engine.add_request(_encode(row, tokenizer, f"{in_path} line {i}"), sp, row.get("adapter")))
+    while engine.has_unfinished():
+        engine.step()
+    lines = []
+    for i, (row, rid) in enumerate(zip(rows, ids)):
+        seq = engine.requests[rid]
+        text = _cut_stop(tokenizer.decode(seq.output), seq.params.stop_strings) if tokenizer is not None else None
+        lines.append(json.dumps(dict(id=row.get("id", i), completion=text, completion_ids=seq.output,
+                                     finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
+                                     completion_tokens=len(seq.output))))
+    atomic_write_text(out_path, "\n".join(lines) + "\n")
+    seconds = time.perf_counter() - start
+    generated = engine.stats["generated_tokens"]
+    return dict(requests=len(rows), generated_tokens=generated, seconds=round(seconds, 2),
+                tokens_per_s=round(generated / max(seconds, 1e-9), 1), prefix_hit_blocks=engine.stats["prefix_hit_blocks"])
+
+
+def speculative_decode(target, prompt_ids: list[int], params: SamplingParams, *, draft: str | None = None,
+                       lookup: bool = False, medusa: str | None = None, k: int = 4,
+                       eos_token_ids: list[int] | None = None):
+    """New token ids and SpecStats for one prompt, with exactly one of draft / lookup / medusa."""
+    from lmforge.checkpoint import load_model
+
+    from .medusa import load_medusa, medusa_generate
+    from .speculative import DraftProposer, LookupProposer, speculative_generate
+
+    if sum([draft is not None, bool(lookup), medusa is not None]) != 1:
+        raise LmforgeError("choose one of --draft DIR, --lookup, --medusa DIR")
+    device = next(target.parameters()).device
+    if medusa is not None:
+        heads = load_medusa(medusa, device)
+        if heads.hidden_size != target.config.hidden_size:
+            raise LmforgeError(f"{medusa}: heads of hidden size {heads.hidden_size} do not fit this model "
+                               f"(hidden size {target.config.hidden_size})")
+        return medusa_generate(target, heads, prompt_ids, params, eos_token_ids=eos_token_ids)
+    if draft is not None:
+        draft_model = load_model(draft, device=device)
+        if draft_model.config.vocab_size != target.config.vocab_size:
+            raise LmforgeError(f"--draft {draft}: vocabulary {draft_model.config.vocab_size} differs from the "
+                               f"target's {target.config.vocab_size} (the draft needs the same tokenizer)")
+        proposer = DraftProposer(draft_model, len(prompt_ids) + params.max_new_tokens + k + 1)
+    else:
+        proposer = LookupProposer()
+    return speculative_generate(target, prompt_ids, params, proposer, k=k, eos_token_ids=eos_token_ids)
