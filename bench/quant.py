@@ -99,7 +99,7 @@ def make_variant(name: str, base, calib, qat_steps: int):
     method, scheme = name.split(" ")
     if method == "qat":
         qat_finetune(model, calib, scheme, QuantOptions().skip, qat_steps, 1e-4, get_logger("bench.quant"))
-        method = "rtn"
+        return model, {}
     if method == "mixed":
         opts = QuantOptions(method="mixed", budget_bits=4.5, choices=("int3-g128", "int4-g128", "int8"))
     else:

@@ -62,9 +62,7 @@ def test_qat_model_converts_saves_and_loads(model, tmp_path):
         before = q(torch.tensor([[1, 2, 3]]))
     convert_qat(q)
     assert isinstance(q.model.layers[0].self_attn.q_proj, IntNLinear)
-    q.lmforge_transforms = []
-    from lmforge.quant import quant_config, record
-    record(q, quant_config(q, "qat"))
+    assert [e["method"] for e in q.lmforge_transforms] == ["qat"]
     save_model(q, tmp_path / "qat")
     loaded = load_model(tmp_path / "qat")
     with torch.no_grad():
@@ -122,3 +120,19 @@ def test_checkpoint_with_an_unknown_format_gives_a_clear_error(model, tmp_path, 
     path.write_text(json.dumps(meta))
     with pytest.raises(LmforgeError, match=r"module model.layers.0.mlp.up_proj: quantization format 'fp6'"):
         load_model(tmp_path / "q")
+
+
+def test_swapped_model_records_itself_and_qlora_reloads(model, tmp_path):
+    from lmforge import peft
+    from lmforge.quant import swap
+
+    q = swap(copy.deepcopy(model), "nf4")
+    assert [e["kind"] for e in q.lmforge_transforms] == ["quant"]
+    peft.apply(q, peft.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    ids = torch.randint(0, 512, (2, 10))
+    q(ids).float().pow(2).mean().backward()  # QLoRA: gradients reach the adapters through the NF4 base
+    assert all(p.grad is not None for p in q.parameters() if p.requires_grad)
+    save_model(q, tmp_path / "qlora")
+    loaded = load_model(tmp_path / "qlora")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), q(ids))

@@ -18,7 +18,8 @@ from .calibrate import BlockInputs, calibrate_blocks, check_calibration, observe
 from .gptq import Hessian, gptq_quantize
 from .linear import IntNLinear
 from .mixed import lm_loss, mixed_precision
-from .scheme import DEFAULT_SKIP, check_config, linear_names, make_quant_linear, parse_scheme, quant_config, set_module, swap
+from .scheme import (DEFAULT_SKIP, check_config, linear_names, make_quant_linear, parse_scheme, quant_config, record,
+                     set_module, swap)
 from .smooth import smoothquant_linear
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed")
@@ -50,7 +51,7 @@ def quantize_model(model: nn.Module, opts: QuantOptions, calib: Sequence[torch.T
     names = linear_names(model, opts.skip)
     stats: dict = {}
     if opts.method == "rtn":
-        swap(model, opts.scheme, opts.skip)
+        swap(model, opts.scheme, opts.skip, record_transform=False)
     elif opts.method == "mixed":
         stats = mixed_precision(model, names, lambda: lm_loss(model, calib), opts.budget_bits, opts.choices, progress)
     else:
@@ -107,13 +108,8 @@ def _options_json(opts: QuantOptions) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(opts).items()}
 
 
-def record(model: nn.Module, config: dict) -> None:
-    """Append the quant entry to the model's transform manifest (read by lmforge.checkpoint)."""
-    model.lmforge_transforms = list(getattr(model, "lmforge_transforms", [])) + [{"kind": "quant", **config}]
-
-
 def replay(model: nn.Module, entry: dict, source: str = "checkpoint") -> None:
     """Checkpoint hook: recreate the empty quantized modules an entry describes (meta device)."""
     config = {k: v for k, v in entry.items() if k != "kind"}
     check_config(config, f"{source}: quantization config")
-    swap(model, config)
+    swap(model, config, record_transform=False)

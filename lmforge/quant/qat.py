@@ -13,7 +13,7 @@ from torch import nn
 from lmforge.common import LmforgeError
 
 from .formats import check_group, fake_quant
-from .scheme import DEFAULT_SKIP, linear_names, make_quant_linear, parse_scheme, set_module
+from .scheme import DEFAULT_SKIP, linear_names, make_quant_linear, parse_scheme, quant_config, record, set_module
 
 
 class FakeQuantLinear(nn.Linear):
@@ -47,4 +47,5 @@ def convert_qat(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, FakeQuantLinear):
             set_module(model, name, make_quant_linear(m, {"format": "intn", "bits": m.bits, "group_size": m.group_size}))
+    record(model, quant_config(model, "qat"))
     return model

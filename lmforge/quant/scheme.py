@@ -81,18 +81,28 @@ def make_quant_linear(linear: nn.Module, spec: dict, input_scale: torch.Tensor |
     return cls.from_float(linear, input_scale=input_scale, **params)
 
 
-def swap(model: nn.Module, scheme: str | dict, skip: Iterable[str] = DEFAULT_SKIP) -> nn.Module:
+def swap(model: nn.Module, scheme: str | dict, skip: Iterable[str] = DEFAULT_SKIP, record_transform: bool = True) -> nn.Module:
     """Replace nn.Linear children by quantized ones, in place; returns the model.
 
     `scheme` is a name ('int4-g128'), a spec dict, or a saved quant config (its `modules` map says
     exactly which module gets which spec; `skip` is then ignored). Real weights are quantised by
-    round-to-nearest; weights on the meta device give empty modules for a checkpoint load."""
+    round-to-nearest and the result is recorded in the model's transform manifest (so a saved
+    checkpoint reloads it); weights on the meta device give empty modules for a checkpoint load."""
+    quantized = False
     for name, spec in plan(model, scheme, skip):
         linear = get_module(model, name)
         if isinstance(linear, QuantLinear):
             continue
         set_module(model, name, make_quant_linear(linear, spec))
+        quantized = quantized or not linear.weight.is_meta
+    if quantized and record_transform:
+        record(model, quant_config(model, "rtn"))
     return model
+
+
+def record(model: nn.Module, config: dict) -> None:
+    """Append a quant entry to the model's transform manifest (saved and replayed by lmforge.checkpoint)."""
+    model.lmforge_transforms = list(getattr(model, "lmforge_transforms", [])) + [{"kind": "quant", **config}]
 
 
 def plan(model: nn.Module, scheme: str | dict, skip: Iterable[str] = DEFAULT_SKIP) -> Iterator[tuple[str, dict]]:

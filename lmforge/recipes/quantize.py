@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, load_tokenizer_if_any, save_model
     from lmforge.quant import QuantOptions, quantize_model
+    from lmforge.quant.calibrate import peak_rss_bytes
 
     log = get_logger("lmforge.quantize")
     seed_everything(args.seed)
@@ -66,9 +67,9 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.method == "qat":
         qat_finetune(model, calib, opts.scheme, opts.skip, args.qat_steps, args.qat_lr, log)
-    stats = quantize_model(model, opts, calib)
-    if args.method == "qat":
-        model.lmforge_transforms[-1]["method"] = "qat"
+        stats = {"peak_rss_bytes": peak_rss_bytes()}
+    else:
+        stats = quantize_model(model, opts, calib)
     out = save_model(model, args.out, tokenizer=tokenizer)
     report = {"method": args.method, "scheme": args.scheme, "seconds": round(time.time() - t0, 1),
               "size_before": folder_bytes(Path(args.model)), "size_after": folder_bytes(out),
@@ -122,9 +123,7 @@ def qat_finetune(model, batches, scheme: str, skip, steps: int, lr: float, log) 
         if step % 20 == 0 or step == steps - 1:
             log.info("qat step %d loss %.4f", step, loss.item())
     model.eval()
-    # Back to plain nn.Linear-shaped modules holding the trained weights; RTN with the same scheme
-    # reproduces the rounding training saw.
-    convert_qat(model)
+    convert_qat(model)  # the packed format, rounded exactly as training saw; recorded in the manifest
 
 
 def folder_bytes(path: Path) -> int:
