@@ -266,3 +266,17 @@ def test_bad_configs_and_clashes_raise_clear_errors():
     assert model.state_dict().keys() == before  # nothing half-applied
     with pytest.raises(LmforgeError, match="unknown PEFT method 'loraa'"):
         peft.config_from_dict({"method": "loraa"})
+
+
+@pytest.mark.parametrize("config", [peft.LoraConfig(r=4, use_dora=True), peft.IA3Config(), peft.AdaLoraConfig()],
+                         ids=["dora", "ia3", "adalora"])
+def test_bf16_model_on_a_quantized_base_merges(config):
+    # Adapters on a bias-free quantized base are fp32; the merged float copy must still take bf16 inputs.
+    model, x = tiny_model().to(torch.bfloat16), batch()
+    _quantize_all(model, FakeQuantLinear)
+    peft.apply(model, config)
+    perturb(model)
+    want = model(x)
+    assert want.dtype == torch.bfloat16
+    peft.merge(model)
+    torch.testing.assert_close(model(x).float(), want.float(), atol=3e-2, rtol=0)

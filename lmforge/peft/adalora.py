@@ -52,7 +52,7 @@ class AdaLoraLinear(WrappedLinear):
         return self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        out = self.base_forward(x)
         for name in self._pending():
             A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
             xd = self.lora_dropout[name](x).to(A.dtype)

@@ -122,6 +122,11 @@ class WrappedLinear(nn.Module):
     def _unmerge_one(self, name: str, lin: nn.Linear) -> None:
         raise NotImplementedError
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._quantized_base:  # merged float copy of a quantized base: it may be fp32 under bf16 inputs
+            return self.base_layer(x.to(self.base_layer.weight.dtype)).to(x.dtype)
+        return self.base_layer(x)
+
     def _pending(self) -> list[str]:
         return [n for n in self.active if n not in self.merged]
 
@@ -173,7 +178,7 @@ class LoraLinear(WrappedLinear):
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        out = self.base_forward(x)
         if self.row_index is not None:
             return self._forward_rows(x, out)
         for name in self._pending():
@@ -248,10 +253,10 @@ class IA3Linear(WrappedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self._scale()
         if scale is None:
-            return self.base_layer(x)
+            return self.base_forward(x)
         if self.feedforward:
-            return self.base_layer(x * scale.to(x.dtype))
-        out = self.base_layer(x)
+            return self.base_forward(x * scale.to(x.dtype))
+        out = self.base_forward(x)
         return out * scale.to(out.dtype)
 
     def _merge_one(self, name: str, lin: nn.Linear) -> None:
