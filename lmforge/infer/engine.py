@@ -26,7 +26,7 @@ import torch
 
 from lmforge.common import LmforgeError
 
-from .paged import BlockPool, PagedKVCache, slot_map
+from .paged import BlockPool, PagedKVCache, block_table, write_slots
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler, Sequence, Status
 
@@ -159,25 +159,20 @@ class Engine:
 
     def _forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Last-token logits [B, V] for the rows' new tokens (left-padded to the longest)."""
-        T = max(n for _, n in group)
-        B = len(group)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        write_pos, read_pos = [], []
-        for row, (seq, n) in enumerate(group):
+        T, bs = max(n for _, n in group), self.block_size
+        ids, write_pos, ctx = [], [], []
+        for seq, n in group:
             start = seq.num_computed
-            ids[row, T - n:] = torch.tensor(seq.tokens[start:start + n])
+            ids.append([0] * (T - n) + seq.tokens[start:start + n])
             write_pos.append([-1] * (T - n) + list(range(start, start + n)))
-            read_pos.append(list(range(start + n)))
-        qpos = torch.tensor(write_pos)
-        ctx = torch.tensor([len(r) for r in read_pos])
-        S = int(ctx.max())
+            ctx.append(start + n)
+        qpos, ctx = torch.tensor(write_pos), torch.tensor(ctx)
+        nb = -(-int(ctx.max()) // bs)  # blocks covering the longest context
         tables = [seq.blocks for seq, _ in group]
-        self.cache.set_step(slot_map(tables, write_pos, self.block_size, self.device),
-                            slot_map(tables, read_pos, self.block_size, self.device))
-        mask = self._mask(qpos, ctx, S).to(self.device)
-        adapters = [seq.adapter for seq, _ in group]
-        with self._adapter_rows(adapters):
-            logits = self.model(ids.to(self.device), position_ids=qpos.clamp(min=0).to(self.device),
+        self.cache.set_step(write_slots(tables, write_pos, bs).to(self.device), block_table(tables, nb).to(self.device))
+        mask = self._mask(qpos, ctx, nb * bs).to(self.device)
+        with self._adapter_rows([seq.adapter for seq, _ in group]):
+            logits = self.model(torch.tensor(ids, device=self.device), position_ids=qpos.clamp(min=0).to(self.device),
                                 attn_mask=mask, kv_cache=self.cache, logits_to_keep=1)
         return logits[:, -1].float()
 

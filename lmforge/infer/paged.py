@@ -5,9 +5,11 @@ Each layer's keys/values live in a flat slot pool [num_blocks * block_size, Hkv,
 `b * block_size + i` is token i of block b. A sequence owns a block table (list of block ids), so
 memory grows a block at a time and nothing is reserved for tokens that never come.
 
-The engine calls `set_step(write_slots, read_slots)` before each forward; attention's
+The engine calls `set_step(write_slots, block_table)` before each forward; attention's
 `update(layer_idx, k, v, start_pos)` then scatters the new keys to `write_slots` [B, T] and
-gathers each row's whole context from `read_slots` [B, S]. Padding points at block 0, which is
+gathers each row's blocks `block_table` [B, nb] whole (a block is one contiguous chunk, so the
+gather is nb memcpys per row, not one per token), giving keys [B, Hkv, nb * block_size, hd];
+the engine's mask hides slots past each row's length. Padding points at block 0, which is
 reserved as a scratch block and never handed out.
 
 `BlockPool` is the allocator: reference counts (prefix-shared blocks), a hash table of full
@@ -100,27 +102,28 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.write_slots: torch.Tensor | None = None
-        self.read_slots: torch.Tensor | None = None
+        self.block_table: torch.Tensor | None = None
 
     @property
     def bytes_per_block(self) -> int:
         t = self.k[0]
         return 2 * len(self.k) * self.block_size * t.shape[1] * t.shape[2] * t.element_size()
 
-    def set_step(self, write_slots: torch.Tensor, read_slots: torch.Tensor) -> None:
-        """write_slots [B, T]: where each new token's k/v goes; read_slots [B, S]: each row's context."""
-        self.write_slots, self.read_slots = write_slots.reshape(-1), read_slots
+    def set_step(self, write_slots: torch.Tensor, block_table: torch.Tensor) -> None:
+        """write_slots [B, T]: where each new token's k/v goes; block_table [B, nb]: each row's blocks."""
+        self.write_slots, self.block_table = write_slots.reshape(-1), block_table
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0):
-        """k, v [B, Hkv, T, hd] -> every row's keys/values [B, Hkv, S, hd] (start_pos is implied by the slots)."""
+        """k, v [B, Hkv, T, hd] -> every row's keys/values [B, Hkv, nb * block_size, hd] (start_pos is
+        implied by the slots)."""
         B, H, T, D = k.shape
         self.k[layer_idx].index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(B * T, H, D))
         self.v[layer_idx].index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(B * T, H, D))
-        S = self.read_slots.shape[1]
-        flat = self.read_slots.reshape(-1)
-        k_all = self.k[layer_idx].index_select(0, flat).view(B, S, H, D).transpose(1, 2)
-        v_all = self.v[layer_idx].index_select(0, flat).view(B, S, H, D).transpose(1, 2)
-        return k_all, v_all
+        blocks = self.block_table.reshape(-1)
+        S = self.block_table.shape[1] * self.block_size
+        k_all = self.k[layer_idx].view(self.num_blocks, -1, H, D).index_select(0, blocks).view(B, S, H, D)
+        v_all = self.v[layer_idx].view(self.num_blocks, -1, H, D).index_select(0, blocks).view(B, S, H, D)
+        return k_all.transpose(1, 2), v_all.transpose(1, 2)
 
     def _slots(self, blocks: list[int]) -> torch.Tensor:
         b = torch.tensor(blocks, dtype=torch.long, device=self.k[0].device)
@@ -140,16 +143,13 @@ class PagedKVCache:
             v.index_copy_(0, slots, dv.to(v.device))
 
 
-def slot_map(tables: list[list[int]], positions: list[list[int]], block_size: int, device=None) -> torch.Tensor:
-    """Slot index for each (row, position); position -1 means padding (scratch slot)."""
-    width = max(len(p) for p in positions)
-    max_blocks = max(1, max(len(t) for t in tables))
-    table = torch.full((len(tables), max_blocks), PAD_BLOCK, dtype=torch.long)
-    pos = torch.full((len(tables), width), -1, dtype=torch.long)
-    for i, (t, p) in enumerate(zip(tables, positions)):
-        table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        pos[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    pad = pos < 0
-    pos = pos.clamp(min=0)
-    slots = table.gather(1, pos // block_size) * block_size + pos % block_size
-    return slots.masked_fill(pad, PAD_BLOCK * block_size).to(device)
+def write_slots(tables: list[list[int]], positions: list[list[int]], block_size: int) -> torch.Tensor:
+    """Slot of each (row, position) [B, T]; position -1 means padding (the scratch block)."""
+    return torch.tensor([[PAD_BLOCK * block_size if p < 0 else t[p // block_size] * block_size + p % block_size
+                          for p in pos] for t, pos in zip(tables, positions)], dtype=torch.long)
+
+
+def block_table(tables: list[list[int]], num_blocks: int) -> torch.Tensor:
+    """[B, num_blocks] block ids, padded with the scratch block."""
+    return torch.tensor([t[:num_blocks] + [PAD_BLOCK] * (num_blocks - len(t[:num_blocks])) for t in tables],
+                        dtype=torch.long)

@@ -1,9 +1,10 @@
-"""Multi-LoRA in the engine: rows of one batch use different LoRA adapters (or none) on a shared
-base without merging, and each request gets the tokens it would get with its adapter alone."""
+"""Module swaps under the engine, nothing special-cased: multi-LoRA (rows of one batch use different
+LoRA adapters, or none, on a shared base without merging; each request gets the tokens it would get
+with its adapter alone) and quantized linears (same tokens as the static-cache generator)."""
 
 import torch
 
-from lmforge import peft
+from lmforge import peft, quant
 from lmforge.infer.engine import Engine
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
@@ -34,3 +35,11 @@ def test_rows_with_different_adapters_match_each_adapter_alone():
     out = Engine(model, block_size=4).generate_batch(prompts, SamplingParams(max_new_tokens=10), adapters)
     assert out == reference
     assert len({tuple(r) for r in reference[:3]}) == 3  # the adapters do change the tokens
+
+
+def test_quantized_model_in_the_engine():
+    torch.manual_seed(0)
+    model = quant.swap(Transformer(ModelConfig.preset("tiny", initializer_range=0.2)).eval(), "int4-g32")
+    prompts = [[1, 2, 3, 4, 5], list(range(30, 50)), [7] * 9]
+    reference = [generate(model, p, max_new_tokens=8)[0].tolist() for p in prompts]
+    assert Engine(model, block_size=4).generate_batch(prompts, SamplingParams(max_new_tokens=8)) == reference
