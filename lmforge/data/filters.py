@@ -141,14 +141,19 @@ def gopher_repetition(text: str, words: list[str], cfg: FilterConfig) -> str | N
 
 
 def _dup_ngram_char_frac(words: list[str], n: int) -> int:
-    """Characters of the words covered by an n-gram seen more than once (each word counted once)."""
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    covered = bytearray(len(words))
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i:i + n] = b"\x01" * n
-    return sum(len(w) for w, c in zip(words, covered) if c)
+    """Characters in repeated occurrences of n-grams (the first occurrence is not a duplicate);
+    after a repeat the scan jumps past it, as in datatrove's `find_all_duplicate`."""
+    seen: set[tuple[str, ...]] = set()
+    chars, i = 0, 0
+    while i < len(words) - n + 1:
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            chars += sum(len(w) for w in gram)
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return chars
 
 
 def c4_lines(text: str, cfg: FilterConfig) -> str:
