@@ -180,3 +180,15 @@ def test_ray_executor_matches_local(prepared, corpus, tmp_path):
         ray.shutdown()
     for split in ("train", "val"):
         assert (out / f"{split}-00000.bin").read_bytes() == (tmp_path / f"{split}-00000.bin").read_bytes()
+
+
+@pytest.mark.slow
+def test_default_recipe_on_the_stdlib(tmp_path):
+    """`lmforge data prepare` with no input: the stdlib corpus, both sources, the recipe's mix."""
+    stats = prepare(load_config(), tmp_path, progress=False)
+    assert stats["by_source"]["code"]["documents"] > 300 and stats["by_source"]["prose"]["documents"] > 100
+    assert stats["mix"]["code"]["share"] == pytest.approx(0.7, abs=0.02)
+    assert stats["tokens"]["train"]["tokens"] > 1_000_000
+    loader = ShardLoader(tmp_path, seq_len=128, batch_size=4, prefetch=0)
+    x, _ = next(loader)
+    assert int(x.max()) < loader.vocab_size
