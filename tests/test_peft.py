@@ -161,8 +161,8 @@ class FakeQuantLinear(nn.Module):
         return self.q.float() * self.scale
 
     def forward(self, x):
-        y = x @ self.dequantize().T
-        return y if self.bias is None else y + self.bias
+        y = x @ self.dequantize().to(x.dtype).T
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def _quantize_all(model, cls):
