@@ -76,7 +76,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state
     _add_error_handlers(app)
-    _add_middleware(app, state)
+    app.add_middleware(_AuthAndCount, state=state)
     _add_routes(app, state)
     return app
 
@@ -105,18 +105,30 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(APIError(500, f"internal server error ({type(e).__name__})", type="server_error"))
 
 
-def _add_middleware(app: FastAPI, state: ServerState) -> None:
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if not path.startswith("/v1/"):
-            return await call_next(request)
-        response = _check_key(request, state) or _check_draining(state)
-        if response is None:
-            response = await call_next(request)
-        endpoint = path if path in ENDPOINTS else "other"
-        state.metrics.requests.inc(endpoint=endpoint, status=str(response.status_code))
-        return response
+class _AuthAndCount:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which re-buffers every streamed chunk through
+    an extra task): Bearer-key check and draining 503 on /v1, and requests_total by status."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = _check_key(Request(scope), self.state) or _check_draining(self.state)
+            await (refusal or self.app)(scope, receive, send_and_record)
+        finally:
+            endpoint = path if path in ENDPOINTS else "other"
+            self.state.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
 
 
 def _check_key(request: Request, state: ServerState) -> JSONResponse | None:

@@ -114,7 +114,7 @@ async def collect(deltas: AsyncIterator[Delta], n: int) -> list[dict]:
 
 
 def _token_str(tokenizer, token: int) -> str:
-    return tokenizer.decode([token], skip_special_tokens=False)
+    return tokenizer.decode([token], skip_special_tokens=False) if token < tokenizer.vocab_size else ""
 
 
 def completion_logprobs(tokenizer, entries: list, offset: int = 0) -> dict:

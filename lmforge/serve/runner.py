@@ -102,22 +102,31 @@ class EngineRunner:
                 self._fail_all(e)
                 continue
             with self._lock:
+                # One wake-up per event loop per step, not one per event: fewer cross-thread calls.
+                batches: dict[asyncio.AbstractEventLoop, list] = {}
                 for ev in events:
                     entry = self._queues.get(ev.request_id)
                     if entry is not None:
-                        _post(*entry, ev)
+                        batches.setdefault(entry[0], []).append((entry[1], ev))
                     if ev.finished:
                         self._forget(ev.request_id, cancel=False)
+            for loop, items in batches.items():
+                _post(loop, items)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
             for rid, (loop, queue) in list(self._queues.items()):
-                _post(loop, queue, EngineFailed(str(error)))
+                _post(loop, [(queue, EngineFailed(str(error)))])
                 self._forget(rid, cancel=True)
 
 
-def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+def _deliver(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
     try:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-    except RuntimeError:  # that request's event loop is closed: nobody is listening any more
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:  # that event loop is closed: nobody is listening any more
         pass

@@ -65,6 +65,8 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     if model is None:
         model = load_model(cfg.model, device=get_device(cfg.device), dtype=cfg.dtype)
         tokenizer = load_tokenizer_if_any(cfg.model)
+    if tokenizer is None:
+        raise LmforgeError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
     adapters = load_adapters(model, cfg.adapters)
     name = cfg.served_model_name or Path(cfg.model).resolve().name
     if name in adapters:

@@ -68,7 +68,8 @@ class TextStream:
     def push(self, ids: list[int]) -> str:
         if self.stopped:
             return ""
-        self.ids += ids
+        # Ids past the tokenizer's vocabulary (embedding rows padded to a round size) have no text.
+        self.ids += [t for t in ids if t < self.tokenizer.vocab_size]
         full = self.tokenizer.decode(self.ids)
         cut = self._first_stop(full)
         if cut is not None:
