@@ -24,6 +24,10 @@ class InputConfig:
     stdlib_include_tests: bool = False
     shard_bytes: int = 4_000_000  # input bytes per work unit (the unit of parallelism and of resume)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str):  # `--set input.paths=corpus/` gives one string
+            self.paths = [self.paths]
+
 
 @dataclass
 class MixConfig:
@@ -63,22 +67,25 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, data: dict, where: str) -> Any:
+def _build(cls: type, data: dict, origin: str, where: str = "") -> Any:
+    """Nested dataclasses from a mapping; errors name the recipe file and the dotted field."""
+    at = f"{origin}: {where or 'top level'}"
     if not isinstance(data, dict):
-        raise LmforgeError(f"{where}: expected a mapping, got {data!r}")
+        raise LmforgeError(f"{at}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise LmforgeError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        raise LmforgeError(f"{at}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        kwargs[key] = _build(hint, value, f"{where}.{key}") if dataclasses.is_dataclass(hint) else value
+        sub = f"{where}.{key}" if where else key
+        kwargs[key] = _build(hint, value, origin, sub) if dataclasses.is_dataclass(hint) else value
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise LmforgeError(f"{where}: {e}") from None
+        raise LmforgeError(f"{at}: {e}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
