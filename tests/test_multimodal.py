@@ -252,3 +252,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["clip", "train", "--out", str(tmp_path / "o"), "--set", "nope=1"]) == 2
     assert "unknown ClipTrainConfig field(s): nope" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_pooled_image_tokens_average_the_patch_grid():
+    vision = VisionConfig(**VC)  # 16 / 4 -> a 4x4 grid
+    model = VisionLanguageModel(VlmConfig(vision, TEXT, 7, pool=2)).eval()
+    assert model.vlm_config.num_image_tokens == 4
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        hidden, _ = model.vision(x)
+        grid = hidden[:, 1:].reshape(2, 4, 4, -1)
+        top_left = grid[:, :2, :2].mean(dim=(1, 2))  # pooled token 0 = mean of patches (0,0),(0,1),(1,0),(1,1)
+        assert torch.allclose(model.image_features(x)[:, 0], model.projector(top_left), atol=1e-6)
+    with pytest.raises(LmforgeError, match="must divide"):
+        VlmConfig(vision, TEXT, 7, pool=3)
+
+
+def test_hard_negative_batches_pair_near_miss_captions():
+    from lmforge.recipes.clip import hard_negative_indices
+
+    caps = ["a red circle", "a blue circle", "a red square", "a green triangle left of a blue square"] * 5
+    idx = hard_negative_indices(caps, 8, np.random.default_rng(0))
+    anchors, partners = idx[:4], idx[4:]
+    for a, b in zip(anchors, partners):
+        assert caps[a] != caps[b]
+        assert len(set(caps[a].split()) & set(caps[b].split())) >= 2  # shares words: a near miss

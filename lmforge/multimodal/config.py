@@ -54,6 +54,7 @@ class VlmTrainConfig:
     vocab_size: int = 400
     text_warmup_steps: int = 300  # fresh LM only: text-only steps on the dataset's captions/answers first
     feature_layer: int = -2
+    pool: int = 2  # 2x2 average pooling of the patch grid: 4x fewer image tokens in the LM
     stage1_steps: int = 300  # projector only, captions
     stage2_steps: int = 800  # projector + LM (or LoRA), questions and captions
     lora_rank: int = 0  # > 0: stage 2 trains LoRA adapters (merged before saving) instead of the full LM
@@ -113,5 +114,24 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    # base_lr: the peak the schedule scales each step (groups may differ).
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay, "base_lr": lr},
+                              {"params": rest, "weight_decay": 0.0, "base_lr": lr}], lr=lr, betas=(0.9, 0.98))
+
+
+def run_steps(optimizer: torch.optim.Optimizer, steps: int, warmup: int, batch_loss, log, what: str = "step") -> float:
+    """The loop both recipes share: schedule the LR, loss = batch_loss(step), backward, clip, step.
+    Returns the last loss."""
+    loss = torch.zeros(())
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for step in range(steps):
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * warmup_cosine(step, steps, warmup)
+        loss = batch_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.info("%s %d/%d loss %.4f", what, step, steps, loss.item())
+    return loss.item()

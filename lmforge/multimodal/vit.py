@@ -136,39 +136,28 @@ class VisionTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------- HF CLIP keys
 
-_HF_RENAMES = [
-    (r"embeddings\.patch_embedding\.", "patch_embed."),
-    (r"embeddings\.class_embedding$", "class_token"),
-    (r"embeddings\.position_embedding\.", "pos_embed."),
-    (r"pre_layrnorm\.", "pre_norm."),
-    (r"post_layernorm\.", "post_norm."),
-    (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"layers.\1.input_layernorm."),
-    (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"layers.\1.post_attention_layernorm."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"layers.\1.self_attn.o_proj."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.", r"layers.\1.self_attn."),
-    (r"encoder\.layers\.(\d+)\.mlp\.fc1\.", r"layers.\1.mlp.up_proj."),
-    (r"encoder\.layers\.(\d+)\.mlp\.fc2\.", r"layers.\1.mlp.down_proj."),
-]
-_OURS_TO_HF = [
-    (r"^patch_embed\.", "embeddings.patch_embedding."),
-    (r"^class_token$", "embeddings.class_embedding"),
-    (r"^pos_embed\.", "embeddings.position_embedding."),
-    (r"^pre_norm\.", "pre_layrnorm."),
-    (r"^post_norm\.", "post_layernorm."),
-    (r"^layers\.(\d+)\.input_layernorm\.", r"encoder.layers.\1.layer_norm1."),
-    (r"^layers\.(\d+)\.post_attention_layernorm\.", r"encoder.layers.\1.layer_norm2."),
-    (r"^layers\.(\d+)\.self_attn\.o_proj\.", r"encoder.layers.\1.self_attn.out_proj."),
-    (r"^layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.self_attn."),
-    (r"^layers\.(\d+)\.mlp\.up_proj\.", r"encoder.layers.\1.mlp.fc1."),
-    (r"^layers\.(\d+)\.mlp\.down_proj\.", r"encoder.layers.\1.mlp.fc2."),
+# (Hugging Face name, ours) prefixes; {i} is a layer index. One table serves both directions.
+_KEY_MAP = [
+    ("embeddings.patch_embedding.", "patch_embed."),
+    ("embeddings.class_embedding", "class_token"),
+    ("embeddings.position_embedding.", "pos_embed."),
+    ("pre_layrnorm.", "pre_norm."),
+    ("post_layernorm.", "post_norm."),
+    ("encoder.layers.{i}.layer_norm1.", "layers.{i}.input_layernorm."),
+    ("encoder.layers.{i}.layer_norm2.", "layers.{i}.post_attention_layernorm."),
+    ("encoder.layers.{i}.self_attn.out_proj.", "layers.{i}.self_attn.o_proj."),
+    ("encoder.layers.{i}.self_attn.", "layers.{i}.self_attn."),
+    ("encoder.layers.{i}.mlp.fc1.", "layers.{i}.mlp.up_proj."),
+    ("encoder.layers.{i}.mlp.fc2.", "layers.{i}.mlp.down_proj."),
 ]
 
 
-def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
+def _rename(key: str, to_ours: bool) -> str | None:
+    for hf, ours in _KEY_MAP:
+        src, dst = (hf, ours) if to_ours else (ours, hf)
+        m = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), key)
+        if m:
+            return dst.replace("{i}", m.group(1) if m.groups() else "") + key[m.end():]
     return None
 
 
@@ -178,7 +167,7 @@ def hf_to_lmforge(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         key = key.removeprefix("vision_model.")
-        new = _rename(key, _HF_RENAMES)
+        new = _rename(key, to_ours=True)
         if new is not None:
             out[new] = value
     return out
@@ -187,7 +176,7 @@ def hf_to_lmforge(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def lmforge_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
-        new = _rename(key, _OURS_TO_HF)
+        new = _rename(key, to_ours=False)
         if new is None:
             raise LmforgeError(f"vision state dict key {key!r} has no Hugging Face CLIP name")
         out[new] = value

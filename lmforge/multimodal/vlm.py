@@ -29,19 +29,25 @@ class VlmConfig:
     text: ModelConfig
     image_token_id: int
     feature_layer: int = -1  # which ViT block's output feeds the projector (-2: LLaVA's penultimate)
+    pool: int = 1  # average-pool the patch grid by this factor: pool^2 times fewer image tokens
+
+    def __post_init__(self) -> None:
+        grid = self.vision.image_size // self.vision.patch_size
+        if self.pool < 1 or grid % self.pool:
+            raise LmforgeError(f"vlm config: pool {self.pool} must divide the {grid}x{grid} patch grid")
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches
+        return self.vision.num_patches // self.pool ** 2
 
     def to_dict(self) -> dict:
-        return {"vision": self.vision.to_dict(), "text": self.text.to_dict(),
-                "image_token_id": self.image_token_id, "feature_layer": self.feature_layer}
+        return {"vision": self.vision.to_dict(), "text": self.text.to_dict(), "image_token_id": self.image_token_id,
+                "feature_layer": self.feature_layer, "pool": self.pool}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VlmConfig":
         return cls(VisionConfig.from_dict(d["vision"]), ModelConfig.from_dict(d["text"]), d["image_token_id"],
-                   d.get("feature_layer", -1))
+                   d.get("feature_layer", -1), d.get("pool", 1))
 
 
 class Projector(nn.Module):
@@ -98,9 +104,16 @@ class VisionLanguageModel(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[num_images, 3, H, W] -> projected patch features [num_images, N, D_lm]."""
+        c = self.vlm_config
         with torch.no_grad():
-            hidden, _ = self.vision(pixel_values, layer=self.vlm_config.feature_layer)
-        return self.projector(hidden[:, 1:])
+            hidden, _ = self.vision(pixel_values, layer=c.feature_layer)
+            patches = hidden[:, 1:]  # [n, N, Dv], row-major over the patch grid
+            if c.pool > 1:
+                n, N, D = patches.shape
+                g = int(N ** 0.5)
+                grid = patches.transpose(1, 2).reshape(n, D, g, g)
+                patches = nn.functional.avg_pool2d(grid, c.pool).flatten(2).transpose(1, 2)
+        return self.projector(patches)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:

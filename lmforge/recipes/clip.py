@@ -23,7 +23,7 @@ from lmforge.model import ModelConfig
 from lmforge.multimodal import (CLIP, ClipConfig, VisionConfig, class_names, info_nce, load_examples,
                                 load_hf_vision, load_multimodal, recall_at_k, save_multimodal, to_pixels,
                                 zero_shot_accuracy)
-from lmforge.multimodal.config import ClipTrainConfig, load_config, make_optimizer, warmup_cosine
+from lmforge.multimodal.config import ClipTrainConfig, load_config, make_optimizer, run_steps
 from lmforge.multimodal.data import DIGIT_TEMPLATES, digit_class_names
 from lmforge.multimodal.shapes import SIZES
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
@@ -104,10 +104,8 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
     optimizer = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     flat_caps = [ex.captions[0] for ex in examples]
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps)
+
+    def batch_loss(step: int) -> torch.Tensor:
         idx = (hard_negative_indices(flat_caps, cfg.batch_size, rng) if cfg.hard_negatives
                else rng.choice(len(examples), cfg.batch_size, replace=False))
         batch = [examples[i] for i in idx]
@@ -115,20 +113,15 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
         # Positives: the same caption text, or for labelled sets the same class (digits).
         keys = [str(ex.label) if cfg.data == "digits" else c for ex, c in zip(batch, caps)]
         same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32, device=device)
-        ids, mask = encode_texts(tokenizer, caps, device)
-        logits = model(pixels(model, [ex.image for ex in batch], device), ids, mask)
-        loss = info_nce(logits, same / same.sum(1, keepdim=True))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log.info("step %d/%d loss %.4f temperature %.4f", step, cfg.steps, loss.item(),
-                     1 / model.logit_scale.exp().item())
+        logits = model(pixels(model, [ex.image for ex in batch], device), *encode_texts(tokenizer, caps, device))
+        return info_nce(logits, same / same.sum(1, keepdim=True))
+
+    start = time.perf_counter()
+    loss = run_steps(optimizer, cfg.steps, cfg.warmup_steps, batch_loss, log)
     seconds = time.perf_counter() - start
     model.eval()
     metrics = evaluate(model, tokenizer, cfg.data, cfg.eval_size, cfg.seed)
-    metrics.update(train_seconds=round(seconds, 1), steps=cfg.steps, final_loss=round(loss.item(), 4))
+    metrics.update(train_seconds=round(seconds, 1), steps=cfg.steps, final_loss=round(loss, 4))
     save_multimodal(model, out, tokenizer, extra={"train_config": vars(cfg), "metrics": metrics})
     return metrics
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -33,7 +32,7 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.multimodal import (VisionLanguageModel, VlmConfig, bleu, cider_d, generate, image_turn, is_multimodal,
                                 load_examples, load_hf_vision, load_multimodal, pixels_for, render_ids,
                                 save_multimodal)
-from lmforge.multimodal.config import VlmTrainConfig, load_config, make_optimizer, warmup_cosine
+from lmforge.multimodal.config import VlmTrainConfig, load_config, make_optimizer, run_steps
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
 log = get_logger("lmforge.vlm")
@@ -82,25 +81,14 @@ def fresh_lm(cfg: VlmTrainConfig, examples, device):
     lm = Transformer(ModelConfig.preset(cfg.lm_preset, **{**cfg.lm_overrides, "vocab_size": tokenizer.vocab_size}))
     lm.to(device).train()
     optimizer = make_optimizer(list(lm.parameters()), cfg.lm_lr, 0.0)
-    rng = np.random.default_rng(cfg.seed + 1)
-    pairs = conversations(examples, 0.25, captions_only=False)
-    cache: dict = {}
-    for step in range(cfg.text_warmup_steps):
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lm_lr * warmup_cosine(step, cfg.text_warmup_steps, cfg.warmup_steps)
-        rows = []
-        for j in rng.choice(len(pairs), cfg.batch_size):
-            q, a = pairs[j][1:]
-            if (q, a) not in cache:
-                cache[q, a] = tokenizer.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-            rows.append(cache[q, a])
-        ids, labels = pad_batch(rows, tokenizer.pad_id, device)
-        loss = lm_loss(lm(ids), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == cfg.text_warmup_steps - 1:
-            log.info("text warm-up step %d/%d loss %.4f", step, cfg.text_warmup_steps, loss.item())
+    render = lambda q, a: tokenizer.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    next_batch = sampler(conversations(examples, 0.25, captions_only=False), cfg.batch_size, cfg.seed + 1, render)
+
+    def batch_loss(step: int) -> torch.Tensor:
+        ids, labels = pad_batch(next_batch()[1], tokenizer.pad_id, device)
+        return lm_loss(lm(ids), labels)
+
+    run_steps(optimizer, cfg.text_warmup_steps, cfg.warmup_steps, batch_loss, log, "text warm-up step")
     return lm, tokenizer
 
 
@@ -133,7 +121,7 @@ def build_stage1(cfg: VlmTrainConfig, examples, device):
             raise LmforgeError(f"{cfg.lm}: the LM's tokenizer needs an '<image>' token and a chat template")
     else:
         lm, tokenizer = fresh_lm(cfg, examples, device)
-    config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer)
+    config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer, cfg.pool)
     return VisionLanguageModel(config, vision, lm).to(device), tokenizer
 
 
@@ -171,96 +159,6 @@ def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
               {"params": [p for p in params if id(p) not in projector], "base_lr": cfg.lm_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98),
                                   weight_decay=cfg.weight_decay)
-    pairs = conversations(examples, 0.25, captions_only=False)
-    cache: dict = {}
-    for step in range(cfg.text_warmup_steps):
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lm_lr * warmup_cosine(step, cfg.text_warmup_steps, cfg.warmup_steps)
-        rows = []
-        for j in rng.choice(len(pairs), cfg.batch_size):
-            q, a = pairs[j][1:]
-            if (q, a) not in cache:
-                cache[q, a] = tokenizer.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-            rows.append(cache[q, a])
-        ids, labels = pad_batch(rows, tokenizer.pad_id, device)
-        loss = lm_loss(lm(ids), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == cfg.text_warmup_steps - 1:
-            log.info("text warm-up step %d/%d loss %.4f", step, cfg.text_warmup_steps, loss.item())
-    return lm, tokenizer
-
-
-def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and next-token labels [B, T] (-100 off the assistant's tokens).
-    Right padding needs no attention mask: causal real tokens never see the pads after them."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for b, (row, mask) in enumerate(rows):
-        ids[b, : len(row)] = torch.tensor(row)
-        target = torch.tensor(row[1:] + [pad_id])
-        keep = torch.tensor(mask[1:] + [0], dtype=torch.bool)
-        labels[b, : len(row)] = torch.where(keep, target, torch.full_like(target, -100))
-    return ids.to(device), labels.to(device)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def build_stage1(cfg: VlmTrainConfig, examples, device):
-    vision = load_vision(cfg.vision)
-    if cfg.lm:
-        lm, tokenizer = load_model(cfg.lm, device=device), load_tokenizer_if_any(cfg.lm)
-        if tokenizer is None or tokenizer.token_to_id("<image>") is None or not tokenizer.chat_template:
-            raise LmforgeError(f"{cfg.lm}: the LM's tokenizer needs an '<image>' token and a chat template")
-    else:
-        lm, tokenizer = fresh_lm(cfg, examples, device)
-    config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer)
-    return VisionLanguageModel(config, vision, lm).to(device), tokenizer
-
-
-def set_trainable(model: VisionLanguageModel, stage: int, lora_rank: int) -> list[dict]:
-    """Stage 1: projector only. Stage 2: projector + LM, or projector + LoRA adapters on the LM."""
-    model.language_model.requires_grad_(stage == 2 and not lora_rank)
-    if stage == 2 and lora_rank:
-        try:
-            from lmforge import peft
-        except ImportError:
-            raise LmforgeError("lora_rank > 0 needs lmforge.peft, which this build lacks") from None
-        peft.apply(model.language_model, peft.LoraConfig(r=lora_rank, alpha=2 * lora_rank,
-                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                         "up_proj", "down_proj", "gate_proj"]))
-    model.projector.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
-    seed_everything(cfg.seed)
-    device = get_device(cfg.device)
-    if stage == 1:
-        size = load_vision(cfg.vision).config.image_size
-        examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, size)
-        model, tokenizer = build_stage1(cfg, examples, device)
-    else:
-        if not init:
-            raise LmforgeError("vlm stage 2 needs --init <stage-1 folder>")
-        model, tokenizer = load_multimodal(init, device, kind="vlm"), load_tokenizer(init)
-        examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, model.vlm_config.vision.image_size)
-    params = set_trainable(model, stage, cfg.lora_rank)
-    lrs = {id(p): cfg.lr for p in model.projector.parameters()}
-    optimizer = make_optimizer(params, cfg.lm_lr, cfg.weight_decay)
-    for g in optimizer.param_groups:  # the fresh projector learns faster than the pretrained LM
-        g["base_lr"] = cfg.lr if all(id(p) in lrs for p in g["params"]) else cfg.lm_lr
-    if stage == 2:  # split the groups so the projector keeps its own LR
-        optimizer = torch.optim.AdamW([{"params": list(model.projector.parameters()), "base_lr": cfg.lr},
-                                       {"params": [p for p in params if id(p) not in lrs], "base_lr": cfg.lm_lr}],
-                                      lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     pairs = conversations(examples, 0.2, captions_only=stage == 1)
     steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
     loss = fit(model, tokenizer, examples, pairs, optimizer, steps, cfg, device)
@@ -275,33 +173,33 @@ def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
     return metrics
 
 
-def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainConfig, device) -> float:
-    cfgv = model.vlm_config
-    rng = np.random.default_rng(cfg.seed + 2)
-    cache: dict = {}
-    model.train()
-    model.vision.eval()
-    start = time.perf_counter()
-    loss = torch.zeros(())
-    for step in range(steps):
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * warmup_cosine(step, steps, cfg.warmup_steps)
-        batch = [pairs[j] for j in rng.choice(len(pairs), cfg.batch_size)]
-        rows = []
+def sampler(pairs: list[tuple[int, str, str]], batch_size: int, seed: int, render):
+    """A function returning a random batch: (pairs, rendered (ids, mask) rows), renders cached."""
+    rng, cache = np.random.default_rng(seed), {}
+
+    def next_batch():
+        batch = [pairs[j] for j in rng.choice(len(pairs), batch_size)]
         for _, q, a in batch:
             if (q, a) not in cache:
-                cache[q, a] = render_ids(tokenizer, image_turn(q, a), cfgv.image_token_id, cfgv.num_image_tokens)
-            rows.append(cache[q, a])
+                cache[q, a] = render(q, a)
+        return batch, [cache[q, a] for _, q, a in batch]
+
+    return next_batch
+
+
+def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainConfig, device) -> float:
+    c = model.vlm_config
+    render = lambda q, a: render_ids(tokenizer, image_turn(q, a), c.image_token_id, c.num_image_tokens)
+    next_batch = sampler(pairs, cfg.batch_size, cfg.seed + 2, render)
+    model.train()
+    model.vision.eval()
+
+    def batch_loss(step: int) -> torch.Tensor:
+        batch, rows = next_batch()
         ids, labels = pad_batch(rows, tokenizer.pad_id, device)
-        pixel_values = pixels_for(model, [examples[i].image for i, _, _ in batch])
-        loss = lm_loss(model(ids, pixel_values), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        if step % 50 == 0 or step == steps - 1:
-            log.info("step %d/%d loss %.4f (%.1fs)", step, steps, loss.item(), time.perf_counter() - start)
-    return loss.item()
+        return lm_loss(model(ids, pixels_for(model, [examples[i].image for i, _, _ in batch])), labels)
+
+    return run_steps(optimizer, steps, cfg.warmup_steps, batch_loss, log)
 
 
 # ----------------------------------------------------------------------------- evaluation
