@@ -167,3 +167,10 @@ def test_bad_requests(model):
         engine.add_request(list(range(40)))
     with pytest.raises(LmforgeError, match="at least one token"):
         engine.add_request([])
+
+
+def test_repetition_penalty_matches_static_generate(model):
+    prompts = _prompts(3, seed=11)
+    reference = [generate(model, p, max_new_tokens=10, repetition_penalty=1.5)[0].tolist() for p in prompts]
+    out = Engine(model).generate_batch(prompts, SamplingParams(max_new_tokens=10, repetition_penalty=1.5))
+    assert out == reference

@@ -149,12 +149,13 @@ class Engine:
 
     def _run(self, group: list[tuple[Sequence, int]]) -> list[Event]:
         logits = self._forward(group)
+        argmax = logits.argmax(-1).tolist()  # one call for every greedy row
         events = []
         for row, (seq, n) in enumerate(group):
             seq.num_computed += n
             self.scheduler.register_full_blocks(seq)
             if seq.num_pending == 0 and seq.status is Status.RUNNING:
-                events.append(self._sample_and_check(seq, logits[row]))
+                events.append(self._sample_and_check(seq, logits[row], argmax[row]))
         return events
 
     def _forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
@@ -196,13 +197,16 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and stopping
 
-    def _sample_and_check(self, seq: Sequence, logits: torch.Tensor) -> Event:
+    def _sample_and_check(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> Event:
         p = seq.params
-        seen = None
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
-            seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
-        token = int(sample(logits[None], p, seq.generator or self._generator, seen)[0])
+        if p.greedy and p.repetition_penalty == 1.0:
+            token = argmax
+        else:
+            seen = None
+            if p.repetition_penalty != 1.0:
+                seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+                seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
+            token = int(sample(logits[None], p, seq.generator or self._generator, seen)[0])
         lp = None
         if seq.logprobs is not None:
             logp = logits.log_softmax(-1)
