@@ -43,16 +43,21 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_tokens: int = 2048, max_seqs: int = 64,
                  block_size: int = 16, num_blocks: int | None = None, prefix_caching: bool = True,
                  preemption: str = "swap", swap_blocks: int | None = None, max_model_len: int | None = None,
-                 seed: int = 0):
+                 kv_memory: int = 256 << 20, seed: int = 0):
+        """max_batch_tokens: new tokens per step (prefill chunks + decodes); max_seqs: running sequences;
+        num_blocks: KV pool size in blocks (default: sized from max_seqs within kv_memory bytes);
+        preemption: "swap" (KV offload to CPU, recompute when swap_blocks is full) or "recompute"."""
         self.model, self.tokenizer = model.eval(), tokenizer
         c = model.config
         p = next(model.parameters())
         self.device = p.device
         dtype = p.dtype if p.is_floating_point() else torch.float32
         self.max_model_len = min(max_model_len or c.max_position_embeddings, c.max_position_embeddings)
-        if num_blocks is None:  # room for max_seqs sequences of a quarter context each, at least 2 full ones
+        if num_blocks is None:  # max_seqs sequences of a quarter context each, within kv_memory; >= 2 full ones
             per_seq = -(-self.max_model_len // block_size)
-            num_blocks = max(2 * per_seq, max_seqs * per_seq // 4) + 1
+            itemsize = torch.finfo(dtype).bits // 8
+            block_bytes = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * itemsize
+            num_blocks = max(2 * per_seq, min(max_seqs * per_seq // 4, kv_memory // block_bytes)) + 1
         self.block_size = block_size
         self.max_model_len = min(self.max_model_len, (num_blocks - 1) * block_size)  # one sequence must always fit
         self.pool = BlockPool(num_blocks, block_size)
