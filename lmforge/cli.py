@@ -9,6 +9,7 @@ import sys
 
 # command -> (recipe module, one-line help). Add a line per command; keep it sorted by lifecycle.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": ("lmforge.recipes.pipeline", "run the whole lifecycle (data to report) on a corpus in one command"),
     "data": ("lmforge.recipes.data", "prepare pretraining data (filter, dedup, mix, pack) or check contamination"),
     "pretrain": ("lmforge.recipes.pretrain", "pretrain a model (causal LM, masked LM, span corruption)"),
     "sft": ("lmforge.recipes.sft", "supervised fine-tuning on chat/prompt-response JSONL (full or PEFT)"),
