@@ -165,3 +165,21 @@ def test_moe_aux_loss_is_added():
     assert n == 64 and aux.item() > 0.02  # balanced routing gives num_experts*sum(1/E * 1/E)*k ~ 1 x coef
     res = _step(model, [_batch(2)], aux_coef=0.02)
     assert res.skipped is None
+
+
+def test_fused_head_loss_matches_plain_path():
+    from lmforge.train.loop import forward_loss
+    from lmforge.train.losses import fusable_head
+    from lmforge.train.objectives import lm_loss_sum
+
+    a, b = tiny(), tiny()
+    batch = _batch(3)
+    batch["labels"][:, :5] = IGNORE
+    assert fusable_head(a) is a.lm_head
+    fused, _, n = forward_loss(a, batch, 0.0)
+    plain, m = lm_loss_sum(b(batch["input_ids"]), batch["labels"])
+    assert n == m and abs(fused.item() - plain.item()) < 1e-4
+    fused.backward()
+    plain.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -28,13 +28,13 @@ PROBE = textwrap.dedent('''
     import psutil, torch
     from lmforge.model import ModelConfig, Transformer
     from lmforge.train import OptimConfig, build_optimizer, clm_batch
-    from lmforge.train.objectives import lm_loss_sum
+    from lmforge.train.loop import forward_loss
     mode, B, T = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
     def steps(model, batch, n):
         opt = build_optimizer(model, OptimConfig(fused=True))
         for _ in range(n):
-            loss, count = lm_loss_sum(model(batch["input_ids"]), batch["labels"])
+            loss, _, count = forward_loss(model, batch, 0.0)  # the training path: fused head + loss
             (loss / count).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

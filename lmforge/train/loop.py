@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .distributed import all_reduce_sum, gradient_sync, total_norm
+from .losses import fusable_head, linear_cross_entropy
 from .objectives import IGNORE, lm_loss_sum
 
 
@@ -75,10 +76,23 @@ class StepResult:
 
 
 def forward_loss(model: nn.Module, batch: dict, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(summed token loss, aux loss, labelled tokens) for one micro-batch."""
+    """(summed token loss, aux loss, labelled tokens) for one micro-batch.
+
+    With a plain output head the loss is fused with it (`losses.linear_cross_entropy`): the model
+    returns its final hidden states and only the last position's logits (which nothing uses).
+    """
     kwargs = {k: batch[k] for k in ("segment_ids", "attn_mask", "attention_mask") if batch.get(k) is not None}
-    logits, aux = model(batch["input_ids"], return_aux_loss=True, **kwargs)
-    loss_sum, n = lm_loss_sum(logits, batch["labels"])
+    labels = batch["labels"]
+    n = int((labels != IGNORE).sum())
+    head = fusable_head(model)
+    if head is not None:
+        _, aux, hidden = model(batch["input_ids"], return_aux_loss=True, return_hidden=True, logits_to_keep=1, **kwargs)
+        if hidden.shape[:2] == labels.shape:
+            return linear_cross_entropy(hidden, head.weight, labels), aux * aux_coef, n
+        logits = head(hidden)  # a prompt-tuning prefix changed the length: take the plain path
+    else:
+        logits, aux = model(batch["input_ids"], return_aux_loss=True, **kwargs)
+    loss_sum, n = lm_loss_sum(logits, labels)
     return loss_sum, aux * aux_coef, n
 
 

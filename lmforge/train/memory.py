@@ -8,8 +8,8 @@ per layer, fp32 unless autocast):
   attention: q, k, v, output and its [B,T,H*hd] copy (SDPA's
   flash path never stores the T x T matrix)                         -> 2q + 2kv + h
   MLP: SwiGLU keeps gate, act(gate), up and their product           -> 4I  (plain MLP: 2I)
-and at the head the log-softmax output, its gradient and the logits' gradient alive together at
-the start of backward (3V per token, fp32). Activation checkpointing
+and at the head, with the fused head + cross-entropy of `losses.py`: one fp32 [chunk, V] logits
+buffer (at most 128 MiB), the hidden-state gradient and two head-weight-sized gradient buffers. Activation checkpointing
 keeps only each block's input (h) plus one block's worth during its recomputation.
 """
 
@@ -65,8 +65,11 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, bytes_per: float 
     per_layer = 4 * h + 2 * q + 2 * kv + h + mlp
     tokens = batch * seq_len
     layers = (c.num_hidden_layers * h + per_layer) if checkpointing else c.num_hidden_layers * per_layer
-    head = 3 * c.vocab_size * 4  # fp32 log-softmax output + its gradient + the logits' gradient
-    return tokens * (layers * bytes_per + head + 2 * h * bytes_per)
+    from .losses import CHUNK_BYTES
+
+    chunk = min(tokens, max(64, CHUNK_BYTES // (4 * c.vocab_size)))
+    head = chunk * c.vocab_size * 4 + 2 * c.vocab_size * h * 4 + tokens * h * 4
+    return tokens * (layers * bytes_per + 2 * h * bytes_per) + head
 
 
 def estimate(c: ModelConfig, mode: str = "full", batch: int = 1, seq_len: int = 512, param_bytes: float = 4,
