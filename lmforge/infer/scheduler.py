@@ -124,6 +124,8 @@ class Scheduler:
                 self._release(seq)  # retry from scratch when blocks free up
                 break
             self.waiting.popleft()
+            self.counters["prefix_hit_blocks"] += seq.num_registered if seq.num_computed else 0
+            self.counters["prefix_hit_tokens"] += seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, n))
@@ -153,8 +155,6 @@ class Scheduler:
             seq.blocks.append(block)
         seq.num_registered = len(seq.blocks)
         seq.num_computed = len(seq.blocks) * self.pool.block_size
-        self.counters["prefix_hit_blocks"] += len(seq.blocks)
-        self.counters["prefix_hit_tokens"] += seq.num_computed
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a forward: enter newly filled blocks in the prefix table."""
