@@ -2,6 +2,7 @@
 and scoring through an OpenAI-compatible endpoint (a fake local server)."""
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -187,12 +188,17 @@ def test_endpoint_scoring_through_openai_client(tmp_path):
         lm = load_lm(f"http://127.0.0.1:{server.server_port}", endpoint_model="fake")
         path = _write(tmp_path / "mc.jsonl", MC)
         gen = _write(tmp_path / "gen.jsonl", [{"prompt": r["context"], "answer": r["choices"][0].strip()} for r in MC])
+        text = tmp_path / "doc.txt"
+        text.write_text("abcdefghij")
         results = evaluate(lm, [TaskConfig("mc", "multiple_choice", path=str(path), target_delimiter=""),
-                                TaskConfig("gen", "generation", path=str(gen))])
+                                TaskConfig("gen", "generation", path=str(gen)),
+                                TaskConfig("ppl", "perplexity", path=str(text))])
     finally:
         server.shutdown()
     assert results["tasks"][0]["metrics"]["acc"] == 1.0
     assert results["tasks"][1]["metrics"]["exact_match"] == 1.0
+    # 9 scored characters at -1 nat each (the first has no prediction) over 10 bytes.
+    assert results["tasks"][2]["metrics"]["bits_per_byte"] == pytest.approx(9 / math.log(2) / 10)
     assert results["model"] == "fake"
 
 

@@ -72,15 +72,11 @@ class LocalLM:
         for context, group in itertools.groupby(order, key=lambda i: requests[i][0]):
             idx = list(group)
             pairs = [encode_pair(self.tokenizer, context, requests[i][1]) for i in idx]
-            ctx_ids = pairs[0][0] if all(p[0] == pairs[0][0] for p in pairs) else None
-            if ctx_ids is None:  # cannot happen with a deterministic tokenizer; stay correct anyway
-                results = [self.score_choices(p[0], [p[1]])[0] for p in pairs]
-            else:
-                results = []
-                for start in range(0, len(idx), self.batch_size):
-                    results += self.score_choices(ctx_ids, [p[1] for p in pairs[start:start + self.batch_size]])
-            for i, r in zip(idx, results):
-                out[i] = r
+            ctx_ids = pairs[0][0]  # the same for every request of the group: same (stripped) context
+            for start in range(0, len(idx), self.batch_size):
+                chunk = slice(start, start + self.batch_size)
+                for i, r in zip(idx[chunk], self.score_choices(ctx_ids, [p[1] for p in pairs[chunk]])):
+                    out[i] = r
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -185,8 +181,10 @@ class EndpointLM:
                                    "for log-likelihood tasks)")
             first = next(i for i, off in enumerate(lp.text_offset) if off >= len(context))
             tokens = lp.token_logprobs[first:]
-            greedy = all(max(top.values()) <= t + 1e-6 for t, top in zip(tokens, (lp.top_logprobs or [])[first:]) if top)
-            out.append((float(sum(tokens)), greedy))
+            tops = (lp.top_logprobs or [None] * len(lp.token_logprobs))[first:]
+            # The text's first token has no log-probability (nothing predicts it): skipped.
+            greedy = all(max(top.values()) <= t + 1e-6 for t, top in zip(tokens, tops) if top and t is not None)
+            out.append((float(sum(t for t in tokens if t is not None)), greedy))
         return out
 
     def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[float]:
