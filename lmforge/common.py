@@ -182,6 +182,32 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise LmforgeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[tuple[str, dict]]:
+    """[(where, record)] for each non-blank line, `where` = "path:line" for error messages.
+    A missing file, a bad line or a line that is not a JSON object raises LmforgeError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{what} not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LmforgeError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise LmforgeError(f"{path}:{n}: expected a JSON object per line")
+                rows.append((f"{path}:{n}", record))
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not rows:
+        raise LmforgeError(f"{path}: no records")
+    return rows
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

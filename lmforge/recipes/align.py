@@ -66,21 +66,10 @@ def task_records(cfg: dict) -> tuple[list[dict], list[dict]]:
     if t["name"] == "file":
         if not t.get("path"):
             raise LmforgeError("task.name=file needs task.path (a JSONL file)")
-        records = D.read_pairs(t["path"]) if cfg["method"] in ("dpo", "reward") else _read_prompts(t["path"])
+        records = D.read_pairs(t["path"]) if cfg["method"] in ("dpo", "reward", "rlaif") else D.read_prompts(t["path"])
         split = max(1, len(records) // 10)
         return records[split:], records[:split]
     raise LmforgeError(f"task.name {t['name']!r}: choose format, docstring, arithmetic or file")
-
-
-def _read_prompts(path: str) -> list[dict]:
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            rec = json.loads(line)
-            if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
-                raise LmforgeError(f"{path}:{n}: need string fields 'prompt' and 'answer'")
-            out.append(rec)
-    return out
 
 
 def load_policy(cfg: dict, records: list[dict], device):

@@ -13,13 +13,12 @@ response mask so only the response's log-probabilities count.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, read_jsonl
 
 _WORDS = ["red", "blue", "green", "cat", "dog", "tree", "river", "stone", "cloud", "light", "apple", "house"]
 
@@ -68,22 +67,19 @@ def docstring_preference_pairs(examples: list[dict], seed: int = 0) -> list[dict
 
 def read_pairs(path: str | Path) -> list[dict]:
     """JSONL with prompt/chosen/rejected strings per line; errors name the line and the field."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(rec.get(key), str):
-                    raise LmforgeError(f"{path}:{n}: field {key!r} must be a string")
-            out.append(rec)
-    if not out:
-        raise LmforgeError(f"{path}: no preference pairs")
-    return out
+    return [_check_fields(where, rec, ("prompt", "chosen", "rejected")) for where, rec in read_jsonl(path, "pairs file")]
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """JSONL with prompt/answer strings per line (verifiable RL tasks)."""
+    return [_check_fields(where, rec, ("prompt", "answer")) for where, rec in read_jsonl(path, "prompts file")]
+
+
+def _check_fields(where: str, record: dict, keys: tuple[str, ...]) -> dict:
+    for key in keys:
+        if not isinstance(record.get(key), str):
+            raise LmforgeError(f"{where}: field {key!r} must be a string")
+    return record
 
 
 def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_len: int = 256,
