@@ -147,3 +147,33 @@ def test_ngram_index_save_load(tmp_path):
     index.save(tmp_path / "idx.npy")
     again = NGramIndex.load(tmp_path / "idx.npy")
     assert again.n == 8 and (again.hashes == index.hashes).all()
+
+
+def test_vectorised_ngram_repetition_matches_the_plain_definition():
+    import random
+    from collections import Counter
+
+    from lmforge.data.filters import _NGrams
+
+    def top(words, n):  # characters in all occurrences of the most frequent n-gram
+        gram, count = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
+        return count * sum(map(len, gram)) / sum(map(len, words)) if count > 1 else 0.0
+
+    def dup(words, n):  # characters of words inside a repeated (not first) occurrence of an n-gram
+        seen, covered = set(), [False] * len(words)
+        for i in range(len(words) - n + 1):
+            gram = tuple(words[i:i + n])
+            if gram in seen:
+                covered[i:i + n] = [True] * n
+            seen.add(gram)
+        return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
+
+    rng = random.Random(0)
+    for _ in range(60):
+        vocab = [f"w{i}" * rng.randint(1, 3) for i in range(rng.randint(2, 30))]
+        words = [rng.choice(vocab) for _ in range(rng.randint(12, 150))]
+        words += words[: rng.randint(0, len(words))]
+        grams = _NGrams(words)
+        for n in range(2, 11):
+            assert grams.top_char_frac(n) == pytest.approx(top(words, n))
+            assert grams.dup_char_frac(n) == pytest.approx(dup(words, n))

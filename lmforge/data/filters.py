@@ -9,8 +9,9 @@ Chinese paragraph is not rejected as one giant word.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from lmforge.data.normalize import detect_language, is_char_language
 
@@ -127,33 +128,59 @@ def gopher_repetition(text: str, words: list[str], cfg: FilterConfig) -> str | N
         return "gopher_dup_line_chars"
     if _above(para_chars, cfg.max_dup_para_char_frac):
         return "gopher_dup_paragraph_chars"
-    total = sum(len(w) for w in words) or 1
+    if not (cfg.max_top_ngram_char_frac or cfg.max_dup_ngram_char_frac) or not words:
+        return None
+    grams = _NGrams(words)
     for n, limit in sorted(cfg.max_top_ngram_char_frac.items()):
-        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-        if grams:
-            gram, count = grams.most_common(1)[0]
-            if count > 1 and _above(count * sum(len(w) for w in gram) / total, limit):
-                return f"gopher_top_{n}gram"
+        if _above(grams.top_char_frac(n), limit):
+            return f"gopher_top_{n}gram"
     for n, limit in sorted(cfg.max_dup_ngram_char_frac.items()):
-        if _above(_dup_ngram_char_frac(words, n) / total, limit):
+        if _above(grams.dup_char_frac(n), limit):
             return f"gopher_dup_{n}gram"
     return None
 
 
-def _dup_ngram_char_frac(words: list[str], n: int) -> int:
-    """Characters in repeated occurrences of n-grams (the first occurrence is not a duplicate);
-    after a repeat the scan jumps past it, as in datatrove's `find_all_duplicate`."""
-    seen: set[tuple[str, ...]] = set()
-    chars, i = 0, 0
-    while i < len(words) - n + 1:
-        gram = tuple(words[i:i + n])
-        if gram in seen:
-            chars += sum(len(w) for w in gram)
-            i += n
-        else:
-            seen.add(gram)
-            i += 1
-    return chars
+class _NGrams:
+    """Word n-gram statistics with numpy: words -> ids -> one uint64 key per n-gram position."""
+
+    def __init__(self, words: list[str]) -> None:
+        vocab: dict[str, int] = {}
+        self.ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.uint64) + np.uint64(1)
+        self.lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        self.total = max(int(self.lens.sum()), 1)
+        self._keys = {1: self.ids}
+
+    def keys(self, n: int) -> np.ndarray:
+        """[len(words) - n + 1] keys; equal keys are equal n-grams (up to 64-bit collisions)."""
+        if n not in self._keys:
+            prev = self.keys(n - 1)
+            with np.errstate(over="ignore"):
+                self._keys[n] = prev[:-1] * np.uint64(0x9E3779B97F4A7C15) + self.ids[n - 1:]
+        return self._keys[n]
+
+    def top_char_frac(self, n: int) -> float:
+        """Characters in all occurrences of the most frequent n-gram (the first seen, on ties) / all."""
+        keys = self.keys(n)
+        if len(keys) == 0:
+            return 0.0
+        _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        best = np.flatnonzero(counts == counts.max())
+        i = int(first[best].min())
+        count = int(counts.max())
+        return count * int(self.lens[i: i + n].sum()) / self.total if count > 1 else 0.0
+
+    def dup_char_frac(self, n: int) -> float:
+        """Characters of the words inside a repeated (not first) occurrence of any n-gram / all."""
+        keys = self.keys(n)
+        if len(keys) == 0:
+            return 0.0
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        repeats = np.flatnonzero(first[inverse] != np.arange(len(keys)))
+        if len(repeats) == 0:
+            return 0.0
+        size = len(self.ids) + 1
+        depth = np.cumsum(np.bincount(repeats, minlength=size) - np.bincount(repeats + n, minlength=size))
+        return int(self.lens[depth[:-1] > 0].sum()) / self.total
 
 
 def c4_lines(text: str, cfg: FilterConfig) -> str:

@@ -6,6 +6,7 @@ extracted with `ast` and `tokenize`).
 from __future__ import annotations
 
 import ast
+import os
 import re
 import sysconfig
 from pathlib import Path
@@ -18,17 +19,15 @@ TEST_DIRS = {"test", "tests", "idle_test"}
 
 
 def stdlib_files(include_tests: bool = False, root: str | Path | None = None) -> list[Path]:
-    """Sorted .py files of the stdlib (never site-packages: those are third-party)."""
+    """Sorted .py files of the stdlib (never site-packages: those are third-party). The walk prunes
+    skipped folders instead of filtering afterwards: site-packages can be far larger than the stdlib."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"} | (set() if include_tests else TEST_DIRS)
     out = []
-    for p in sorted(root.rglob("*.py")):
-        parts = set(p.relative_to(root).parts[:-1])
-        if "site-packages" in parts or "dist-packages" in parts or "__pycache__" in parts:
-            continue
-        if not include_tests and parts & TEST_DIRS:
-            continue
-        out.append(p)
-    return out
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in skip]
+        out.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    return sorted(out)
 
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
