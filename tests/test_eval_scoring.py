@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmforge.eval.lm import encode_pair
+from lmforge.eval.lm import cut_at_stop, encode_pair
 from lmforge.eval.perplexity import token_nll, windows
 from lmforge.eval.tasks import TaskConfig, run_generation, run_multiple_choice
 from test_eval_common import OracleLM, tiny_lm
@@ -179,3 +179,18 @@ def test_validation_shard_perplexity_equals_text_perplexity(tmp_path):
     from_text, _ = text_perplexity(lm, [(str(i), t) for i, t in enumerate(texts)])
     assert len(records) == 3 and from_shards["bits_per_byte"] == pytest.approx(from_text["bits_per_byte"], rel=1e-6)
     assert len(shard_perplexity(lm, tmp_path, "val", limit=2)[1]) == 2
+
+
+def test_batched_generation_matches_infer_generate_and_cuts_at_stop():
+    from lmforge.infer.generate import generate
+
+    lm = tiny_lm(batch_size=3)
+    prompts = ["def f(x):", "import os\n", "class A:\n    def", "x = 1\ny ="]
+    eos = lm.tokenizer.eos_id
+    ref = []
+    for row in generate(lm.model, [lm.tokenizer.encode(p) for p in prompts], max_new_tokens=10,
+                        stop_token_ids=[eos]).tolist():
+        ref.append(lm.tokenizer.decode(row[:row.index(eos)] if eos in row else row))
+    assert lm.generate(prompts, max_new_tokens=10) == ref
+    # Rows stopped early still give the text before the first stop string.
+    assert lm.generate(prompts, max_new_tokens=10, stop=[":", "\n"]) == [cut_at_stop(r, [":", "\n"]) for r in ref]

@@ -117,22 +117,36 @@ class LocalLM:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
                  temperature: float = 0.0, seed: int | None = None) -> list[str]:
-        from lmforge.infer.generate import generate
-
-        eos = self.tokenizer.eos_id
-        stops = [eos] if eos is not None else []
+        """Batched left-padded generation; a batch ends early once every row has hit EOS or a stop string."""
         out = []
         for start in range(0, len(prompts), self.batch_size):
             batch = [self.tokenizer.encode(p) or [self.prefix_id] for p in prompts[start:start + self.batch_size]]
             # Keep the end of a prompt that would not leave room for the answer.
             batch = [ids[-max(1, self.max_length - max_new_tokens):] for ids in batch]
-            new = generate(self.model, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                           seed=None if seed is None else seed + start, stop_token_ids=stops)
-            for row in new.tolist():
-                if eos is not None and eos in row:
-                    row = row[:row.index(eos)]
-                out.append(cut_at_stop(self.tokenizer.decode(row), stop))
+            out += self._generate_batch(batch, max_new_tokens, stop, temperature, None if seed is None else seed + start)
         return out
+
+    def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: Sequence[str], temperature: float,
+                        seed: int | None) -> list[str]:
+        from lmforge.infer.generate import stream_generate
+        from lmforge.infer.sampling import SamplingParams
+
+        eos = self.tokenizer.eos_id
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                stop_token_ids=[eos] if eos is not None else [])
+        rows: list[list[int]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        for step, token in enumerate(stream_generate(self.model, batch, params)):
+            for i, t in enumerate(token.tolist()):
+                if not done[i]:
+                    done[i] = t == eos
+                    if not done[i]:
+                        rows[i].append(t)
+            if stop and step % 4 == 3:  # decoding every step would cost more than it saves
+                done = [d or any(s in self.tokenizer.decode(r) for s in stop if s) for d, r in zip(done, rows)]
+            if all(done):
+                break
+        return [cut_at_stop(self.tokenizer.decode(r), stop) for r in rows]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
