@@ -119,3 +119,15 @@ def test_config_errors_name_the_field():
         DedupConfig(num_perm=64, bands=20, rows=6)
     with pytest.raises(LmforgeError, match="dedup.shingle"):
         DedupConfig(shingle="token")
+
+
+def test_char_shingles_dedup_text_without_spaces():
+    rng = random.Random(4)
+    chars = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
+    docs = ["".join(rng.choice(chars) for _ in range(400)) for _ in range(6)]
+    near = docs[2][:200] + "改" + docs[2][201:]  # one character changed
+    cfg = DedupConfig(shingle="char", ngram=5)
+    keep, cluster = dedup_texts(docs + [near], cfg)
+    assert cluster.tolist() == [0, 1, 2, 3, 4, 5, 2]
+    h = MinHasher.from_config(cfg)
+    assert h.shingle_strings("abcdef") == [b"abcde", b"bcdef"]
