@@ -229,3 +229,30 @@ def test_quantized_checkpoint_loads_through_its_manifest(tmp_path):
     assert any(isinstance(m, QuantLinear) for m in loaded.model.modules())
     req = [("def f(x):", " return x"), ("def f(x):", " pass")]
     assert loaded.loglikelihood(req) == pytest.approx(lm.loglikelihood(req), abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt_tuning"])
+def test_adapter_checkpoint_scores_like_its_full_forward(tmp_path, method):
+    """Adapters come back through the manifest, and the shared-context cache path still equals a
+    plain forward of context + continuation (prefix/prompt slots shift the cache correctly)."""
+    import torch
+
+    from lmforge import peft
+    from lmforge.checkpoint import save_model
+    from lmforge.eval.lm import LocalLM
+    from test_eval_scoring import full_forward_logprob
+
+    lm = tiny_lm()
+    config = {"lora": peft.LoraConfig(r=4), "prefix": peft.PrefixConfig(num_virtual_tokens=3, projection=False),
+              "prompt_tuning": peft.PromptTuningConfig(num_virtual_tokens=3)}[method]
+    model = peft.apply(lm.model, config)
+    with torch.no_grad():  # make the adapter matter (LoRA's B starts at zero)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    save_model(model, tmp_path / method, tokenizer=tiny_tokenizer())
+    loaded = LocalLM.load(tmp_path / method)
+    ctx, cont = lm.tokenizer.encode("def f(x):"), lm.tokenizer.encode(" return x + 1")
+    [(ll, _)] = loaded.score_choices(ctx, [cont])
+    assert ll == pytest.approx(full_forward_logprob(model.eval(), ctx, cont)[0], abs=1e-3)
+    assert ll != pytest.approx(full_forward_logprob(tiny_lm().model, ctx, cont)[0], abs=1e-3)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from lmforge.common import LmforgeError, get_device
 from lmforge.model import KVCache
+from lmforge.peft import virtual_tokens  # prompt-tuning tokens take cache slots too
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -88,7 +89,7 @@ class LocalLM:
         ctx_ids = [self.prefix_id] + list(ctx_ids) if not ctx_ids else list(ctx_ids)
         ctx_ids = ctx_ids[-max(1, self.max_length - longest):]  # keep the end of a long context
         B, P = len(conts), len(ctx_ids)
-        cache = KVCache.for_model(self.model, 1, P + longest)
+        cache = KVCache.for_model(self.model, 1, P + longest + virtual_tokens(self.model))
         last = self.model(torch.tensor([ctx_ids], device=self.device), kv_cache=cache, start_pos=0,
                           logits_to_keep=1)[:, -1]  # [1, V] predicts the first continuation token
         cache.select_rows(torch.zeros(B, dtype=torch.long, device=self.device))  # B copies of the prefix
