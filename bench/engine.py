@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="new tokens per request")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="2+ only on an idle machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     hf, ours = build_models(args)

@@ -174,3 +174,13 @@ def test_repetition_penalty_matches_static_generate(model):
     reference = [generate(model, p, max_new_tokens=10, repetition_penalty=1.5)[0].tolist() for p in prompts]
     out = Engine(model).generate_batch(prompts, SamplingParams(max_new_tokens=10, repetition_penalty=1.5))
     assert out == reference
+
+
+@pytest.mark.parametrize("preset,extra", [("tiny", {"sliding_window": 8}), ("tiny-moe", {}), ("tiny-gpt2", {})])
+def test_model_families_match_static_generate(preset, extra):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, initializer_range=0.2, **extra)).eval()
+    prompts = _prompts(6, seed=12, hi=30)
+    reference = [generate(model, p, max_new_tokens=10)[0].tolist() for p in prompts]
+    engine = Engine(model, block_size=4, max_batch_tokens=32)  # chunked prefill too
+    assert engine.generate_batch(prompts, SamplingParams(max_new_tokens=10)) == reference
