@@ -339,6 +339,8 @@ def test_full_queue_answers_429_and_timeout_504(ckpt):
         assert s.state.runner.in_flight == 2  # the limit: max_seqs + max_queue
         r = httpx.post(s.url + "/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny-chat", "prompt": ["a", "b"], "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # 4 > the limit: never admissible
         with pytest.raises(openai.RateLimitError):
             openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
                 model="tiny-chat", prompt="hi", max_tokens=2)

@@ -14,7 +14,8 @@ import contextlib
 import hmac
 import json
 import time
-import uuid
+import itertools
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
@@ -35,6 +36,7 @@ from .text import chat_prompt_ids, end_of_turn_ids
 log = get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+_ID_PREFIX, _ids = secrets.token_hex(6), itertools.count()  # unique response ids without a syscall each
 
 
 @dataclass
@@ -219,7 +221,7 @@ class _Job:
     req: CompletionRequest | ChatRequest
     subs: list[Submission]
     prompt_tokens: int
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ids):x}")
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -290,6 +292,9 @@ def _chat_job(state: ServerState, req: ChatRequest) -> _Job:
 
 
 async def _serve(request: Request, state: ServerState, job: _Job):
+    if len(job.subs) > state.runner.max_in_flight:  # could never be admitted: not a "retry later"
+        raise APIError(400, f"this request asks for {len(job.subs)} sequences (prompts x n); the server runs "
+                       f"at most {state.runner.max_in_flight} at once", param="n")
     submitted = submit(state.runner, job.subs)
     state.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in job.subs))
     deltas = generate(state.runner, state.tokenizer, state.metrics, submitted, job.req.stop_list(),

@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 from .metrics import Metrics
 from .protocol import APIError
-from .runner import EngineFailed, EngineRunner, QueueFull, Submission
+from .runner import EngineFailed, EngineRunner, Handle, QueueFull, Submission
 from .text import TextStream
 
 
@@ -35,7 +35,7 @@ class _Choice:
     finish_reason: str | None = None
 
 
-def submit(runner: EngineRunner, subs: list[Submission]) -> tuple[list[int], asyncio.Queue]:
+def submit(runner: EngineRunner, subs: list[Submission]) -> tuple[list[Handle], asyncio.Queue]:
     """Queue the choices now (before any response starts, so a full queue is a plain 429)."""
     try:
         return runner.submit(subs)
@@ -43,36 +43,37 @@ def submit(runner: EngineRunner, subs: list[Submission]) -> tuple[list[int], asy
         raise APIError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full") from None
 
 
-async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted: tuple[list[int], asyncio.Queue],
+async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted: tuple[list[Handle], asyncio.Queue],
                    stop: list[str], timeout: float) -> AsyncIterator[Delta]:
     """Deltas of every choice, interleaved as tokens come; raises APIError (504 timeout, 500
     engine failure)."""
-    ids, queue = submitted
+    handles, queue = submitted
     now = time.perf_counter()
-    index = {rid: i for i, rid in enumerate(ids)}
-    choices = [_Choice(TextStream(tokenizer, stop), now) for _ in ids]
-    deadline, open_ = now + timeout, len(ids)
+    choices = [_Choice(TextStream(tokenizer, stop), now) for _ in handles]
+    deadline, open_ = now + timeout, len(handles)
     try:
         while open_:
             try:
-                ev = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.perf_counter()))
+                item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.perf_counter()))
             except (asyncio.TimeoutError, TimeoutError):
                 raise APIError(504, f"the request did not finish within the server's {timeout:g} s timeout",
                                type="timeout_error", code="timeout") from None
-            if isinstance(ev, EngineFailed):
-                raise APIError(500, f"the inference engine failed: {ev}", type="server_error")
-            i = index[ev.request_id]
+            if isinstance(item, EngineFailed):
+                raise APIError(500, f"the inference engine failed: {item}", type="server_error")
+            if isinstance(item, Exception):
+                raise APIError(400, str(item))
+            i, ev = item
             if choices[i].finish_reason is not None:  # already cut at a stop string
                 continue
             delta = _advance(choices[i], i, ev, metrics)
             if delta.finish_reason is not None:
                 open_ -= 1
                 if not ev.finished:  # a stop string the engine did not see yet: stop it now
-                    runner.cancel(ev.request_id)
+                    runner.cancel(handles[i])
             yield delta
     finally:
-        for rid in ids:  # no-op for finished requests; frees the blocks of the rest
-            runner.cancel(rid)
+        for h in handles:  # no-op for finished sequences; frees the blocks of the rest
+            runner.cancel(h)
 
 
 def _advance(ch: _Choice, i: int, ev, metrics: Metrics) -> Delta:

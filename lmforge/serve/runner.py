@@ -1,9 +1,10 @@
 """The engine's step loop in one background thread, its events fanned out to asyncio queues.
 
 The HTTP handlers live on the event loop; the model runs here, off the loop, so streaming other
-clients never waits for a forward. `submit` adds requests and registers their queues under one
-lock, and events are dispatched under the same lock, so no event can arrive before its queue
-exists. The number of requests in flight is bounded: past it `submit` raises QueueFull and the
+clients never waits for a forward. The event loop never touches the engine either: the engine
+holds its lock for a whole step, so `add_request`/`cancel` from the loop would stall every stream
+for a step. `submit` and `cancel` only record what to do; the engine thread applies them between
+steps. The number of requests in flight is bounded: past it `submit` raises QueueFull and the
 server answers 429 instead of letting the queue grow without end.
 """
 
@@ -37,18 +38,33 @@ class Submission:
     logprobs: int | None = None
 
 
+@dataclass(eq=False)
+class Handle:
+    """One submitted sequence. Its queue receives (index, Event) tuples, or an exception."""
+
+    submission: Submission
+    index: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    request_id: int | None = None  # the engine's id, once the engine thread has added it
+    cancelled: bool = False
+
+
 class EngineRunner:
     def __init__(self, engine: Engine, max_in_flight: int):
         self.engine, self.max_in_flight = engine, max_in_flight
-        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
+        self._live: set[Handle] = set()  # submitted and not finished or cancelled
+        self._pending: list[Handle] = []  # to add to the engine
+        self._cancels: list[Handle] = []  # to cancel in the engine
+        self._by_id: dict[int, Handle] = {}
+        self._lock = threading.Lock()  # guards the lists above; never held across a step
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
 
     @property
     def in_flight(self) -> int:
-        return len(self._queues)
+        return len(self._live)
 
     def start(self) -> None:
         self._thread.start()
@@ -59,38 +75,33 @@ class EngineRunner:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, items: Sequence[Submission]) -> tuple[list[int], asyncio.Queue]:
-        """Add all of `items` or none (QueueFull); returns their request ids and the one queue
-        their events (or an EngineFailed) arrive on."""
+    def submit(self, items: Sequence[Submission]) -> tuple[list[Handle], asyncio.Queue]:
+        """Queue all of `items` or none (QueueFull); their events arrive on the returned queue."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        handles = [Handle(it, i, loop, queue) for i, it in enumerate(items)]
         with self._lock:
-            if len(self._queues) + len(items) > self.max_in_flight:
+            if len(self._live) + len(handles) > self.max_in_flight:
                 raise QueueFull(f"the server is at its limit of {self.max_in_flight} requests in flight")
-            ids: list[int] = []
-            try:
-                for it in items:
-                    ids.append(self.engine.add_request(it.prompt_ids, it.params, it.adapter, it.logprobs))
-                    self._queues[ids[-1]] = (loop, queue)
-            except Exception:
-                for rid in ids:  # all or none
-                    self._forget(rid, cancel=True)
-                raise
+            self._live.update(handles)
+            self._pending += handles
         self._wake.set()
-        return ids, queue
+        return handles, queue
 
-    def cancel(self, request_id: int) -> None:
-        """Stop a request (client gone, timeout, stop string): its KV blocks are freed now."""
+    def cancel(self, handle: Handle) -> None:
+        """Stop a sequence (client gone, timeout, stop string); the engine thread frees its KV
+        blocks before its next step. A no-op for finished sequences."""
         with self._lock:
-            self._forget(request_id, cancel=True)
+            if handle in self._live:
+                self._live.discard(handle)
+                handle.cancelled = True
+                self._cancels.append(handle)
+        self._wake.set()
 
-    def _forget(self, request_id: int, cancel: bool) -> None:
-        if self._queues.pop(request_id, None) is not None and cancel:
-            self.engine.cancel(request_id)
-        # The engine keeps every request it has seen; a long-running server must drop them.
-        self.engine.requests.pop(request_id, None)
+    # ------------------------------------------------------------------ the engine thread
 
     def _loop(self) -> None:
         while not self._stopping:
+            self._apply_requests()
             if not self.engine.has_unfinished():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -101,23 +112,55 @@ class EngineRunner:
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
-            with self._lock:
-                # One wake-up per event loop per step, not one per event: fewer cross-thread calls.
-                batches: dict[asyncio.AbstractEventLoop, list] = {}
-                for ev in events:
-                    entry = self._queues.get(ev.request_id)
-                    if entry is not None:
-                        batches.setdefault(entry[0], []).append((entry[1], ev))
-                    if ev.finished:
-                        self._forget(ev.request_id, cancel=False)
-            for loop, items in batches.items():
-                _post(loop, items)
+            self._dispatch(events)
+
+    def _apply_requests(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            cancels, self._cancels = self._cancels, []
+        for h in cancels:
+            if h.request_id is not None:
+                self.engine.cancel(h.request_id)
+                self._drop(h.request_id)
+        for h in pending:
+            if h.cancelled:
+                continue
+            s = h.submission
+            try:
+                h.request_id = self.engine.add_request(s.prompt_ids, s.params, s.adapter, s.logprobs)
+            except Exception as e:  # validated before submit; anything left is reported, not fatal
+                self._finish_with(h, e)
+                continue
+            self._by_id[h.request_id] = h
+
+    def _dispatch(self, events: list) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per event loop per step
+        for ev in events:
+            h = self._by_id.get(ev.request_id)
+            if h is None or h.cancelled:
+                continue
+            batches.setdefault(h.loop, []).append((h.queue, (h.index, ev)))
+            if ev.finished:
+                with self._lock:
+                    self._live.discard(h)
+                self._drop(ev.request_id)
+        for loop, items in batches.items():
+            _post(loop, items)
+
+    def _drop(self, request_id: int) -> None:
+        self._by_id.pop(request_id, None)
+        self.engine.requests.pop(request_id, None)  # the engine keeps every request it has seen
+
+    def _finish_with(self, h: Handle, error: Exception) -> None:
+        with self._lock:
+            self._live.discard(h)
+        _post(h.loop, [(h.queue, error)])
 
     def _fail_all(self, error: Exception) -> None:
-        with self._lock:
-            for rid, (loop, queue) in list(self._queues.items()):
-                _post(loop, [(queue, EngineFailed(str(error)))])
-                self._forget(rid, cancel=True)
+        for rid, h in list(self._by_id.items()):
+            self.engine.cancel(rid)
+            self._drop(rid)
+            self._finish_with(h, EngineFailed(str(error)))
 
 
 def _deliver(items: list) -> None:
