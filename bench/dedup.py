@@ -98,11 +98,21 @@ def timed(fn, runs: int, label: str = ""):
 
 
 def pipeline_mb_per_s(workers: int) -> dict:
+    """Stats of a default `prepare`, plus the CPU seconds it used (worker processes and the
+    tokenizer's threads included)."""
+    import resource
+
     from lmforge.data.config import load_config
     from lmforge.data.prepare import prepare
 
+    def cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    c0 = cpu()
     with tempfile.TemporaryDirectory() as out:
         stats = prepare(load_config(values={"workers": workers}), out, progress=False)
+    stats["cpu_seconds"] = cpu() - c0
     return stats
 
 
@@ -148,7 +158,9 @@ def main() -> None:
         print(f"\nWhole pipeline (`lmforge data prepare`, default recipe, 2 workers): "
               f"{stats['read']['bytes'] / 1e6:.1f} MB "
               f"in {stats['seconds']:.1f} s = {stats['mb_per_s']:.2f} MB/s "
-              f"({stats['tokens']['train']['tokens']:,} training tokens)")
+              f"({stats['tokens']['train']['tokens']:,} training tokens); {stats['cpu_seconds']:.1f} CPU s "
+              f"= {stats['read']['bytes'] / 1e6 / stats['cpu_seconds']:.2f} MB per CPU second")
+        print("  seconds per stage: " + ", ".join(f"{k} {v}" for k, v in stats["stage_seconds"].items()))
 
 
 if __name__ == "__main__":
