@@ -256,3 +256,25 @@ def test_adapter_checkpoint_scores_like_its_full_forward(tmp_path, method):
     [(ll, _)] = loaded.score_choices(ctx, [cont])
     assert ll == pytest.approx(full_forward_logprob(model.eval(), ctx, cont)[0], abs=1e-3)
     assert ll != pytest.approx(full_forward_logprob(tiny_lm().model, ctx, cont)[0], abs=1e-3)
+
+
+def test_against_the_lmforge_server(tmp_path):
+    """Generation through `lmforge.serve` gives what the local model generates; a log-likelihood
+    task against a server without echo support is a clear error."""
+    from lmforge.common import LmforgeError
+    from lmforge.eval.lm import LocalLM, load_lm
+    from lmforge.serve import ServeConfig
+    from test_serve_utils import ServerThread, make_checkpoint
+
+    model_dir, _ = make_checkpoint(tmp_path)
+    rows = [{"prompt": p, "answer": "x"} for p in ("The quick brown", "Hello there,", "A server")]
+    gen = _write(tmp_path / "gen.jsonl", rows)
+    cfg = TaskConfig("gen", "generation", path=str(gen), max_new_tokens=6, stop=[])
+    local = evaluate(LocalLM.load(model_dir), [cfg])
+    with ServerThread(ServeConfig(model=str(model_dir))) as server:
+        remote = load_lm(server.url)  # the served model's name comes from /v1/models
+        results = evaluate(remote, [cfg])
+        with pytest.raises(LmforgeError, match="echo"):
+            remote.loglikelihood([("The quick", " brown")])
+    assert [e["output"] for e in results["tasks"][0]["examples"]] == [e["output"] for e in local["tasks"][0]["examples"]]
+    assert results["model"] == model_dir.name

@@ -159,40 +159,60 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 class EndpointLM:
     """An OpenAI-compatible server (`/v1/completions`). Log-likelihoods use the legacy
     `echo=True, logprobs=1, max_tokens=0` request (as lm-eval's local-completions does), which the
-    server must support; generation only needs plain completions."""
+    server must support; generation only needs plain completions. `model="default"` takes the
+    first model the server lists."""
 
     def __init__(self, base_url: str, model: str = "default", api_key: str = "EMPTY", timeout: float = 120.0,
                  chat: bool = False) -> None:
         from openai import OpenAI
 
-        self.name = model if model != "default" else base_url
-        self.model_id, self.chat = model, chat
         base_url = base_url.rstrip("/")
+        self.url, self.chat = base_url, chat
         self.client = OpenAI(base_url=base_url if base_url.endswith("/v1") else base_url + "/v1",
                              api_key=api_key, timeout=timeout, max_retries=1)
+        if model == "default":
+            models = self._call(lambda: self.client.models.list().data, "listing models")
+            if not models:
+                raise LmforgeError(f"{base_url}: the endpoint serves no models")
+            model = models[0].id
+        self.model_id = self.name = model
+
+    def _call(self, fn, what: str):
+        """Run a request; the endpoint's refusals and connection failures become LmforgeErrors."""
+        import openai
+
+        try:
+            return fn()
+        except openai.APIStatusError as e:
+            raise LmforgeError(f"{self.url}: the endpoint refused {what} (HTTP {e.status_code}): {e.message}") from None
+        except openai.APIConnectionError as e:
+            raise LmforgeError(f"{self.url}: cannot reach the endpoint ({e.__class__.__name__})") from None
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
                  temperature: float = 0.0, seed: int | None = None) -> list[str]:
         out = []
         for p in prompts:
             kw = dict(model=self.model_id, max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                      stop=list(stop)[:4] or None)  # OpenAI accepts at most 4 stop strings
+                      stop=list(stop)[:4] or None)  # OpenAI accepts at most 4 stop strings; the rest cut below
             if self.chat:
-                r = self.client.chat.completions.create(messages=[{"role": "user", "content": p}], **kw)
+                r = self._call(lambda: self.client.chat.completions.create(
+                    messages=[{"role": "user", "content": p}], **kw), "a chat completion")
                 text = r.choices[0].message.content or ""
             else:
-                text = self.client.completions.create(prompt=p, **kw).choices[0].text
+                text = self._call(lambda: self.client.completions.create(prompt=p, **kw), "a completion").choices[0].text
             out.append(cut_at_stop(text, stop))
         return out
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         out = []
+        what = "an echo=True logprobs request (log-likelihood tasks need prompt logprobs)"
         for context, continuation in requests:
-            r = self.client.completions.create(model=self.model_id, prompt=context + continuation, echo=True,
-                                               max_tokens=0, logprobs=1, temperature=0.0)
+            r = self._call(lambda: self.client.completions.create(
+                model=self.model_id, prompt=context + continuation, echo=True, max_tokens=0, logprobs=1,
+                temperature=0.0), what)
             lp = r.choices[0].logprobs
             if lp is None or not lp.text_offset:
-                raise LmforgeError(f"{self.name}: the endpoint returned no prompt logprobs (echo=True is needed "
+                raise LmforgeError(f"{self.url}: the endpoint returned no prompt logprobs (echo=True is needed "
                                    "for log-likelihood tasks)")
             first = next(i for i, off in enumerate(lp.text_offset) if off >= len(context))
             tokens = lp.token_logprobs[first:]
