@@ -192,3 +192,17 @@ def test_default_recipe_on_the_stdlib(tmp_path):
     loader = ShardLoader(tmp_path, seq_len=128, batch_size=4, prefetch=0)
     x, _ = next(loader)
     assert int(x.max()) < loader.vocab_size
+
+
+def test_contamination_from_token_shards_alone(prepared, corpus, tmp_path, capsys):
+    """Without train_docs.jsonl the packed shards are decoded with the folder's tokenizer."""
+    import shutil
+
+    out, _ = prepared
+    shards = tmp_path / "shards"
+    shutil.copytree(out, shards, ignore=shutil.ignore_patterns("train_docs.jsonl", "work"))
+    first = json.loads((out / "train_docs.jsonl").read_text().splitlines()[0])["text"].split()
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text(json.dumps({"id": "leak", "text": " ".join(first[5:40])}) + "\n")
+    assert cli(["data", "contamination", "--train", str(shards), "--eval", str(evalset)]) == 0
+    assert "1 of 1 evaluation examples contaminated" in capsys.readouterr().out

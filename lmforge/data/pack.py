@@ -106,3 +106,17 @@ def read_index(path: str | Path) -> tuple[dict, Path]:
             if f.stat().st_size != shard["tokens"] * itemsize:
                 raise LmforgeError(f"{f}: size {f.stat().st_size} bytes, index says {shard['tokens']} tokens")
     return index, folder
+
+
+def iter_shard_documents(path: str | Path, split: str = "train") -> Iterator[np.ndarray]:
+    """The token ids of every packed document of a split (the shards cut at EOS), in packed order."""
+    index, folder = read_index(path)
+    if split not in index["splits"]:
+        raise LmforgeError(f"{folder}/index.json has no split {split!r}")
+    eos = index["eos_id"]
+    for shard in index["splits"][split]["shards"]:
+        tokens = np.memmap(folder / shard["file"], dtype=np.dtype(index["dtype"]), mode="r")
+        ends = np.flatnonzero(tokens == eos)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            yield np.asarray(tokens[s:e])

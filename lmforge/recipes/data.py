@@ -67,14 +67,29 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train_docs(paths: list[str], field: str):
+    """Training documents: a prepared folder's train_docs.jsonl, else its token shards decoded with
+    its tokenizer, else text files/folders/globs."""
     from lmforge.data.readers import ReadReport, read_inputs
 
     report = ReadReport()
-    if len(paths) == 1 and (Path(paths[0]) / "train_docs.jsonl").is_file():
-        paths = [str(Path(paths[0]) / "train_docs.jsonl")]
-    elif len(paths) == 1 and (Path(paths[0]) / "index.json").is_file():
-        raise LmforgeError(f"{paths[0]} has no train_docs.jsonl: re-run `lmforge data prepare` to write it")
+    folder = Path(paths[0])
+    if len(paths) == 1 and (folder / "train_docs.jsonl").is_file():
+        paths = [str(folder / "train_docs.jsonl")]
+    elif len(paths) == 1 and (folder / "index.json").is_file():
+        return _decoded_shards(folder), report
     return read_inputs(paths, text_field=field, report=report), report
+
+
+def _decoded_shards(folder: Path):
+    from lmforge.data.pack import iter_shard_documents
+    from lmforge.data.readers import Document
+    from lmforge.tokenizer import Tokenizer
+
+    if not (folder / "tokenizer").is_dir():
+        raise LmforgeError(f"{folder} has token shards but no tokenizer/ to decode them with")
+    tokenizer = Tokenizer.load(folder / "tokenizer")
+    for i, ids in enumerate(iter_shard_documents(folder, "train")):
+        yield Document(id=f"{folder.name}/train#{i}", text=tokenizer.decode(ids), source="train")
 
 
 def _contamination(args: argparse.Namespace) -> int:
