@@ -24,7 +24,8 @@ def build_models(args):
 
     torch.manual_seed(0)
     cfg = tf.GPT2Config(vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.hidden // 64,
-                        n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+                        n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
+                        bos_token_id=None, eos_token_id=None)
     hf = tf.GPT2LMHeadModel(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
