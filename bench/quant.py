@@ -35,7 +35,7 @@ from lmforge.recipes.quantize import qat_finetune  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "lmforge-bench-quant"
 VARIANTS = ["fp32", "bf16", "rtn int8", "rtn int4-g128", "gptq int4-g128", "awq int4-g128",
-            "smoothquant w8a8", "qat int4-g128", "mixed 4.5-bit"]
+            "smoothquant w8a8", "qat int4-g128", "mixed 4.5-bit", "rtn int3-g128", "gptq int3-g128", "awq int3-g128"]
 
 
 def stdlib_text(max_chars: int) -> tuple[str, str]:
@@ -90,7 +90,7 @@ def train_small(out: Path, steps: int, log) -> Path:
     return out
 
 
-def make_variant(name: str, base, calib, qat_steps: int):
+def make_variant(name: str, base, calib, qat_batches: list[torch.Tensor]):
     model = copy.deepcopy(base)
     if name == "fp32":
         return model, {}
@@ -98,7 +98,7 @@ def make_variant(name: str, base, calib, qat_steps: int):
         return model.to(torch.bfloat16), {}
     method, scheme = name.split(" ")
     if method == "qat":
-        qat_finetune(model, calib, scheme, QuantOptions().skip, qat_steps, 1e-4, get_logger("bench.quant"))
+        qat_finetune(model, qat_batches, scheme, QuantOptions().skip, len(qat_batches), 2e-5, get_logger("bench.quant"))
         return model, {}
     if method == "mixed":
         opts = QuantOptions(method="mixed", budget_bits=4.5, choices=("int3-g128", "int4-g128", "int8"))
@@ -114,41 +114,43 @@ def disk_bytes(model) -> int:
         return sum(f.stat().st_size for f in (Path(d) / "m").glob("*.safetensors"))
 
 
-def decode_tps(model, new_tokens: int, repeats: int) -> float:
-    model = prepare_for_inference(model)
+def decode_tps(models: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median batch-1 decode tokens/s per model; runs interleave the models so machine noise hits all."""
     prompt = list(range(1, 17))
-    generate(model, prompt, max_new_tokens=4)  # warm-up (kernel prepacking, allocator)
-    rates = []
+    for m in models.values():
+        prepare_for_inference(m)
+        generate(m, prompt, max_new_tokens=4)  # warm-up (kernel prepacking, allocator)
+    rates: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(model, prompt, max_new_tokens=new_tokens)
-        rates.append(new_tokens / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            generate(m, prompt, max_new_tokens=new_tokens)
+            rates[name].append(new_tokens / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def speed_on_110m(new_tokens: int, repeats: int) -> dict[str, float]:
     """Decode tokens/s of the Llama ~110M shape per storage format (GPTQ and QAT store what RTN int4
     stores; AWQ adds the per-channel input scale, measured as its own row)."""
+    from lmforge.quant.linear import IntNLinear
+    from lmforge.quant.scheme import linear_names, set_module
+
     torch.manual_seed(0)
     base = build_model("llama-100m").eval()
-    out = {}
+    calib = [torch.randint(0, 32000, (1, 512))]
+    models = {}
     for name in ["fp32", "bf16", "rtn int8", "rtn int4-g128", "awq int4-g128", "smoothquant w8a8"]:
-        model = copy.deepcopy(base)
+        model = base if name == "fp32" else copy.deepcopy(base)
         if name == "bf16":
             model = model.to(torch.bfloat16)
         elif name == "awq int4-g128":  # AWQ's module layout (input_scale), RTN-quantized: same speed
-            from lmforge.quant.linear import IntNLinear
-            from lmforge.quant.scheme import linear_names, set_module
-
             for n in linear_names(model):
                 lin = model.get_submodule(n)
                 set_module(model, n, IntNLinear.from_float(lin, input_scale=torch.ones(lin.in_features)))
         elif name != "fp32":
-            quantize_model(model, QuantOptions(method=name.split()[0], scheme=name.split()[1]),
-                           [torch.randint(0, 32000, (1, 128))], progress=False)
-        out[name] = decode_tps(model, new_tokens, repeats)
-        del model
-    return out
+            quantize_model(model, QuantOptions(method=name.split()[0], scheme=name.split()[1]), calib, progress=False)
+        models[name] = model
+    return decode_tps(models, new_tokens, repeats)
 
 
 def main() -> None:
@@ -179,23 +181,28 @@ def main() -> None:
     train_ids = torch.tensor(tok.encode(train[:1_000_000]), dtype=torch.long)
     val_b = windows(val_ids, 256, args.val_windows // 4, batch=4)
     calib = windows(train_ids, 256, args.calib_samples)
+    # QAT continues training on the training distribution (not the few calibration windows).
+    qat_batches = windows(train_ids, 128, args.qat_steps, batch=8)
 
-    rows = []
+    rows, models = [], {}
     for name in VARIANTS:
         t0 = time.time()
-        model, stats = make_variant(name, base, calib, args.qat_steps)
+        model, stats = make_variant(name, base, calib, qat_batches)
         secs = time.time() - t0
         ppl = math.exp(lm_loss(model, val_b))
         rows.append({"name": name, "ppl": ppl, "bytes": disk_bytes(model), "secs": secs,
-                     "tps": decode_tps(model, args.new_tokens, args.repeats),
                      "peak": stats.get("peak_rss_bytes"), "bits": stats.get("average_bits")})
+        models[name] = model
         log(f"{name}: ppl {ppl:.3f} ({secs:.1f}s)")
+    speeds = decode_tps(models, args.new_tokens, args.repeats)
+    for r in rows:
+        r["tps"] = speeds[r["name"]]
     fp = rows[0]
     print(f"\nsmall model ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params, "
           f"{val_ids.numel()} validation tokens, {len(calib)}x256 calibration tokens)")
     print(f"{'variant':<18} {'val ppl':>8} {'vs fp32':>8} {'disk MiB':>9} {'x smaller':>9} {'tok/s':>7} {'x fp32':>6}  quantize")
     for r in rows:
-        extra = f"{r['secs']:.1f}s" + (f", peak RSS {r['peak'] / 2**20:.0f} MiB" if r["peak"] else "")
+        extra = f"{r['secs']:.1f}s" + (f", peak RSS {r['peak'] / 2**20:.0f} MiB" if r["peak"] else "")  # reset per run
         extra += f", {r['bits']:.2f} avg bits" if r["bits"] else ""
         print(f"{r['name']:<18} {r['ppl']:>8.3f} {100 * (r['ppl'] / fp['ppl'] - 1):>+7.2f}% {r['bytes'] / 2**20:>9.2f} "
               f"{fp['bytes'] / r['bytes']:>9.2f} {r['tps']:>7.1f} {r['tps'] / fp['tps']:>6.2f}  {extra}")

@@ -14,7 +14,7 @@ from torch import nn
 from lmforge.common import LmforgeError
 
 from .awq import awq_linear
-from .calibrate import BlockInputs, calibrate_blocks, check_calibration, observe, peak_rss_bytes
+from .calibrate import BlockInputs, calibrate_blocks, check_calibration, observe, peak_rss_bytes, reset_peak_rss
 from .gptq import Hessian, gptq_quantize
 from .linear import IntNLinear
 from .mixed import lm_loss, mixed_precision
@@ -49,6 +49,7 @@ def quantize_model(model: nn.Module, opts: QuantOptions, calib: Sequence[torch.T
     if opts.method in CALIBRATED:
         check_calibration(calib, opts.min_calib_tokens)
     names = linear_names(model, opts.skip)
+    reset_peak_rss()
     stats: dict = {}
     if opts.method == "rtn":
         swap(model, opts.scheme, opts.skip, record_transform=False)

@@ -71,9 +71,26 @@ def observe(block: nn.Module, inputs: BlockInputs, names: list[str], on_input: C
             h.remove()
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (Linux: clear_refs 5), so the next reading covers
+    only what follows; elsewhere a no-op and the reading covers the whole process life."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process since the last reset (VmHWM), else since start."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux KiB, macOS bytes: an estimate
 
 
 @torch.no_grad()
