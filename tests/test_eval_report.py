@@ -52,13 +52,16 @@ def _shard_corpus(folder, texts):
     return folder
 
 
-@pytest.mark.parametrize("kind", ["text", "shards"])
+@pytest.mark.parametrize("kind", ["text", "shards", "sft-jsonl"])
 def test_contamination_flags_and_clean_subset(tmp_path, kind):
     path = _write(tmp_path / "mc.jsonl", MC)
     texts = ["unrelated text. " + MC[1]["context"] + MC[1]["choices"][0] + " more.", MC[4]["context"]]
     if kind == "text":
         corpus = tmp_path / "corpus.txt"
         corpus.write_text(" ".join(texts))
+    elif kind == "sft-jsonl":  # fine-tuning data: prompt/response or chat records
+        corpus = _write(tmp_path / "sft.jsonl", [{"prompt": "q", "response": texts[0]},
+                                                 {"messages": [{"role": "user", "content": texts[1]}]}])
     else:
         corpus = _shard_corpus(tmp_path / "data", texts)
     oracle = OracleLM({})  # right on examples 1 and 4 only (golds end in 0: 10 and 40 score best, others worst)

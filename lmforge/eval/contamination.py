@@ -19,9 +19,19 @@ def _corpus_texts(path: Path) -> Iterator[str]:
         if f.suffix == ".jsonl":
             for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
                 if line.strip():
-                    yield str(json.loads(line).get("text", ""))
+                    yield _record_text(json.loads(line))
         elif f.suffix in (".txt", ".md", ".py", ".rst"):
             yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def _record_text(record) -> str:
+    """A JSONL record's text: its "text" field, else all its strings (prompt/response, chat messages)."""
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, str):
+        return record
+    values = record.values() if isinstance(record, dict) else record if isinstance(record, list) else []
+    return "\n".join(_record_text(v) for v in values if isinstance(v, (str, dict, list)))
 
 
 def _shard_texts(folder: Path, split: str = "train") -> Iterator[str]:
