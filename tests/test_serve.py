@@ -105,9 +105,10 @@ def test_chat_uses_the_checkpoint_template(client, reference):
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 16
 
 
-def test_generation_stops_at_the_templates_end_of_turn(reference):
+def test_generation_stops_at_the_templates_end_of_turn(reference, server):
     tok, _ = reference
     assert end_of_turn_ids(tok) == [tok.eos_id, tok.token_to_id("<|im_end|>")]
+    assert server.state.chat_stop_ids == end_of_turn_ids(tok)  # what chat requests stop at
 
 
 @pytest.mark.parametrize("chat", [False, True])

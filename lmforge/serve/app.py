@@ -50,6 +50,10 @@ class ServerState:
     max_body_bytes: int = 1 << 20
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
+    chat_stop_ids: list[int] = field(init=False)  # EOS + the chat template's end-of-turn token
+
+    def __post_init__(self) -> None:
+        self.chat_stop_ids = end_of_turn_ids(self.tokenizer) if self.tokenizer is not None else []
 
     @property
     def max_model_len(self) -> int:
@@ -285,7 +289,7 @@ def _chat_job(state: ServerState, req: ChatRequest) -> _Job:
     ids = chat_prompt_ids(state.tokenizer, req.messages)
     asked = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     max_tokens = _check_length(state, ids, asked, "messages")
-    stop_ids = end_of_turn_ids(state.tokenizer)
+    stop_ids = state.chat_stop_ids
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     subs = [Submission(ids, _sampling(req, max_tokens, k, stop_ids), adapter, logprobs) for k in range(req.n)]
     return _Job("chat", req, subs, len(ids))
