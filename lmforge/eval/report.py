@@ -130,8 +130,10 @@ def _summary_table(results: dict) -> list[list[str]]:
 def _example_preview(t: dict) -> str:
     lines = []
     for ex in t["examples"][:SHOWN_EXAMPLES]:
-        shown = {k: ex[k] for k in ("id", "prediction", "answers", "gold", "results", "verdicts", "rating", "perplexity")
+        shown = {k: ex[k] for k in ("id", "prediction", "answers", "gold", "results", "verdicts", "rating", "tokens")
                  if k in ex}
+        if "nll" in ex and ex.get("tokens"):
+            shown["nll_per_token"] = round(ex["nll"] / ex["tokens"], 4)
         if "prompt" in ex:
             shown["prompt"] = ex["prompt"][-300:]
         lines.append(", ".join(f"{k}={v!r}" for k, v in shown.items()))
