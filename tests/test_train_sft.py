@@ -120,3 +120,17 @@ def test_sft_cli_loss_falls(tmp_path, base_and_data, method, lr, drop):
     from lmforge.checkpoint import load_model
 
     load_model(tmp_path / "r" / "final")  # the manifest replays the adapter
+
+
+@pytest.mark.parametrize("extra", [["--method", "qlora"], ["--method", "prompt"], ["--qat", "int4-g32"]])
+def test_sft_other_methods_run_and_reload(tmp_path, base_and_data, extra):
+    from lmforge.checkpoint import load_model
+
+    base, data = base_and_data
+    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path), "--name", "r", "--steps", "2",
+            "--seq-len", "64", "--batch-size", "4", "--set", "train.eval_every=0", "--set", "train.save_every=0", *extra]
+    assert cli(argv) == 0
+    rows = [r for r in read_metrics(tmp_path / "r") if "loss" in r]
+    assert len(rows) == 2 and all(r["skip_reason"] is None for r in rows)
+    if extra[0] == "--method":
+        load_model(tmp_path / "r" / "final")

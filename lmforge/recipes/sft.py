@@ -133,6 +133,9 @@ def main(args: argparse.Namespace) -> int:
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
     model, tokenizer = load_base(src, data)
+    if peft_cfg.method in ("prompt", "p_tuning") and data.pack:
+        log.info("%s: virtual input tokens cannot be shared by packed examples; one example per row", peft_cfg.method)
+        data.pack = False
     train_rows, val_rows = build_rows(data, tokenizer, train_cfg.seq_len, train_cfg.seed)
     log.info("SFT: %d packed training rows of %d tokens, %s validation rows", len(train_rows), train_cfg.seq_len,
              len(val_rows) if val_rows else "no")
@@ -146,11 +149,12 @@ def main(args: argparse.Namespace) -> int:
 
     from lmforge.train.sft_data import PackedBatches
 
-    loader = PackedBatches(train_rows, train_cfg.micro_batch_size, train_cfg.seed, info.rank, info.world_size)
+    loader = PackedBatches(train_rows, train_cfg.micro_batch_size, train_cfg.seed, info.rank, info.world_size,
+                           segments=data.pack)
     val_batches = None
     if val_rows and len(val_rows) >= train_cfg.micro_batch_size * info.world_size:
         def val_batches():
-            vl = PackedBatches(val_rows, train_cfg.micro_batch_size, 1234, info.rank, info.world_size)
+            vl = PackedBatches(val_rows, train_cfg.micro_batch_size, 1234, info.rank, info.world_size, data.pack)
             return [next(vl) for _ in range(min(train_cfg.eval_batches, vl.per_epoch // info.world_size))]
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main,

@@ -103,11 +103,15 @@ class PackedBatches:
     """Seeded shuffled epochs over packed rows; rank r of W takes batches r, r+W, ... of the global
     sequence (so W ranks x A accumulation == 1 process x A*W), with a resumable position."""
 
-    def __init__(self, rows: list[PackedRow], batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, rows: list[PackedRow], batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 segments: bool = True):
         if len(rows) < batch_size * world_size:
             raise LmforgeError(f"only {len(rows)} packed rows: fewer than one batch of {batch_size} x "
                                f"{world_size} rank(s) (use more data or a smaller batch)")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        # One example per row with padding at the end needs no segments: causal attention already
+        # keeps real tokens from seeing the pads after them.
+        self.keys = ("input_ids", "labels", "segment_ids") if segments else ("input_ids", "labels")
         self.rank, self.world_size = rank, world_size
         self.per_epoch = len(rows) // batch_size
         self.position = 0
@@ -116,7 +120,7 @@ class PackedBatches:
         epoch, i = divmod(index, self.per_epoch)
         order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         picked = [self.rows[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size].tolist()]
-        return {k: torch.tensor([getattr(r, k) for r in picked]) for k in ("input_ids", "labels", "segment_ids")}
+        return {k: torch.tensor([getattr(r, k) for r in picked]) for k in self.keys}
 
     def __iter__(self):
         return self
