@@ -91,3 +91,13 @@ def test_generate_until_honours_stop_strings():
     lm = tiny_lm()
     outs = h.LmforgeHarnessLM(lm=lm).generate_until([Req("def f(x):", {"until": ["\n"], "max_gen_toks": 8})])
     assert len(outs) == 1 and "\n" not in outs[0]
+
+
+def test_chat_template_comes_from_the_checkpoint():
+    import lmforge.eval.harness as h
+
+    lm = tiny_lm()
+    harness_lm = h.LmforgeHarnessLM(lm=lm)
+    messages = [{"role": "user", "content": "hi"}]
+    assert harness_lm.apply_chat_template(messages) == lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert "<|im_start|>" in harness_lm.chat_template() and harness_lm.tokenizer_name == "tiny"

@@ -40,6 +40,17 @@ class LmforgeHarnessLM(LM):
                               max_length=int(max_length) if max_length else None)
         self.lm = lm
 
+    # Chat templating (`--apply_chat_template`): the template stored with the checkpoint.
+    @property
+    def tokenizer_name(self) -> str:
+        return self.lm.name
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.lm.tokenizer.chat_template or ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.lm.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return self.lm.loglikelihood([tuple(r.args) for r in requests])
 
