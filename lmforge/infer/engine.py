@@ -110,8 +110,9 @@ class Engine:
             return True
 
     def has_unfinished(self) -> bool:
-        s = self.scheduler
-        return bool(s.waiting or s.running or s.swapped or self._finished_early)
+        with self._lock:
+            s = self.scheduler
+            return bool(s.waiting or s.running or s.swapped or self._finished_early)
 
     def output(self, request_id: int) -> list[int]:
         return list(self.requests[request_id].output)
