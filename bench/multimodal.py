@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,18 +75,24 @@ def main() -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="lmforge-mm-"))
     start = time.perf_counter()
     clip_over = QUICK_CLIP if args.quick else []
+    # The digits CLIP is independent: train it in a second process on the other core meanwhile.
+    digits_cmd = [sys.executable, "-m", "lmforge", "clip", "train", "--config", "clip-digits", "--out",
+                  str(out / "clip-digits"), "--json", str(out / "clip-digits.json")]
+    digits_cmd += [a for o in clip_over for a in ("--set", o)]
+    digits_proc = subprocess.Popen(digits_cmd, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
     t0 = time.perf_counter()
     shapes = clip_recipe.train(load_config(ClipTrainConfig, "clip-shapes", clip_over), str(out / "clip-shapes"))
     t_clip_shapes = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    digits = clip_recipe.train(load_config(ClipTrainConfig, "clip-digits", clip_over), str(out / "clip-digits"))
-    t_clip_digits = time.perf_counter() - t0
     vlm_over = (QUICK_VLM if args.quick else []) + [f"vision={out / 'clip-shapes'}"]
     cfg = load_config(VlmTrainConfig, "vlm-shapes", vlm_over)
     t0 = time.perf_counter()
     s1 = vlm_recipe.train(cfg, 1, None, str(out / "vlm-stage1"))
     s2 = vlm_recipe.train(cfg, 2, str(out / "vlm-stage1"), str(out / "vlm-stage2"))
     t_vlm = time.perf_counter() - t0
+    if digits_proc.wait() != 0:
+        raise SystemExit("the digits CLIP run failed (is scikit-learn installed? pip install 'lmforge[vision]')")
+    digits = json.loads((out / "clip-digits.json").read_text())
+    t_clip_digits = digits["train_seconds"]
     ours, hf = vit_speed()
 
     lines = [f"| {'metric':<40} | {'value':>10} | {'target':>10} | {'':<12} |", "|" + "-" * 42 + "|" + "-" * 12

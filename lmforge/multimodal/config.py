@@ -56,7 +56,7 @@ class VlmTrainConfig:
     feature_layer: int = -2
     pool: int = 2  # 2x2 average pooling of the patch grid: 4x fewer image tokens in the LM
     stage1_steps: int = 300  # projector only, captions
-    stage2_steps: int = 800  # projector + LM (or LoRA), questions and captions
+    stage2_steps: int = 600  # projector + LM (or LoRA), questions and captions
     lora_rank: int = 0  # > 0: stage 2 trains LoRA adapters (merged before saving) instead of the full LM
     batch_size: int = 32
     lr: float = 1e-3

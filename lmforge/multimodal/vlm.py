@@ -102,18 +102,23 @@ class VisionLanguageModel(nn.Module):
         """The LM's config, so LM tooling (KVCache.for_model, generation) works unchanged."""
         return self.language_model.config
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[num_images, 3, H, W] -> projected patch features [num_images, N, D_lm]."""
+    @torch.no_grad()
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[num_images, 3, H, W] -> frozen-encoder patch features [num_images, N, Dv] (pooled when
+        configured). Constant during training, so a loop may compute them once per image."""
         c = self.vlm_config
-        with torch.no_grad():
-            hidden, _ = self.vision(pixel_values, layer=c.feature_layer)
-            patches = hidden[:, 1:]  # [n, N, Dv], row-major over the patch grid
-            if c.pool > 1:
-                n, N, D = patches.shape
-                g = int(N ** 0.5)
-                grid = patches.transpose(1, 2).reshape(n, D, g, g)
-                patches = nn.functional.avg_pool2d(grid, c.pool).flatten(2).transpose(1, 2)
-        return self.projector(patches)
+        hidden, _ = self.vision(pixel_values, layer=c.feature_layer)
+        patches = hidden[:, 1:]  # [n, N, Dv], row-major over the patch grid
+        if c.pool > 1:
+            n, N, D = patches.shape
+            g = int(N ** 0.5)
+            grid = patches.transpose(1, 2).reshape(n, D, g, g)
+            patches = nn.functional.avg_pool2d(grid, c.pool).flatten(2).transpose(1, 2)
+        return patches
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[num_images, 3, H, W] -> projected features [num_images, N, D_lm], ready to splice."""
+        return self.projector(self.vision_features(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,8 +21,8 @@ import torch
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, read_json, seed_everything
 from lmforge.model import ModelConfig
 from lmforge.multimodal import (CLIP, ClipConfig, VisionConfig, class_names, info_nce, load_examples,
-                                load_hf_vision, load_multimodal, recall_at_k, save_multimodal, to_pixels,
-                                zero_shot_accuracy)
+                                load_hf_vision, load_multimodal, recall_at_k, same_text_targets, save_multimodal,
+                                to_pixels, zero_shot_accuracy)
 from lmforge.multimodal.config import ClipTrainConfig, load_config, make_optimizer, run_steps
 from lmforge.multimodal.data import DIGIT_TEMPLATES, digit_class_names
 from lmforge.multimodal.shapes import SIZES
@@ -68,11 +68,12 @@ def hard_negative_indices(captions: list[str], batch_size: int, rng: np.random.G
     for i, c in enumerate(captions):
         for w in c.split():
             bow[i, vocab[w]] += 1
+    bow /= np.linalg.norm(bow, axis=1, keepdims=True)  # cosine: longer captions are no nearer
     anchors = rng.choice(len(captions), batch_size - batch_size // 2, replace=False)
     overlap = bow[anchors] @ bow.T  # [A, N]
     caps = np.array(captions)
     overlap[caps[anchors][:, None] == caps[None, :]] = -1  # never the same caption
-    overlap += rng.random(overlap.shape) * 0.5  # break ties at random
+    overlap += rng.random(overlap.shape) * 1e-3  # break ties at random
     return np.concatenate([anchors, overlap.argmax(axis=1)])[:batch_size]
 
 
@@ -112,9 +113,8 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
         caps = [ex.captions[int(rng.integers(len(ex.captions)))] for ex in batch]
         # Positives: the same caption text, or for labelled sets the same class (digits).
         keys = [str(ex.label) if cfg.data == "digits" else c for ex, c in zip(batch, caps)]
-        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32, device=device)
         logits = model(pixels(model, [ex.image for ex in batch], device), *encode_texts(tokenizer, caps, device))
-        return info_nce(logits, same / same.sum(1, keepdim=True))
+        return info_nce(logits, same_text_targets(keys).to(device))
 
     start = time.perf_counter()
     loss = run_steps(optimizer, cfg.steps, cfg.warmup_steps, batch_loss, log)

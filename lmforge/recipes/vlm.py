@@ -187,17 +187,27 @@ def sampler(pairs: list[tuple[int, str, str]], batch_size: int, seed: int, rende
     return next_batch
 
 
+@torch.no_grad()
+def cached_features(model: VisionLanguageModel, examples, batch: int = 256) -> torch.Tensor:
+    """The frozen encoder's features of every training image, computed once: [N, tokens, Dv]."""
+    model.vision.eval()
+    return torch.cat([model.vision_features(pixels_for(model, [ex.image for ex in examples[s:s + batch]]))
+                      for s in range(0, len(examples), batch)])
+
+
 def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainConfig, device) -> float:
     c = model.vlm_config
     render = lambda q, a: render_ids(tokenizer, image_turn(q, a), c.image_token_id, c.num_image_tokens)
     next_batch = sampler(pairs, cfg.batch_size, cfg.seed + 2, render)
+    features = cached_features(model, examples)
     model.train()
     model.vision.eval()
 
     def batch_loss(step: int) -> torch.Tensor:
         batch, rows = next_batch()
         ids, labels = pad_batch(rows, tokenizer.pad_id, device)
-        return lm_loss(model(ids, pixels_for(model, [examples[i].image for i, _, _ in batch])), labels)
+        projected = model.projector(features[[i for i, _, _ in batch]])
+        return lm_loss(model(inputs_embeds=model.embed(ids, image_features=projected)), labels)
 
     return run_steps(optimizer, steps, cfg.warmup_steps, batch_loss, log)
 
