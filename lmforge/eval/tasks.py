@@ -12,7 +12,6 @@ task's own file minus the example being asked). Every example keeps its per-exam
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lmforge.common import LmforgeError
+from lmforge.common import read_jsonl as common_read_jsonl
 from lmforge.eval import metrics as M
 
 TASK_TYPES = ("multiple_choice", "generation", "code", "perplexity", "judge_pairwise", "judge_single")
@@ -75,23 +75,7 @@ class TaskResult:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"task file not found: {path}")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise LmforgeError(f"{path}:{n}: expected a JSON object per line")
-        rows.append(row)
-    if not rows:
-        raise LmforgeError(f"{path}: no examples")
-    return rows
+    return [record for _, record in common_read_jsonl(path, "task file")]
 
 
 def _field(row: dict, names: tuple[str, ...], where: str) -> Any:
