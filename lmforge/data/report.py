@@ -44,6 +44,10 @@ def render_markdown(stats: dict) -> str:
         lines.append(f"| {name} | {docs:,} | {human_bytes(nbytes) if nbytes is not None else '-'} |")
     for split, t in stats.get("tokens", {}).items():
         lines.append(f"| pack: {split} | {t['documents']:,} | {t['tokens']:,} tokens in {t['shards']} shard(s) |")
+    if stats.get("by_source"):
+        lines += ["", "## Sources (after the filters)", "", "| source | documents | bytes |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['documents']:,} | {human_bytes(v['bytes'])} |"
+                  for k, v in sorted(stats["by_source"].items())]
     skipped = stats["read"]["skipped"]
     if skipped:
         lines += ["", "## Skipped input", "", "| reason | count |", "|---|---:|"]
