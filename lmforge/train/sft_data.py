@@ -10,13 +10,13 @@ tokens attend only within their own segment, and positions restart at each segme
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmforge.common import LmforgeError
+from lmforge.common import read_jsonl as common_read_jsonl
 
 from .objectives import IGNORE
 
@@ -38,22 +38,8 @@ def record_to_messages(record: dict, where: str) -> list[dict]:
 
 
 def read_jsonl(path: str | Path) -> list[list[dict]]:
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"SFT data file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            out.append(record_to_messages(record, f"{path}:{lineno}"))
-    if not out:
-        raise LmforgeError(f"{path}: no examples")
-    return out
+    """Conversations of a JSONL file; errors name the file and line."""
+    return [record_to_messages(record, where) for where, record in common_read_jsonl(path, "SFT data file")]
 
 
 def encode_example(tokenizer, messages: list[dict], max_len: int, where: str = "example") -> tuple[list[int], list[int]]:
