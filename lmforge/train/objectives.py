@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.common import LmforgeError
+
 IGNORE = -100
 OBJECTIVES = ("clm", "mlm", "span")
 
@@ -150,8 +152,6 @@ class ObjectiveTokens:
 
     def __init__(self, objective: str, tokenizer_vocab: int, eos_id: int | None, num_sentinels: int = 100) -> None:
         if objective not in OBJECTIVES:
-            from lmforge.common import LmforgeError
-
             raise LmforgeError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
         self.objective, self.eos_id = objective, eos_id
         extra = {"clm": 0, "mlm": 1, "span": num_sentinels}[objective]

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from lmforge.checkpoint import build_and_load, save_model
-from lmforge.common import atomic_dir, atomic_write_json, get_logger
+from lmforge.common import LmforgeError, atomic_dir, atomic_write_json, get_logger
 
 from .distributed import full_model_state, full_optimizer_state, load_full_state, unwrap
 
@@ -139,8 +139,6 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         with safe_open(str(path / TRAIN_STATE), "pt") as f:
             meta = f.metadata()
     except (SafetensorError, OSError) as e:
-        from lmforge.common import LmforgeError
-
         raise LmforgeError(f"{path}: cannot read checkpoint ({e})") from None
     if "lm_head.weight" not in model_state and "model.embed_tokens.weight" in model_state:
         model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]  # tied
