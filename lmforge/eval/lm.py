@@ -227,8 +227,11 @@ class EndpointLM:
 
 
 def load_lm(spec: str, device: str | None = None, dtype: str | None = None, batch_size: int = 8,
-            endpoint_model: str = "default") -> LocalLM | EndpointLM:
-    """A model folder -> LocalLM; an http(s) URL -> EndpointLM."""
+            endpoint_model: str = "default", max_length: int | None = None) -> LocalLM | EndpointLM:
+    """A model folder -> LocalLM; an http(s) URL -> EndpointLM. `max_length`: the scoring window
+    (None: the model's max_position_embeddings; a model trained on shorter sequences scores better
+    with its training length)."""
     if spec.startswith(("http://", "https://")):
         return EndpointLM(spec, model=endpoint_model)
-    return LocalLM.load(spec, device=device, dtype=dtype, batch_size=batch_size)
+    return LocalLM.load(spec, device=device, dtype=dtype, batch_size=batch_size,
+                        max_length=int(max_length) if max_length else None)

@@ -19,8 +19,9 @@ from lmforge.recipes._common import add_config_arguments, load_config, overrides
 
 log = get_logger("lmforge.eval")
 FLAGS = {"--out": "out", "--limit": "limit", "--device": "device", "--dtype": "dtype", "--batch-size": "batch_size",
+         "--max-length": "max_length",
          "--contamination": "contamination.corpus", "--seed": "seed"}
-TOP_LEVEL = {"model", "endpoint_model", "out", "device", "dtype", "batch_size", "seed", "limit", "builtin",
+TOP_LEVEL = {"model", "endpoint_model", "out", "device", "dtype", "batch_size", "max_length", "seed", "limit", "builtin",
              "contamination", "tasks"}
 
 
@@ -106,7 +107,8 @@ def run(cfg: dict, tasks: list) -> dict:
 
     def load(spec: str):
         return load_lm(str(spec), device=cfg.get("device"), dtype=cfg.get("dtype"),
-                       batch_size=int(cfg.get("batch_size") or 8), endpoint_model=cfg.get("endpoint_model") or "default")
+                       batch_size=int(cfg.get("batch_size") or 8), endpoint_model=cfg.get("endpoint_model") or "default",
+                       max_length=cfg.get("max_length"))
 
     lm = load(cfg["model"])
     builtin = BuiltinConfig(**cfg["builtin"]) if cfg.get("builtin") else None
