@@ -186,6 +186,15 @@ def test_seeded_sampling_and_n(client):
     assert a.usage.completion_tokens == 24
 
 
+def test_chat_stream_with_n_choices(client):
+    kw = dict(model="tiny-chat", messages=MSGS, max_tokens=6, temperature=1.0, seed=3, n=2)
+    full = client.chat.completions.create(**kw)
+    texts = ["", ""]
+    for c in client.chat.completions.create(stream=True, **kw):
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert texts == [ch.message.content for ch in full.choices]
+
+
 def test_32_concurrent_streams_equal_single_requests(client, server):
     prompts = [f"Request {i}: the quick brown fox" + " jumps" * (i % 5) for i in range(32)]
     models = ["lora" if i % 3 == 0 else "tiny-chat" for i in range(32)]
@@ -352,6 +361,9 @@ def test_full_queue_answers_429_and_timeout_504(ckpt):
         s.state.request_timeout = 0.05
         r = httpx.post(s.url + "/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 480})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        with pytest.raises(openai.APIError, match="timeout"):  # mid-stream: an error event ends the stream
+            list(openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
+                model="tiny-chat", prompt="hi", max_tokens=480, stream=True))
         assert wait_until(lambda: _idle(s.state))
 
 
