@@ -47,7 +47,8 @@ class LocalLM:
     name: str = "model"
 
     def __post_init__(self) -> None:
-        self.max_length = self.max_length or self.model.config.max_position_embeddings
+        limit = self.model.config.max_position_embeddings
+        self.max_length = min(self.max_length or limit, limit)  # never past the positions the model has
         self.device = next(self.model.parameters()).device
         tok = self.tokenizer
         self.prefix_id = tok.bos_id if tok.bos_id is not None else tok.eos_id
