@@ -101,3 +101,28 @@ def test_chat_template_comes_from_the_checkpoint():
     messages = [{"role": "user", "content": "hi"}]
     assert harness_lm.apply_chat_template(messages) == lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert "<|im_start|>" in harness_lm.chat_template() and harness_lm.tokenizer_name == "tiny"
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_with_the_lmforge_model_type(tmp_path):
+    """`python -m lmforge.eval.harness run --model lmforge ...` end to end in a subprocess."""
+    import subprocess
+    import sys
+
+    from lmforge.checkpoint import save_model
+
+    lm = tiny_lm()
+    save_model(lm.model, tmp_path / "m", tokenizer=lm.tokenizer)
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.yaml").write_text(TASK_YAML.format(path=data))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "c")}
+    out = subprocess.run([sys.executable, "-m", "lmforge.eval.harness", "run", "--model", "lmforge", "--model_args",
+                          f"pretrained={tmp_path / 'm'}", "--tasks", "lmforge_local_mc", "--include_path",
+                          str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours = run_multiple_choice(lm, TaskConfig("mc", "multiple_choice", path=str(data), target_delimiter=""))
+    [results] = list((tmp_path / "out").rglob("results_*.json"))
+    assert json.loads(results.read_text())["results"]["lmforge_local_mc"]["acc,none"] == pytest.approx(ours.metrics["acc"])

@@ -281,3 +281,13 @@ def test_against_the_lmforge_server(tmp_path):
             remote.loglikelihood([("The quick", " brown")])
     assert [e["output"] for e in results["tasks"][0]["examples"]] == [e["output"] for e in local["tasks"][0]["examples"]]
     assert results["model"] == model_dir.name
+
+
+def test_cli_code_task_with_a_real_model(tmp_path, model_dir):
+    from test_eval_codeexec import PROBLEMS
+
+    data = _write(tmp_path / "code.jsonl", PROBLEMS)
+    assert cli(["eval", str(model_dir), "--task", f"code:{data}", "--set", "builtin=null", "--out", str(tmp_path / "o")]) == 0
+    [task] = load_results(tmp_path / "o")["tasks"]
+    assert task["metrics"]["pass@1"] == 0.0  # a random tiny model writes no working code...
+    assert all(s in ("failed", "timeout") for e in task["examples"] for s in e["results"])  # ...and nothing escapes
