@@ -116,6 +116,9 @@ def test_oracle_scores_100_on_multiple_choice_with_fewshot(tmp_path):
     assert first.count("Question") == 4 and first.endswith(MC[0]["context"])  # 3 shots + the question
     assert MC[0]["context"] not in first[:-len(MC[0]["context"])]  # never its own answer as a shot
     assert run_multiple_choice(oracle, cfg).examples[0]["prompt"] == first  # seeded
+    limited = TaskConfig("mc", "multiple_choice", path=path, num_fewshot=3, seed=7, limit=2)
+    assert [e["prompt"] for e in run_multiple_choice(oracle, limited).examples] == \
+        [e["prompt"] for e in res.examples[:2]]  # the same shots whatever the limit
     wrong = OracleLM({r["context"]: r["choices"][0] for r in MC})
     assert run_multiple_choice(wrong, cfg).metrics["acc"] == 0.0
 

@@ -107,14 +107,14 @@ def normalize_gen(row: dict, where: str) -> dict:
     return {**row, "id": str(row.get("id", row.get("task_id", where))), "prompt": str(prompt), "answers": answers}
 
 
-def load_examples(cfg: TaskConfig, normalize: Callable[[dict, str], dict]) -> list[dict]:
+def load_examples(cfg: TaskConfig, normalize: Callable[[dict, str], dict], apply_limit: bool = True) -> list[dict]:
     if not cfg.path:
         raise LmforgeError(f"task {cfg.name!r}: 'path' is required for type {cfg.type}")
     rows = read_jsonl(cfg.path)
     out = [normalize(r, f"{cfg.path}:{i + 1}") for i, r in enumerate(rows)]
     for i, ex in enumerate(out):  # default ids by line keep examples addressable in the report
         ex["id"] = ex["id"] if "id" in rows[i] or "task_id" in rows[i] else f"{cfg.name}/{i}"
-    return out[:cfg.limit] if cfg.limit else out
+    return out[:cfg.limit] if cfg.limit and apply_limit else out
 
 
 def fewshot_prefix(cfg: TaskConfig, pool: list[dict], index: int, exclude_self: bool,
@@ -123,7 +123,7 @@ def fewshot_prefix(cfg: TaskConfig, pool: list[dict], index: int, exclude_self: 
     if cfg.num_fewshot <= 0:
         return ""
     candidates = [ex for i, ex in enumerate(pool) if not (exclude_self and i == index)]
-    rng = random.Random(f"{cfg.seed}:{index}")  # per-example seed: stable when `limit` changes
+    rng = random.Random(f"{cfg.seed}:{index}")  # per-example seed: the same shots whatever `limit` is
     shots = rng.sample(candidates, min(cfg.num_fewshot, len(candidates)))
     return "".join(render(s) + cfg.fewshot_delimiter for s in shots)
 
@@ -140,8 +140,9 @@ def fewshot_pool(cfg: TaskConfig, examples: list[dict], normalize) -> tuple[list
 
 
 def run_multiple_choice(lm, cfg: TaskConfig, examples: list[dict] | None = None) -> TaskResult:
-    examples = examples if examples is not None else load_examples(cfg, normalize_mc)
-    pool, own = fewshot_pool(cfg, examples, normalize_mc)
+    examples = examples if examples is not None else load_examples(cfg, normalize_mc, apply_limit=False)
+    pool, own = fewshot_pool(cfg, examples, normalize_mc)  # shots come from all examples, `limit` or not
+    examples = examples[:cfg.limit] if cfg.limit else examples
     d = cfg.target_delimiter
     requests, contexts = [], []
     for i, ex in enumerate(examples):
@@ -166,8 +167,9 @@ def run_multiple_choice(lm, cfg: TaskConfig, examples: list[dict] | None = None)
 
 
 def run_generation(lm, cfg: TaskConfig, examples: list[dict] | None = None) -> TaskResult:
-    examples = examples if examples is not None else load_examples(cfg, normalize_gen)
+    examples = examples if examples is not None else load_examples(cfg, normalize_gen, apply_limit=False)
     pool, own = fewshot_pool(cfg, examples, normalize_gen)
+    examples = examples[:cfg.limit] if cfg.limit else examples
     d = cfg.target_delimiter
     prompts = [fewshot_prefix(cfg, pool, i, own, lambda s: s["prompt"] + d + s["answers"][0]) + ex["prompt"]
                for i, ex in enumerate(examples)]
