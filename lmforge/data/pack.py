@@ -22,6 +22,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def is_validation(doc_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a document is in a `fraction` sample chosen by a hash of its id: stable across runs,
+    independent of order and of the number of workers. The validation split; with another seed,
+    the tokenizer's training sample."""
     if fraction <= 0:
         return False
     digest = hashlib.blake2b(f"{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()

@@ -124,24 +124,27 @@ def get_tokenizer(cfg: DataConfig, units: list[WorkUnit], work: Path, corpus: Co
 
     if cfg.tokenize.tokenizer:
         return Tokenizer.load(cfg.tokenize.tokenizer)
-    train_hashes = [corpus.hashes[g] for g in np.flatnonzero(train_mask)]
-    key = json.dumps([cfg.tokenize.vocab_size, cfg.tokenize.train_bytes, train_hashes])
+    # a seeded sample of about train_bytes spread over the whole corpus (a prefix would see only
+    # the first sources/files); chosen by a hash of the id, like the validation split
+    share = cfg.tokenize.train_bytes / max(int(corpus.nbytes[train_mask].sum()), 1)
+    chosen = [g for g in np.flatnonzero(train_mask).tolist() if is_validation(corpus.ids[g], share, seed=1)]
+    key = json.dumps([cfg.tokenize.vocab_size, [corpus.hashes[g] for g in chosen]])
     stamp, saved = work / "tokenizer.stamp", work.parent / "tokenizer"
     digest = hashlib.sha256(key.encode()).hexdigest()
     if stamp.is_file() and stamp.read_text() == digest and (saved / "tokenizer.json").is_file():
         return Tokenizer.load(saved)
+    wanted = set(chosen)
 
     def sample():
-        budget, g = cfg.tokenize.train_bytes, 0
+        g = 0
         for u in units:
             for rec in iter_unit_docs(u, work):
-                if train_mask[g] and budget > 0:
-                    budget -= len(rec["text"])
+                if g in wanted:
                     yield rec["text"]
                 g += 1
 
-    log.info("training a %d-token BPE tokenizer on up to %d bytes of the corpus", cfg.tokenize.vocab_size,
-             cfg.tokenize.train_bytes)
+    log.info("training a %d-token BPE tokenizer on %d documents (%d bytes)", cfg.tokenize.vocab_size, len(chosen),
+             int(corpus.nbytes[chosen].sum()))
     tokenizer = train_tokenizer(sample(), vocab_size=cfg.tokenize.vocab_size)
     tokenizer.save(saved)
     atomic_write_text(stamp, digest)
