@@ -40,7 +40,7 @@ class MixConfig:
 class TokenizeConfig:
     tokenizer: str | None = None  # a tokenizer folder/file; None: train one on the corpus
     vocab_size: int = 8192
-    train_bytes: int = 20_000_000  # text the tokenizer is trained on (a prefix of the training docs)
+    train_bytes: int = 20_000_000  # about this much text, a seeded sample of the training docs, trains it
     batch_size: int = 512
 
 
