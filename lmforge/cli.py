@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmforge: error: command {name!r} is not available in this build ({e.name} missing)", file=sys.stderr)
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=(recipe.__doc__ or help_text).strip())
+    parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=(recipe.__doc__ or help_text).strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
