@@ -184,3 +184,13 @@ def test_fused_head_loss_matches_plain_path():
     plain.backward()
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_early_stopping_patience():
+    from lmforge.train import EarlyStopping
+
+    stop = EarlyStopping(patience=2)
+    assert stop.update(3.0) and stop.update(2.5)
+    assert not stop.update(2.6) and not stop.should_stop
+    assert not stop.update(2.5) and stop.should_stop  # equal is not an improvement
+    assert not EarlyStopping(patience=0).should_stop

@@ -43,6 +43,7 @@ def test_resume_reproduces_losses_and_skips_corrupt_checkpoint(tmp_path, data_di
     common = ["--steps", "12", "--set", "train.save_every=4", "--set", "train.keep_last=3",
               "--set", "train.eval_every=6", "--set", "train.grad_accum=2"]
     full = pretrain(tmp_path / "a", data_dir, *common)
+    assert (tmp_path / "a" / "pretrain" / "best" / "model.safetensors").is_file()  # evaluated at 6 and 12
     pretrain(tmp_path / "b", data_dir, *common)
     ckpts = tmp_path / "b" / "pretrain" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000008", "step-00000012"]
