@@ -56,9 +56,10 @@ def resume_from(ckpt_root: Path, resume: str | None) -> Path | None:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint; drop the old records of those."""
+    """A resumed run rewrites the steps after its checkpoint: drop the old records of those (and the
+    old summary)."""
     if path.is_file():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", step + 1) <= step]
         path.write_text("".join(l + "\n" for l in lines))
 
 
