@@ -101,7 +101,7 @@ def make_variant(name: str, base, calib, qat_batches: list[torch.Tensor]):
         qat_finetune(model, qat_batches, scheme, QuantOptions().skip, len(qat_batches), 2e-5, get_logger("bench.quant"))
         return model, {}
     if method == "mixed":
-        opts = QuantOptions(method="mixed", budget_bits=4.5, choices=("int3-g128", "int4-g128", "int8"))
+        opts = QuantOptions(method="mixed", budget_bits=4.5, choices=("int4-g128", "int8"))
     else:
         opts = QuantOptions(method=method, scheme=scheme)
     stats = quantize_model(model, opts, calib, progress=False)
@@ -163,6 +163,7 @@ def main() -> None:
     p.add_argument("--val-windows", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (fp32 always runs)")
     p.add_argument("--skip-110m", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     args = p.parse_args()
@@ -185,7 +186,7 @@ def main() -> None:
     qat_batches = windows(train_ids, 128, args.qat_steps, batch=8)
 
     rows, models = [], {}
-    for name in VARIANTS:
+    for name in ["fp32"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "fp32"]:
         t0 = time.time()
         model, stats = make_variant(name, base, calib, qat_batches)
         secs = time.time() - t0

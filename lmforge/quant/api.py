@@ -37,7 +37,7 @@ class QuantOptions:
     n_grid: int = 20  # AWQ: alpha grid size
     alpha: float = 0.5  # SmoothQuant: migration strength
     budget_bits: float = 4.5  # mixed: average weight bits
-    choices: tuple[str, ...] = ("int3-g128", "int4-g128", "int8")  # mixed: candidate schemes
+    choices: tuple[str, ...] = ("int4-g128", "int8")  # mixed: candidate schemes (add int3-g128 for budgets < 4)
     min_calib_tokens: int = 512
 
 

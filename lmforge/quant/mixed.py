@@ -86,7 +86,7 @@ def allocate(sens: dict[str, dict[str, float]], sizes: dict[str, int], choices: 
 
 
 def mixed_precision(model: nn.Module, names: list[str], loss_fn: Callable[[], float], budget_bits: float = 4.5,
-                    choices: Sequence[str] = ("int3-g128", "int4-g128", "int8"), progress: bool = True) -> dict:
+                    choices: Sequence[str] = ("int4-g128", "int8"), progress: bool = True) -> dict:
     """Quantize `names` with per-layer widths meeting the budget; returns the plan and sensitivities."""
     choices = [scheme_name(parse_scheme(c)) for c in choices]
     sens = sensitivity(model, names, choices, loss_fn, progress)

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant: migration strength")
     p.add_argument("--budget-bits", type=float, default=4.5, help="mixed: average weight bits")
-    p.add_argument("--choices", default="int3-g128,int4-g128,int8", help="mixed: candidate schemes")
+    p.add_argument("--choices", default="int4-g128,int8", help="mixed: candidate schemes, comma-separated")
     p.add_argument("--qat-steps", type=int, default=100, help="qat: fine-tuning steps")
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
