@@ -147,7 +147,8 @@ def main() -> None:
     ap.add_argument("--distill-rows", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--new", type=int, default=96)
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--medusa-trees", default="3x2x2,2x1x1,1x1x1", help="Medusa trees to try (top-k per level)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -176,8 +177,10 @@ def main() -> None:
         "prompt lookup (free text)": (prompts, lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
         "prompt lookup (copy task)": (copy_prompts,
                                       lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
-        "medusa (3 heads, tree 3x2x2)": (prompts, lambda p: medusa_generate(target, heads, p, sp)),
     }
+    for tree in args.medusa_trees.split(","):
+        choices = tuple(int(c) for c in tree.split("x"))
+        methods[f"medusa (tree {tree})"] = (prompts, lambda p, c=choices: medusa_generate(target, heads, p, sp, c))
     print(f"target {target.config.num_parameters() / 1e6:.1f}M params, draft {draft.config.num_parameters() / 1e6:.2f}M,"
           f" {args.prompts} prompts x {args.new} new tokens, greedy, batch 1, k={k}, {args.threads} thread(s)")
     print(f"{'method':32s} {'tok/s':>8s} {'plain':>8s} {'speed-up':>9s} {'accept':>7s} {'tok/step':>9s} same")
