@@ -181,7 +181,8 @@ def main() -> None:
     for tree in args.medusa_trees.split(","):
         choices = tuple(int(c) for c in tree.split("x"))
         methods[f"medusa (tree {tree})"] = (prompts, lambda p, c=choices: medusa_generate(target, heads, p, sp, c))
-    print(f"target {target.config.num_parameters() / 1e6:.1f}M params, draft {draft.config.num_parameters() / 1e6:.2f}M,"
+    sizes = target.config.num_parameters() / 1e6, draft.config.num_parameters() / 1e6
+    print(f"target {sizes[0]:.1f}M params, draft {sizes[1]:.2f}M,"
           f" {args.prompts} prompts x {args.new} new tokens, greedy, batch 1, k={k}, {args.threads} thread(s)")
     print(f"{'method':32s} {'tok/s':>8s} {'plain':>8s} {'speed-up':>9s} {'accept':>7s} {'tok/step':>9s} same")
     for name, (ps, fn) in methods.items():

@@ -83,7 +83,8 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
     seconds = time.perf_counter() - start
     generated = engine.stats["generated_tokens"]
     return dict(requests=len(rows), generated_tokens=generated, seconds=round(seconds, 2),
-                tokens_per_s=round(generated / max(seconds, 1e-9), 1), prefix_hit_blocks=engine.stats["prefix_hit_blocks"])
+                tokens_per_s=round(generated / max(seconds, 1e-9), 1),
+                prefix_hit_blocks=engine.stats["prefix_hit_blocks"])
 
 
 def speculative_decode(target, prompt_ids: list[int], params: SamplingParams, *, draft: str | None = None,

@@ -69,7 +69,8 @@ class Engine:
         self._lock = threading.RLock()
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._finished_early: list[Event] = []
-        self.eos = [tokenizer.eos_id] if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None else []
+        eos = getattr(tokenizer, "eos_id", None)
+        self.eos = [eos] if eos is not None else []
         self.counters = dict(steps=0, generated_tokens=0, prompt_tokens=0)
 
     # ------------------------------------------------------------------ public API

@@ -54,7 +54,8 @@ class MedusaHeads(nn.Module):
         return torch.stack([lm_head(head(hidden)) for head in self.heads])
 
 
-def medusa_loss(model, heads: MedusaHeads, input_ids: torch.Tensor, decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
+def medusa_loss(model, heads: MedusaHeads, input_ids: torch.Tensor,
+                decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
     """Weighted CE of every head (head k predicts token t + k + 2 from hidden t; weight decay**k),
     with the base frozen. Returns (loss, top-1 accuracy per head)."""
     with torch.no_grad():
@@ -86,7 +87,8 @@ def load_medusa(path: str | Path, device=None) -> MedusaHeads:
 
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
-        raise LmforgeError(f"{path} is not a Medusa heads folder (no {CONFIG_FILE}; make one with `lmforge train-medusa`)")
+        raise LmforgeError(f"{path} is not a Medusa heads folder (no {CONFIG_FILE}; "
+                           "make one with `lmforge train-medusa`)")
     cfg = read_json(path / CONFIG_FILE, "Medusa config")
     heads = MedusaHeads(cfg["hidden_size"], cfg["num_heads"], cfg.get("num_layers", 1))
     heads.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
