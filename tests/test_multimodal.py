@@ -78,6 +78,8 @@ def test_shapes_are_deterministic_and_consistent():
         count = dict((kind, ans) for _, ans, kind in ex.qa)["count"]
         assert count == ["zero", "one", "two", "three"][n]
         assert ex.qa[1][1] == ex.captions[0].split(" left of ")[0].split()[-1]  # leftmost shape
+        shapes = [phrase.split()[-1] for phrase in ex.captions[0].split(" left of ")]
+        assert ex.extra_captions == [" left of ".join(f"a {s}" for s in shapes)]  # colours dropped
     single = make_shapes(20, seed=0, max_shapes=1)
     assert all(ex.label is not None and 0 <= ex.label < 18 for ex in single)
 

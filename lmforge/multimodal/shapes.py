@@ -29,6 +29,9 @@ class Example:
     captions: list[str]
     qa: list[tuple[str, str, str]] = field(default_factory=list)
     label: int | None = None  # class index for zero-shot classification, when there is one
+    # Partial descriptions for contrastive training only ("a circle left of a square"): with the
+    # colours gone, matching them needs the shapes, which breaks CLIP's colour-only shortcut.
+    extra_captions: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,5 +103,7 @@ def make_shapes(n: int, seed: int = 0, image_size: int = 32, max_shapes: int = 3
         items = [Item(palette[int(rng.integers(len(palette)))], SHAPES[int(rng.integers(len(SHAPES)))],
                       SIZES[int(rng.integers(len(SIZES)))]) for _ in range(k)]
         label = palette.index(items[0].colour) * len(SHAPES) + SHAPES.index(items[0].shape) if k == 1 else None
-        out.append(Example(render(items, image_size, rng), [caption(items)], questions(items, rng), label))
+        shapes_only = " left of ".join(f"a {it.shape}" for it in items)
+        out.append(Example(render(items, image_size, rng), [caption(items)], questions(items, rng), label,
+                           [shapes_only]))
     return out

@@ -99,18 +99,19 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
     examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, image_size)
     if not examples:
         raise LmforgeError(f"no training images in {cfg.data!r}")
-    texts = [c for ex in examples for c in ex.captions] + prompt_texts(cfg.data)
+    texts = [c for ex in examples for c in ex.captions + ex.extra_captions] + prompt_texts(cfg.data)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     model = build(cfg, tokenizer.vocab_size).to(device).train()
     optimizer = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     flat_caps = [ex.captions[0] for ex in examples]
+    pick = lambda texts: texts[int(rng.integers(len(texts)))]
 
     def batch_loss(step: int) -> torch.Tensor:
         idx = (hard_negative_indices(flat_caps, cfg.batch_size, rng) if cfg.hard_negatives
                else rng.choice(len(examples), cfg.batch_size, replace=False))
         batch = [examples[i] for i in idx]
-        caps = [ex.captions[int(rng.integers(len(ex.captions)))] for ex in batch]
+        caps = [pick(ex.captions + ex.extra_captions) for ex in batch]
         # Positives: the same caption text, or for labelled sets the same class (digits).
         keys = [str(ex.label) if cfg.data == "digits" else c for ex, c in zip(batch, caps)]
         logits = model(pixels(model, [ex.image for ex in batch], device), *encode_texts(tokenizer, caps, device))
