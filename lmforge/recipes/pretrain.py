@@ -20,7 +20,7 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
                                      make_run_dir, overrides_from_args, section, switch_overrides)
 from lmforge.train import (ObjectiveTokens, OptimConfig, RunContext, TrainConfig, autocast_dtype, batch_generator,
-                           fit, prepare_model, setup_runtime, shutdown)
+                           fit, prepare_model, setup_runtime, shutdown, summary_line)
 from lmforge.train.builtin import data_tokenizer
 
 log = get_logger("lmforge.pretrain")
@@ -142,6 +142,5 @@ def main(args: argparse.Namespace) -> dict:
         loader.close()
         shutdown()
     if info.is_main:
-        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"best val loss {summary['best_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s -> {run_dir}/final")
+        print(summary_line(summary))
     return 0

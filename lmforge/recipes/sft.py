@@ -15,7 +15,8 @@ import dataclasses
 from lmforge.common import LmforgeError, get_logger
 from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
                                      make_run_dir, overrides_from_args, section, switch_overrides)
-from lmforge.train import OptimConfig, RunContext, TrainConfig, autocast_dtype, fit, prepare_model, setup_runtime, shutdown
+from lmforge.train import (OptimConfig, RunContext, TrainConfig, autocast_dtype, fit, prepare_model, setup_runtime,
+                           shutdown, summary_line)
 
 log = get_logger("lmforge.sft")
 
@@ -172,6 +173,5 @@ def main(args: argparse.Namespace) -> int:
         metrics.close()
         shutdown()
     if info.is_main:
-        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"best val loss {summary['best_val_loss']} -> {run_dir}/final")
+        print(summary_line(summary))
     return 0

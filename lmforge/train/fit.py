@@ -128,6 +128,14 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
     return summary
 
 
+def summary_line(summary: dict) -> str:
+    def num(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    return (f"done: {summary['steps']} steps, final loss {num(summary['final_loss'])}, best val loss "
+            f"{num(summary['best_val_loss'])}, {summary['tokens_per_s']:,.0f} tokens/s -> {summary['run_dir']}/final")
+
+
 def _save_final(model: nn.Module, ctx: RunContext, name: str, step: int) -> None:
     plain = model_to_save(model)  # collective under FSDP: every rank gathers
     if ctx.info.is_main:
