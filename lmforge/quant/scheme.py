@@ -101,8 +101,13 @@ def swap(model: nn.Module, scheme: str | dict, skip: Iterable[str] = DEFAULT_SKI
 
 
 def record(model: nn.Module, config: dict) -> None:
-    """Append a quant entry to the model's transform manifest (saved and replayed by lmforge.checkpoint)."""
-    model.lmforge_transforms = list(getattr(model, "lmforge_transforms", [])) + [{"kind": "quant", **config}]
+    """Append a quant entry to the model's transform manifest (saved and replayed by lmforge.checkpoint);
+    recording the same modules with the same specs twice adds nothing."""
+    entry = {"kind": "quant", **config}
+    done = getattr(model, "lmforge_transforms", [])
+    if any(e.get("kind") == "quant" and e.get("modules") == entry["modules"] for e in done):
+        return
+    model.lmforge_transforms = list(done) + [entry]
 
 
 def plan(model: nn.Module, scheme: str | dict, skip: Iterable[str] = DEFAULT_SKIP) -> Iterator[tuple[str, dict]]:
