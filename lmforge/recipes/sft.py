@@ -143,8 +143,8 @@ def main(args: argparse.Namespace) -> int:
     if train_cfg.auto_fit:
         from lmforge.train.memory import auto_fit
 
-        train_cfg = auto_fit(model.config, train_cfg, device, info.world_size,
-                             mode="qlora" if peft_cfg.method == "qlora" else "lora" if peft_cfg.method != "full" else "full")
+        mode = "full" if peft_cfg.method == "full" else "qlora" if peft_cfg.method == "qlora" else "lora"
+        train_cfg = auto_fit(model.config, train_cfg, device, info.world_size, mode=mode)
     model = apply_method(model, peft_cfg)
     wrapped, optimizer = prepare_model(model, train_cfg, optim_cfg, device)
 

@@ -31,7 +31,8 @@ def init_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=int(os.environ.get("LMFORGE_DIST_TIMEOUT_MIN", 30))))
+        minutes = int(os.environ.get("LMFORGE_DIST_TIMEOUT_MIN", 30))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
     return info
 
 

@@ -94,7 +94,8 @@ def _replace_spans(tokens: torch.Tensor, mask: torch.Tensor, sentinels: list[int
     return torch.where(starts, sentinel, tokens)[~mask | starts]
 
 
-def corrupt_spans(tokens: torch.Tensor, noise_mask: torch.Tensor, sentinels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt_spans(tokens: torch.Tensor, noise_mask: torch.Tensor,
+                  sentinels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [L], noise_mask [L] (starting with a clean token) -> (inputs, targets).
 
     inputs: each noise span replaced by the next sentinel. targets: each sentinel followed by the

@@ -42,7 +42,8 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
     return [record_to_messages(record, where) for where, record in common_read_jsonl(path, "SFT data file")]
 
 
-def encode_example(tokenizer, messages: list[dict], max_len: int, where: str = "example") -> tuple[list[int], list[int]]:
+def encode_example(tokenizer, messages: list[dict], max_len: int,
+                   where: str = "example") -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels[t] is token t+1 when the assistant wrote it, else IGNORE."""
     try:
         ids, mask = tokenizer.render_chat(messages)
