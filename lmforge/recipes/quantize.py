@@ -12,18 +12,16 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from lmforge.common import LmforgeError, get_logger, human_bytes, seed_everything
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from lmforge.quant import METHODS
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed", "qat")  # literal: --help must not import torch
 
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (lmforge checkpoint or Hugging Face folder)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--method", default="rtn", choices=[*METHODS, "qat"])
+    p.add_argument("--method", default="rtn", choices=METHODS)
     p.add_argument("--scheme", default="int4-g128", help="int8 | int4 | int3 | int2 [-g32|-g64|-g128] | nf4 | w8a8")
     p.add_argument("--calib", help="calibration data: a packed-shard folder (index.json) or a text file")
     p.add_argument("--calib-split", default="train", help="split of the packed shards to read")
@@ -83,6 +81,9 @@ def main(args: argparse.Namespace) -> int:
 
 def calibration_batches(source: str, tokenizer, samples: int, seq_len: int, split: str = "train") -> list[torch.Tensor]:
     """`samples` windows [1, seq_len] spread evenly over a packed-shard split or a tokenized text file."""
+    import numpy as np
+    import torch
+
     path = Path(source)
     if (path / "index.json").is_file() or path.name == "index.json":
         from lmforge.data.pack import read_index
@@ -108,6 +109,8 @@ def calibration_batches(source: str, tokenizer, samples: int, seq_len: int, spli
 def qat_finetune(model, batches, scheme: str, skip, steps: int, lr: float, log) -> None:
     """Fake-quantize the linears and fine-tune briefly with the causal LM loss; the STE lets the
     float weights settle where rounding hurts least. `quantize_model` then rounds them for real."""
+    import torch
+
     from lmforge.quant import convert_qat, prepare_qat
 
     prepare_qat(model, scheme, skip)
