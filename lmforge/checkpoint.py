@@ -15,6 +15,7 @@ Transforms record themselves in `model.lmforge_transforms` (a list of dicts with
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def replay_transform(model: torch.nn.Module, entry: dict, source: str = "checkpo
     module = importlib.import_module(TRANSFORM_MODULES[kind])
     if not hasattr(module, "replay"):
         raise LmforgeError(f"{source}: transform {kind!r} cannot be replayed by this build of lmforge")
-    module.replay(model, entry)
+    takes_source = "source" in inspect.signature(module.replay).parameters  # for messages naming the file
+    module.replay(model, entry, **({"source": source} if takes_source else {}))
     model.lmforge_transforms = list(getattr(model, "lmforge_transforms", [])) + [entry]
 
 

@@ -131,3 +131,11 @@ def test_prepared_model_gives_the_same_logits_and_state_dict(model):
     state = fast.state_dict()
     assert set(state) == set(ref_state) and all(torch.equal(state[k], ref_state[k]) for k in state)
     assert generate(fast, [1, 2, 3], max_new_tokens=8).tolist() == generate(model, [1, 2, 3], max_new_tokens=8).tolist()
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_tokens():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.preset("tiny")).eval()
+    assert generate(m, [1, 2, 3], max_new_tokens=8, compile=True).tolist() == \
+        generate(m, [1, 2, 3], max_new_tokens=8).tolist()

@@ -88,7 +88,7 @@ def stream_generate(model, input_ids, params: SamplingParams, attention_mask: to
             seen[torch.arange(B, device=device), token] = True
         if bool(finished.all()) or i == params.max_new_tokens - 1:
             return
-        logits = step(token[:, None], T + i, decode_fn or model)
+        logits = step(token[:, None], T + i, decode_fn if decode_fn is not None else model)
 
 
 def generate(model, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
