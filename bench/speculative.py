@@ -32,7 +32,7 @@ from lmforge.tokenizer import load_tokenizer, train_tokenizer
 SHAPES = {
     "target": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
                    num_key_value_heads=2),
-    "draft": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+    "draft": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1),
 }
 
@@ -82,11 +82,14 @@ def build(args, work: Path):
         return ids, torch.ones_like(ids, dtype=torch.float)
 
     base = dict(vocab_size=tok.vocab_size, max_position_embeddings=1024, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    target = Transformer(ModelConfig.preset("tiny", **base, **SHAPES["target"]))
     t0 = time.perf_counter()
-    train_lm(target, windows, args.target_steps, 3e-3, "target")
-    save_model(target.eval(), work / "target", tokenizer=tok)
+    if (work / "target").exists() and not args.retrain:  # --retrain-draft: keep the (slow) target
+        target = load_model(work / "target").eval()
+    else:
+        torch.manual_seed(0)
+        target = Transformer(ModelConfig.preset("tiny", **base, **SHAPES["target"]))
+        train_lm(target, windows, args.target_steps, 3e-3, "target")
+        save_model(target.eval(), work / "target", tokenizer=tok)
 
     # The target's own greedy continuations of corpus prompts: what the draft and heads must predict.
     plen, n = 32, args.distill_rows
@@ -136,7 +139,8 @@ def run(fn, prompts, repeats):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/lmforge_bench_speculative")
-    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--retrain", action="store_true", help="train everything again")
+    ap.add_argument("--retrain-draft", action="store_true", help="train the draft and heads again, keep the target")
     ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -154,7 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
-    if args.retrain or not (work / "medusa").exists():
+    if args.retrain or args.retrain_draft or not (work / "medusa").exists():
         build(args, work)
     target, draft = load_model(work / "target").eval(), load_model(work / "draft").eval()
     heads = load_medusa(work / "medusa")
