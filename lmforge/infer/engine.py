@@ -155,7 +155,8 @@ class Engine:
     # ------------------------------------------------------------------ one forward
 
     def _run(self, group: list[tuple[Sequence, int]]) -> list[Event]:
-        logits = self._forward(group)
+        packable = len(group) > 1 and len({seq.adapter for seq, _ in group}) == 1 and group[0][1] > 1
+        logits = self._forward_packed(group) if packable else self._forward(group)
         argmax = logits.argmax(-1).tolist()  # one call for every greedy row
         events = []
         for row, (seq, n) in enumerate(group):
@@ -183,6 +184,37 @@ class Engine:
             logits = self.model(torch.tensor(ids, device=self.device), position_ids=qpos.clamp(min=0).to(self.device),
                                 attn_mask=mask, kv_cache=self.cache, logits_to_keep=1)
         return logits[:, -1].float()
+
+    def _forward_packed(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Prefill chunks packed into one row [1, sum n] (no padding): each sequence's queries see
+        only its own blocks (a block-diagonal causal mask over the concatenated block tables).
+        Needs one adapter for the whole group: per-row LoRA selection works on batch rows."""
+        bs = self.block_size
+        ids, qpos, tables, owner, key_pos, last = [], [], [], [], [], []
+        for i, (seq, n) in enumerate(group):
+            start = seq.num_computed
+            ids += seq.tokens[start:start + n]
+            qpos += range(start, start + n)
+            owner += [i] * n
+            last.append(len(ids) - 1)
+            nb = -(-(start + n) // bs)
+            tables += seq.blocks[:nb]
+            key_pos.append(torch.arange(nb * bs))
+        key_owner = torch.cat([torch.full((len(k),), i) for i, k in enumerate(key_pos)])
+        q, k = torch.tensor(qpos)[:, None], torch.cat(key_pos)[None, :]
+        allowed = (torch.tensor(owner)[:, None] == key_owner[None, :]) & (k <= q)
+        window = self.model.config.sliding_window
+        if window:
+            allowed &= (q - k) < window
+        slots = torch.cat([write_slots([seq.blocks], [list(range(seq.num_computed, seq.num_computed + n))], bs)[0]
+                           for seq, n in group])
+        self.cache.set_step(slots.reshape(1, -1).to(self.device), torch.tensor([tables], device=self.device))
+        with self._adapter_rows([group[0][0].adapter]):
+            _, hidden = self.model(torch.tensor([ids], device=self.device),
+                                   position_ids=torch.tensor([qpos], device=self.device),
+                                   attn_mask=allowed[None, None].to(self.device), kv_cache=self.cache,
+                                   logits_to_keep=1, return_hidden=True)
+        return self.model.lm_head(hidden[0, last]).float()  # each sequence's last new token
 
     def _mask(self, qpos: torch.Tensor, ctx: torch.Tensor, S: int) -> torch.Tensor:
         """[B, 1, T, S]: key j is visible to a query at position p if j <= p and j is in the row's context."""
