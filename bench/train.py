@@ -68,12 +68,12 @@ def build(framework: str, preset: str):
 
 def worker(framework: str, preset: str, batch: int, seq_len: int, steps: int) -> dict:
     """One framework, one shape: warm-up step, then `steps` timed optimizer steps."""
-    import resource
-
     import psutil
     import torch
 
     base = psutil.Process().memory_info().rss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     config, model = build(framework, preset)
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -101,7 +101,8 @@ def worker(framework: str, preset: str, batch: int, seq_len: int, steps: int) ->
 
     step(data[0])  # warm-up: kernels, optimizer state
     times = [_timed(lambda: step(x)) for x in data[1:]]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    with open("/proc/self/status") as f:  # not ru_maxrss: Linux carries the parent's over fork+exec
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")) - base
     return {"step_s": times, "peak_bytes": peak, "flops_per_token": model_flops_per_token(config, seq_len)}
 
 
