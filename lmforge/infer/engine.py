@@ -6,12 +6,12 @@
         for event in engine.step():   # Event(request_id, new_token_ids, finished, finish_reason, logprobs)
             ...
 
-Each `step()` asks the scheduler for a batch, runs it through the model (decode rows [B, 1] and
-prefill chunks [B, T] as separate forwards so one-token rows are not padded to the longest
-prompt), samples one token for every row whose pending tokens are all computed, and reports what
-happened. New tokens are left-padded inside a forward so the last column is every row's last real
-token, and an explicit [B, 1, T, S] mask plus position ids make each row see only its own
-context: a sequence decodes the same alone or among others. All public methods take a lock, so a
+Each `step()` asks the scheduler for a batch, runs it through the model (decode rows [B, 1]; prefill
+chunks packed into one row [1, sum T] with a block-diagonal causal mask, so nothing is padded),
+samples one token for every sequence whose pending tokens are all computed, and reports what
+happened. Explicit [B, 1, T, S] masks plus position ids make each sequence see only its own
+context: it decodes the same alone or among others. (Rows with different LoRA adapters cannot
+share a packed row; they run as left-padded rows [B, T], so each row's last column is its last token.) All public methods take a lock, so a
 server thread may add/cancel requests while another thread steps.
 """
 
