@@ -58,7 +58,7 @@ def test_bad_inputs_exit_2_with_a_message(folder, capsys):
     (root / "bad.jsonl").write_text('{"prompt": "x"}\n{"text": "no prompt"}\n')
     base = ["generate", "--model", str(root / "model")]
     assert main(base + ["--prompts", str(root / "bad.jsonl"), "--out", str(root / "o.jsonl")]) == 2
-    assert "bad.jsonl line 2: needs a 'prompt'" in capsys.readouterr().err
+    assert "bad.jsonl:2: needs a 'prompt'" in capsys.readouterr().err
     assert not (root / "o.jsonl").exists()
     assert main(base + ["--prompts", str(root / "bad.jsonl")]) == 2
     assert "--prompts needs --out" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from lmforge.common import LmforgeError, atomic_write_text
+from lmforge.common import LmforgeError, atomic_write_text, read_jsonl
 
 from .engine import Engine
 from .sampling import SamplingParams
@@ -22,23 +22,12 @@ from .sampling import SamplingParams
 ROW_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
 
 
-def read_prompts(path: str | Path) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise LmforgeError(f"--prompts {path}: no such file")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path} line {i}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not ({"prompt", "prompt_ids", "messages"} & set(row)):
-            raise LmforgeError(f"{path} line {i}: needs a 'prompt', 'prompt_ids' or 'messages' field")
-        rows.append(row)
-    if not rows:
-        raise LmforgeError(f"--prompts {path}: no prompts in the file")
+def read_prompts(path: str | Path) -> list[tuple[str, dict]]:
+    """[(where, row)], where = "path:line" for error messages."""
+    rows = read_jsonl(path, "--prompts file")
+    for where, row in rows:
+        if not ({"prompt", "prompt_ids", "messages"} & set(row)):
+            raise LmforgeError(f"{where}: needs a 'prompt', 'prompt_ids' or 'messages' field")
     return rows
 
 
@@ -63,17 +52,17 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
     rows = read_prompts(in_path)
     engine = Engine(model, tokenizer, **engine_kwargs)
     start, ids = time.perf_counter(), []
-    for i, row in enumerate(rows, start=1):
+    for where, row in rows:
         overrides = {k: row[k] for k in ROW_PARAMS if k in row}
         try:
             sp = dataclasses.replace(params, stop_token_ids=list(params.stop_token_ids), **overrides)
         except TypeError as e:
-            raise LmforgeError(f"{in_path} line {i}: {e}") from None
-        ids.append(engine.add_request(_encode(row, tokenizer, f"{in_path} line {i}"), sp, row.get("adapter")))
+            raise LmforgeError(f"{where}: {e}") from None
+        ids.append(engine.add_request(_encode(row, tokenizer, where), sp, row.get("adapter")))
     while engine.has_unfinished():
         engine.step()
     lines = []
-    for i, (row, rid) in enumerate(zip(rows, ids)):
+    for i, ((_, row), rid) in enumerate(zip(rows, ids)):
         seq = engine.requests[rid]
         text = _cut_stop(tokenizer.decode(seq.output), seq.params.stop_strings) if tokenizer is not None else None
         lines.append(json.dumps(dict(id=row.get("id", i), completion=text, completion_ids=seq.output,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.common import LmforgeError, get_device, get_logger, seed_everything
+from lmforge.common import LmforgeError, get_device, get_logger, read_jsonl, seed_everything
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,12 +50,10 @@ def read_text(path: str | None, max_bytes: int) -> str:
         raise LmforgeError(f"--data {path}: no such file")
     if p.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                row = json.loads(line)
-                if "text" not in row:
-                    raise LmforgeError(f"{path} line {i + 1}: no 'text' field")
-                texts.append(row["text"])
+        for where, row in read_jsonl(p, "--data file"):
+            if "text" not in row:
+                raise LmforgeError(f"{where}: no 'text' field")
+            texts.append(row["text"])
         return "\n".join(texts)[:max_bytes]
     return p.read_text(encoding="utf-8", errors="replace")[:max_bytes]
 
