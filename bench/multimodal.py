@@ -63,7 +63,7 @@ def vit_speed(repeats: int = 7) -> tuple[float, float]:
 def row(name: str, value, target: str = "", ok: bool | None = None) -> str:
     value = f"{value:.3f}" if isinstance(value, float) else str(value)
     mark = "" if ok is None else ("PASS" if ok else "below target")
-    return f"| {name:<40} | {value:>10} | {target:>10} | {mark:<12} |"
+    return f"| {name:<46} | {value:>14} | {target:>8} | {mark:<12} |"
 
 
 def main() -> int:
@@ -95,8 +95,7 @@ def main() -> int:
     t_clip_digits = digits["train_seconds"]
     ours, hf = vit_speed()
 
-    lines = [f"| {'metric':<40} | {'value':>10} | {'target':>10} | {'':<12} |", "|" + "-" * 42 + "|" + "-" * 12
-             + "|" + "-" * 12 + "|" + "-" * 14 + "|"]
+    lines = [row("metric", "value", "target"), "|" + "-" * 48 + "|" + "-" * 16 + "|" + "-" * 10 + "|" + "-" * 14 + "|"]
     lines += [
         row("CLIP shapes zero-shot acc (18 classes)", shapes["zero_shot_acc"], ">= 0.90", shapes["zero_shot_acc"] >= 0.9),
         row("CLIP shapes image->text R@1 / R@5", f"{shapes['i2t_r1']:.3f}/{shapes['i2t_r5']:.3f}"),
