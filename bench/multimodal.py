@@ -35,11 +35,11 @@ def vit_speed(repeats: int = 7) -> tuple[float, float]:
     """Median seconds per forward of a batch of 64 images: lmforge ViT vs transformers."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    shape = dict(image_size=32, patch_size=4, hidden_size=96, intermediate_size=384, num_hidden_layers=3,
+    shape = dict(image_size=64, patch_size=8, hidden_size=96, intermediate_size=384, num_hidden_layers=3,
                  num_attention_heads=4)
     ours = VisionTransformer(VisionConfig(**shape)).eval()
     hf = CLIPVisionModel(CLIPVisionConfig(**shape, attn_implementation="sdpa")).eval()
-    x = torch.randn(64, 3, 32, 32)
+    x = torch.randn(64, 3, 64, 64)
 
     def timed(fn) -> float:
         times = []
