@@ -184,3 +184,33 @@ def test_model_families_match_static_generate(preset, extra):
     reference = [generate(model, p, max_new_tokens=10)[0].tolist() for p in prompts]
     engine = Engine(model, block_size=4, max_batch_tokens=32)  # chunked prefill too
     assert engine.generate_batch(prompts, SamplingParams(max_new_tokens=10)) == reference
+
+
+class _SmallTokenizer:
+    """A tokenizer whose vocabulary (8 ids) is smaller than the model's padded one (512)."""
+
+    vocab_size, eos_id = 8, None
+
+    def decode(self, ids):
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise LmforgeError(f"decode: token id {bad[0]} is outside the vocabulary")
+        return "".join("abcdefgh"[i] for i in ids)
+
+
+def test_stop_strings_skip_ids_past_the_tokenizer_vocabulary(model):
+    engine = Engine(model, _SmallTokenizer(), block_size=4)
+    prompt = _prompts(1, seed=13)[0]
+    reference = generate(model, prompt, max_new_tokens=12)[0].tolist()
+    assert any(t >= 8 for t in reference)  # the model does emit ids the tokenizer cannot decode
+    out = engine.generate_batch([prompt], SamplingParams(max_new_tokens=12, stop_strings=["zz"]))[0]
+    assert out == reference
+
+
+def test_release_forgets_requests(model):
+    engine = Engine(model, block_size=4)
+    done, running = (engine.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(_prompts(2), (1, 50)))
+    engine.step()
+    assert engine.requests[done].status.name == "FINISHED" and engine.stats["running"] == 1
+    assert engine.release(done) and engine.release(running) and not engine.release(running)
+    assert engine.requests == {} and engine.stats["blocks_used"] == 0 and not engine.has_unfinished()

@@ -110,6 +110,18 @@ class Engine:
             self._finish(seq, "cancelled")
             return True
 
+    def release(self, request_id: int) -> bool:
+        """Forget a request (cancelling it first if it is still running); False if it is unknown.
+        The engine keeps every request until released, so a long-running caller must release
+        each one once it has read its output."""
+        with self._lock:
+            seq = self.requests.pop(request_id, None)
+            if seq is None:
+                return False
+            if seq.status is not Status.FINISHED:
+                self._finish(seq, "cancelled")
+            return True
+
     def has_unfinished(self) -> bool:
         with self._lock:
             s = self.scheduler
@@ -265,12 +277,18 @@ class Engine:
         if token in p.stop_token_ids or token in self.eos:
             return "stop"
         if p.stop_strings and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output)
+            text = self._decode_known(seq.output)
             if any(s and s in text for s in p.stop_strings):
                 return "stop"
         if len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.max_model_len:
             return "length"
         return None
+
+    def _decode_known(self, ids: list[int]) -> str:
+        """Decode for stop strings, skipping ids past the tokenizer's vocabulary: a model whose
+        embedding is padded (to a multiple of 64, say) may emit one, and decode would raise."""
+        limit = getattr(self.tokenizer, "vocab_size", None)
+        return self.tokenizer.decode([t for t in ids if limit is None or t < limit])
 
     def _finish(self, seq: Sequence, reason: str | None) -> None:
         self.scheduler.finish(seq, reason)

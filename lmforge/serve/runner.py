@@ -149,7 +149,7 @@ class EngineRunner:
 
     def _drop(self, request_id: int) -> None:
         self._by_id.pop(request_id, None)
-        self.engine.requests.pop(request_id, None)  # the engine keeps every request it has seen
+        self.engine.release(request_id)  # the engine keeps every request until released
 
     def _finish_with(self, h: Handle, error: Exception) -> None:
         with self._lock:
