@@ -206,3 +206,11 @@ def test_contamination_from_token_shards_alone(prepared, corpus, tmp_path, capsy
     evalset.write_text(json.dumps({"id": "leak", "text": " ".join(first[5:40])}) + "\n")
     assert cli(["data", "contamination", "--train", str(shards), "--eval", str(evalset)]) == 0
     assert "1 of 1 evaluation examples contaminated" in capsys.readouterr().out
+
+
+def test_loader_names_an_empty_split(tmp_path):
+    from lmforge.common import LmforgeError
+
+    (tmp_path / "index.json").write_text(json.dumps({"dtype": "uint16", "splits": {"val": {"shards": []}}}))
+    with pytest.raises(LmforgeError, match=f"{tmp_path}: split 'val' has no tokens"):
+        ShardLoader(tmp_path, seq_len=8, batch_size=1, split="val")

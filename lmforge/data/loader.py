@@ -37,6 +37,9 @@ class ShardLoader:
         dtype = np.dtype(index["dtype"])
         self.shards = [np.memmap(folder / s["file"], dtype=dtype, mode="r")
                        for s in index["splits"][split]["shards"] if s["tokens"] > 0]
+        if not self.shards:  # e.g. a val fraction too small to give the split one document
+            raise LmforgeError(f"{folder}: split {split!r} has no tokens (no non-empty shards); "
+                               f"prepare more data or choose another split")
         self.tokens = sum(len(s) for s in self.shards)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the current and the next epoch
         self._epochs_lock = threading.Lock()
