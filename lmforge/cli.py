@@ -9,21 +9,21 @@ import sys
 
 # command -> (recipe module, one-line help). Add a line per command; keep it sorted by lifecycle.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pipeline": ("lmforge.recipes.pipeline", "run the whole lifecycle (data to report) on a corpus in one command"),
-    "data": ("lmforge.recipes.data", "prepare pretraining data (filter, dedup, mix, pack) or check contamination"),
+    "pipeline": ("lmforge.recipes.pipeline", "the whole lifecycle, data to report, in one command"),
+    "data": ("lmforge.recipes.data", "prepare training data, or check eval sets for overlap"),
     "pretrain": ("lmforge.recipes.pretrain", "pretrain a model (causal LM, masked LM, span corruption)"),
-    "sft": ("lmforge.recipes.sft", "supervised fine-tuning on chat/prompt-response JSONL (full or PEFT)"),
-    "align": ("lmforge.recipes.align", "post-training: DPO, reward model, GRPO, PPO, distillation (full or LoRA)"),
+    "sft": ("lmforge.recipes.sft", "supervised fine-tuning, full or PEFT (LoRA, QLoRA...)"),
+    "align": ("lmforge.recipes.align", "post-training: DPO, reward model, GRPO, PPO, distillation"),
     "estimate": ("lmforge.recipes.estimate", "memory needed to run or train a model, without running it"),
     "plot": ("lmforge.recipes.plot", "plot a training run's loss curves to PNG"),
+    "quantize": ("lmforge.recipes.quantize", "quantize a model: RTN, GPTQ, AWQ, SmoothQuant, NF4, QAT"),
     "generate": ("lmforge.recipes.generate", "generate text from a model (HF folder or lmforge checkpoint)"),
-    "train-medusa": ("lmforge.recipes.train_medusa", "train Medusa speculative-decoding heads on a frozen model"),
+    "train-medusa": ("lmforge.recipes.train_medusa", "train Medusa decoding heads on a frozen model"),
     "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
-    "serve": ("lmforge.recipes.serve", "serve a model over an OpenAI-compatible HTTP API (streaming, LoRA by name, chat page)"),
-    "eval": ("lmforge.recipes.evaluate", "evaluate a model or endpoint (perplexity, choice, generation, code, judge) or --compare two runs"),
-    "quantize": ("lmforge.recipes.quantize", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, NF4, QAT, mixed precision)"),
-    "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model (zero-shot, retrieval)"),
-    "vlm": ("lmforge.recipes.vlm", "train a LLaVA-style vision-language model (--stage 1|2) or evaluate it"),
+    "serve": ("lmforge.recipes.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "eval": ("lmforge.recipes.evaluate", "evaluate a model or endpoint, or --compare two runs"),
+    "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model"),
+    "vlm": ("lmforge.recipes.vlm", "train or evaluate a LLaVA-style vision-language model"),
 }
 
 
