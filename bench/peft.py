@@ -220,10 +220,14 @@ def mib(n: float | None) -> str:
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-peft-") as tmp:  # the model folder is large: removed after
+        run_all(Path(tmp))
+
+
+def run_all(work: Path) -> None:
     from lmforge.checkpoint import save_hf
     from lmforge.model import build_model
 
-    work = Path(tempfile.mkdtemp(prefix="bench-peft-"))
     print(f"building the SFT data and a random {ARGS.preset} model in {work} ...", flush=True)
     torch.manual_seed(0)
     model = build_model(ARGS.preset)
