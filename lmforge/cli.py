@@ -33,7 +33,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="lmforge: data, tokenizer, pretraining, fine-tuning, quantization, inference, "
         "serving and evaluation of language models in one PyTorch package.",
         epilog="Run `lmforge <command> --help` for the options of a command.",
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=18),
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=20),
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (_, help_text) in COMMANDS.items():
