@@ -11,7 +11,7 @@ from lmforge.data.mix import MixItem, mix
 from lmforge.data.ngram import NGramIndex, check_examples, decontaminate, summarize
 from lmforge.data.normalize import NormalizeConfig, detect_language, normalize_text, redact_pii
 from lmforge.data.readers import Document, ReadReport, read_inputs
-from lmforge.data.stdlib import comments, docstrings, read_stdlib, stdlib_files
+from lmforge.data.stdlib import comments, docstrings, documented_functions, read_stdlib, signature, stdlib_files
 
 PROSE = ("The history of the city is long and varied. It was founded by traders who came from the coast "
          "and built their houses with stone from the hills. Over the years the town grew into a busy port, "
@@ -63,6 +63,30 @@ def test_stdlib_corpus_has_code_and_prose():
     import ast
     assert docstrings(ast.parse('"""mod"""\nclass A:\n    """cls"""\n    def f(self):\n        """fn"""\n')) == \
         ["mod", "cls", "fn"]
+
+
+def test_documented_functions_signature_and_first_sentence():
+    src = '''
+@decorator
+def area(w: float, h: float = 1.0) -> float:
+    """Return the   area. Of a rectangle.
+
+    More."""
+
+def bare():
+    pass
+
+class C:
+    async def fetch(self, *, timeout=3):
+        """No full stop here
+        at all"""
+def broken(:
+'''
+    assert list(documented_functions(src)) == []  # does not parse
+    src = src.replace("def broken(:", "")
+    got = [(signature(node), sentence) for node, sentence in documented_functions(src)]
+    assert got == [("def area(w: float, h: float=1.0) -> float:", "Return the area."),
+                   ("async def fetch(self, *, timeout=3):", "No full stop here at all")]
 
 
 def test_normalize():

@@ -12,7 +12,7 @@ from lmforge.cli import main as cli
 from lmforge.model import ModelConfig, Transformer
 from lmforge.recipes._common import read_metrics
 from lmforge.train import IGNORE
-from lmforge.train.builtin import first_sentence, function_examples
+from lmforge.train.builtin import function_examples
 from lmforge.train.sft_data import PackedBatches, encode_example, pack, record_to_messages
 
 
@@ -80,7 +80,7 @@ async def fetch(url, *, timeout=3):
     assert ex == [{"prompt": "def area(width: float, height: float=1.0) -> float:",
                    "response": "Return the area of a rectangle."},
                   {"prompt": "async def fetch(url, *, timeout=3):", "response": "Fetch a URL and return its body!"}]
-    assert first_sentence("Short.") is None  # too short to be a useful target
+    assert function_examples('def f():\n    """Short."""\n') == []  # too short to be a useful target
 
 
 def test_bad_jsonl_line_is_named(tmp_path, capsys):

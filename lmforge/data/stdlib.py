@@ -6,6 +6,7 @@ extracted with `ast` and `tokenize`).
 from __future__ import annotations
 
 import ast
+import copy
 import os
 import re
 import sysconfig
@@ -110,3 +111,38 @@ def read_stdlib(files: Iterable[Path], report: ReadReport, root: str | Path | No
                 report.documents += 1
                 report.bytes += len(prose.encode("utf-8"))
                 yield Document(id=f"stdlib/{rel}#prose", text=prose, source="prose")
+
+
+# ----------------------------------------------------------------------------- functions and docstrings
+# Shared by the SFT set (lmforge.train.builtin) and the eval tasks (lmforge.eval.builtin), which
+# cannot import each other: both must see the same signature and sentence for a function.
+
+FIRST_SENTENCE = r"(?s)^\s*(.+?[.!?])(?=\s|$)"
+
+
+def first_sentence(doc: str) -> str:
+    """First sentence of a docstring's first paragraph, whitespace squeezed (the paragraph if none ends)."""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    m = re.match(FIRST_SENTENCE, para)
+    return m.group(1) if m else para
+
+
+def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """`def name(args) -> ret:` without decorators or body."""
+    stub = copy.copy(node)
+    stub.decorator_list, stub.body = [], [ast.Expr(ast.Constant(...))]
+    return ast.unparse(stub).split("\n")[0]
+
+
+def documented_functions(source: str) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]]:
+    """(node, first docstring sentence) of every function with a docstring, in `ast.walk` order;
+    nothing for source that does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield node, first_sentence(doc)

@@ -15,21 +15,16 @@ Everything is deterministic for a given seed. `run_builtin(lm, BuiltinConfig())`
 
 from __future__ import annotations
 
-import ast
-import copy
 import functools
 import random
-import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.pack import is_validation
-from lmforge.data.stdlib import prose_of, stdlib_files
+from lmforge.data.stdlib import FIRST_SENTENCE, documented_functions, prose_of, signature, stdlib_files
 from lmforge.eval.perplexity import text_perplexity
 from lmforge.eval.tasks import TaskConfig, TaskResult, aggregate, run_generation, run_multiple_choice
-
-FIRST_SENTENCE = r"(?s)^\s*(.+?[.!?])(?=\s|$)"
 
 
 @dataclass
@@ -81,34 +76,11 @@ def perplexity_docs(cfg: BuiltinConfig, kind: str) -> list[tuple[str, str]]:
     return docs[:cfg.max_docs]
 
 
-def first_sentence(doc: str) -> str:
-    """First sentence of a docstring's first paragraph, whitespace squeezed."""
-    para = " ".join(doc.strip().split("\n\n")[0].split())
-    m = re.match(FIRST_SENTENCE, para)
-    return m.group(1) if m else para
-
-
-def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    """`def name(args) -> ret:` without decorators or body."""
-    stub = copy.copy(node)
-    stub.decorator_list, stub.body = [], [ast.Expr(ast.Constant(...))]
-    return ast.unparse(stub).split("\n")[0]
-
-
 def functions(cfg: BuiltinConfig) -> list[dict]:
     """Documented functions of the held-out modules: {id, signature, sentence}, sorted by id."""
     out, seen = [], set()
     for doc_id, path in held_out(cfg):
-        text = _read(path)
-        try:
-            tree = ast.parse(text or "")
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            doc = ast.get_docstring(node)
-            sentence = first_sentence(doc) if doc else ""
+        for node, sentence in documented_functions(_read(path) or ""):
             if len(sentence.split()) < 3 or sentence in seen:  # too short to tell apart, or a duplicate
                 continue
             seen.add(sentence)

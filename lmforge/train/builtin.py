@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import numpy as np
 from lmforge.common import atomic_dir, get_logger
 from lmforge.data.pack import ShardWriter, is_validation, write_index
 from lmforge.data.readers import ReadReport
-from lmforge.data.stdlib import read_stdlib, stdlib_files
+from lmforge.data.stdlib import documented_functions, read_stdlib, signature, stdlib_files
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
 log = get_logger("lmforge.train")
@@ -70,36 +68,10 @@ def data_tokenizer(data_dir: str | Path):
 
 # ----------------------------------------------------------------------------- SFT set
 
-_SENTENCE = re.compile(r"^(.+?[.!?])(\s|$)", re.S)
-
-
-def first_sentence(doc: str) -> str | None:
-    text = " ".join(doc.strip().split("\n\n")[0].split())
-    m = _SENTENCE.match(text)
-    sentence = m.group(1) if m else text
-    return sentence if 10 <= len(sentence) <= 200 else None
-
-
-def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-    return f"{prefix} {node.name}({ast.unparse(node.args)}){returns}:"
-
-
 def function_examples(source: str) -> list[dict]:
     """{"prompt": signature, "response": first docstring sentence} for each documented public function."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return []
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
-            doc = ast.get_docstring(node)
-            sentence = first_sentence(doc) if doc else None
-            if sentence:
-                out.append({"prompt": signature(node), "response": sentence})
-    return out
+    return [{"prompt": signature(node), "response": sentence} for node, sentence in documented_functions(source)
+            if not node.name.startswith("_") and 10 <= len(sentence) <= 200]
 
 
 def builtin_sft_examples(max_bytes: int = 1_500_000, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[dict]]:
