@@ -139,3 +139,19 @@ def test_compiled_decode_gives_the_same_tokens():
     m = Transformer(ModelConfig.preset("tiny")).eval()
     assert generate(m, [1, 2, 3], max_new_tokens=8, compile=True).tolist() == \
         generate(m, [1, 2, 3], max_new_tokens=8).tolist()
+
+
+def test_generate_with_prompt_tuning_reserves_cache_slots():
+    from lmforge import peft
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.preset("tiny")).eval()
+    peft.apply(m, peft.PromptTuningConfig(num_virtual_tokens=5))
+    out = generate(m, [1, 2, 3], max_new_tokens=6)
+    assert out.shape == (1, 6)
+    # the cached decode agrees with re-running the full sequence each step
+    seq = [1, 2, 3]
+    for _ in range(6):
+        with torch.no_grad():
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    assert out[0].tolist() == seq[3:]

@@ -60,7 +60,7 @@ def stream_generate(model, input_ids, params: SamplingParams, attention_mask: to
     if mask is not None:
         mask = torch.cat([mask.to(device), mask.new_ones(B, params.max_new_tokens, device=device)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache.for_model(model, B, max_len)
+    cache = KVCache.for_model(model, B, max_len + _virtual_tokens(model))
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -89,6 +89,15 @@ def stream_generate(model, input_ids, params: SamplingParams, attention_mask: to
         if bool(finished.all()) or i == params.max_new_tokens - 1:
             return
         logits = step(token[:, None], T + i, decode_fn if decode_fn is not None else model)
+
+
+def _virtual_tokens(model) -> int:
+    """KV-cache slots taken by prompt-tuning virtual tokens (0 without lmforge.peft adapters)."""
+    if not getattr(model, "lmforge_transforms", None):
+        return 0
+    from lmforge.peft import virtual_tokens
+
+    return virtual_tokens(model)
 
 
 def generate(model, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,

@@ -165,6 +165,9 @@ def merge_adapters(src: Path, out: Path) -> None:
     model = load_model(src)
     if peft.peft_configs(model):
         peft.merge_and_unload(model)
+        # QLoRA: merging dequantizes the base into float linears, so the old quant entry no longer
+        # describes the model (the quantize stage re-quantizes the merged weights).
+        model.lmforge_transforms = [t for t in model.lmforge_transforms if t.get("kind") != "quant"]
     save_model(model, out, tokenizer=load_tokenizer_if_any(src))
 
 
