@@ -103,6 +103,19 @@ def apply_method(model, peft_cfg: PeftSection):
     return model
 
 
+def adalora_hooks(model):
+    """AdaLoRA's two additions to the step: the orthogonality regulariser on P and Q, and importance-
+    based rank re-allocation after each update -> (StepHooks, RankAllocator)."""
+    from lmforge import peft
+    from lmforge.train.loop import StepHooks
+
+    config = next(c for c in peft.peft_configs(model) if c.method == "adalora")
+    allocator = peft.RankAllocator(model, config)
+    hooks = StepHooks(extra_loss=lambda m: config.orth_reg_weight * peft.orthogonal_regularization(m),
+                      after_update=allocator.step)
+    return hooks, allocator
+
+
 def build_rows(data: SFTData, tokenizer, seq_len: int, seed: int):
     """-> (train rows, val rows or None)."""
     from lmforge.train.builtin import builtin_sft_examples
@@ -145,7 +158,10 @@ def main(args: argparse.Namespace) -> int:
 
         mode = "full" if peft_cfg.method == "full" else "qlora" if peft_cfg.method == "qlora" else "lora"
         train_cfg = auto_fit(model.config, train_cfg, device, info.world_size, mode=mode)
+    if peft_cfg.method == "adalora":  # the rank schedule spans the run unless configured
+        peft_cfg.options.setdefault("total_step", train_cfg.steps)
     model = apply_method(model, peft_cfg)
+    hooks, allocator = adalora_hooks(model) if peft_cfg.method == "adalora" else (None, None)
     wrapped, optimizer = prepare_model(model, train_cfg, optim_cfg, device)
 
     from lmforge.train.sft_data import PackedBatches
@@ -164,7 +180,11 @@ def main(args: argparse.Namespace) -> int:
                      aux_coef=model.config.router_aux_loss_coef if model.config.num_experts else 0.0)
     try:
         summary = fit(wrapped, optimizer, lambda step, i: next(loader), loader, val_batches, train_cfg, optim_cfg,
-                      ctx, args.resume)
+                      ctx, args.resume, hooks=hooks)
+        if allocator is not None:
+            ranks = allocator.final_ranks()
+            metrics.write({"adalora_final_ranks": ranks, "adalora_total_rank": sum(ranks.values())})
+            log.info("AdaLoRA final ranks (total %d): %s", sum(ranks.values()), ranks)
         if peft_cfg.method != "full" and info.is_main:
             from lmforge import peft
 

@@ -6,7 +6,7 @@ The loop itself is `fit` (used by the pretrain and sft recipes); nothing is a Tr
 """
 
 from .fit import RunContext, fit, summary_line
-from .loop import EarlyStopping, SpikeGuard, StepResult, TrainConfig, evaluate, train_step
+from .loop import EarlyStopping, SpikeGuard, StepHooks, StepResult, TrainConfig, evaluate, train_step
 from .objectives import (IGNORE, OBJECTIVES, ObjectiveTokens, apply_mlm, batch_generator, clm_batch, corrupt_spans,
                          lm_loss_sum, mlm_batch, prefix_lm_mask, random_spans_noise_mask, span_batch)
 from .optim import OptimConfig, build_optimizer, lr_at, param_groups

@@ -23,7 +23,7 @@ from lmforge.checkpoint import save_model
 from lmforge.common import DistInfo, LmforgeError, get_logger
 
 from .distributed import barrier
-from .loop import EarlyStopping, SpikeGuard, TrainConfig, evaluate, train_step
+from .loop import EarlyStopping, SpikeGuard, StepHooks, TrainConfig, evaluate, train_step
 from .optim import OptimConfig, lr_at, set_lr
 from .state import latest_good, load_checkpoint, model_to_save, save_checkpoint
 
@@ -65,7 +65,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable[[int, int], dict], loader,
         val_batches: Callable[[], Iterable[dict]] | None, cfg: TrainConfig, optim_cfg: OptimConfig,
-        ctx: RunContext, resume: str | None = None) -> dict:
+        ctx: RunContext, resume: str | None = None, hooks: StepHooks | None = None) -> dict:
     ckpt_root = ctx.run_dir / "checkpoints"
     guard, stopper = SpikeGuard(cfg.spike_factor, cfg.spike_window), EarlyStopping(cfg.patience)
     start, skipped = 0, {"nonfinite": 0, "spike": 0}
@@ -88,7 +88,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
         t0 = time.perf_counter()
         micro = [next_micro(step, i) for i in range(cfg.grad_accum)]
         res = train_step(model, optimizer, micro, device=ctx.device, dtype=ctx.dtype, clip_grad=cfg.clip_grad,
-                         world_size=ctx.info.world_size, guard=guard, aux_coef=ctx.aux_coef)
+                         world_size=ctx.info.world_size, guard=guard, aux_coef=ctx.aux_coef, hooks=hooks, step=step)
         dt = time.perf_counter() - t0
         tokens_run += res.tokens
         if res.skipped:

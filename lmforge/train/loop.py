@@ -9,6 +9,7 @@ import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -96,9 +97,19 @@ def forward_loss(model: nn.Module, batch: dict, aux_coef: float) -> tuple[torch.
     return loss_sum, aux * aux_coef, n
 
 
+@dataclass
+class StepHooks:
+    """Method-specific additions to the plain step, e.g. AdaLoRA: an orthogonality regulariser in
+    the loss and rank re-allocation after each update (while the gradients are still there)."""
+
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None  # added once per optimizer step
+    after_update: Callable[[int], object] | None = None  # called with the 1-based step number
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
                device: torch.device, dtype: torch.dtype, clip_grad: float, world_size: int,
-               guard: SpikeGuard, aux_coef: float = 0.0) -> StepResult:
+               guard: SpikeGuard, aux_coef: float = 0.0, hooks: StepHooks | None = None,
+               step: int = 0) -> StepResult:
     """One optimizer step. The loss is the mean over every labelled token of the global batch (all
     micro-batches on all ranks), so accumulation and data parallelism give the same update as
     one big batch even when micro-batches hold different numbers of labelled tokens."""
@@ -111,6 +122,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         with gradient_sync(model, i == len(micro_batches) - 1), autocast(device, dtype):
             loss_sum, aux, _ = forward_loss(model, batch, aux_coef)
             loss = loss_sum * scale + aux / len(micro_batches)
+            if hooks is not None and hooks.extra_loss is not None:
+                loss = loss + hooks.extra_loss(model) / len(micro_batches)
         loss.backward()
         loss_total += loss_sum.detach().float()
     loss_value = float(all_reduce_sum(loss_total)) / n_global
@@ -125,6 +138,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     else:
         optimizer.step()
         guard.accept(loss_value)
+        if hooks is not None and hooks.after_update is not None:
+            hooks.after_update(step + 1)
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["input_ids"].numel() for b in micro_batches) * world_size
     return StepResult(loss_value, grad_norm, tokens, skipped)
