@@ -2,6 +2,7 @@
 among 32 others, under preemption (swap and recompute), with prefix caching, cancel and logprobs."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -214,3 +215,34 @@ def test_release_forgets_requests(model):
     assert engine.requests[done].status.name == "FINISHED" and engine.stats["running"] == 1
     assert engine.release(done) and engine.release(running) and not engine.release(running)
     assert engine.requests == {} and engine.stats["blocks_used"] == 0 and not engine.has_unfinished()
+
+
+def test_add_and_cancel_do_not_wait_for_a_running_step():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    engine = Engine(model, block_size=4)
+    first = engine.add_request(_prompts(1, seed=14)[0], SamplingParams(max_new_tokens=2))
+    in_forward, go_on = threading.Event(), threading.Event()
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        in_forward.set()
+        go_on.wait(5)
+        return forward(*args, **kwargs)
+
+    model.forward = slow_forward
+    stepping = threading.Thread(target=engine.step)
+    stepping.start()
+    assert in_forward.wait(5)
+    start = time.perf_counter()
+    second = engine.add_request(_prompts(1, seed=15)[0], SamplingParams(max_new_tokens=2))
+    assert engine.cancel(second) and engine.has_unfinished()
+    waited = time.perf_counter() - start
+    go_on.set()
+    stepping.join()
+    assert waited < 2  # did not wait for the forward (it waits up to 5 s)
+    assert engine.requests[second].status.name == "WAITING"  # applied at the next step, in order
+    while engine.has_unfinished():
+        engine.step()
+    assert len(engine.output(first)) == 2 and engine.output(second) == []
+    assert engine.requests[second].finish_reason == "cancelled" and engine.stats["blocks_used"] == 0

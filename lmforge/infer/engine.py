@@ -11,12 +11,16 @@ chunks packed into one row [1, sum T] with a block-diagonal causal mask, so noth
 samples one token for every sequence whose pending tokens are all computed, and reports what
 happened. Explicit [B, 1, T, S] masks plus position ids make each sequence see only its own
 context: it decodes the same alone or among others. (Rows with different LoRA adapters cannot
-share a packed row; they run as left-padded rows [B, T], so each row's last column is its last token.) All public methods take a lock, so a
-server thread may add/cancel requests while another thread steps.
+share a packed row; they run as left-padded rows [B, T], so each row's last column is its last token.)
+
+Threads: `step()` holds a lock for the whole forward. `add_request`/`cancel`/`release` never wait for
+it: they queue their change, which is applied at once when no step is running and otherwise at the
+start of the next step, in the order queued. So a server thread may add/cancel while another steps.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import threading
@@ -65,8 +69,9 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.cache, max_seqs, max_batch_tokens, prefix_caching, preemption,
                                    swap_blocks)
         self.requests: dict[int, Sequence] = {}
-        self._ids = itertools.count()
-        self._lock = threading.RLock()
+        self._ids = itertools.count()  # next() on a count is atomic: no lock needed
+        self._lock = threading.RLock()  # held by step() for a whole forward
+        self._ops: collections.deque = collections.deque()  # changes queued while a step runs
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._finished_early: list[Event] = []
         eos = getattr(tokenizer, "eos_id", None)
@@ -88,44 +93,42 @@ class Engine:
         if len(prompt) >= self.max_model_len:
             raise LmforgeError(f"prompt of {len(prompt)} tokens does not fit the engine's context of "
                                f"{self.max_model_len} tokens")
-        with self._lock:
-            seq = Sequence(next(self._ids), prompt, sampling, adapter, logprobs)
-            if sampling.seed is not None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-            self.requests[seq.id] = seq
-            self.counters["prompt_tokens"] += len(prompt)
-            if sampling.max_new_tokens == 0:
-                self._finish(seq, "length")
-                self._finished_early.append(Event(seq.id, [], True, "length"))
-            else:
-                self.scheduler.waiting.append(seq)
-            return seq.id
+        seq = Sequence(next(self._ids), prompt, sampling, adapter, logprobs)
+        if sampling.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        self.requests[seq.id] = seq
+        self._submit(self._admit, seq)
+        return seq.id
 
     def cancel(self, request_id: int) -> bool:
-        """Stop a request and free its blocks; False if it is unknown or already finished."""
-        with self._lock:
-            seq = self.requests.get(request_id)
-            if seq is None or seq.status is Status.FINISHED:
-                return False
-            self._finish(seq, "cancelled")
-            return True
+        """Stop a request and free its blocks; False if it is unknown or already finished (when a step
+        is running, the cancel lands after it, so a request finishing in that step is not cancelled)."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return False
+        self._submit(self._finish_if_live, seq, "cancelled")
+        return True
 
     def release(self, request_id: int) -> bool:
         """Forget a request (cancelling it first if it is still running); False if it is unknown.
         The engine keeps every request until released, so a long-running caller must release
         each one once it has read its output."""
-        with self._lock:
-            seq = self.requests.pop(request_id, None)
-            if seq is None:
-                return False
-            if seq.status is not Status.FINISHED:
-                self._finish(seq, "cancelled")
-            return True
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self._submit(self._finish_if_live, seq, "cancelled")
+        return True
 
     def has_unfinished(self) -> bool:
-        with self._lock:
+        """True while anything is queued, waiting, running or unreported (or a step is running)."""
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            self._drain()
             s = self.scheduler
-            return bool(s.waiting or s.running or s.swapped or self._finished_early)
+            return bool(self._ops or s.waiting or s.running or s.swapped or self._finished_early)
+        finally:
+            self._lock.release()
 
     def output(self, request_id: int) -> list[int]:
         return list(self.requests[request_id].output)
@@ -142,6 +145,7 @@ class Engine:
     def step(self) -> list[Event]:
         """Run one scheduling step; returns an Event per request that produced a token or finished."""
         with self._lock:
+            self._drain()
             events, self._finished_early = self._finished_early, []
             batch = self.scheduler.schedule()
             if not batch:
@@ -163,6 +167,34 @@ class Engine:
         while self.has_unfinished():
             self.step()
         return [self.output(i) for i in ids]
+
+    # ------------------------------------------------------------------ queued changes
+
+    def _submit(self, fn, *args) -> None:
+        """Queue a change; apply the queue now unless a step holds the lock (it drains it next)."""
+        self._ops.append((fn, args))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        while self._ops:
+            fn, args = self._ops.popleft()
+            fn(*args)
+
+    def _admit(self, seq: Sequence) -> None:
+        self.counters["prompt_tokens"] += len(seq.prompt)
+        if seq.params.max_new_tokens == 0:
+            self._finish(seq, "length")
+            self._finished_early.append(Event(seq.id, [], True, "length"))
+        else:
+            self.scheduler.waiting.append(seq)
+
+    def _finish_if_live(self, seq: Sequence, reason: str) -> None:
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, reason)
 
     # ------------------------------------------------------------------ one forward
 

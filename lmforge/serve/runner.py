@@ -1,10 +1,9 @@
 """The engine's step loop in one background thread, its events fanned out to asyncio queues.
 
 The HTTP handlers live on the event loop; the model runs here, off the loop, so streaming other
-clients never waits for a forward. The event loop never touches the engine either: the engine
-holds its lock for a whole step, so `add_request`/`cancel` from the loop would stall every stream
-for a step. `submit` and `cancel` only record what to do; the engine thread applies them between
-steps. The number of requests in flight is bounded: past it `submit` raises QueueFull and the
+clients never waits for a forward. The event loop never touches the engine either (one thread owns
+it, and the runner's request-id bookkeeping stays in step with it): `submit` and `cancel` only record
+what to do; the engine thread applies them between steps. The number of requests in flight is bounded: past it `submit` raises QueueFull and the
 server answers 429 instead of letting the queue grow without end.
 """
 
