@@ -214,3 +214,14 @@ def test_loader_names_an_empty_split(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({"dtype": "uint16", "splits": {"val": {"shards": []}}}))
     with pytest.raises(LmforgeError, match=f"{tmp_path}: split 'val' has no tokens"):
         ShardLoader(tmp_path, seq_len=8, batch_size=1, split="val")
+
+
+def test_data_tokenizer_of_a_shard_folder(prepared, tmp_path):
+    from lmforge.common import LmforgeError
+    from lmforge.data.pack import data_tokenizer
+
+    out, _ = prepared
+    tok = data_tokenizer(out)
+    assert tok.decode(tok.encode("def add(a, b)")) == "def add(a, b)"
+    with pytest.raises(LmforgeError, match="data index not found"):
+        data_tokenizer(tmp_path)

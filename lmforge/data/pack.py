@@ -91,6 +91,15 @@ def write_index(out_dir: str | Path, splits: dict[str, dict], vocab_size: int, e
     return index
 
 
+def data_tokenizer(path: str | Path):
+    """The tokenizer a shard folder was made with (its index.json names the tokenizer's folder)."""
+    from lmforge.tokenizer import load_tokenizer  # the tokenizers library only when asked for
+
+    folder = Path(path)
+    index = read_json(folder / "index.json", "data index")
+    return load_tokenizer(folder / (index.get("tokenizer") or "tokenizer"))
+
+
 def read_index(path: str | Path) -> tuple[dict, Path]:
     """index.json (or its folder) -> (index, folder), checking the shards it names exist with the right size."""
     path = Path(path)

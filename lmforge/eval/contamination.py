@@ -37,11 +37,10 @@ def _record_text(record) -> str:
 def _shard_texts(folder: Path, split: str = "train") -> Iterator[str]:
     """Documents of a packed data folder (`lmforge data prepare`, pretraining caches), decoded with
     the tokenizer stored next to them."""
+    from lmforge.data.pack import data_tokenizer
     from lmforge.eval.perplexity import shard_documents
-    from lmforge.tokenizer import load_tokenizer
 
-    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-    tokenizer = load_tokenizer(folder / (index.get("tokenizer") or "tokenizer"))
+    tokenizer = data_tokenizer(folder)
     for doc in shard_documents(folder, split):
         yield tokenizer.decode(doc.tolist())
 

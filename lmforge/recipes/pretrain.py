@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from lmforge.common import LmforgeError, dist_info, get_logger
+from lmforge.data.pack import data_tokenizer
 from lmforge.model import ModelConfig, Transformer
 from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
                                      make_run_dir, overrides_from_args, section, switch_overrides)
 from lmforge.train import (ObjectiveTokens, OptimConfig, RunContext, TrainConfig, autocast_dtype, batch_generator,
                            fit, prepare_model, setup_runtime, shutdown, summary_line)
-from lmforge.train.builtin import data_tokenizer
 
 log = get_logger("lmforge.pretrain")
 

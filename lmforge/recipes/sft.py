@@ -70,7 +70,8 @@ def load_base(src: ModelSource, data: SFTData):
                                "tokenizer and its chat template)")
         return model.float(), tokenizer
     from lmforge.model import ModelConfig, Transformer
-    from lmforge.train.builtin import builtin_pretrain_data, data_tokenizer
+    from lmforge.data.pack import data_tokenizer
+    from lmforge.train.builtin import builtin_pretrain_data
 
     tokenizer = data_tokenizer(builtin_pretrain_data(data.cache_dir))
     config = ModelConfig.preset(src.preset, **{"vocab_size": tokenizer.vocab_size, **src.overrides})

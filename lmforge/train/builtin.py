@@ -20,7 +20,7 @@ from lmforge.common import atomic_dir, get_logger
 from lmforge.data.pack import ShardWriter, is_validation, write_index
 from lmforge.data.readers import ReadReport
 from lmforge.data.stdlib import documented_functions, read_stdlib, signature, stdlib_files
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.tokenizer import train_tokenizer
 
 log = get_logger("lmforge.train")
 
@@ -57,13 +57,6 @@ def builtin_pretrain_data(cache_dir: str | Path, max_bytes: int = 2_000_000, voc
         tokenizer.save(tmp / "tokenizer")
         write_index(tmp, splits, tokenizer.vocab_size, tokenizer.eos_id)
     return out
-
-
-def data_tokenizer(data_dir: str | Path):
-    """The tokenizer a shard folder was made with (index.json names its folder)."""
-    data_dir = Path(data_dir)
-    index = json.loads((data_dir / "index.json").read_text())
-    return load_tokenizer(data_dir / (index.get("tokenizer") or "tokenizer"))
 
 
 # ----------------------------------------------------------------------------- SFT set
