@@ -225,3 +225,15 @@ def test_data_tokenizer_of_a_shard_folder(prepared, tmp_path):
     assert tok.decode(tok.encode("def add(a, b)")) == "def add(a, b)"
     with pytest.raises(LmforgeError, match="data index not found"):
         data_tokenizer(tmp_path)
+
+
+def test_shard_documents_and_texts_agree(prepared):
+    from lmforge.data.pack import data_tokenizer, iter_shard_texts
+    from lmforge.eval.perplexity import shard_documents
+
+    out, _ = prepared
+    docs, texts = shard_documents(out, "train"), list(iter_shard_texts(out, "train"))
+    tok = data_tokenizer(out)
+    assert len(docs) == len(texts) > 10 and docs[0].dtype == np.int64
+    assert [tok.decode(d.tolist()) for d in docs] == texts
+    assert len(shard_documents(out, "train", limit=3)) == 3

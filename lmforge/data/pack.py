@@ -124,7 +124,7 @@ def iter_shard_documents(path: str | Path, split: str = "train") -> Iterator[np.
     """The token ids of every packed document of a split (the shards cut at EOS), in packed order."""
     index, folder = read_index(path)
     if split not in index["splits"]:
-        raise LmforgeError(f"{folder}/index.json has no split {split!r}")
+        raise LmforgeError(f"{folder}/index.json: no split {split!r} (has {', '.join(index['splits'])})")
     eos = index["eos_id"]
     for shard in index["splits"][split]["shards"]:
         tokens = np.memmap(folder / shard["file"], dtype=np.dtype(index["dtype"]), mode="r")
@@ -132,3 +132,10 @@ def iter_shard_documents(path: str | Path, split: str = "train") -> Iterator[np.
         starts = np.concatenate([[0], ends[:-1] + 1])
         for s, e in zip(starts.tolist(), ends.tolist()):
             yield np.asarray(tokens[s:e])
+
+
+def iter_shard_texts(path: str | Path, split: str = "train") -> Iterator[str]:
+    """Every packed document of a split decoded with the folder's own tokenizer."""
+    tokenizer = data_tokenizer(path)
+    for ids in iter_shard_documents(path, split):
+        yield tokenizer.decode(ids.tolist())

@@ -34,17 +34,6 @@ def _record_text(record) -> str:
     return "\n".join(_record_text(v) for v in values if isinstance(v, (str, dict, list)))
 
 
-def _shard_texts(folder: Path, split: str = "train") -> Iterator[str]:
-    """Documents of a packed data folder (`lmforge data prepare`, pretraining caches), decoded with
-    the tokenizer stored next to them."""
-    from lmforge.data.pack import data_tokenizer
-    from lmforge.eval.perplexity import shard_documents
-
-    tokenizer = data_tokenizer(folder)
-    for doc in shard_documents(folder, split):
-        yield tokenizer.decode(doc.tolist())
-
-
 def load_index(spec: str | Path, n: int = 13) -> NGramIndex:
     """A saved index (.npy, from `NGramIndex.save`), a packed data folder (its train split), or a
     corpus file/folder (.txt/.md/.py/.rst/.jsonl) indexed on the fly."""
@@ -54,7 +43,9 @@ def load_index(spec: str | Path, n: int = 13) -> NGramIndex:
     if path.suffix == ".npy":
         return NGramIndex.load(path)
     if (path / "index.json").is_file():
-        return NGramIndex.build(_shard_texts(path), n=n)
+        from lmforge.data.pack import iter_shard_texts  # decoded with the tokenizer stored next to them
+
+        return NGramIndex.build(iter_shard_texts(path), n=n)
     return NGramIndex.build(_corpus_texts(path), n=n)
 
 

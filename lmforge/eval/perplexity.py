@@ -83,21 +83,14 @@ def aggregate(records: Sequence[dict]) -> dict[str, float]:
 
 def shard_documents(data_dir: str | Path, split: str = "val", limit: int | None = None) -> list[np.ndarray]:
     """Token documents of a packed data split (`lmforge/data` shards: every document ends with EOS)."""
-    from lmforge.data.pack import read_index
+    from lmforge.data.pack import iter_shard_documents
 
-    index, folder = read_index(data_dir)
-    if split not in index["splits"]:
-        raise LmforgeError(f"{data_dir}: no split {split!r} (has {', '.join(index['splits'])})")
-    eos = index["eos_id"]
     docs = []
-    for shard in index["splits"][split]["shards"]:
-        arr = np.fromfile(folder / shard["file"], dtype=np.dtype(index["dtype"]))
-        for doc in np.split(arr, np.flatnonzero(arr == eos) + 1):
-            doc = doc[:-1] if len(doc) and doc[-1] == eos else doc
-            if len(doc):
-                docs.append(doc.astype(np.int64))
-            if limit and len(docs) >= limit:
-                return docs
+    for doc in iter_shard_documents(data_dir, split):
+        if len(doc):
+            docs.append(doc.astype(np.int64))
+        if limit and len(docs) >= limit:
+            break
     return docs
 
 

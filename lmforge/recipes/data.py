@@ -81,15 +81,13 @@ def _train_docs(paths: list[str], field: str):
 
 
 def _decoded_shards(folder: Path):
-    from lmforge.data.pack import iter_shard_documents
+    from lmforge.data.pack import iter_shard_texts
     from lmforge.data.readers import Document
-    from lmforge.tokenizer import Tokenizer
 
     if not (folder / "tokenizer").is_dir():
         raise LmforgeError(f"{folder} has token shards but no tokenizer/ to decode them with")
-    tokenizer = Tokenizer.load(folder / "tokenizer")
-    for i, ids in enumerate(iter_shard_documents(folder, "train")):
-        yield Document(id=f"{folder.name}/train#{i}", text=tokenizer.decode(ids), source="train")
+    for i, text in enumerate(iter_shard_texts(folder, "train")):
+        yield Document(id=f"{folder.name}/train#{i}", text=text, source="train")
 
 
 def _contamination(args: argparse.Namespace) -> int:
