@@ -95,3 +95,16 @@ def test_plot_writes_png(tmp_path, data_dir):
     assert cli(["plot", str(tmp_path / "pretrain"), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert cli(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_config_overrides_are_checked():
+    from lmforge.common import LmforgeError
+    from lmforge.recipes._common import apply_overrides
+
+    cfg = {"train": {"steps": 10}, "model": {}}
+    assert apply_overrides(cfg, ["train.steps=3", "model.dim=8"], ("model",)) == {"train": {"steps": 3},
+                                                                                   "model": {"dim": 8}}
+    with pytest.raises(LmforgeError, match="expected KEY=VALUE, e.g. builtin.x=1"):
+        apply_overrides(cfg, ["train.steps"], example="builtin.x=1")
+    with pytest.raises(LmforgeError):
+        apply_overrides(cfg, ["train.stpes=3"])  # a typo is an error, not a new key

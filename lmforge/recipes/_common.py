@@ -85,9 +85,17 @@ def load_config(name_or_path: str, overrides: list[str] = (), open_sections: tup
         raise LmforgeError(f"{path}: invalid YAML ({e})") from None
     if not isinstance(cfg, dict):
         raise LmforgeError(f"{path}: expected a mapping of sections at the top level")
+    return apply_overrides(cfg, overrides, open_sections)
+
+
+def apply_overrides(cfg: dict, overrides: list[str], open_sections: tuple[str, ...] = (),
+                    example: str = "train.steps=100") -> dict:
+    """Apply `key.sub=value` overrides (values parsed as YAML scalars) to `cfg` in place; returns it."""
+    import yaml
+
     for item in overrides:
         if "=" not in item:
-            raise LmforgeError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+            raise LmforgeError(f"override {item!r}: expected KEY=VALUE, e.g. {example}")
         key, raw = item.split("=", 1)
         set_dotted(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, open_sections)
     return cfg

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from lmforge.common import LmforgeError, get_logger, seed_everything
-from lmforge.recipes._common import add_config_arguments, load_config, overrides_from_args, set_dotted
+from lmforge.recipes._common import add_config_arguments, apply_overrides, load_config, overrides_from_args
 
 log = get_logger("lmforge.eval")
 FLAGS = {"--out": "out", "--limit": "limit", "--device": "device", "--dtype": "dtype", "--batch-size": "batch_size",
@@ -63,8 +63,6 @@ def build_tasks(cfg: dict) -> list:
 def read_config(name: str, overrides: list[str]) -> dict:
     """eval-default.yaml, with the fields of another config file on top (a file may list only its
     tasks), then the command-line overrides."""
-    import yaml
-
     cfg = load_config("eval-default")
     if name != "eval-default":
         user = load_config(name, open_sections=())
@@ -72,12 +70,7 @@ def read_config(name: str, overrides: list[str]) -> dict:
         if unknown:
             raise LmforgeError(f"{name}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_LEVEL))})")
         cfg.update(user)
-    for item in overrides:
-        if "=" not in item:
-            raise LmforgeError(f"override {item!r}: expected KEY=VALUE, e.g. builtin.num_examples=20")
-        key, raw = item.split("=", 1)
-        set_dotted(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return cfg
+    return apply_overrides(cfg, overrides, example="builtin.num_examples=20")
 
 
 def main(args: argparse.Namespace) -> int:
