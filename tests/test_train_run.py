@@ -108,3 +108,9 @@ def test_config_overrides_are_checked():
         apply_overrides(cfg, ["train.steps"], example="builtin.x=1")
     with pytest.raises(LmforgeError):
         apply_overrides(cfg, ["train.stpes=3"])  # a typo is an error, not a new key
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    assert read_metrics(tmp_path / "none", missing_ok=True) == []

@@ -184,10 +184,20 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, missing_ok: bool = False) -> list[dict]:
+    """The records of a run's metrics.jsonl (a run folder or the file). A line that is not JSON is
+    skipped: the last one may be half-written by a run in progress or cut by a crash."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
+        if missing_ok:
+            return []
         raise LmforgeError(f"no metrics file at {path}")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from lmforge.common import atomic_path, atomic_write_text, human_bytes
+from lmforge.recipes._common import read_metrics
 
 # ----------------------------------------------------------------------------- generation
 
@@ -87,17 +88,6 @@ def _read(path: Path):
         return None
 
 
-def _metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
 
 def _loss_plot(run: Path, names: list[str]) -> str | None:
     import matplotlib
@@ -108,7 +98,7 @@ def _loss_plot(run: Path, names: list[str]) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     drawn = False
     for name in names:
-        rows = _metrics(run / name / "metrics.jsonl")
+        rows = read_metrics(run / name / "metrics.jsonl", missing_ok=True)
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and "step" in r]
         if train:
@@ -201,7 +191,8 @@ def write_report(cfg: dict, run: Path, models: dict[str, Path], stages: list[str
     plot = _loss_plot(run, ["base", "draft", "sft"])
     blocks.append(("img", "training and validation loss", plot) if plot else ("p", "No training metrics."))
     for name in ("base", "draft", "sft"):
-        summary = next((r["summary"] for r in _metrics(run / name / "metrics.jsonl") if "summary" in r), None)
+        rows = read_metrics(run / name / "metrics.jsonl", missing_ok=True)
+        summary = next((r["summary"] for r in rows if "summary" in r), None)
         if summary:
             blocks.append(("p", f"{name}: {summary.get('steps')} steps, final loss {_fmt(summary.get('final_loss'))}, "
                                 f"best validation loss {_fmt(summary.get('best_val_loss'))}, "
