@@ -291,3 +291,13 @@ def test_cli_code_task_with_a_real_model(tmp_path, model_dir):
     [task] = load_results(tmp_path / "o")["tasks"]
     assert task["metrics"]["pass@1"] == 0.0  # a random tiny model writes no working code...
     assert all(s in ("failed", "timeout") for e in task["examples"] for s in e["results"])  # ...and nothing escapes
+
+
+def test_contamination_corpus_bad_jsonl_line_is_named(tmp_path):
+    from lmforge.common import LmforgeError
+    from lmforge.eval.contamination import load_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(LmforgeError, match=f"{corpus}:2: invalid JSON"):
+        load_index(corpus)

@@ -5,21 +5,18 @@ flagged in the results and every task's metrics are also reported on the clean s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, read_jsonl
 from lmforge.data.ngram import NGramIndex, check_examples, summarize
 
 
 def _corpus_texts(path: Path) -> Iterator[str]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
-        if f.suffix == ".jsonl":
-            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-                if line.strip():
-                    yield _record_text(json.loads(line))
+        if f.suffix == ".jsonl":  # a bad line is named (path:line), not a JSONDecodeError traceback
+            yield from (_record_text(record) for _, record in read_jsonl(f, "contamination corpus file"))
         elif f.suffix in (".txt", ".md", ".py", ".rst"):
             yield f.read_text(encoding="utf-8", errors="replace")
 
