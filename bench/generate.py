@@ -4,8 +4,9 @@
     python bench/generate.py --models gpt2 --batches 1 --new-tokens 64 --repeats 3
 
 Prints tokens/s (median of --repeats runs, lmforge and transformers interleaved so machine noise hits
-both), the ratio, and the fraction of the memory-bandwidth bound: at batch 1 every weight is read once per
-token, so tokens/s <= measured read bandwidth / bytes of weights.
+both) for lmforge eager (pre-transposed weights) and lmforge `generate(compile=True)` (inductor with
+freezing, which prepacks the weights), the ratios, and the fraction of the memory-bandwidth bound: at
+batch 1 every weight is read once per token, so tokens/s <= measured read bandwidth / bytes of weights.
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def time_hf(hf, prompt: torch.Tensor, new: int) -> float:
     return prompt.shape[0] * new / (time.perf_counter() - t)
 
 
-def time_ours(model, prompt: torch.Tensor, new: int) -> float:
+def time_ours(model, prompt: torch.Tensor, new: int, compile: bool = False) -> float:
     t = time.perf_counter()
-    generate(model, prompt, max_new_tokens=new)
+    generate(model, prompt, max_new_tokens=new, compile=compile)
     return prompt.shape[0] * new / (time.perf_counter() - t)
 
 
@@ -98,28 +99,37 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the torch.compile (inductor freezing) column; compiling takes ~30 s per shape")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     bw = read_bandwidth_gbs()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured read bandwidth {bw:.1f} GB/s")
-    print(f"{'model':<12}{'batch':>6}{'transformers tok/s':>20}{'lmforge tok/s':>16}{'ratio':>8}{'lmforge % of bound':>20}")
+    print(f"{'model':<12}{'batch':>6}{'transformers tok/s':>20}{'lmforge tok/s':>15}{'ratio':>7}"
+          f"{'compiled tok/s':>16}{'ratio':>7}{'best % of bound':>17}")
     for name in args.models:
         hf = make_hf(SHAPES[name]["kind"])
         with tempfile.TemporaryDirectory() as d:
             hf.save_pretrained(d)
             ours = prepare_for_inference(load_model(d))
+            plain = load_model(d).requires_grad_(False)  # compiled path: inductor prepacks nn.Linear itself
         bound = bw * 1e9 / weight_bytes_per_token(hf)
         for batch in args.batches:
             prompt = torch.randint(0, 1000, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-            time_ours(ours, prompt, 4), time_hf(hf, prompt, 4)  # warm-up
-            theirs, mine = [], []
+            # warm-up (the compiled path compiles here, outside the timing)
+            time_ours(ours, prompt, 4), time_hf(hf, prompt, 4), time_ours(plain, prompt, 4, compile=args.compile)
+            theirs, mine, comp = [], [], []
             for _ in range(args.repeats):
                 theirs.append(time_hf(hf, prompt, args.new_tokens))
                 mine.append(time_ours(ours, prompt, args.new_tokens))
+                if args.compile:
+                    comp.append(time_ours(plain, prompt, args.new_tokens, compile=True))
             t_med, m_med = statistics.median(theirs), statistics.median(mine)
-            pct = 100 * m_med / batch / bound
-            print(f"{name:<12}{batch:>6}{t_med:>20.1f}{m_med:>16.1f}{m_med / t_med:>7.2f}x{pct:>19.0f}%", flush=True)
+            c_med = statistics.median(comp) if comp else float("nan")
+            pct = 100 * max(m_med, c_med if comp else 0) / batch / bound
+            print(f"{name:<12}{batch:>6}{t_med:>20.1f}{m_med:>15.1f}{m_med / t_med:>6.2f}x"
+                  f"{c_med:>16.1f}{c_med / t_med:>6.2f}x{pct:>16.0f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,15 +117,24 @@ def generate(model, input_ids, max_new_tokens: int = 128, temperature: float = 0
     return torch.stack(tokens, dim=1).cpu()
 
 
-_COMPILED: dict[int, object] = {}
-
-
 def compiled_decode(model):
-    """torch.compile of the model for one-token decode steps (compiled once per model object)."""
-    key = id(model)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(model, dynamic=True)
-    return _COMPILED[key]
+    """torch.compile of the model for one-token decode steps, compiled once per model.
+
+    Inductor's freezing treats the weights as constants (inference only: the decode step runs under
+    inference_mode), so linear weights are prepacked for oneDNN; the config is patched around each
+    call rather than set globally, so training-time compiles are not affected."""
+    fn = getattr(model, "_lmforge_compiled_decode", None)
+    if fn is None:
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(model, dynamic=True)
+
+        def fn(*args, **kwargs):
+            with inductor_config.patch(freezing=True):
+                return compiled(*args, **kwargs)
+
+        model._lmforge_compiled_decode = fn
+    return fn
 
 
 # ----------------------------------------------------------------------------- text helpers
