@@ -56,7 +56,9 @@ def main(args: argparse.Namespace) -> int:
         print(answer_image(vlm, tokenizer, args.image, args.prompt or "describe the image.", args.max_new_tokens,
                            lambda logits: sample(logits, params), system=args.system))
         return 0
-    model = prepare_for_inference(load_model(args.model, device=device, dtype=args.dtype))
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    # Eager decode: pre-transposed weights; compiled decode: inductor's freezing prepacks nn.Linear itself.
+    model = model.requires_grad_(False) if args.compile else prepare_for_inference(model)
     tokenizer = load_tokenizer_if_any(args.model)
     if args.seed is not None:
         seed_everything(args.seed)
