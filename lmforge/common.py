@@ -182,6 +182,16 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise LmforgeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def dataclass_from_dict(cls, data: dict, what: str):
+    """Build dataclass `cls` from `data`, naming unknown fields (a typo is an error, not ignored)."""
+    import dataclasses
+
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise LmforgeError(f"unknown {what} field(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
 def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[tuple[str, dict]]:
     """[(where, record)] for each non-blank line, `where` = "path:line" for error messages.
     A missing file, a bad line or a line that is not a JSON object raises LmforgeError naming it."""

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, dataclass_from_dict
 
 
 @dataclass
@@ -64,11 +64,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise LmforgeError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model config")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, dataclass_from_dict
 from lmforge.model import ModelConfig
 from lmforge.model.transformer import Block
 
@@ -57,11 +57,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise LmforgeError(f"unknown vision config field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "vision config")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "VisionConfig":
