@@ -25,23 +25,23 @@ def measure_generation(gcfg: dict, models: dict[str, Path]) -> dict:
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
     from lmforge.infer.fast import prepare_for_inference
     from lmforge.infer.sampling import SamplingParams
-    from lmforge.infer.speculative import DraftProposer, LookupProposer, speculative_generate
+    from lmforge.infer.speculative import DraftProposer, LookupProposer
 
     prompts = gcfg.get("prompts") or ["def main():"]
     new = int(gcfg.get("max_new_tokens", 64))
     k = int(gcfg.get("speculative_k", 4))
     out: dict = {"max_new_tokens": new, "threads": torch.get_num_threads(), "rows": [], "samples": {}}
-    loaded = {label: prepare_for_inference(load_model(path)) for label, path in models.items()}
     tok = load_tokenizer_if_any(next(iter(models.values()))) if models else None
     if tok is None:
         return out
+    loaded = {label: prepare_for_inference(load_model(path)) for label, path in models.items()}
     params = SamplingParams(max_new_tokens=new, stop_token_ids=[])
     encoded = [tok.encode(p) for p in prompts]
     plain_tokens = {}
     for label, model in loaded.items():
         if label == "draft":
             continue
-        speed, tokens = _decode_speed(model, encoded, params, speculative_generate, None, k)
+        speed, tokens = _decode_speed(model, encoded, params, None, k)
         plain_tokens[label] = tokens
         out["rows"].append({"model": label, "decoding": "plain greedy", "tokens_per_s": speed})
         out["samples"][label] = [p + tok.decode(t) for p, t in zip(prompts, tokens)]
@@ -52,15 +52,16 @@ def measure_generation(gcfg: dict, models: dict[str, Path]) -> dict:
         if "draft" in loaded:
             proposers["speculative (draft model)"] = DraftProposer(loaded["draft"], max(map(len, encoded)) + new + k + 2)
         for name, proposer in proposers.items():
-            speed, tokens, acc = _decode_speed(target, encoded, params, speculative_generate, proposer, k)
+            speed, tokens, acc = _decode_speed(target, encoded, params, proposer, k)
             out["rows"].append({"model": final, "decoding": name, "tokens_per_s": speed, "acceptance_rate": acc,
                                 "identical_to_plain": tokens == plain_tokens.get(final)})
     return out
 
 
-def _decode_speed(model, encoded, params, speculative_generate, proposer, k):
+def _decode_speed(model, encoded, params, proposer, k):
     """Median over prompts of tokens/s (and acceptance for speculative decoding)."""
     from lmforge.infer.generate import generate
+    from lmforge.infer.speculative import speculative_generate
 
     speeds, tokens, accepted, proposed = [], [], 0, 0
     for ids in encoded:
