@@ -13,6 +13,11 @@ happened. Explicit [B, 1, T, S] masks plus position ids make each sequence see o
 context: it decodes the same alone or among others. (Rows with different LoRA adapters cannot
 share a packed row; they run as left-padded rows [B, T], so each row's last column is its last token.)
 
+With `draft=model`, every decode is speculative (engine_spec.py): the draft proposes
+`num_speculative` tokens per running sequence, batched; the target scores each row's
+[last, d1..dk] in one forward and exact rejection sampling keeps a prefix plus one token (greedy:
+the same tokens as plain decoding); blocks reserved for rejected drafts go back to the pool.
+
 Threads: `step()` holds a lock for the whole forward. `add_request`/`cancel`/`release` never wait for
 it: they queue their change, which is applied at once when no step is running and otherwise at the
 start of the next step, in the order queued. So a server thread may add/cancel while another steps.
@@ -30,8 +35,9 @@ import torch
 
 from lmforge.common import LmforgeError
 
-from .paged import BlockPool, PagedKVCache, block_table, write_slots
+from .paged import BlockPool, CacheGroup, PagedKVCache, forward_packed, forward_padded
 from .sampling import SamplingParams, sample
+from .engine_spec import SpecDecoder
 from .scheduler import Scheduler, Sequence, Status
 
 
@@ -47,10 +53,11 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_tokens: int = 2048, max_seqs: int = 64,
                  block_size: int = 16, num_blocks: int | None = None, prefix_caching: bool = True,
                  preemption: str = "swap", swap_blocks: int | None = None, max_model_len: int | None = None,
-                 kv_memory: int = 256 << 20, seed: int = 0):
+                 kv_memory: int = 256 << 20, seed: int = 0, draft=None, num_speculative: int = 4):
         """max_batch_tokens: new tokens per step (prefill chunks + decodes); max_seqs: running sequences;
         num_blocks: KV pool size in blocks (default: sized from max_seqs within kv_memory bytes);
-        preemption: "swap" (KV offload to CPU, recompute when swap_blocks is full) or "recompute"."""
+        preemption: "swap" (KV offload to CPU, recompute when swap_blocks is full) or "recompute";
+        draft: a smaller model with the same vocabulary proposing `num_speculative` tokens per decode."""
         self.model, self.tokenizer = model.eval(), tokenizer
         c = model.config
         p = next(model.parameters())
@@ -63,11 +70,17 @@ class Engine:
             block_bytes = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * itemsize
             num_blocks = max(2 * per_seq, min(max_seqs * per_seq // 4, kv_memory // block_bytes)) + 1
         self.block_size = block_size
-        self.max_model_len = min(self.max_model_len, (num_blocks - 1) * block_size)  # one sequence must always fit
+        self.spec = None if draft is None else SpecDecoder(draft, num_speculative, c, num_blocks, block_size)
+        lookahead = 0 if self.spec is None else self.spec.k
+        # One sequence (plus its drafts) must always fit.
+        self.max_model_len = min(self.max_model_len, (num_blocks - 1) * block_size - lookahead)
+        if self.spec is not None:
+            self.max_model_len = min(self.max_model_len, self.spec.max_len)
         self.pool = BlockPool(num_blocks, block_size)
         self.cache = PagedKVCache(c, num_blocks, block_size, self.device, dtype)
-        self.scheduler = Scheduler(self.pool, self.cache, max_seqs, max_batch_tokens, prefix_caching, preemption,
-                                   swap_blocks)
+        caches = self.cache if self.spec is None else CacheGroup(self.cache, self.spec.cache)
+        self.scheduler = Scheduler(self.pool, caches, max_seqs, max_batch_tokens, prefix_caching, preemption,
+                                   swap_blocks, lookahead)
         self.requests: dict[int, Sequence] = {}
         self._ids = itertools.count()  # next() on a count is atomic: no lock needed
         self._lock = threading.RLock()  # held by step() for a whole forward
@@ -76,7 +89,7 @@ class Engine:
         self._finished_early: list[Event] = []
         eos = getattr(tokenizer, "eos_id", None)
         self.eos = [eos] if eos is not None else []
-        self.counters = dict(steps=0, generated_tokens=0, prompt_tokens=0)
+        self.counters = dict(steps=0, generated_tokens=0, prompt_tokens=0, drafted_tokens=0, accepted_tokens=0)
 
     # ------------------------------------------------------------------ public API
 
@@ -133,6 +146,14 @@ class Engine:
     def output(self, request_id: int) -> list[int]:
         return list(self.requests[request_id].output)
 
+    def acceptance(self, request_id: int) -> dict:
+        """Speculative decoding figures of one request: verification steps, drafted and accepted
+        tokens, acceptance rate, tokens per verification step."""
+        seq = self.requests[request_id]
+        return dict(steps=seq.spec_steps, drafted=seq.drafted, accepted=seq.accepted,
+                    acceptance_rate=round(seq.accepted / max(1, seq.drafted), 4),
+                    tokens_per_step=round((seq.accepted + seq.spec_steps) / max(1, seq.spec_steps), 3))
+
     @property
     def stats(self) -> dict:
         s, pool = self.scheduler, self.pool
@@ -153,9 +174,10 @@ class Engine:
             self.counters["steps"] += 1
             decodes = [(s, n) for s, n in batch if n == 1]
             prefills = [(s, n) for s, n in batch if n > 1]
-            for group in (decodes, prefills):
-                if group:
-                    events += self._run(group)
+            if decodes:
+                events += self._run(decodes) if self.spec is None else self._run_speculative(decodes)
+            if prefills:
+                events += self._run(prefills)
             return events
 
     def generate_batch(self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
@@ -199,8 +221,15 @@ class Engine:
     # ------------------------------------------------------------------ one forward
 
     def _run(self, group: list[tuple[Sequence, int]]) -> list[Event]:
+        rows = [(seq.tokens[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.blocks) for seq, n in group]
         packable = len(group) > 1 and len({seq.adapter for seq, _ in group}) == 1 and group[0][1] > 1
-        logits = self._forward_packed(group) if packable else self._forward(group)
+        with self._adapter_rows([seq.adapter for seq, _ in group] if not packable else [group[0][0].adapter]):
+            if packable:  # one adapter for the whole group: per-row LoRA selection works on batch rows
+                logits = forward_packed(self.model, self.cache, rows)
+            else:
+                logits = forward_padded(self.model, self.cache, rows)[:, -1]
+        if self.spec is not None:  # the draft's keys for the same tokens
+            self.spec.prefill([seq for seq, _ in group], [seq.num_computed + n for seq, n in group])
         argmax = logits.argmax(-1).tolist()  # one call for every greedy row
         events = []
         for row, (seq, n) in enumerate(group):
@@ -210,66 +239,39 @@ class Engine:
                 events.append(self._sample_and_check(seq, logits[row], argmax[row]))
         return events
 
-    def _forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Last-token logits [B, V] for the rows' new tokens (left-padded to the longest)."""
-        T, bs = max(n for _, n in group), self.block_size
-        ids, write_pos, ctx = [], [], []
-        for seq, n in group:
-            start = seq.num_computed
-            ids.append([0] * (T - n) + seq.tokens[start:start + n])
-            write_pos.append([-1] * (T - n) + list(range(start, start + n)))
-            ctx.append(start + n)
-        qpos, ctx = torch.tensor(write_pos), torch.tensor(ctx)
-        nb = -(-int(ctx.max()) // bs)  # blocks covering the longest context
-        tables = [seq.blocks for seq, _ in group]
-        self.cache.set_step(write_slots(tables, write_pos, bs).to(self.device), block_table(tables, nb).to(self.device))
-        mask = self._mask(qpos, ctx, nb * bs).to(self.device)
-        with self._adapter_rows([seq.adapter for seq, _ in group]):
-            logits = self.model(torch.tensor(ids, device=self.device), position_ids=qpos.clamp(min=0).to(self.device),
-                                attn_mask=mask, kv_cache=self.cache, logits_to_keep=1)
-        return logits[:, -1].float()
-
-    def _forward_packed(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Prefill chunks packed into one row [1, sum n] (no padding): each sequence's queries see
-        only its own blocks (a block-diagonal causal mask over the concatenated block tables).
-        Needs one adapter for the whole group: per-row LoRA selection works on batch rows."""
-        bs = self.block_size
-        ids, qpos, tables, owner, key_pos, last = [], [], [], [], [], []
-        for i, (seq, n) in enumerate(group):
-            start = seq.num_computed
-            ids += seq.tokens[start:start + n]
-            qpos += range(start, start + n)
-            owner += [i] * n
-            last.append(len(ids) - 1)
-            nb = -(-(start + n) // bs)
-            tables += seq.blocks[:nb]
-            key_pos.append(torch.arange(nb * bs))
-        key_owner = torch.cat([torch.full((len(k),), i) for i, k in enumerate(key_pos)])
-        q, k = torch.tensor(qpos)[:, None], torch.cat(key_pos)[None, :]
-        allowed = (torch.tensor(owner)[:, None] == key_owner[None, :]) & (k <= q)
-        window = self.model.config.sliding_window
-        if window:
-            allowed &= (q - k) < window
-        slots = torch.cat([write_slots([seq.blocks], [list(range(seq.num_computed, seq.num_computed + n))], bs)[0]
-                           for seq, n in group])
-        self.cache.set_step(slots.reshape(1, -1).to(self.device), torch.tensor([tables], device=self.device))
-        with self._adapter_rows([group[0][0].adapter]):
-            _, hidden = self.model(torch.tensor([ids], device=self.device),
-                                   position_ids=torch.tensor([qpos], device=self.device),
-                                   attn_mask=allowed[None, None].to(self.device), kv_cache=self.cache,
-                                   logits_to_keep=1, return_hidden=True)
-        return self.model.lm_head(hidden[0, last]).float()  # each sequence's last new token
-
-    def _mask(self, qpos: torch.Tensor, ctx: torch.Tensor, S: int) -> torch.Tensor:
-        """[B, 1, T, S]: key j is visible to a query at position p if j <= p and j is in the row's context."""
-        k = torch.arange(S)[None, None, :]
-        q = qpos[:, :, None]
-        allowed = (k <= q) & (k < ctx[:, None, None])
-        window = self.model.config.sliding_window
-        if window:
-            allowed &= (q - k) < window
-        allowed |= (q < 0) & (k == 0)  # padding queries see one key (their output is discarded)
-        return allowed[:, None]
+    def _run_speculative(self, group: list[tuple[Sequence, int]]) -> list[Event]:
+        """Decode with drafts: the draft proposes for every sequence, the target scores each row's
+        [last, d1..dk] in one forward, and each row keeps its accepted drafts plus one token."""
+        seqs = [seq for seq, _ in group]
+        gens = [seq.generator or self._generator for seq in seqs]
+        drafts, qs = self.spec.propose(seqs, [self.spec.num_drafts(s, self.max_model_len) for s in seqs], gens)
+        rows = [(seq.tokens[-1:] + d, seq.num_computed, seq.blocks) for seq, d in zip(seqs, drafts)]
+        T = max(len(tokens) for tokens, _, _ in rows)
+        with self._adapter_rows([seq.adapter for seq in seqs]):
+            logits = forward_padded(self.model, self.cache, rows, keep=T)  # rows are left-padded
+        argmax = logits.argmax(-1).tolist()
+        events = []
+        for i, (seq, d) in enumerate(zip(seqs, drafts)):
+            lg, am, L = logits[i, T - len(d) - 1:], argmax[i][T - len(d) - 1:], len(seq.tokens)
+            if not d:
+                seq.num_computed += 1
+                self.scheduler.register_full_blocks(seq)
+                events.append(self._sample_and_check(seq, lg[0], am[0]))
+            else:
+                new, accepted = self.spec.verify(seq, lg, am, d, qs[i], gens[i])
+                kept, lps, reason = self._extend(seq, new, lg)
+                seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
+                seq.num_draft_computed = min(L + len(d) - 1, seq.num_computed)  # the draft never saw d_k
+                seq.spec_steps, seq.drafted, seq.accepted = seq.spec_steps + 1, seq.drafted + len(d), seq.accepted + accepted
+                self.counters["drafted_tokens"] += len(d)
+                self.counters["accepted_tokens"] += accepted
+                self.scheduler.register_full_blocks(seq)
+                if reason is not None:
+                    self._finish(seq, reason)
+                events.append(Event(seq.id, kept, reason is not None, reason, lps))
+            if seq.status is Status.RUNNING:
+                self.scheduler.trim(seq)  # blocks reserved for rejected drafts go back
+        return events
 
     def _adapter_rows(self, adapters: list[str | None]):
         if not any(adapters):
@@ -290,19 +292,30 @@ class Engine:
                 seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
                 seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
             token = int(sample(logits[None], p, seq.generator or self._generator, seen)[0])
-        lp = None
-        if seq.logprobs is not None:
-            logp = logits.log_softmax(-1)
-            top = logp.topk(seq.logprobs) if seq.logprobs else None
-            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-            lp = [(token, float(logp[token]), alts)]
-            seq.token_logprobs += lp
-        seq.output.append(token)
-        self.counters["generated_tokens"] += 1
-        reason = self._stop_reason(seq, token)
+        kept, lps, reason = self._extend(seq, [token], logits[None])
         if reason is not None:
             self._finish(seq, reason)
-        return Event(seq.id, [token], reason is not None, reason, lp)
+        return Event(seq.id, kept, reason is not None, reason, lps)
+
+    def _extend(self, seq: Sequence, tokens: list[int], logits: torch.Tensor) -> tuple[list[int], list | None, str | None]:
+        """Append tokens (logits [n, V]: the target's at each) up to the first that ends the request:
+        (the tokens kept, their logprob entries when asked, the finish reason or None)."""
+        kept, lps, reason = [], [] if seq.logprobs is not None else None, None
+        for token, row in zip(tokens, logits):
+            if lps is not None:
+                logp = row.log_softmax(-1)
+                top = logp.topk(seq.logprobs) if seq.logprobs else None
+                alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+                lps.append((token, float(logp[token]), alts))
+            seq.output.append(token)
+            kept.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                break
+        if lps:
+            seq.token_logprobs += lps
+        self.counters["generated_tokens"] += len(kept)
+        return kept, lps, reason
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

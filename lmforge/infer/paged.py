@@ -153,3 +153,88 @@ def block_table(tables: list[list[int]], num_blocks: int) -> torch.Tensor:
     """[B, num_blocks] block ids, padded with the scratch block."""
     return torch.tensor([t[:num_blocks] + [PAD_BLOCK] * (num_blocks - len(t[:num_blocks])) for t in tables],
                         dtype=torch.long)
+
+
+class CacheGroup:
+    """Several paged caches indexed by the same block ids (a target's and its draft's): a sequence's
+    blocks hold both models' keys, so they are swapped out and back in together."""
+
+    def __init__(self, *caches: PagedKVCache):
+        self.caches = caches
+
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(c.bytes_per_block for c in self.caches)
+
+    def read_blocks(self, blocks: list[int], device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer for c in self.caches for layer in c.read_blocks(blocks, device)]
+
+    def write_blocks(self, blocks: list[int], data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        start = 0
+        for c in self.caches:
+            c.write_blocks(blocks, data[start:start + len(c.k)])
+            start += len(c.k)
+
+
+# ----------------------------------------------------------------------------- forwards over block tables
+
+Row = tuple[list[int], int, list[int]]  # (new tokens, position of the first one, the sequence's block table)
+
+
+def forward_padded(model, cache: PagedKVCache, rows: list[Row], keep: int = 1) -> torch.Tensor:
+    """Rows of new tokens left-padded to the longest, each seeing only its own blocks: logits of
+    the last `keep` columns [B, keep, V] (a row's last token is always the last column)."""
+    T, bs, device = max(len(t) for t, _, _ in rows), cache.block_size, cache.k[0].device
+    ids, write_pos, ctx = [], [], []
+    for tokens, start, _ in rows:
+        n = len(tokens)
+        ids.append([0] * (T - n) + tokens)
+        write_pos.append([-1] * (T - n) + list(range(start, start + n)))
+        ctx.append(start + n)
+    qpos, ctx = torch.tensor(write_pos), torch.tensor(ctx)
+    nb = -(-int(ctx.max()) // bs)  # blocks covering the longest context
+    tables = [blocks for _, _, blocks in rows]
+    cache.set_step(write_slots(tables, write_pos, bs).to(device), block_table(tables, nb).to(device))
+    mask = _padded_mask(qpos, ctx, nb * bs, model.config.sliding_window).to(device)
+    logits = model(torch.tensor(ids, device=device), position_ids=qpos.clamp(min=0).to(device), attn_mask=mask,
+                   kv_cache=cache, logits_to_keep=keep)
+    return logits.float()
+
+
+def _padded_mask(qpos: torch.Tensor, ctx: torch.Tensor, S: int, window: int | None) -> torch.Tensor:
+    """[B, 1, T, S]: key j is visible to a query at position p if j <= p and j is in the row's context."""
+    k = torch.arange(S)[None, None, :]
+    q = qpos[:, :, None]
+    allowed = (k <= q) & (k < ctx[:, None, None])
+    if window:
+        allowed &= (q - k) < window
+    allowed |= (q < 0) & (k == 0)  # padding queries see one key (their output is discarded)
+    return allowed[:, None]
+
+
+def forward_packed(model, cache: PagedKVCache, rows: list[Row]) -> torch.Tensor:
+    """Rows packed into one batch row [1, sum n] (no padding): each row's queries see only its own
+    blocks (a block-diagonal causal mask over the concatenated block tables). Logits of every
+    row's last token [B, V]."""
+    bs, device = cache.block_size, cache.k[0].device
+    ids, qpos, tables, owner, key_pos, last, slots = [], [], [], [], [], [], []
+    for i, (tokens, start, blocks) in enumerate(rows):
+        positions = list(range(start, start + len(tokens)))
+        ids += tokens
+        qpos += positions
+        owner += [i] * len(tokens)
+        last.append(len(ids) - 1)
+        nb = -(-(start + len(tokens)) // bs)
+        tables += blocks[:nb]
+        key_pos.append(torch.arange(nb * bs))
+        slots.append(write_slots([blocks], [positions], bs)[0])
+    key_owner = torch.cat([torch.full((len(k),), i) for i, k in enumerate(key_pos)])
+    q, k = torch.tensor(qpos)[:, None], torch.cat(key_pos)[None, :]
+    allowed = (torch.tensor(owner)[:, None] == key_owner[None, :]) & (k <= q)
+    window = model.config.sliding_window
+    if window:
+        allowed &= (q - k) < window
+    cache.set_step(torch.cat(slots).reshape(1, -1).to(device), torch.tensor([tables], device=device))
+    _, hidden = model(torch.tensor([ids], device=device), position_ids=torch.tensor([qpos], device=device),
+                      attn_mask=allowed[None, None].to(device), kv_cache=cache, logits_to_keep=1, return_hidden=True)
+    return model.lm_head(hidden[0, last]).float()

@@ -3,7 +3,8 @@
 Every step: running sequences first (oldest first; a decode costs 1 token of the budget, an
 unfinished prefill takes a chunk of what is left: chunked prefill), then swapped-out sequences
 come back, then waiting requests are admitted while the token budget, the sequence cap and the
-block pool allow. When a running sequence needs a block and none is free, the newest running
+block pool allow. With a draft model, a decode reserves room for `lookahead` drafted tokens too.
+When a running sequence needs a block and none is free, the newest running
 sequence is preempted: its blocks are copied to CPU memory (KV offload, swapped back in later) or,
 when the swap space is full or preemption="recompute", dropped and recomputed from its tokens.
 """
@@ -38,11 +39,15 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_registered: int = 0  # full blocks entered in the prefix table
+    num_draft_computed: int = 0  # tokens whose draft-model keys/values are in the draft cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
     swapped: list | None = None  # per-layer (k, v) on CPU while swapped out
     generator: torch.Generator | None = None
     token_logprobs: list = field(default_factory=list)
+    spec_steps: int = 0  # speculative decoding: verification forwards, tokens drafted, drafts accepted
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -56,12 +61,13 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, cache: PagedKVCache, max_seqs: int, max_batch_tokens: int,
-                 prefix_caching: bool = True, preemption: str = "swap", swap_blocks: int | None = None):
+                 prefix_caching: bool = True, preemption: str = "swap", swap_blocks: int | None = None,
+                 lookahead: int = 0):
         if preemption not in ("swap", "recompute"):
             raise ValueError(f"preemption must be 'swap' or 'recompute', got {preemption!r}")
         self.pool, self.cache = pool, cache
         self.max_seqs, self.max_batch_tokens = max_seqs, max_batch_tokens
-        self.prefix_caching, self.preemption = prefix_caching, preemption
+        self.prefix_caching, self.preemption, self.lookahead = prefix_caching, preemption, lookahead
         self.swap_blocks = pool.num_blocks if swap_blocks is None else swap_blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -81,8 +87,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
-            n = min(seq.num_pending, budget)
-            while not self._reserve(seq, seq.num_computed + n):
+            n, cost = self._plan(seq, budget)
+            while not self._reserve(seq, seq.num_computed + cost):
                 preempted = True
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -90,7 +96,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 batch.append((seq, n))
-                budget -= n
+                budget = max(0, budget - cost)
         if not preempted:
             budget = self._swap_in(batch, budget)
             self._admit(batch, budget)
@@ -108,10 +114,10 @@ class Scheduler:
             seq.swapped, seq.status = None, Status.RUNNING
             self.counters["swaps_in"] += 1
             self.running.append(seq)
-            n = min(seq.num_pending, budget)
-            if self._reserve(seq, seq.num_computed + n):
+            n, cost = self._plan(seq, budget)
+            if self._reserve(seq, seq.num_computed + cost):
                 batch.append((seq, n))
-                budget -= n
+                budget = max(0, budget - cost)
         return budget
 
     def _admit(self, batch: list, budget: int) -> None:
@@ -119,8 +125,8 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.blocks and self.prefix_caching:
                 self._prefix_lookup(seq)
-            n = min(seq.num_pending, budget)
-            if not self._reserve(seq, seq.num_computed + n):
+            n, cost = self._plan(seq, budget)
+            if not self._reserve(seq, seq.num_computed + cost):
                 self._release(seq)  # retry from scratch when blocks free up
                 break
             self.waiting.popleft()
@@ -129,7 +135,13 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, n))
-            budget -= n
+            budget = max(0, budget - cost)
+
+    def _plan(self, seq: Sequence, budget: int) -> tuple[int, int]:
+        """(new tokens to run, tokens of budget and cache to set aside): a decode with a draft model
+        also verifies up to `lookahead` drafted tokens."""
+        n = min(seq.num_pending, budget)
+        return n, n + (self.lookahead if seq.num_pending == 1 else 0)
 
     # ------------------------------------------------------------------ blocks
 
@@ -154,11 +166,13 @@ class Scheduler:
                 break
             seq.blocks.append(block)
         seq.num_registered = len(seq.blocks)
-        seq.num_computed = len(seq.blocks) * self.pool.block_size
+        seq.num_computed = seq.num_draft_computed = len(seq.blocks) * self.pool.block_size
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a forward: enter newly filled blocks in the prefix table."""
-        full = seq.num_computed // self.pool.block_size
+        # With a draft model a shared block must hold the draft's keys too (a later hit skips both).
+        done = min(seq.num_computed, seq.num_draft_computed) if self.lookahead else seq.num_computed
+        full = done // self.pool.block_size
         if not self.prefix_caching or full <= seq.num_registered:
             return
         hashes = block_hashes(seq.tokens[:full * self.pool.block_size], self.pool.block_size, seq.adapter)
@@ -169,16 +183,22 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         for block in seq.blocks:
             self.pool.release(block)
-        seq.blocks, seq.num_computed, seq.num_registered = [], 0, 0
+        seq.blocks, seq.num_computed, seq.num_registered, seq.num_draft_computed = [], 0, 0, 0
+
+    def trim(self, seq: Sequence) -> None:
+        """Give back blocks past the sequence's tokens (reserved for drafts that were rejected)."""
+        keep = -(-len(seq.tokens) // self.pool.block_size)
+        while len(seq.blocks) > keep:
+            self.pool.release(seq.blocks.pop())
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.counters["preemptions"] += 1
         if self.preemption == "swap" and self.swap_used + len(seq.blocks) <= self.swap_blocks:
             seq.swapped = self.cache.read_blocks(seq.blocks)
-            computed = seq.num_computed
+            computed = seq.num_computed, seq.num_draft_computed
             self._release(seq)
-            seq.num_computed = computed  # its keys come back with the blocks
+            seq.num_computed, seq.num_draft_computed = computed  # their keys come back with the blocks
             seq.status = Status.SWAPPED
             self.swapped.append(seq)
             self.counters["swaps_out"] += 1

@@ -1,0 +1,92 @@
+"""Speculative decoding inside the continuous-batching engine: a small draft model proposes k
+tokens for every running sequence (batched across sequences), the target checks all of them in
+the engine's one decode forward, and `speculative.verify` (exact rejection sampling; greedy gives
+the same tokens as plain decoding) decides what is kept.
+
+The draft keeps its keys/values in its own paged cache indexed by the same block ids as the
+target's, so block tables, prefix sharing, swapping and freeing cover both models at once. A
+sequence's `num_draft_computed` says how far the draft cache is right: it lags the target by
+one token when every draft was accepted (the last draft never went through the draft), and the
+next proposal starts by feeding the draft whatever it has not seen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.common import LmforgeError
+
+from .paged import PagedKVCache, forward_packed, forward_padded
+from .sampling import probabilities
+from .scheduler import Sequence
+from .speculative import verify
+
+
+class SpecDecoder:
+    def __init__(self, draft, k: int, target_config, num_blocks: int, block_size: int):
+        if k < 1:
+            raise LmforgeError(f"num_speculative must be >= 1, got {k}")
+        if draft.config.vocab_size != target_config.vocab_size:
+            raise LmforgeError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                               f"({target_config.vocab_size}): the draft needs the same tokenizer")
+        self.draft, self.k = draft.eval(), k
+        p = next(draft.parameters())
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        self.cache = PagedKVCache(draft.config, num_blocks, block_size, p.device, dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.draft.config.max_position_embeddings
+
+    def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
+        """Drafts worth proposing: none past max_new_tokens or the context; none with a repetition
+        penalty (verification would need the penalty at every drafted position)."""
+        if seq.params.repetition_penalty != 1.0:
+            return 0
+        left = seq.params.max_new_tokens - len(seq.output) - 1  # the verify step always adds one token
+        return max(0, min(self.k, left, max_model_len - len(seq.tokens)))
+
+    def prefill(self, seqs: list[Sequence], upto: list[int]) -> None:
+        """Run the draft over each sequence's tokens it has not seen, up to `upto` (a prefill chunk)."""
+        rows = [(seq.tokens[seq.num_draft_computed:end], seq.num_draft_computed, seq.blocks)
+                for seq, end in zip(seqs, upto) if end > seq.num_draft_computed]
+        if rows:
+            forward_packed(self.draft, self.cache, rows)
+        for seq, end in zip(seqs, upto):
+            seq.num_draft_computed = max(seq.num_draft_computed, end)
+
+    def propose(self, seqs: list[Sequence], ks: list[int],
+                generators: list[torch.Generator]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Up to ks[i] drafted tokens per sequence, and the draft's distributions q [ks[i], V] they
+        were sampled from (None for greedy requests: a deterministic proposal)."""
+        drafts: list[list[int]] = [[] for _ in seqs]
+        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        # Round 0 feeds what the draft has not seen (one token, or two after a fully accepted step).
+        pending = {i: (seq.tokens[seq.num_draft_computed:], seq.num_draft_computed) for i, seq in enumerate(seqs)}
+        for r in range(max(ks, default=0)):
+            idx = [i for i, k in enumerate(ks) if k > r]
+            rows = [(*pending[i], seqs[i].blocks) for i in idx]
+            logits = forward_padded(self.draft, self.cache, rows)[:, -1]
+            argmax = logits.argmax(-1).tolist()
+            for j, i in enumerate(idx):
+                params = seqs[i].params
+                if params.greedy:
+                    x = argmax[j]
+                else:
+                    q = probabilities(logits[j:j + 1], params)[0]
+                    x = int(torch.multinomial(q, 1, generator=generators[i]))
+                    qs[i].append(q)
+                drafts[i].append(x)
+                pending[i] = ([x], len(seqs[i].tokens) + r)
+        return drafts, [torch.stack(q) if q else None for q in qs]
+
+    @staticmethod
+    def verify(seq: Sequence, logits: torch.Tensor, argmax: list[int], drafts: list[int], q: torch.Tensor | None,
+               generator: torch.Generator) -> tuple[list[int], int]:
+        """(tokens to append, drafts accepted) from the target's logits at [last, d1..dk] [k+1, V]."""
+        if seq.params.greedy:  # what verify does with one-hot p and q, without the sampling calls
+            n = 0
+            while n < len(drafts) and drafts[n] == argmax[n]:
+                n += 1
+            return drafts[:n] + [argmax[n]], n
+        return verify(probabilities(logits, seq.params), q, drafts, generator)
