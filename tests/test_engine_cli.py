@@ -23,6 +23,12 @@ def folder(tmp_path_factory):
     model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.2))
     save_model(model, root / "model", tokenizer=tok)
     save_medusa(MedusaHeads(64, 2), root / "medusa")
+    torch.manual_seed(1)
+    small = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, num_hidden_layers=1, initializer_range=0.2)
+    save_model(Transformer(small), root / "draft", tokenizer=tok)
+    other = train_tokenizer(["a completely different corpus of words " * 30], vocab_size=tok.vocab_size)
+    save_model(Transformer(small), root / "other-tokenizer", tokenizer=other)
+    save_model(Transformer(ModelConfig.preset("tiny", vocab_size=256, num_hidden_layers=1)), root / "other-vocab")
     return root, model.eval(), tok
 
 
@@ -53,6 +59,19 @@ def test_speculative_flags_give_plain_greedy_tokens(folder, capsys, flags):
     assert json.loads(err.strip().splitlines()[-1])["new_tokens"] == 8
 
 
+@pytest.mark.parametrize("draft", ["draft", "model"])
+def test_prompts_file_with_a_draft_gives_the_same_completions(folder, capsys, draft):
+    root, model, tok = folder
+    rows = [{"prompt": "def add"}, {"prompt": "the cat", "max_new_tokens": 9}, {"prompt_ids": [5, 6, 7, 5, 6]}]
+    (root / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    base = ["generate", "--model", str(root / "model"), "--prompts", str(root / "in.jsonl"), "--max-new-tokens", "12"]
+    assert main(base + ["--out", str(root / "plain.jsonl")]) == 0
+    assert main(base + ["--out", str(root / "spec.jsonl"), "--draft", str(root / draft), "--spec-k", "3"]) == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["drafted_tokens"] > 0 and (summary["acceptance_rate"] == 1.0) == (draft == "model")
+    assert (root / "spec.jsonl").read_text() == (root / "plain.jsonl").read_text()
+
+
 def test_bad_inputs_exit_2_with_a_message(folder, capsys):
     root, _, _ = folder
     (root / "bad.jsonl").write_text('{"prompt": "x"}\n{"text": "no prompt"}\n')
@@ -66,3 +85,8 @@ def test_bad_inputs_exit_2_with_a_message(folder, capsys):
     assert "choose one of" in capsys.readouterr().err
     assert main(base + ["--prompt", "x", "--medusa", str(root)]) == 2
     assert "not a Medusa heads folder" in capsys.readouterr().err
+    (root / "one.jsonl").write_text('{"prompt": "x"}\n')
+    for other in ("other-tokenizer", "other-vocab"):
+        assert main(base + ["--prompts", str(root / "one.jsonl"), "--out", str(root / "o.jsonl"),
+                            "--draft", str(root / other)]) == 2
+        assert "the draft needs the same tokenizer" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Front doors used by `lmforge generate`: a JSONL file of prompts through the engine, and one
-prompt through speculative decoding (draft model, prompt lookup or Medusa heads).
+"""Front doors used by `lmforge generate` and `lmforge serve`: a JSONL file of prompts through the
+engine (optionally with a draft model), one prompt through speculative decoding (draft model,
+prompt lookup or Medusa heads), and loading a draft checked against its target.
 
 Input rows: {"prompt": "..."} or {"prompt_ids": [...]} or {"messages": [...]} (chat template),
 with optional "id", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "adapter".
@@ -46,10 +47,32 @@ def _cut_stop(text: str, stops: list[str]) -> str:
     return text[:min(hits)] if hits else text
 
 
+def load_draft(path: str | Path, target, tokenizer=None):
+    """The draft model in `path` on the target's device and dtype, ready for inference; a clear error
+    unless it shares the target's vocabulary (and tokenizer, when both folders have one)."""
+    from lmforge.checkpoint import load_model, load_tokenizer_if_any
+
+    from .fast import prepare_for_inference
+
+    p = next(target.parameters())
+    draft = load_model(path, device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise LmforgeError(f"--draft {path}: vocabulary {draft.config.vocab_size} differs from the target's "
+                           f"{target.config.vocab_size} (the draft needs the same tokenizer)")
+    theirs = load_tokenizer_if_any(path)
+    if tokenizer is not None and theirs is not None and theirs.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise LmforgeError(f"--draft {path}: its tokenizer.json differs from the target's (the draft needs the "
+                           "same tokenizer)")
+    return prepare_for_inference(draft)
+
+
 def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path, params: SamplingParams,
-                     **engine_kwargs) -> dict:
-    """Every prompt of the file through one Engine; writes out_path atomically; returns a summary."""
+                     draft: str | None = None, num_speculative: int = 4, **engine_kwargs) -> dict:
+    """Every prompt of the file through one Engine (speculative with a `draft` model folder); writes
+    out_path atomically; returns a summary (with the draft's acceptance rate)."""
     rows = read_prompts(in_path)
+    if draft is not None:
+        engine_kwargs.update(draft=load_draft(draft, model, tokenizer), num_speculative=num_speculative)
     engine = Engine(model, tokenizer, **engine_kwargs)
     start, ids = time.perf_counter(), []
     for where, row in rows:
@@ -70,18 +93,20 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
                                      completion_tokens=len(seq.output))))
     atomic_write_text(out_path, "\n".join(lines) + "\n")
     seconds = time.perf_counter() - start
-    generated = engine.stats["generated_tokens"]
-    return dict(requests=len(rows), generated_tokens=generated, seconds=round(seconds, 2),
-                tokens_per_s=round(generated / max(seconds, 1e-9), 1),
-                prefix_hit_blocks=engine.stats["prefix_hit_blocks"])
+    s = engine.stats
+    summary = dict(requests=len(rows), generated_tokens=s["generated_tokens"], seconds=round(seconds, 2),
+                   tokens_per_s=round(s["generated_tokens"] / max(seconds, 1e-9), 1),
+                   prefix_hit_blocks=s["prefix_hit_blocks"])
+    if draft is not None:
+        summary.update(drafted_tokens=s["drafted_tokens"], accepted_tokens=s["accepted_tokens"],
+                       acceptance_rate=round(s["accepted_tokens"] / max(1, s["drafted_tokens"]), 4))
+    return summary
 
 
 def speculative_decode(target, prompt_ids: list[int], params: SamplingParams, *, draft: str | None = None,
                        lookup: bool = False, medusa: str | None = None, k: int = 4,
                        eos_token_ids: list[int] | None = None):
     """New token ids and SpecStats for one prompt, with exactly one of draft / lookup / medusa."""
-    from lmforge.checkpoint import load_model
-
     from .medusa import load_medusa, medusa_generate
     from .speculative import DraftProposer, LookupProposer, speculative_generate
 
@@ -95,11 +120,7 @@ def speculative_decode(target, prompt_ids: list[int], params: SamplingParams, *,
                                f"(hidden size {target.config.hidden_size})")
         return medusa_generate(target, heads, prompt_ids, params, eos_token_ids=eos_token_ids)
     if draft is not None:
-        draft_model = load_model(draft, device=device)
-        if draft_model.config.vocab_size != target.config.vocab_size:
-            raise LmforgeError(f"--draft {draft}: vocabulary {draft_model.config.vocab_size} differs from the "
-                               f"target's {target.config.vocab_size} (the draft needs the same tokenizer)")
-        proposer = DraftProposer(draft_model, len(prompt_ids) + params.max_new_tokens + k + 1)
+        proposer = DraftProposer(load_draft(draft, target), len(prompt_ids) + params.max_new_tokens + k + 1)
     else:
         proposer = LookupProposer()
     return speculative_generate(target, prompt_ids, params, proposer, k=k, eos_token_ids=eos_token_ids)
