@@ -13,7 +13,7 @@ from .io import is_multimodal, load_hf_vision, load_multimodal, save_hf_vision, 
 from .metrics import bleu, cider_d, recall_at_k, zero_shot_accuracy
 from .shapes import Example, class_names, make_shapes
 from .vit import VisionConfig, VisionTransformer, hf_to_lmforge, lmforge_to_hf
-from .vlm import Projector, VisionLanguageModel, VlmConfig, expand_image_tokens, generate, splice
+from .vlm import Projector, VisionLanguageModel, VlmConfig, expand_image_tokens, generate, splice, stream
 
 __all__ = [
     "CLIP", "ClipConfig", "answer_image", "Example", "Projector", "VisionConfig", "VisionLanguageModel", "VisionTransformer",
@@ -21,5 +21,5 @@ __all__ = [
     "image_turn", "info_nce", "is_multimodal", "lmforge_to_hf", "load_digits", "load_examples",
     "load_hf_vision", "load_image", "load_multimodal", "make_shapes", "pixels_for", "prepare_chat",
     "read_jsonl_folder", "recall_at_k", "render_ids", "same_text_targets", "save_hf_vision",
-    "save_multimodal", "splice", "split_images", "to_pixels", "zero_shot_accuracy",
+    "save_multimodal", "splice", "split_images", "stream", "to_pixels", "zero_shot_accuracy",
 ]

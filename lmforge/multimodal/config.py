@@ -61,6 +61,7 @@ class VlmTrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     lm_lr: float = 5e-4
+    vision_lr: float = 0.0  # > 0: stage 2 also fine-tunes the image encoder at this LR (0: frozen)
     weight_decay: float = 0.0
     warmup_steps: int = 30
     max_new_tokens: int = 32

@@ -12,7 +12,7 @@ position handling are the LM's own. Generation prefills the spliced embeddings, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -95,17 +95,17 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision or VisionTransformer(config.vision)
         self.language_model = language_model or Transformer(config.text)
         self.projector = Projector(config.vision.hidden_size, config.text.hidden_size)
-        self.vision.requires_grad_(False)  # the image encoder stays frozen in both stages
+        # Frozen by default (LLaVA-1.5); a recipe may unfreeze it for stage 2 (`vision_lr`).
+        self.vision.requires_grad_(False)
 
     @property
     def config(self) -> ModelConfig:
         """The LM's config, so LM tooling (KVCache.for_model, generation) works unchanged."""
         return self.language_model.config
 
-    @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[num_images, 3, H, W] -> frozen-encoder patch features [num_images, N, Dv] (pooled when
-        configured). Constant during training, so a loop may compute them once per image."""
+        """[num_images, 3, H, W] -> encoder patch features [num_images, N, Dv] (pooled when
+        configured). With the encoder frozen they are constant, so a loop may compute them once."""
         c = self.vlm_config
         hidden, _ = self.vision(pixel_values, layer=c.feature_layer)
         patches = hidden[:, 1:]  # [n, N, Dv], row-major over the patch grid
@@ -144,13 +144,14 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model: VisionLanguageModel, inputs_embeds: torch.Tensor, max_new_tokens: int = 32,
-             sample_fn: Callable[[torch.Tensor], torch.Tensor] = greedy,
-             stop_token_ids: list[int] | tuple[int, ...] = (), attention_mask: torch.Tensor | None = None,
-             ) -> list[list[int]]:
-    """Prefill the spliced prompt embeddings [B, T, D] into a KV cache, then decode token ids.
-    `sample_fn` maps last-position logits [B, V] to ids [B] (greedy by default; the recipes pass
-    lmforge.infer.sampling.sample). Left-padded batches pass attention_mask [B, T]."""
+def stream(model: VisionLanguageModel, inputs_embeds: torch.Tensor, max_new_tokens: int = 32,
+           sample_fn: Callable[[torch.Tensor], torch.Tensor] = greedy,
+           attention_mask: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Prefill the spliced prompt embeddings [B, T, D] into a KV cache, then decode: yields
+    (token ids [B], the logits [B, V] they were sampled from) per step, at most max_new_tokens
+    times. The next forward runs only when the caller asks for the next token, so stopping
+    early costs nothing. `sample_fn` maps logits [B, V] to ids [B]. Left-padded batches pass
+    attention_mask [B, T]."""
     B, T, _ = inputs_embeds.shape
     lm = model.language_model
     cache = KVCache.for_model(lm, B, T + max_new_tokens)
@@ -160,19 +161,32 @@ def generate(model: VisionLanguageModel, inputs_embeds: torch.Tensor, max_new_to
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = lm(inputs_embeds=inputs_embeds, kv_cache=cache, start_pos=0, attention_mask=mask,
                 position_ids=position_ids, logits_to_keep=1)
-    out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
     for step in range(max_new_tokens):
         token = sample_fn(logits[:, -1])
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(token[b]))
-                done[b] = int(token[b]) in stop_token_ids
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
+        yield token, logits[:, -1]
+        if step == max_new_tokens - 1:
+            return
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             position_ids = position_ids[:, -1:] + 1
         logits = lm(token[:, None], kv_cache=cache, start_pos=T + step, attention_mask=mask,
                     position_ids=position_ids)
+
+
+def generate(model: VisionLanguageModel, inputs_embeds: torch.Tensor, max_new_tokens: int = 32,
+             sample_fn: Callable[[torch.Tensor], torch.Tensor] = greedy,
+             stop_token_ids: list[int] | tuple[int, ...] = (), attention_mask: torch.Tensor | None = None,
+             ) -> list[list[int]]:
+    """All of `stream`'s tokens per row, each row cut after its first stop token (the recipes
+    pass lmforge.infer.sampling.sample as `sample_fn`)."""
+    B = inputs_embeds.shape[0]
+    out = [[] for _ in range(B)]
+    done = [False] * B
+    for token, _ in stream(model, inputs_embeds, max_new_tokens, sample_fn, attention_mask):
+        for b in range(B):
+            if not done[b]:
+                out[b].append(int(token[b]))
+                done[b] = int(token[b]) in stop_token_ids
+        if all(done):
+            break
     return out

@@ -153,10 +153,14 @@ def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
         model, tokenizer = load_multimodal(init, device, kind="vlm"), load_tokenizer(init)
         examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, model.vlm_config.vision.image_size)
     params = set_trainable(model, stage, cfg.lora_rank)
-    projector = {id(p) for p in model.projector.parameters()}
-    # The fresh projector learns at `lr`; the pretrained LM (stage 2) at the gentler `lm_lr`.
+    tune_vision = stage == 2 and cfg.vision_lr > 0
+    model.vision.requires_grad_(tune_vision)
+    special = {id(p) for p in [*model.projector.parameters(), *model.vision.parameters()]}
+    # The fresh projector learns at `lr`; the pretrained LM (stage 2) at the gentler `lm_lr`, the
+    # image encoder (when tuned) at `vision_lr`.
     groups = [{"params": list(model.projector.parameters()), "base_lr": cfg.lr},
-              {"params": [p for p in params if id(p) not in projector], "base_lr": cfg.lm_lr}]
+              {"params": [p for p in params if id(p) not in special], "base_lr": cfg.lm_lr},
+              {"params": list(model.vision.parameters()) if tune_vision else [], "base_lr": cfg.vision_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98),
                                   weight_decay=cfg.weight_decay)
     pairs = conversations(examples, 0.2, captions_only=stage == 1)
@@ -199,14 +203,18 @@ def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainC
     c = model.vlm_config
     render = lambda q, a: render_ids(tokenizer, image_turn(q, a), c.image_token_id, c.num_image_tokens)
     next_batch = sampler(pairs, cfg.batch_size, cfg.seed + 2, render)
-    features = cached_features(model, examples)
+    tune_vision = any(p.requires_grad for p in model.vision.parameters())
+    features = None if tune_vision else cached_features(model, examples)
     model.train()
-    model.vision.eval()
 
     def batch_loss(step: int) -> torch.Tensor:
         batch, rows = next_batch()
         ids, labels = pad_batch(rows, tokenizer.pad_id, device)
-        projected = model.projector(features[[i for i, _, _ in batch]])
+        index = [i for i, _, _ in batch]
+        if tune_vision:  # the encoder changes every step: encode this batch's images afresh
+            projected = model.image_features(pixels_for(model, [examples[i].image for i in index]))
+        else:
+            projected = model.projector(features[index])
         return lm_loss(model(inputs_embeds=model.embed(ids, image_features=projected)), labels)
 
     return run_steps(optimizer, steps, cfg.warmup_steps, batch_loss, log)

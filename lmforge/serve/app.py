@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
 from .runner import EngineRunner, Submission
 from .text import chat_prompt_ids, end_of_turn_ids
+from .vision import VisionRunner, VisionSubmission, has_images
 
 log = get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -50,6 +51,7 @@ class ServerState:
     max_body_bytes: int = 1 << 20
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
+    vision: VisionRunner | None = None  # a vision-language model's image path (serve/vision.py)
     chat_stop_ids: list[int] = field(init=False)  # EOS + the chat template's end-of-turn token
 
     def __post_init__(self) -> None:
@@ -78,6 +80,8 @@ def create_app(state: ServerState) -> FastAPI:
         state.runner.start()
         yield
         state.runner.stop()
+        if state.vision is not None:
+            state.vision.stop()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state
@@ -225,6 +229,7 @@ class _Job:
     req: CompletionRequest | ChatRequest
     subs: list[Submission]
     prompt_tokens: int
+    runner: VisionRunner | None = None  # None: the engine; image requests run on the VLM's own path
     id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ids):x}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -286,22 +291,26 @@ def _completion_job(state: ServerState, req: CompletionRequest) -> _Job:
 
 def _chat_job(state: ServerState, req: ChatRequest) -> _Job:
     adapter = state.adapter_for(req.model)
-    ids = chat_prompt_ids(state.tokenizer, req.messages)
+    vision = state.vision if state.vision is not None and has_images(req.messages) else None
+    ids, pixels = vision.prepare(req.messages) if vision else (chat_prompt_ids(state.tokenizer, req.messages), None)
     asked = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     max_tokens = _check_length(state, ids, asked, "messages")
     stop_ids = state.chat_stop_ids
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     subs = [Submission(ids, _sampling(req, max_tokens, k, stop_ids), adapter, logprobs) for k in range(req.n)]
-    return _Job("chat", req, subs, len(ids))
+    if vision:
+        subs = [VisionSubmission(s.prompt_ids, s.params, s.adapter, s.logprobs, pixels) for s in subs]
+    return _Job("chat", req, subs, len(ids), vision)
 
 
 async def _serve(request: Request, state: ServerState, job: _Job):
-    if len(job.subs) > state.runner.max_in_flight:  # could never be admitted: not a "retry later"
+    runner = job.runner or state.runner
+    if len(job.subs) > runner.max_in_flight:  # could never be admitted: not a "retry later"
         raise APIError(400, f"this request asks for {len(job.subs)} sequences (prompts x n); the server runs "
-                       f"at most {state.runner.max_in_flight} at once", param="n")
-    submitted = submit(state.runner, job.subs)
+                       f"at most {runner.max_in_flight} at once", param="n")
+    submitted = submit(runner, job.subs)
     state.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in job.subs))
-    deltas = generate(state.runner, state.tokenizer, state.metrics, submitted, job.req.stop_list(),
+    deltas = generate(runner, state.tokenizer, state.metrics, submitted, job.req.stop_list(),
                       state.request_timeout)
     if job.req.stream:
         return StreamingResponse(_sse(state, job, deltas), media_type="text/event-stream",

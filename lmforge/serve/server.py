@@ -62,12 +62,18 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
 
     from .app import ServerState
     from .runner import EngineRunner
+    from .vision import VisionRunner, load_vlm_if_any, split_vision
 
     if model is None:
-        model = load_model(cfg.model, device=get_device(cfg.device), dtype=cfg.dtype)
+        model = load_vlm_if_any(cfg.model, get_device(cfg.device), cfg.dtype)
+        if model is None:
+            model = load_model(cfg.model, device=get_device(cfg.device), dtype=cfg.dtype)
         tokenizer = load_tokenizer_if_any(cfg.model)
     if tokenizer is None:
         raise LmforgeError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
+    model, vlm = split_vision(model)  # a vision-language model's LM serves text; images: serve/vision.py
+    if vlm is not None and cfg.adapters:
+        raise LmforgeError("adapters cannot be served with a vision-language model")
     adapters = load_adapters(model, cfg.adapters)
     name = cfg.served_model_name or Path(cfg.model).resolve().name
     if name in adapters:
@@ -75,8 +81,10 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     engine = Engine(model, tokenizer, max_seqs=cfg.max_seqs, max_batch_tokens=cfg.max_batch_tokens,
                     block_size=cfg.block_size, num_blocks=cfg.num_blocks, max_model_len=cfg.max_model_len)
     runner = EngineRunner(engine, max_in_flight=cfg.max_seqs + cfg.max_queue)
+    vision = None if vlm is None else VisionRunner(vlm, tokenizer, engine._lock, runner.max_in_flight,
+                                                   engine.max_model_len)
     return ServerState(runner, tokenizer, name, adapters, api_key=cfg.api_key, request_timeout=cfg.request_timeout,
-                       max_body_bytes=cfg.max_body_bytes)
+                       max_body_bytes=cfg.max_body_bytes, vision=vision)
 
 
 def make_server(cfg: ServeConfig, state=None):
