@@ -246,3 +246,27 @@ def test_add_and_cancel_do_not_wait_for_a_running_step():
         engine.step()
     assert len(engine.output(first)) == 2 and engine.output(second) == []
     assert engine.requests[second].finish_reason == "cancelled" and engine.stats["blocks_used"] == 0
+
+
+@torch.no_grad()
+def test_prompt_logprobs_equal_a_full_forward(model):
+    """OpenAI's echo: every prompt token's logprob (the first None), across chunked prefill,
+    beside other prompts and with the prompt's prefix already cached (no hit is taken)."""
+    prompts = _prompts(4, seed=16, lo=30, hi=60)
+    engine = Engine(model, block_size=4, max_batch_tokens=24)
+    engine.generate_batch(prompts[:1], SamplingParams(max_new_tokens=2))  # prompts[0] is now cached
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n), prompt_logprobs=2) for p, n in zip(prompts, (0, 3, 0, 1))]
+    events = {}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    for rid, prompt in zip(ids, prompts):
+        ref = model(torch.tensor([prompt]))[0].log_softmax(-1)
+        got = events[rid][0].prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        assert all(e.prompt_logprobs is None for e in events[rid][1:])
+        for i, (token, lp, top) in enumerate(got[1:], 1):
+            assert token == prompt[i] and lp == pytest.approx(float(ref[i - 1, token]), abs=1e-4)
+            assert [t for t, _ in top] == ref[i - 1].topk(2).indices.tolist()
+    assert [len(engine.output(i)) for i in ids] == [0, 3, 0, 1]
+    assert engine.stats["prefix_hit_blocks"] == 0 and engine.stats["blocks_used"] == 0

@@ -47,6 +47,7 @@ class Event(NamedTuple):
     finished: bool
     finish_reason: str | None  # "stop" (stop token/string), "length" (max_new_tokens or context), None
     logprobs: list | None = None  # per new token: (token, logprob, [(top_token, logprob), ...]) when asked
+    prompt_logprobs: list | None = None  # on a request's first event when asked: per prompt token, the first None
 
 
 class Engine:
@@ -94,8 +95,10 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def add_request(self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, adapter: str | None = None,
-                    logprobs: int | None = None) -> int:
-        """Queue a request; returns its id. `logprobs=n` reports each new token's logprob and the top n."""
+                    logprobs: int | None = None, prompt_logprobs: int | None = None) -> int:
+        """Queue a request; returns its id. `logprobs=n` reports each new token's logprob and the top n;
+        `prompt_logprobs=n` the same for every prompt token after the first (OpenAI's echo; such a
+        prompt is computed in full, not taken from the prefix cache, and max_new_tokens may be 0)."""
         sampling = sampling or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -106,7 +109,7 @@ class Engine:
         if len(prompt) >= self.max_model_len:
             raise LmforgeError(f"prompt of {len(prompt)} tokens does not fit the engine's context of "
                                f"{self.max_model_len} tokens")
-        seq = Sequence(next(self._ids), prompt, sampling, adapter, logprobs)
+        seq = Sequence(next(self._ids), prompt, sampling, adapter, logprobs, prompt_logprobs=prompt_logprobs)
         if sampling.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         self.requests[seq.id] = seq
@@ -208,7 +211,7 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> None:
         self.counters["prompt_tokens"] += len(seq.prompt)
-        if seq.params.max_new_tokens == 0:
+        if seq.params.max_new_tokens == 0 and seq.prompt_logprobs is None:
             self._finish(seq, "length")
             self._finished_early.append(Event(seq.id, [], True, "length"))
         else:
@@ -222,12 +225,18 @@ class Engine:
 
     def _run(self, group: list[tuple[Sequence, int]]) -> list[Event]:
         rows = [(seq.tokens[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.blocks) for seq, n in group]
-        packable = len(group) > 1 and len({seq.adapter for seq, _ in group}) == 1 and group[0][1] > 1
+        T = max(n for _, n in group)
+        scored = [seq.prompt_logprobs is not None and seq.num_computed < len(seq.prompt) for seq, _ in group]
+        packable = len(group) > 1 and len({seq.adapter for seq, _ in group}) == 1 and T > 1 and not any(scored)
         with self._adapter_rows([seq.adapter for seq, _ in group] if not packable else [group[0][0].adapter]):
             if packable:  # one adapter for the whole group: per-row LoRA selection works on batch rows
                 logits = forward_packed(self.model, self.cache, rows)
-            else:
-                logits = forward_padded(self.model, self.cache, rows)[:, -1]
+            else:  # prompt logprobs need every position's logits
+                every = forward_padded(self.model, self.cache, rows, keep=T if any(scored) else 1)
+                logits = every[:, -1]
+        for row, (seq, n) in enumerate(group):
+            if scored[row]:
+                self._score_prompt(seq, every[row, T - n:])
         if self.spec is not None:  # the draft's keys for the same tokens
             self.spec.prefill([seq for seq, _ in group], [seq.num_computed + n for seq, n in group])
         argmax = logits.argmax(-1).tolist()  # one call for every greedy row
@@ -238,6 +247,14 @@ class Engine:
             if seq.num_pending == 0 and seq.status is Status.RUNNING:
                 events.append(self._sample_and_check(seq, logits[row], argmax[row]))
         return events
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Logprob entries of the prompt tokens these logits [n, V] (from position num_computed on)
+        predict; a recomputed prefill (after preemption) does not add them twice."""
+        for i, row in enumerate(logits):
+            nxt = seq.num_computed + i + 1
+            if nxt < len(seq.prompt) and nxt == len(seq.prompt_token_logprobs):
+                seq.prompt_token_logprobs.append(_logprob_entry(row, seq.prompt[nxt], seq.prompt_logprobs))
 
     def _run_speculative(self, group: list[tuple[Sequence, int]]) -> list[Event]:
         """Decode with drafts: the draft proposes for every sequence, the target scores each row's
@@ -268,7 +285,7 @@ class Engine:
                 self.scheduler.register_full_blocks(seq)
                 if reason is not None:
                     self._finish(seq, reason)
-                events.append(Event(seq.id, kept, reason is not None, reason, lps))
+                events.append(self._event(seq, kept, lps, reason))
             if seq.status is Status.RUNNING:
                 self.scheduler.trim(seq)  # blocks reserved for rejected drafts go back
         return events
@@ -284,6 +301,9 @@ class Engine:
 
     def _sample_and_check(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> Event:
         p = seq.params
+        if p.max_new_tokens == 0:  # asked for the prompt's logprobs only
+            self._finish(seq, "length")
+            return self._event(seq, [], None, "length")
         if p.greedy and p.repetition_penalty == 1.0:
             token = argmax
         else:
@@ -295,7 +315,12 @@ class Engine:
         kept, lps, reason = self._extend(seq, [token], logits[None])
         if reason is not None:
             self._finish(seq, reason)
-        return Event(seq.id, kept, reason is not None, reason, lps)
+        return self._event(seq, kept, lps, reason)
+
+    def _event(self, seq: Sequence, tokens: list[int], lps: list | None, reason: str | None) -> Event:
+        first = len(seq.output) == len(tokens)  # the prompt's logprobs travel with the first event
+        prompt_lps = seq.prompt_token_logprobs if first and seq.prompt_logprobs is not None else None
+        return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps)
 
     def _extend(self, seq: Sequence, tokens: list[int], logits: torch.Tensor) -> tuple[list[int], list | None, str | None]:
         """Append tokens (logits [n, V]: the target's at each) up to the first that ends the request:
@@ -303,10 +328,7 @@ class Engine:
         kept, lps, reason = [], [] if seq.logprobs is not None else None, None
         for token, row in zip(tokens, logits):
             if lps is not None:
-                logp = row.log_softmax(-1)
-                top = logp.topk(seq.logprobs) if seq.logprobs else None
-                alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-                lps.append((token, float(logp[token]), alts))
+                lps.append(_logprob_entry(row, token, seq.logprobs))
             seq.output.append(token)
             kept.append(token)
             reason = self._stop_reason(seq, token)
@@ -337,3 +359,11 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str | None) -> None:
         self.scheduler.finish(seq, reason)
+
+
+def _logprob_entry(logits: torch.Tensor, token: int, top_n: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, its logprob, the top_n alternatives [(token, logprob)]) from one position's logits [V]."""
+    logp = logits.log_softmax(-1)
+    top = logp.topk(top_n) if top_n else None
+    alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return token, float(logp[token]), alts

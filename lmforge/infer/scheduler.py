@@ -45,6 +45,8 @@ class Sequence:
     swapped: list | None = None  # per-layer (k, v) on CPU while swapped out
     generator: torch.Generator | None = None
     token_logprobs: list = field(default_factory=list)
+    prompt_logprobs: int | None = None  # None: off; n: every prompt token's logprob plus the top n (echo)
+    prompt_token_logprobs: list = field(default_factory=lambda: [None])  # the first prompt token has none
     spec_steps: int = 0  # speculative decoding: verification forwards, tokens drafted, drafts accepted
     drafted: int = 0
     accepted: int = 0
@@ -123,7 +125,7 @@ class Scheduler:
     def _admit(self, batch: list, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            if not seq.blocks and self.prefix_caching:
+            if not seq.blocks and self.prefix_caching and seq.prompt_logprobs is None:  # a hit skips logits
                 self._prefix_lookup(seq)
             n, cost = self._plan(seq, budget)
             if not self._reserve(seq, seq.num_computed + cost):
