@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import load_model, save_model
+from lmforge.infer.fast import prepare_for_inference
 from lmforge.infer.generate import generate
 from lmforge.infer.medusa import MedusaHeads, load_medusa, medusa_generate, medusa_loss, save_medusa
 from lmforge.infer.sampling import SamplingParams
@@ -122,18 +123,25 @@ def build(args, work: Path):
     print(f"trained in {time.perf_counter() - t0:.0f}s")
 
 
-def run(fn, prompts, repeats):
-    """Median tokens/s over repeats, with the outputs and the last run's stats."""
-    rates, outs, stats = [], None, []
+def run_pair(plain, fn, prompts, repeats):
+    """Tokens/s of plain decoding and of a method over the same prompts, interleaved prompt by prompt
+    so that machine noise hits both alike; medians over repeats. Also the outputs and the stats."""
+    rates, outs, stats = {"plain": [], "method": []}, {}, []
     for _ in range(repeats):
-        outs, stats, t, n = [], [], time.perf_counter(), 0
+        secs, toks, stats = {"plain": 0.0, "method": 0.0}, {"plain": 0, "method": 0}, []
+        outs = {"plain": [], "method": []}
         for p in prompts:
-            o, s = fn(p)
-            outs.append(o)
-            stats.append(s)
-            n += len(o)
-        rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates), outs, stats
+            for name, f in (("plain", plain), ("method", fn)):
+                t = time.perf_counter()
+                o, s = f(p)
+                secs[name] += time.perf_counter() - t
+                toks[name] += len(o)
+                outs[name].append(o)
+                if name == "method":
+                    stats.append(s)
+        for name in rates:
+            rates[name].append(toks[name] / secs[name])
+    return statistics.median(rates["plain"]), statistics.median(rates["method"]), outs, stats
 
 
 def main() -> None:
@@ -160,7 +168,9 @@ def main() -> None:
     work = Path(args.workdir)
     if args.retrain or args.retrain_draft or not (work / "medusa").exists():
         build(args, work)
-    target, draft = load_model(work / "target").eval(), load_model(work / "draft").eval()
+    # The same inference preparation (pre-transposed linears) for plain and speculative decoding.
+    target = prepare_for_inference(load_model(work / "target"))
+    draft = prepare_for_inference(load_model(work / "draft"))
     heads = load_medusa(work / "medusa")
     tok = load_tokenizer(work / "target")
     text = corpus(args.corpus_bytes)
@@ -190,12 +200,11 @@ def main() -> None:
           f" {args.prompts} prompts x {args.new} new tokens, greedy, batch 1, k={k}, {args.threads} thread(s)")
     print(f"{'method':32s} {'tok/s':>8s} {'plain':>8s} {'speed-up':>9s} {'accept':>7s} {'tok/step':>9s} same")
     for name, (ps, fn) in methods.items():
-        base_rate, base_out, _ = run(plain, ps, args.repeats)
-        rate, outs, stats = run(fn, ps, args.repeats)
+        base_rate, rate, outs, stats = run_pair(plain, fn, ps, args.repeats)
         acc = sum(s.accepted for s in stats) / max(1, sum(s.proposed for s in stats))
         per_step = sum(s.new_tokens for s in stats) / max(1, sum(s.steps for s in stats))
         print(f"{name:32s} {rate:8.1f} {base_rate:8.1f} {rate / base_rate:8.2f}x {acc:7.2f} {per_step:9.2f} "
-              f"{outs == base_out}")
+              f"{outs['method'] == outs['plain']}")
         print("   per-request acceptance:", [round(s.acceptance_rate, 2) for s in stats])
 
 

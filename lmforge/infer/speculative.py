@@ -73,6 +73,16 @@ def verify(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int],
     return out, len(drafts)
 
 
+def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[list[int], int]:
+    """The greedy case of `verify` (p one-hot at the argmax): accept drafts while they equal the
+    target's argmax, then append the target's own token. One argmax and one sync per step."""
+    best = logits.argmax(-1).tolist()
+    n_acc = 0
+    while n_acc < len(drafts) and drafts[n_acc] == best[n_acc]:
+        n_acc += 1
+    return drafts[:n_acc] + [best[n_acc]], n_acc
+
+
 class LookupProposer:
     """Prompt-lookup drafting: match the longest recent n-gram (max_ngram down to 1) earlier in the
     sequence and propose the k tokens that followed it."""
@@ -115,14 +125,17 @@ class DraftProposer:
         drafts, qs = [], []
         for _ in range(k):
             ids = torch.tensor([pending], device=device)
-            logits = self.draft(ids, kv_cache=self.cache, start_pos=self.valid, logits_to_keep=1)[0, -1].float()
+            logits = self.draft(ids, kv_cache=self.cache, start_pos=self.valid, logits_to_keep=1)[0, -1]
             self.valid += len(pending)
-            q = probabilities(logits[None], params)[0]
-            x = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=generator))
+            if params.greedy:  # deterministic proposal: no distribution needed (q = one-hot)
+                x = int(logits.argmax())
+            else:
+                q = probabilities(logits.float()[None], params)[0]
+                x = int(torch.multinomial(q, 1, generator=generator))
+                qs.append(q)
             drafts.append(x)
-            qs.append(q)
             pending = [x]
-        return drafts, torch.stack(qs)
+        return drafts, (torch.stack(qs) if qs else None)
 
     def accepted(self, num_valid: int) -> None:
         """num_valid: length of the sequence prefix that is still correct (the cache beyond is stale)."""
@@ -154,9 +167,11 @@ def speculative_generate(target, prompt_ids: list[int], params: SamplingParams, 
         drafts, q = proposer.propose(tokens, want, params, generator) if want > 0 else ([], None)
         L = len(tokens)
         ids = torch.tensor([[tokens[-1]] + drafts], device=device)
-        logits = target(ids, kv_cache=cache, start_pos=L - 1)[0].float()  # [len(drafts) + 1, V]
-        p = probabilities(logits, params)
-        new, n_acc = verify(p, q, drafts, generator)
+        logits = target(ids, kv_cache=cache, start_pos=L - 1)[0]  # [len(drafts) + 1, V]
+        if params.greedy:
+            new, n_acc = verify_greedy(logits, drafts)
+        else:
+            new, n_acc = verify(probabilities(logits.float(), params), q, drafts, generator)
         proposer.accepted(L + n_acc)
         stats.steps += 1
         stats.proposed += len(drafts)

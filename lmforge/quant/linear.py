@@ -128,9 +128,39 @@ class Int8Linear(QuantLinear):
 
     def _kernel(self, x):
         if self._cache is None:
-            self.weight = _aligned(self.weight)
-            self._cache = self.scales.to(torch.bfloat16)
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self._cache)
+            self._cache = self._prepack()
+        if self._cache[0] == "none":
+            return None
+        if self._cache[0] == "int4x2":
+            _, packed, group, scales_zeros, scales = self._cache
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales_zeros)
+            n = self.out_features
+            return (y[:, :n].float() + y[:, n:].float()) * scales
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self._cache[1], self._cache[2])
+
+    def _prepack(self) -> tuple:
+        """Kernel-ready copies. torch's int4 kernel reads memory faster at batch 1 than its int8 one,
+        so an int8 code q is split into two 4-bit planes, q = 16 * hi + lo (hi in -8..7, lo in 0..15),
+        stacked as one [2N, K] int4 weight: one call reads the same bytes as int8 and returns
+        [16 * x.hi | x.lo], whose halves add up to x.q exactly; the fp32 channel scale is applied after.
+        Shapes the int4 kernel cannot take use the int8 kernel (which crashes unless K % 16 == 0)."""
+        group = next((g for g in (256, 128, 64, 32) if self.in_features % g == 0), None)
+        if group is None or self.out_features % 8:
+            if self.in_features % 16:
+                return ("none",)
+            return "int8", _aligned(self.weight), self.scales.to(torch.bfloat16)
+        q = self.weight.to(torch.int32)
+        lo = q & 15
+        codes = torch.cat([(q - lo) // 16 + 8, lo])  # both planes as unsigned 0..15 codes
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        n, groups = self.out_features, self.in_features // group
+        # tinygemm dequantises (c - 8) * scale + zero. Planes 16 * hi + 7.5 and lo - 7.5 (zeros 7.5 and
+        # 0.5) still add up to q, but are centred: with lo's mean of 7.5 left in, x.lo ~ 7.5 * sum(x)
+        # and the two bf16 outputs would cancel, losing precision.
+        scale = torch.cat([torch.full((n, groups), 16.0), torch.ones(n, groups)])
+        zero = torch.cat([torch.full((n, groups), 7.5), torch.full((n, groups), 0.5)])
+        scales_zeros = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
+        return "int4x2", packed, group, scales_zeros, self.scales.float()
 
 
 @register
