@@ -1,6 +1,7 @@
 """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
 /v1/models, streaming), with LoRA adapters selected by the request's `model` field, optional
-Bearer API key, /health, /metrics (Prometheus) and a chat page at /."""
+Bearer API key, /health, /metrics (Prometheus) and a chat page at /; `--draft DIR` decodes
+speculatively with a smaller model sharing the tokenizer (same outputs, fewer target steps)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller model (same tokenizer)")
+    p.add_argument("--num-speculative", type=int, default=4, help="tokens --draft proposes per decode step")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish")
 
@@ -48,7 +51,7 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 def main(args: argparse.Namespace) -> int:
     from lmforge.serve import ServeConfig, serve
 
-    for flag in ("max_seqs", "max_queue", "max_batch_tokens", "block_size", "max_body_bytes"):
+    for flag in ("max_seqs", "max_queue", "max_batch_tokens", "block_size", "max_body_bytes", "num_speculative"):
         if getattr(args, flag) < 1:
             raise LmforgeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     cfg = ServeConfig(model=args.model, adapters=parse_adapters(args.adapter), served_model_name=args.served_model_name,
@@ -56,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
                       dtype=args.dtype, max_seqs=args.max_seqs, max_queue=args.max_queue,
                       max_batch_tokens=args.max_batch_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
                       max_model_len=args.max_model_len, request_timeout=args.request_timeout,
-                      max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+                      max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, draft=args.draft,
+                      num_speculative=args.num_speculative)
     serve(cfg)
     return 0

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.common import LmforgeError, get_logger
 from lmforge.infer.sampling import SamplingParams
 
-from .generation import Delta, chat_logprobs, collect, completion_logprobs, generate, submit
+from .generation import Delta, chat_logprobs, collect, completion_logprobs, echo_entries, generate, submit
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
 from .runner import EngineRunner, Submission
@@ -230,6 +230,7 @@ class _Job:
     subs: list[Submission]
     prompt_tokens: int
     runner: VisionRunner | None = None  # None: the engine; image requests run on the VLM's own path
+    echo: list[str] | None = None  # completions with echo: each choice's prompt text, put before its text
     id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ids):x}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -279,14 +280,18 @@ def _prompts(state: ServerState, prompt) -> list[list[int]]:
 
 def _completion_job(state: ServerState, req: CompletionRequest) -> _Job:
     adapter = state.adapter_for(req.model)
-    if req.echo or req.suffix:
-        raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
     prompts = _prompts(state, req.prompt)
-    subs = []
-    for ids in prompts:
+    subs, echo = [], []
+    prompt_logprobs = req.logprobs if req.echo else None  # echo + logprobs: the prompt's logprobs too
+    for j, ids in enumerate(prompts):
         max_tokens = _check_length(state, ids, 16 if req.max_tokens is None else req.max_tokens, "prompt")
-        subs += [Submission(ids, _sampling(req, max_tokens, k, []), adapter, req.logprobs) for k in range(req.n)]
-    return _Job("completion", req, subs, sum(len(p) for p in prompts))
+        subs += [Submission(ids, _sampling(req, max_tokens, k, []), adapter, req.logprobs, prompt_logprobs)
+                 for k in range(req.n)]
+        text = req.prompt if isinstance(req.prompt, str) else req.prompt[j] if isinstance(req.prompt[j], str) else None
+        echo += [state.tokenizer.decode(ids) if text is None else text] * req.n
+    return _Job("completion", req, subs, sum(len(p) for p in prompts), echo=echo if req.echo else None)
 
 
 def _chat_job(state: ServerState, req: ChatRequest) -> _Job:
@@ -299,7 +304,7 @@ def _chat_job(state: ServerState, req: ChatRequest) -> _Job:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     subs = [Submission(ids, _sampling(req, max_tokens, k, stop_ids), adapter, logprobs) for k in range(req.n)]
     if vision:
-        subs = [VisionSubmission(s.prompt_ids, s.params, s.adapter, s.logprobs, pixels) for s in subs]
+        subs = [VisionSubmission(s.prompt_ids, s.params, s.adapter, s.logprobs, pixel_values=pixels) for s in subs]
     return _Job("chat", req, subs, len(ids), vision)
 
 
@@ -336,8 +341,11 @@ def _response(state: ServerState, job: _Job, results: list[dict]) -> dict:
     for i, r in enumerate(results):
         want_lp = job.subs[i].logprobs is not None
         if job.kind == "completion":
-            lp = completion_logprobs(tok, r["logprobs"]) if want_lp else None
-            choices.append(dict(index=i, text=r["text"], logprobs=lp, finish_reason=r["finish_reason"]))
+            text, entries = r["text"], r["logprobs"]
+            if job.echo is not None:
+                text, entries = job.echo[i] + text, echo_entries(job.subs[i].prompt_ids, r["prompt_logprobs"]) + entries
+            lp = completion_logprobs(tok, entries) if want_lp else None
+            choices.append(dict(index=i, text=text, logprobs=lp, finish_reason=r["finish_reason"]))
         else:
             lp = chat_logprobs(tok, r["logprobs"]) if want_lp else None
             choices.append(dict(index=i, message=dict(role="assistant", content=r["text"]), logprobs=lp,
@@ -355,7 +363,7 @@ async def _sse(state: ServerState, job: _Job, deltas: AsyncIterator[Delta]) -> A
                 object="chat.completion.chunk" if chat else "text_completion", system_fingerprint=None)
     include_usage = bool(job.req.stream_options and job.req.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
-    tokens, offsets = 0, [0] * len(job.subs)
+    tokens, offsets, echoed = 0, [0] * len(job.subs), set()
 
     def chunk(choice: dict) -> str:
         return f"data: {json.dumps({**base, 'choices': [choice], **extra})}\n\n"
@@ -366,16 +374,22 @@ async def _sse(state: ServerState, job: _Job, deltas: AsyncIterator[Delta]) -> A
                 yield chunk(dict(index=i, delta=dict(role="assistant", content=""), logprobs=None, finish_reason=None))
         async for d in deltas:
             tokens += len(d.token_ids)
-            if not (d.text or d.finish_reason or d.logprobs):
+            text, entries = d.text, d.logprobs
+            if job.echo is not None and d.index not in echoed:  # the prompt goes first, in this choice's first chunk
+                echoed.add(d.index)
+                text = job.echo[d.index] + text
+                if job.subs[d.index].logprobs is not None:
+                    entries = echo_entries(job.subs[d.index].prompt_ids, d.prompt_logprobs) + (entries or [])
+            if not (text or d.finish_reason or entries):
                 continue
             if chat:
-                delta = dict(content=d.text) if d.text else {}
-                lp = chat_logprobs(state.tokenizer, d.logprobs) if d.logprobs else None
+                delta = dict(content=text) if text else {}
+                lp = chat_logprobs(state.tokenizer, entries) if entries else None
                 yield chunk(dict(index=d.index, delta=delta, logprobs=lp, finish_reason=d.finish_reason))
             else:
-                lp = completion_logprobs(state.tokenizer, d.logprobs, offsets[d.index]) if d.logprobs else None
-                offsets[d.index] += len(d.text)
-                yield chunk(dict(index=d.index, text=d.text, logprobs=lp, finish_reason=d.finish_reason))
+                lp = completion_logprobs(state.tokenizer, entries, offsets[d.index]) if entries else None
+                offsets[d.index] += len(text)
+                yield chunk(dict(index=d.index, text=text, logprobs=lp, finish_reason=d.finish_reason))
         if include_usage:
             yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(job, tokens)})}\n\n"
     except APIError as e:  # headers are gone: the error travels in the stream, as OpenAI does

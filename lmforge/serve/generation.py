@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from .metrics import Metrics
@@ -24,6 +24,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list | None  # the engine's (token, logprob, [(token, logprob), ...]) per new token
     finish_reason: str | None
+    prompt_logprobs: list | None = None  # on a choice's first delta when echo asked for them
 
 
 @dataclass
@@ -33,6 +34,8 @@ class _Choice:
     last: float | None = None
     tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)  # entries not yet released with their text
+    released: int = 0  # entries released so far
 
 
 def submit(runner: EngineRunner, subs: list[Submission]) -> tuple[list[Handle], asyncio.Queue]:
@@ -94,16 +97,22 @@ def _advance(ch: _Choice, i: int, ev, metrics: Metrics) -> Delta:
         text += ch.text.flush()
         ch.finish_reason = reason
         metrics.latency.observe(now - ch.started)
-    return Delta(i, text, list(ev.new_token_ids), ev.logprobs, reason)
+    logprobs = None
+    if ev.logprobs is not None:  # released with their tokens' text: a stop string's tokens never are
+        ch.logprobs += ev.logprobs
+        upto = ch.text.covered()
+        logprobs, ch.released = ch.logprobs[ch.released:upto], max(ch.released, upto)
+    return Delta(i, text, list(ev.new_token_ids), logprobs, reason, ev.prompt_logprobs)
 
 
 async def collect(deltas: AsyncIterator[Delta], n: int) -> list[dict]:
     """Run to the end; per choice: text, token count, finish reason, logprob entries."""
-    out = [dict(text="", tokens=0, finish_reason=None, logprobs=[]) for _ in range(n)]
+    out = [dict(text="", tokens=0, finish_reason=None, logprobs=[], prompt_logprobs=None) for _ in range(n)]
     async for d in deltas:
         o = out[d.index]
         if o["finish_reason"] is not None:
             continue
+        o["prompt_logprobs"] = o["prompt_logprobs"] or d.prompt_logprobs
         o["text"] += d.text
         o["tokens"] += len(d.token_ids)
         o["logprobs"] += d.logprobs or []
@@ -118,6 +127,11 @@ def _token_str(tokenizer, token: int) -> str:
     return tokenizer.decode([token], skip_special_tokens=False) if token < tokenizer.vocab_size else ""
 
 
+def echo_entries(prompt_ids: list[int], prompt_logprobs: list | None) -> list:
+    """The prompt's logprob entries for echo: the first token has no logprob (None, as OpenAI)."""
+    return [(prompt_ids[0], None, None)] + list((prompt_logprobs or [None])[1:])
+
+
 def completion_logprobs(tokenizer, entries: list, offset: int = 0) -> dict:
     """The legacy completions shape: parallel lists of tokens, logprobs, top-n dicts, text offsets."""
     tokens, lps, tops, offsets = [], [], [], []
@@ -125,7 +139,7 @@ def completion_logprobs(tokenizer, entries: list, offset: int = 0) -> dict:
         s = _token_str(tokenizer, token)
         tokens.append(s)
         lps.append(lp)
-        tops.append({_token_str(tokenizer, t): v for t, v in alts})
+        tops.append(None if alts is None else {_token_str(tokenizer, t): v for t, v in alts})
         offsets.append(offset)
         offset += len(s)
     return dict(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)

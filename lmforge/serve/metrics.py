@@ -93,4 +93,6 @@ class Metrics:
         lines += _gauge("prefix_cache_hit_tokens", "prompt tokens served from the prefix cache (total)",
                         s["prefix_hit_tokens"])
         lines += _gauge("preemptions", "sequences preempted for lack of KV blocks (total)", s["preemptions"])
+        lines += _gauge("spec_drafted_tokens", "tokens proposed by the draft model (total)", s["drafted_tokens"])
+        lines += _gauge("spec_accepted_tokens", "drafted tokens the target accepted (total)", s["accepted_tokens"])
         return "\n".join(lines) + "\n"

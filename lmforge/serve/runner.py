@@ -35,6 +35,7 @@ class Submission:
     params: SamplingParams
     adapter: str | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # echo with logprobs: the prompt tokens' too
 
 
 @dataclass(eq=False)
@@ -126,7 +127,8 @@ class EngineRunner:
                 continue
             s = h.submission
             try:
-                h.request_id = self.engine.add_request(s.prompt_ids, s.params, s.adapter, s.logprobs)
+                h.request_id = self.engine.add_request(s.prompt_ids, s.params, s.adapter, s.logprobs,
+                                                       s.prompt_logprobs)
             except Exception as e:  # validated before submit; anything left is reported, not fatal
                 self._finish_with(h, e)
                 continue

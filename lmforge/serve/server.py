@@ -36,6 +36,8 @@ class ServeConfig:
     request_timeout: float = 600.0
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 30.0
+    draft: str | None = None  # a smaller model folder with the same tokenizer: speculative decoding
+    num_speculative: int = 4  # tokens the draft proposes per decode step
 
 
 def load_adapters(model, adapters: dict[str, str]) -> list[str]:
@@ -78,8 +80,14 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     name = cfg.served_model_name or Path(cfg.model).resolve().name
     if name in adapters:
         raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
+    draft = None
+    if cfg.draft is not None:
+        from lmforge.infer.batch import load_draft
+
+        draft = load_draft(cfg.draft, model, tokenizer)
     engine = Engine(model, tokenizer, max_seqs=cfg.max_seqs, max_batch_tokens=cfg.max_batch_tokens,
-                    block_size=cfg.block_size, num_blocks=cfg.num_blocks, max_model_len=cfg.max_model_len)
+                    block_size=cfg.block_size, num_blocks=cfg.num_blocks, max_model_len=cfg.max_model_len,
+                    draft=draft, num_speculative=cfg.num_speculative)
     runner = EngineRunner(engine, max_in_flight=cfg.max_seqs + cfg.max_queue)
     vision = None if vlm is None else VisionRunner(vlm, tokenizer, engine._lock, runner.max_in_flight,
                                                    engine.max_model_len)

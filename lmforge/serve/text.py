@@ -57,20 +57,30 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], accepts_images: bool
 
 class TextStream:
     """Token ids in, text out, piece by piece: holds back a trailing incomplete UTF-8 character and
-    any tail that could be the start of a stop string; cuts the text at the first stop string."""
+    any tail that could be the start of a stop string; cuts the text at the first stop string.
+    `covered()` counts the pushed tokens whose text has started in what was emitted, so per-token
+    data (logprobs) can be released along with the text, and the stop string's tokens dropped."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
         self.text = ""  # everything emitted so far
-        self.stopped = False
+        self.stopped = self.flushed = False
+        self.starts: list[int] = []  # per pushed token: the length of the text decoded before it
+        self._decoded = 0
 
     def push(self, ids: list[int]) -> str:
         if self.stopped:
             return ""
-        # Ids past the tokenizer's vocabulary (embedding rows padded to a round size) have no text.
-        self.ids += [t for t in ids if t < self.tokenizer.vocab_size]
+        for i, t in enumerate(ids):
+            self.starts.append(self._decoded)
+            # Ids past the tokenizer's vocabulary (embedding rows padded to a round size) have no text.
+            if t < self.tokenizer.vocab_size:
+                self.ids.append(t)
+                if i + 1 < len(ids):  # several tokens at once (speculative decoding): where the next begins
+                    self._decoded = len(self.tokenizer.decode(self.ids))
         full = self.tokenizer.decode(self.ids)
+        self._decoded = len(full)
         cut = self._first_stop(full)
         if cut is not None:
             self.stopped = True
@@ -83,7 +93,14 @@ class TextStream:
         """The held-back tail, at the end of generation."""
         if self.stopped:
             return ""
+        self.flushed = True
         return self._emit(self.tokenizer.decode(self.ids))
+
+    def covered(self) -> int:
+        """Pushed tokens whose text has begun in the emitted text (all of them once flushed)."""
+        if self.flushed:
+            return len(self.starts)
+        return sum(1 for s in self.starts if s < len(self.text))
 
     def _emit(self, upto: str) -> str:
         piece = upto[len(self.text):] if upto.startswith(self.text) else ""
