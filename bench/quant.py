@@ -31,10 +31,11 @@ from lmforge.infer.fast import prepare_for_inference  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
 from lmforge.model import ModelConfig, build_model  # noqa: E402
 from lmforge.quant import QuantOptions, lm_loss, quantize_model  # noqa: E402
+from lmforge.quant.scheme import HEAD_PATTERN  # noqa: E402
 from lmforge.recipes.quantize import qat_finetune  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "lmforge-bench-quant"
-VARIANTS = ["fp32", "bf16", "rtn int8", "rtn int4-g128", "gptq int4-g128", "awq int4-g128",
+VARIANTS = ["fp32", "bf16", "rtn int8", "rtn int8+head", "rtn int4-g128", "gptq int4-g128", "awq int4-g128",
             "smoothquant w8a8", "qat int4-g128", "mixed 4.5-bit", "rtn int3-g128", "gptq int3-g128", "awq int3-g128"]
 
 
@@ -58,8 +59,9 @@ def windows(tokens: torch.Tensor, seq: int, n: int, batch: int = 1) -> list[torc
     return list(rows.split(batch))
 
 
-def train_small(out: Path, steps: int, log) -> Path:
-    """A Llama-shaped ~4M-parameter model (widths divisible by 128) trained briefly with AdamW."""
+def train_small(out: Path, steps: int, log, arch: str = "llama") -> Path:
+    """A Llama-shaped (or GPT-2-shaped: LayerNorm, GELU, biases) ~4M-parameter model (widths
+    divisible by 128) trained briefly with AdamW."""
     from lmforge.tokenizer.bpe import train_tokenizer
 
     train, _ = stdlib_text(6_000_000)
@@ -68,6 +70,9 @@ def train_small(out: Path, steps: int, log) -> Path:
     config = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True)
+    if arch == "gpt2":
+        config = ModelConfig.preset("tiny-gpt2", vocab_size=2048, hidden_size=256, intermediate_size=1024,
+                                    num_hidden_layers=4, max_position_embeddings=512)
     torch.manual_seed(0)
     model = build_model(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
@@ -97,13 +102,16 @@ def make_variant(name: str, base, calib, qat_batches: list[torch.Tensor]):
     if name == "bf16":
         return model.to(torch.bfloat16), {}
     method, scheme = name.split(" ")
+    skip = QuantOptions().skip
+    if scheme.endswith("+head"):  # the output head quantized too (--quantize-head)
+        scheme, skip = scheme.removesuffix("+head"), tuple(p for p in skip if p != HEAD_PATTERN)
     if method == "qat":
         qat_finetune(model, qat_batches, scheme, QuantOptions().skip, len(qat_batches), 2e-5, get_logger("bench.quant"))
         return model, {}
     if method == "mixed":
         opts = QuantOptions(method="mixed", budget_bits=4.5, choices=("int4-g128", "int8"))
     else:
-        opts = QuantOptions(method=method, scheme=scheme)
+        opts = QuantOptions(method=method, scheme=scheme, skip=skip)
     stats = quantize_model(model, opts, calib, progress=False)
     return model, stats
 
@@ -139,16 +147,14 @@ def speed_on_110m(new_tokens: int, repeats: int) -> dict[str, float]:
     base = build_model("llama-100m").eval()
     calib = [torch.randint(0, 32000, (1, 512))]
     models = {}
-    for name in ["fp32", "bf16", "rtn int8", "rtn int4-g128", "awq int4-g128", "smoothquant w8a8"]:
-        model = base if name == "fp32" else copy.deepcopy(base)
-        if name == "bf16":
-            model = model.to(torch.bfloat16)
-        elif name == "awq int4-g128":  # AWQ's module layout (input_scale), RTN-quantized: same speed
+    for name in ["fp32", "bf16", "rtn int8", "rtn int8+head", "rtn int4-g128", "awq int4-g128", "smoothquant w8a8"]:
+        if name == "awq int4-g128":  # AWQ's module layout (input_scale), RTN-quantized: same speed
+            model = copy.deepcopy(base)
             for n in linear_names(model):
                 lin = model.get_submodule(n)
                 set_module(model, n, IntNLinear.from_float(lin, input_scale=torch.ones(lin.in_features)))
-        elif name != "fp32":
-            quantize_model(model, QuantOptions(method=name.split()[0], scheme=name.split()[1]), calib, progress=False)
+        else:
+            model = base if name == "fp32" else make_variant(name, base, calib, [])[0]
         models[name] = model
     return decode_tps(models, new_tokens, repeats)
 
@@ -157,6 +163,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="trained lmforge checkpoint with a tokenizer (default: train one)")
     p.add_argument("--val-text", help="validation text file (default: held-out stdlib files)")
+    p.add_argument("--arch", default="llama", choices=["llama", "gpt2"], help="shape of the small model trained")
     p.add_argument("--train-steps", type=int, default=500, help="8 x 128 tokens per step")
     p.add_argument("--qat-steps", type=int, default=150)
     p.add_argument("--calib-samples", type=int, default=32)
@@ -170,10 +177,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    path = Path(args.model) if args.model else CACHE / f"small-{args.train_steps}"
+    path = Path(args.model) if args.model else CACHE / f"small-{'' if args.arch == 'llama' else 'gpt2-'}{args.train_steps}"
     if not args.model and not (path / "lmforge_config.json").is_file():
         log(f"training the small model ({args.train_steps} steps) -> {path}")
-        train_small(path, args.train_steps, log)
+        train_small(path, args.train_steps, log, args.arch)
     base, tok = load_model(path), load_tokenizer_if_any(path)
     train, val = stdlib_text(6_000_000)
     if args.val_text:

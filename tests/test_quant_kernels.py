@@ -33,3 +33,23 @@ def test_int8_planes_reconstruct_every_code():
         y = q(eye)  # row j: column j of the weight, i.e. the codes themselves
     assert q._cache[0] == "int4x2"
     assert torch.equal(y.round(), q.weight.float().t())
+
+
+def test_quantized_tied_head_is_untied_and_survives_save_and_load(tmp_path):
+    from lmforge.checkpoint import load_model, save_model
+    from lmforge.infer.generate import generate
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.quant import QuantOptions, quantize_model
+    from lmforge.quant.scheme import DEFAULT_SKIP, HEAD_PATTERN
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=256, tie_word_embeddings=True)).eval()
+    skip = tuple(p for p in DEFAULT_SKIP if p != HEAD_PATTERN)
+    quantize_model(model, QuantOptions(method="rtn", scheme="int8", skip=skip), progress=False)
+    assert isinstance(model.lm_head, Int8Linear) and not model.config.tie_word_embeddings
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # the embedding keeps its float table
+    save_model(model, tmp_path / "q")
+    loaded = load_model(tmp_path / "q").eval()
+    assert isinstance(loaded.lm_head, Int8Linear)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(generate(model, prompt, max_new_tokens=8), generate(loaded, prompt, max_new_tokens=8))

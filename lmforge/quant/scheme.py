@@ -17,7 +17,8 @@ from .linear import FORMATS, QuantLinear
 CONFIG_VERSION = 1
 # Kept in float by default: the output head (often tied to the embeddings, and the most
 # sensitive matmul) and MoE routers (a flipped expert choice costs more than it saves).
-DEFAULT_SKIP: tuple[str, ...] = (r"(^|\.)lm_head$", r"(^|\.)mlp\.gate$", r"embed")
+HEAD_PATTERN = r"(^|\.)lm_head$"
+DEFAULT_SKIP: tuple[str, ...] = (HEAD_PATTERN, r"(^|\.)mlp\.gate$", r"embed")
 SCHEMES = "int8, int4, int3, int2 (optionally -g32/-g64/-g128, default g128), nf4, w8a8"
 
 _INTN = re.compile(r"^int([234])(?:-g(-?\d+))?$")
@@ -69,6 +70,11 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+    config = getattr(model, "config", None)
+    if name == "lm_head" and isinstance(module, QuantLinear) and getattr(config, "tie_word_embeddings", False):
+        # A quantized head no longer shares the embedding's tensor: untie, so that checkpoints save the
+        # head's own tensors and loading does not tie a float weight over them.
+        config.tie_word_embeddings = False
 
 
 def make_quant_linear(linear: nn.Module, spec: dict, input_scale: torch.Tensor | None = None) -> QuantLinear:
