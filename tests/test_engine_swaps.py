@@ -1,6 +1,6 @@
 """Module swaps under the engine, nothing special-cased: multi-LoRA (rows of one batch use different
 LoRA adapters, or none, on a shared base without merging; each request gets the tokens it would get
-with its adapter alone) and quantized linears (same tokens as the static-cache generator)."""
+with its adapter alone, with a draft model too) and quantized linears (same tokens as the static-cache generator)."""
 
 import torch
 
@@ -35,6 +35,11 @@ def test_rows_with_different_adapters_match_each_adapter_alone():
     out = Engine(model, block_size=4).generate_batch(prompts, SamplingParams(max_new_tokens=10), adapters)
     assert out == reference
     assert len({tuple(r) for r in reference[:3]}) == 3  # the adapters do change the tokens
+    # A draft without adapters proposes; each row's adapter verifies: the same tokens.
+    torch.manual_seed(2)
+    draft = Transformer(ModelConfig.preset("tiny", num_hidden_layers=1, initializer_range=0.2)).eval()
+    spec = Engine(model, block_size=4, draft=draft, num_speculative=3)
+    assert spec.generate_batch(prompts, SamplingParams(max_new_tokens=10), adapters) == reference
 
 
 def test_quantized_model_in_the_engine():

@@ -5,7 +5,7 @@ prompt lookup or Medusa heads), and loading a draft checked against its target.
 Input rows: {"prompt": "..."} or {"prompt_ids": [...]} or {"messages": [...]} (chat template),
 with optional "id", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "adapter".
 Output rows (same order): id, completion, completion_ids, finish_reason, prompt_tokens,
-completion_tokens.
+completion_tokens (and with a draft, speculative: the request's acceptance figures).
 """
 
 from __future__ import annotations
@@ -88,9 +88,11 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
     for i, ((_, row), rid) in enumerate(zip(rows, ids)):
         seq = engine.requests[rid]
         text = _cut_stop(tokenizer.decode(seq.output), seq.params.stop_strings) if tokenizer is not None else None
-        lines.append(json.dumps(dict(id=row.get("id", i), completion=text, completion_ids=seq.output,
-                                     finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
-                                     completion_tokens=len(seq.output))))
+        out = dict(id=row.get("id", i), completion=text, completion_ids=seq.output, finish_reason=seq.finish_reason,
+                   prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output))
+        if draft is not None:
+            out["speculative"] = engine.acceptance(rid)
+        lines.append(json.dumps(out))
     atomic_write_text(out_path, "\n".join(lines) + "\n")
     seconds = time.perf_counter() - start
     s = engine.stats
