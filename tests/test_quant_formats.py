@@ -37,12 +37,15 @@ def test_int8_round_trip_within_half_a_step():
 
 @pytest.mark.parametrize("bits,group,rel", [(4, 32, 0.12), (4, 128, 0.14), (3, 64, 0.26), (2, 32, 0.55)])
 def test_group_round_trip_within_half_a_step(bits, group, rel):
-    w = torch.randn(16, 256)
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(bits * group))
     q, scale, zero = fmt.rtn_group(w, bits, group)
     assert q.max() < 2**bits
     deq = fmt.group_dequantize(q, scale, zero)
     step = scale.repeat_interleave(group, dim=1)
-    assert ((deq - w).abs() <= step / 2 + 1e-4).all()
+    err = (deq - w).abs()
+    # Half a step, except where the rounded integer zero point pushes a group's extreme one code
+    # past the range (round(hi/s) + round(-lo/s) = 2^bits): clamped, it is off by up to one step.
+    assert (err <= step + 1e-4).all() and (err > step / 2 + 1e-4).float().mean() < 0.01
     assert (deq - w).norm() / w.norm() < rel
 
 

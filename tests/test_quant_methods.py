@@ -2,6 +2,8 @@
 exact before rounding, QAT's straight-through estimator passes gradients, the mixed-precision
 allocator meets its budget."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +12,12 @@ from torch import nn
 from lmforge.common import LmforgeError
 from lmforge.quant import FakeQuantLinear, IntNLinear, W8A8Linear, convert_qat, prepare_qat
 from lmforge.quant import formats as fmt
-from lmforge.quant.awq import awq_linear
+from lmforge.model import build_model
+from lmforge.quant.awq import _tie, apply_scale, awq_block, awq_linear, output_gain, scale_groups
+from lmforge.quant.calibrate import first_block_inputs, run_block
 from lmforge.quant.gptq import Hessian, gptq_quantize
 from lmforge.quant.mixed import allocate
+from lmforge.quant.scheme import set_module
 from lmforge.quant.smooth import smooth_scales, smoothquant_linear
 
 
@@ -53,6 +58,76 @@ def test_awq_output_error_below_rtn_with_outlier_channels():
         ref = lin(x)
         assert (awq(x) - ref).norm() < 0.8 * (rtn(x) - ref).norm()
     assert awq.spec() == {"format": "intn", "bits": 4, "group_size": 64, "input_scale": True}
+
+
+BLOCK_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@pytest.mark.parametrize("preset,folded", [
+    ("tiny", ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"]),  # GQA: 2 heads per v
+    ("tiny-gpt2", ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm"])])  # GELU between up and down
+def test_awq_folding_is_output_preserving_before_rounding(preset, folded):
+    torch.manual_seed(0)
+    model = build_model(preset).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = model(ids)
+    for block in model.model.layers:
+        names = [n for n in BLOCK_LINEARS if n != "mlp.gate_proj" or block.mlp.gate_proj is not None]
+        groups = scale_groups(block, names)
+        assert [g.prev for g in groups if g.prev] == folded
+        assert [n for g in groups for n in g.linears] == names  # every linear once, in forward order
+        for grp in groups:
+            if grp.prev:
+                k = block.get_submodule(grp.linears[0]).in_features
+                apply_scale(block, grp, _tie(torch.rand(k) * 4 + 0.1, grp.index))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(model.model.layers[0].input_layernorm.weight, torch.ones(64))
+
+
+def _with_outlier_channels(block):
+    """A float-identical block whose normalised activations have a few large channels (as LLMs do):
+    those norm channels * 20, the matching weight columns / 20."""
+    with torch.no_grad():
+        for norm, linears in (("input_layernorm", BLOCK_LINEARS[:3]), ("post_attention_layernorm", BLOCK_LINEARS[4:6])):
+            block.get_submodule(norm).weight[:3] *= 20
+            for n in linears:
+                block.get_submodule(n).weight[:, :3] /= 20
+    return block
+
+
+def test_awq_block_output_error_below_rtn_and_scales_folded():
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    g = torch.Generator().manual_seed(1)
+    calib, held = ([torch.randint(0, 512, (4, 32), generator=g) for _ in range(n)] for n in (4, 2))
+    float_block = _with_outlier_channels(model.model.layers[0])
+    inputs, held_inputs = first_block_inputs(model, calib), first_block_inputs(model, held)
+    ref = run_block(float_block, held_inputs)
+    errs = {}
+    for method in ("rtn", "awq"):
+        block = copy.deepcopy(float_block)
+        if method == "awq":
+            awq_block(block, inputs, BLOCK_LINEARS, bits=4, group_size=32)
+        else:
+            for n in BLOCK_LINEARS:
+                set_module(block, n, IntNLinear.from_float(block.get_submodule(n), bits=4, group_size=32))
+        assert all(isinstance(block.get_submodule(n), IntNLinear) for n in BLOCK_LINEARS)
+        assert all(block.get_submodule(n).input_scale is None for n in BLOCK_LINEARS)  # all folded (GQA included)
+        errs[method] = sum((o[0][0] - r[0][0]).pow(2).sum().item() for o, r in zip(run_block(block, held_inputs), ref))
+    assert errs["awq"] < 0.5 * errs["rtn"], errs
+
+
+def test_awq_output_gain_restores_the_output_slope():
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 64), _correlated_inputs(512, 64)
+    q = 0.9 * w + 0.01 * torch.randn(16, 64)  # a shrunken copy, as clipping leaves
+    gamma = output_gain(w, q, x)
+    y, yq = x @ w.t(), x @ (q * gamma[:, None]).t()
+    assert torch.allclose((y * yq).sum(0), (y * y).sum(0), rtol=1e-4)
+    assert (gamma > 1.05).all()
 
 
 def test_smoothquant_migration_is_output_preserving_before_rounding():

@@ -56,6 +56,25 @@ def test_quantized_model_saves_loads_and_generates_the_same(model, calib, tmp_pa
     assert greedy(loaded) == greedy(q)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
+def test_awq_folds_its_scales_and_reloads(calib, tmp_path, preset):
+    torch.manual_seed(0)
+    fp = build_model(preset).eval()
+    q = copy.deepcopy(fp)
+    quantize_model(q, QuantOptions(method="awq", scheme="int4-g32", min_calib_tokens=256), calib, progress=False)
+    kept = sorted({n.split(".", 3)[-1] for n, m in q.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None})
+    # Scales live in the norms / previous linears; only GPT-2's down_proj (after the GELU) keeps its own.
+    assert kept == ([] if preset == "tiny" else ["mlp.down_proj"])
+    assert not torch.equal(q.model.layers[0].input_layernorm.weight, fp.model.layers[0].input_layernorm.weight)
+    save_model(q, tmp_path / "awq")
+    loaded = load_model(tmp_path / "awq")
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), q(ids))
+        assert (q(ids) - fp(ids)).abs().mean() < 0.1 * fp(ids).abs().mean()  # still the same model
+    assert greedy(loaded) == greedy(q)
+
+
 def test_qat_model_converts_saves_and_loads(model, tmp_path):
     q = prepare_qat(copy.deepcopy(model), "int4-g32")
     with torch.no_grad():

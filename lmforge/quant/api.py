@@ -13,7 +13,7 @@ from torch import nn
 
 from lmforge.common import LmforgeError
 
-from .awq import awq_linear
+from .awq import awq_block
 from .calibrate import BlockInputs, calibrate_blocks, check_calibration, observe, peak_rss_bytes, reset_peak_rss
 from .gptq import Hessian, gptq_quantize
 from .linear import IntNLinear
@@ -83,14 +83,7 @@ def _gptq_block(block: nn.Module, inputs: BlockInputs, names: list[str], spec: d
 
 
 def _awq_block(block: nn.Module, inputs: BlockInputs, names: list[str], spec: dict, opts: QuantOptions) -> None:
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    observe(block, inputs, names, lambda n, x: seen[n].append(x[:: max(1, x.shape[0] // 256)].float()))
-    for n in names:
-        linear = block.get_submodule(n)
-        if not seen[n]:  # e.g. an MoE expert no calibration token was routed to
-            set_module(block, n, make_quant_linear(linear, spec))
-            continue
-        set_module(block, n, awq_linear(linear, torch.cat(seen[n]), spec["bits"], spec["group_size"], opts.n_grid))
+    awq_block(block, inputs, names, spec["bits"], spec["group_size"], opts.n_grid)
 
 
 def _smooth_block(block: nn.Module, inputs: BlockInputs, names: list[str], spec: dict, opts: QuantOptions) -> None:

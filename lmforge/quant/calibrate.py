@@ -71,6 +71,21 @@ def observe(block: nn.Module, inputs: BlockInputs, names: list[str], on_input: C
             h.remove()
 
 
+@torch.no_grad()
+def capture(block: nn.Module, inputs: BlockInputs, names: list[str]) -> dict[str, BlockInputs]:
+    """The (args, kwargs) of every call to each named submodule while the block runs on `inputs`,
+    so that submodule can be re-run alone (AWQ's scale search)."""
+    calls: dict[str, BlockInputs] = {n: [] for n in names}
+    handles = [block.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, kwargs, n=n: calls[n].append((args, kwargs)), with_kwargs=True) for n in dict.fromkeys(names)]
+    try:
+        run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
 def reset_peak_rss() -> None:
     """Restart the kernel's peak-RSS counter (Linux: clear_refs 5), so the next reading covers
     only what follows; elsewhere a no-op and the reading covers the whole process life."""
