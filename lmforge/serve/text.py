@@ -68,6 +68,7 @@ class TextStream:
         self.stopped = self.flushed = False
         self.starts: list[int] = []  # per pushed token: the length of the text decoded before it
         self._decoded = 0
+        self._covered = 0
 
     def push(self, ids: list[int]) -> str:
         if self.stopped:
@@ -100,7 +101,9 @@ class TextStream:
         """Pushed tokens whose text has begun in the emitted text (all of them once flushed)."""
         if self.flushed:
             return len(self.starts)
-        return sum(1 for s in self.starts if s < len(self.text))
+        while self._covered < len(self.starts) and self.starts[self._covered] < len(self.text):
+            self._covered += 1
+        return self._covered
 
     def _emit(self, upto: str) -> str:
         piece = upto[len(self.text):] if upto.startswith(self.text) else ""
