@@ -255,7 +255,8 @@ def test_prompt_logprobs_equal_a_full_forward(model):
     prompts = _prompts(4, seed=16, lo=30, hi=60)
     engine = Engine(model, block_size=4, max_batch_tokens=24)
     engine.generate_batch(prompts[:1], SamplingParams(max_new_tokens=2))  # prompts[0] is now cached
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n), prompt_logprobs=2) for p, n in zip(prompts, (0, 3, 0, 1))]
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n), prompt_logprobs=2)
+           for p, n in zip(prompts, (0, 3, 0, 1))]
     events = {}
     while engine.has_unfinished():
         for ev in engine.step():

@@ -106,7 +106,8 @@ def test_stop_string_text_logprobs_and_usage_agree(client, stream):
         usage, reason = chunks[-1].usage, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
     else:
         r = _lp(client.completions.create, **kw)
-        text, tokens, usage, reason = r.choices[0].text, r.choices[0].logprobs.tokens, r.usage, r.choices[0].finish_reason
+        c = r.choices[0]
+        text, tokens, usage, reason = c.text, c.logprobs.tokens, r.usage, c.finish_reason
     assert text == full[:full.find(stop)] and reason == "stop"
     assert "".join(tokens) == text and len(tokens) == i  # the stop string's tokens are not reported...
     assert usage.completion_tokens == i + 2  # ...but were generated, and count as generated (as vLLM)

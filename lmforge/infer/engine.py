@@ -163,7 +163,7 @@ class Engine:
         return dict(blocks_total=pool.num_blocks - 1, blocks_used=pool.num_used, blocks_free=pool.num_free,
                     blocks_cached=len(pool.evictable), queue_depth=len(s.waiting), running=len(s.running),
                     swapped=len(s.swapped), prefix_memory_saved_bytes=s.counters["prefix_hit_blocks"]
-                    * self.cache.bytes_per_block, **s.counters, **self.counters)
+                    * s.cache.bytes_per_block, **s.counters, **self.counters)
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -279,7 +279,8 @@ class Engine:
                 kept, lps, reason = self._extend(seq, new, lg)
                 seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
                 seq.num_draft_computed = min(L + len(d) - 1, seq.num_computed)  # the draft never saw d_k
-                seq.spec_steps, seq.drafted, seq.accepted = seq.spec_steps + 1, seq.drafted + len(d), seq.accepted + accepted
+                seq.spec_steps += 1
+                seq.drafted, seq.accepted = seq.drafted + len(d), seq.accepted + accepted
                 self.counters["drafted_tokens"] += len(d)
                 self.counters["accepted_tokens"] += accepted
                 self.scheduler.register_full_blocks(seq)
@@ -322,7 +323,8 @@ class Engine:
         prompt_lps = seq.prompt_token_logprobs if first and seq.prompt_logprobs is not None else None
         return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps)
 
-    def _extend(self, seq: Sequence, tokens: list[int], logits: torch.Tensor) -> tuple[list[int], list | None, str | None]:
+    def _extend(self, seq: Sequence, tokens: list[int],
+                logits: torch.Tensor) -> tuple[list[int], list | None, str | None]:
         """Append tokens (logits [n, V]: the target's at each) up to the first that ends the request:
         (the tokens kept, their logprob entries when asked, the finish reason or None)."""
         kept, lps, reason = [], [] if seq.logprobs is not None else None, None
