@@ -3,8 +3,8 @@
     engine = Engine(model, tokenizer)
     rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=64))
     while engine.has_unfinished():
-        for event in engine.step():   # Event(request_id, new_token_ids, finished, finish_reason, logprobs)
-            ...
+        for event in engine.step():   # Event(request_id, new_token_ids, finished, finish_reason,
+            ...                       #       logprobs, prompt_logprobs)
 
 Each `step()` asks the scheduler for a batch, runs it through the model (decode rows [B, 1]; prefill
 chunks packed into one row [1, sum T] with a block-diagonal causal mask, so nothing is padded),
@@ -266,16 +266,15 @@ class Engine:
         T = max(len(tokens) for tokens, _, _ in rows)
         with self._adapter_rows([seq.adapter for seq in seqs]):
             logits = forward_padded(self.model, self.cache, rows, keep=T)  # rows are left-padded
-        argmax = logits.argmax(-1).tolist()
         events = []
         for i, (seq, d) in enumerate(zip(seqs, drafts)):
-            lg, am, L = logits[i, T - len(d) - 1:], argmax[i][T - len(d) - 1:], len(seq.tokens)
+            lg, L = logits[i, T - len(d) - 1:], len(seq.tokens)
             if not d:
                 seq.num_computed += 1
                 self.scheduler.register_full_blocks(seq)
-                events.append(self._sample_and_check(seq, lg[0], am[0]))
+                events.append(self._sample_and_check(seq, lg[0], int(lg[0].argmax())))
             else:
-                new, accepted = self.spec.verify(seq, lg, am, d, qs[i], gens[i])
+                new, accepted = self.spec.verify(seq, lg, d, qs[i], gens[i])
                 kept, lps, reason = self._extend(seq, new, lg)
                 seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
                 seq.num_draft_computed = min(L + len(d) - 1, seq.num_computed)  # the draft never saw d_k

@@ -19,7 +19,7 @@ from lmforge.common import LmforgeError
 from .paged import PagedKVCache, forward_packed, forward_padded
 from .sampling import probabilities
 from .scheduler import Sequence
-from .speculative import verify
+from .speculative import verify, verify_greedy
 
 
 class SpecDecoder:
@@ -81,12 +81,9 @@ class SpecDecoder:
         return drafts, [torch.stack(q) if q else None for q in qs]
 
     @staticmethod
-    def verify(seq: Sequence, logits: torch.Tensor, argmax: list[int], drafts: list[int], q: torch.Tensor | None,
+    def verify(seq: Sequence, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None,
                generator: torch.Generator) -> tuple[list[int], int]:
         """(tokens to append, drafts accepted) from the target's logits at [last, d1..dk] [k+1, V]."""
-        if seq.params.greedy:  # what verify does with one-hot p and q, without the sampling calls
-            n = 0
-            while n < len(drafts) and drafts[n] == argmax[n]:
-                n += 1
-            return drafts[:n] + [argmax[n]], n
+        if seq.params.greedy:
+            return verify_greedy(logits, drafts)
         return verify(probabilities(logits, seq.params), q, drafts, generator)
