@@ -116,16 +116,22 @@ def test_stop_string_text_logprobs_and_usage_agree(client, stream):
 def test_draft_server_gives_the_same_outputs(ckpt, client):
     model_dir, draft_dir, _ = ckpt
     prompts = ["The quick brown", "Hello there", "Paged attention keeps"]
+    plain = [_lp(client.completions.create, prompt=p, max_tokens=20).choices[0].text for p in prompts]
     with ServerThread(ServeConfig(model=str(model_dir), draft=str(draft_dir), num_speculative=3)) as s:
         spec = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
-        for p in prompts:
-            a = _lp(client.completions.create, prompt=p, max_tokens=20)
+        for p, text in zip(prompts, plain):
             b = _lp(spec.completions.create, prompt=p, max_tokens=20)
-            assert a.choices[0].text == b.choices[0].text and b.usage.completion_tokens == 20
+            assert b.choices[0].text == text and b.usage.completion_tokens == 20
         chat = [{"role": "user", "content": "Hello there"}]
         a = _lp(client.chat.completions.create, messages=chat, max_tokens=12)
         b = _lp(spec.chat.completions.create, messages=chat, max_tokens=12, stream=False)
         assert a.choices[0].message.content == b.choices[0].message.content
+        # Several tokens per step: the stream still carries the same text, and seeded sampling repeats.
+        chunks = list(_lp(spec.completions.create, prompt=prompts[0], max_tokens=20, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == plain[0]
+        kw = dict(model="tiny-chat", prompt="The quick", max_tokens=12, temperature=1.0, seed=7, n=2)
+        first, again = spec.completions.create(**kw), spec.completions.create(**kw)
+        assert [c.text for c in first.choices] == [c.text for c in again.choices]
         stats = s.state.runner.engine.stats
         assert stats["drafted_tokens"] > 0 and stats["blocks_used"] == 0
     with pytest.raises(LmforgeError, match="same tokenizer"):
