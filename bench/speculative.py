@@ -160,7 +160,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--max-k", type=int, default=6, help="draft length bound with a confidence stop")
+    ap.add_argument("--min-confidence", type=float, default=0.4, help="stop drafting below this draft probability")
     ap.add_argument("--medusa-trees", default="3x2x2,2x1x1,1x1x1", help="Medusa trees to try (top-k per level)")
+    ap.add_argument("--methods", default="", help="only the methods whose names contain one of these (comma-separated)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -188,6 +191,9 @@ def main() -> None:
 
     methods = {
         "draft model": (prompts, lambda p: speculative_generate(target, p, sp, DraftProposer(draft, 1024), k=k)),
+        f"draft model (k<={args.max_k}, stop <{args.min_confidence})": (
+            prompts, lambda p: speculative_generate(target, p, sp, DraftProposer(draft, 1024, args.min_confidence),
+                                                    k=args.max_k)),
         "prompt lookup (free text)": (prompts, lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
         "prompt lookup (copy task)": (copy_prompts,
                                       lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
@@ -199,7 +205,10 @@ def main() -> None:
     print(f"target {sizes[0]:.1f}M params, draft {sizes[1]:.2f}M,"
           f" {args.prompts} prompts x {args.new} new tokens, greedy, batch 1, k={k}, {args.threads} thread(s)")
     print(f"{'method':32s} {'tok/s':>8s} {'plain':>8s} {'speed-up':>9s} {'accept':>7s} {'tok/step':>9s} same")
+    wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
     for name, (ps, fn) in methods.items():
+        if wanted and not any(w in name for w in wanted):
+            continue
         base_rate, rate, outs, stats = run_pair(plain, fn, ps, args.repeats)
         acc = sum(s.accepted for s in stats) / max(1, sum(s.proposed for s in stats))
         per_step = sum(s.new_tokens for s in stats) / max(1, sum(s.steps for s in stats))

@@ -20,12 +20,13 @@ def _model(layers=2, vocab=512, seed=0, std=0.2):
                                           initializer_range=std)).eval()
 
 
-@pytest.mark.parametrize("proposer", ["draft", "self-draft", "lookup"])
+@pytest.mark.parametrize("proposer", ["draft", "draft-confidence", "self-draft", "lookup"])
 def test_greedy_identical_to_plain_greedy(proposer):
     target = _model()
     prompt = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(1)).tolist() * 2
     reference = generate(target, prompt, max_new_tokens=25)[0].tolist()
     prop = {"draft": lambda: DraftProposer(_model(layers=1, seed=5), 80),
+            "draft-confidence": lambda: DraftProposer(_model(layers=1, seed=5), 80, min_confidence=0.5),
             "self-draft": lambda: DraftProposer(target, 80), "lookup": lambda: LookupProposer(3)}[proposer]()
     out, stats = speculative_generate(target, prompt, SamplingParams(max_new_tokens=25), prop, k=4)
     assert out == reference
@@ -61,9 +62,11 @@ def test_verify_rejection_sampling_is_exact():
     assert chisquare(counts.numpy(), (p[0] * n).numpy())[1] > 1e-3
 
 
-def test_sampled_sequences_follow_the_target_distribution():
+@pytest.mark.parametrize("min_confidence", [0.0, 0.4])
+def test_sampled_sequences_follow_the_target_distribution(min_confidence):
     """End to end on a 4-token vocabulary: the joint law of the first two sampled tokens matches
-    the target's exact law p(x1) p(x2 | x1), computed from full forwards."""
+    the target's exact law p(x1) p(x2 | x1), computed from full forwards; also when the draft
+    stops early on its own low-confidence samples (three tokens generated so two can be drafted)."""
     V = 4
     target, draft = _model(vocab=V, seed=0, std=0.5), _model(layers=1, vocab=V, seed=3, std=0.5)
     prompt = [1, 3]
@@ -75,9 +78,9 @@ def test_sampled_sequences_follow_the_target_distribution():
     joint = (p1[:, None] * p2).reshape(-1)
     n = 800
     counts = torch.zeros(V * V)
-    prop = DraftProposer(draft, 16)
+    prop = DraftProposer(draft, 16, min_confidence=min_confidence)
     for i in range(n):
-        out, _ = speculative_generate(target, prompt, SamplingParams(max_new_tokens=2, temperature=1.0, seed=i),
+        out, _ = speculative_generate(target, prompt, SamplingParams(max_new_tokens=3, temperature=1.0, seed=i),
                                       prop, k=2)
         counts[out[0] * V + out[1]] += 1
     expected = joint * n

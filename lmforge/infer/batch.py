@@ -107,7 +107,7 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
 
 def speculative_decode(target, prompt_ids: list[int], params: SamplingParams, *, draft: str | None = None,
                        lookup: bool = False, medusa: str | None = None, k: int = 4,
-                       eos_token_ids: list[int] | None = None):
+                       eos_token_ids: list[int] | None = None, min_confidence: float = 0.0):
     """New token ids and SpecStats for one prompt, with exactly one of draft / lookup / medusa."""
     from .medusa import load_medusa, medusa_generate
     from .speculative import DraftProposer, LookupProposer, speculative_generate
@@ -122,7 +122,8 @@ def speculative_decode(target, prompt_ids: list[int], params: SamplingParams, *,
                                f"(hidden size {target.config.hidden_size})")
         return medusa_generate(target, heads, prompt_ids, params, eos_token_ids=eos_token_ids)
     if draft is not None:
-        proposer = DraftProposer(load_draft(draft, target), len(prompt_ids) + params.max_new_tokens + k + 1)
+        proposer = DraftProposer(load_draft(draft, target), len(prompt_ids) + params.max_new_tokens + k + 1,
+                                 min_confidence)
     else:
         proposer = LookupProposer()
     return speculative_generate(target, prompt_ids, params, proposer, k=k, eos_token_ids=eos_token_ids)

@@ -108,10 +108,14 @@ class LookupProposer:
 
 
 class DraftProposer:
-    """A small draft model with its own static KV cache, rolled back after each verification."""
+    """A small draft model with its own static KV cache, rolled back after each verification.
 
-    def __init__(self, draft, max_len: int):
-        self.draft, self.max_len = draft.eval(), max_len
+    min_confidence > 0 stops drafting early when the draft's probability of its own next token falls
+    below it (after at least one token): unsure guesses are mostly rejected, and each costs a draft
+    forward plus a verified position. With it, k is an upper bound rather than a fixed length."""
+
+    def __init__(self, draft, max_len: int, min_confidence: float = 0.0):
+        self.draft, self.max_len, self.min_confidence = draft.eval(), max_len, min_confidence
         self.cache: KVCache | None = None
         self.valid = 0  # tokens whose keys/values in the draft cache are right
 
@@ -129,9 +133,14 @@ class DraftProposer:
             self.valid += len(pending)
             if params.greedy:  # deterministic proposal: no distribution needed (q = one-hot)
                 x = int(logits.argmax())
+                confidence = float(logits.float().softmax(-1)[x]) if self.min_confidence > 0 else 1.0
             else:
                 q = probabilities(logits.float()[None], params)[0]
                 x = int(torch.multinomial(q, 1, generator=generator))
+                confidence = float(q[x])
+            if drafts and confidence < self.min_confidence:
+                break  # the cache holds what was fed; this token is simply not proposed
+            if not params.greedy:
                 qs.append(q)
             drafts.append(x)
             pending = [x]

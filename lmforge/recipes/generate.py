@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup", action="store_true", help="speculative decoding with prompt-lookup (n-gram) drafts")
     p.add_argument("--medusa", metavar="DIR", help="speculative decoding with Medusa heads (lmforge train-medusa)")
     p.add_argument("--spec-k", type=int, default=4, help="tokens drafted per step for --draft/--lookup")
+    p.add_argument("--draft-min-confidence", type=float, default=0.0, metavar="P",
+                   help="--draft with one prompt: stop drafting when the draft's probability of its next token "
+                        "is below P (then --spec-k is an upper bound; e.g. --spec-k 6 --draft-min-confidence 0.4)")
     p.add_argument("--prompts", metavar="FILE.jsonl", help="batch mode: every prompt of the file through the engine")
     p.add_argument("--out", metavar="FILE.jsonl", help="where --prompts writes the completions")
 
@@ -85,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         ids = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else tokenizer.encode(args.prompt)
         eos = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
         out, stats = speculative_decode(model, ids, params, draft=args.draft, lookup=args.lookup, medusa=args.medusa,
-                                        k=args.spec_k, eos_token_ids=eos)
+                                        k=args.spec_k, eos_token_ids=eos, min_confidence=args.draft_min_confidence)
         print(",".join(map(str, out)) if args.prompt_ids else tokenizer.decode(out))
         print(json.dumps(stats.as_dict()), file=sys.stderr)
         return 0
