@@ -279,3 +279,66 @@ def test_hard_negative_batches_pair_near_miss_captions():
     for a, b in zip(anchors, partners):
         assert caps[a] != caps[b]
         assert len(set(caps[a].split()) & set(caps[b].split())) >= 2  # shares words: a near miss
+
+
+def test_cls_patch_puts_the_class_token_first():
+    vision = VisionConfig(**VC)
+    model = VisionLanguageModel(VlmConfig(vision, TEXT, 7, pool=2, select_feature="cls_patch")).eval()
+    assert model.vlm_config.num_image_tokens == 5  # class token + 2x2 pooled patches
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        hidden, _ = model.vision(x)
+        feats = model.vision_features(x)
+    assert feats.shape == (2, 5, vision.hidden_size) and torch.equal(feats[:, 0], hidden[:, 0])
+    again = VlmConfig.from_dict(model.vlm_config.to_dict())
+    assert again.select_feature == "cls_patch" and again.num_image_tokens == 5
+    with pytest.raises(LmforgeError, match="select_feature"):
+        VlmConfig(vision, TEXT, 7, select_feature="cls")
+
+
+def test_info_nce_with_text_only_negatives():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 0.5]])  # column 2: a negative caption, no image
+    i2t = (-logits.log_softmax(1)[[0, 1], [0, 1]]).mean()
+    t2i = (-logits[:, :2].T.log_softmax(1)[[0, 1], [0, 1]]).mean()
+    assert info_nce(logits).item() == pytest.approx(((i2t + t2i) / 2).item(), abs=1e-6)
+    from lmforge.multimodal import same_text_targets
+
+    # The negative equals row 1's caption: for row 1 it is a match, not a negative.
+    targets = same_text_targets(["a", "b"], ["a", "b", "b"])
+    assert targets.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]
+    assert info_nce(logits, targets).item() < info_nce(logits).item() + 1.0
+
+
+def test_near_miss_captions_swap_exactly_one_word():
+    from lmforge.recipes.clip import near_miss_captions
+
+    caps = ["a small red circle", "a large blue square left of a small red circle", "a lonely caption"]
+    corpus = {}
+    for text in caps[:2] + ["a large green square", "a small red triangle left of a large blue circle"]:
+        corpus.setdefault(len(text.split()), []).append(text.split())
+    out = near_miss_captions(caps, corpus, 2, np.random.default_rng(0))
+    assert len(out) == 6
+    for cap, neg in zip(caps * 2, out):
+        diff = [a != b for a, b in zip(cap.split(), neg.split())]
+        assert len(neg.split()) == len(cap.split()) and sum(diff) == (0 if cap == "a lonely caption" else 1)
+
+
+def test_vlm_stage2_can_tune_the_image_encoder(tmp_path):
+    """`vision_lr > 0`: stage 2 trains the encoder too (features per batch, not cached) and saves it."""
+    from lmforge.multimodal.config import VlmTrainConfig
+    from lmforge.recipes import vlm as recipe
+    from lmforge.tokenizer import train_tokenizer
+
+    examples = make_shapes(16, seed=0, image_size=16)
+    tok = train_tokenizer([c for e in examples for c in e.captions] + ["describe the image."], vocab_size=300)
+    text = ModelConfig.from_dict({**TEXT.to_dict(), "vocab_size": tok.vocab_size})
+    model = VisionLanguageModel(VlmConfig(VisionConfig(**VC), text, tok.token_to_id("<image>"), pool=2))
+    cfg = VlmTrainConfig(batch_size=4, vision_lr=1e-3, warmup_steps=1, device="cpu")
+    opt = recipe.stage_optimizer(model, 2, cfg)
+    assert [g["base_lr"] for g in opt.param_groups] == [cfg.lr, cfg.lm_lr, cfg.vision_lr]
+    assert not recipe.stage_optimizer(model, 1, cfg).param_groups[1:]  # stage 1: the projector only
+    opt = recipe.stage_optimizer(model, 2, cfg)
+    before = model.vision.patch_embed.weight.detach().clone()
+    pairs = recipe.conversations(examples, 0.2, captions_only=False)
+    recipe.fit(model, tok, examples, pairs, opt, 3, cfg, "cpu")
+    assert not torch.equal(before, model.vision.patch_embed.weight)

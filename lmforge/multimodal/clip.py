@@ -77,19 +77,24 @@ class CLIP(nn.Module):
 def info_nce(logits_per_image: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE: mean of image->text and text->image cross-entropies. Row i's positive
     is column targets[i] (default i). With duplicate captions in a batch pass soft targets
-    instead: a [B, B] matrix whose rows sum to 1."""
+    instead: a [B, B] matrix whose rows sum to 1. Logits [B, B + K] carry K extra texts that are
+    negatives only (NegCLIP's perturbed captions): they enter image->text, and text->image runs
+    over the first B columns; soft targets are then [B, B + K] (a match there counts as one)."""
     n = logits_per_image.shape[0]
     if targets is None:
         targets = torch.arange(n, device=logits_per_image.device)
-    if targets.dim() == 2:
-        i2t = -(targets * logits_per_image.log_softmax(dim=1)).sum(1).mean()
-        t2i = -(targets.T * logits_per_image.T.log_softmax(dim=1)).sum(1).mean()
-        return (i2t + t2i) / 2
-    return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.T, targets)) / 2
+    if targets.dim() == 1:
+        targets = F.one_hot(targets, logits_per_image.shape[1]).to(logits_per_image.dtype)
+    i2t = targets / targets.sum(1, keepdim=True)
+    t2i = targets[:, :n].T / targets[:, :n].T.sum(1, keepdim=True)
+    loss_i2t = -(i2t * logits_per_image.log_softmax(dim=1)).sum(1).mean()
+    loss_t2i = -(t2i * logits_per_image[:, :n].T.log_softmax(dim=1)).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
 
 
-def same_text_targets(texts: list[str]) -> torch.Tensor:
+def same_text_targets(texts: list[str], columns: list[str] | None = None) -> torch.Tensor:
     """Soft targets for a batch that may hold the same caption twice: equal texts share the mass,
-    so the loss does not push apart two images that truly match both captions."""
-    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+    so the loss does not push apart two images that truly match both captions. `columns`: the
+    texts of the logits' columns when they differ from the rows' (extra negative captions)."""
+    same = torch.tensor([[a == b for b in (columns or texts)] for a in texts], dtype=torch.float32)
     return same / same.sum(dim=1, keepdim=True)

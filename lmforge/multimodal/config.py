@@ -31,6 +31,7 @@ class ClipTrainConfig:
     init_vision: str | None = None  # a Hugging Face CLIP vision folder to start from
     freeze_vision: bool = False  # LiT: keep the (pretrained) image tower fixed
     hard_negatives: bool = False  # half of each batch: near-miss captions of the other half
+    text_negatives: int = 0  # per image, this many captions with one word swapped, as extra negatives
     steps: int = 600
     batch_size: int = 64
     lr: float = 1e-3
@@ -55,6 +56,7 @@ class VlmTrainConfig:
     text_warmup_steps: int = 300  # fresh LM only: text-only steps on the dataset's captions/answers first
     feature_layer: int = -2
     pool: int = 2  # 2x2 average pooling of the patch grid: 4x fewer image tokens in the LM
+    select_feature: str = "patch"  # "cls_patch": the class token too, first (LLaVA's option)
     stage1_steps: int = 300  # projector only, captions
     stage2_steps: int = 600  # projector + LM (or LoRA), questions and captions
     lora_rank: int = 0  # > 0: stage 2 trains LoRA adapters (merged before saving) instead of the full LM

@@ -30,24 +30,29 @@ class VlmConfig:
     image_token_id: int
     feature_layer: int = -1  # which ViT block's output feeds the projector (-2: LLaVA's penultimate)
     pool: int = 1  # average-pool the patch grid by this factor: pool^2 times fewer image tokens
+    # LLaVA's mm_vision_select_feature: "patch" drops the class token, "cls_patch" keeps it first
+    # (the image's summary: what CLIP's contrastive loss trained, e.g. which shape is left of which).
+    select_feature: str = "patch"
 
     def __post_init__(self) -> None:
         grid = self.vision.image_size // self.vision.patch_size
         if self.pool < 1 or grid % self.pool:
             raise LmforgeError(f"vlm config: pool {self.pool} must divide the {grid}x{grid} patch grid")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise LmforgeError(f"vlm config: select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}")
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches // self.pool ** 2
+        return self.vision.num_patches // self.pool ** 2 + (self.select_feature == "cls_patch")
 
     def to_dict(self) -> dict:
         return {"vision": self.vision.to_dict(), "text": self.text.to_dict(), "image_token_id": self.image_token_id,
-                "feature_layer": self.feature_layer, "pool": self.pool}
+                "feature_layer": self.feature_layer, "pool": self.pool, "select_feature": self.select_feature}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VlmConfig":
         return cls(VisionConfig.from_dict(d["vision"]), ModelConfig.from_dict(d["text"]), d["image_token_id"],
-                   d.get("feature_layer", -1), d.get("pool", 1))
+                   d.get("feature_layer", -1), d.get("pool", 1), d.get("select_feature", "patch"))
 
 
 class Projector(nn.Module):
@@ -114,6 +119,8 @@ class VisionLanguageModel(nn.Module):
             g = int(N ** 0.5)
             grid = patches.transpose(1, 2).reshape(n, D, g, g)
             patches = nn.functional.avg_pool2d(grid, c.pool).flatten(2).transpose(1, 2)
+        if c.select_feature == "cls_patch":
+            patches = torch.cat([hidden[:, :1], patches], dim=1)
         return patches
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,28 @@ def hard_negative_indices(captions: list[str], batch_size: int, rng: np.random.G
     return np.concatenate([anchors, overlap.argmax(axis=1)])[:batch_size]
 
 
+def near_miss_captions(captions: list[str], corpus: dict[int, list[list[str]]], k: int,
+                       rng: np.random.Generator) -> list[str]:
+    """k negatives per caption, each with one word swapped for the word a random same-length
+    caption of `corpus` (captions by word count) has there: "a small red circle" -> "a small red
+    square". Text-only negatives (NegCLIP, Yuksekgonul et al. 2023) that differ in one attribute:
+    cheap (no extra images) and the image tower must see that attribute to reject them."""
+    out = []
+    for _ in range(k):
+        for caption in captions:
+            words = caption.split()
+            same_length = corpus.get(len(words), [])
+            for _ in range(8):  # a partner that differs somewhere; give up on unique captions
+                other = same_length[int(rng.integers(len(same_length)))] if same_length else words
+                diff = [i for i, (a, b) in enumerate(zip(words, other)) if a != b]
+                if diff:
+                    i = diff[int(rng.integers(len(diff)))]
+                    words = words[:i] + [other[i]] + words[i + 1:]
+                    break
+            out.append(" ".join(words))
+    return out
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -106,6 +128,9 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
     rng = np.random.default_rng(cfg.seed)
     flat_caps = [ex.captions[0] for ex in examples]
     pick = lambda texts: texts[int(rng.integers(len(texts)))]
+    corpus: dict[int, list[list[str]]] = {}
+    for text in {c for ex in examples for c in ex.captions + ex.extra_captions}:
+        corpus.setdefault(len(text.split()), []).append(text.split())
 
     def batch_loss(step: int) -> torch.Tensor:
         idx = (hard_negative_indices(flat_caps, cfg.batch_size, rng) if cfg.hard_negatives
@@ -114,8 +139,10 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
         caps = [pick(ex.captions + ex.extra_captions) for ex in batch]
         # Positives: the same caption text, or for labelled sets the same class (digits).
         keys = [str(ex.label) if cfg.data == "digits" else c for ex, c in zip(batch, caps)]
-        logits = model(pixels(model, [ex.image for ex in batch], device), *encode_texts(tokenizer, caps, device))
-        return info_nce(logits, same_text_targets(keys).to(device))
+        negatives = near_miss_captions(caps, corpus, cfg.text_negatives, rng)
+        logits = model(pixels(model, [ex.image for ex in batch], device),
+                       *encode_texts(tokenizer, caps + negatives, device))
+        return info_nce(logits, same_text_targets(keys, keys + negatives).to(device))
 
     start = time.perf_counter()
     loss = run_steps(optimizer, cfg.steps, cfg.warmup_steps, batch_loss, log)

@@ -121,23 +121,33 @@ def build_stage1(cfg: VlmTrainConfig, examples, device):
             raise LmforgeError(f"{cfg.lm}: the LM's tokenizer needs an '<image>' token and a chat template")
     else:
         lm, tokenizer = fresh_lm(cfg, examples, device)
-    config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer, cfg.pool)
+    config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer, cfg.pool,
+                       cfg.select_feature)
     return VisionLanguageModel(config, vision, lm).to(device), tokenizer
 
 
-def set_trainable(model: VisionLanguageModel, stage: int, lora_rank: int) -> list[dict]:
-    """Stage 1: projector only. Stage 2: projector + LM, or projector + LoRA adapters on the LM."""
-    model.language_model.requires_grad_(stage == 2 and not lora_rank)
-    if stage == 2 and lora_rank:
+def stage_optimizer(model: VisionLanguageModel, stage: int, cfg: VlmTrainConfig) -> torch.optim.AdamW:
+    """Stage 1: projector only. Stage 2: projector + LM (or LoRA adapters on the LM, `lora_rank`),
+    plus the image encoder when `vision_lr` > 0. The fresh projector learns at `lr`, the
+    pretrained LM at the gentler `lm_lr`, the encoder at `vision_lr`."""
+    model.requires_grad_(False)
+    model.language_model.requires_grad_(stage == 2 and not cfg.lora_rank)
+    if stage == 2 and cfg.lora_rank:
         try:
             from lmforge import peft
         except ImportError:
             raise LmforgeError("lora_rank > 0 needs lmforge.peft, which this build lacks") from None
-        peft.apply(model.language_model, peft.LoraConfig(r=lora_rank, alpha=2 * lora_rank,
+        peft.apply(model.language_model, peft.LoraConfig(r=cfg.lora_rank, alpha=2 * cfg.lora_rank,
                                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                          "up_proj", "down_proj", "gate_proj"]))
     model.projector.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+    model.vision.requires_grad_(stage == 2 and cfg.vision_lr > 0)
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]
+    groups = [{"params": trainable(model.projector), "base_lr": cfg.lr},
+              {"params": trainable(model.language_model), "base_lr": cfg.lm_lr},
+              {"params": trainable(model.vision), "base_lr": cfg.vision_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98),
+                             weight_decay=cfg.weight_decay)
 
 
 def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
@@ -152,17 +162,7 @@ def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
             raise LmforgeError("vlm stage 2 needs --init <stage-1 folder>")
         model, tokenizer = load_multimodal(init, device, kind="vlm"), load_tokenizer(init)
         examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, model.vlm_config.vision.image_size)
-    params = set_trainable(model, stage, cfg.lora_rank)
-    tune_vision = stage == 2 and cfg.vision_lr > 0
-    model.vision.requires_grad_(tune_vision)
-    special = {id(p) for p in [*model.projector.parameters(), *model.vision.parameters()]}
-    # The fresh projector learns at `lr`; the pretrained LM (stage 2) at the gentler `lm_lr`, the
-    # image encoder (when tuned) at `vision_lr`.
-    groups = [{"params": list(model.projector.parameters()), "base_lr": cfg.lr},
-              {"params": [p for p in params if id(p) not in special], "base_lr": cfg.lm_lr},
-              {"params": list(model.vision.parameters()) if tune_vision else [], "base_lr": cfg.vision_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = stage_optimizer(model, stage, cfg)
     pairs = conversations(examples, 0.2, captions_only=stage == 1)
     steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
     loss = fit(model, tokenizer, examples, pairs, optimizer, steps, cfg, device)
