@@ -271,3 +271,29 @@ def test_prompt_logprobs_equal_a_full_forward(model):
             assert [t for t, _ in top] == ref[i - 1].topk(2).indices.tolist()
     assert [len(engine.output(i)) for i in ids] == [0, 3, 0, 1]
     assert engine.stats["prefix_hit_blocks"] == 0 and engine.stats["blocks_used"] == 0
+
+
+def test_prefill_cap_while_decoding(model):
+    """max_prefill_tokens: newcomers' prompts are spread over several steps while others decode
+    (never more prompt tokens per step than the cap), with the same outputs."""
+    prompts = _prompts(8, seed=17, lo=20, hi=40)
+    reference = Engine(model, block_size=4).generate_batch(prompts, SamplingParams(max_new_tokens=6))
+    engine = Engine(model, block_size=4, max_prefill_tokens=16)
+    ids = [engine.add_request(prompts[0], SamplingParams(max_new_tokens=6))]
+    engine.step()  # alone: no cap while nothing decodes, the whole prompt in one step
+    assert engine.requests[ids[0]].num_computed == len(prompts[0])
+    ids += [engine.add_request(p, SamplingParams(max_new_tokens=6)) for p in prompts[1:]]
+    seen = []
+    original = engine.scheduler.schedule
+
+    def schedule():
+        batch = original()
+        seen.append((sum(n for s, n in batch if n > 1), any(n == 1 for s, n in batch)))
+        return batch
+
+    engine.scheduler.schedule = schedule
+    while engine.has_unfinished():
+        engine.step()
+    assert [engine.output(i) for i in ids] == reference
+    assert all(prompt_tokens <= 16 for prompt_tokens, decoding in seen if decoding)
+    assert sum(1 for prompt_tokens, _ in seen if prompt_tokens) >= sum(map(len, prompts[1:])) // 16

@@ -54,11 +54,13 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_tokens: int = 2048, max_seqs: int = 64,
                  block_size: int = 16, num_blocks: int | None = None, prefix_caching: bool = True,
                  preemption: str = "swap", swap_blocks: int | None = None, max_model_len: int | None = None,
-                 kv_memory: int = 256 << 20, seed: int = 0, draft=None, num_speculative: int = 4):
+                 kv_memory: int = 256 << 20, seed: int = 0, draft=None, num_speculative: int = 4,
+                 max_prefill_tokens: int | None = None):
         """max_batch_tokens: new tokens per step (prefill chunks + decodes); max_seqs: running sequences;
         num_blocks: KV pool size in blocks (default: sized from max_seqs within kv_memory bytes);
         preemption: "swap" (KV offload to CPU, recompute when swap_blocks is full) or "recompute";
-        draft: a smaller model with the same vocabulary proposing `num_speculative` tokens per decode."""
+        draft: a smaller model with the same vocabulary proposing `num_speculative` tokens per decode;
+        max_prefill_tokens: prompt tokens per step while sequences are decoding (None: max_batch_tokens)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         c = model.config
         p = next(model.parameters())
@@ -81,7 +83,7 @@ class Engine:
         self.cache = PagedKVCache(c, num_blocks, block_size, self.device, dtype)
         caches = self.cache if self.spec is None else CacheGroup(self.cache, self.spec.cache)
         self.scheduler = Scheduler(self.pool, caches, max_seqs, max_batch_tokens, prefix_caching, preemption,
-                                   swap_blocks, lookahead)
+                                   swap_blocks, lookahead, max_prefill_tokens)
         self.requests: dict[int, Sequence] = {}
         self._ids = itertools.count()  # next() on a count is atomic: no lock needed
         self._lock = threading.RLock()  # held by step() for a whole forward

@@ -4,6 +4,9 @@ Every step: running sequences first (oldest first; a decode costs 1 token of the
 unfinished prefill takes a chunk of what is left: chunked prefill), then swapped-out sequences
 come back, then waiting requests are admitted while the token budget, the sequence cap and the
 block pool allow. With a draft model, a decode reserves room for `lookahead` drafted tokens too.
+`max_prefill_tokens` caps the prompt tokens of a step in which sequences are decoding, so that a
+wave of newcomers is prefilled over several steps instead of stalling every running stream for one
+long step.
 When a running sequence needs a block and none is free, the newest running
 sequence is preempted: its blocks are copied to CPU memory (KV offload, swapped back in later) or,
 when the swap space is full or preemption="recompute", dropped and recomputed from its tokens.
@@ -64,12 +67,14 @@ class Sequence:
 class Scheduler:
     def __init__(self, pool: BlockPool, cache: PagedKVCache, max_seqs: int, max_batch_tokens: int,
                  prefix_caching: bool = True, preemption: str = "swap", swap_blocks: int | None = None,
-                 lookahead: int = 0):
+                 lookahead: int = 0, max_prefill_tokens: int | None = None):
         if preemption not in ("swap", "recompute"):
             raise ValueError(f"preemption must be 'swap' or 'recompute', got {preemption!r}")
         self.pool, self.cache = pool, cache
         self.max_seqs, self.max_batch_tokens = max_seqs, max_batch_tokens
         self.prefix_caching, self.preemption, self.lookahead = prefix_caching, preemption, lookahead
+        self.max_prefill_tokens = max_prefill_tokens
+        self._prefill_left = max_batch_tokens  # prompt tokens this step may still take
         self.swap_blocks = pool.num_blocks if swap_blocks is None else swap_blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -86,10 +91,14 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The sequences to run this step with their number of new tokens."""
         budget, batch, preempted = self.max_batch_tokens, [], False
+        decoding = self.max_prefill_tokens and any(s.num_pending == 1 for s in self.running)
+        self._prefill_left = self.max_prefill_tokens if decoding else budget
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
             n, cost = self._plan(seq, budget)
+            if n == 0:  # a prompt chunk past this step's prefill cap
+                continue
             while not self._reserve(seq, seq.num_computed + cost):
                 preempted = True
                 victim = self.running[-1]
@@ -117,13 +126,13 @@ class Scheduler:
             self.counters["swaps_in"] += 1
             self.running.append(seq)
             n, cost = self._plan(seq, budget)
-            if self._reserve(seq, seq.num_computed + cost):
+            if n and self._reserve(seq, seq.num_computed + cost):
                 batch.append((seq, n))
                 budget = max(0, budget - cost)
         return budget
 
     def _admit(self, batch: list, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        while self.waiting and budget > 0 and self._prefill_left > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
             if not seq.blocks and self.prefix_caching and seq.prompt_logprobs is None:  # a hit skips logits
                 self._prefix_lookup(seq)
@@ -142,8 +151,11 @@ class Scheduler:
     def _plan(self, seq: Sequence, budget: int) -> tuple[int, int]:
         """(new tokens to run, tokens of budget and cache to set aside): a decode with a draft model
         also verifies up to `lookahead` drafted tokens."""
-        n = min(seq.num_pending, budget)
-        return n, n + (self.lookahead if seq.num_pending == 1 else 0)
+        if seq.num_pending == 1:
+            return min(1, budget), 1 + self.lookahead
+        n = min(seq.num_pending, budget, self._prefill_left)
+        self._prefill_left -= n
+        return n, n
 
     # ------------------------------------------------------------------ blocks
 

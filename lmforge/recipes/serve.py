@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seqs", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond --max-seqs before 429")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step (chunked prefill)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens per step while other sequences decode (default: no cap beyond "
+                        "--max-batch-tokens); lower keeps streams smooth when many requests arrive at once")
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from --max-seqs)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
@@ -51,8 +54,9 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 def main(args: argparse.Namespace) -> int:
     from lmforge.serve import ServeConfig, serve
 
-    for flag in ("max_seqs", "max_queue", "max_batch_tokens", "block_size", "max_body_bytes", "num_speculative"):
-        if getattr(args, flag) < 1:
+    for flag in ("max_seqs", "max_queue", "max_batch_tokens", "block_size", "max_body_bytes", "num_speculative",
+                 "max_prefill_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise LmforgeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     cfg = ServeConfig(model=args.model, adapters=parse_adapters(args.adapter), served_model_name=args.served_model_name,
                       api_key=args.api_key or None, host=args.host, port=args.port, device=args.device,
@@ -60,6 +64,6 @@ def main(args: argparse.Namespace) -> int:
                       max_batch_tokens=args.max_batch_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
                       max_model_len=args.max_model_len, request_timeout=args.request_timeout,
                       max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, draft=args.draft,
-                      num_speculative=args.num_speculative)
+                      num_speculative=args.num_speculative, max_prefill_tokens=args.max_prefill_tokens)
     serve(cfg)
     return 0

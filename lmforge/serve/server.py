@@ -38,6 +38,7 @@ class ServeConfig:
     drain_timeout: float = 30.0
     draft: str | None = None  # a smaller model folder with the same tokenizer: speculative decoding
     num_speculative: int = 4  # tokens the draft proposes per decode step
+    max_prefill_tokens: int | None = None  # prompt tokens per step while others decode (None: no cap)
 
 
 def load_adapters(model, adapters: dict[str, str]) -> list[str]:
@@ -87,7 +88,7 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
         draft = load_draft(cfg.draft, model, tokenizer)
     engine = Engine(model, tokenizer, max_seqs=cfg.max_seqs, max_batch_tokens=cfg.max_batch_tokens,
                     block_size=cfg.block_size, num_blocks=cfg.num_blocks, max_model_len=cfg.max_model_len,
-                    draft=draft, num_speculative=cfg.num_speculative)
+                    draft=draft, num_speculative=cfg.num_speculative, max_prefill_tokens=cfg.max_prefill_tokens)
     runner = EngineRunner(engine, max_in_flight=cfg.max_seqs + cfg.max_queue)
     vision = None if vlm is None else VisionRunner(vlm, tokenizer, engine._lock, runner.max_in_flight,
                                                    engine.max_model_len)
