@@ -47,7 +47,12 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list[np.ndarray]]:
         parts = []
         for j, part in enumerate(content):
             if isinstance(part, dict) and part.get("type") in ("image", "image_url"):
-                images.append(load_image(_image_source(part, f"message {i} part {j}")))
+                where = f"message {i} part {j}"
+                source = _image_source(part, where)
+                try:
+                    images.append(load_image(source))
+                except LmforgeError as e:
+                    raise LmforgeError(f"{where}: {e}") from None
                 parts.append({"type": "image"})
             else:
                 parts.append(part)
