@@ -1,6 +1,7 @@
-"""Speculative decoding inside the engine: greedy outputs identical to the plain engine for many
-concurrent requests (with prefix caching, preemption, cancel, stop tokens, logprobs), sampled
-outputs distributed as the target's (chi-square on a 4-token vocabulary), blocks all freed."""
+"""Speculative decoding inside the engine, with a draft model or prompt lookup: greedy outputs
+identical to the plain engine for many concurrent requests (with prefix caching, preemption,
+cancel, stop tokens, logprobs), sampled outputs distributed as the target's (chi-square on a
+4-token vocabulary), blocks all freed."""
 
 import copy
 
@@ -27,10 +28,13 @@ def target():
     return _model()
 
 
-@pytest.fixture(scope="module", params=["noisy-copy", "self", "stranger"])
+@pytest.fixture(scope="module", params=["noisy-copy", "self", "stranger", "lookup"])
 def draft(request, target):
     """A perturbed copy of the target (partial acceptance), the target itself (every draft accepted:
-    the draft cache lags a token) and an unrelated 1-layer model (almost every draft rejected)."""
+    the draft cache lags a token), an unrelated 1-layer model (almost every draft rejected), and
+    prompt lookup (no model)."""
+    if request.param == "lookup":
+        return "lookup"
     if request.param == "self":
         return target
     if request.param == "stranger":
@@ -41,6 +45,10 @@ def draft(request, target):
         for p in noisy.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.005)
     return noisy
+
+
+def _spec(target, draft, **kw):
+    return Engine(target, lookup=True, **kw) if draft == "lookup" else Engine(target, draft=draft, **kw)
 
 
 def _prompts(n, seed=1, lo=3, hi=40, shared=0):
@@ -54,7 +62,7 @@ def test_greedy_equals_plain_engine_among_many(target, draft):
     prompts = _prompts(24, shared=0) + _prompts(8, seed=2, shared=20)  # the last 8 share 20 tokens
     sp = SamplingParams(max_new_tokens=20)
     plain = Engine(target, block_size=4).generate_batch(prompts, sp)
-    engine = Engine(target, block_size=4, draft=draft, num_speculative=3)
+    engine = _spec(target, draft, block_size=4, num_speculative=3)
     ids = [engine.add_request(p, sp) for p in prompts[:25]]
     engine.step()  # the first prompt with the shared prefix is in the cache for the later ones
     ids += [engine.add_request(p, sp) for p in prompts[25:]]
@@ -63,7 +71,7 @@ def test_greedy_equals_plain_engine_among_many(target, draft):
     assert [engine.output(i) for i in ids] == plain
     s = engine.stats
     assert s["blocks_used"] == 0 and s["running"] == 0 and s["prefix_hit_blocks"] > 0
-    assert s["drafted_tokens"] > 0
+    assert s["drafted_tokens"] > 0 and (draft != "lookup" or s["accepted_tokens"] > 0)
     stats = engine.acceptance(0)
     assert stats["steps"] > 0 and stats["drafted"] >= stats["accepted"]
     if draft is target:
@@ -75,8 +83,8 @@ def test_preemption_keeps_outputs(target, draft, preemption):
     prompts = _prompts(12, seed=5)
     sp = SamplingParams(max_new_tokens=12)
     plain = Engine(target, block_size=4).generate_batch(prompts, sp)
-    engine = Engine(target, block_size=4, num_blocks=34, max_batch_tokens=48, preemption=preemption,
-                    draft=draft, num_speculative=3)
+    engine = _spec(target, draft, block_size=4, num_blocks=34, max_batch_tokens=48, preemption=preemption,
+                   num_speculative=3)
     assert engine.generate_batch(prompts, sp) == plain
     s = engine.stats
     assert s["preemptions"] > 0 and (s["swaps_out"] > 0) == (preemption == "swap")
@@ -122,12 +130,13 @@ def test_seeded_sampling_is_batch_independent(target):
     assert alone == together[0] and len(alone) == 12
 
 
-def test_sampled_outputs_follow_the_target_distribution():
+@pytest.mark.parametrize("drafter", ["draft", "lookup"])
+def test_sampled_outputs_follow_the_target_distribution(drafter):
     """Joint law of the first three sampled tokens (the 2nd and 3rd come from one speculative
     step: accepted draft + bonus, or a corrected draft) against the target's exact law."""
     V = 4
     target, draft = _model(vocab=V, seed=0, std=0.5), _model(layers=1, vocab=V, seed=3, std=0.5)
-    prompt, params = [1, 3], SamplingParams(max_new_tokens=3, temperature=1.0)
+    prompt, params = [1, 3, 2, 1, 3, 0, 1], SamplingParams(max_new_tokens=3, temperature=1.0)
     with torch.no_grad():
         p1 = probabilities(target(torch.tensor([prompt]))[:, -1], params)[0]
         p2 = probabilities(target(torch.tensor([prompt + [a] for a in range(V)]))[:, -1], params)
@@ -135,7 +144,8 @@ def test_sampled_outputs_follow_the_target_distribution():
         p3 = probabilities(target(seqs)[:, -1], params).reshape(V, V, V)
     joint = (p1[:, None, None] * p2[:, :, None] * p3).reshape(-1)
     n = 1500
-    engine = Engine(target, draft=draft, num_speculative=2, max_seqs=128, prefix_caching=False)
+    engine = _spec(target, draft if drafter == "draft" else "lookup", num_speculative=2, max_seqs=128,
+                   prefix_caching=False)
     sps = [SamplingParams(max_new_tokens=3, temperature=1.0, seed=i) for i in range(n)]
     outs = engine.generate_batch([prompt] * n, sps)
     counts = torch.zeros(V ** 3)
@@ -156,3 +166,5 @@ def test_draft_with_another_vocabulary_is_refused(target):
         Engine(target, draft=_model(layers=1, vocab=256))
     with pytest.raises(LmforgeError, match="num_speculative"):
         Engine(target, draft=target, num_speculative=0)
+    with pytest.raises(LmforgeError, match="not both"):
+        Engine(target, draft=target, lookup=True)

@@ -1,6 +1,6 @@
 """Completions details against the official openai client: echo (prompt text and prompt-token
 logprobs, the first null, as OpenAI), stop strings (text, logprobs and usage agree, streaming or
-not), and a server decoding speculatively with --draft (same outputs as without)."""
+not), and a server decoding speculatively with --draft or --lookup (same outputs as without)."""
 
 from __future__ import annotations
 
@@ -113,11 +113,13 @@ def test_stop_string_text_logprobs_and_usage_agree(client, stream):
     assert usage.completion_tokens == i + 2  # ...but were generated, and count as generated (as vLLM)
 
 
-def test_draft_server_gives_the_same_outputs(ckpt, client):
+@pytest.mark.parametrize("drafter", ["draft", "lookup"])
+def test_speculative_server_gives_the_same_outputs(ckpt, client, drafter):
     model_dir, draft_dir, _ = ckpt
     prompts = ["The quick brown", "Hello there", "Paged attention keeps"]
     plain = [_lp(client.completions.create, prompt=p, max_tokens=20).choices[0].text for p in prompts]
-    with ServerThread(ServeConfig(model=str(model_dir), draft=str(draft_dir), num_speculative=3)) as s:
+    spec_kw = dict(draft=str(draft_dir)) if drafter == "draft" else dict(lookup=True)
+    with ServerThread(ServeConfig(model=str(model_dir), num_speculative=3, **spec_kw)) as s:
         spec = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
         for p, text in zip(prompts, plain):
             b = _lp(spec.completions.create, prompt=p, max_tokens=20)
@@ -134,5 +136,7 @@ def test_draft_server_gives_the_same_outputs(ckpt, client):
         assert [c.text for c in first.choices] == [c.text for c in again.choices]
         stats = s.state.runner.engine.stats
         assert stats["drafted_tokens"] > 0 and stats["blocks_used"] == 0
+
+def test_a_draft_with_another_tokenizer_is_refused(ckpt):
     with pytest.raises(LmforgeError, match="same tokenizer"):
-        build_state(ServeConfig(model=str(model_dir), draft=str(ckpt[2])))
+        build_state(ServeConfig(model=str(ckpt[0]), draft=str(ckpt[2])))

@@ -5,7 +5,7 @@ prompt lookup or Medusa heads), and loading a draft checked against its target.
 Input rows: {"prompt": "..."} or {"prompt_ids": [...]} or {"messages": [...]} (chat template),
 with optional "id", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "adapter".
 Output rows (same order): id, completion, completion_ids, finish_reason, prompt_tokens,
-completion_tokens (and with a draft, speculative: the request's acceptance figures).
+completion_tokens (and with a draft or lookup, speculative: the request's acceptance figures).
 """
 
 from __future__ import annotations
@@ -67,12 +67,15 @@ def load_draft(path: str | Path, target, tokenizer=None):
 
 
 def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path, params: SamplingParams,
-                     draft: str | None = None, num_speculative: int = 4, **engine_kwargs) -> dict:
-    """Every prompt of the file through one Engine (speculative with a `draft` model folder); writes
-    out_path atomically; returns a summary (with the draft's acceptance rate)."""
+                     draft: str | None = None, lookup: bool = False, num_speculative: int = 4,
+                     **engine_kwargs) -> dict:
+    """Every prompt of the file through one Engine (speculative with a `draft` model folder or
+    prompt `lookup`); writes out_path atomically; returns a summary (with the acceptance rate)."""
     rows = read_prompts(in_path)
-    if draft is not None:
-        engine_kwargs.update(draft=load_draft(draft, model, tokenizer), num_speculative=num_speculative)
+    speculative = draft is not None or lookup
+    if speculative:
+        engine_kwargs.update(lookup=lookup, num_speculative=num_speculative,
+                             draft=None if draft is None else load_draft(draft, model, tokenizer))
     engine = Engine(model, tokenizer, **engine_kwargs)
     start, ids = time.perf_counter(), []
     for where, row in rows:
@@ -90,7 +93,7 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
         text = _cut_stop(tokenizer.decode(seq.output), seq.params.stop_strings) if tokenizer is not None else None
         out = dict(id=row.get("id", i), completion=text, completion_ids=seq.output, finish_reason=seq.finish_reason,
                    prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output))
-        if draft is not None:
+        if speculative:
             out["speculative"] = engine.acceptance(rid)
         lines.append(json.dumps(out))
     atomic_write_text(out_path, "\n".join(lines) + "\n")
@@ -99,7 +102,7 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
     summary = dict(requests=len(rows), generated_tokens=s["generated_tokens"], seconds=round(seconds, 2),
                    tokens_per_s=round(s["generated_tokens"] / max(seconds, 1e-9), 1),
                    prefix_hit_blocks=s["prefix_hit_blocks"])
-    if draft is not None:
+    if speculative:
         summary.update(drafted_tokens=s["drafted_tokens"], accepted_tokens=s["accepted_tokens"],
                        acceptance_rate=round(s["accepted_tokens"] / max(1, s["drafted_tokens"]), 4))
     return summary

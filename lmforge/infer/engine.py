@@ -13,8 +13,9 @@ happened. Explicit [B, 1, T, S] masks plus position ids make each sequence see o
 context: it decodes the same alone or among others. (Rows with different LoRA adapters cannot
 share a packed row; they run as left-padded rows [B, T], so each row's last column is its last token.)
 
-With `draft=model`, every decode is speculative (engine_spec.py): the draft proposes
-`num_speculative` tokens per running sequence, batched; the target scores each row's
+With `draft=model` (or `lookup=True`: prompt-lookup drafts, no model), every decode is
+speculative (engine_spec.py): the drafter proposes up to `num_speculative` tokens per running
+sequence, batched; the target scores each row's
 [last, d1..dk] in one forward and exact rejection sampling keeps a prefix plus one token (greedy:
 the same tokens as plain decoding); blocks reserved for rejected drafts go back to the pool.
 
@@ -37,7 +38,7 @@ from lmforge.common import LmforgeError
 
 from .paged import BlockPool, CacheGroup, PagedKVCache, forward_packed, forward_padded
 from .sampling import SamplingParams, sample
-from .engine_spec import SpecDecoder
+from .engine_spec import DraftModel, PromptLookup
 from .scheduler import Scheduler, Sequence, Status
 
 
@@ -54,12 +55,13 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_tokens: int = 2048, max_seqs: int = 64,
                  block_size: int = 16, num_blocks: int | None = None, prefix_caching: bool = True,
                  preemption: str = "swap", swap_blocks: int | None = None, max_model_len: int | None = None,
-                 kv_memory: int = 256 << 20, seed: int = 0, draft=None, num_speculative: int = 4,
-                 max_prefill_tokens: int | None = None):
+                 kv_memory: int = 256 << 20, seed: int = 0, draft=None, lookup: bool = False,
+                 num_speculative: int = 4, max_prefill_tokens: int | None = None):
         """max_batch_tokens: new tokens per step (prefill chunks + decodes); max_seqs: running sequences;
         num_blocks: KV pool size in blocks (default: sized from max_seqs within kv_memory bytes);
         preemption: "swap" (KV offload to CPU, recompute when swap_blocks is full) or "recompute";
         draft: a smaller model with the same vocabulary proposing `num_speculative` tokens per decode;
+        lookup: propose them by prompt lookup instead (n-gram matches in the sequence, no model);
         max_prefill_tokens: prompt tokens per step while sequences are decoding (None: max_batch_tokens)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         c = model.config
@@ -73,7 +75,10 @@ class Engine:
             block_bytes = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * itemsize
             num_blocks = max(2 * per_seq, min(max_seqs * per_seq // 4, kv_memory // block_bytes)) + 1
         self.block_size = block_size
-        self.spec = None if draft is None else SpecDecoder(draft, num_speculative, c, num_blocks, block_size)
+        if draft is not None and lookup:
+            raise LmforgeError("choose one drafter: a draft model or prompt lookup, not both")
+        self.spec = (DraftModel(draft, num_speculative, c, num_blocks, block_size) if draft is not None
+                     else PromptLookup(num_speculative) if lookup else None)
         lookahead = 0 if self.spec is None else self.spec.k
         # One sequence (plus its drafts) must always fit.
         self.max_model_len = min(self.max_model_len, (num_blocks - 1) * block_size - lookahead)
@@ -81,7 +86,7 @@ class Engine:
             self.max_model_len = min(self.max_model_len, self.spec.max_len)
         self.pool = BlockPool(num_blocks, block_size)
         self.cache = PagedKVCache(c, num_blocks, block_size, self.device, dtype)
-        caches = self.cache if self.spec is None else CacheGroup(self.cache, self.spec.cache)
+        caches = self.cache if self.spec is None or self.spec.cache is None else CacheGroup(self.cache, self.spec.cache)
         self.scheduler = Scheduler(self.pool, caches, max_seqs, max_batch_tokens, prefix_caching, preemption,
                                    swap_blocks, lookahead, max_prefill_tokens)
         self.requests: dict[int, Sequence] = {}
@@ -273,13 +278,14 @@ class Engine:
             lg, L = logits[i, T - len(d) - 1:], len(seq.tokens)
             if not d:
                 seq.num_computed += 1
+                seq.num_draft_computed = self.spec.valid_after(seq, L, 0)
                 self.scheduler.register_full_blocks(seq)
                 events.append(self._sample_and_check(seq, lg[0], int(lg[0].argmax())))
             else:
                 new, accepted = self.spec.verify(seq, lg, d, qs[i], gens[i])
                 kept, lps, reason = self._extend(seq, new, lg)
                 seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
-                seq.num_draft_computed = min(L + len(d) - 1, seq.num_computed)  # the draft never saw d_k
+                seq.num_draft_computed = self.spec.valid_after(seq, L, len(d))
                 seq.spec_steps += 1
                 seq.drafted, seq.accepted = seq.drafted + len(d), seq.accepted + accepted
                 self.counters["drafted_tokens"] += len(d)

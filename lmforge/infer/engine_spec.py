@@ -1,7 +1,8 @@
-"""Speculative decoding inside the continuous-batching engine: a small draft model proposes k
-tokens for every running sequence (batched across sequences), the target checks all of them in
-the engine's one decode forward, and `speculative.verify` (exact rejection sampling; greedy gives
-the same tokens as plain decoding) decides what is kept.
+"""Speculative decoding inside the continuous-batching engine: a drafter proposes up to k tokens
+for every running sequence, the target checks all of them in the engine's one decode forward, and
+`speculative.verify` (exact rejection sampling; greedy gives the same tokens as plain decoding)
+decides what is kept. Drafters: `DraftModel` (a small model with the same vocabulary, batched
+across sequences) and `PromptLookup` (n-gram matches in the sequence itself, no model).
 
 The draft keeps its keys/values in its own paged cache indexed by the same block ids as the
 target's, so block tables, prefix sharing, swapping and freeing cover both models at once. A
@@ -19,24 +20,19 @@ from lmforge.common import LmforgeError
 from .paged import PagedKVCache, forward_packed, forward_padded
 from .sampling import probabilities
 from .scheduler import Sequence
-from .speculative import verify, verify_greedy
+from .speculative import LookupProposer, verify, verify_greedy
 
 
-class SpecDecoder:
-    def __init__(self, draft, k: int, target_config, num_blocks: int, block_size: int):
+class Drafter:
+    """What the engine asks of a drafter; `cache` is its paged KV cache (None: it needs none)."""
+
+    cache: PagedKVCache | None = None
+    max_len = 1 << 62  # positions it can handle
+
+    def __init__(self, k: int):
         if k < 1:
             raise LmforgeError(f"num_speculative must be >= 1, got {k}")
-        if draft.config.vocab_size != target_config.vocab_size:
-            raise LmforgeError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
-                               f"({target_config.vocab_size}): the draft needs the same tokenizer")
-        self.draft, self.k = draft.eval(), k
-        p = next(draft.parameters())
-        dtype = p.dtype if p.is_floating_point() else torch.float32
-        self.cache = PagedKVCache(draft.config, num_blocks, block_size, p.device, dtype)
-
-    @property
-    def max_len(self) -> int:
-        return self.draft.config.max_position_embeddings
+        self.k = k
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
         """Drafts worth proposing: none past max_new_tokens or the context; none with a repetition
@@ -47,13 +43,60 @@ class SpecDecoder:
         return max(0, min(self.k, left, max_model_len - len(seq.tokens)))
 
     def prefill(self, seqs: list[Sequence], upto: list[int]) -> None:
+        for seq, end in zip(seqs, upto):
+            seq.num_draft_computed = max(seq.num_draft_computed, end)
+
+    def valid_after(self, seq: Sequence, length: int, num_drafts: int) -> int:
+        """num_draft_computed after a verification step (length: the sequence before it)."""
+        return seq.num_computed
+
+    @staticmethod
+    def verify(seq: Sequence, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None,
+               generator: torch.Generator) -> tuple[list[int], int]:
+        """(tokens to append, drafts accepted) from the target's logits at [last, d1..dk] [k+1, V]."""
+        if seq.params.greedy:
+            return verify_greedy(logits, drafts)
+        return verify(probabilities(logits, seq.params), q, drafts, generator)
+
+
+class PromptLookup(Drafter):
+    """Drafts copied from the sequence itself: what followed the latest earlier occurrence of its
+    last n tokens (a deterministic proposal, so verification stays exact when sampling)."""
+
+    def __init__(self, k: int, max_ngram: int = 3):
+        super().__init__(k)
+        self.lookup = LookupProposer(max_ngram)
+
+    def propose(self, seqs: list[Sequence], ks: list[int],
+                generators: list[torch.Generator]) -> tuple[list[list[int]], list[None]]:
+        drafts = [self.lookup.propose(seq.tokens, k, seq.params, None)[0] if k else [] for seq, k in zip(seqs, ks)]
+        return drafts, [None] * len(seqs)
+
+
+class DraftModel(Drafter):
+    def __init__(self, draft, k: int, target_config, num_blocks: int, block_size: int):
+        super().__init__(k)
+        if draft.config.vocab_size != target_config.vocab_size:
+            raise LmforgeError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                               f"({target_config.vocab_size}): the draft needs the same tokenizer")
+        self.draft = draft.eval()
+        p = next(draft.parameters())
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        self.cache = PagedKVCache(draft.config, num_blocks, block_size, p.device, dtype)
+        self.max_len = draft.config.max_position_embeddings
+
+    def valid_after(self, seq: Sequence, length: int, num_drafts: int) -> int:
+        if not num_drafts:  # the draft did not run: it lags until the next proposal catches it up
+            return seq.num_draft_computed
+        return min(length + num_drafts - 1, seq.num_computed)  # it never saw its own last draft
+
+    def prefill(self, seqs: list[Sequence], upto: list[int]) -> None:
         """Run the draft over each sequence's tokens it has not seen, up to `upto` (a prefill chunk)."""
         rows = [(seq.tokens[seq.num_draft_computed:end], seq.num_draft_computed, seq.blocks)
                 for seq, end in zip(seqs, upto) if end > seq.num_draft_computed]
         if rows:
             forward_packed(self.draft, self.cache, rows)
-        for seq, end in zip(seqs, upto):
-            seq.num_draft_computed = max(seq.num_draft_computed, end)
+        super().prefill(seqs, upto)
 
     def propose(self, seqs: list[Sequence], ks: list[int],
                 generators: list[torch.Generator]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
@@ -79,11 +122,3 @@ class SpecDecoder:
                 drafts[i].append(x)
                 pending[i] = ([x], len(seqs[i].tokens) + r)
         return drafts, [torch.stack(q) if q else None for q in qs]
-
-    @staticmethod
-    def verify(seq: Sequence, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None,
-               generator: torch.Generator) -> tuple[list[int], int]:
-        """(tokens to append, drafts accepted) from the target's logits at [last, d1..dk] [k+1, V]."""
-        if seq.params.greedy:
-            return verify_greedy(logits, drafts)
-        return verify(probabilities(logits, seq.params), q, drafts, generator)

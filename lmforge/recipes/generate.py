@@ -74,10 +74,10 @@ def main(args: argparse.Namespace) -> int:
 
         if not args.out:
             raise LmforgeError("--prompts needs --out FILE.jsonl")
-        if args.lookup or args.medusa:
-            raise LmforgeError("--prompts runs through the engine, which drafts with --draft DIR only")
+        if args.medusa:
+            raise LmforgeError("--prompts runs through the engine, which drafts with --draft DIR or --lookup")
         summary = run_prompts_file(model, tokenizer, args.prompts, args.out, params, draft=args.draft,
-                                   num_speculative=args.spec_k)
+                                   lookup=args.lookup, num_speculative=args.spec_k)
         print(json.dumps(summary), file=sys.stderr)
         return 0
     if args.draft or args.lookup or args.medusa:  # speculative decoding of one prompt

@@ -1,7 +1,8 @@
 """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
 /v1/models, streaming), with LoRA adapters selected by the request's `model` field, optional
 Bearer API key, /health, /metrics (Prometheus) and a chat page at /; `--draft DIR` decodes
-speculatively with a smaller model sharing the tokenizer (same outputs, fewer target steps)."""
+speculatively with a smaller model sharing the tokenizer, `--lookup` with prompt-lookup drafts
+(same outputs, fewer target steps)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller model (same tokenizer)")
-    p.add_argument("--num-speculative", type=int, default=4, help="tokens --draft proposes per decode step")
+    p.add_argument("--lookup", action="store_true",
+                   help="speculative decoding with prompt-lookup drafts (n-gram copies from the context, no model)")
+    p.add_argument("--num-speculative", type=int, default=4, help="tokens --draft/--lookup propose per decode step")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish")
 
@@ -64,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
                       max_batch_tokens=args.max_batch_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
                       max_model_len=args.max_model_len, request_timeout=args.request_timeout,
                       max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, draft=args.draft,
-                      num_speculative=args.num_speculative, max_prefill_tokens=args.max_prefill_tokens)
+                      lookup=args.lookup, num_speculative=args.num_speculative,
+                      max_prefill_tokens=args.max_prefill_tokens)
     serve(cfg)
     return 0

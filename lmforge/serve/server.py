@@ -37,7 +37,8 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 30.0
     draft: str | None = None  # a smaller model folder with the same tokenizer: speculative decoding
-    num_speculative: int = 4  # tokens the draft proposes per decode step
+    lookup: bool = False  # speculative decoding with prompt-lookup drafts (no draft model)
+    num_speculative: int = 4  # tokens the draft (or lookup) proposes per decode step
     max_prefill_tokens: int | None = None  # prompt tokens per step while others decode (None: no cap)
 
 
@@ -88,7 +89,8 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
         draft = load_draft(cfg.draft, model, tokenizer)
     engine = Engine(model, tokenizer, max_seqs=cfg.max_seqs, max_batch_tokens=cfg.max_batch_tokens,
                     block_size=cfg.block_size, num_blocks=cfg.num_blocks, max_model_len=cfg.max_model_len,
-                    draft=draft, num_speculative=cfg.num_speculative, max_prefill_tokens=cfg.max_prefill_tokens)
+                    draft=draft, lookup=cfg.lookup, num_speculative=cfg.num_speculative,
+                    max_prefill_tokens=cfg.max_prefill_tokens)
     runner = EngineRunner(engine, max_in_flight=cfg.max_seqs + cfg.max_queue)
     vision = None if vlm is None else VisionRunner(vlm, tokenizer, engine._lock, runner.max_in_flight,
                                                    engine.max_model_len)
