@@ -88,7 +88,8 @@ def build(args, work: Path):
         target = load_model(work / "target").eval()
     else:
         torch.manual_seed(0)
-        target = Transformer(ModelConfig.preset("tiny", **base, **SHAPES["target"]))
+        target = Transformer(ModelConfig.preset("tiny", **base, **{**SHAPES["target"],
+                                                                   "num_hidden_layers": args.target_layers}))
         train_lm(target, windows, args.target_steps, 3e-3, "target")
         save_model(target.eval(), work / "target", tokenizer=tok)
 
@@ -153,6 +154,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--target-layers", type=int, default=6, help="depth of the target (width 256)")
     ap.add_argument("--target-steps", type=int, default=400)
     ap.add_argument("--draft-steps", type=int, default=400)
     ap.add_argument("--medusa-steps", type=int, default=300)
