@@ -168,3 +168,16 @@ def test_draft_with_another_vocabulary_is_refused(target):
         Engine(target, draft=target, num_speculative=0)
     with pytest.raises(LmforgeError, match="not both"):
         Engine(target, draft=target, lookup=True)
+
+
+@pytest.mark.parametrize("preset,extra", [("tiny", {"sliding_window": 8}), ("tiny-moe", {}), ("tiny-gpt2", {})])
+def test_model_families(preset, extra):
+    """Sliding-window attention, MoE and learned positions verify drafts like plain decoding."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, initializer_range=0.2, **extra)).eval()
+    prompts = _prompts(6, seed=12, hi=30)
+    sp = SamplingParams(max_new_tokens=12)
+    reference = Engine(model, block_size=4).generate_batch(prompts, sp)
+    for kw in (dict(draft=model), dict(lookup=True)):
+        assert Engine(model, block_size=4, max_batch_tokens=32, num_speculative=3, **kw).generate_batch(prompts, sp) \
+            == reference
