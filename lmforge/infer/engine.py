@@ -252,7 +252,7 @@ class Engine:
             seq.num_computed += n
             self.scheduler.register_full_blocks(seq)
             if seq.num_pending == 0 and seq.status is Status.RUNNING:
-                events.append(self._sample_and_check(seq, logits[row], argmax[row]))
+                events.append(self._sample_and_check(seq, logits, row, argmax[row]))
         return events
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -280,10 +280,10 @@ class Engine:
                 seq.num_computed += 1
                 seq.num_draft_computed = self.spec.valid_after(seq, L, 0)
                 self.scheduler.register_full_blocks(seq)
-                events.append(self._sample_and_check(seq, lg[0], int(lg[0].argmax())))
+                events.append(self._sample_and_check(seq, lg, 0, int(lg[0].argmax())))
             else:
                 new, accepted = self.spec.verify(seq, lg, d, qs[i], gens[i])
-                kept, lps, reason = self._extend(seq, new, lg)
+                kept, lps, reason = self._extend(seq, new, lg, 0)
                 seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
                 seq.num_draft_computed = self.spec.valid_after(seq, L, len(d))
                 seq.spec_steps += 1
@@ -307,7 +307,9 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and stopping
 
-    def _sample_and_check(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> Event:
+    def _sample_and_check(self, seq: Sequence, logits: torch.Tensor, row: int, argmax: int) -> Event:
+        """The next token of `seq` from logits[row] (greedy rows only use `argmax`: no tensor op per
+        row, which matters when a server thread competes for the GIL)."""
         p = seq.params
         if p.max_new_tokens == 0:  # asked for the prompt's logprobs only
             self._finish(seq, "length")
@@ -319,8 +321,8 @@ class Engine:
             if p.repetition_penalty != 1.0:
                 seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
                 seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
-            token = int(sample(logits[None], p, seq.generator or self._generator, seen)[0])
-        kept, lps, reason = self._extend(seq, [token], logits[None])
+            token = int(sample(logits[row:row + 1], p, seq.generator or self._generator, seen)[0])
+        kept, lps, reason = self._extend(seq, [token], logits, row)
         if reason is not None:
             self._finish(seq, reason)
         return self._event(seq, kept, lps, reason)
@@ -330,14 +332,14 @@ class Engine:
         prompt_lps = seq.prompt_token_logprobs if first and seq.prompt_logprobs is not None else None
         return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps)
 
-    def _extend(self, seq: Sequence, tokens: list[int],
-                logits: torch.Tensor) -> tuple[list[int], list | None, str | None]:
-        """Append tokens (logits [n, V]: the target's at each) up to the first that ends the request:
-        (the tokens kept, their logprob entries when asked, the finish reason or None)."""
+    def _extend(self, seq: Sequence, tokens: list[int], logits: torch.Tensor,
+                first: int) -> tuple[list[int], list | None, str | None]:
+        """Append tokens (logits[first + i]: the target's at token i) up to the first that ends the
+        request: (the tokens kept, their logprob entries when asked, the finish reason or None)."""
         kept, lps, reason = [], [] if seq.logprobs is not None else None, None
-        for token, row in zip(tokens, logits):
+        for i, token in enumerate(tokens):
             if lps is not None:
-                lps.append(_logprob_entry(row, token, seq.logprobs))
+                lps.append(_logprob_entry(logits[first + i], token, seq.logprobs))
             seq.output.append(token)
             kept.append(token)
             reason = self._stop_reason(seq, token)
@@ -356,7 +358,7 @@ class Engine:
             text = self._decode_known(seq.output)
             if any(s and s in text for s in p.stop_strings):
                 return "stop"
-        if len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.max_model_len:
+        if len(seq.output) >= p.max_new_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
             return "length"
         return None
 
