@@ -101,8 +101,12 @@ class PagedKVCache:
         shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        # The same memory seen block by block, for the per-step gather (views made once, not per call).
+        self.k_blocks = [k.view(num_blocks, block_size, *shape[1:]) for k in self.k]
+        self.v_blocks = [v.view(num_blocks, block_size, *shape[1:]) for v in self.v]
         self.write_slots: torch.Tensor | None = None
         self.block_table: torch.Tensor | None = None
+        self._blocks: torch.Tensor | None = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -111,7 +115,7 @@ class PagedKVCache:
 
     def set_step(self, write_slots: torch.Tensor, block_table: torch.Tensor) -> None:
         """write_slots [B, T]: where each new token's k/v goes; block_table [B, nb]: each row's blocks."""
-        self.write_slots, self.block_table = write_slots.reshape(-1), block_table
+        self.write_slots, self.block_table, self._blocks = write_slots.reshape(-1), block_table, block_table.reshape(-1)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0):
         """k, v [B, Hkv, T, hd] -> every row's keys/values [B, Hkv, nb * block_size, hd] (start_pos is
@@ -119,10 +123,9 @@ class PagedKVCache:
         B, H, T, D = k.shape
         self.k[layer_idx].index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(B * T, H, D))
         self.v[layer_idx].index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(B * T, H, D))
-        blocks = self.block_table.reshape(-1)
         S = self.block_table.shape[1] * self.block_size
-        k_all = self.k[layer_idx].view(self.num_blocks, -1, H, D).index_select(0, blocks).view(B, S, H, D)
-        v_all = self.v[layer_idx].view(self.num_blocks, -1, H, D).index_select(0, blocks).view(B, S, H, D)
+        k_all = self.k_blocks[layer_idx].index_select(0, self._blocks).view(B, S, H, D)
+        v_all = self.v_blocks[layer_idx].index_select(0, self._blocks).view(B, S, H, D)
         return k_all.transpose(1, 2), v_all.transpose(1, 2)
 
     def _slots(self, blocks: list[int]) -> torch.Tensor:
