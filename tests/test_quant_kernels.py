@@ -53,3 +53,21 @@ def test_quantized_tied_head_is_untied_and_survives_save_and_load(tmp_path):
     assert isinstance(loaded.lm_head, Int8Linear)
     prompt = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(generate(model, prompt, max_new_tokens=8), generate(loaded, prompt, max_new_tokens=8))
+
+
+def test_layers_no_kernel_takes_keep_one_dequantized_copy():
+    """A width the int4 kernel cannot take (688 is not a multiple of a kernel group size) is
+    dequantised once, not at every call, and gives the dequantised result."""
+    from lmforge.quant.linear import IntNLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(688, 64)
+    q = IntNLinear.from_float(lin, bits=4, group_size=128)  # falls back to a group that divides 688
+    x = torch.randn(2, 688)
+    with torch.no_grad():
+        y1, y2 = q(x), q(x)
+        ref = nn.functional.linear(x, q.dequantize(), lin.bias)
+    assert q._cache is False and q._dense is not None
+    assert torch.allclose(y1, ref, atol=1e-4) and torch.equal(y1, y2)
+    q.set_quantized(q.codes(), q.scales * 2, q.zeros)  # new weights drop the copy
+    assert q._dense is None

@@ -39,7 +39,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.empty(out_features, device=device, dtype=dtype) if bias else None)
         self.register_buffer("input_scale", torch.empty(in_features, device=device, dtype=dtype) if input_scale else None)
-        self._cache = None
+        self._cache = self._dense = None
 
     # -- construction
     @classmethod
@@ -85,6 +85,15 @@ class QuantLinear(nn.Module):
         y = self._kernel(x) if fast else None
         return self._fallback(x) if y is None else y.to(x.dtype)
 
+    def _dense_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """For shapes no packed kernel takes (e.g. a width that is not a multiple of the group size):
+        the weight dequantised once and kept in float for inference, instead of unpacking and
+        dequantising it at every call (which made such layers many times slower than float)."""
+        dense = getattr(self, "_dense", None)
+        if dense is None or dense.dtype != x.dtype:
+            dense = self._dense = self._weight().to(x.dtype).t().contiguous()
+        return x @ dense
+
     def _fallback(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._weight().to(x.dtype))
 
@@ -96,11 +105,11 @@ class QuantLinear(nn.Module):
 
     # -- cache invalidation: any move / cast / load rebuilds the kernel-ready copies
     def _apply(self, fn, recurse=True):
-        self._cache = None
+        self._cache = self._dense = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
+        self._cache = self._dense = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -122,6 +131,7 @@ class Int8Linear(QuantLinear):
     def set_weight(self, w):
         q, s = fmt.sym_quantize(w, 8)
         self.weight.copy_(q), self.scales.copy_(s)
+        self._cache = self._dense = None
 
     def _weight(self):
         return fmt.sym_dequantize(self.weight, self.scales)
@@ -130,7 +140,7 @@ class Int8Linear(QuantLinear):
         if self._cache is None:
             self._cache = self._prepack()
         if self._cache[0] == "none":
-            return None
+            return self._dense_mm(x)
         if self._cache[0] == "int4x2":
             _, packed, group, scales_zeros, scales = self._cache
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales_zeros)
@@ -189,7 +199,7 @@ class IntNLinear(QuantLinear):
         """Store integer codes q [N, K] with scale/zero [N, G] (GPTQ/AWQ hand their own in)."""
         self.qweight.copy_(pack_bits(q, self.bits))
         self.scales.copy_(scale), self.zeros.copy_(zero)
-        self._cache = None
+        self._cache = self._dense = None
 
     def codes(self) -> torch.Tensor:
         return unpack_bits(self.qweight, self.bits, self.in_features)
@@ -201,7 +211,7 @@ class IntNLinear(QuantLinear):
         if self._cache is None:
             self._cache = self._prepack()
         if self._cache is False:
-            return None
+            return self._dense_mm(x)
         packed, scales_zeros = self._cache
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, self.group_size, scales_zeros)
 

@@ -50,7 +50,9 @@ def measure_generation(gcfg: dict, models: dict[str, Path]) -> dict:
         target = loaded[final]
         proposers = {"prompt lookup": LookupProposer()}
         if "draft" in loaded:
-            proposers["speculative (draft model)"] = DraftProposer(loaded["draft"], max(map(len, encoded)) + new + k + 2)
+            # Drafting stops where the draft is unsure (k is then a bound): a weak draft costs less.
+            proposers["speculative (draft model)"] = DraftProposer(loaded["draft"], max(map(len, encoded)) + new + k + 2,
+                                                                   float(gcfg.get("draft_min_confidence", 0.4)))
         for name, proposer in proposers.items():
             speed, tokens, acc = _decode_speed(target, encoded, params, proposer, k)
             out["rows"].append({"model": final, "decoding": name, "tokens_per_s": speed, "acceptance_rate": acc,
