@@ -326,20 +326,30 @@ def _idle(state) -> bool:
 
 
 def test_disconnect_cancels_and_frees_blocks(server):
-    state = server.state
-    before = state.runner.engine.counters["generated_tokens"]
-    c, r = _open_stream(server.url)
-    assert state.runner.engine.stats["blocks_used"] > 0
-    r.close()
-    c.close()
-    assert wait_until(lambda: _idle(state)), state.runner.engine.stats
-    # a non-streaming request whose client gives up
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", timeout=0.3,
-                   json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 450, "temperature": 0})
-    assert wait_until(lambda: _idle(state)), state.runner.engine.stats
-    assert state.runner.engine.counters["generated_tokens"] - before < 2 * 450  # cut short, not run to the end
-    assert _metric(server.url, "lmforge_kv_blocks_used") == 0
+    state, engine = server.state, server.state.runner.engine
+    step = engine.step
+
+    def slow_step():  # >= 2 s for 450 tokens: a loaded machine cannot finish them before the checks
+        time.sleep(0.005)
+        return step()
+
+    engine.step = slow_step
+    try:
+        before = engine.counters["generated_tokens"]
+        c, r = _open_stream(server.url)
+        assert engine.stats["blocks_used"] > 0
+        r.close()
+        c.close()
+        assert wait_until(lambda: _idle(state)), engine.stats
+        # a non-streaming request whose client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", timeout=0.3,
+                       json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 450, "temperature": 0})
+        assert wait_until(lambda: _idle(state)), engine.stats
+        assert engine.counters["generated_tokens"] - before < 2 * 450  # cut short, not run to the end
+        assert _metric(server.url, "lmforge_kv_blocks_used") == 0
+    finally:
+        del engine.step
 
 
 def test_full_queue_answers_429_and_timeout_504(ckpt):
