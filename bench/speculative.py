@@ -6,7 +6,7 @@ greedy continuations of corpus prompts, the text it will be asked to guess) and 
 (same self-distilled data). Then, per method, tokens/s over the same prompts (median of repeats),
 the ratio to plain decoding, acceptance rates, and whether the tokens equal plain greedy.
 
-    python bench/speculative.py                # trains ~5 min the first time on 1 CPU core
+    python bench/speculative.py                # trains ~15 min the first time on 1 quiet CPU core
     python bench/speculative.py --retrain      # ignore the cache
 """
 
@@ -156,9 +156,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--target-layers", type=int, default=6, help="depth of the target (width 256)")
     ap.add_argument("--target-steps", type=int, default=400)
-    ap.add_argument("--draft-steps", type=int, default=400)
-    ap.add_argument("--medusa-steps", type=int, default=300)
-    ap.add_argument("--distill-rows", type=int, default=256)
+    ap.add_argument("--draft-steps", type=int, default=2000)
+    ap.add_argument("--medusa-steps", type=int, default=600)
+    ap.add_argument("--distill-rows", type=int, default=2048)
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--k", type=int, default=3)
