@@ -140,3 +140,34 @@ def test_speculative_server_gives_the_same_outputs(ckpt, client, drafter):
 def test_a_draft_with_another_tokenizer_is_refused(ckpt):
     with pytest.raises(LmforgeError, match="same tokenizer"):
         build_state(ServeConfig(model=str(ckpt[0]), draft=str(ckpt[2])))
+
+
+class _Decoder:
+    """TextStream's view of a tokenizer: decode(ids) and vocab_size."""
+
+    def __init__(self, backend):
+        self.backend, self.vocab_size = backend, backend.get_vocab_size()
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids)
+
+
+def test_text_stream_decodes_incrementally_as_a_whole_decode():
+    """Only a window of the last tokens is decoded per push; the text is still decode(all ids):
+    byte-level BPE with characters split across tokens, and SentencePiece's Metaspace (a window's
+    first token loses its leading space when decoded first)."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    from lmforge.serve.text import TextStream
+
+    corpus = ["naïve café – déjà vu 🙂🚀 日本語のテキスト, the quick brown fox jumps over the lazy dog"] * 30
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(corpus, vocab_size=120, min_frequency=1, show_progress=False)
+    for tok in (train_tokenizer(corpus, vocab_size=300), _Decoder(sp)):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, tok.vocab_size, (300,), generator=g).tolist()
+        whole = tok.decode(ids)
+        for step in (1, 3):  # one token per push, and speculative decoding's several
+            ts = TextStream(tok, [])
+            text = "".join(ts.push(ids[i:i + step]) for i in range(0, len(ids), step)) + ts.flush()
+            assert text == whole and ts._decode_all() == whole

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -15,6 +16,8 @@ from .metrics import Metrics
 from .protocol import APIError
 from .runner import EngineFailed, EngineRunner, Handle, QueueFull, Submission
 from .text import TextStream
+
+_DEADLINE = object()  # put on a request's queue when its time is up
 
 
 @dataclass
@@ -53,14 +56,16 @@ async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted:
     handles, queue = submitted
     now = time.perf_counter()
     choices = [_Choice(TextStream(tokenizer, stop), now) for _ in handles]
-    deadline, open_ = now + timeout, len(handles)
+    open_ = len(handles)
+    # One timer per request puts a marker on the queue at the deadline (a timeout scope around
+    # every token's wait cost a timer per token: a fifth of the streaming path's time).
+    timer = asyncio.get_running_loop().call_later(timeout, queue.put_nowait, _DEADLINE)
     try:
         while open_:
-            try:
-                item = await _next(queue, deadline)
-            except (asyncio.TimeoutError, TimeoutError):
+            item = queue.get_nowait() if not queue.empty() else await queue.get()
+            if item is _DEADLINE:
                 raise APIError(504, f"the request did not finish within the server's {timeout:g} s timeout",
-                               type="timeout_error", code="timeout") from None
+                               type="timeout_error", code="timeout")
             if isinstance(item, EngineFailed):
                 raise APIError(500, f"the inference engine failed: {item}", type="server_error")
             if isinstance(item, Exception):
@@ -75,17 +80,9 @@ async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted:
                     runner.cancel(handles[i])
             yield delta
     finally:
+        timer.cancel()
         for h in handles:  # no-op for finished sequences; frees the blocks of the rest
             runner.cancel(h)
-
-
-async def _next(queue: asyncio.Queue, deadline: float):
-    """The next item, or TimeoutError past `deadline` (perf_counter). Per token, so cheap: no task
-    per wait (as wait_for makes), and none at all when an item is already there."""
-    if not queue.empty():
-        return queue.get_nowait()
-    async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
-        return await queue.get()
 
 
 def _advance(ch: _Choice, i: int, ev, metrics: Metrics) -> Delta:
@@ -132,8 +129,18 @@ async def collect(deltas: AsyncIterator[Delta], n: int) -> list[dict]:
 # ----------------------------------------------------------------------------- logprobs, OpenAI's shapes
 
 
+_token_strs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {id: text}
+
+
 def _token_str(tokenizer, token: int) -> str:
-    return tokenizer.decode([token], skip_special_tokens=False) if token < tokenizer.vocab_size else ""
+    """One token's text (cached: logprobs name every streamed token)."""
+    cache = _token_strs.get(tokenizer)
+    if cache is None:
+        cache = _token_strs[tokenizer] = {}
+    s = cache.get(token)
+    if s is None:
+        s = cache[token] = tokenizer.decode([token], skip_special_tokens=False) if token < tokenizer.vocab_size else ""
+    return s
 
 
 def echo_entries(prompt_ids: list[int], prompt_logprobs: list | None) -> list:

@@ -55,6 +55,9 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], accepts_images: bool
     return tokenizer.encode(text)
 
 
+_WINDOW = 16  # tokens decoded per push, at most (plus one)
+
+
 class TextStream:
     """Token ids in, text out, piece by piece: holds back a trailing incomplete UTF-8 character and
     any tail that could be the start of a stop string; cuts the text at the first stop string.
@@ -69,6 +72,9 @@ class TextStream:
         self.starts: list[int] = []  # per pushed token: the length of the text decoded before it
         self._decoded = 0
         self._covered = 0
+        # Incremental decoding: the text of ids[:h] is kept (_base), ids[p:h] (one token) is
+        # decoded again with the new ones (_overlap: its text decoded at the start of a window).
+        self._base, self._overlap, self._p = "", "", 0
 
     def push(self, ids: list[int]) -> str:
         if self.stopped:
@@ -79,8 +85,8 @@ class TextStream:
             if t < self.tokenizer.vocab_size:
                 self.ids.append(t)
                 if i + 1 < len(ids):  # several tokens at once (speculative decoding): where the next begins
-                    self._decoded = len(self.tokenizer.decode(self.ids))
-        full = self.tokenizer.decode(self.ids)
+                    self._decoded = len(self._decode_all())
+        full = self._decode_all()
         self._decoded = len(full)
         cut = self._first_stop(full)
         if cut is not None:
@@ -95,7 +101,7 @@ class TextStream:
         if self.stopped:
             return ""
         self.flushed = True
-        return self._emit(self.tokenizer.decode(self.ids))
+        return self._emit(self._decode_all())
 
     def covered(self) -> int:
         """Pushed tokens whose text has begun in the emitted text (all of them once flushed)."""
@@ -104,6 +110,22 @@ class TextStream:
         while self._covered < len(self.starts) and self.starts[self._covered] < len(self.text):
             self._covered += 1
         return self._covered
+
+    def _decode_all(self) -> str:
+        """decode(self.ids), decoding only the last few tokens (decoding them all at every token
+        made a stream's cost grow with the square of its length). The window starts one token
+        before the kept text ends, and that token's own text is cut from the window's: decoded
+        first, a token may read differently (SentencePiece drops its leading space), and it may be
+        the tail of a character whose first bytes came before."""
+        window = self.tokenizer.decode(self.ids[self._p:])
+        if window.startswith(self._overlap):
+            full = self._base + window[len(self._overlap):]
+        else:  # a decoder that rewrites text across tokens: decode them all
+            full = self.tokenizer.decode(self.ids)
+        if len(self.ids) - self._p > _WINDOW and not full.endswith("\ufffd"):  # at a character's end
+            self._base, self._p = full, len(self.ids) - 1
+            self._overlap = self.tokenizer.decode(self.ids[self._p:])
+        return full
 
     def _emit(self, upto: str) -> str:
         piece = upto[len(self.text):] if upto.startswith(self.text) else ""
