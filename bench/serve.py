@@ -1,8 +1,9 @@
 """Serving throughput and latency: `lmforge serve` (a real subprocess on 127.0.0.1) under 1, 4 and
 16 concurrent streaming clients: requests/s, generated tokens/s, p50/p99 time to first token and
-inter-token latency; the same prompts run one by one through transformers `generate` (in this
-process) as the baseline. Random GPT-2-shaped weights saved by transformers, a BPE tokenizer
-trained here, greedy decoding, every request runs to max_tokens. Medians of --repeats runs.
+inter-token latency, the server's CPU time per generated token; the same prompts run one by one
+through transformers `generate` (in this process) as the baseline. Random GPT-2-shaped weights
+saved by transformers, a BPE tokenizer trained here, greedy decoding, every request runs to
+max_tokens. Medians of --repeats runs.
 
     python bench/serve.py                      # a few minutes on 2 CPU cores
     python bench/serve.py --layers 12 --hidden 768 --vocab 8192   # GPT-2-small-sized body (slow on CPU)
@@ -108,7 +109,7 @@ def transformers_sequential(hf, prompts: list[list[int]], new: int) -> dict:
                     pad_token_id=0)
     wall = time.perf_counter() - start - sum(ttft)
     return dict(req_s=len(prompts) / wall, tok_s=len(prompts) * new / wall, ttft50=pct(ttft, 0.5),
-                ttft99=pct(ttft, 0.99), itl50=float("nan"), itl99=float("nan"))
+                ttft99=pct(ttft, 0.99), itl50=float("nan"), itl99=float("nan"), cpu_tok=float("nan"))
 
 
 def start_server(folder: Path, args) -> tuple[subprocess.Popen, str]:
@@ -128,6 +129,24 @@ def start_server(folder: Path, args) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc; nan where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(proc: subprocess.Popen, url: str, prompts: list[list[int]], new: int, concurrency: int) -> dict:
+    """One load run plus the server's CPU time (all threads) per generated token: a figure that
+    a machine loaded by other work disturbs much less than the wall-clock rates."""
+    before = cpu_seconds(proc.pid)
+    r = asyncio.run(load(url, prompts, new, concurrency))
+    r["cpu_tok"] = (cpu_seconds(proc.pid) - before) / (len(prompts) * new)
+    return r
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -159,17 +178,18 @@ def main() -> None:
             asyncio.run(load(url, prompts[:4], 8, 4))  # warm-up
             for c in args.concurrency:
                 rows[f"lmforge serve, {c} clients"] = median_of(
-                    [asyncio.run(load(url, prompts, args.new_tokens, c)) for _ in range(args.repeats)])
+                    [measured(proc, url, prompts, args.new_tokens, c) for _ in range(args.repeats)])
         finally:
             proc.terminate()
             proc.wait(60)
         seq = prompts[:max(4, args.requests // 4)]  # transformers is the slow side: a quarter of the prompts
         rows["transformers generate, sequential"] = median_of(
             [transformers_sequential(hf, seq, args.new_tokens) for _ in range(args.repeats)])
-    print(f"\n{'':36} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    print(f"\n{'':36} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+          f"{'srv CPU/tok':>11}")
     for name, r in rows.items():
         print(f"{name:36} {r['req_s']:7.2f} {r['tok_s']:8.1f} {r['ttft50'] * 1e3:7.1f}ms {r['ttft99'] * 1e3:7.1f}ms "
-              f"{r['itl50'] * 1e3:6.1f}ms {r['itl99'] * 1e3:6.1f}ms")
+              f"{r['itl50'] * 1e3:6.1f}ms {r['itl99'] * 1e3:6.1f}ms {r['cpu_tok'] * 1e3:9.3f}ms")
     one, many = rows[f"lmforge serve, {args.concurrency[0]} clients"], rows[f"lmforge serve, {args.concurrency[-1]} clients"]
     base = rows["transformers generate, sequential"]
     print(f"\naggregate tok/s, {args.concurrency[-1]} clients / {args.concurrency[0]} client: "

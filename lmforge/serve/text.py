@@ -133,6 +133,8 @@ class TextStream:
         return piece
 
     def _first_stop(self, text: str) -> int | None:
+        if not self.stop:
+            return None
         # A stop string can only end in the new text, so start looking just before it.
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
