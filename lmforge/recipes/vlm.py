@@ -6,7 +6,8 @@
 
 Stage 1 trains only the projector, on captions ("describe the image."), with the image encoder
 and the LM frozen. Stage 2 trains projector + LM (full, or LoRA with `--set lora_rank=8`) on the
-visual questions plus captions. Without `--set lm=DIR` a fresh `lm_preset` model is first
+visual questions plus captions, and the image encoder too with `--set vision_lr=1e-4` (the
+frozen encoder's features are computed once; a tuned one encodes every batch). Without `--set lm=DIR` a fresh `lm_preset` model is first
 trained text-only on the dataset's conversations (images removed) so stage 1 starts from an
 LM that speaks the captions' language, as LLaVA starts from a pretrained LM.
 
