@@ -362,11 +362,13 @@ async def _sse(state: ServerState, job: _Job, deltas: AsyncIterator[Delta]) -> A
     base = dict(id=("chatcmpl-" if chat else "cmpl-") + job.id, created=job.created, model=job.req.model,
                 object="chat.completion.chunk" if chat else "text_completion", system_fingerprint=None)
     include_usage = bool(job.req.stream_options and job.req.stream_options.include_usage)
-    extra = {"usage": None} if include_usage else {}
     tokens, offsets, echoed = 0, [0] * len(job.subs), set()
 
+    head = json.dumps(base)[:-1]  # the fields every chunk shares, encoded once (the same bytes as whole)
+    tail = ', "usage": null}' if include_usage else "}"
+
     def chunk(choice: dict) -> str:
-        return f"data: {json.dumps({**base, 'choices': [choice], **extra})}\n\n"
+        return f'data: {head}, "choices": [{json.dumps(choice)}]{tail}\n\n'
 
     try:
         if chat:
