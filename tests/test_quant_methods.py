@@ -13,7 +13,7 @@ from lmforge.common import LmforgeError
 from lmforge.quant import FakeQuantLinear, IntNLinear, W8A8Linear, convert_qat, prepare_qat
 from lmforge.quant import formats as fmt
 from lmforge.model import build_model
-from lmforge.quant.awq import _tie, apply_scale, awq_block, awq_linear, output_gain, scale_groups
+from lmforge.quant.awq import _tie, apply_scale, awq_block, awq_linear, scale_groups, search_clip
 from lmforge.quant.calibrate import first_block_inputs, run_block
 from lmforge.quant.gptq import Hessian, gptq_quantize
 from lmforge.quant.mixed import allocate
@@ -120,14 +120,18 @@ def test_awq_block_output_error_below_rtn_and_scales_folded():
     assert errs["awq"] < 0.5 * errs["rtn"], errs
 
 
-def test_awq_output_gain_restores_the_output_slope():
+def test_awq_clip_search_lowers_the_error_and_keeps_each_groups_output_slope():
     torch.manual_seed(0)
     w, x = torch.randn(16, 64), _correlated_inputs(512, 64)
-    q = 0.9 * w + 0.01 * torch.randn(16, 64)  # a shrunken copy, as clipping leaves
-    gamma = output_gain(w, q, x)
-    y, yq = x @ w.t(), x @ (q * gamma[:, None]).t()
-    assert torch.allclose((y * yq).sum(0), (y * y).sum(0), rtol=1e-4)
-    assert (gamma > 1.05).all()
+    ratio, gain = search_clip(w, x, 3, 32)
+    scale, zero = fmt.group_params(w, 3, 32, ratio)
+    q = fmt.group_dequantize(fmt.group_quantize(w, scale, zero, 3), scale * gain, zero)
+    assert (ratio < 1).any() and (gain != 1).any()
+    for grp in (slice(0, 32), slice(32, 64)):  # each group's output: slope 1 on its float output
+        y, yq = x[:, grp] @ w[:, grp].t(), x[:, grp] @ q[:, grp].t()
+        assert torch.allclose((y * yq).sum(0), (y * y).sum(0), rtol=1e-3)
+    rtn = fmt.group_dequantize(*fmt.rtn_group(w, 3, 32))
+    assert _out_err(w, q, x) < 0.9 * _out_err(w, rtn, x)
 
 
 def test_smoothquant_migration_is_output_preserving_before_rounding():

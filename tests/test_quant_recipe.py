@@ -49,14 +49,17 @@ def test_calibration_errors_name_the_source(shards, tmp_path):
         calibration_batches(str(shards), None, 4, 100_000)
 
 
-def test_quantize_command_end_to_end(ckpt, shards, tmp_path, capsys):
-    out = tmp_path / "gptq"
-    rc = cli(["quantize", "--model", str(ckpt), "--out", str(out), "--method", "gptq", "--scheme", "int4-g32",
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantize_command_end_to_end(ckpt, shards, tmp_path, capsys, method):
+    out = tmp_path / method
+    rc = cli(["quantize", "--model", str(ckpt), "--out", str(out), "--method", method, "--scheme", "int4-g32",
               "--calib", str(shards), "--calib-samples", "8", "--seq-len", "64"])
     assert rc == 0 and '"size_after"' in capsys.readouterr().out
     model = load_model(out)
-    assert model.lmforge_transforms[0]["method"] == "gptq"
+    assert model.lmforge_transforms[0]["method"] == method
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "IntNLinear"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 
 def test_quantize_command_errors_exit_2_and_write_nothing(ckpt, shards, tmp_path, capsys):
