@@ -297,3 +297,25 @@ def test_prefill_cap_while_decoding(model):
     assert [engine.output(i) for i in ids] == reference
     assert all(prompt_tokens <= 16 for prompt_tokens, decoding in seen if decoding)
     assert sum(1 for prompt_tokens, _ in seen if prompt_tokens) >= sum(map(len, prompts[1:])) // 16
+
+
+class _LetterTokenizer:
+    """Every id decodes to one letter (id mod 8), so any generated text is decodable."""
+
+    vocab_size, eos_id = None, None
+
+    def decode(self, ids):
+        return "".join("abcdefgh"[i % 8] for i in ids)
+
+
+def test_stop_string_late_in_a_long_output_is_found(model):
+    """Only a tail of the output is decoded per step; a stop string that first appears after many
+    tokens still ends the request exactly where the full text first contains it."""
+    prompt = _prompts(1, seed=5)[0]
+    reference = generate(model, prompt, max_new_tokens=60)[0].tolist()
+    text = _LetterTokenizer().decode(reference)
+    stop = text[40:43]
+    first_end = text.index(stop) + len(stop)  # output tokens up to the first full match
+    engine = Engine(model, _LetterTokenizer(), block_size=4)
+    out = engine.generate_batch([prompt], SamplingParams(max_new_tokens=60, stop_strings=[stop]))[0]
+    assert out == reference[:first_end]

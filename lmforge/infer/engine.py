@@ -355,7 +355,10 @@ class Engine:
         if token in p.stop_token_ids or token in self.eos:
             return "stop"
         if p.stop_strings and self.tokenizer is not None:
-            text = self._decode_known(seq.output)
+            # A new match ends in the newest token, so only a tail that can hold the longest stop string
+            # is decoded (each character is at most 4 byte-tokens), not the whole output every step.
+            window = 4 * max(len(s) for s in p.stop_strings) + 4
+            text = self._decode_known(seq.output[-window:])
             if any(s and s in text for s in p.stop_strings):
                 return "stop"
         if len(seq.output) >= p.max_new_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
