@@ -262,8 +262,8 @@ def test_adapter_checkpoint_scores_like_its_full_forward(tmp_path, method):
 
 
 def test_against_the_lmforge_server(tmp_path):
-    """Generation through `lmforge.serve` gives what the local model generates; a log-likelihood
-    task against a server without echo support is a clear error."""
+    """Generation through `lmforge.serve` gives what the local model generates, and log-likelihoods
+    through the server's echo=True prompt logprobs equal the local model's."""
     from lmforge.common import LmforgeError
     from lmforge.eval.lm import LocalLM, load_lm
     from lmforge.serve import ServeConfig
@@ -277,8 +277,11 @@ def test_against_the_lmforge_server(tmp_path):
     with ServerThread(ServeConfig(model=str(model_dir))) as server:
         remote = load_lm(server.url)  # the served model's name comes from /v1/models
         results = evaluate(remote, [cfg])
-        with pytest.raises(LmforgeError, match="echo"):
-            remote.loglikelihood([("The quick", " brown")])
+        pairs = [("The quick", " brown"), ("Hello", " there, friend")]
+        remote_ll = remote.loglikelihood(pairs)
+    local_ll = LocalLM.load(model_dir).loglikelihood(pairs)
+    for (r, r_greedy), (l, l_greedy) in zip(remote_ll, local_ll):
+        assert r == pytest.approx(l, abs=1e-3) and r_greedy == l_greedy
     assert [e["output"] for e in results["tasks"][0]["examples"]] == [e["output"] for e in local["tasks"][0]["examples"]]
     assert results["model"] == model_dir.name
 
