@@ -264,7 +264,6 @@ def test_adapter_checkpoint_scores_like_its_full_forward(tmp_path, method):
 def test_against_the_lmforge_server(tmp_path):
     """Generation through `lmforge.serve` gives what the local model generates, and log-likelihoods
     through the server's echo=True prompt logprobs equal the local model's."""
-    from lmforge.common import LmforgeError
     from lmforge.eval.lm import LocalLM, load_lm
     from lmforge.serve import ServeConfig
     from test_serve_utils import ServerThread, make_checkpoint
