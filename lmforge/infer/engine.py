@@ -261,7 +261,7 @@ class Engine:
         for i, row in enumerate(logits):
             nxt = seq.num_computed + i + 1
             if nxt < len(seq.prompt) and nxt == len(seq.prompt_token_logprobs):
-                seq.prompt_token_logprobs.append(_logprob_entry(row, seq.prompt[nxt], seq.prompt_logprobs))
+                seq.prompt_token_logprobs.append(logprob_entry(row, seq.prompt[nxt], seq.prompt_logprobs))
 
     def _run_speculative(self, group: list[tuple[Sequence, int]]) -> list[Event]:
         """Decode with drafts: the draft proposes for every sequence, the target scores each row's
@@ -339,7 +339,7 @@ class Engine:
         kept, lps, reason = [], [] if seq.logprobs is not None else None, None
         for i, token in enumerate(tokens):
             if lps is not None:
-                lps.append(_logprob_entry(logits[first + i], token, seq.logprobs))
+                lps.append(logprob_entry(logits[first + i], token, seq.logprobs))
             seq.output.append(token)
             kept.append(token)
             reason = self._stop_reason(seq, token)
@@ -375,7 +375,7 @@ class Engine:
         self.scheduler.finish(seq, reason)
 
 
-def _logprob_entry(logits: torch.Tensor, token: int, top_n: int) -> tuple[int, float, list[tuple[int, float]]]:
+def logprob_entry(logits: torch.Tensor, token: int, top_n: int) -> tuple[int, float, list[tuple[int, float]]]:
     """(token, its logprob, the top_n alternatives [(token, logprob)]) from one position's logits [V]."""
     logp = logits.log_softmax(-1)
     top = logp.topk(top_n) if top_n else None

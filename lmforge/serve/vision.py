@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from lmforge.common import LmforgeError, get_dtype, get_logger
-from lmforge.infer.engine import Event
+from lmforge.infer.engine import Event, logprob_entry
 from lmforge.infer.sampling import sample
 from lmforge.multimodal import (VisionLanguageModel, is_multimodal, load_multimodal, pixels_for, render_ids,
                                 split_images, stream)
@@ -163,9 +163,4 @@ class VisionRunner:
 
 def _logprobs(token: int, logits: torch.Tensor, s: Submission) -> list | None:
     """The engine's entry shape: [(token, logprob, [(top token, logprob), ...])]."""
-    if s.logprobs is None:
-        return None
-    logp = logits[0].float().log_softmax(-1)
-    top = logp.topk(s.logprobs) if s.logprobs else None
-    alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return [(token, float(logp[token]), alts)]
+    return None if s.logprobs is None else [logprob_entry(logits[0].float(), token, s.logprobs)]
