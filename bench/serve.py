@@ -134,12 +134,16 @@ def start_server(folder: Path, args) -> tuple[subprocess.Popen, str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc; nan where there is none."""
+    """User + system CPU time of a process (all its threads) and of its live child processes (the
+    engine process), from /proc; nan where there is none."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(c) for c in children)
 
 
 def measured(proc: subprocess.Popen, url: str, prompts: list[list[int]], new: int, concurrency: int) -> dict:

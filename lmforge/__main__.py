@@ -2,4 +2,5 @@ import sys
 
 from lmforge.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned child process (the serving engine) imports it
+    sys.exit(main())

@@ -213,7 +213,7 @@ def test_32_concurrent_streams_equal_single_requests(client, server):
             await aclient.close()
 
     assert asyncio.run(all_()) == single
-    assert server.state.runner.engine.stats["steps"] > 0
+    assert wait_until(lambda: server.state.runner.stats["steps"] > 0)
 
 
 def test_chat_page_is_served(server):
@@ -321,11 +321,31 @@ def _open_stream(url: str, max_tokens: int = 450, first_chunk: bool = True):
 
 
 def _idle(state) -> bool:
-    return state.runner.in_flight == 0 and state.runner.engine.stats["blocks_used"] == 0 \
-        and not state.runner.engine.has_unfinished()
+    s = state.runner.stats  # the engine process's snapshot, or the engine thread's live figures
+    return state.runner.in_flight == 0 and s["blocks_used"] == 0 and s["running"] == 0 and s["queue_depth"] == 0 \
+        and s["held_requests"] == 0
 
 
-def test_disconnect_cancels_and_frees_blocks(server):
+def test_disconnect_cancels_and_frees_blocks_in_the_engine_process(server):
+    before = server.state.runner.stats["generated_tokens"]
+    c, r = _open_stream(server.url, max_tokens=450)
+    r.close()
+    c.close()
+    assert wait_until(lambda: _idle(server.state)), server.state.runner.stats
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming request whose client gives up
+        httpx.post(server.url + "/v1/completions", timeout=0.3,
+                   json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 450, "temperature": 0})
+    assert wait_until(lambda: _idle(server.state)), server.state.runner.stats
+    assert server.state.runner.stats["generated_tokens"] - before < 2 * 450  # cut short, not run to the end
+    assert _metric(server.url, "lmforge_kv_blocks_used") == 0
+
+
+def test_disconnect_cancels_and_frees_blocks(ckpt):
+    with ServerThread(ServeConfig(model=str(ckpt[0]), engine_process=False)) as server:
+        _check_disconnect_in_thread(server)
+
+
+def _check_disconnect_in_thread(server):
     state, engine = server.state, server.state.runner.engine
     step = engine.step
 
@@ -413,8 +433,7 @@ def test_load_no_request_lost_and_memory_back_to_idle(server):
     assert all(results) and len(results) == n
     done = _metric(server.url, 'lmforge_requests_total{endpoint="/v1/completions",status="200"}') - ok_before
     assert done == 2 * n
-    assert wait_until(lambda: _idle(server.state))
-    assert server.state.runner.engine.requests == {}  # finished requests are not kept
+    assert wait_until(lambda: _idle(server.state))  # held_requests == 0: finished requests are not kept
     assert _rss_mb() - idle_rss < 50
 
 

@@ -169,7 +169,7 @@ class Engine:
         s, pool = self.scheduler, self.pool
         return dict(blocks_total=pool.num_blocks - 1, blocks_used=pool.num_used, blocks_free=pool.num_free,
                     blocks_cached=len(pool.evictable), queue_depth=len(s.waiting), running=len(s.running),
-                    swapped=len(s.swapped), prefix_memory_saved_bytes=s.counters["prefix_hit_blocks"]
+                    swapped=len(s.swapped), held_requests=len(self.requests), prefix_memory_saved_bytes=s.counters["prefix_hit_blocks"]
                     * s.cache.bytes_per_block, **s.counters, **self.counters)
 
     @torch.inference_mode()

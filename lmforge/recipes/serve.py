@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup", action="store_true",
                    help="speculative decoding with prompt-lookup drafts (n-gram copies from the context, no model)")
     p.add_argument("--num-speculative", type=int, default=4, help="tokens --draft/--lookup propose per decode step")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="where the model runs: a child process of its own (default; the HTTP side and the "
+                        "model never wait for each other's GIL) or a thread of the server process "
+                        "(a vision-language model always uses a thread)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish")
 
@@ -68,6 +72,6 @@ def main(args: argparse.Namespace) -> int:
                       max_model_len=args.max_model_len, request_timeout=args.request_timeout,
                       max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, draft=args.draft,
                       lookup=args.lookup, num_speculative=args.num_speculative,
-                      max_prefill_tokens=args.max_prefill_tokens)
+                      max_prefill_tokens=args.max_prefill_tokens, engine_process=args.engine == "process")
     serve(cfg)
     return 0

@@ -59,7 +59,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return self.runner.engine.max_model_len
+        return self.runner.max_model_len
 
     def adapter_for(self, model: str) -> str | None:
         """The `model` field picks the base model (None) or a loaded LoRA adapter by name."""
@@ -187,11 +187,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not state.runner.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok", "in_flight": state.runner.in_flight}
 
     @app.get("/metrics")
     async def metrics():
-        text = state.metrics.render(state.runner.engine.stats, state.runner.in_flight)
+        text = state.metrics.render(state.runner.stats, state.runner.in_flight)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
@@ -270,7 +272,7 @@ def _prompts(state: ServerState, prompt) -> list[list[int]]:
         texts = [prompt] if isinstance(prompt, str) else prompt
         return [state.tokenizer.encode(t) for t in texts]
     lists = [prompt] if not prompt or isinstance(prompt[0], int) else prompt
-    vocab = state.runner.engine.model.config.vocab_size
+    vocab = state.runner.vocab_size
     for ids in lists:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:

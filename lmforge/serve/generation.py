@@ -47,6 +47,8 @@ def submit(runner: EngineRunner, subs: list[Submission]) -> tuple[list[Handle], 
         return runner.submit(subs)
     except QueueFull as e:
         raise APIError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full") from None
+    except EngineFailed as e:
+        raise APIError(503, f"the inference engine is not running: {e}", type="server_error") from None
 
 
 async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted: tuple[list[Handle], asyncio.Queue],

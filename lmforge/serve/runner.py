@@ -66,6 +66,22 @@ class EngineRunner:
     def in_flight(self) -> int:
         return len(self._live)
 
+    @property
+    def alive(self) -> bool:
+        return not self._stopping  # the thread survives a failing step (_fail_all)
+
+    @property
+    def stats(self) -> dict:
+        return self.engine.stats
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.config.vocab_size
+
     def start(self) -> None:
         self._thread.start()
 

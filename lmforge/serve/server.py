@@ -40,6 +40,7 @@ class ServeConfig:
     lookup: bool = False  # speculative decoding with prompt-lookup drafts (no draft model)
     num_speculative: int = 4  # tokens the draft (or lookup) proposes per decode step
     max_prefill_tokens: int | None = None  # prompt tokens per step while others decode (None: no cap)
+    engine_process: bool = True  # the engine in a child process (no GIL shared with HTTP); False: a thread
 
 
 def load_adapters(model, adapters: dict[str, str]) -> list[str]:
@@ -59,14 +60,13 @@ def load_adapters(model, adapters: dict[str, str]) -> list[str]:
     return list(adapters)
 
 
-def build_state(cfg: ServeConfig, model=None, tokenizer=None):
-    """The ServerState for `cfg` (model and tokenizer loaded from cfg.model unless given)."""
+def build_engine(cfg: ServeConfig, model=None, tokenizer=None):
+    """(the Engine, the tokenizer, the vision-language model or None) for `cfg`: model and tokenizer
+    loaded from cfg.model unless given, adapters and draft loaded, checked against each other."""
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
     from lmforge.infer.engine import Engine
 
-    from .app import ServerState
-    from .runner import EngineRunner
-    from .vision import VisionRunner, load_vlm_if_any, split_vision
+    from .vision import load_vlm_if_any, split_vision
 
     if model is None:
         model = load_vlm_if_any(cfg.model, get_device(cfg.device), cfg.dtype)
@@ -78,10 +78,7 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     model, vlm = split_vision(model)  # a vision-language model's LM serves text; images: serve/vision.py
     if vlm is not None and cfg.adapters:
         raise LmforgeError("adapters cannot be served with a vision-language model")
-    adapters = load_adapters(model, cfg.adapters)
-    name = cfg.served_model_name or Path(cfg.model).resolve().name
-    if name in adapters:
-        raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
+    load_adapters(model, cfg.adapters)
     draft = None
     if cfg.draft is not None:
         from lmforge.infer.batch import load_draft
@@ -91,11 +88,37 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
                     block_size=cfg.block_size, num_blocks=cfg.num_blocks, max_model_len=cfg.max_model_len,
                     draft=draft, lookup=cfg.lookup, num_speculative=cfg.num_speculative,
                     max_prefill_tokens=cfg.max_prefill_tokens)
-    runner = EngineRunner(engine, max_in_flight=cfg.max_seqs + cfg.max_queue)
+    return engine, tokenizer, vlm
+
+
+def build_state(cfg: ServeConfig, model=None, tokenizer=None):
+    """The ServerState for `cfg` (model and tokenizer loaded from cfg.model unless given). With
+    cfg.engine_process the engine runs in a child process that loads the model itself (not for
+    a model passed in, nor a vision-language model: its image path shares the engine's weights)."""
+    from lmforge.checkpoint import load_tokenizer_if_any
+    from lmforge.multimodal import is_multimodal
+
+    from .app import ServerState
+    from .runner import EngineRunner
+    from .vision import VisionRunner
+
+    name = cfg.served_model_name or Path(cfg.model).resolve().name
+    if name in cfg.adapters:
+        raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
+    max_in_flight = cfg.max_seqs + cfg.max_queue
+    common = dict(api_key=cfg.api_key, request_timeout=cfg.request_timeout, max_body_bytes=cfg.max_body_bytes)
+    if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model):
+        from .engine_process import EngineProcess
+
+        tokenizer = load_tokenizer_if_any(cfg.model)
+        if tokenizer is None:
+            raise LmforgeError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
+        return ServerState(EngineProcess(cfg, max_in_flight), tokenizer, name, list(cfg.adapters), **common)
+    engine, tokenizer, vlm = build_engine(cfg, model, tokenizer)
+    runner = EngineRunner(engine, max_in_flight=max_in_flight)
     vision = None if vlm is None else VisionRunner(vlm, tokenizer, engine._lock, runner.max_in_flight,
                                                    engine.max_model_len)
-    return ServerState(runner, tokenizer, name, adapters, api_key=cfg.api_key, request_timeout=cfg.request_timeout,
-                       max_body_bytes=cfg.max_body_bytes, vision=vision)
+    return ServerState(runner, tokenizer, name, list(cfg.adapters), vision=vision, **common)
 
 
 def make_server(cfg: ServeConfig, state=None):

@@ -72,6 +72,7 @@ class TextStream:
         self.starts: list[int] = []  # per pushed token: the length of the text decoded before it
         self._decoded = 0
         self._covered = 0
+        self._fffd_tokens = 0  # tokens pushed while the text has ended in U+FFFD
         # Incremental decoding: the text of ids[:h] is kept (_base), ids[p:h] (one token) is
         # decoded again with the new ones (_overlap: its text decoded at the start of a window).
         self._base, self._overlap, self._p = "", "", 0
@@ -92,9 +93,20 @@ class TextStream:
         if cut is not None:
             self.stopped = True
             return self._emit(full[:cut])
-        safe = len(full.rstrip("\ufffd"))  # an incomplete byte sequence decodes to U+FFFD for now
+        safe = len(full) - self._unsettled(full, len(ids))
         safe -= self._stop_prefix_len(full[:safe])
         return self._emit(full[:safe])
+
+    def _unsettled(self, full: str, pushed: int) -> int:
+        """How many trailing characters may still change. An incomplete UTF-8 character decodes
+        to U+FFFD until its last byte comes, at most 3 tokens later; a byte-fallback decoder turns
+        the whole run of byte tokens around it into U+FFFD meanwhile, so the whole trailing run
+        is held. A run that outlives 3 tokens holds invalid bytes (a model emitting garbage), which
+        stay U+FFFD: then only its last 3 are held, so such a stream still flows instead of being
+        held back to its very end."""
+        run = len(full) - len(full.rstrip("\ufffd"))
+        self._fffd_tokens = self._fffd_tokens + pushed if run else 0
+        return run if self._fffd_tokens <= 3 else min(run, 3)
 
     def flush(self) -> str:
         """The held-back tail, at the end of generation."""

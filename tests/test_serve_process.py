@@ -1,0 +1,141 @@
+"""The engine in a child process (serve/engine_process.py, `lmforge serve`'s default): the same
+answers as the engine thread, clear start-up errors, a dead engine process reported (not a hang),
+and SIGTERM draining with the child process gone afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from lmforge.common import LmforgeError
+from lmforge.serve import ServeConfig, build_state
+from lmforge.serve.engine_process import EngineProcess
+from test_serve_utils import ServerThread, make_checkpoint, wait_until
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve_process"))
+
+
+def _answers(url: str) -> list:
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    out = []
+    for prompt in ("The quick brown fox", "def main():"):
+        r = c.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0, logprobs=2,
+                                 echo=True)
+        out.append((r.choices[0].text, r.choices[0].logprobs.token_logprobs, r.usage.completion_tokens))
+    r = c.completions.create(model="lora", prompt="adapter", max_tokens=8, temperature=1.0, seed=3, n=2)
+    out.append([ch.text for ch in r.choices])
+    r = c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                  temperature=0, stream=True)
+    out.append("".join(ch.choices[0].delta.content or "" for ch in r if ch.choices))
+    return out
+
+
+def test_the_process_and_thread_engines_answer_alike(ckpt):
+    model_dir, adapter_dir = ckpt
+    answers = []
+    for in_process in (True, False):
+        with ServerThread(ServeConfig(model=str(model_dir), adapters={"lora": str(adapter_dir)},
+                                      engine_process=in_process)) as s:
+            assert isinstance(s.state.runner, EngineProcess) == in_process
+            answers.append(_answers(s.url))
+            assert wait_until(lambda: s.state.runner.stats["held_requests"] == 0)
+            assert s.state.runner.stats["generated_tokens"] > 0
+    assert answers[0] == answers[1]
+
+
+def test_start_up_errors_come_back_from_the_engine_process(ckpt, tmp_path, capsys):
+    with pytest.raises(LmforgeError, match="no-such-adapter"):
+        build_state(ServeConfig(model=str(ckpt[0]), adapters={"x": str(tmp_path / "no-such-adapter")}))
+    from lmforge.cli import main
+
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (ckpt[0] / name).exists():
+            (bad / name).write_text((ckpt[0] / name).read_text())
+    assert main(["serve", "--model", str(bad)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_a_dead_engine_process_fails_its_requests_and_health(ckpt):
+    with ServerThread(ServeConfig(model=str(ckpt[0]))) as s:
+        result = {}
+
+        def stream():
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=30, json={
+                    "model": "tiny-chat", "prompt": "x", "max_tokens": 450, "temperature": 0, "stream": True}) as r:
+                result["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert wait_until(lambda: s.state.runner.in_flight == 1)
+        os.kill(s.state.runner._proc.pid, signal.SIGKILL)
+        t.join(30)
+        assert not t.is_alive()
+        assert result["lines"][-1] == "data: [DONE]"
+        assert "engine" in json.loads(result["lines"][-2][6:])["error"]["message"]  # an error event ends it
+        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503)
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_sigterm_to_the_process_group_drains_and_the_engine_process_exits(ckpt):
+    """Ctrl-C or a supervisor signals the whole group: the engine process ignores it and keeps
+    stepping while the server drains, then exits when told."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(ckpt[0]), "--port", str(port)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _healthy(url), timeout=60), "server did not come up"
+        children = _children(proc.pid)  # the engine, and multiprocessing's resource tracker
+        assert any(b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                "model": "tiny-chat", "prompt": "drain", "max_tokens": 200, "temperature": 0, "stream": True}) as r:
+            lines = iter(r.iter_lines())
+            first = next(line for line in lines if line.startswith("data: "))
+            os.killpg(proc.pid, signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert proc.wait(60) == 0
+        assert rest[-1] == "data: [DONE]" and json.loads(first[6:])["choices"]
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert wait_until(lambda: not any(Path(f"/proc/{c}").exists() for c in children), timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
