@@ -239,7 +239,8 @@ class Engine:
             if packable:  # one adapter for the whole group: per-row LoRA selection works on batch rows
                 logits = forward_packed(self.model, self.cache, rows)
             else:  # prompt logprobs need every position's logits
-                every = forward_padded(self.model, self.cache, rows, keep=T if any(scored) else 1)
+                every = forward_padded(self.model, self.cache, rows, keep=T if any(scored) else 1,
+                                       row_ids=[seq.id for seq, _ in group])
                 logits = every[:, -1]
         for row, (seq, n) in enumerate(group):
             if scored[row]:
@@ -247,13 +248,15 @@ class Engine:
         if self.spec is not None:  # the draft's keys for the same tokens
             self.spec.prefill([seq for seq, _ in group], [seq.num_computed + n for seq, n in group])
         argmax = logits.argmax(-1).tolist()  # one call for every greedy row
-        events = []
+        chosen = []  # (seq, row, its next token or None: a prompt scored, nothing to generate)
         for row, (seq, n) in enumerate(group):
             seq.num_computed += n
             self.scheduler.register_full_blocks(seq)
             if seq.num_pending == 0 and seq.status is Status.RUNNING:
-                events.append(self._sample_and_check(seq, logits, row, argmax[row]))
-        return events
+                chosen.append((seq, row, self._choose(seq, logits, row, argmax[row])))
+        asked = [(row, token, seq.logprobs) for seq, row, token in chosen if seq.logprobs is not None and token is not None]
+        entries = dict(zip((row for row, _, _ in asked), logprob_entries(logits, *zip(*asked)))) if asked else {}
+        return [self._accept(seq, token, [entries[row]] if row in entries else None) for seq, row, token in chosen]
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Logprob entries of the prompt tokens these logits [n, V] (from position num_computed on)
@@ -280,10 +283,11 @@ class Engine:
                 seq.num_computed += 1
                 seq.num_draft_computed = self.spec.valid_after(seq, L, 0)
                 self.scheduler.register_full_blocks(seq)
-                events.append(self._sample_and_check(seq, lg, 0, int(lg[0].argmax())))
+                token = self._choose(seq, lg, 0, int(lg[0].argmax()))
+                events.append(self._accept(seq, token, _entries(lg, [token], seq.logprobs)))
             else:
                 new, accepted = self.spec.verify(seq, lg, d, qs[i], gens[i])
-                kept, lps, reason = self._extend(seq, new, lg, 0)
+                kept, lps, reason = self._extend(seq, new, _entries(lg, new, seq.logprobs))
                 seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
                 seq.num_draft_computed = self.spec.valid_after(seq, L, len(d))
                 seq.spec_steps += 1
@@ -307,22 +311,26 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and stopping
 
-    def _sample_and_check(self, seq: Sequence, logits: torch.Tensor, row: int, argmax: int) -> Event:
-        """The next token of `seq` from logits[row] (greedy rows only use `argmax`: no tensor op per
-        row, which matters when a server thread competes for the GIL)."""
+    def _choose(self, seq: Sequence, logits: torch.Tensor, row: int, argmax: int) -> int | None:
+        """The next token of `seq` from logits[row], or None when the request only scores its prompt
+        (greedy rows only use `argmax`: no tensor op per row)."""
         p = seq.params
         if p.max_new_tokens == 0:  # asked for the prompt's logprobs only
+            return None
+        if p.greedy and p.repetition_penalty == 1.0:
+            return argmax
+        seen = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
+        return int(sample(logits[row:row + 1], p, seq.generator or self._generator, seen)[0])
+
+    def _accept(self, seq: Sequence, token: int | None, entries: list | None) -> Event:
+        """Append the chosen token (with its logprob entry when asked) and report it."""
+        if token is None:
             self._finish(seq, "length")
             return self._event(seq, [], None, "length")
-        if p.greedy and p.repetition_penalty == 1.0:
-            token = argmax
-        else:
-            seen = None
-            if p.repetition_penalty != 1.0:
-                seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
-                seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
-            token = int(sample(logits[row:row + 1], p, seq.generator or self._generator, seen)[0])
-        kept, lps, reason = self._extend(seq, [token], logits, row)
+        kept, lps, reason = self._extend(seq, [token], entries)
         if reason is not None:
             self._finish(seq, reason)
         return self._event(seq, kept, lps, reason)
@@ -332,19 +340,17 @@ class Engine:
         prompt_lps = seq.prompt_token_logprobs if first and seq.prompt_logprobs is not None else None
         return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps)
 
-    def _extend(self, seq: Sequence, tokens: list[int], logits: torch.Tensor,
-                first: int) -> tuple[list[int], list | None, str | None]:
-        """Append tokens (logits[first + i]: the target's at token i) up to the first that ends the
-        request: (the tokens kept, their logprob entries when asked, the finish reason or None)."""
-        kept, lps, reason = [], [] if seq.logprobs is not None else None, None
-        for i, token in enumerate(tokens):
-            if lps is not None:
-                lps.append(logprob_entry(logits[first + i], token, seq.logprobs))
+    def _extend(self, seq: Sequence, tokens: list[int], entries: list | None) -> tuple[list[int], list | None, str | None]:
+        """Append tokens (entries[i]: token i's logprob entry, when asked) up to the first that ends
+        the request: (the tokens kept, their logprob entries, the finish reason or None)."""
+        kept, reason = [], None
+        for token in tokens:
             seq.output.append(token)
             kept.append(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 break
+        lps = None if seq.logprobs is None else entries[:len(kept)]
         if lps:
             seq.token_logprobs += lps
         self.counters["generated_tokens"] += len(kept)
@@ -381,3 +387,20 @@ def logprob_entry(logits: torch.Tensor, token: int, top_n: int) -> tuple[int, fl
     top = logp.topk(top_n) if top_n else None
     alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
     return token, float(logp[token]), alts
+
+
+def logprob_entries(logits: torch.Tensor, rows: Seq[int], tokens: Seq[int], top_ns: Seq[int]) -> list:
+    """logprob_entry for several rows of logits [B, V] at once: one softmax, one gather, one top-k."""
+    logp = logits[list(rows)].log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    k = max(top_ns)
+    top = logp.topk(k) if k else None
+    ids, values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+    return [(t, lp, list(zip(ids[i][:n], values[i][:n])) if n else []) for i, (t, lp, n) in enumerate(zip(tokens, chosen, top_ns))]
+
+
+def _entries(logits: torch.Tensor, tokens: list, top_n: int | None) -> list | None:
+    """Logprob entries of tokens[i] from logits[i] (one row per token), or None when not asked."""
+    if top_n is None or not tokens or tokens[0] is None:
+        return None
+    return logprob_entries(logits, range(len(tokens)), tokens, [top_n] * len(tokens))

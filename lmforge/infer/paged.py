@@ -94,9 +94,20 @@ def block_hashes(tokens: list[int], block_size: int, salt: object = None) -> lis
 
 
 class PagedKVCache:
-    """Per-layer slot pools plus the per-step slot maps; implements the model's `update` protocol."""
+    """Per-layer slot pools plus the per-step slot maps; implements the model's `update` protocol.
 
-    def __init__(self, config, num_blocks: int, block_size: int = 16, device=None, dtype=torch.float32):
+    Decoding keeps a gathered copy: when every row of a step decodes one token and the rows are the
+    same sequences as in the previous step, each one token further, the rows' keys/values gathered
+    last step are still right but for that one token. So instead of gathering every block again
+    (a quarter of a 16-row decode step on CPU), the new token is written into the copy, which is
+    gathered with a few blocks of headroom and rebuilt only when the batch changes, outgrows it,
+    or any other forward (a prefill, a speculative verify) runs. The pool stays the one source of
+    truth (swaps, prefix hits read it); the copy is only kept within `mirror_bytes`."""
+
+    MIRROR_HEADROOM = 4  # blocks gathered beyond the longest row: a rebuild every 4 blocks of growth
+
+    def __init__(self, config, num_blocks: int, block_size: int = 16, device=None, dtype=torch.float32,
+                 mirror_bytes: int = 64 << 20):
         self.block_size, self.num_blocks = block_size, num_blocks
         shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -107,25 +118,57 @@ class PagedKVCache:
         self.write_slots: torch.Tensor | None = None
         self.block_table: torch.Tensor | None = None
         self._blocks: torch.Tensor | None = None
+        self.mirror_bytes = mirror_bytes
+        self._mirror: list | None = None  # per layer (k, v) [B, capacity, Hkv, hd], or None
+        self._mirror_rows: tuple = ()  # ((sequence id, next position), ...) the copy is valid for
+        self._append: torch.Tensor | None = None  # this step: the rows' write positions in the copy
 
     @property
     def bytes_per_block(self) -> int:
         t = self.k[0]
         return 2 * len(self.k) * self.block_size * t.shape[1] * t.shape[2] * t.element_size()
 
-    def set_step(self, write_slots: torch.Tensor, block_table: torch.Tensor) -> None:
-        """write_slots [B, T]: where each new token's k/v goes; block_table [B, nb]: each row's blocks."""
+    def set_step(self, write_slots: torch.Tensor, block_table: torch.Tensor,
+                 decode_rows: list[tuple[int, int]] | None = None) -> int:
+        """write_slots [B, T]: where each new token's k/v goes; block_table [B, nb]: each row's blocks;
+        decode_rows: (sequence id, position of its one new token) per row when every row decodes,
+        which lets the gathered copy be reused. Returns the key length the attention will see."""
         self.write_slots, self.block_table, self._blocks = write_slots.reshape(-1), block_table, block_table.reshape(-1)
+        self._append = None
+        S = block_table.shape[1] * self.block_size
+        B = block_table.shape[0]
+        capacity = S + self.MIRROR_HEADROOM * self.block_size
+        if decode_rows is None or B * capacity * self.bytes_per_block // self.block_size > self.mirror_bytes:
+            self._mirror, self._mirror_rows = None, ()  # keys written now would be missing from the copy
+            return S
+        rows = tuple(decode_rows)
+        if self._mirror is not None and rows == self._mirror_rows and S <= self._mirror[0][0].shape[1]:
+            self._append = torch.tensor([pos for _, pos in rows], device=write_slots.device)
+        else:  # (re)build: gather the blocks plus headroom (the scratch block: finite, masked out)
+            pad = torch.full((B, self.MIRROR_HEADROOM), PAD_BLOCK, dtype=block_table.dtype, device=block_table.device)
+            self._blocks = torch.cat([block_table, pad], 1).reshape(-1)
+            self._mirror = [None] * len(self.k)
+        self._mirror_rows = tuple((rid, pos + 1) for rid, pos in rows)
+        return self._mirror[0][0].shape[1] if self._append is not None else capacity
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0):
-        """k, v [B, Hkv, T, hd] -> every row's keys/values [B, Hkv, nb * block_size, hd] (start_pos is
-        implied by the slots)."""
+        """k, v [B, Hkv, T, hd] -> every row's keys/values [B, Hkv, S, hd] (S: the key length set_step
+        returned; start_pos is implied by the slots)."""
         B, H, T, D = k.shape
-        self.k[layer_idx].index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(B * T, H, D))
-        self.v[layer_idx].index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(B * T, H, D))
-        S = self.block_table.shape[1] * self.block_size
-        k_all = self.k_blocks[layer_idx].index_select(0, self._blocks).view(B, S, H, D)
-        v_all = self.v_blocks[layer_idx].index_select(0, self._blocks).view(B, S, H, D)
+        k_new, v_new = k.transpose(1, 2).reshape(B * T, H, D), v.transpose(1, 2).reshape(B * T, H, D)
+        self.k[layer_idx].index_copy_(0, self.write_slots, k_new)
+        self.v[layer_idx].index_copy_(0, self.write_slots, v_new)
+        if self._append is not None:  # the batch's copy from the last step, plus this token
+            k_all, v_all = self._mirror[layer_idx]
+            rows = torch.arange(B, device=k.device)
+            k_all[rows, self._append] = k_new
+            v_all[rows, self._append] = v_new
+        else:
+            S = self._blocks.numel() // B * self.block_size
+            k_all = self.k_blocks[layer_idx].index_select(0, self._blocks).view(B, S, H, D)
+            v_all = self.v_blocks[layer_idx].index_select(0, self._blocks).view(B, S, H, D)
+            if self._mirror is not None:
+                self._mirror[layer_idx] = (k_all, v_all)
         return k_all.transpose(1, 2), v_all.transpose(1, 2)
 
     def _slots(self, blocks: list[int]) -> torch.Tensor:
@@ -184,9 +227,12 @@ class CacheGroup:
 Row = tuple[list[int], int, list[int]]  # (new tokens, position of the first one, the sequence's block table)
 
 
-def forward_padded(model, cache: PagedKVCache, rows: list[Row], keep: int = 1) -> torch.Tensor:
+def forward_padded(model, cache: PagedKVCache, rows: list[Row], keep: int = 1,
+                   row_ids: list[int] | None = None) -> torch.Tensor:
     """Rows of new tokens left-padded to the longest, each seeing only its own blocks: logits of
-    the last `keep` columns [B, keep, V] (a row's last token is always the last column)."""
+    the last `keep` columns [B, keep, V] (a row's last token is always the last column). row_ids:
+    the rows' sequence ids, so that a decode step (one token per row) can reuse the keys the
+    cache gathered for the same rows last step."""
     T, bs, device = max(len(t) for t, _, _ in rows), cache.block_size, cache.k[0].device
     ids, write_pos, ctx = [], [], []
     for tokens, start, _ in rows:
@@ -197,8 +243,10 @@ def forward_padded(model, cache: PagedKVCache, rows: list[Row], keep: int = 1) -
     qpos, ctx = torch.tensor(write_pos), torch.tensor(ctx)
     nb = -(-int(ctx.max()) // bs)  # blocks covering the longest context
     tables = [blocks for _, _, blocks in rows]
-    cache.set_step(write_slots(tables, write_pos, bs).to(device), block_table(tables, nb).to(device))
-    mask = _padded_mask(qpos, ctx, nb * bs, model.config.sliding_window).to(device)
+    decode = list(zip(row_ids, ctx.tolist())) if row_ids is not None and T == 1 else None
+    decode = [(rid, n - 1) for rid, n in decode] if decode else None  # (id, position of the new token)
+    S = cache.set_step(write_slots(tables, write_pos, bs).to(device), block_table(tables, nb).to(device), decode)
+    mask = _padded_mask(qpos, ctx, S, model.config.sliding_window).to(device)
     logits = model(torch.tensor(ids, device=device), position_ids=qpos.clamp(min=0).to(device), attn_mask=mask,
                    kv_cache=cache, logits_to_keep=keep)
     return logits.float()
