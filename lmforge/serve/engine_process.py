@@ -69,7 +69,8 @@ class EngineProcess:
         while not self._events.poll(0.1):
             if not self._proc.is_alive():
                 raise LmforgeError(f"the engine process exited with code {self._proc.exitcode} while loading "
-                                   f"the model (its log is above)")
+                                   f"the model (its log is above; a script that starts the server needs "
+                                   f"`if __name__ == \"__main__\":`, as any spawned process does)")
             if time.monotonic() > deadline:
                 self._proc.kill()
                 raise LmforgeError(f"the engine process did not load the model within {timeout:g} s")
