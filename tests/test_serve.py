@@ -397,9 +397,15 @@ def test_full_queue_answers_429_and_timeout_504(ckpt):
         assert wait_until(lambda: _idle(s.state))
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
+def _rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _engine_rss_mb(state) -> float:
+    """The engine process's resident memory (0 with the engine on a thread of this process)."""
+    proc = getattr(state.runner, "_proc", None)
+    return _rss_mb(proc.pid) if proc is not None else 0.0
 
 
 def test_load_no_request_lost_and_memory_back_to_idle(server):
@@ -425,7 +431,7 @@ def test_load_no_request_lost_and_memory_back_to_idle(server):
             await aclient.close()
 
     asyncio.run(run())  # warm-up round: allocator and caches reach their steady size
-    idle_rss = _rss_mb()
+    idle_rss, idle_engine_rss = _rss_mb(), _engine_rss_mb(server.state)
     aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     start = time.perf_counter()
     results = asyncio.run(run())
@@ -435,6 +441,7 @@ def test_load_no_request_lost_and_memory_back_to_idle(server):
     assert done == 2 * n
     assert wait_until(lambda: _idle(server.state))  # held_requests == 0: finished requests are not kept
     assert _rss_mb() - idle_rss < 50
+    assert _engine_rss_mb(server.state) - idle_engine_rss < 50
 
 
 def test_metrics_exposition(server, client):

@@ -139,3 +139,47 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_engine_loop_reports_a_failing_step_and_keeps_serving(ckpt):
+    """The child's loop (run here on a thread, over real pipes): a step that raises fails what is in
+    flight with a "failed" message, frees it, and the next request is served; "stop" ends it."""
+    import multiprocessing as mp
+
+    from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.serve.engine_process import _serve_forever
+    from lmforge.serve.runner import Submission
+
+    engine = Engine(load_model(ckpt[0]), load_tokenizer_if_any(ckpt[0]))
+    step, calls = engine.step, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return step()
+
+    engine.step = failing_once
+    cmd_read, cmd_write = mp.Pipe(duplex=False)
+    event_read, event_write = mp.Pipe(duplex=False)
+    loop = threading.Thread(target=_serve_forever, args=(engine, cmd_read, event_write), daemon=True)
+    loop.start()
+
+    def until(kind):
+        while event_read.poll(10):
+            msg = event_read.recv()
+            if msg[0] == kind and (kind != "events" or any(ev.finished for _, ev in msg[1])):
+                return msg
+        raise AssertionError(f"no {kind!r} message")
+
+    cmd_write.send(("add", 0, Submission([5, 6, 7], SamplingParams(max_new_tokens=20))))
+    assert until("failed")[1] == "boom"
+    cmd_write.send(("add", 1, Submission([5, 6, 7], SamplingParams(max_new_tokens=4))))
+    (key, ev), = [(k, e) for k, e in until("events")[1] if e.finished]
+    assert key == 1 and ev.finish_reason == "length"
+    assert until("stats")[1]["held_requests"] == 0  # idle, nothing kept: the failed request was freed
+    cmd_write.send(("stop",))
+    loop.join(10)
+    assert not loop.is_alive()
