@@ -169,8 +169,9 @@ class Engine:
         s, pool = self.scheduler, self.pool
         return dict(blocks_total=pool.num_blocks - 1, blocks_used=pool.num_used, blocks_free=pool.num_free,
                     blocks_cached=len(pool.evictable), queue_depth=len(s.waiting), running=len(s.running),
-                    swapped=len(s.swapped), held_requests=len(self.requests), prefix_memory_saved_bytes=s.counters["prefix_hit_blocks"]
-                    * s.cache.bytes_per_block, **s.counters, **self.counters)
+                    swapped=len(s.swapped), held_requests=len(self.requests),
+                    prefix_memory_saved_bytes=s.counters["prefix_hit_blocks"] * s.cache.bytes_per_block,
+                    **s.counters, **self.counters)
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -254,7 +255,9 @@ class Engine:
             self.scheduler.register_full_blocks(seq)
             if seq.num_pending == 0 and seq.status is Status.RUNNING:
                 chosen.append((seq, row, self._choose(seq, logits, row, argmax[row])))
-        asked = [(row, token, seq.logprobs) for seq, row, token in chosen if seq.logprobs is not None and token is not None]
+        # Logprobs of every row that asked, in one softmax and one top-k (not a few tensor ops per row).
+        asked = [(row, token, seq.logprobs) for seq, row, token in chosen
+                 if seq.logprobs is not None and token is not None]
         entries = dict(zip((row for row, _, _ in asked), logprob_entries(logits, *zip(*asked)))) if asked else {}
         return [self._accept(seq, token, [entries[row]] if row in entries else None) for seq, row, token in chosen]
 
@@ -340,7 +343,8 @@ class Engine:
         prompt_lps = seq.prompt_token_logprobs if first and seq.prompt_logprobs is not None else None
         return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps)
 
-    def _extend(self, seq: Sequence, tokens: list[int], entries: list | None) -> tuple[list[int], list | None, str | None]:
+    def _extend(self, seq: Sequence, tokens: list[int],
+                entries: list | None) -> tuple[list[int], list | None, str | None]:
         """Append tokens (entries[i]: token i's logprob entry, when asked) up to the first that ends
         the request: (the tokens kept, their logprob entries, the finish reason or None)."""
         kept, reason = [], None
@@ -396,7 +400,8 @@ def logprob_entries(logits: torch.Tensor, rows: Seq[int], tokens: Seq[int], top_
     k = max(top_ns)
     top = logp.topk(k) if k else None
     ids, values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
-    return [(t, lp, list(zip(ids[i][:n], values[i][:n])) if n else []) for i, (t, lp, n) in enumerate(zip(tokens, chosen, top_ns))]
+    return [(t, lp, list(zip(ids[i][:n], values[i][:n])) if n else [])
+            for i, (t, lp, n) in enumerate(zip(tokens, chosen, top_ns))]
 
 
 def _entries(logits: torch.Tensor, tokens: list, top_n: int | None) -> list | None:

@@ -243,8 +243,8 @@ def forward_padded(model, cache: PagedKVCache, rows: list[Row], keep: int = 1,
     qpos, ctx = torch.tensor(write_pos), torch.tensor(ctx)
     nb = -(-int(ctx.max()) // bs)  # blocks covering the longest context
     tables = [blocks for _, _, blocks in rows]
-    decode = list(zip(row_ids, ctx.tolist())) if row_ids is not None and T == 1 else None
-    decode = [(rid, n - 1) for rid, n in decode] if decode else None  # (id, position of the new token)
+    # A decode step: (sequence id, position of its new token) per row.
+    decode = [(rid, n - 1) for rid, n in zip(row_ids, ctx.tolist())] if row_ids is not None and T == 1 else None
     S = cache.set_step(write_slots(tables, write_pos, bs).to(device), block_table(tables, nb).to(device), decode)
     mask = _padded_mask(qpos, ctx, S, model.config.sliding_window).to(device)
     logits = model(torch.tensor(ids, device=device), position_ids=qpos.clamp(min=0).to(device), attn_mask=mask,

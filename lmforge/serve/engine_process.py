@@ -33,7 +33,7 @@ from typing import Sequence
 
 from lmforge.common import LmforgeError, get_logger
 
-from .runner import EngineFailed, Handle, QueueFull, Submission
+from .runner import EngineFailed, Handle, Submission, check_room
 
 log = get_logger(__name__)
 _STATS_EVERY = 0.05  # seconds between statistics snapshots while the engine is busy
@@ -117,8 +117,7 @@ class EngineProcess:
         Called on the event loop this runner was started on."""
         if not self.alive:
             raise EngineFailed(f"the engine process has exited (code {self.exitcode})")
-        if len(self._live) + len(items) > self.max_in_flight:
-            raise QueueFull(f"the server is at its limit of {self.max_in_flight} requests in flight")
+        check_room(len(self._live), len(items), self.max_in_flight)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         handles = []
         for i, it in enumerate(items):

@@ -3,8 +3,10 @@
 The HTTP handlers live on the event loop; the model runs here, off the loop, so streaming other
 clients never waits for a forward. The event loop never touches the engine either (one thread owns
 it, and the runner's request-id bookkeeping stays in step with it): `submit` and `cancel` only record
-what to do; the engine thread applies them between steps. The number of requests in flight is bounded: past it `submit` raises QueueFull and the
-server answers 429 instead of letting the queue grow without end.
+what to do; the engine thread applies them between steps. The number of requests in flight is
+bounded: past it `submit` raises QueueFull and the server answers 429 instead of letting the queue
+grow without end. (`lmforge serve` runs the engine in a process of its own by default:
+engine_process.py, the same interface.)
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ log = get_logger(__name__)
 
 class QueueFull(Exception):
     pass
+
+
+def check_room(in_flight: int, adding: int, limit: int, what: str = "requests") -> None:
+    """Raise QueueFull unless `adding` more fit beside `in_flight` within `limit`."""
+    if in_flight + adding > limit:
+        raise QueueFull(f"the server is at its limit of {limit} {what} in flight")
 
 
 class EngineFailed(Exception):
@@ -96,8 +104,7 @@ class EngineRunner:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         handles = [Handle(it, i, loop, queue) for i, it in enumerate(items)]
         with self._lock:
-            if len(self._live) + len(handles) > self.max_in_flight:
-                raise QueueFull(f"the server is at its limit of {self.max_in_flight} requests in flight")
+            check_room(len(self._live), len(handles), self.max_in_flight)
             self._live.update(handles)
             self._pending += handles
         self._wake.set()

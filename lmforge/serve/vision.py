@@ -30,7 +30,7 @@ from lmforge.multimodal import (VisionLanguageModel, is_multimodal, load_multimo
                                 split_images, stream)
 
 from .protocol import APIError, ChatMessage
-from .runner import EngineFailed, Handle, QueueFull, Submission, _post
+from .runner import EngineFailed, Handle, Submission, _post, check_room
 
 log = get_logger(__name__)
 
@@ -93,8 +93,7 @@ class VisionRunner:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         handles = [Handle(it, i, loop, events) for i, it in enumerate(items)]
         with self._guard:
-            if len(self._live) + len(handles) > self.max_in_flight:
-                raise QueueFull(f"the server is at its limit of {self.max_in_flight} image requests in flight")
+            check_room(len(self._live), len(handles), self.max_in_flight, "image requests")
             self._live.update(handles)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="lmforge-vision", daemon=True)
