@@ -183,3 +183,28 @@ def test_the_engine_loop_reports_a_failing_step_and_keeps_serving(ckpt):
     cmd_write.send(("stop",))
     loop.join(10)
     assert not loop.is_alive()
+
+
+def _serve_forever_in(model_dir: str, port: int) -> None:
+    from lmforge.serve import serve
+
+    serve(ServeConfig(model=model_dir, port=port))
+
+
+def test_a_server_in_a_daemonic_process_runs_its_engine_on_a_thread(ckpt):
+    """Daemonic processes may not have children (multiprocessing refuses): the engine falls back
+    to a thread instead of the server failing to start."""
+    import multiprocessing as mp
+
+    port = _free_port()
+    proc = mp.get_context("spawn").Process(target=_serve_forever_in, args=(str(ckpt[0]), port), daemon=True)
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _healthy(url), timeout=60), "server did not come up"
+        assert _children(proc.pid) == []
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.kill()
+        proc.join(10)

@@ -7,6 +7,7 @@ then the engine thread stops and the process exits 0.
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -94,7 +95,8 @@ def build_engine(cfg: ServeConfig, model=None, tokenizer=None):
 def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     """The ServerState for `cfg` (model and tokenizer loaded from cfg.model unless given). With
     cfg.engine_process the engine runs in a child process that loads the model itself (not for
-    a model passed in, nor a vision-language model: its image path shares the engine's weights)."""
+    a model passed in, nor a vision-language model: its image path shares the engine's weights,
+    nor inside a daemonic process, which may not have children)."""
     from lmforge.checkpoint import load_tokenizer_if_any
     from lmforge.multimodal import is_multimodal
 
@@ -107,7 +109,9 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
         raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
     max_in_flight = cfg.max_seqs + cfg.max_queue
     common = dict(api_key=cfg.api_key, request_timeout=cfg.request_timeout, max_body_bytes=cfg.max_body_bytes)
-    if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model):
+    # A daemonic process (a test harness's, say) may not start children: the engine runs on a thread.
+    if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model) \
+            and not multiprocessing.current_process().daemon:
         from .engine_process import EngineProcess
 
         tokenizer = load_tokenizer_if_any(cfg.model)
