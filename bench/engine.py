@@ -1,7 +1,8 @@
 """Engine throughput: aggregate generated tokens/s with 1, 4, 16 and 32 concurrent requests through
 lmforge's continuous-batching engine, vs the same prompts through transformers `generate` one at a
 time and in left-padded batches of 8. Same random GPT-2-shaped weights on both sides (saved by
-transformers, loaded by lmforge), greedy, no early stop. Medians of --repeats runs.
+transformers, loaded by lmforge), greedy, no early stop. Medians of --repeats runs, the paths taking
+turns within each repeat; ratios are the medians of the repeats' own ratios.
 
     python bench/engine.py            # a few minutes on 2 idle CPU cores
     python bench/engine.py --layers 12 --hidden 768 --vocab 50257   # GPT-2 small (slow on CPU)
@@ -65,53 +66,53 @@ def engine_generate(model, prompts: list[list[int]], new: int, block_size: int) 
     return engine.generate_batch(prompts, SamplingParams(max_new_tokens=new))
 
 
-def timed(fn, repeats: int) -> tuple[float, list]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--new", type=int, default=32, help="new tokens per request")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="2+ only on an idle machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     hf, ours = build_models(args)
     prompts = prompts_for(32, args.vocab)
-    n = args.new
-    rows = {}
+    n, bs = args.new, args.block_size
 
     # Parity first: the engine and transformers agree on greedy tokens.
-    same = engine_generate(ours, prompts[:4], n, args.block_size) == hf_generate(hf, prompts[:4], 1, n)
+    same = engine_generate(ours, prompts[:4], n, bs) == hf_generate(hf, prompts[:4], 1, n)
     print(f"model: GPT-2 shape, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
           f"{n} new tokens/request; greedy tokens equal to transformers: {same}")
 
-    sec, _ = timed(lambda: hf_generate(hf, prompts[:4], 1, n), args.repeats)
-    rows["transformers one-at-a-time"] = 4 * n / sec
-    sec, _ = timed(lambda: hf_generate(hf, prompts[:16], 8, n), args.repeats)
-    rows["transformers padded batch 8"] = 16 * n / sec
-    for c in (1, 4, 16, 32):
-        sec, _ = timed(lambda: engine_generate(ours, prompts[:c], n, args.block_size), args.repeats)
-        rows[f"lmforge engine, {c} concurrent"] = c * n / sec
+    paths = {  # name -> (run it, tokens it generates)
+        "transformers one-at-a-time": (lambda: hf_generate(hf, prompts[:4], 1, n), 4 * n),
+        "transformers padded batch 8": (lambda: hf_generate(hf, prompts[:16], 8, n), 16 * n),
+        "lmforge engine, 1 concurrent": (lambda: [engine_generate(ours, [p], n, bs) for p in prompts[:4]], 4 * n),
+    }
+    for c in (4, 16, 32):
+        paths[f"lmforge engine, {c} concurrent"] = (lambda c=c: engine_generate(ours, prompts[:c], n, bs), c * n)
+    runs = {name: [] for name in paths}
+    for _ in range(args.repeats):  # the paths take turns within each repeat: a drift in the machine's speed hits all
+        for name, (fn, tokens) in paths.items():
+            start = time.perf_counter()
+            fn()
+            runs[name].append(tokens / (time.perf_counter() - start))
 
-    print(f"{'path':40s} {'tokens/s':>10s}")
-    for name, tps in rows.items():
-        print(f"{name:40s} {tps:10.1f}")
-    one = rows["lmforge engine, 1 concurrent"]
-    hf8 = rows["transformers padded batch 8"]
-    print(f"engine 16 concurrent / engine 1:        {rows['lmforge engine, 16 concurrent'] / one:.2f}x (target >= 4x)")
-    print(f"engine 16 concurrent / transformers b8: {rows['lmforge engine, 16 concurrent'] / hf8:.2f}x (target > 1x)")
-    print(f"engine 32 concurrent / transformers b8: {rows['lmforge engine, 32 concurrent'] / hf8:.2f}x")
-    print(f"engine 1 / transformers one-at-a-time:  {one / rows['transformers one-at-a-time']:.2f}x")
+    print(f"{'path':40s} {'tokens/s':>10s}   (median of {args.repeats} runs)")
+    for name, rates in runs.items():
+        print(f"{name:40s} {statistics.median(rates):10.1f}")
+
+    def ratio(a: str, b: str) -> str:  # the median of the repeats' own ratios
+        values = [x / y for x, y in zip(runs[a], runs[b])]
+        return f"{statistics.median(values):.2f}x (repeats {', '.join(f'{v:.2f}' for v in values)})"
+
+    one, b8 = "lmforge engine, 1 concurrent", "transformers padded batch 8"
+    print(f"engine 16 concurrent / engine 1:        {ratio('lmforge engine, 16 concurrent', one)}; target >= 4x")
+    print(f"engine 16 concurrent / transformers b8: {ratio('lmforge engine, 16 concurrent', b8)}; target > 1x")
+    print(f"engine 32 concurrent / transformers b8: {ratio('lmforge engine, 32 concurrent', b8)}")
+    print(f"engine 1 / transformers one-at-a-time:  {ratio(one, 'transformers one-at-a-time')}")
 
 
 if __name__ == "__main__":
