@@ -69,6 +69,12 @@ def test_start_up_errors_come_back_from_the_engine_process(ckpt, tmp_path, capsy
             (bad / name).write_text((ckpt[0] / name).read_text())
     assert main(["serve", "--model", str(bad)]) == 2
     assert "config.json" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use is refused before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(ckpt[0]), "--port", str(port)]) == 2
+    assert f"--port {port}" in capsys.readouterr().err
 
 
 def test_a_dead_engine_process_fails_its_requests_and_health(ckpt):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,11 +149,24 @@ def make_server(cfg: ServeConfig, state=None):
     return Server(config)
 
 
+def check_address(host: str, port: int) -> None:
+    """LmforgeError unless host:port can be listened on, checked before the model loads (minutes,
+    for a big one) rather than after."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(address)
+    except OSError as e:
+        raise LmforgeError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None
+
+
 def serve(cfg: ServeConfig) -> None:
-    # The engine thread runs Python between torch ops; by default it keeps the GIL for 5 ms
-    # slices, and every socket write on the event loop then waits for one. Shorter slices keep
-    # streaming latency low (measured with bench/serve.py).
+    # With --engine thread, the engine runs Python between torch ops; by default it keeps the GIL
+    # for 5 ms slices, and every socket write on the event loop then waits for one. Shorter slices
+    # keep streaming latency low (measured with bench/serve.py).
     sys.setswitchinterval(0.0005)
+    check_address(cfg.host, cfg.port)
     server = make_server(cfg)
     log.info("serving %s on http://%s:%d", cfg.model, cfg.host, cfg.port)
     server.run()
