@@ -121,7 +121,7 @@ class PagedKVCache:
         self.mirror_bytes = mirror_bytes
         self._mirror: list | None = None  # per layer (k, v) [B, capacity, Hkv, hd], or None
         self._mirror_rows: tuple = ()  # ((sequence id, next position), ...) the copy is valid for
-        self._append: torch.Tensor | None = None  # this step: the rows' write positions in the copy
+        self._append: torch.Tensor | None = None  # this step: where the new tokens go in the copy, flat
 
     @property
     def bytes_per_block(self) -> int:
@@ -143,13 +143,15 @@ class PagedKVCache:
             return S
         rows = tuple(decode_rows)
         if self._mirror is not None and rows == self._mirror_rows and S <= self._mirror[0][0].shape[1]:
-            self._append = torch.tensor([pos for _, pos in rows], device=write_slots.device)
+            capacity = self._mirror[0][0].shape[1]
+            flat = [row * capacity + pos for row, (_, pos) in enumerate(rows)]
+            self._append = torch.tensor(flat, device=write_slots.device)
         else:  # (re)build: gather the blocks plus headroom (the scratch block: finite, masked out)
             pad = torch.full((B, self.MIRROR_HEADROOM), PAD_BLOCK, dtype=block_table.dtype, device=block_table.device)
             self._blocks = torch.cat([block_table, pad], 1).reshape(-1)
             self._mirror = [None] * len(self.k)
         self._mirror_rows = tuple((rid, pos + 1) for rid, pos in rows)
-        return self._mirror[0][0].shape[1] if self._append is not None else capacity
+        return capacity
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0):
         """k, v [B, Hkv, T, hd] -> every row's keys/values [B, Hkv, S, hd] (S: the key length set_step
@@ -160,9 +162,8 @@ class PagedKVCache:
         self.v[layer_idx].index_copy_(0, self.write_slots, v_new)
         if self._append is not None:  # the batch's copy from the last step, plus this token
             k_all, v_all = self._mirror[layer_idx]
-            rows = torch.arange(B, device=k.device)
-            k_all[rows, self._append] = k_new
-            v_all[rows, self._append] = v_new
+            k_all.view(-1, H, D).index_copy_(0, self._append, k_new)
+            v_all.view(-1, H, D).index_copy_(0, self._append, v_new)
         else:
             S = self._blocks.numel() // B * self.block_size
             k_all = self.k_blocks[layer_idx].index_select(0, self._blocks).view(B, S, H, D)
