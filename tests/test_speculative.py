@@ -94,3 +94,25 @@ def test_sampled_sequences_follow_the_target_distribution(min_confidence):
 def test_speculative_rejects_repetition_penalty():
     with pytest.raises(LmforgeError, match="repetition_penalty"):
         speculative_generate(_model(), [1, 2], SamplingParams(repetition_penalty=1.2), LookupProposer())
+
+
+def _latest_follow(tokens: list[int], k: int, max_ngram: int) -> list[int]:
+    """Prompt lookup by brute force: scan every earlier start, longest n-gram first."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[-n:]:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def test_lookup_index_equals_a_full_scan_as_the_sequence_grows():
+    g = torch.Generator().manual_seed(0)
+    for vocab in (3, 8, 50):  # many, some and few repeats
+        prop = LookupProposer(max_ngram=3)
+        tokens = torch.randint(0, vocab, (5,), generator=g).tolist()
+        for _ in range(120):
+            k = int(torch.randint(1, 5, (1,), generator=g))
+            assert prop.propose(tokens, k, SamplingParams(), None)[0] == _latest_follow(tokens, k, 3)
+            tokens = tokens + torch.randint(0, vocab, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+    other = [4, 4, 2, 4, 4]  # not a continuation of what the proposer saw: it starts over
+    assert prop.propose(other, 2, SamplingParams(), None)[0] == _latest_follow(other, 2, 3) == [2, 4]

@@ -13,6 +13,8 @@ next proposal starts by feeding the draft whatever it has not seen.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lmforge.common import LmforgeError
@@ -20,7 +22,7 @@ from lmforge.common import LmforgeError
 from .paged import PagedKVCache, forward_packed, forward_padded
 from .sampling import probabilities
 from .scheduler import Sequence
-from .speculative import LookupProposer, verify, verify_greedy
+from .speculative import NgramIndex, verify, verify_greedy
 
 
 class Drafter:
@@ -65,11 +67,17 @@ class PromptLookup(Drafter):
 
     def __init__(self, k: int, max_ngram: int = 3):
         super().__init__(k)
-        self.lookup = LookupProposer(max_ngram)
+        self.max_ngram = max_ngram
+        self.indexes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Sequence -> its NgramIndex
 
     def propose(self, seqs: list[Sequence], ks: list[int],
                 generators: list[torch.Generator]) -> tuple[list[list[int]], list[None]]:
-        drafts = [self.lookup.propose(seq.tokens, k, seq.params, None)[0] if k else [] for seq, k in zip(seqs, ks)]
+        drafts = []
+        for seq, k in zip(seqs, ks):
+            index = self.indexes.get(seq)
+            if index is None:
+                index = self.indexes[seq] = NgramIndex(self.max_ngram)
+            drafts.append(index.follow(seq.tokens, k) if k else [])
         return drafts, [None] * len(seqs)
 
 

@@ -83,25 +83,50 @@ def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[list[int], i
     return drafts[:n_acc] + [best[n_acc]], n_acc
 
 
+class NgramIndex:
+    """The latest earlier start of every n-gram (n = 1..max_ngram) of a growing token list, updated
+    as tokens come: a lookup costs a few dict probes, not a scan of the whole sequence per step (a
+    scan per row made prompt lookup slower than plain decoding on long or non-repeating text)."""
+
+    def __init__(self, max_ngram: int):
+        self.max_ngram = max_ngram
+        self.seen: list[int] = []  # the tokens indexed so far
+        self.latest: list[dict] = [{} for _ in range(max_ngram + 1)]  # [n] n-gram -> its latest start
+
+    def update(self, tokens: list[int]) -> None:
+        n_seen = len(self.seen)
+        if len(tokens) < n_seen or tokens[:n_seen] != self.seen:  # not a continuation: start over
+            self.__init__(self.max_ngram)
+            n_seen = 0
+        self.seen += tokens[n_seen:]
+        L = len(tokens)
+        for n in range(1, self.max_ngram + 1):
+            # Starts up to L - n - 1: an n-gram followed by at least one token (the tail's own is not).
+            for start in range(max(0, n_seen - n), L - n):
+                self.latest[n][tuple(tokens[start:start + n])] = start
+
+    def follow(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest matching tail."""
+        self.update(tokens)
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            start = self.latest[n].get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start + n:start + n + k]
+        return []
+
+
 class LookupProposer:
     """Prompt-lookup drafting: match the longest recent n-gram (max_ngram down to 1) earlier in the
     sequence and propose the k tokens that followed it."""
 
     def __init__(self, max_ngram: int = 3):
-        self.max_ngram = max_ngram
+        self.index = NgramIndex(max_ngram)
 
     def reset(self, prompt: list[int]) -> None:
-        pass
+        self.index = NgramIndex(self.index.max_ngram)
 
     def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], None]:
-        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
-            tail = tokens[-n:]
-            for start in range(len(tokens) - n - 1, -1, -1):  # latest match first
-                if tokens[start:start + n] == tail:
-                    follow = tokens[start + n:start + n + k]
-                    if follow:
-                        return follow, None
-        return [], None
+        return self.index.follow(tokens, k), None
 
     def accepted(self, num_valid: int) -> None:
         pass
