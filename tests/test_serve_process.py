@@ -116,8 +116,8 @@ def test_sigterm_to_the_process_group_drains_and_the_engine_process_exits(ckpt):
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _healthy(url), timeout=60), "server did not come up"
-        children = _children(proc.pid)  # the engine, and multiprocessing's resource tracker
-        assert any(b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
+        children = _children(proc.pid)
+        assert [b"lmforge.serve.engine_process" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children] == [True]
         with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
                 "model": "tiny-chat", "prompt": "drain", "max_tokens": 200, "temperature": 0, "stream": True}) as r:
             lines = iter(r.iter_lines())
@@ -197,20 +197,32 @@ def _serve_forever_in(model_dir: str, port: int) -> None:
     serve(ServeConfig(model=model_dir, port=port))
 
 
-def test_a_server_in_a_daemonic_process_runs_its_engine_on_a_thread(ckpt):
-    """Daemonic processes may not have children (multiprocessing refuses): the engine falls back
-    to a thread instead of the server failing to start."""
+def test_a_server_started_from_code_without_a_main_guard_or_in_a_daemonic_process(ckpt, tmp_path):
+    """The engine process is a fresh interpreter that never re-imports the caller's main module
+    (multiprocessing's spawn would: a script without `if __name__ == "__main__":`, or code piped to
+    `python -`, then fails), and it may be started from a daemonic process, which multiprocessing
+    forbids to have children."""
     import multiprocessing as mp
 
     port = _free_port()
-    proc = mp.get_context("spawn").Process(target=_serve_forever_in, args=(str(ckpt[0]), port), daemon=True)
-    proc.start()
+    code = (f"from lmforge.serve import ServeConfig, serve\n"
+            f"serve(ServeConfig(model={str(ckpt[0])!r}, port={port}))\n")
+    proc = subprocess.Popen([sys.executable, "-"], stdin=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.stdin.write(code.encode())
+    proc.stdin.close()
+    daemon_port = _free_port()
+    daemon = mp.get_context("spawn").Process(target=_serve_forever_in, args=(str(ckpt[0]), daemon_port), daemon=True)
+    daemon.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: _healthy(url), timeout=60), "server did not come up"
-        assert _children(proc.pid) == []
-        r = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 3})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        for u, pid in ((url, proc.pid), (f"http://127.0.0.1:{daemon_port}", daemon.pid)):
+            assert wait_until(lambda: _healthy(u), timeout=60), f"server {u} did not come up"
+            assert len(_children(pid)) == 1  # its engine process
+            r = httpx.post(u + "/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     finally:
         proc.kill()
-        proc.join(10)
+        proc.wait()
+        daemon.kill()
+        daemon.join(10)

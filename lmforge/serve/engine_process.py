@@ -14,10 +14,13 @@ two pipes:
 
 The event loop reads the child's pipe directly (`add_reader`: no extra thread, no cross-thread
 hand-off per step); a writer thread sends the commands, so the event loop never blocks on a full
-pipe. The child is spawned (not forked: the server may already hold threads and an OpenMP pool),
-loads the model itself, ignores SIGINT/SIGTERM (the server drains and then sends "stop") and
-exits when the server's end of the pipe closes, whatever killed it. Engine statistics for
-/metrics are a snapshot the child sends at most every 50 ms while busy and whenever it goes idle.
+pipe. The child is a fresh interpreter, `python -m lmforge.serve.engine_process CMD_FD EVENT_FD`
+(not a fork: the server may already hold threads and an OpenMP pool; not multiprocessing's spawn,
+which re-imports the caller's main script: a script without an `if __name__` guard, or code piped
+to `python -`, would break). It gets the ServeConfig as its first message, loads the model itself,
+ignores SIGINT/SIGTERM (the server drains and then sends "stop") and exits when the server's end
+of the pipe closes, whatever killed it. Engine statistics for /metrics are a snapshot the child
+sends at most every 50 ms while busy and whenever it goes idle.
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing as mp
+import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Sequence
 
 from lmforge.common import LmforgeError, get_logger
@@ -41,20 +49,23 @@ _STATS_EVERY = 0.05  # seconds between statistics snapshots while the engine is 
 
 class EngineProcess:
     """The same interface as runner.EngineRunner (submit, cancel, start, stop, in_flight, stats,
-    max_model_len, vocab_size), with the engine in a spawned child process. Built from a
+    max_model_len, vocab_size), with the engine in a child process. Built from a
     ServeConfig (the child loads the model from its folder); waits until the model is loaded and
     raises LmforgeError with the child's message if it cannot be."""
 
     def __init__(self, cfg, max_in_flight: int, start_timeout: float = 1800.0):
         self.max_in_flight = max_in_flight
-        ctx = mp.get_context("spawn")
-        cmd_recv, self._cmds = ctx.Pipe(duplex=False)
-        self._events, event_send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=child_main, args=(cfg, cmd_recv, event_send), name="lmforge-engine",
-                                 daemon=True)
-        self._proc.start()
+        cmd_recv, self._cmds = mp.Pipe(duplex=False)
+        self._events, event_send = mp.Pipe(duplex=False)
+        fds = (cmd_recv.fileno(), event_send.fileno())
+        # The child imports this very lmforge, however it was found here (installed, or a source tree).
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds, env=env,
+                                      stdin=subprocess.DEVNULL)
         cmd_recv.close()
         event_send.close()
+        self._cmds.send(("config", cfg))
         info = self._wait_ready(start_timeout)
         self.max_model_len, self.vocab_size, self.stats = info["max_model_len"], info["vocab_size"], info["stats"]
         self._keys = itertools.count()
@@ -67,20 +78,19 @@ class EngineProcess:
     def _wait_ready(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while not self._events.poll(0.1):
-            if not self._proc.is_alive():
-                raise LmforgeError(f"the engine process exited with code {self._proc.exitcode} while loading "
-                                   f"the model (its log is above; a script that starts the server needs "
-                                   f"`if __name__ == \"__main__\":`, as any spawned process does)")
+            if self._proc.poll() is not None:
+                raise LmforgeError(f"the engine process exited with code {self._proc.returncode} while loading "
+                                   f"the model (its log is above)")
             if time.monotonic() > deadline:
                 self._proc.kill()
                 raise LmforgeError(f"the engine process did not load the model within {timeout:g} s")
         try:
             kind, payload = self._events.recv()
         except EOFError:
-            self._proc.join(5)
-            raise LmforgeError(f"the engine process exited with code {self._proc.exitcode} while loading the model")
+            raise LmforgeError(f"the engine process exited with code {self._wait(5)} while loading the model "
+                               f"(its log is above)") from None
         if kind == "error":
-            self._proc.join(5)
+            self._wait(5)
             raise LmforgeError(payload)
         return payload
 
@@ -103,14 +113,25 @@ class EngineProcess:
     def stop(self, timeout: float = 10.0) -> None:
         if self._loop is not None and self.alive:
             self._loop.remove_reader(self._events.fileno())
-        self._outbox.put(("stop",))
-        self._outbox.put(None)
         if self._writer.is_alive():
+            self._outbox.put(("stop",))
+            self._outbox.put(None)
             self._writer.join(timeout)
-        self._proc.join(timeout)
-        if self._proc.is_alive():
+        else:  # never started (the server failed to come up), or the child is gone
+            try:
+                self._cmds.send(("stop",))
+            except OSError:
+                pass
+        if self._wait(timeout) is None:
             self._proc.kill()
-            self._proc.join(timeout)
+            self._wait(timeout)
+
+    def _wait(self, timeout: float) -> int | None:
+        """The child's exit code once it has exited within `timeout` seconds, else None."""
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def submit(self, items: Sequence[Submission]) -> tuple[list[Handle], asyncio.Queue]:
         """Queue all of `items` or none (QueueFull); their events arrive on the returned queue.
@@ -172,8 +193,8 @@ class EngineProcess:
 
     def _child_died(self) -> None:
         self._loop.remove_reader(self._events.fileno())
-        self._proc.join(5)
-        self.exitcode = self._proc.exitcode if self._proc.exitcode is not None else -1
+        code = self._wait(5)
+        self.exitcode = code if code is not None else -1
         log.error("the engine process exited with code %s", self.exitcode)
         self._fail_all(EngineFailed(f"the engine process exited (code {self.exitcode})"))
         self._outbox.put(None)
@@ -272,3 +293,8 @@ def _forget(engine, key: int, rid_of: dict, key_of: dict) -> None:
     rid = rid_of.pop(key)
     del key_of[rid]
     engine.release(rid)  # cancels it first if it is still running; the engine keeps nothing
+
+
+if __name__ == "__main__":  # the child: python -m lmforge.serve.engine_process CMD_FD EVENT_FD
+    _commands, _events = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
+    child_main(_commands.recv()[1], _commands, _events)

@@ -7,7 +7,6 @@ then the engine thread stops and the process exits 0.
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 import socket
 import sys
@@ -96,8 +95,7 @@ def build_engine(cfg: ServeConfig, model=None, tokenizer=None):
 def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     """The ServerState for `cfg` (model and tokenizer loaded from cfg.model unless given). With
     cfg.engine_process the engine runs in a child process that loads the model itself (not for
-    a model passed in, nor a vision-language model: its image path shares the engine's weights,
-    nor inside a daemonic process, which may not have children)."""
+    a model passed in, nor a vision-language model: its image path shares the engine's weights)."""
     from lmforge.checkpoint import load_tokenizer_if_any
     from lmforge.multimodal import is_multimodal
 
@@ -110,9 +108,7 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
         raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
     max_in_flight = cfg.max_seqs + cfg.max_queue
     common = dict(api_key=cfg.api_key, request_timeout=cfg.request_timeout, max_body_bytes=cfg.max_body_bytes)
-    # A daemonic process (a test harness's, say) may not start children: the engine runs on a thread.
-    if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model) \
-            and not multiprocessing.current_process().daemon:
+    if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model):
         from .engine_process import EngineProcess
 
         tokenizer = load_tokenizer_if_any(cfg.model)
