@@ -387,10 +387,7 @@ class Engine:
 
 def logprob_entry(logits: torch.Tensor, token: int, top_n: int) -> tuple[int, float, list[tuple[int, float]]]:
     """(token, its logprob, the top_n alternatives [(token, logprob)]) from one position's logits [V]."""
-    logp = logits.log_softmax(-1)
-    top = logp.topk(top_n) if top_n else None
-    alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return token, float(logp[token]), alts
+    return logprob_entries(logits[None], [0], [token], [top_n])[0]
 
 
 def logprob_entries(logits: torch.Tensor, rows: Seq[int], tokens: Seq[int], top_ns: Seq[int]) -> list:

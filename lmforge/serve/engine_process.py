@@ -254,10 +254,8 @@ def _serve_forever(engine, cmds, events) -> None:
             step = engine.step()
         except Exception as e:  # a bug, not a client's mistake: fail what is in flight, keep serving
             log.exception("engine step failed")
-            for rid in list(key_of):
-                engine.release(rid)
-            rid_of.clear()
-            key_of.clear()
+            for key in list(rid_of):
+                _forget(engine, key, rid_of, key_of)
             events.send(("failed", str(e)))
             continue
         out = []

@@ -61,6 +61,12 @@ def load_adapters(model, adapters: dict[str, str]) -> list[str]:
     return list(adapters)
 
 
+def _require_tokenizer(cfg: ServeConfig, tokenizer):
+    if tokenizer is None:
+        raise LmforgeError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
+    return tokenizer
+
+
 def build_engine(cfg: ServeConfig, model=None, tokenizer=None):
     """(the Engine, the tokenizer, the vision-language model or None) for `cfg`: model and tokenizer
     loaded from cfg.model unless given, adapters and draft loaded, checked against each other."""
@@ -74,8 +80,7 @@ def build_engine(cfg: ServeConfig, model=None, tokenizer=None):
         if model is None:
             model = load_model(cfg.model, device=get_device(cfg.device), dtype=cfg.dtype)
         tokenizer = load_tokenizer_if_any(cfg.model)
-    if tokenizer is None:
-        raise LmforgeError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
+    _require_tokenizer(cfg, tokenizer)
     model, vlm = split_vision(model)  # a vision-language model's LM serves text; images: serve/vision.py
     if vlm is not None and cfg.adapters:
         raise LmforgeError("adapters cannot be served with a vision-language model")
@@ -111,9 +116,7 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model):
         from .engine_process import EngineProcess
 
-        tokenizer = load_tokenizer_if_any(cfg.model)
-        if tokenizer is None:
-            raise LmforgeError(f"{cfg.model} has no tokenizer.json: the server needs the model's tokenizer")
+        tokenizer = _require_tokenizer(cfg, load_tokenizer_if_any(cfg.model))
         return ServerState(EngineProcess(cfg, max_in_flight), tokenizer, name, list(cfg.adapters), **common)
     engine, tokenizer, vlm = build_engine(cfg, model, tokenizer)
     runner = EngineRunner(engine, max_in_flight=max_in_flight)
