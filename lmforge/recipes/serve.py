@@ -2,7 +2,11 @@
 /v1/models, streaming), with LoRA adapters selected by the request's `model` field, optional
 Bearer API key, /health, /metrics (Prometheus) and a chat page at /; `--draft DIR` decodes
 speculatively with a smaller model sharing the tokenizer, `--lookup` with prompt-lookup drafts
-(same outputs, fewer target steps)."""
+(same outputs, fewer target steps).
+
+    lmforge serve runs/pipeline-tiny/final               # http://127.0.0.1:8000 (chat page at /)
+    lmforge serve --model runs/pipeline-tiny/final --port 8001 --api-key secret
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ from lmforge.common import LmforgeError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder (lmforge checkpoint or Hugging Face folder)")
+    # The folder may come positionally (`lmforge serve runs/x/final`, what the pipeline prints) or as --model.
+    p.add_argument("model_dir", nargs="?", metavar="MODEL",
+                   help="model folder (lmforge checkpoint or Hugging Face folder); same as --model")
+    p.add_argument("--model", help="model folder, if not given positionally")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter served as model NAME (repeatable)")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: the folder name)")
@@ -58,14 +65,26 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
     return adapters
 
 
+def model_folder(args: argparse.Namespace) -> str:
+    """The model folder from MODEL or --model: one of them is required, and both must name the same folder."""
+    positional, flag = args.model_dir, args.model
+    if positional is None and flag is None:
+        raise LmforgeError("no model: give the model folder, e.g. `lmforge serve runs/pipeline-tiny/final` "
+                           "(or --model DIR)")
+    if positional is not None and flag is not None and os.path.realpath(positional) != os.path.realpath(flag):
+        raise LmforgeError(f"two different models given: MODEL {positional!r} and --model {flag!r}; give one")
+    return positional if positional is not None else flag
+
+
 def main(args: argparse.Namespace) -> int:
     from lmforge.serve import ServeConfig, serve
 
+    model = model_folder(args)
     for flag in ("max_seqs", "max_queue", "max_batch_tokens", "block_size", "max_body_bytes", "num_speculative",
                  "max_prefill_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise LmforgeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    cfg = ServeConfig(model=args.model, adapters=parse_adapters(args.adapter), served_model_name=args.served_model_name,
+    cfg = ServeConfig(model=model, adapters=parse_adapters(args.adapter), served_model_name=args.served_model_name,
                       api_key=args.api_key or None, host=args.host, port=args.port, device=args.device,
                       dtype=args.dtype, max_seqs=args.max_seqs, max_queue=args.max_queue,
                       max_batch_tokens=args.max_batch_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
