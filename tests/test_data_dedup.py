@@ -131,3 +131,22 @@ def test_char_shingles_dedup_text_without_spaces():
     assert cluster.tolist() == [0, 1, 2, 3, 4, 5, 2]
     h = MinHasher.from_config(cfg)
     assert h.shingle_strings("abcdef") == [b"abcde", b"bcdef"]
+
+
+def test_word_shingles_of_chinese_are_characters_and_estimate_like_datasketch():
+    """`shingle: word` on text without spaces: each CJK character is a word, mixed with Latin words."""
+    rng = random.Random(5)
+    chars = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
+    ours = MinHasher(num_perm=128, seed=1)
+    a = "".join(rng.choice(chars) for _ in range(300)) + " Python 3.11 " + "".join(rng.choice(chars)
+                                                                              for _ in range(100))
+    b = a[:50] + "改" + a[51:200] + "变" + a[201:]
+    sa, sb = ours.shingle_strings(a), ours.shingle_strings(b)
+    assert len(sa) == 400 + 2 - 4 and b"Python" in b" ".join(sa)
+    ma, mb = datasketch.MinHash(num_perm=128, seed=1), datasketch.MinHash(num_perm=128, seed=1)
+    ma.update_batch(sa)
+    mb.update_batch(sb)
+    true = len(set(sa) & set(sb)) / len(set(sa) | set(sb))
+    assert true > 0.9  # two characters changed: ~10 of ~400 shingles, not the whole "word"
+    est = estimate_jaccard(*ours.signatures([a, b]))
+    assert abs(est - true) < 0.15 and abs(est - ma.jaccard(mb)) < 0.15

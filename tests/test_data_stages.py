@@ -101,7 +101,7 @@ def test_normalize():
         NormalizeConfig(unicode_form="NFX")
 
 
-def test_language_by_script():
+def test_language_by_lingua():
     assert detect_language(PROSE)[0] == "en"
     assert detect_language("这是一个关于城市历史的中文段落。")[0] == "zh"
     assert detect_language("これは日本語の文章です。")[0] == "ja"
@@ -118,7 +118,12 @@ def test_filters_pass_prose_and_name_the_rule():
     assert apply_filters(repeated, "web", cfg)[1] == "gopher_dup_lines"
     symbols = " ".join(["# heading ..."] * 40) + " " + PROSE
     assert apply_filters(symbols, "web", cfg)[1] == "gopher_symbol_word_ratio"
-    no_stop = " ".join(f"alpha{i} beta gamma delta" for i in range(30))
+    # English (as lingua says) without two of Gopher's stop words; the rule is English-only
+    no_stop = ("Rivers flow quickly through green valleys near quiet villages. Farmers grow wheat, barley, "
+               "apples, pears; children play football after school while dogs chase cats around gardens. "
+               "Old bridges cross wide streams where fishermen catch trout every morning. Markets sell fresh "
+               "bread, cheese, honey plus warm soup during cold winter months. Visitors enjoy long walks along "
+               "ancient walls, stopping at small cafes serving coffee, tea or lemonade.")
     assert apply_filters(no_stop, "web", cfg)[1] == "gopher_stop_words"
     assert apply_filters("x = 1", "code", FilterConfig(sources=["prose"]))[1] is None  # rules skip other sources
     assert apply_filters(PROSE, "web", FilterConfig(languages=["zh"]))[1] == "language"

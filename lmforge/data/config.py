@@ -31,7 +31,9 @@ class InputConfig:
 
 @dataclass
 class MixConfig:
-    weights: dict[str, float] | None = None  # target token shares per source (None: natural mix)
+    # target token shares per source; None: the natural mix; "auto": the built-in corpus's weights on
+    # it (stdlib.BUILTIN_WEIGHTS), the natural mix of the sources of user inputs
+    weights: dict[str, float] | str | None = "auto"
     total_tokens: int | None = None  # None: as many training tokens as the corpus has
     seed: int = 0
 

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from lmforge.common import LmforgeError
+from lmforge.data.words import token_spans
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible mod 2**64
 _CHUNK = 8192  # shingles per permutation block ([128, 8192] uint32 = 4 MiB, reused)
@@ -102,7 +103,8 @@ class MinHasher:
     """Shingling + MinHash signatures, vectorised over the shingles of each document.
 
     A shingle is `ngram` consecutive words (runs of bytes above the space, so whitespace between
-    words does not matter) or `ngram` consecutive characters; `shingle_strings` spells them out
+    words does not matter; each CJK character is a word: `lmforge.data.words`) or `ngram`
+    consecutive characters; `shingle_strings` spells them out
     (b" ".join of the words) for comparison with other implementations.
     """
 
@@ -126,17 +128,9 @@ class MinHasher:
             return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
-    @staticmethod
-    def word_spans(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(start, end) byte offsets of the words: runs of bytes above the space (one SIMD comparison;
-        tab, newline and the other control bytes separate words too)."""
-        word = units > 32
-        n = len(units)
-        change = np.empty(n + 1, dtype=bool)  # word/space boundaries, the text's ends included
-        change[0], change[n] = word[0] if n else False, word[-1] if n else False
-        np.not_equal(word[1:], word[:-1], out=change[1:n])
-        edges = np.flatnonzero(change)
-        return edges[0::2], edges[1::2]
+    def _word_spans(self, text: str, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Byte spans of the words (`lmforge.data.words.token_spans`: CJK characters one word each)."""
+        return token_spans(text.lower() if self.lowercase else text, units)
 
     def token_hashes(self, text: str) -> np.ndarray:
         """One uint64 per word (32-bit polynomial hash of its bytes from prefix sums, length in the
@@ -144,7 +138,7 @@ class MinHasher:
         units = self.units(text)
         if self.shingle == "char":
             return units.astype(np.uint64)
-        starts, ends = self.word_spans(units)
+        starts, ends = self._word_spans(text, units)
         if len(starts) == 0:
             return np.zeros(0, dtype=np.uint64)
         pw, inv = self._powers.get(len(units))
@@ -184,7 +178,7 @@ class MinHasher:
         if self.shingle == "char":
             items, sep = [chr(c).encode("utf-8") for c in units.tolist()], b""
         else:
-            items, sep = [units[s:e].tobytes() for s, e in zip(*self.word_spans(units))], b" "
+            items, sep = [units[s:e].tobytes() for s, e in zip(*self._word_spans(text, units))], b" "
         k = min(self.ngram, len(items))
         return [sep.join(items[i: i + k]) for i in range(len(items) - k + 1)] if items else []
 

@@ -4,6 +4,11 @@ first rule it failed; the stats report counts per rule.
 
 Words: text written without spaces (Chinese, Japanese) counts each character as a word, so a
 Chinese paragraph is not rejected as one giant word.
+
+Scope: the rules were made for web prose and would reject nearly all code, so by default they (and
+the language filter) apply to every prose document, i.e. every document not of kind "code" (source
+files by extension, JSONL records with "kind": "code", the built-in corpus's code source; see
+`lmforge.data.readers`). `filters.sources: [a, b]` applies them to exactly the sources named instead.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmforge.data.normalize import detect_language, is_char_language
+from lmforge.common import LmforgeError
+from lmforge.data.langid import ACCURACY, detect_language, is_char_language, lingua_language
+from lmforge.data.words import NO_SPACE_RANGES, char_class
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_CJK = char_class(NO_SPACE_RANGES)
 _WORDS = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
 _ALPHA = re.compile(r"[^\W\d_]")
 _TERMINAL = (".", "!", "?", '"', "'", "\u3002", "\uff01", "\uff1f", "\u201d")
@@ -27,9 +34,10 @@ C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", 
 class FilterConfig:
     """Thresholds of the heuristic rules; `None` turns a rule off. Defaults are the papers' values."""
 
-    sources: list[str] | None = None  # sources the quality rules apply to (None: all)
-    languages: list[str] | None = None  # keep only these language codes (None: all)
-    min_language_score: float = 0.5
+    sources: list[str] | None = None  # sources the rules apply to (None: every source's prose documents)
+    languages: list[str] | None = None  # keep only these ISO 639-1 codes (None: all), detected by lingua
+    min_language_score: float = 0.5  # lingua's confidence in the language, 0..1
+    language_accuracy: str = "low"  # lingua's low (trigrams; fast) or high accuracy mode
     min_words: int | None = 50
     max_words: int | None = 100_000
     min_mean_word_length: float | None = 3.0
@@ -55,9 +63,23 @@ class FilterConfig:
     c4_min_sentences: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.sources, str):  # `--set filters.sources=web` gives one string
+            self.sources = [self.sources]
+        if self.languages is not None:
+            self.languages = [str(c).lower() for c in ([self.languages] if isinstance(self.languages, str)
+                                                       else self.languages)]
+        for code in self.languages or []:
+            lingua_language(code)  # a code the detector does not know is an error now, not a silent drop
+        if self.language_accuracy not in ACCURACY:
+            raise LmforgeError(f"filters.language_accuracy: {self.language_accuracy!r} is not one of "
+                               f"{', '.join(ACCURACY)}")
         # YAML keys of nested maps arrive as strings
         self.max_top_ngram_char_frac = {int(k): float(v) for k, v in (self.max_top_ngram_char_frac or {}).items()}
         self.max_dup_ngram_char_frac = {int(k): float(v) for k, v in (self.max_dup_ngram_char_frac or {}).items()}
+
+    def applies_to(self, source: str, kind: str = "prose") -> bool:
+        """Whether the language filter and the quality rules see a document of this source and kind."""
+        return source in self.sources if self.sources is not None else kind != "code"
 
 
 def words_of(text: str) -> list[str]:
@@ -212,13 +234,17 @@ def c4_document(text: str, cfg: FilterConfig) -> str | None:
     return None
 
 
-def apply_filters(text: str, source: str, cfg: FilterConfig) -> tuple[str, str | None, str]:
-    """-> (possibly line-cleaned text, rejecting rule or None, language code)."""
-    lang, score = detect_language(text)
+def apply_filters(text: str, source: str, cfg: FilterConfig, kind: str = "prose") -> tuple[str, str | None, str]:
+    """-> (possibly line-cleaned text, rejecting rule or None, language code: "code" for code that
+    no filter looks at)."""
+    in_scope = cfg.applies_to(source, kind)
+    if not in_scope and kind == "code":
+        return text, None, "code"
+    lang, score = detect_language(text, cfg.languages, cfg.language_accuracy)
+    if not in_scope:
+        return text, None, lang
     if cfg.languages is not None and (lang not in cfg.languages or score < cfg.min_language_score):
         return text, "language", lang
-    if cfg.sources is not None and source not in cfg.sources:
-        return text, None, lang
     if cfg.c4_filter_lines:
         text = c4_lines(text, cfg)
         if not text.strip():

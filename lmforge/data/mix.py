@@ -8,7 +8,7 @@ shares are reported, since whole documents never hit a target exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -68,14 +68,37 @@ def mix(items: Sequence[MixItem], weights: dict[str, float] | None, seed: int = 
     return order, report
 
 
+AUTO = "auto"
+
+
+def resolve_weights(weights: dict[str, float] | str | None,
+                    corpus_weights: dict[str, float] | None) -> dict[str, float] | None:
+    """`mix.weights` -> the weights to mix with (None: the natural mix). "auto" is `corpus_weights`:
+    the built-in corpus's own weights on it, None (natural) on user inputs, whose source names the
+    recipe cannot know. A mapping is the user's: a source in it with no documents stays an error."""
+    if isinstance(weights, str):
+        if weights != AUTO:
+            raise LmforgeError(f"mix.weights: {weights!r} is not {AUTO!r}, null or a mapping of source: weight")
+        return corpus_weights
+    if weights is not None and not isinstance(weights, dict):
+        raise LmforgeError(f"mix.weights: expected {AUTO!r}, null or a mapping of source: weight, got {weights!r}")
+    return weights
+
+
+def check_sources(weights: dict[str, float], present: Iterable[str]) -> None:
+    """Every source the weights name must have documents (a typo must not drop a source silently)."""
+    present = set(present)
+    unknown = sorted(set(weights) - present)
+    if unknown:
+        raise LmforgeError(f"mix.weights: no documents from source(s) {', '.join(unknown)} "
+                           f"(sources present: {', '.join(sorted(present)) or 'none'})")
+
+
 def _target_shares(weights: dict[str, float] | None, available: dict[str, int]) -> dict[str, float]:
     if not weights:
         total = sum(available.values()) or 1
         return {s: n / total for s, n in available.items()}
-    unknown = sorted(set(weights) - set(available))
-    if unknown:
-        raise LmforgeError(f"mix.weights: no documents from source(s) {', '.join(unknown)} "
-                           f"(sources present: {', '.join(sorted(available)) or 'none'})")
+    check_sources(weights, available)
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise LmforgeError(f"mix.weights must be >= 0 with a positive sum, got {weights}")
     total = sum(weights.values())

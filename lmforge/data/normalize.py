@@ -1,5 +1,6 @@
 """Stage 2, normalize: Unicode form, full-width ASCII, control characters, whitespace; optional
-mojibake repair (ftfy, when installed) and PII redaction; script-based language identification.
+mojibake repair (ftfy, when installed) and PII redaction. Language identification is in
+`lmforge.data.langid` (re-exported here for callers of the former script-based version).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from lmforge.common import LmforgeError
+from lmforge.data.langid import detect_language, is_char_language  # noqa: F401 (re-export)
 
 # Full-width ASCII (U+FF01..U+FF5E) -> ASCII, and the ideographic space -> space. NFKC does this too,
 # but this table also applies when the user turns NFKC off (e.g. to keep ligatures).
@@ -70,47 +72,3 @@ def _fix_mojibake(text: str) -> str:
 def redact_pii(text: str) -> str:
     """Emails and IPv4 addresses -> placeholders (the common, checkable part of PII)."""
     return IPV4.sub("<IP_ADDRESS>", EMAIL.sub("<EMAIL>", text))
-
-
-# ----------------------------------------------------------------------------- language by script
-
-_SCRIPTS = [  # (name, first code point, last code point): a coarse map of the scripts that matter
-    ("latin", 0x0041, 0x024F), ("greek", 0x0370, 0x03FF), ("cyrillic", 0x0400, 0x04FF),
-    ("hebrew", 0x0590, 0x05FF), ("arabic", 0x0600, 0x06FF), ("devanagari", 0x0900, 0x097F),
-    ("thai", 0x0E00, 0x0E7F), ("hangul", 0x1100, 0x11FF), ("kana", 0x3040, 0x30FF),
-    ("han", 0x3400, 0x9FFF), ("hangul", 0xAC00, 0xD7AF), ("han", 0xF900, 0xFAFF),
-]
-SCRIPT_LANG = {"latin": "en", "greek": "el", "cyrillic": "ru", "hebrew": "he", "arabic": "ar",
-               "devanagari": "hi", "thai": "th", "hangul": "ko", "kana": "ja", "han": "zh"}
-# Scripts written without spaces between words: measure them in characters, not words.
-CHAR_SCRIPTS = {"han", "kana", "thai"}
-
-
-_SCRIPT_RE: dict[str, re.Pattern] = {}
-for _name, _lo, _hi in _SCRIPTS:
-    _prev = _SCRIPT_RE[_name].pattern[1:-1] if _name in _SCRIPT_RE else ""
-    _SCRIPT_RE[_name] = re.compile(f"[{_prev}{chr(_lo)}-{chr(_hi)}]")
-
-
-def script_counts(text: str, sample: int = 4000) -> dict[str, int]:
-    """Letters per script over the first `sample` characters (enough to decide, cheap on long docs).
-    Latin starts at "A", so digits, spaces and ASCII punctuation count for no script."""
-    head = text[:sample]
-    counts = {name: len(rx.findall(head)) for name, rx in _SCRIPT_RE.items()}
-    return {k: v for k, v in counts.items() if v}
-
-
-def detect_language(text: str) -> tuple[str, float]:
-    """(language code, share of letters in its script). Japanese wins over Chinese on any kana."""
-    counts = script_counts(text)
-    total = sum(counts.values())
-    if not total:
-        return "unknown", 0.0
-    if counts.get("kana", 0) >= 0.05 * total:  # Japanese mixes kana with han
-        return "ja", (counts.get("kana", 0) + counts.get("han", 0)) / total
-    script = max(counts, key=counts.__getitem__)
-    return SCRIPT_LANG[script], counts[script] / total
-
-
-def is_char_language(lang: str) -> bool:
-    return lang in ("zh", "ja", "th")

@@ -2,7 +2,7 @@
 
     work/            per-unit intermediates (resume state)
     dedup/clusters.jsonl   what was merged: kept id, kind (exact|near), member ids
-    rejected.jsonl   every filtered-out document with the rule that rejected it
+    rejected.jsonl   every filtered-out document with the rule that rejected it (and its language)
     tokenizer/       the tokenizer the shards were made with
     train-00000.bin ... val-00000.bin, index.json   token shards for `ShardLoader`
     train_docs.jsonl the deduplicated training documents (input of the contamination check)
@@ -23,9 +23,10 @@ import numpy as np
 from lmforge.common import LmforgeError, atomic_path, atomic_write_json, atomic_write_text, get_logger
 from lmforge.data.config import DataConfig
 from lmforge.data.dedup import MinHasher, near_duplicates
-from lmforge.data.mix import MixItem, mix
+from lmforge.data.mix import MixItem, check_sources, mix, resolve_weights
 from lmforge.data.pack import ShardWriter, is_validation, tokenize_texts, write_index
 from lmforge.data.report import merge_unit_stats, render_markdown
+from lmforge.data.stdlib import BUILTIN_WEIGHTS
 from lmforge.data.units import WorkUnit, default_workers, iter_unit_docs, plan_units, run_units, unit_stats
 
 log = get_logger("lmforge.data")
@@ -207,13 +208,20 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
         timing[stage] = round(time.perf_counter() - t0 - sum(timing.values()), 2)
 
     out, work = Path(out_dir), Path(out_dir) / "work"
+    weights = resolve_weights(cfg.mix.weights, BUILTIN_WEIGHTS if cfg.input.paths is None else None)
     units = plan_units(cfg)
     workers = cfg.workers or default_workers()
     resumed = run_units(units, cfg, work, workers, progress)
     lap("read_normalize_filter_minhash")
+    unit_stat = merge_unit_stats([unit_stats(u, work) for u in units])
+    _log_filter_scope(cfg, unit_stat)
     corpus = load_corpus(units, work)
     if not corpus.ids:
-        raise LmforgeError("every document was filtered out: nothing to deduplicate or pack (see rejected.jsonl)")
+        _merge_rejected(units, work, out)  # the message points to it: it must exist
+        raise LmforgeError(f"every document was filtered out: nothing to deduplicate or pack (rules: "
+                           f"{json.dumps(unit_stat['rejected'])}; each document in {out / 'rejected.jsonl'})")
+    if weights:
+        check_sources(weights, corpus.sources)  # fail before the tokenizer, not after it
     cluster, dedup_stats = global_dedup(units, work, corpus, cfg)
     keep = cluster == np.arange(len(cluster))
     val = np.array([is_validation(i, cfg.pack.val_fraction, cfg.pack.seed) for i in corpus.ids], dtype=bool)
@@ -226,7 +234,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
     ntok = np.array([int(offsets[u][i + 1] - offsets[u][i]) for u, i in zip(corpus.unit, corpus.local)], dtype=np.int64)
     train_idx = np.flatnonzero(keep & ~val)
     items = [MixItem(int(g), corpus.sources[g], int(ntok[g]) + 1) for g in train_idx]
-    train_order, mix_report = mix(items, cfg.mix.weights, cfg.mix.seed, cfg.mix.total_tokens)
+    log.info("mix: %s", f"weights {weights}" if weights else "the natural proportions of the sources")
+    train_order, mix_report = mix(items, weights, cfg.mix.seed, cfg.mix.total_tokens)
     splits = {"train": _pack_split(out, "train", train_order, corpus, flats, offsets, tokenizer, cfg),
               "val": _pack_split(out, "val", np.flatnonzero(keep & val).tolist(), corpus, flats, offsets,
                                  tokenizer, cfg)}
@@ -235,8 +244,10 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
     _merge_rejected(units, work, out)
     lap("mix_pack_write")
     seconds = time.perf_counter() - t0
-    stats = merge_unit_stats([unit_stats(u, work) for u in units])
-    stats.update(dedup=dedup_stats, mix=mix_report, workers=workers, work_units=len(units), resumed_units=resumed,
+    stats = unit_stat
+    stats["filter_scope"]["applies_to"] = cfg.filters.sources if cfg.filters.sources is not None else "prose"
+    stats.update(dedup=dedup_stats, mix=mix_report, mix_weights=weights or "natural", workers=workers,
+                 work_units=len(units), resumed_units=resumed,
                  tokens={s: {"tokens": v["tokens"], "documents": v["documents"], "shards": len(v["shards"])}
                          for s, v in splits.items()},
                  vocab_size=tokenizer.vocab_size, seconds=round(seconds, 2), stage_seconds=timing,
@@ -244,6 +255,20 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
     atomic_write_json(out / "stats.json", stats)
     atomic_write_text(out / "stats.md", render_markdown(stats))
     return stats
+
+
+def _log_filter_scope(cfg: DataConfig, stats: dict) -> None:
+    """How many documents the language filter and quality rules saw: a scope that matches nothing
+    (e.g. `filters.sources` naming a source the input lacks) must not pass silently."""
+    scope = stats["filter_scope"]
+    seen, total = scope["checked"], scope["checked"] + scope["not_checked"]
+    which = f"sources {', '.join(cfg.filters.sources)}" if cfg.filters.sources is not None else "prose documents"
+    log.info("filters (%s): checked %d of %d documents, rejected %d", which, seen, total,
+             sum(stats["rejected"].values()))
+    if total and not seen:
+        log.warning("the filters checked no document: filters.sources %s matches none of the sources %s",
+                    cfg.filters.sources if cfg.filters.sources is not None else "(prose)",
+                    ", ".join(sorted(stats["by_source"])) or "(none kept)")
 
 
 def _merge_rejected(units: list[WorkUnit], work: Path, out: Path) -> None:

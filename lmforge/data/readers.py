@@ -18,7 +18,11 @@ from typing import IO, Iterable, Iterator
 
 from lmforge.common import LmforgeError
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".markdown"}
+# Source files: read whole like text, and of kind "code" (the quality filters, built for prose, skip them).
+CODE_SUFFIXES = {".py", ".pyi", ".js", ".mjs", ".cjs", ".jsx", ".ts", ".tsx", ".java", ".kt", ".scala", ".c", ".h",
+                 ".cc", ".cpp", ".cxx", ".hpp", ".cs", ".go", ".rs", ".rb", ".php", ".swift", ".sh", ".bash", ".sql",
+                 ".lua", ".r", ".jl", ".pl", ".hs", ".ml"}
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown"} | CODE_SUFFIXES
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
 COMPRESSED = {".gz", ".zst", ".zstd"}
@@ -27,12 +31,15 @@ MAX_RECORDED_PROBLEMS = 200
 
 @dataclass
 class Document:
-    """One document flowing through the stages. `meta` carries stage results (e.g. the filter rule)."""
+    """One document flowing through the stages. `meta` carries stage results (e.g. the filter rule).
+    `kind` is "code" (a source file, a JSONL record with "kind": "code", the built-in corpus's code)
+    or "prose" (everything else): the quality filters and language ID apply to prose by default."""
 
     id: str
     text: str
     source: str
     meta: dict = field(default_factory=dict)
+    kind: str = "prose"
 
 
 @dataclass
@@ -93,6 +100,8 @@ def _format(path: Path) -> str | None:
     if suffixes and suffixes[-1] in COMPRESSED:
         suffixes = suffixes[:-1]
     last = suffixes[-1] if suffixes else ""
+    if last in CODE_SUFFIXES:
+        return "code"
     if last in JSONL_SUFFIXES:
         return "jsonl"
     if last in PARQUET_SUFFIXES:
@@ -121,8 +130,8 @@ def _decode(raw: bytes, report: ReadReport, where: str) -> str | None:
         return None
 
 
-def read_text_file(path: Path, source: str, report: ReadReport) -> Iterator[Document]:
-    """A whole .txt/.md file is one document."""
+def read_text_file(path: Path, source: str, report: ReadReport, kind: str = "prose") -> Iterator[Document]:
+    """A whole .txt/.md (or source code) file is one document."""
     try:
         with _open_binary(path) as f:
             raw = f.read()
@@ -137,11 +146,12 @@ def read_text_file(path: Path, source: str, report: ReadReport) -> Iterator[Docu
         return
     report.bytes += len(raw)
     report.documents += 1
-    yield Document(id=f"{path}", text=text, source=source)
+    yield Document(id=f"{path}", text=text, source=source, kind=kind)
 
 
 def read_jsonl_file(path: Path, source: str, report: ReadReport, text_field: str = "text") -> Iterator[Document]:
-    """One JSON object per line; the document text is `text_field` (dots reach into nested objects)."""
+    """One JSON object per line; the document text is `text_field` (dots reach into nested objects);
+    a record with "kind": "code" is code, every other one prose."""
     try:
         f = io.BufferedReader(_open_binary(path))  # type: ignore[arg-type]
     except OSError as e:
@@ -158,10 +168,10 @@ def read_jsonl_file(path: Path, source: str, report: ReadReport, text_field: str
             doc = _json_document(line, text_field, report, where)
             if doc is None:
                 continue
-            text, doc_id = doc
+            text, doc_id, kind = doc
             report.bytes += len(raw)
             report.documents += 1
-            yield Document(id=doc_id or where, text=text, source=source)
+            yield Document(id=doc_id or where, text=text, source=source, kind=kind)
 
 
 def _safe_lines(f: IO[bytes], path: Path, report: ReadReport) -> Iterator[bytes]:
@@ -171,7 +181,7 @@ def _safe_lines(f: IO[bytes], path: Path, report: ReadReport) -> Iterator[bytes]
         report.skip(f"truncated or corrupt compressed stream ({e})", str(path))
 
 
-def _json_document(line: str, text_field: str, report: ReadReport, where: str) -> tuple[str, str | None] | None:
+def _json_document(line: str, text_field: str, report: ReadReport, where: str) -> tuple[str, str | None, str] | None:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -187,7 +197,8 @@ def _json_document(line: str, text_field: str, report: ReadReport, where: str) -
         report.skip("empty document", where)
         return None
     doc_id = obj.get("id") if isinstance(obj, dict) else None
-    return value, (str(doc_id) if doc_id is not None else None)
+    kind = "code" if isinstance(obj, dict) and obj.get("kind") == "code" else "prose"
+    return value, (str(doc_id) if doc_id is not None else None), kind
 
 
 def read_parquet_file(path: Path, source: str, report: ReadReport, text_field: str = "text") -> Iterator[Document]:
@@ -225,8 +236,8 @@ def read_files(paths: Iterable[Path], source: str | None, report: ReadReport,
             yield from read_jsonl_file(path, name, report, text_field)
         elif fmt == "parquet":
             yield from read_parquet_file(path, name, report, text_field)
-        elif fmt == "text":
-            yield from read_text_file(path, name, report)
+        elif fmt in ("text", "code"):
+            yield from read_text_file(path, name, report, kind="code" if fmt == "code" else "prose")
         else:
             report.skip("unsupported file type", str(path))
 

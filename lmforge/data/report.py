@@ -16,7 +16,8 @@ def _add(into: dict, other: dict) -> None:
 
 def merge_unit_stats(units: list[dict]) -> dict:
     read = ReadReport()
-    merged: dict = {"normalized": {}, "filtered": {}, "rejected": {}, "by_source": {}}
+    merged: dict = {"normalized": {}, "filtered": {}, "rejected": {}, "by_source": {}, "by_language": {},
+                    "filter_scope": {"checked": 0, "not_checked": 0}}
     for s in units:
         r = s["read"]
         read.merge(ReadReport(r["files"], r["documents"], r["bytes"], dict(r["skipped"]), list(r["problems"])))
@@ -44,17 +45,25 @@ def render_markdown(stats: dict) -> str:
         lines.append(f"| {name} | {docs:,} | {human_bytes(nbytes) if nbytes is not None else '-'} |")
     for split, t in stats.get("tokens", {}).items():
         lines.append(f"| pack: {split} | {t['documents']:,} | {t['tokens']:,} tokens in {t['shards']} shard(s) |")
-    if stats.get("by_source"):
-        lines += ["", "## Sources (after the filters)", "", "| source | documents | bytes |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v['documents']:,} | {human_bytes(v['bytes'])} |"
-                  for k, v in sorted(stats["by_source"].items())]
+    scope = stats.get("filter_scope")
+    if scope:
+        which = scope.get("applies_to", "prose")
+        which = "every prose (non-code) document" if which == "prose" else "sources: " + (", ".join(which) or "none")
+        lines += ["", f"Language ID and quality filters applied to {which}: {scope['checked']:,} of "
+                  f"{scope['checked'] + scope['not_checked']:,} documents checked."]
+    for key, title in (("by_source", "source"), ("by_language", "language")):
+        if stats.get(key):
+            lines += ["", f"## {title.capitalize()}s (after the filters)", "", f"| {title} | documents | bytes |",
+                      "|---|---:|---:|"]
+            lines += [f"| {k} | {v['documents']:,} | {human_bytes(v['bytes'])} |"
+                      for k, v in sorted(stats[key].items(), key=lambda kv: (-kv[1]["documents"], kv[0]))]
     skipped = stats["read"]["skipped"]
     if skipped:
         lines += ["", "## Skipped input", "", "| reason | count |", "|---|---:|"]
         lines += [f"| {k} | {v:,} |" for k, v in skipped.items()]
         lines += ["", "First problems:", ""] + [f"- `{p}`" for p in stats["read"]["problems"][:10]]
     if stats["rejected"]:
-        lines += ["", "## Rejected by rule", "", "| rule | documents |", "|---|---:|"]
+        lines += ["", "## Rejected by rule (each document in rejected.jsonl)", "", "| rule | documents |", "|---|---:|"]
         lines += [f"| {k} | {v:,} |" for k, v in stats["rejected"].items()]
     d = stats.get("dedup")
     if d:
@@ -65,7 +74,9 @@ def render_markdown(stats: dict) -> str:
                   f"{d['verified_pairs']:,} verified)",
                   f"- clusters written to dedup/clusters.jsonl: {d['clusters']:,}"]
     if stats.get("mix"):
-        lines += ["", "## Mix (training split)", "", "| source | weight | epochs | tokens | share |",
+        weights = stats.get("mix_weights")
+        how = " by the natural proportions" if weights == "natural" else " by weight" if weights else ""
+        lines += ["", f"## Mix (training split{how})", "", "| source | weight | epochs | tokens | share |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {s} | {m['weight']:.3f} | {m['epochs']:.2f} | {m['tokens']:,} | {m['share']:.3f} |"
                   for s, m in stats["mix"].items()]

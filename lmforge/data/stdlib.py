@@ -15,6 +15,9 @@ from typing import Iterable, Iterator
 
 from lmforge.data.readers import Document, ReadReport
 
+# The built-in corpus's mix (`mix.weights: auto`): mostly code, with its docstrings and comments as
+# prose; sources of user inputs mix in natural proportion unless weights are given.
+BUILTIN_WEIGHTS = {"code": 0.7, "prose": 0.3}
 # Test suites are half the stdlib's bytes; leaving them out keeps the default run fast.
 TEST_DIRS = {"test", "tests", "idle_test"}
 
@@ -104,7 +107,7 @@ def read_stdlib(files: Iterable[Path], report: ReadReport, root: str | Path | No
         if "code" in sources and text.strip():
             report.documents += 1
             report.bytes += len(raw)
-            yield Document(id=f"stdlib/{rel}", text=text, source="code")
+            yield Document(id=f"stdlib/{rel}", text=text, source="code", kind="code")
         if "prose" in sources:
             prose = prose_of(text)
             if prose.strip():
