@@ -3,7 +3,8 @@
 One index serves both ends: built once from the training data it flags evaluation examples (the
 eval package calls `NGramIndex.longest_overlap`), and built from an evaluation set it removes
 overlapping training documents (`decontaminate`). Words are lowercased runs of letters and digits,
-so punctuation and case do not hide an overlap. The index is a sorted array of 64-bit n-gram
+so punctuation and case do not hide an overlap, and each CJK character is a word of its own
+(`lmforge.data.words`, shared with dedup), so a Chinese n-gram is n characters. The index is a sorted array of 64-bit n-gram
 hashes: membership for all n-grams of a text is one `np.searchsorted`.
 """
 
