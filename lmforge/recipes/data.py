@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--eval", nargs="+", required=True, help="evaluation JSONL file(s)")
     c.add_argument("--field", default="text", help="JSONL key of the evaluation text (default: %(default)s)")
     c.add_argument("--train-field", default="text", help="JSONL key of the training text (default: %(default)s)")
-    c.add_argument("-n", "--ngram", type=int, default=13, help="n-gram length in words, a CJK character being one (default: %(default)s)")
+    c.add_argument("-n", "--ngram", type=int, default=13,
+                   help="n-gram length in words, a CJK character being one (default: %(default)s)")
     c.add_argument("--min-overlap", type=int, help="words of overlap that count as contaminated (default: n)")
     c.add_argument("--report", help="write the per-example report here (JSON)")
     c.add_argument("--decontaminate", metavar="OUT.jsonl",
