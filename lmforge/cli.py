@@ -32,7 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="lmforge",
         description="lmforge: data, tokenizer, pretraining, fine-tuning, quantization, inference, "
         "serving and evaluation of language models in one PyTorch package.",
-        epilog="Run `lmforge <command> --help` for the options of a command.",
+        epilog="Start with `lmforge pipeline` (the whole lifecycle on the built-in corpus), then serve its model "
+        "with `lmforge serve runs/pipeline-tiny/final`. Run `lmforge <command> --help` for the options of a command.",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=20),
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
