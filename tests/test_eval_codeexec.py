@@ -1,4 +1,5 @@
-"""Model-written code runs sandboxed: loops time out, crashes and escapes are contained; pass@k."""
+"""Model-written code runs sandboxed: loops time out, crashes and escapes are contained; pass@k.
+The adversarial cases (guards stripped, secrets, survivors, resources, early exit) are in test_eval_sandbox.py."""
 
 import json
 import time
@@ -25,10 +26,9 @@ def test_bad_candidates_cannot_hang_or_harm(tmp_path):
         "pathlib": f"import pathlib\npathlib.Path({str(outside)!r}).write_text('escaped')\n",
         "os_open": f"import os\nos.open({str(outside)!r}, os.O_WRONLY | os.O_CREAT)\n",
         "remove": f"import os\nos.remove({str(victim)!r})\n",
-        "shell": f"import os\nos.system('touch {outside}')\n",
-        "subprocess": f"import subprocess\nsubprocess.run(['touch', {str(outside)!r}])\n",
+        "shell": f"import os\nassert os.system('touch {outside}') == 0\n",
+        "subprocess": f"import subprocess\nsubprocess.run(['touch', {str(outside)!r}], check=True)\n",
         "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\n",
-        "ctypes": "import ctypes\n",
         "write_inside": "open('scratch.txt', 'w').write('fine')\nassert open('scratch.txt').read() == 'fine'\n",
     }
     t0 = time.perf_counter()
@@ -37,10 +37,11 @@ def test_bad_candidates_cannot_hang_or_harm(tmp_path):
     assert results["ok"].passed and results["write_inside"].passed
     assert results["loop"].status == results["sleep"].status == "timeout"
     for name in ("wrong", "segfault", "memory", "write", "pathlib", "os_open", "remove", "shell", "subprocess",
-                 "network", "ctypes"):
+                 "network"):
         assert results[name].status == "failed", (name, results[name])
     assert "wrong answer" in results["wrong"].detail and "MemoryError" in results["memory"].detail
-    assert "sandbox" in results["write"].detail and "network" in results["network"].detail
+    assert results["segfault"].detail == "killed by signal 11 (SIGSEGV)"
+    assert "No such file or directory" in results["write"].detail  # the host's folders are not in the box
     assert not outside.exists() and victim.read_text() == "keep me"
 
 

@@ -1,131 +1,31 @@
-"""Running model-written code (HumanEval style) without letting it hang or harm the evaluator.
+"""Running model-written code (HumanEval style) without letting it hang, harm the evaluator or game the score.
 
-Each candidate program (prompt + completion + the task's tests + `check(entry_point)`) runs in a
-fresh `python -I` process, in its own session (so a timeout kills everything it started), with a
-fresh temporary directory as cwd, HOME and TMPDIR. Before the candidate runs, a guard prelude
-inside that process:
-
-* sets rlimits: address space (`memory_mb`), CPU seconds, file size, no core dumps;
-* leaves the network: a new network namespace when the kernel allows it (root or user
-  namespaces), and in any case `socket` refuses to create sockets;
-* blocks writes outside the temp dir (`open`, `io.FileIO`, `os.open` and the os/shutil functions
-  that create, remove or rename paths check the resolved path), process creation (`subprocess`,
-  `os.system`, `fork`, `exec*`), signals to other processes and `ctypes`; the C modules behind
-  them (`_io`, `posix`, `_socket`, `_posixsubprocess`) are patched the same way.
-
-This is best effort, as in HumanEval's `reliability_guard`: Python-level guards stop mistakes and
-casual damage, not a determined attacker; run untrusted models in a container as well.
+Each candidate program (prompt + completion + the task's tests + `check(entry_point)`) runs in a fresh
+OS sandbox (`lmforge.eval.sandbox`: bubblewrap namespaces, a read-only root, no network, no inherited
+environment, rlimits, seccomp; everything it starts dies with it). It passes only when the program
+ran to its end and exited 0: a random per-call marker is printed after the checks, so `exit()`,
+`sys.exit(0)` or `os._exit(0)` before or inside them scores as failed. Without bubblewrap (or where the
+kernel refuses namespaces) evaluation stops with a clear error; it never runs code unsandboxed.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from lmforge.eval import metrics as M
+from lmforge.eval.sandbox import run_isolated
 
 HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert"]
-
-_GUARD = r'''
-import _io, _posixsubprocess, _socket, builtins, io, os, posix, resource, shutil, socket, subprocess, sys
-MEM, CPU, FSIZE = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-resource.setrlimit(resource.RLIMIT_AS, (MEM, MEM))
-resource.setrlimit(resource.RLIMIT_CPU, (CPU, CPU))
-resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE, FSIZE))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-try:  # a network namespace with no interfaces (works as root or with user namespaces)
-    import ctypes
-    _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.unshare(0x40000000) != 0:
-        _libc.unshare(0x10000000 | 0x40000000)
-except Exception:
-    pass
-ROOT = os.path.realpath(os.getcwd())
-def _inside(path):
-    if isinstance(path, int):
-        return True  # an already open descriptor
-    p = os.path.realpath(os.fsdecode(path))
-    return p == ROOT or p.startswith(ROOT + os.sep)
-def _deny(what):
-    raise PermissionError(f"sandbox: {what} is not allowed")
-_open = builtins.open
-def _guarded_open(file, mode="r", *args, **kwargs):
-    if any(c in mode for c in "wax+") and not _inside(file):
-        _deny(f"writing {file!r}")
-    return _open(file, mode, *args, **kwargs)
-builtins.open = io.open = _io.open = _guarded_open
-class _GuardedFileIO(io.FileIO):
-    def __init__(self, file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and not _inside(file):
-            _deny(f"writing {file!r}")
-        super().__init__(file, mode, *args, **kwargs)
-io.FileIO = _io.FileIO = _GuardedFileIO
-_os_open = os.open
-_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def _guarded_os_open(path, flags, *args, **kwargs):
-    if flags & _WRITE and not _inside(path):
-        _deny(f"writing {path!r}")
-    return _os_open(path, flags, *args, **kwargs)
-os.open = posix.open = _guarded_os_open
-def _paths_inside(name, n):
-    real = getattr(os, name)
-    def wrapper(*args, **kwargs):
-        for p in args[:n]:
-            if not _inside(p):
-                _deny(f"os.{name}({p!r})")
-        return real(*args, **kwargs)
-    return wrapper
-for _name, _n in [("remove", 1), ("unlink", 1), ("rmdir", 1), ("removedirs", 1), ("mkdir", 1), ("makedirs", 1),
-                  ("rename", 2), ("renames", 2), ("replace", 2), ("link", 2), ("symlink", 2), ("chmod", 1),
-                  ("chown", 1), ("truncate", 1), ("utime", 1), ("mkfifo", 1)]:
-    if hasattr(os, _name):
-        setattr(os, _name, _paths_inside(_name, _n))
-        if hasattr(posix, _name):
-            setattr(posix, _name, getattr(os, _name))
-_rmtree = shutil.rmtree
-def _guarded_rmtree(path, *args, **kwargs):
-    if not _inside(path):
-        _deny(f"shutil.rmtree({path!r})")
-    return _rmtree(path, *args, **kwargs)
-shutil.rmtree = _guarded_rmtree
-def _blocked(what):
-    def f(*args, **kwargs):
-        _deny(what)
-    return f
-for _name in ["system", "popen", "fork", "forkpty", "execv", "execve", "execl", "execle", "execlp", "execlpe",
-              "execvp", "execvpe", "spawnv", "spawnve", "spawnl", "spawnle", "posix_spawn", "posix_spawnp",
-              "kill", "killpg", "chdir", "chroot", "setuid", "putenv"]:
-    for _mod in (os, posix):
-        if hasattr(_mod, _name):
-            setattr(_mod, _name, _blocked(f"os.{_name}"))
-subprocess.Popen = _posixsubprocess.fork_exec = _blocked("subprocess")
-class _NoSocket(_socket.socket):  # a class, so modules that subclass socket.socket still import
-    def __init__(self, *args, **kwargs):
-        _deny("network access")
-socket.socket = _socket.socket = _NoSocket
-socket.create_connection = _blocked("network access")
-for _m in ("ctypes", "_ctypes"):
-    sys.modules[_m] = None
-del _name, _n, _m, _mod
-_path = sys.argv[1]
-with _open(_path, encoding="utf-8") as _f:
-    _code = compile(_f.read(), _path, "exec")
-sys.argv = [_path]
-exec(_code, {"__name__": "__main__", "__builtins__": builtins})
-'''
 
 
 @dataclass
 class ExecResult:
     status: str  # "passed" | "failed" | "timeout"
-    detail: str = ""  # last line of stderr on failure
+    detail: str = ""  # why it failed: the last line of stderr, a signal or an early exit
 
     @property
     def passed(self) -> bool:
@@ -133,40 +33,26 @@ class ExecResult:
 
 
 def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_file_mb: int = 16) -> ExecResult:
-    """Run `program` in the sandbox; passed when it exits with status 0 within `timeout` seconds."""
-    with tempfile.TemporaryDirectory(prefix="lmforge-exec-") as tmp:
-        box = Path(tmp) / "box"  # the candidate's world; the guard and the outputs live one level up
-        box.mkdir()
-        (box / "candidate.py").write_text(program, encoding="utf-8")
-        guard = Path(tmp) / "guard.py"
-        guard.write_text(_GUARD, encoding="utf-8")
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(box), "TMPDIR": str(box), "PYTHONHASHSEED": "0",
-               "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
-        cmd = [sys.executable, "-I", str(guard), "candidate.py", str(memory_mb * 2**20),
-               str(int(timeout) + 1), str(max_file_mb * 2**20)]
-        with open(Path(tmp) / "stdout", "wb") as out, open(Path(tmp) / "stderr", "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=box, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return ExecResult("timeout", f"no result after {timeout:g} s")
-            finally:
-                _kill_group(proc)  # anything it left running in its session
-        if code == 0:
-            return ExecResult("passed")
-        tail = (Path(tmp) / "stderr").read_bytes()[-2000:].decode("utf-8", "replace").strip().splitlines()
-        reason = tail[-1] if tail else (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
-        return ExecResult("failed", reason)
+    """Run `program` in the sandbox; passed when it ran to its end and exited 0 within `timeout` seconds.
 
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+    Raises `lmforge.eval.sandbox.SandboxUnavailable` (an LmforgeError) where no sandbox can be built."""
+    res = run_isolated(program, timeout, memory_mb, max_file_mb)
+    if res is None:
+        return ExecResult("timeout", f"no result after {timeout:g} s")
+    if res.finished:
+        return ExecResult("passed")
+    if res.returncode == 0:  # exit(0) before the marker: the checks did not all run
+        return ExecResult("failed", "exited with status 0 before the checks finished")
+    tail = res.stderr[-2000:].decode("utf-8", "replace").strip().splitlines()
+    if tail:
+        return ExecResult("failed", tail[-1])
+    if res.returncode > 128:  # bwrap reports a child killed by signal N as 128 + N
+        try:
+            name = signal.Signals(res.returncode - 128).name
+        except ValueError:
+            name = "?"
+        return ExecResult("failed", f"killed by signal {res.returncode - 128} ({name})")
+    return ExecResult("failed", f"exit status {res.returncode}")
 
 
 def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
@@ -174,11 +60,11 @@ def humaneval_program(prompt: str, completion: str, test: str, entry_point: str)
 
 
 def run_programs(programs: Sequence[str], timeout: float = 10.0, memory_mb: int = 1024,
-                 workers: int | None = None) -> list[ExecResult]:
-    """Candidates run in parallel (each is its own process, so threads just wait on them)."""
+                 workers: int | None = None, max_file_mb: int = 16) -> list[ExecResult]:
+    """Candidates run in parallel (each is its own sandbox, so threads just wait on them)."""
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda p: run_program(p, timeout, memory_mb), programs))
+        return list(pool.map(lambda p: run_program(p, timeout, memory_mb, max_file_mb), programs))
 
 
 def run_code(lm, cfg) -> "object":
