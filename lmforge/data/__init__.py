@@ -15,6 +15,7 @@ _LAZY = {
     "DataConfig": "lmforge.data.config", "load_config": "lmforge.data.config",
     "NormalizeConfig": "lmforge.data.normalize", "normalize_text": "lmforge.data.normalize",
     "FilterConfig": "lmforge.data.filters", "apply_filters": "lmforge.data.filters",
+    "detect_language": "lmforge.data.langid", "token_spans": "lmforge.data.words",
     "DedupConfig": "lmforge.data.dedup", "MinHasher": "lmforge.data.dedup", "dedup_texts": "lmforge.data.dedup",
     "mix": "lmforge.data.mix", "MixItem": "lmforge.data.mix",
     "prepare": "lmforge.data.prepare", "ShardLoader": "lmforge.data.loader",

@@ -265,10 +265,9 @@ def _log_filter_scope(cfg: DataConfig, stats: dict) -> None:
     which = f"sources {', '.join(cfg.filters.sources)}" if cfg.filters.sources is not None else "prose documents"
     log.info("filters (%s): checked %d of %d documents, rejected %d", which, seen, total,
              sum(stats["rejected"].values()))
-    if total and not seen:
+    if total and not seen and cfg.filters.sources is not None:  # by default: all input is code, rightly unfiltered
         log.warning("the filters checked no document: filters.sources %s matches none of the sources %s",
-                    cfg.filters.sources if cfg.filters.sources is not None else "(prose)",
-                    ", ".join(sorted(stats["by_source"])) or "(none kept)")
+                    cfg.filters.sources, ", ".join(sorted(stats["by_source"])) or "(none kept)")
 
 
 def _merge_rejected(units: list[WorkUnit], work: Path, out: Path) -> None:
