@@ -10,9 +10,9 @@ The sandbox, per call:
 * a read-only root on a tmpfs holding only `/usr` (with the `/bin`, `/lib*` links), the Python
   installation that runs the evaluator, `/etc/ld.so.cache`, a fresh `/dev` and the sandbox's own
   `/proc` (its pid namespace: no other process, hence no `/proc/<ppid>/environ`); the only
-  writable places are size-bounded tmpfs `/box` (cwd, HOME) and `/tmp`;
+  writable places are tmpfs `/box` (cwd, HOME), `/tmp` and `/dev/shm`, each of 4 x `max_file_mb`;
 * no inherited environment (`--clearenv` plus a minimal fixed one) and no inherited descriptors
-  except stdout/stderr (files of the evaluator, bounded by the file-size limit);
+  except stdout/stderr (anonymous files of the evaluator, bounded by the file-size limit);
 * a non-root user with no capabilities and `no_new_privs`. As root (CI, containers) bwrap alone
   would map the sandbox user onto host uid 0 (which may write root-owned `/proc/sys` entries),
   so the evaluator prepares the user namespace itself: uid 0 there is host root (only to set up
@@ -198,15 +198,15 @@ def _mounts(box_bytes: int) -> list[str]:
             args += ["--symlink", os.readlink(host), host]
         elif os.path.isdir(host):
             args += ["--ro-bind", host, host]
-    args += ["--ro-bind", "/usr", "/usr", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    args += ["--ro-bind", "/usr", "/usr", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
+             "--proc", "/proc", "--dev", "/dev"]
+    for writable in ("/box", "/tmp", "/dev/shm"):  # before the Python folders: a venv may live under /tmp
+        args += ["--perms", "01777", "--size", str(box_bytes), "--tmpfs", writable]
     for d in _python_dirs():
         parents = Path(d).parents
         for parent in reversed([str(p) for p in parents if str(p) != "/"]):
             args += ["--perms", "0755", "--dir", parent]  # not the host's modes (/root is 0700)
         args += ["--ro-bind", d, d]
-    args += ["--proc", "/proc", "--dev", "/dev"]
-    for writable in ("/box", "/tmp", "/dev/shm"):
-        args += ["--perms", "01777", "--size", str(box_bytes), "--tmpfs", writable]
     return args
 
 
@@ -217,47 +217,32 @@ def _refusal(stderr: bytes) -> SandboxUnavailable:
     return SandboxUnavailable(f"the sandbox could not start: {text}")
 
 
-def run_isolated(program: str, timeout: float, memory_mb: int, max_file_mb: int, max_procs: int = 64) -> Isolated | None:
+def run_isolated(program: str, timeout: float, memory_mb: int, max_file_mb: int,
+                 max_procs: int = 64) -> Isolated | None:
     """Run `program` (Python source) in a fresh sandbox; None when it ran past `timeout` seconds (killed)."""
     bwrap = _tool("bwrap", "bubblewrap (apt-get install bubblewrap)")
     marker = secrets.token_hex(16).encode()
-    as_root = os.geteuid() == 0
-    fds: list[int] = []
+    fds: list[int] = []  # every descriptor opened for this call, closed at the end
     try:
-        if as_root:
-            fds.append(_root_userns())
-            user = ["--userns", str(fds[-1])] + [a for c in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
-                                                 for a in ("--cap-add", c)]
-            drop = [_tool("setpriv", "util-linux"), f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}",
-                    "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]
-        else:
-            user, drop = ["--unshare-user", "--disable-userns"], []
-        fds += [_data_fd(_HARNESS.encode()), _data_fd(program.encode("utf-8", "surrogatepass"))]
-        files = ["--perms", "0444", "--ro-bind-data", str(fds[-2]), f"{_RUN}/harness.py",
-                 "--perms", "0444", "--ro-bind-data", str(fds[-1]), f"{_RUN}/program.py"]
-        bpf = _seccomp_filter()
-        if bpf is not None:
-            fds.append(_data_fd(bpf))
-            files += ["--seccomp", str(fds[-1])]
         marker_r, marker_w = os.pipe()
         os.write(marker_w, marker)
         os.close(marker_w)
         info_r, info_w = os.pipe()
-        fds += [marker_r, info_w]
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/box", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-               "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        argv = [bwrap, *user, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                "--die-with-parent", "--new-session", "--hostname", "sandbox", *_mounts(4 * max_file_mb << 20), *files, "--remount-ro", "/",
-                "--chdir", "/box", "--clearenv", *[a for k, v in env.items() for a in ("--setenv", k, v)],
-                "--info-fd", str(info_w), *drop, sys.executable, "-I", f"{_RUN}/harness.py", str(memory_mb << 20),
-                str(int(timeout) + 1), str(max_file_mb << 20), str(max_procs), str(marker_r), f"{_RUN}/program.py"]
+        fds += [marker_r, info_r, info_w]
+        limits = [memory_mb << 20, int(timeout) + 1, max_file_mb << 20, max_procs]
+        passed = [marker_r, info_w]
+        try:
+            argv = _command(bwrap, program, limits, passed, 4 * max_file_mb << 20)
+        finally:
+            fds += passed[2:]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={"PATH": "/usr/bin:/bin"},
-                                    pass_fds=fds, start_new_session=True)
-            fds.remove(info_w)
-            os.close(info_w)
-            fds.append(info_r)
-            init = _sandbox_init(info_r)
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        env={"PATH": "/usr/bin:/bin"}, pass_fds=passed, start_new_session=True)
+            finally:
+                fds.remove(info_w)
+                os.close(info_w)  # now only bwrap holds it: EOF on info_r if bwrap dies early
+            init = _sandbox_init(info_r, timeout)
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -278,18 +263,48 @@ def run_isolated(program: str, timeout: float, memory_mb: int, max_file_mb: int,
             return None
         if not started:
             raise _refusal(stderr)
-        lines = stdout.rstrip(b"\n").rsplit(b"\n", 1)
-        return Isolated(code, code == 0 and lines[-1] == marker, stdout, stderr)
+        return Isolated(code, code == 0 and marker in stdout.split(b"\n"), stdout, stderr)
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _sandbox_init(info_fd: int) -> int | None:
+def _command(bwrap: str, program: str, limits: list[int], passed: list[int], box_bytes: int) -> list[str]:
+    """The bwrap command line. `passed` holds the marker and info descriptors; the others bwrap must
+    inherit (user namespace, harness, program, seccomp filter) are appended to it."""
+    marker_fd, info_fd = passed
+    if os.geteuid() == 0:
+        passed.append(_root_userns())
+        user = ["--userns", str(passed[-1])] + [a for c in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+                                                for a in ("--cap-add", c)]
+        drop = [_tool("setpriv", "util-linux"), f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}",
+                "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    else:
+        user, drop = ["--unshare-user", "--disable-userns"], []
+    passed += [_data_fd(_HARNESS.encode()), _data_fd(program.encode("utf-8", "surrogatepass"))]
+    files = ["--perms", "0444", "--ro-bind-data", str(passed[-2]), f"{_RUN}/harness.py",
+             "--perms", "0444", "--ro-bind-data", str(passed[-1]), f"{_RUN}/program.py"]
+    bpf = _seccomp_filter()
+    if bpf is not None:
+        passed.append(_data_fd(bpf))
+        files += ["--seccomp", str(passed[-1])]
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/box", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+           "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    argv = [bwrap, *user, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--hostname", "sandbox", *_mounts(box_bytes), *files,
+            "--remount-ro", "/", "--chdir", "/box", "--clearenv",
+            *[a for k, v in env.items() for a in ("--setenv", k, v)], "--info-fd", str(info_fd), *drop,
+            sys.executable, "-I", f"{_RUN}/harness.py", *map(str, limits), str(marker_fd), f"{_RUN}/program.py"]
+    return argv
+
+
+def _sandbox_init(info_fd: int, timeout: float) -> int | None:
     """A pidfd of the sandbox's pid 1 (bwrap reports its pid on --info-fd right after creating it), or None
     when bwrap failed before that."""
     data = b""
     while b"}" not in data:
+        if not select.select([info_fd], [], [], timeout)[0]:
+            return None
         chunk = os.read(info_fd, 4096)
         if not chunk:
             return None
