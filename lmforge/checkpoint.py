@@ -18,12 +18,13 @@ import importlib
 import inspect
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.common import LmforgeError, atomic_dir, atomic_write_json, get_dtype, read_json
+from lmforge.common import OUTPUT_MARKER, LmforgeError, atomic_dir, atomic_write_json, get_dtype, read_json
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.hf_keys import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 
@@ -136,15 +137,65 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- saving
 
 
+# Files of an lmforge checkpoint written before the marker existed (recognised as lmforge's own).
+_LEGACY_CHECKPOINT_FILES = {"lmforge_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                            "chat_template.jinja"}
+
+
+def is_lmforge_output(path: str | Path) -> bool:
+    """True if the folder holds only what lmforge wrote there (its marker lists every entry, or
+    it is a bare lmforge checkpoint); a folder with anything else in it is the user's."""
+    path = Path(path)
+    entries = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    marker = path / OUTPUT_MARKER
+    if marker.is_file():
+        try:
+            listed = set(json.loads(marker.read_text(encoding="utf-8"))["entries"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return False
+        return entries - {OUTPUT_MARKER} <= listed
+    return "lmforge_config.json" in entries and entries <= _LEGACY_CHECKPOINT_FILES
+
+
+def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = (),
+                     overwrite: bool = False, flag: str = "--out") -> Path:
+    """Refuse an output folder whose replacement would lose data; returns it as given.
+
+    Never (even with `overwrite`): the output is an input, or a folder holding an input (a
+    trailing slash, `..` or a symlink does not hide it), or the working directory or one above it.
+    Without `overwrite`: an existing file, or a non-empty folder lmforge did not write.
+    """
+    target = Path(out).resolve()
+    for src in inputs:
+        if src is None or not Path(src).exists():  # a name (a built-in data set), not a file to protect
+            continue
+        source = Path(src).resolve()
+        if target == source or target in source.parents:
+            what = "is the input" if target == source else "holds the input"
+            raise LmforgeError(f"{flag} {out} {what} {src}: writing there would destroy it; choose another folder")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise LmforgeError(f"{flag} {out} is the working directory or a folder above it; choose a new folder")
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return Path(out)
+    if not target.is_dir():
+        raise LmforgeError(f"{flag} {out} exists and is not a folder; pass --overwrite to replace it")
+    if any(target.iterdir()) and not is_lmforge_output(target):
+        raise LmforgeError(f"{flag} {out} is a non-empty folder that lmforge did not write; refusing to replace "
+                           "it (choose a new folder, or pass --overwrite to replace it and everything in it)")
+    return Path(out)
+
+
 def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write an lmforge checkpoint folder atomically (the old folder is replaced only when complete)."""
+    """Write an lmforge checkpoint folder atomically (the old folder is replaced only when complete).
+    A folder named by the user is checked with `check_output_dir` first: this replaces it whole."""
     out_dir = Path(out_dir)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     meta = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(),
             "transforms": list(getattr(model, "lmforge_transforms", [])), **(extra or {})}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, mark=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "lmforge": "1"})
         atomic_write_json(tmp / LMFORGE_CONFIG, meta)
         if tokenizer is not None:
@@ -161,7 +212,7 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     out_dir = Path(out_dir)
     hf_config = config_to_hf(model.config)
     state = state_dict_to_hf(model.state_dict(), model.config)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, mark=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 # command -> (recipe module, one-line help). Add a line per command; keep it sorted by lifecycle.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,7 +35,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="lmforge: data, tokenizer, pretraining, fine-tuning, quantization, inference, "
         "serving and evaluation of language models in one PyTorch package.",
         epilog="Start with `lmforge pipeline` (the whole lifecycle on the built-in corpus), then serve its model "
-        "with `lmforge serve runs/pipeline-tiny/final`. Run `lmforge <command> --help` for the options of a command.",
+        "with `lmforge serve runs/pipeline-tiny/final`. Run `lmforge <command> --help` for the options of a command; "
+        "`lmforge --debug <command> ...` (or LMFORGE_DEBUG=1) shows the traceback of an unexpected error.",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=20),
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -43,7 +46,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `lmforge <command> ...`; returns the exit status: 0 done, 2 bad input (a one-line error
+    naming the file, field or value), 1 an unexpected failure (one line; `--debug` or
+    LMFORGE_DEBUG=1 shows the traceback), 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("LMFORGE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser = _build_parser()
         if argv and argv[0] not in ("-h", "--help"):
@@ -66,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=(recipe.__doc__ or help_text).strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe.add_arguments(parser)
-    args = parser.parse_args(rest)
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as e:  # --help (0) or a bad flag (2, argparse printed why): a status, not an exit
+        return e.code if isinstance(e.code, int) else 2
     try:
         result = recipe.main(args)
     except LmforgeError as e:
@@ -75,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or the environment (disk full, out of memory): one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        what = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500] if str(e) else type(e).__name__
+        print(f"lmforge {name}: unexpected error: {what}"
+              + ("" if debug else " (run with LMFORGE_DEBUG=1 or `lmforge --debug ...` for the traceback)"),
+              file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

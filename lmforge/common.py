@@ -8,11 +8,16 @@ Imports only the standard library and torch (torch lazily where possible, so tha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import random
+import re
 import tempfile
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +46,10 @@ def get_logger(name: str = "lmforge") -> logging.Logger:
 # ----------------------------------------------------------------------------- devices
 
 
+# A device name get_device accepts (a regex for config fields): auto, cpu, mps, or cuda/xpu[:index].
+DEVICE_PATTERN = r"auto|cpu|mps|meta|(cuda|xpu)(:\d+)?"
+
+
 def get_device(name: str | None = None):
     """`auto`/None picks cuda, then mps, then cpu."""
     import torch
@@ -56,6 +65,7 @@ def get_device(name: str | None = None):
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPE_NAMES = ("auto", *_DTYPES)  # what a dtype field accepts
 
 
 def get_dtype(name: str | None, device=None):
@@ -130,11 +140,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, mark: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on success it replaces `path` as a whole.
 
     Readers never see a folder with half its files; an existing folder is swapped out only once
-    the new one is complete (and removed afterwards).
+    the new one is complete (and removed afterwards). `mark`: record the folder as lmforge's own
+    output (`OUTPUT_MARKER`, listing its entries), so a later write may replace it without
+    `--overwrite` (see `check_output_dir`). Callers replacing a user-named folder check it first.
     """
     import shutil
 
@@ -143,6 +155,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        if mark:
+            atomic_write_json(tmp / OUTPUT_MARKER, {"written_by": "lmforge",
+                                                    "entries": sorted(p.name for p in tmp.iterdir())})
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -153,6 +168,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# An output folder lmforge wrote (a model, an export): its marker lists the entries it made.
+OUTPUT_MARKER = ".lmforge-output.json"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -183,13 +202,9 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 
 def dataclass_from_dict(cls, data: dict, what: str):
-    """Build dataclass `cls` from `data`, naming unknown fields (a typo is an error, not ignored)."""
-    import dataclasses
-
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise LmforgeError(f"unknown {what} field(s): {', '.join(unknown)}")
-    return cls(**data)
+    """Build dataclass `cls` from `data`, every field checked (see `build_config`); `what` is the
+    dotted name of the section the errors name (e.g. "model")."""
+    return build_config(cls, data, what)
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[tuple[str, dict]]:
@@ -224,3 +239,182 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# ----------------------------------------------------------------------------- config values
+# Every config is a dataclass; `build_config` is the one place a mapping (YAML, --set, JSON)
+# becomes one. Each value is checked against the field's type annotation (a number-looking string
+# such as YAML 1.1's "3e-4" is read as the number) and against the rules `checked` attaches to the
+# field, so a bad value is a clear error naming the dotted field, never a crash deep in a job.
+
+
+def checked(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None,
+            choices: typing.Iterable | None = None, pattern: str | None = None) -> Any:
+    """A dataclass field with value rules: bounds (numbers, or each number of a list/tuple),
+    `choices` (allowed values) or a regex `pattern` (strings). None passes when the type allows it."""
+    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, pattern=pattern).items() if v is not None}
+    if choices is not None:
+        rules["choices"] = tuple(choices)
+    return dataclasses.field(default=default, default_factory=factory, metadata={"rules": rules})
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+             list: "a list", tuple: "a list"}
+    origin = typing.get_origin(tp) or tp
+    return names.get(origin, getattr(origin, "__name__", str(tp)))
+
+
+class _Mismatch(Exception):
+    """The value does not fit the annotation; `why` says what was expected."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """`value` as annotation `tp` (recursing into containers and dataclasses) or _Mismatch."""
+    if tp is Any or tp is object or isinstance(tp, (str, typing.TypeVar)):
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        alts, why = [a for a in args if a is not type(None)], ""
+        for alt in alts:
+            try:
+                return _coerce(alt, value, where)
+            except _Mismatch as e:
+                why = e.why
+        if len(alts) > 1:
+            why = "expected " + ", ".join(_type_name(a) for a in alts)
+        raise _Mismatch(why + (" or null" if type(None) in args else ""))
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else build_config(tp, value, where)
+    if value is None:
+        raise _Mismatch(f"expected {_type_name(tp)}, not null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "on")
+        raise _Mismatch("expected true or false")
+    if tp in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip().replace("_", "")) if tp is float or not value.strip().lstrip("+-").isdigit() \
+                    else int(value.strip())
+            except ValueError:
+                raise _Mismatch(f"expected {_type_name(tp)}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise _Mismatch(f"expected {_type_name(tp)}")
+        if tp is int:
+            if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+                raise _Mismatch("expected an integer")
+            return int(number)
+        try:
+            return float(number)
+        except OverflowError:
+            raise _Mismatch("number too large") from None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `--set run.name=2024` is the name "2024"
+        raise _Mismatch("expected a string (quote it in YAML)")
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if isinstance(value, str) and args and args[0] is str:
+            return value  # one name where a list of names is allowed (the dataclass decides)
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch(f"expected {_type_name(tp)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Mismatch(f"expected a list of {len(args)} values")
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if (origin or tp) is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch("expected a mapping")
+        if not args:
+            return dict(value)
+        return {_coerce(args[0], k, f"{where}[{k!r}]"): _coerce(args[1], v, f"{where}[{k!r}]")
+                for k, v in value.items()}
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise _Mismatch(f"expected {_type_name(tp)}")
+    return value
+
+
+def _check_rules(value: Any, rules: dict, allow_nonfinite: bool) -> str | None:
+    """Why `value` breaks the field's rules, or None."""
+    if value is None:
+        return None
+    if "choices" in rules and value not in rules["choices"]:
+        return f"choose one of {', '.join(map(str, rules['choices']))}"
+    if "pattern" in rules and isinstance(value, str) and not re.fullmatch(rules["pattern"], value):
+        return f"does not match {rules['pattern']}"
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    for x in numbers:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        if isinstance(x, float) and not math.isfinite(x) and not allow_nonfinite:
+            return "must be a finite number"
+        for key, ok, text in (("ge", lambda b: x >= b, ">="), ("gt", lambda b: x > b, ">"),
+                              ("le", lambda b: x <= b, "<="), ("lt", lambda b: x < b, "<")):
+            if key in rules and not ok(rules[key]):
+                return f"must be {text} {rules[key]}"
+    return None
+
+
+def check_value(tp: Any, value: Any, rules: dict | None = None, where: str = "value",
+                allow_nonfinite: bool = False) -> Any:
+    """`value` read as annotation `tp` and checked against `rules` (see `checked`); ValueError
+    saying what was expected otherwise. A nested dataclass raises LmforgeError naming its field."""
+    try:
+        value = _coerce(tp, value, where)
+    except _Mismatch as e:
+        raise ValueError(e.why) from None
+    why = _check_rules(value, rules or {}, allow_nonfinite)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+def build_config(cls: type, data: Any, where: str = "") -> Any:
+    """Dataclass `cls` from a mapping, each value checked against its field's annotation and rules.
+
+    `where` is the dotted name of the section ("" at the top level); an unknown field, a value of
+    the wrong type or out of range raises LmforgeError naming `where.field` and the value. Rules
+    are checked before `cls` is built, so its `__post_init__` only ever sees well-typed values.
+    """
+    at = where or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{at}: expected a mapping of fields, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        raise LmforgeError(f"{at}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, raw in data.items():
+        dotted = f"{where}.{name}" if where else name
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        try:
+            kwargs[name] = check_value(hints.get(name, Any), raw, f.metadata.get("rules", {}), dotted,
+                                       allow_nonfinite=isinstance(default, float) and not math.isfinite(default))
+        except ValueError as e:
+            shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
+            raise LmforgeError(f"{dotted}={shown}: {e}") from None
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field missing
+        raise LmforgeError(f"{at}: {e}") from None

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, build_config, checked
 from lmforge.data.dedup import DedupConfig
 from lmforge.data.filters import FilterConfig
 from lmforge.data.normalize import NormalizeConfig
@@ -22,7 +21,7 @@ class InputConfig:
     source: str | None = None  # source name of every document (None: the file's stem)
     text_field: str = "text"  # JSONL key / parquet column
     stdlib_include_tests: bool = False
-    shard_bytes: int = 4_000_000  # input bytes per work unit (the unit of parallelism and of resume)
+    shard_bytes: int = checked(4_000_000, ge=1)  # input bytes per work unit (the unit of parallelism, resume)
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):  # `--set input.paths=corpus/` gives one string
@@ -34,23 +33,25 @@ class MixConfig:
     # target token shares per source; None: the natural mix; "auto": the built-in corpus's weights on
     # it (stdlib.BUILTIN_WEIGHTS), the natural mix of the sources of user inputs
     weights: dict[str, float] | str | None = "auto"
-    total_tokens: int | None = None  # None: as many training tokens as the corpus has
-    seed: int = 0
+    total_tokens: int | None = checked(None, ge=1)  # None: as many training tokens as the corpus has
+    seed: int = checked(0, ge=0)
 
 
 @dataclass
 class TokenizeConfig:
     tokenizer: str | None = None  # a tokenizer folder/file; None: train one on the corpus
-    vocab_size: int = 8192
-    train_bytes: int = 20_000_000  # about this much text, a seeded sample of the training docs, trains it
-    batch_size: int = 512
+    vocab_size: int = checked(8192, ge=1)
+    # about this much text, a seeded sample of the training docs, trains it
+    train_bytes: int = checked(20_000_000, ge=1)
+    batch_size: int = checked(512, ge=1)
 
 
 @dataclass
 class PackConfig:
-    val_fraction: float = 0.01  # share of documents held out (by a hash of the id: stable across runs)
-    shard_tokens: int = 50_000_000
-    seed: int = 0
+    # share of documents held out (by a hash of the id: stable across runs)
+    val_fraction: float = checked(0.01, ge=0, lt=1)
+    shard_tokens: int = checked(50_000_000, ge=1)
+    seed: int = checked(0, ge=0)
 
 
 @dataclass
@@ -62,32 +63,11 @@ class DataConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     pack: PackConfig = field(default_factory=PackConfig)
-    workers: int = 0  # processes for the per-shard stages; 0: all cores
-    executor: str = "local"  # "local" (process pool) or "ray"
+    workers: int = checked(0, ge=0)  # processes for the per-shard stages; 0: all cores
+    executor: str = checked("local", choices=("local", "ray"))  # "local" (process pool) or "ray"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _build(cls: type, data: dict, origin: str, where: str = "") -> Any:
-    """Nested dataclasses from a mapping; errors name the recipe file and the dotted field."""
-    at = f"{origin}: {where or 'top level'}"
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{at}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise LmforgeError(f"{at}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        sub = f"{where}.{key}" if where else key
-        kwargs[key] = _build(hint, value, origin, sub) if dataclasses.is_dataclass(hint) else value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise LmforgeError(f"{at}: {e}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -125,8 +105,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise LmforgeError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(tree, dict):
+        raise LmforgeError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides or []:
         _set_dotted(tree, *parse_override(item))
     for key, value in (values or {}).items():
         _set_dotted(tree, key, value)
-    return _build(DataConfig, tree, str(path))
+    try:
+        return build_config(DataConfig, tree)  # every field checked for type and range
+    except LmforgeError as e:
+        raise LmforgeError(f"{path}: {e}") from None

@@ -7,40 +7,40 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.common import LmforgeError, dataclass_from_dict
+from lmforge.common import LmforgeError, checked, dataclass_from_dict
 
 
 @dataclass
 class ModelConfig:
     arch: str = "llama"  # HF family used for export: gpt2 | llama | qwen2 | mistral | mixtral
-    vocab_size: int = 32000
-    hidden_size: int = 512
-    intermediate_size: int = 1376
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 8
-    num_key_value_heads: int | None = None  # None: same as num_attention_heads (no GQA)
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    max_position_embeddings: int = 2048
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    norm_eps: float = 1e-5
+    vocab_size: int = checked(32000, ge=1)
+    hidden_size: int = checked(512, ge=1)
+    intermediate_size: int = checked(1376, ge=1)
+    num_hidden_layers: int = checked(8, ge=1)
+    num_attention_heads: int = checked(8, ge=1)
+    num_key_value_heads: int | None = checked(None, ge=1)  # None: same as num_attention_heads (no GQA)
+    head_dim: int | None = checked(None, ge=1)  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = checked(2048, ge=1)
+    norm: str = checked("rmsnorm", choices=("rmsnorm", "layernorm"))
+    norm_eps: float = checked(1e-5, gt=0)
     activation: str = "silu"  # silu | gelu | gelu_new (tanh approximation, GPT-2) | relu
     gated_mlp: bool = True  # SwiGLU-style gate_proj * up_proj; False: up_proj -> act -> down_proj
-    position: str = "rope"  # rope | learned
-    rope_theta: float = 10000.0
+    position: str = checked("rope", choices=("rope", "learned"))
+    rope_theta: float = checked(10000.0, gt=0)
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
     attention_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
     attention_out_bias: bool = False  # bias on o_proj (GPT-2)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None  # Mistral: a query sees only the last `sliding_window` keys
-    num_experts: int = 0  # > 0: sparse mixture-of-experts MLP (Mixtral)
-    num_experts_per_tok: int = 2
-    router_aux_loss_coef: float = 0.02
+    sliding_window: int | None = checked(None, ge=1)  # Mistral: a query sees only the last `sliding_window` keys
+    num_experts: int = checked(0, ge=0)  # > 0: sparse mixture-of-experts MLP (Mixtral)
+    num_experts_per_tok: int = checked(2, ge=1)
+    router_aux_loss_coef: float = checked(0.02, ge=0)
     causal: bool = True  # False: bidirectional attention (masked LM)
-    initializer_range: float = 0.02
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
+    initializer_range: float = checked(0.02, ge=0)
+    bos_token_id: int | None = checked(None, ge=0)
+    eos_token_id: int | list[int] | None = checked(None, ge=0)  # HF configs may list several
+    pad_token_id: int | None = checked(None, ge=0)
     extra: dict[str, Any] = field(default_factory=dict)  # HF config fields we carry but do not use
 
     def __post_init__(self) -> None:
@@ -63,12 +63,13 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return dataclass_from_dict(cls, d, "model config")
+    def from_dict(cls, d: dict, where: str = "model") -> "ModelConfig":
+        """Every field checked for type and range; errors name `where.field` and the value."""
+        return dataclass_from_dict(cls, d, where)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise LmforgeError(f"unknown model preset {name!r}: choose from {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 

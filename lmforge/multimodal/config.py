@@ -3,7 +3,6 @@ with `--set field=value`), and the small training helpers both recipes share."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, build_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -98,11 +97,7 @@ def load_config(cls, path: str | None, overrides: list[str]):
         if not sep:
             raise LmforgeError(f"--set expects field=value, got {item!r}")
         values[key] = _coerce(value, getattr(defaults, key, None))
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise LmforgeError(f"unknown {cls.__name__} field(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    return cls(**values)
+    return build_config(cls, values)  # unknown fields, types and ranges, each error naming the field
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

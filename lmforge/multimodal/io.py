@@ -58,7 +58,7 @@ def save_multimodal(model: CLIP | VisionLanguageModel, out_dir: str | Path, toke
                     extra: dict | None = None) -> Path:
     kind = "clip" if isinstance(model, CLIP) else "vlm"
     config = model.config if kind == "clip" else model.vlm_config
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, mark=True) as tmp:
         save_file(_contiguous_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", {"lmforge_multimodal": kind, "config": config.to_dict(),
                                                 **({"extra": extra} if extra else {})})

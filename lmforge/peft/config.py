@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, build_config, checked
 
 # Short names accepted in target_modules (the issue's "q, k, v, o, gate, up, down").
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -23,9 +23,9 @@ class LoraConfig:
     """W h + scale * B A h; scale = alpha / r (or alpha / sqrt(r) with rsLoRA). DoRA adds a
     learned magnitude per output row on top of the normalised direction W + scale * B A."""
     method: ClassVar[str] = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = checked(8, ge=1)
+    alpha: float = checked(16.0, gt=0)
+    dropout: float = checked(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     use_rslora: bool = False
     use_dora: bool = False
@@ -38,18 +38,18 @@ class AdaLoraConfig:
     target_r * n_modules by importance scores, on a cubic schedule (AdaLoRA, Zhang et al. 2023):
     tinit warm-up steps at the full budget, pruning until total_step - tfinal, then frozen."""
     method: ClassVar[str] = "adalora"
-    init_r: int = 12
-    target_r: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.0
+    init_r: int = checked(12, ge=1)
+    target_r: int = checked(8, ge=1)
+    alpha: float = checked(32.0, gt=0)
+    dropout: float = checked(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
-    total_step: int = 100
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
+    tinit: int = checked(0, ge=0)
+    tfinal: int = checked(0, ge=0)
+    delta_t: int = checked(1, ge=1)
+    total_step: int = checked(100, ge=1)
+    beta1: float = checked(0.85, ge=0, lt=1)
+    beta2: float = checked(0.85, ge=0, lt=1)
+    orth_reg_weight: float = checked(0.5, ge=0)
     adapter_name: str = "default"
 
 
@@ -68,8 +68,8 @@ class AdapterConfig:
     """Bottleneck adapters h + up(act(down(h))) with up zero-initialised. Houlsby: after the
     attention block and after the MLP; Pfeiffer: after the MLP only."""
     method: ClassVar[str] = "adapter"
-    kind: str = "houlsby"
-    bottleneck: int = 64
+    kind: str = checked("houlsby", choices=("houlsby", "pfeiffer"))
+    bottleneck: int = checked(64, ge=1)
     activation: str = "gelu"
     adapter_name: str = "default"
 
@@ -80,9 +80,9 @@ class PromptTuningConfig:
     (random rows of the embedding table) or "tokens" (the embeddings of `init_token_ids`,
     e.g. a tokenised instruction text, repeated/cut to num_virtual_tokens)."""
     method: ClassVar[str] = "prompt_tuning"
-    num_virtual_tokens: int = 20
-    init: str = "vocab"
-    init_token_ids: list[int] | None = None
+    num_virtual_tokens: int = checked(20, ge=1)
+    init: str = checked("vocab", choices=("random", "vocab", "tokens"))
+    init_token_ids: list[int] | None = checked(None, ge=0)
     adapter_name: str = "default"
 
 
@@ -91,9 +91,9 @@ class PTuningConfig:
     """P-tuning v1: virtual tokens produced by a prompt encoder ("mlp" or "lstm") from
     trainable input embeddings; the encoder output can be cached after training."""
     method: ClassVar[str] = "p_tuning"
-    num_virtual_tokens: int = 20
-    encoder: str = "mlp"
-    encoder_hidden_size: int = 128
+    num_virtual_tokens: int = checked(20, ge=1)
+    encoder: str = checked("mlp", choices=("mlp", "lstm"))
+    encoder_hidden_size: int = checked(128, ge=1)
     adapter_name: str = "default"
 
 
@@ -103,9 +103,9 @@ class PrefixConfig:
     reparameterisation MLP during training, folded into plain K/V tensors by `merge`);
     projection=False is P-tuning v2 (the K/V tensors are the parameters)."""
     method: ClassVar[str] = "prefix"
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = checked(20, ge=1)
     projection: bool = True
-    encoder_hidden_size: int = 128
+    encoder_hidden_size: int = checked(128, ge=1)
     adapter_name: str = "default"
 
 
@@ -125,11 +125,7 @@ def config_from_dict(d: dict[str, Any], where: str = "adapter config") -> PeftCo
     cls = CONFIG_CLASSES.get(method)
     if cls is None:
         raise LmforgeError(f"{where}: unknown PEFT method {method!r} (choose from {', '.join(CONFIG_CLASSES)})")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise LmforgeError(f"{where}: unknown field(s) {unknown} for method {method!r}")
-    return cls(**d)
+    return build_config(cls, d, where)  # unknown fields, types and ranges, named as `where.field`
 
 
 def expand_targets(targets: list[str] | str) -> list[str]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.common import LmforgeError, atomic_write_text
+from lmforge.common import DEVICE_PATTERN, LmforgeError, atomic_write_text, build_config, check_value, checked
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -44,6 +44,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def switch_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}=true" for flag, (key, _) in _SWITCHES.items() if getattr(args, _dest(flag), False)]
+
+
+def bounded(kind: type, **rules: Any):
+    """An argparse `type=`: the flag's text read as `kind` and checked against `checked`'s rules
+    (ge, gt, le, lt, choices), the same checks as config fields; argparse reports a bad value as a
+    one-line error naming the flag (exit 2)."""
+    rules = {k: (tuple(v) if k == "choices" else v) for k, v in rules.items()}
+
+    def parse(text: str):
+        try:
+            return check_value(kind, text, rules)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _dest(flag: str) -> str:
@@ -118,14 +134,12 @@ def set_dotted(cfg: dict, key: str, value: Any, open_sections: tuple[str, ...] =
 
 
 def section(cfg: dict, name: str, cls: type, **extra: Any):
-    """Build dataclass `cls` from cfg[name], naming unknown fields in the error."""
-    data = {**(cfg.get(name) or {}), **extra}
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise LmforgeError(f"config section {name!r}: unknown field(s) {', '.join(unknown)} "
-                           f"(known: {', '.join(sorted(fields))})")
-    return cls(**data)
+    """Build dataclass `cls` from cfg[name]: unknown fields, wrong types and out-of-range values are
+    errors naming `name.field` and the value (`build_config`)."""
+    data = cfg.get(name)
+    if data is not None and not isinstance(data, dict):
+        raise LmforgeError(f"config section {name!r}: expected a mapping of fields, got {data!r}")
+    return build_config(cls, {**(data or {}), **extra}, name)
 
 
 @dataclasses.dataclass
@@ -133,8 +147,8 @@ class RunConfig:
     """The `run:` section every training recipe has."""
 
     dir: str = "runs"
-    name: str = "run"
-    device: str = "auto"
+    name: str = checked("run", pattern=r"[^/\\]+")  # one folder name under `dir`
+    device: str = checked("auto", pattern=DEVICE_PATTERN)
     tensorboard: bool = False
 
 
@@ -158,6 +172,7 @@ class MetricsWriter:
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            drop_torn_line(self.path)  # a crash mid-write must not glue the next record onto half a line
             self._file = open(self.path, "a", encoding="utf-8")
             if tensorboard_dir:
                 try:
@@ -201,3 +216,16 @@ def read_metrics(path: str | Path, missing_ok: bool = False) -> list[dict]:
         except ValueError:
             continue
     return rows
+
+
+def drop_torn_line(path: str | Path) -> None:
+    """Cut a half-written last line (no newline: a crash mid-write) off an append-only log, in
+    place (a writer may hold the file open in append mode)."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)

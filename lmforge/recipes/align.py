@@ -24,9 +24,9 @@ from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logg
 from lmforge.recipes._common import add_config_arguments, load_config, make_run_dir, overrides_from_args
 from lmforge.train import align as A
 from lmforge.train import align_data as D
+from lmforge.train.align_config import validate_align_config
 
 log = get_logger("lmforge.align")
-METHODS = ("dpo", "reward", "grpo", "ppo", "distill", "rlaif")
 FLAGS = {"--method": "method", "--model": "model.path", "--steps": "train.steps", "--out": "run.dir",
          "--name": "run.name", "--task": "task.name", "--lr": "train.lr"}
 
@@ -36,9 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, overrides_from_args(args, FLAGS), open_sections=("model",))
-    if cfg["method"] not in METHODS:
-        raise LmforgeError(f"method {cfg['method']!r}: choose one of {', '.join(METHODS)}")
+    cfg = validate_align_config(load_config(args.config, overrides_from_args(args, FLAGS), open_sections=("model",)))
     seed_everything(cfg["train"]["seed"])
     run = make_run_dir(cfg["run"]["dir"], cfg["run"]["name"], cfg)
     device = get_device(cfg["train"]["device"])

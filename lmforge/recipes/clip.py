@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.checkpoint import check_output_dir
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, read_json, seed_everything
 from lmforge.model import ModelConfig
 from lmforge.multimodal import (CLIP, ClipConfig, VisionConfig, class_names, info_nce, load_examples,
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML settings (a name in lmforge/configs/ such as clip-shapes, or a path)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a setting")
     p.add_argument("--out", help="train: output folder")
+    p.add_argument("--overwrite", action="store_true", help="train: replace --out even if lmforge did not write it")
     p.add_argument("--model", help="eval: a CLIP folder written by `lmforge clip train`")
     p.add_argument("--data", help="eval: shapes | digits | a JSONL (default: what the model was trained on)")
     p.add_argument("--json", help="write the metrics to this JSON file")
@@ -204,6 +206,7 @@ def main(args: argparse.Namespace) -> int:
         if not args.out:
             raise LmforgeError("clip train needs --out DIR")
         cfg = load_config(ClipTrainConfig, args.config or "clip-shapes", args.set)
+        check_output_dir(args.out, [cfg.data, cfg.init_vision], args.overwrite)
         metrics = train(cfg, args.out)
     else:
         if not args.model:

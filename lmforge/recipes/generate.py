@@ -10,6 +10,7 @@ import sys
 import time
 
 from lmforge.common import LmforgeError, get_device, seed_everything
+from lmforge.recipes._common import bounded
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,12 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids (for folders without a tokenizer)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--max-new-tokens", type=bounded(int, ge=0), default=128,
+                   help="at most the model's context (max_position_embeddings) minus the prompt")
+    p.add_argument("--temperature", type=bounded(float, ge=0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=bounded(int, ge=0), default=0)
+    p.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0)
+    p.add_argument("--repetition-penalty", type=bounded(float, gt=0), default=1.0)
+    p.add_argument("--seed", type=bounded(int, ge=0), default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -33,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller draft model (same tokenizer)")
     p.add_argument("--lookup", action="store_true", help="speculative decoding with prompt-lookup (n-gram) drafts")
     p.add_argument("--medusa", metavar="DIR", help="speculative decoding with Medusa heads (lmforge train-medusa)")
-    p.add_argument("--spec-k", type=int, default=4, help="tokens drafted per step for --draft/--lookup")
-    p.add_argument("--draft-min-confidence", type=float, default=0.0, metavar="P",
+    p.add_argument("--spec-k", type=bounded(int, ge=1), default=4, help="tokens drafted per step for --draft/--lookup")
+    p.add_argument("--draft-min-confidence", type=bounded(float, ge=0, le=1), default=0.0, metavar="P",
                    help="--draft with one prompt: stop drafting when the draft's probability of its next token "
                         "is below P (then --spec-k is an upper bound; e.g. --spec-k 6 --draft-min-confidence 0.4)")
     p.add_argument("--prompts", metavar="FILE.jsonl", help="batch mode: every prompt of the file through the engine")
@@ -68,6 +70,7 @@ def main(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop_strings=list(args.stop))
+    check_context(model.config, 0, args.max_new_tokens)  # fail before any prompt is read or cache allocated
     decode_fn = compiled_decode(model) if args.compile else None
     if args.prompts:  # batch mode: all prompts through the continuous-batching engine
         from lmforge.infer.batch import run_prompts_file
@@ -86,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
         if args.prompt_ids is None and tokenizer is None:
             raise LmforgeError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
         ids = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else tokenizer.encode(args.prompt)
+        check_context(model.config, len(ids), args.max_new_tokens)
         eos = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
         out, stats = speculative_decode(model, ids, params, draft=args.draft, lookup=args.lookup, medusa=args.medusa,
                                         k=args.spec_k, eos_token_ids=eos, min_confidence=args.draft_min_confidence)
@@ -103,6 +107,7 @@ def main(args: argparse.Namespace) -> int:
         bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
         if bad:
             raise LmforgeError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
+        check_context(model.config, len(ids), args.max_new_tokens)
         out = generate(model, ids, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                        top_k=params.top_k, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
                        seed=params.seed, compile=args.compile)
@@ -117,6 +122,7 @@ def main(args: argparse.Namespace) -> int:
         end_of_turn = tokenizer.token_to_id("<|im_end|>")
         if end_of_turn is not None:
             params.stop_token_ids.append(end_of_turn)
+    check_context(model.config, len(tokenizer.encode(prompt)), args.max_new_tokens)
     start, pieces = time.perf_counter(), []
     for piece in stream_text(model, tokenizer, prompt, params, decode_fn):
         pieces.append(piece)
@@ -127,3 +133,16 @@ def main(args: argparse.Namespace) -> int:
     n_tokens = len(tokenizer.encode("".join(pieces)))
     print(f"[~{n_tokens} tokens in {time.perf_counter() - start:.2f}s]", file=sys.stderr)
     return 0
+
+
+def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation longer than the model's context (max_position_embeddings): the KV cache
+    is allocated for prompt + new tokens up front, so an unbounded --max-new-tokens would try to
+    allocate it whole (1e9 tokens: ~128 GB for the tiny model) before producing anything."""
+    limit = config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        room = max(0, limit - prompt_tokens)
+        prompt = f"the prompt ({prompt_tokens} tokens) + " if prompt_tokens else ""
+        raise LmforgeError(f"--max-new-tokens {max_new_tokens}: {prompt}{max_new_tokens} new tokens exceed the "
+                           f"model's context of {limit} positions (max_position_embeddings); use "
+                           f"--max-new-tokens {room} or less")

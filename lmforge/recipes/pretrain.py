@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.common import LmforgeError, dist_info, get_logger
+from lmforge.common import LmforgeError, checked, dist_info, get_logger
 from lmforge.data.pack import data_tokenizer
 from lmforge.model import ModelConfig, Transformer
 from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
@@ -34,9 +34,9 @@ FLAGS = {"--steps": "train.steps", "--objective": "train.objective", "--strategy
 @dataclasses.dataclass
 class DataConfig:
     path: str | None = None  # shard folder from `lmforge data prepare`; None: the built-in corpus
-    max_bytes: int = 2_000_000  # built-in corpus: bytes of the stdlib to use
-    vocab_size: int = 512  # built-in corpus: tokenizer size
-    val_fraction: float = 0.05
+    max_bytes: int = checked(2_000_000, ge=1)  # built-in corpus: bytes of the stdlib to use
+    vocab_size: int = checked(512, ge=1)  # built-in corpus: tokenizer size
+    val_fraction: float = checked(0.05, ge=0, lt=1)
     cache_dir: str = "runs/.cache"
 
 
@@ -85,12 +85,13 @@ def model_config(cfg: dict, vocab_size: int, objective: str) -> ModelConfig:
     fields = dict(cfg.get("model") or {})
     preset = fields.pop("preset", None)
     fields.setdefault("vocab_size", vocab_size)
-    if fields["vocab_size"] < vocab_size:
-        raise LmforgeError(f"model.vocab_size {fields['vocab_size']} is smaller than the data's {vocab_size} "
-                           f"(tokenizer + {objective} special ids)")
     if objective != "clm":
         fields["causal"] = False if objective == "mlm" else fields.get("causal", True)
-    return ModelConfig.preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
+    config = ModelConfig.preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
+    if config.vocab_size < vocab_size:  # compared once checked: the raw value may be any YAML
+        raise LmforgeError(f"model.vocab_size {config.vocab_size} is smaller than the data's {vocab_size} "
+                           f"(tokenizer + {objective} special ids)")
+    return config
 
 
 def windows(batch) -> torch.Tensor:

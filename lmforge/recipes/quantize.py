@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from lmforge.common import LmforgeError, get_logger, human_bytes, seed_everything
+from lmforge.recipes._common import bounded
 
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed", "qat")  # literal: --help must not import torch
@@ -21,35 +22,38 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed", "qat")  # literal: --he
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (lmforge checkpoint or Hugging Face folder)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is a non-empty folder lmforge did not write")
     p.add_argument("--method", default="rtn", choices=METHODS)
     p.add_argument("--scheme", default="int4-g128", help="int8 | int4 | int3 | int2 [-g32|-g64|-g128] | nf4 | w8a8")
     p.add_argument("--calib", help="calibration data: a packed-shard folder (index.json) or a text file")
     p.add_argument("--calib-split", default="train", help="split of the packed shards to read")
-    p.add_argument("--calib-samples", type=int, default=32, help="windows of --seq-len tokens")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--min-calib-tokens", type=int, default=512)
+    p.add_argument("--calib-samples", type=bounded(int, ge=1), default=32, help="windows of --seq-len tokens")
+    p.add_argument("--seq-len", type=bounded(int, ge=2), default=256)
+    p.add_argument("--min-calib-tokens", type=bounded(int, ge=0), default=512)
     p.add_argument("--skip", action="append", help="regex of module names kept in float (repeatable; "
                    "default: lm_head, MoE routers, embeddings)")
     p.add_argument("--quantize-head", action="store_true",
                    help="quantize the output head too (kept in float by default; with int8 it costs almost no "
                         "accuracy and speeds up decode of large-vocabulary models; a tied head is untied)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening")
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant: migration strength")
-    p.add_argument("--budget-bits", type=float, default=4.5, help="mixed: average weight bits")
+    p.add_argument("--damp", type=bounded(float, gt=0), default=0.01, help="GPTQ: Hessian dampening")
+    p.add_argument("--alpha", type=bounded(float, ge=0, le=1), default=0.5, help="SmoothQuant: migration strength")
+    p.add_argument("--budget-bits", type=bounded(float, gt=0, le=16), default=4.5, help="mixed: average weight bits")
     p.add_argument("--choices", default="int4-g128,int8", help="mixed: candidate schemes, comma-separated")
-    p.add_argument("--qat-steps", type=int, default=100, help="qat: fine-tuning steps")
-    p.add_argument("--qat-lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qat-steps", type=bounded(int, ge=1), default=100, help="qat: fine-tuning steps")
+    p.add_argument("--qat-lr", type=bounded(float, gt=0), default=1e-4)
+    p.add_argument("--seed", type=bounded(int, ge=0), default=0)
 
 
 def main(args: argparse.Namespace) -> int:
-    from lmforge.checkpoint import load_model, load_tokenizer_if_any, save_model
+    from lmforge.checkpoint import check_output_dir, load_model, load_tokenizer_if_any, save_model
     from lmforge.quant import QuantOptions, quantize_model
     from lmforge.quant.calibrate import peak_rss_bytes
     from lmforge.quant.scheme import HEAD_PATTERN
 
     log = get_logger("lmforge.quantize")
+    check_output_dir(args.out, [args.model, args.calib], args.overwrite)  # before the (slow) quantization
     seed_everything(args.seed)
     model = load_model(args.model, device="cpu", dtype="float32")
     if any(e.get("kind") == "quant" for e in getattr(model, "lmforge_transforms", [])):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from lmforge.common import LmforgeError, get_logger
+from lmforge.common import LmforgeError, checked, get_logger
+from lmforge.model.config import PRESETS
 from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
                                      make_run_dir, overrides_from_args, section, switch_overrides)
 from lmforge.train import (OptimConfig, RunContext, TrainConfig, autocast_dtype, fit, prepare_model, setup_runtime,
@@ -34,7 +35,7 @@ METHODS = {"lora": ("lora", {}), "dora": ("lora", {"use_dora": True}), "qlora": 
 @dataclasses.dataclass
 class ModelSource:
     path: str | None = None  # checkpoint or HF folder (with a tokenizer); None: fresh model (demo/tests)
-    preset: str = "tiny"
+    preset: str = checked("tiny", choices=PRESETS)
     overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields for a fresh model
 
 
@@ -42,14 +43,14 @@ class ModelSource:
 class SFTData:
     train: str = "builtin"  # JSONL file, or "builtin": stdlib signature -> first docstring sentence
     val: str | None = None  # JSONL file; the built-in set brings its own (split by module)
-    max_bytes: int = 1_500_000  # built-in set: bytes of the stdlib scanned
+    max_bytes: int = checked(1_500_000, ge=1)  # built-in set: bytes of the stdlib scanned
     pack: bool = True
     cache_dir: str = "runs/.cache"  # built-in tokenizer for a fresh model
 
 
 @dataclasses.dataclass
 class PeftSection:
-    method: str = "full"  # full | lora | dora | qlora | adalora | ia3 | adapter | prompt | p_tuning | prefix
+    method: str = checked("full", choices=("full", *METHODS))  # full fine-tuning or a PEFT method
     options: dict = dataclasses.field(default_factory=dict)  # fields of the PEFT config (r, alpha, target_modules...)
     qat: str | None = None  # e.g. int4-g128: quantization-aware training with fake-quant linears
 

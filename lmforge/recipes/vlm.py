@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import load_model, load_tokenizer_if_any
+from lmforge.checkpoint import check_output_dir, load_model, load_tokenizer_if_any
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, seed_everything
 from lmforge.infer.sampling import SamplingParams, sample
 from lmforge.model import ModelConfig, Transformer
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a setting")
     p.add_argument("--init", help="stage 2: the stage-1 folder to continue from")
     p.add_argument("--out", help="train: output folder")
+    p.add_argument("--overwrite", action="store_true", help="train: replace --out even if lmforge did not write it")
     p.add_argument("--model", help="eval: a VLM folder")
     p.add_argument("--noise", action="store_true", help="eval: only the noise-image control")
     p.add_argument("--json", help="write the metrics to this JSON file")
@@ -296,6 +297,7 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "train":
         if not args.out:
             raise LmforgeError("vlm train needs --out DIR")
+        check_output_dir(args.out, [args.init, cfg.data, cfg.vision or None, cfg.lm], args.overwrite)
         metrics = train(cfg, args.stage, args.init, args.out)
     else:
         if not args.model:

@@ -25,7 +25,7 @@ from lmforge.common import DistInfo, LmforgeError, get_logger
 from .distributed import barrier
 from .loop import EarlyStopping, SpikeGuard, StepHooks, TrainConfig, evaluate, train_step
 from .optim import OptimConfig, lr_at, set_lr
-from .state import latest_good, load_checkpoint, model_to_save, save_checkpoint
+from .state import clean_stale, latest_good, load_checkpoint, model_to_save, save_checkpoint, verify
 
 log = get_logger("lmforge.train")
 
@@ -44,6 +44,7 @@ class RunContext:
 def resume_from(ckpt_root: Path, resume: str | None) -> Path | None:
     if resume in (None, "", "no"):
         return None
+    clean_stale(ckpt_root)
     if resume in ("latest", "auto"):
         path = latest_good(ckpt_root)
         if path is None:
@@ -52,15 +53,28 @@ def resume_from(ckpt_root: Path, resume: str | None) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise LmforgeError(f"--resume {resume}: no such checkpoint folder")
+    problem = verify(path)  # the same integrity check as the default resume
+    if problem is not None:
+        raise LmforgeError(f"--resume {resume}: unusable checkpoint: {problem}")
     return path
 
 
 def _trim_metrics(path: Path, step: int) -> None:
     """A resumed run rewrites the steps after its checkpoint: drop the old records of those (and the
-    old summary)."""
-    if path.is_file():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", step + 1) <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+    old summary). A line that is not JSON (cut by a crash mid-write) is dropped with a warning.
+    Rewritten in place: the run's MetricsWriter already holds the file open for appending."""
+    if not path.is_file():
+        return
+    kept = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            log.warning("%s:%d: dropping a torn (half-written) line", path, n)
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line)
+    path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable[[int, int], dict], loader,

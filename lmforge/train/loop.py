@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from lmforge.common import DTYPE_NAMES, checked
+
 from .distributed import all_reduce_sum, gradient_sync, total_norm
 from .losses import fusable_head, linear_cross_entropy
 from .objectives import IGNORE, lm_loss_sum
@@ -21,25 +23,25 @@ from .objectives import IGNORE, lm_loss_sum
 
 @dataclass
 class TrainConfig:
-    steps: int = 200  # optimizer steps
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 128
-    objective: str = "clm"  # clm | mlm | span
-    clip_grad: float = 1.0  # 0: no clipping (the norm is still logged)
-    dtype: str = "auto"  # autocast dtype: auto = bf16 on GPUs that support it, else fp32
+    steps: int = checked(200, ge=1)  # optimizer steps
+    micro_batch_size: int = checked(8, ge=1)
+    grad_accum: int = checked(1, ge=1)
+    seq_len: int = checked(128, ge=1)
+    objective: str = checked("clm", choices=("clm", "mlm", "span"))
+    clip_grad: float = checked(1.0, ge=0)  # 0: no clipping (the norm is still logged)
+    dtype: str = checked("auto", choices=DTYPE_NAMES)  # autocast: auto = bf16 on GPUs that support it, else fp32
     compile: bool = False
     activation_checkpointing: bool = False
-    strategy: str = "ddp"  # ddp | fsdp (only under torchrun)
-    seed: int = 0
-    eval_every: int = 50
-    eval_batches: int = 8
-    patience: int = 0  # stop after this many evaluations without improvement (0: never)
-    save_every: int = 100
-    keep_last: int = 2
-    spike_factor: float = 4.0  # skip an update whose loss exceeds this x the running mean (0: off)
-    spike_window: int = 20
-    log_every: int = 1
+    strategy: str = checked("ddp", choices=("ddp", "fsdp"))  # fsdp only under torchrun
+    seed: int = checked(0, ge=0)
+    eval_every: int = checked(50, ge=0)  # 0: never
+    eval_batches: int = checked(8, ge=1)
+    patience: int = checked(0, ge=0)  # stop after this many evaluations without improvement (0: never)
+    save_every: int = checked(100, ge=0)  # 0: no checkpoints
+    keep_last: int = checked(2, ge=0)  # 0: keep every checkpoint
+    spike_factor: float = checked(4.0, ge=0)  # skip an update whose loss exceeds this x the running mean (0: off)
+    spike_window: int = checked(20, ge=1)
+    log_every: int = checked(1, ge=1)
     auto_fit: bool = False
 
 

@@ -13,19 +13,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, checked
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    warmup_steps: int = 10
-    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    # adamw, or muon: Muon (orthogonalised momentum) on the hidden matrices, AdamW on the rest (train/muon.py)
+    name: str = checked("adamw", choices=("adamw", "muon"))
+    momentum: float = checked(0.95, ge=0, lt=1)  # muon
+    lr: float = checked(3e-4, gt=0)
+    min_lr_ratio: float = checked(0.1, ge=0, le=1)  # the schedule ends at lr * min_lr_ratio
+    weight_decay: float = checked(0.1, ge=0)
+    betas: tuple[float, float] = checked((0.9, 0.95), ge=0, lt=1)
+    eps: float = checked(1e-8, gt=0)
+    schedule: str = checked("cosine", choices=("cosine", "wsd", "constant"))  # wsd: warmup-stable-decay
+    warmup_steps: int = checked(10, ge=0)
+    decay_fraction: float = checked(0.2, ge=0, le=1)  # wsd: the last fraction of steps decays linearly
     fused: bool | None = None  # None: fused kernel where torch has one for the device
 
 
@@ -44,7 +47,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "muon":
+        from .muon import build_muon
+
+        return build_muon(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps, cfg.momentum)
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     if not groups:
         raise LmforgeError("the model has no trainable parameters (all frozen?)")

@@ -79,6 +79,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     root = Path(root)
+    clean_stale(root)
     path = root / f"step-{step:08d}"
     with atomic_dir(path) as tmp:
         save_model(plain, tmp / "model", tokenizer=tokenizer)
@@ -95,6 +96,21 @@ def _prune(root: Path, keep_last: int) -> None:
         return
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(root: str | Path) -> None:
+    """Remove the leftovers of checkpoint writes a crash interrupted: `.step-*.tmp` folders being
+    built and `.step-*.old-*` ones being replaced (atomic_dir). Only the main rank writes
+    checkpoints, and it calls this before writing, so none of them is in use."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.old-*")]:
+        log.info("removing %s, left by an interrupted checkpoint write", stale)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
