@@ -63,10 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    from lmforge.common import LmforgeError
+    from lmforge.common import LmforgeError, apply_threads_policy
 
     try:
+        apply_threads_policy()  # before the recipe imports torch: OpenMP reads its settings once, at load
         recipe = importlib.import_module(module_name)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("lmforge"):
             print(f"lmforge: error: command {name!r} is not available in this build ({e.name} missing)", file=sys.stderr)

@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Sequence
 
-from lmforge.common import LmforgeError, get_logger
+from lmforge.common import LmforgeError, apply_threads_policy, get_logger
 
 from .runner import EngineFailed, Handle, Submission, check_room
 
@@ -61,6 +61,7 @@ class EngineProcess:
         # The child imports this very lmforge, however it was found here (installed, or a source tree).
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        apply_threads_policy(env)  # the child loads torch at once; a server made without the CLI has not set it
         self._proc = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds, env=env,
                                       stdin=subprocess.DEVNULL)
         cmd_recv.close()
