@@ -433,7 +433,8 @@ def build_config(cls: type, data: Any, where: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
-        raise LmforgeError(f"{at}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+        what = f"{where}: unknown field(s) " if where else f"unknown {cls.__name__} field(s): "
+        raise LmforgeError(f"{what}{', '.join(unknown)} (known: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, raw in data.items():
