@@ -136,3 +136,49 @@ def test_bad_images_get_a_400_naming_the_problem(server, url, word):
 def test_bad_image_through_the_client_is_a_bad_request(client):
     with pytest.raises(openai.BadRequestError, match="base64"):
         client.chat.completions.create(model="tiny-vlm", messages=_messages("data:image/png;base64,%%%"))
+
+
+# ----------------------------------------------------------------------------- issue 17: only data URLs, bounded
+
+
+def _post_image(server, url) -> httpx.Response:
+    body = {"model": "tiny-vlm", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": url}, {"type": "text", "text": QUESTION}]}], "max_tokens": 2}
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+
+
+def test_image_urls_that_are_not_data_urls_never_touch_the_disk(server, tmp_path):
+    """A path (existing or not), file:// and other schemes are refused with the same answer, so the
+    server's files can neither be fed to the model nor probed for existence."""
+    picture = tmp_path / "secret.png"
+    picture.write_bytes(_png(5))
+    answers = []
+    for url in (str(picture), str(tmp_path / "missing.png"), f"file://{picture}", "/etc/passwd", "ftp://x/y.png"):
+        for form in ({"url": url}, url):
+            r = _post_image(server, form)
+            assert r.status_code == 400, r.text
+            message = r.json()["error"]["message"]
+            assert "data URL" in message and "does not open paths" in message
+            answers.append(message.replace(url[:40], "URL"))
+    assert len(set(answers)) == 1  # an existing file is answered exactly as a missing one
+    r = _post_image(server, {"url": "http://127.0.0.1:1/cat.png"})
+    assert r.status_code == 400 and "not fetched" in r.json()["error"]["message"]
+
+
+def test_image_bytes_and_pixels_are_bounded_before_decoding(server):
+    from PIL import Image
+
+    vision = server.state.vision
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, format="PNG")  # 64M pixels in a few kilobytes
+    assert len(buf.getvalue()) < 100_000
+    r = _post_image(server, {"url": _url(buf.getvalue())})
+    assert r.status_code == 400 and "8000x8000" in r.json()["error"]["message"], r.text
+    saved = vision.max_image_bytes
+    vision.max_image_bytes = 200  # a bigger payload is refused without decoding it
+    try:
+        r = _post_image(server, {"url": _url(_png(6))})
+        assert r.status_code == 400 and "limit of 200 bytes" in r.json()["error"]["message"]
+    finally:
+        vision.max_image_bytes = saved
+    assert _post_image(server, {"url": _url(_png(6))}).status_code == 200  # within the bounds: served

@@ -19,6 +19,11 @@ sequence, batched; the target scores each row's
 [last, d1..dk] in one forward and exact rejection sampling keeps a prefix plus one token (greedy:
 the same tokens as plain decoding); blocks reserved for rejected drafts go back to the pool.
 
+A failing row fails alone: when a forward over several rows raises, each row runs again by itself
+(a forward only writes its rows' own KV slots, so a rerun is harmless) and only the row that still
+raises ends, with finish_reason "error" and the message in Event.error; a row whose sampling raises
+(a distribution without a finite logit) ends the same way. The other rows of the step go on.
+
 Threads: `step()` holds a lock for the whole forward. `add_request`/`cancel`/`release` never wait for
 it: they queue their change, which is applied at once when no step is running and otherwise at the
 start of the next step, in the order queued. So a server thread may add/cancel while another steps.
@@ -34,21 +39,24 @@ from typing import NamedTuple, Sequence as Seq
 
 import torch
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, get_logger
 
 from .paged import BlockPool, CacheGroup, PagedKVCache, forward_packed, forward_padded
 from .sampling import SamplingParams, sample
 from .engine_spec import DraftModel, PromptLookup
 from .scheduler import Scheduler, Sequence, Status
 
+log = get_logger(__name__)
 
 class Event(NamedTuple):
     request_id: int
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" (stop token/string), "length" (max_new_tokens or context), None
+    finish_reason: str | None  # "stop" (stop token/string), "length" (max_new_tokens or context),
+    #                            "error" (this request failed alone: see `error`), None
     logprobs: list | None = None  # per new token: (token, logprob, [(top_token, logprob), ...]) when asked
     prompt_logprobs: list | None = None  # on a request's first event when asked: per prompt token, the first None
+    error: str | None = None  # with finish_reason "error": what went wrong
 
 
 class Engine:
@@ -193,12 +201,16 @@ class Engine:
 
     def generate_batch(self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
                        adapters: Seq[str | None] | None = None) -> list[list[int]]:
-        """Run prompts to completion; returns the new token ids of each, in order."""
+        """Run prompts to completion; returns the new token ids of each, in order (LmforgeError
+        naming the first prompt that failed, once all have run)."""
         params = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         adapters = adapters or [None] * len(prompts)
         ids = [self.add_request(p, s, a) for p, s, a in zip(prompts, params, adapters)]
         while self.has_unfinished():
             self.step()
+        failed = [(n, self.requests[i].error) for n, i in enumerate(ids) if self.requests[i].finish_reason == "error"]
+        if failed:
+            raise LmforgeError(f"prompt {failed[0][0]} failed: {failed[0][1]}")
         return [self.output(i) for i in ids]
 
     # ------------------------------------------------------------------ queued changes
@@ -220,7 +232,7 @@ class Engine:
     def _admit(self, seq: Sequence) -> None:
         self.counters["prompt_tokens"] += len(seq.prompt)
         if seq.params.max_new_tokens == 0 and seq.prompt_logprobs is None:
-            self._finish(seq, "length")
+            seq.status, seq.finish_reason = Status.FINISHED, "length"  # never queued, holds no block
             self._finished_early.append(Event(seq.id, [], True, "length"))
         else:
             self.scheduler.waiting.append(seq)
@@ -232,6 +244,32 @@ class Engine:
     # ------------------------------------------------------------------ one forward
 
     def _run(self, group: list[tuple[Sequence, int]]) -> list[Event]:
+        try:  # nothing below changes a sequence until the loop after it: a rerun per row is exact
+            logits, failure = self._forward(group), None
+        except Exception as e:
+            failure = e
+        if failure is not None:  # outside the except: a row's own failure is not logged as this one's sequel
+            return self._split(self._run, group, failure)
+        argmax = logits.argmax(-1).tolist()  # one call for every greedy row
+        chosen, failed = [], []  # (seq, row, its next token or None: a prompt scored, nothing to generate)
+        for row, (seq, n) in enumerate(group):
+            seq.num_computed += n
+            self.scheduler.register_full_blocks(seq)
+            if seq.num_pending == 0 and seq.status is Status.RUNNING:
+                try:
+                    chosen.append((seq, row, self._choose(seq, logits, row, argmax[row])))
+                except Exception as e:  # this row's distribution, not the step: it fails alone
+                    failed.append(self._fail(seq, e))
+        # Logprobs of every row that asked, in one softmax and one top-k (not a few tensor ops per row).
+        asked = [(row, token, seq.logprobs) for seq, row, token in chosen
+                 if seq.logprobs is not None and token is not None]
+        entries = dict(zip((row for row, _, _ in asked), logprob_entries(logits, *zip(*asked)))) if asked else {}
+        return failed + [self._accept(seq, token, [entries[row]] if row in entries else None)
+                         for seq, row, token in chosen]
+
+    def _forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """The group's pending tokens through the model (and the draft); the last position's logits
+        [B, V]. Writes only the rows' own KV slots and prompt logprobs not yet recorded."""
         rows = [(seq.tokens[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.blocks) for seq, n in group]
         T = max(n for _, n in group)
         scored = [seq.prompt_logprobs is not None and seq.num_computed < len(seq.prompt) for seq, _ in group]
@@ -248,18 +286,23 @@ class Engine:
                 self._score_prompt(seq, every[row, T - n:])
         if self.spec is not None:  # the draft's keys for the same tokens
             self.spec.prefill([seq for seq, _ in group], [seq.num_computed + n for seq, n in group])
-        argmax = logits.argmax(-1).tolist()  # one call for every greedy row
-        chosen = []  # (seq, row, its next token or None: a prompt scored, nothing to generate)
-        for row, (seq, n) in enumerate(group):
-            seq.num_computed += n
-            self.scheduler.register_full_blocks(seq)
-            if seq.num_pending == 0 and seq.status is Status.RUNNING:
-                chosen.append((seq, row, self._choose(seq, logits, row, argmax[row])))
-        # Logprobs of every row that asked, in one softmax and one top-k (not a few tensor ops per row).
-        asked = [(row, token, seq.logprobs) for seq, row, token in chosen
-                 if seq.logprobs is not None and token is not None]
-        entries = dict(zip((row for row, _, _ in asked), logprob_entries(logits, *zip(*asked)))) if asked else {}
-        return [self._accept(seq, token, [entries[row]] if row in entries else None) for seq, row, token in chosen]
+        return logits
+
+    def _split(self, run, group: list[tuple[Sequence, int]], error: Exception) -> list[Event]:
+        """A forward over `group` raised: run each row alone, so only the row at fault fails."""
+        if len(group) == 1:
+            return [self._fail(group[0][0], error)]
+        log.warning("a step over %d sequences failed (%s: %s); running them one by one", len(group),
+                    type(error).__name__, error)
+        return [ev for item in group for ev in run([item])]
+
+    def _fail(self, seq: Sequence, error: Exception) -> Event:
+        """End `seq` alone with finish_reason "error" (its blocks freed); the step goes on."""
+        if not isinstance(error, LmforgeError):  # a bug: keep its traceback in the log
+            log.error("request %d failed", seq.id, exc_info=error)
+        seq.error = str(error) if isinstance(error, LmforgeError) else f"{type(error).__name__}: {error}"
+        self._finish(seq, "error")
+        return Event(seq.id, [], True, "error", error=seq.error)
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Logprob entries of the prompt tokens these logits [n, V] (from position num_computed on)
@@ -274,36 +317,50 @@ class Engine:
         [last, d1..dk] in one forward, and each row keeps its accepted drafts plus one token."""
         seqs = [seq for seq, _ in group]
         gens = [seq.generator or self._generator for seq in seqs]
-        drafts, qs = self.spec.propose(seqs, [self.spec.num_drafts(s, self.max_model_len) for s in seqs], gens)
-        rows = [(seq.tokens[-1:] + d, seq.num_computed, seq.blocks) for seq, d in zip(seqs, drafts)]
-        T = max(len(tokens) for tokens, _, _ in rows)
-        with self._adapter_rows([seq.adapter for seq in seqs]):
-            logits = forward_padded(self.model, self.cache, rows, keep=T)  # rows are left-padded
+        try:  # proposing and scoring change no sequence (only cache slots past what each has computed)
+            drafts, qs = self.spec.propose(seqs, [self.spec.num_drafts(s, self.max_model_len) for s in seqs], gens)
+            rows = [(seq.tokens[-1:] + d, seq.num_computed, seq.blocks) for seq, d in zip(seqs, drafts)]
+            T = max(len(tokens) for tokens, _, _ in rows)
+            with self._adapter_rows([seq.adapter for seq in seqs]):
+                logits = forward_padded(self.model, self.cache, rows, keep=T)  # rows are left-padded
+            failure = None
+        except Exception as e:
+            failure = e
+        if failure is not None:
+            return self._split(self._run_speculative, group, failure)
         events = []
         for i, (seq, d) in enumerate(zip(seqs, drafts)):
-            lg, L = logits[i, T - len(d) - 1:], len(seq.tokens)
-            if not d:
-                seq.num_computed += 1
-                seq.num_draft_computed = self.spec.valid_after(seq, L, 0)
-                self.scheduler.register_full_blocks(seq)
-                token = self._choose(seq, lg, 0, int(lg[0].argmax()))
-                events.append(self._accept(seq, token, _entries(lg, [token], seq.logprobs)))
-            else:
-                new, accepted = self.spec.verify(seq, lg, d, qs[i], gens[i])
-                kept, lps, reason = self._extend(seq, new, _entries(lg, new, seq.logprobs))
-                seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
-                seq.num_draft_computed = self.spec.valid_after(seq, L, len(d))
-                seq.spec_steps += 1
-                seq.drafted, seq.accepted = seq.drafted + len(d), seq.accepted + accepted
-                self.counters["drafted_tokens"] += len(d)
-                self.counters["accepted_tokens"] += accepted
-                self.scheduler.register_full_blocks(seq)
-                if reason is not None:
-                    self._finish(seq, reason)
-                events.append(self._event(seq, kept, lps, reason))
-            if seq.status is Status.RUNNING:
-                self.scheduler.trim(seq)  # blocks reserved for rejected drafts go back
+            try:
+                events.append(self._verify_row(seq, d, qs[i], gens[i], logits[i, T - len(d) - 1:]))
+            except Exception as e:  # this row's distribution, not the step: it fails alone
+                events.append(self._fail(seq, e))
         return events
+
+    def _verify_row(self, seq: Sequence, d: list[int], q, gen, lg: torch.Tensor) -> Event:
+        """One sequence of a speculative step: keep its accepted drafts plus one token."""
+        L = len(seq.tokens)
+        if not d:
+            seq.num_computed += 1
+            seq.num_draft_computed = self.spec.valid_after(seq, L, 0)
+            self.scheduler.register_full_blocks(seq)
+            token = self._choose(seq, lg, 0, int(lg[0].argmax()))
+            event = self._accept(seq, token, _entries(lg, [token], seq.logprobs))
+        else:
+            new, accepted = self.spec.verify(seq, lg, d, q, gen)
+            kept, lps, reason = self._extend(seq, new, _entries(lg, new, seq.logprobs))
+            seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
+            seq.num_draft_computed = self.spec.valid_after(seq, L, len(d))
+            seq.spec_steps += 1
+            seq.drafted, seq.accepted = seq.drafted + len(d), seq.accepted + accepted
+            self.counters["drafted_tokens"] += len(d)
+            self.counters["accepted_tokens"] += accepted
+            self.scheduler.register_full_blocks(seq)
+            if reason is not None:
+                self._finish(seq, reason)
+            event = self._event(seq, kept, lps, reason)
+        if seq.status is Status.RUNNING:
+            self.scheduler.trim(seq)  # blocks reserved for rejected drafts go back
+        return event
 
     def _adapter_rows(self, adapters: list[str | None]):
         if not any(adapters):

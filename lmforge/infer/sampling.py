@@ -2,15 +2,25 @@
 
 Pure functions over [B, V] logits so the single-sequence generator, the batching engine and
 speculative decoding all sample the same way.
+
+Numerically safe for any valid parameters: logits are shifted so their maximum is 0 before the
+temperature divides them (a temperature of 1e-300 gives -inf or 0, never inf - inf = NaN), a
+temperature under GREEDY_BELOW is greedy (as vLLM's 1e-5), and a penalty that overflows a
+logit saturates it instead. A row without a single finite logit (a broken model) raises
+LmforgeError rather than feeding NaN to multinomial.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from lmforge.common import LmforgeError
+
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy: the distribution is one-hot to float precision
+_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -27,18 +37,19 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise LmforgeError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LmforgeError(f"temperature must be >= 0, got {self.temperature}")
+        # `not x >= 0` (rather than `x < 0`) also refuses NaN, which compares false with everything.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise LmforgeError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise LmforgeError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise LmforgeError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise LmforgeError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -46,7 +57,21 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     if penalty == 1.0:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    # A tiny penalty overflows a positive logit to inf (inf - inf is NaN later): saturate it instead.
+    if penalised.is_floating_point():
+        big = torch.finfo(penalised.dtype).max
+        penalised = penalised.clamp(-big, big)
     return torch.where(seen, penalised, logits)
+
+
+def safe_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits with NaN as -inf and +inf saturated, shifted so each row's maximum is 0.
+    Raises LmforgeError for a row with no finite logit: nothing can be sampled from it."""
+    x = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=_MAX, neginf=float("-inf"))
+    top = x.amax(dim=-1, keepdim=True)
+    if not torch.isfinite(top).all():
+        raise LmforgeError("the model produced no finite logit for this sequence (NaN or -inf everywhere)")
+    return x - top
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -59,6 +84,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False  # the top token always stays (a top_p below float32's range is 0 here)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -68,7 +94,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution actually sampled from (used by speculative decoding's acceptance test)."""
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    # Shifted logits are <= 0 with a 0 in every row, so any temperature keeps a finite maximum.
+    logits = filter_logits(safe_logits(logits) / params.temperature, params.top_k, params.top_p)
     return logits.softmax(dim=-1)
 
 

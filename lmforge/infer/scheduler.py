@@ -45,6 +45,7 @@ class Sequence:
     num_draft_computed: int = 0  # tokens whose draft-model keys/values are in the draft cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    error: str | None = None  # why it failed, when finish_reason is "error"
     swapped: list | None = None  # per-layer (k, v) on CPU while swapped out
     generator: torch.Generator | None = None
     token_logprobs: list = field(default_factory=list)

@@ -49,6 +49,7 @@ class ServerState:
     api_key: str | None = None
     request_timeout: float = 600.0
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds to receive a whole request body (a short body never hangs a handler)
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
     vision: VisionRunner | None = None  # a vision-language model's image path (serve/vision.py)
@@ -117,7 +118,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 class _AuthAndCount:
     """Pure ASGI middleware (not BaseHTTPMiddleware, which re-buffers every streamed chunk through
-    an extra task): Bearer-key check and draining 503 on /v1, and requests_total by status."""
+    an extra task): Bearer-key check and draining 503 on /v1, requests_total by status, and a bug's
+    500 answered in JSON on a connection that stays open."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
@@ -126,7 +128,7 @@ class _AuthAndCount:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/v1/"):
             return await self.app(scope, receive, send)
-        status = [500]
+        status = [0]  # 0 until the response starts
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
@@ -136,9 +138,16 @@ class _AuthAndCount:
         try:
             refusal = _check_key(Request(scope), self.state) or _check_draining(self.state)
             await (refusal or self.app)(scope, receive, send_and_record)
+        except Exception as e:  # a bug: answer 500 JSON here, so the error stops (Starlette's outer
+            # handler would re-raise it to uvicorn, which logs it again and drops a keep-alive connection)
+            if status[0]:  # the response had started: nothing more can be said on it
+                raise
+            log.exception("unhandled error on %s", path)
+            error = APIError(500, f"internal server error ({type(e).__name__})", type="server_error")
+            await _error(error)(scope, receive, send_and_record)
         finally:
             endpoint = path if path in ENDPOINTS else "other"
-            self.state.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
+            self.state.metrics.requests.inc(endpoint=endpoint, status=str(status[0] or 500))
 
 
 def _check_key(request: Request, state: ServerState) -> JSONResponse | None:
@@ -160,19 +169,29 @@ def _check_draining(state: ServerState) -> JSONResponse | None:
     return _error(APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, within `limit` bytes (413) and `timeout` seconds (408: a client that sends less
+    than its Content-Length, or trickles it, does not hold a handler forever)."""
     size = request.headers.get("content-length", "")
     too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
                        code="request_too_large")
     if size.isdigit() and int(size) > limit:
         raise too_big
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (Content-Length "
+                       f"{size or 'not given'})", code="request_timeout") from None
 
 
 # ----------------------------------------------------------------------------- routes
@@ -207,12 +226,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse(CompletionRequest, await _read_body(request, state.max_body_bytes))
+        req = parse(CompletionRequest, await _read_body(request, state.max_body_bytes, state.body_timeout))
         return await _serve(request, state, _completion_job(state, req))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = parse(ChatRequest, await _read_body(request, state.max_body_bytes))
+        req = parse(ChatRequest, await _read_body(request, state.max_body_bytes, state.body_timeout))
         return await _serve(request, state, _chat_job(state, req))
 
 

@@ -75,6 +75,8 @@ async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted:
             i, ev = item
             if choices[i].finish_reason is not None:  # already cut at a stop string
                 continue
+            if ev.finish_reason == "error":  # this request failed alone; the others in the step went on
+                raise APIError(500, f"the inference engine failed on this request: {ev.error}", type="server_error")
             delta = _advance(choices[i], i, ev, metrics)
             if delta.finish_reason is not None:
                 open_ -= 1

@@ -36,6 +36,9 @@ class ServeConfig:
     max_model_len: int | None = None
     request_timeout: float = 600.0
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds for a request body to arrive in full (else 408)
+    max_image_bytes: int = 8 << 20  # a vision model's image (base64 data URLs only), encoded
+    max_image_pixels: int = 4096 * 4096  # and its width x height, read before decoding
     drain_timeout: float = 30.0
     draft: str | None = None  # a smaller model folder with the same tokenizer: speculative decoding
     lookup: bool = False  # speculative decoding with prompt-lookup drafts (no draft model)
@@ -112,7 +115,8 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     if name in cfg.adapters:
         raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
     max_in_flight = cfg.max_seqs + cfg.max_queue
-    common = dict(api_key=cfg.api_key, request_timeout=cfg.request_timeout, max_body_bytes=cfg.max_body_bytes)
+    common = dict(api_key=cfg.api_key, request_timeout=cfg.request_timeout, max_body_bytes=cfg.max_body_bytes,
+                  body_timeout=cfg.body_timeout)
     if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model):
         from .engine_process import EngineProcess
 
@@ -121,7 +125,7 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     engine, tokenizer, vlm = build_engine(cfg, model, tokenizer)
     runner = EngineRunner(engine, max_in_flight=max_in_flight)
     vision = None if vlm is None else VisionRunner(vlm, tokenizer, engine._lock, runner.max_in_flight,
-                                                   engine.max_model_len)
+                                                   engine.max_model_len, cfg.max_image_bytes, cfg.max_image_pixels)
     return ServerState(runner, tokenizer, name, list(cfg.adapters), vision=vision, **common)
 
 

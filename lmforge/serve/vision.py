@@ -11,11 +11,20 @@ embeddings and then token-by-token decoding, each forward under the engine's loc
 threads share the language model's weights). Its events are the engine's `Event`s on the same
 asyncio queues as `EngineRunner`'s, so streaming, stop strings, timeouts, cancelling and usage
 work exactly as for text.
+
+An image comes only as a base64 `data:image/...` URL. Anything else (a path, file://) is refused,
+so a request can neither feed the server's files to the model nor probe their existence; http(s)
+URLs are refused too (the server never goes to the network). Its size is bounded twice before
+decoding: the encoded bytes (max_image_bytes) and the width x height PIL reads from the header
+(max_image_pixels), so an 8000x8000 PNG of a few kilobytes is refused before it takes 200 MB.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import io
 import queue
 import threading
 from dataclasses import dataclass
@@ -26,8 +35,8 @@ import torch
 from lmforge.common import LmforgeError, get_dtype, get_logger
 from lmforge.infer.engine import Event, logprob_entry
 from lmforge.infer.sampling import sample
-from lmforge.multimodal import (VisionLanguageModel, is_multimodal, load_multimodal, pixels_for, render_ids,
-                                split_images, stream)
+from lmforge.multimodal import (VisionLanguageModel, is_multimodal, load_image, load_multimodal, pixels_for,
+                                render_ids, split_images, stream)
 
 from .protocol import APIError, ChatMessage
 from .runner import EngineFailed, Handle, Submission, _post, check_room
@@ -63,9 +72,10 @@ class VisionRunner:
     `cancel` and `max_in_flight` behave as `EngineRunner`'s."""
 
     def __init__(self, model: VisionLanguageModel, tokenizer, lock: threading.RLock, max_in_flight: int,
-                 max_model_len: int):
+                 max_model_len: int, max_image_bytes: int = 8 << 20, max_image_pixels: int = 4096 * 4096):
         self.model, self.tokenizer, self.lock = model.eval(), tokenizer, lock
         self.max_in_flight, self.max_model_len = max_in_flight, max_model_len
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self._queue: queue.Queue[Handle | None] = queue.Queue()
         self._live: set[Handle] = set()
         self._guard = threading.Lock()
@@ -77,7 +87,8 @@ class VisionRunner:
         """Chat messages with image parts -> (prompt ids, each image's placeholder expanded to its
         feature slots; pixel values). A bad image is a 400 naming the message part."""
         plain = [{"role": m.role, "content": m.content if not isinstance(m.content, list)
-                  else [p.model_dump() for p in m.content]} for m in messages]
+                  else [self._part(p, f"messages.{i}.content.{j}") for j, p in enumerate(m.content)]}
+                 for i, m in enumerate(messages)]
         try:
             plain, images = split_images(plain)
         except LmforgeError as e:
@@ -88,6 +99,14 @@ class VisionRunner:
         except LmforgeError as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         return ids, pixels_for(self.model, images)
+
+    def _part(self, part, where: str) -> dict:
+        """A content part as split_images takes it; an image_url part decoded here, within bounds
+        (a template {"type": "image"} part with the pixels, so nothing downstream reads a path)."""
+        if part.type != "image_url":
+            return part.model_dump()
+        url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
+        return {"type": "image", "image": decode_image_url(url, where, self.max_image_bytes, self.max_image_pixels)}
 
     def submit(self, items: Sequence[VisionSubmission]) -> tuple[list[Handle], asyncio.Queue]:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -158,6 +177,44 @@ class VisionRunner:
             _post(h.loop, [(h.queue, (h.index, Event(0, [t], reason is not None, reason, _logprobs(t, logits, s))))])
             if reason is not None:
                 return
+
+
+def decode_image_url(url, where: str, max_bytes: int, max_pixels: int):
+    """A base64 `data:image/...` URL -> uint8 [H, W, 3], or APIError(400) naming the part: not a
+    data URL, bad base64, more than max_bytes, more than max_pixels, not an image."""
+    def bad(message: str) -> APIError:
+        return APIError(400, f"bad image in the messages: {where}: {message}", param=where)
+
+    if not isinstance(url, str):
+        raise bad("image_url needs {'url': 'data:image/<type>;base64,...'}")
+    if url.startswith(("http://", "https://")):
+        raise bad("remote image URLs are not fetched by this server (it makes no network requests); "
+                  "send the image as a base64 data URL")
+    if not url.startswith("data:"):
+        raise bad(f"image_url must be a base64 data URL (data:image/<type>;base64,...), got {url[:40]!r}; "
+                  "this server does not open paths or other URLs")
+    head, _, payload = url.partition(",")
+    if ";base64" not in head or not head.startswith("data:image/"):
+        raise bad(f"image data URL must be 'data:image/<type>;base64,...', got {head[:40]!r}")
+    if len(payload) > 4 * (max_bytes // 3 + 1):  # checked before decoding: base64 is 4 chars per 3 bytes
+        raise bad(f"the image is larger than the server's limit of {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("image data URL has invalid base64 data") from None
+    from PIL import Image
+
+    try:  # the header only: width and height before a single pixel is decoded
+        with Image.open(io.BytesIO(raw)) as img:
+            width, height = img.size
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise bad(f"not a readable image ({type(e).__name__}: {e})") from None
+    if width * height > max_pixels:
+        raise bad(f"the image is {width}x{height} = {width * height} pixels; the server's limit is {max_pixels}")
+    try:
+        return load_image(raw)
+    except LmforgeError as e:
+        raise bad(str(e)) from None
 
 
 def _logprobs(token: int, logits: torch.Tensor, s: Submission) -> list | None:

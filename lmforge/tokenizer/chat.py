@@ -3,6 +3,11 @@ and find the characters of that rendering the assistant wrote (the SFT loss mask
 
 The template is whatever the tokenizer folder stores (tokenizer_config.json or
 chat_template.jinja), so training, serving and evaluation all render the same string.
+
+Rendering is bounded: Jinja's sandbox stops attribute escapes, not `{{ 'A' * 200000000 }}` (7 GB).
+Every value the template makes by `*`, `+`, `%`, `~`, a call or a filter, and the output itself,
+must stay within MAX_RENDER_CHARS characters (items, for lists), checked before the value is built
+where its size can be known in advance, else a clear error.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any, Iterable
 
 import jinja2
 from jinja2 import nodes
+from jinja2.compiler import CodeGenerator
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -74,12 +81,123 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: 
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+MAX_RENDER_CHARS = 1 << 24  # 16M characters: far beyond any context, far below a memory problem
+_NUMBER = re.compile(r"\d+")
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\d*)(?:\.(\d*))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
+
+
+def _bound(size: int, what: str) -> None:
+    if size > MAX_RENDER_CHARS:
+        raise SecurityError(f"{what} would make {size} characters or items; a chat template may make at most "
+                            f"{MAX_RENDER_CHARS}")
+
+
+def _sized(value: Any, what: str) -> Any:
+    if isinstance(value, (str, list, tuple, dict)):
+        _bound(len(value), what)
+    return value
+
+
+def _check_args(args: Iterable[Any], what: str) -> None:
+    """An int argument is a width, a count or a repeat (center, ljust, zfill, indent, lipsum):
+    one over the bound is refused before the call builds anything."""
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool):
+            _bound(abs(a), f"{what} with argument {a}")
+
+
+def _check_format(fmt: Any, what: str) -> None:
+    """Widths and precisions written into a '%' or str.format format string."""
+    if not isinstance(fmt, str):
+        return
+    numbers = [n for m in _PERCENT_SPEC.finditer(fmt) for n in m.groups() if n]
+    numbers += [n for spec in _BRACE_SPEC.findall(fmt) for n in _NUMBER.findall(spec)]
+    for n in numbers:
+        _bound(int(n) if len(n) <= 12 else 10**12, f"{what} with width {n if len(n) <= 12 else n[:12] + '...'}")
+
+
+def _check_text_call(name: str, text: Any, args: tuple) -> None:
+    """Sizes known before a str method or filter runs: format widths, replace and join results,
+    indent (the width once per line)."""
+    if not isinstance(text, str):
+        if name == "join" and isinstance(text, (list, tuple)):
+            _bound(sum(len(x) for x in text if isinstance(x, str)), name)
+        return
+    if name in ("format", "format_map"):
+        _check_format(text, name)
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and args[0]:
+        grow = max(len(str(args[1])) - len(args[0]), 0)
+        _bound(len(text) + text.count(args[0]) * grow, name)
+    elif name == "indent" and args and isinstance(args[0], int):
+        _bound(len(text) + (text.count("\n") + 1) * abs(args[0]), name)
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    def visit_Concat(self, node: nodes.Concat, frame: Any) -> None:
+        """`a ~ b`: through environment.bounded_concat, not a bare "".join."""
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "+", "%", "**"})
+    code_generator_class = _BoundedCodeGenerator
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        sized = (str, list, tuple)
+        if operator == "*" and isinstance(left, sized) != isinstance(right, sized):
+            seq, times = (left, right) if isinstance(left, sized) else (right, left)
+            if isinstance(times, int):
+                _bound(len(seq) * max(times, 0), "'*'")
+        elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+            _bound(len(left) + len(right), "'+'")
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left, "'%' formatting")
+            _check_args(right if isinstance(right, tuple) else (right,), "'%' formatting")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            _bound(left.bit_length() * max(right, 0) // 3, "'**'")  # about the result's decimal digits
+        return _sized(super().call_binop(context, operator, left, right), f"'{operator}'")
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (as jinja's)
+        name = getattr(__obj, "__name__", "a call")
+        _check_args([*args, *kwargs.values()], name)
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # a str method's string
+        if isinstance(owner, str):
+            _check_text_call(name, args[0] if name == "join" and args else owner, args)
+        return _sized(super().call(__context, __obj, *args, **kwargs), name)
+
+    @staticmethod
+    def bounded_concat(values: tuple) -> str:
+        parts = [str(v) for v in values]
+        _bound(sum(map(len, parts)), "'~'")
+        return "".join(parts)
+
+
+def _bounded_filter(f: Any) -> Any:
+    skip = 2 if hasattr(f, "jinja_pass_arg") else 1  # (context or environment,) value, arguments...
+
+    @functools.wraps(f)  # keeps jinja's pass_context/pass_environment marker
+    def run(*args: Any, **kwargs: Any) -> Any:
+        name = getattr(f, "__name__", "a filter").removeprefix("do_")
+        _check_args([*args[skip:], *kwargs.values()], f"the filter {name}")
+        if len(args) >= skip:
+            _check_text_call(name, args[skip - 1], args[skip:])
+        return _sized(f(*args, **kwargs), f"the filter {name}")
+
+    return run
+
+
 @functools.lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
-    """Compile like transformers: immutable sandbox, trim_blocks, lstrip_blocks, same helpers."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, loopcontrols])
+    """Compile like transformers: immutable sandbox, trim_blocks, lstrip_blocks, same helpers;
+    every value and the output bounded by MAX_RENDER_CHARS."""
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -112,10 +230,17 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Fa
     check_messages(messages)
     context = {"tools": None, "documents": None, **variables}
     try:
-        return compile_template(template).render(messages=list(messages),
-                                                 add_generation_prompt=add_generation_prompt, **context)
+        pieces, size = [], 0
+        for piece in compile_template(template).generate(messages=list(messages),
+                                                         add_generation_prompt=add_generation_prompt, **context):
+            size += len(piece)
+            _bound(size, "the rendered conversation")
+            pieces.append(piece)
+        return "".join(pieces)
     except jinja2.TemplateError as e:
         raise LmforgeError(f"chat template failed: {e}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:  # the template's own bug
+        raise LmforgeError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
 def _strip_marks(marked: str) -> tuple[str, list[tuple[int, int]]]:
