@@ -247,10 +247,10 @@ THREADS_POLICY_VAR = "LMFORGE_THREADS_POLICY"
 # After each parallel region libgomp's idle threads spin 300,000 times before they sleep (~7 ms on this
 # 2-core EPYC, where a spin is ~25 ns). Quiet, that saves a wake-up per region; beside one other CPU-bound
 # process it is ruinous: the spinning thread burns the time slice its partner needs to finish the region
-# (training 15x slower, serving 70x, bench/contention.py). 1,000 spins (~25 us) still bridge the gap
+# (training 8x slower, serving 100x: bench/contention.py). 1,000 spins (~25 us) still bridge the gap
 # between the regions of one step, so the quiet speed is kept (measured within noise), and the threads
-# sleep when the partner is descheduled (training 1.2x slower under that load). PASSIVE (no spin) did as
-# well under load but cost 40% of quiet serving speed (a wake-up per tiny region).
+# sleep when the partner is descheduled (training 1.4x slower under that load, serving 1.8x). PASSIVE (no
+# spin) did a little better under load but cost 40% of quiet serving speed (a wake-up per tiny region).
 # GOMP_SPINCOUNT is libgomp's knob (torch's Linux builds); other OpenMP runtimes ignore it.
 _THREADS_POLICY: dict[str, str] = {"GOMP_SPINCOUNT": "1000"}
 _OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # what libgomp reads: a user's value wins
