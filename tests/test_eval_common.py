@@ -39,8 +39,8 @@ class OracleLM:
 
     def _answer(self, prompt: str) -> str:
         # The asked example is the prompt's end (a few-shot prefix may come first).
-        key = max((k for k in self.gold if prompt.endswith(k)), key=len)
-        return self.gold[key]
+        keys = [k for k in self.gold if prompt.endswith(k)]
+        return self.gold[max(keys, key=len)] if keys else ""  # an answer-free context: no choice is gold
 
     def loglikelihood(self, requests):
         return [(0.0 if cont.strip() == self._answer(ctx).strip() else -5.0, True) for ctx, cont in requests]

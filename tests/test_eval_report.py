@@ -118,7 +118,7 @@ def test_builtin_oracle_and_tiny_model():
     gold.update({e["context"]: e["choices"][e["gold"]] for e in docstring_mc_examples(cfg)})
     oracle = run_builtin(OracleLM(gold, junk='\n    """'), cfg, tasks=["stdlib_docstring", "stdlib_docstring_mc"])
     assert oracle[0].metrics["rouge_l"] == pytest.approx(1.0) and oracle[0].metrics["exact_match"] == 1.0
-    assert oracle[1].metrics["acc"] == 1.0
+    assert oracle[1].metrics["acc"] == 1.0 and oracle[1].metrics["acc_mutual_info"] == 1.0
     results = {r.name: r for r in run_builtin(tiny_lm(), cfg)}
     assert set(results) == {"stdlib_code_ppl", "stdlib_prose_ppl", "stdlib_docstring", "stdlib_docstring_mc"}
     assert 5 < results["stdlib_code_ppl"].metrics["bits_per_byte"] < 20  # random 320-token model: ~log2(320)/1.5

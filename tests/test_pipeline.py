@@ -1,5 +1,6 @@
-"""End to end: `lmforge pipeline` with the micro recipe produces every artefact, and the report's
-figures come from the run's own metric files. Then a re-run skips every stage (resume)."""
+"""End to end: `lmforge pipeline` with the micro recipe produces every artefact, the report's
+figures come from the run's own metric files, fine-tuning beats the base model on its task, and the
+evaluation set shares no document with anything trained on. Then a re-run skips every stage."""
 
 import json
 import re
@@ -20,10 +21,11 @@ def test_every_artefact_exists(run):
     for rel in ["data/index.json", "data/stats.json", "base/final/model.safetensors", "draft/final/model.safetensors",
                 "sft/final/model.safetensors", "final/model.safetensors", "final/tokenizer.json",
                 "quant/int8/model.safetensors", "quant/gptq-int4/model.safetensors", "eval/final/results.json",
-                "generate/results.json", "report.md", "report.html", "loss_curves.png"]:
+                "generate/results.json", "report.md", "report.html", "loss_pretrain.png", "loss_sft.png",
+                "sft/train_data.jsonl"]:
         assert (run / rel).is_file(), rel
     stamps = {p.stem for p in (run / ".stamps").glob("*.json")}
-    assert stamps == {"data", "pretrain", "sft", "quantize", "eval", "generate", "report"}
+    assert stamps == {"data", "pretrain", "sft", "draft", "quantize", "eval", "generate", "report"}
 
 
 def test_final_model_is_merged_and_quantized_ones_are_small(run):
@@ -43,11 +45,12 @@ def test_report_figures_come_from_the_runs_files(run):
     results = json.loads((run / "eval" / "final" / "results.json").read_text())
     mc = next(t for t in results["tasks"] if t["name"] == "stdlib_docstring_mc")
     row = next(line for line in report.splitlines() if line.startswith("| final (sft, merged) |") and "KiB" not in line)
-    assert f"{mc['metrics']['acc']:.4g}" in row
+    assert f"{mc['metrics']['acc_mutual_info']:.4g}" in row
     gen = json.loads((run / "generate" / "results.json").read_text())
     spec = next(r for r in gen["rows"] if r["decoding"] == "speculative (draft model)")
     assert spec["identical_to_plain"] is True
-    assert re.search(r"speculative \(draft model\) \| [0-9.]+ \| " + re.escape(f"{spec['acceptance_rate']:.4g}"), report)
+    assert re.search(r"speculative \(draft model\) \| [0-9.]+ \| [0-9.]+ \| " + re.escape(f"{spec['acceptance_rate']:.4g}"),
+                     report)
     assert "not available" not in report
 
 
@@ -58,7 +61,42 @@ def test_rerun_skips_finished_stages(run, caplog):
         assert main(["pipeline", "--recipe", "pipeline-micro", "--runs-dir", str(run.parent), "--only", "report"]) == 0
         assert main(["pipeline", "--recipe", "pipeline-micro", "--runs-dir", str(run.parent)]) == 0
     skipped = [r.getMessage() for r in caplog.records if "up to date, skipped" in r.getMessage()]
-    assert len(skipped) == 7
+    assert len(skipped) == 8
+
+
+def test_sft_beats_base_on_its_task(run):
+    """The fine-tuned model, asked as it was trained, is better at the docstring task than the base
+    (on held-out functions): its SFT validation loss fell, and its gold answers are likelier."""
+    rows = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert val[0] == rows[0]["val_loss"] and min(val[1:]) < val[0]  # step 0 is the base model itself
+
+    def gold_loglik(path):
+        results = json.loads((path / "results.json").read_text())
+        mc = next(t for t in results["tasks"] if t["name"] == "stdlib_docstring_mc")
+        return sum(r["loglikelihoods"][r["gold"]] for r in mc["examples"] if "loglikelihoods" in r)
+
+    assert gold_loglik(run / "eval" / "final") > gold_loglik(run / "eval" / "base-final")
+
+
+def test_eval_split_shares_nothing_with_training(run):
+    from lmforge.eval.builtin import BuiltinConfig, held_out
+
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    ids = [json.loads(line)["id"].split("#")[0] for line in (run / "data" / "train_docs.jsonl").read_text().splitlines()]
+    trained = {Path(i).resolve() if Path(i).is_absolute() else (stdlib / i.removeprefix("stdlib/")).resolve() for i in ids}
+    cfg = json.loads((run / "eval" / "final" / "results.json").read_text())["tasks"][0]["config"]["builtin"]
+    held = {path.resolve() for _, path in held_out(BuiltinConfig(**cfg))}
+    assert held and trained and not held & trained
+    sft = (run / "sft" / "train_data.jsonl").read_text()
+    results = json.loads((run / "eval" / "final" / "results.json").read_text())
+    doc = next(t for t in results["tasks"] if t["name"] == "stdlib_docstring")
+    for example in doc["examples"]:  # the held-out functions' signatures never appear in the SFT set
+        assert json.dumps(example["input"].split("<|im_start|>user\n")[-1].split("<|im_end|>")[0])[1:-1] not in sft
+        assert example.get("contamination", {}).get("contaminated", False) is False
 
 
 def test_bad_recipe_is_a_clear_error(tmp_path, capsys):

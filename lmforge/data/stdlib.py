@@ -137,6 +137,12 @@ def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return ast.unparse(stub).split("\n")[0]
 
 
+def is_example(node: ast.FunctionDef | ast.AsyncFunctionDef, sentence: str) -> bool:
+    """Whether a documented function makes a signature -> docstring example (SFT set and eval alike):
+    public, with a first sentence of 10-200 characters."""
+    return not node.name.startswith("_") and 10 <= len(sentence) <= 200
+
+
 def documented_functions(source: str) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]]:
     """(node, first docstring sentence) of every function with a docstring, in `ast.walk` order;
     nothing for source that does not parse."""

@@ -31,19 +31,28 @@ def _record_text(record) -> str:
     return "\n".join(_record_text(v) for v in values if isinstance(v, (str, dict, list)))
 
 
-def load_index(spec: str | Path, n: int = 13) -> NGramIndex:
+def load_index(spec: str | Path | list, n: int = 13) -> NGramIndex:
     """A saved index (.npy, from `NGramIndex.save`), a packed data folder (its train split), or a
-    corpus file/folder (.txt/.md/.py/.rst/.jsonl) indexed on the fly."""
-    path = Path(spec)
-    if not path.exists():
-        raise LmforgeError(f"contamination corpus/index not found: {path}")
-    if path.suffix == ".npy":
-        return NGramIndex.load(path)
+    corpus file/folder (.txt/.md/.py/.rst/.jsonl) indexed on the fly; a list of corpora (files,
+    folders, packed data) makes one index of everything a model trained on (pretraining + SFT)."""
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    paths = [Path(s) for s in specs]
+    for path in paths:
+        if not path.exists():
+            raise LmforgeError(f"contamination corpus/index not found: {path}")
+    if len(paths) == 1 and paths[0].suffix == ".npy":
+        return NGramIndex.load(paths[0])
+    if any(p.suffix == ".npy" for p in paths):
+        raise LmforgeError("a saved .npy contamination index cannot be combined with other corpora")
+    return NGramIndex.build((text for p in paths for text in _texts_of(p)), n=n)
+
+
+def _texts_of(path: Path) -> Iterator[str]:
     if (path / "index.json").is_file():
         from lmforge.data.pack import iter_shard_texts  # decoded with the tokenizer stored next to them
 
-        return NGramIndex.build(iter_shard_texts(path), n=n)
-    return NGramIndex.build(_corpus_texts(path), n=n)
+        return iter_shard_texts(path)
+    return _corpus_texts(path)
 
 
 def index_from_texts(texts: Iterable[str], n: int = 13) -> NGramIndex:

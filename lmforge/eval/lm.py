@@ -133,15 +133,17 @@ class LocalLM:
         from lmforge.infer.generate import stream_generate
         from lmforge.infer.sampling import SamplingParams
 
-        eos = self.tokenizer.eos_id
+        from lmforge.tokenizer.text import end_of_turn_ids
+
+        ends = set(end_of_turn_ids(self.tokenizer))  # EOS, and the chat template's end of turn
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                stop_token_ids=[eos] if eos is not None else [])
+                                stop_token_ids=sorted(ends))
         rows: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
         for step, token in enumerate(stream_generate(self.model, batch, params)):
             for i, t in enumerate(token.tolist()):
                 if not done[i]:
-                    done[i] = t == eos
+                    done[i] = t in ends
                     if not done[i]:
                         rows[i].append(t)
             if stop and step % 4 == 3:  # decoding every step would cost more than it saves

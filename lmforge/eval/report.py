@@ -177,6 +177,8 @@ def to_markdown(blocks: list[tuple]) -> str:
             out.append(f"![{b[1]}]({b[2]})")
         elif b[0] == "code":
             out.append("```\n" + b[1] + "\n```")
+        elif b[0] == "links":  # [(text, relative href), ...]
+            out += [f"- [{text}]({href})" for text, href in b[1]]
         out.append("")
     return "\n".join(out)
 
@@ -202,6 +204,8 @@ def to_html(blocks: list[tuple], title: str) -> str:
             out.append(f"<figure><img src='{e(b[2])}' alt='{e(b[1])}'><figcaption>{e(b[1])}</figcaption></figure>")
         elif b[0] == "code":
             out.append(f"<pre>{e(b[1])}</pre>")
+        elif b[0] == "links":
+            out.append("<ul>" + "".join(f"<li><a href='{e(href)}'>{e(text)}</a></li>" for text, href in b[1]) + "</ul>")
     return "\n".join(out + ["</body></html>"])
 
 

@@ -51,6 +51,9 @@ class TaskConfig:
     stride: int | None = None  # perplexity: sliding-window stride (None: non-overlapping windows)
     judge: str | None = None  # judge_*: model folder or endpoint URL of the judge
     baseline: str | None = None  # judge_pairwise: model to compare against (else the file's "baseline" answers)
+    # multiple_choice: also score each choice after this answer-free context and report acc_mutual_info
+    # (argmax of log p(choice | context) - log p(choice | unconditional context), as lm-eval's metric)
+    unconditional_context: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in TASK_TYPES:
@@ -150,6 +153,11 @@ def run_multiple_choice(lm, cfg: TaskConfig, examples: list[dict] | None = None)
         contexts.append(ctx)
         requests += [(ctx, d + c) for c in ex["choices"]]
     scores = lm.loglikelihood(requests)
+    unconditional = None
+    if cfg.unconditional_context is not None:  # one context for all: each distinct choice scored once
+        distinct = sorted({d + c for ex in examples for c in ex["choices"]})
+        priors = lm.loglikelihood([(cfg.unconditional_context, c) for c in distinct])
+        unconditional = {c: s[0] for c, s in zip(distinct, priors)}
     records, pos = [], 0
     for ex, ctx in zip(examples, contexts):
         lls = [s[0] for s in scores[pos:pos + len(ex["choices"])]]
@@ -157,9 +165,14 @@ def run_multiple_choice(lm, cfg: TaskConfig, examples: list[dict] | None = None)
         # Length normalisation by characters of the choice, as lm-eval's acc_norm.
         normed = [ll / max(1, len(d + c)) for ll, c in zip(lls, ex["choices"])]
         pred, pred_norm = int(np.argmax(lls)), int(np.argmax(normed))
-        records.append({"id": ex["id"], "input": ex["context"], "prompt": ctx, "choices": ex["choices"], "gold": ex["gold"],
-                        "loglikelihoods": lls, "prediction": pred, "prediction_norm": pred_norm,
-                        "scores": {"acc": float(pred == ex["gold"]), "acc_norm": float(pred_norm == ex["gold"])}})
+        record = {"id": ex["id"], "input": ex["context"], "prompt": ctx, "choices": ex["choices"], "gold": ex["gold"],
+                  "loglikelihoods": lls, "prediction": pred, "prediction_norm": pred_norm,
+                  "scores": {"acc": float(pred == ex["gold"]), "acc_norm": float(pred_norm == ex["gold"])}}
+        if unconditional is not None:
+            pmi = [ll - unconditional[d + c] for ll, c in zip(lls, ex["choices"])]
+            record["prediction_mutual_info"] = int(np.argmax(pmi))
+            record["scores"]["acc_mutual_info"] = float(record["prediction_mutual_info"] == ex["gold"])
+        records.append(record)
     return TaskResult(cfg.name, cfg.type, aggregate(cfg, records), records)
 
 
@@ -237,6 +250,8 @@ def primary_metric(result: dict) -> tuple[str, float] | None:
     """The headline (name, value) of a task result dict, for tables and plots."""
     name = PRIMARY.get(result["type"])
     metrics = result["metrics"]
+    if result["type"] == "multiple_choice" and "acc_mutual_info" in metrics:
+        name = "acc_mutual_info"  # the task asked for it: the choices' own likelihood is not the question
     if name is None:
         name = next((m for m in ("rouge_l", "exact_match", "f1", "bleu", "chrf") if m in metrics), None)
     if name is None or name not in metrics:

@@ -1,6 +1,7 @@
 """The whole lifecycle in one command, on the built-in corpus by default:
 
-    data -> pretrain (base + draft) -> sft (LoRA, merged) -> quantize -> eval -> generate -> report
+    data -> pretrain (base) -> sft (LoRA, merged: final) -> draft (distilled from final) -> quantize
+         -> eval -> generate -> report
 
     lmforge pipeline                          # lmforge/configs/pipeline-tiny.yaml, < 15 min on 2 CPU cores
     lmforge pipeline --recipe my.yaml         # any other recipe (see pipeline-gpu-120m.yaml)
@@ -29,7 +30,7 @@ from lmforge.common import LmforgeError, atomic_write_json, get_logger, read_jso
 from lmforge.recipes._common import load_config
 
 log = get_logger("lmforge.pipeline")
-STAGES = ["data", "pretrain", "sft", "quantize", "eval", "generate", "report"]
+STAGES = ["data", "pretrain", "sft", "draft", "quantize", "eval", "generate", "report"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,7 +83,7 @@ def _stage_key(stage: str, cfg: dict, run: Path) -> str:
     return hashlib.sha256(json.dumps([section, upstream], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SECTIONS = {"data": ["data"], "pretrain": ["pretrain", "draft"], "sft": ["sft"], "quantize": ["quantize"],
+SECTIONS = {"data": ["data"], "pretrain": ["pretrain"], "sft": ["sft"], "draft": ["draft"], "quantize": ["quantize"],
             "eval": ["eval"], "generate": ["generate"], "report": []}
 
 
@@ -136,25 +137,57 @@ def stage_data(cfg: dict, run: Path, resume: bool) -> None:
             log_file=run / "logs" / "data.log")
 
 
+def data_split(cfg: dict) -> tuple[float, int]:
+    """(held-out fraction, seed) of the data stage's document split: the documents pretraining
+    validates on are the ones SFT leaves out and the built-in eval tasks test on."""
+    from lmforge.data.config import load_config as load_data_config
+
+    pack = load_data_config(None, list((cfg.get("data") or {}).get("set") or [])).pack
+    return pack.val_fraction, pack.seed
+
+
+def heldout_split(cfg: dict, run: Path) -> dict:
+    """The built-in eval tasks' split (BuiltinConfig fields): the data stage's validation fraction
+    and seed, and never a module pretraining saw (its train_docs.jsonl, whatever ids it used)."""
+    fraction, seed = data_split(cfg)
+    out = {"val_fraction": fraction, "split_seed": seed}
+    if (run / "data" / "train_docs.jsonl").is_file():
+        out["trained_docs"] = str(run / "data" / "train_docs.jsonl")
+    return out
+
+
 def stage_pretrain(cfg: dict, run: Path, resume: bool) -> None:
-    for name in ("base", "draft"):
-        section = cfg.get("pretrain" if name == "base" else "draft")
-        if not section:
-            continue
-        if not resume:
-            shutil.rmtree(run / name, ignore_errors=True)
-        lmforge("pretrain", "--data", run / "data", "--out", run, "--name", name, "--model", section["preset"],
-                "--steps", section["steps"], "--resume", *_sets(section.get("set")), log_file=run / "logs" / f"{name}.log")
+    section = cfg.get("pretrain") or {}
+    if not resume:
+        shutil.rmtree(run / "base", ignore_errors=True)
+    lmforge("pretrain", "--data", run / "data", "--out", run, "--name", "base", "--model", section["preset"],
+            "--steps", section["steps"], "--resume", *_sets(section.get("set")), log_file=run / "logs" / "base.log")
+
+
+def stage_draft(cfg: dict, run: Path, resume: bool) -> None:
+    """The speculative-decoding draft: a small model distilled from the shipped model (final) on the
+    pretraining data, so its guesses are the final model's, not just plausible text."""
+    section = cfg.get("draft")
+    if not section:
+        return
+    if not resume:
+        shutil.rmtree(run / "draft", ignore_errors=True)
+    lmforge("pretrain", "--data", run / "data", "--out", run, "--name", "draft", "--model", section["preset"],
+            "--steps", section["steps"], "--teacher", run / "final", "--resume", *_sets(section.get("set")),
+            log_file=run / "logs" / "draft.log")
 
 
 def stage_sft(cfg: dict, run: Path, resume: bool) -> None:
     s = cfg.get("sft") or {}
     if not resume:
         shutil.rmtree(run / "sft", ignore_errors=True)
+    heldout, seed = data_split(cfg)
     lmforge("sft", "--model", run / "base" / "final", "--method", s.get("method", "lora"), "--out", run,
-            "--name", "sft", "--steps", s.get("steps", 100), "--resume", *_sets(s.get("set")),
-            log_file=run / "logs" / "sft.log")
-    merge_adapters(run / "sft" / "final", run / "final")
+            "--name", "sft", "--steps", s.get("steps", 100), "--resume", "--set", f"data.heldout_fraction={heldout}",
+            "--set", f"data.split_seed={seed}", *_sets(s.get("set")), log_file=run / "logs" / "sft.log")
+    # Ship the checkpoint with the best SFT validation loss, not the last one (which may have overfit).
+    best = run / "sft" / "best"
+    merge_adapters(best if (best / "lmforge_config.json").is_file() else run / "sft" / "final", run / "final")
 
 
 def merge_adapters(src: Path, out: Path) -> None:
@@ -200,19 +233,28 @@ def models_of(cfg: dict, run: Path) -> dict[str, Path]:
     return {k: v for k, v in out.items() if (v / "lmforge_config.json").is_file()}
 
 
+def trained_on(run: Path) -> list[Path]:
+    """Everything the models trained on: the pretraining documents and the SFT conversations."""
+    return [p for p in (run / "data" / "train_docs.jsonl", run / "sft" / "train_data.jsonl") if p.is_file()]
+
+
 def stage_eval(cfg: dict, run: Path, resume: bool) -> None:
     e = cfg.get("eval") or {}
-    corpus = run / "data" / "train_docs.jsonl"
-    contamination = ["--contamination", corpus] if corpus.is_file() else []
+    corpora = trained_on(run)
+    contamination = ["--set", "contamination.corpus=" + json.dumps([str(p) for p in corpora])] if corpora else []
+    split = [item for key, value in heldout_split(cfg, run).items() for item in ("--set", f"builtin.{key}={value}")]
     for label, path in models_of(cfg, run).items():
         out = run / "eval" / path.relative_to(run).as_posix().replace("/", "-")
-        lmforge("eval", path, "--out", out, *contamination, *_sets(e.get("set")), log_file=run / "logs" / "eval.log")
+        chat = ["--set", "builtin.chat=true"] if label.startswith("final") else []  # asked as it was fine-tuned
+        lmforge("eval", path, "--out", out, *contamination, *split, *chat, *_sets(e.get("set")),
+                log_file=run / "logs" / "eval.log")
 
 
 def stage_generate(cfg: dict, run: Path, resume: bool) -> None:
-    from lmforge.recipes._pipeline_report import measure_generation
+    from lmforge.recipes._pipeline_measure import measure_generation
 
-    atomic_write_json(run / "generate" / "results.json", measure_generation(cfg.get("generate") or {}, models_of(cfg, run)))
+    results = measure_generation(cfg.get("generate") or {}, models_of(cfg, run), heldout_split(cfg, run))
+    atomic_write_json(run / "generate" / "results.json", results)
 
 
 def stage_report(cfg: dict, run: Path, resume: bool) -> None:
@@ -222,5 +264,6 @@ def stage_report(cfg: dict, run: Path, resume: bool) -> None:
     log.info("wrote %s and %s", paths["html"], paths["markdown"])
 
 
-STAGE_RUNNERS = {"data": stage_data, "pretrain": stage_pretrain, "sft": stage_sft, "quantize": stage_quantize,
+STAGE_RUNNERS = {"data": stage_data, "pretrain": stage_pretrain, "sft": stage_sft, "draft": stage_draft,
+                 "quantize": stage_quantize,
                  "eval": stage_eval, "generate": stage_generate, "report": stage_report}

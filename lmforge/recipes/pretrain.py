@@ -28,7 +28,7 @@ log = get_logger("lmforge.pretrain")
 FLAGS = {"--steps": "train.steps", "--objective": "train.objective", "--strategy": "train.strategy",
          "--data": "data.path", "--model": "model.preset", "--out": "run.dir", "--name": "run.name",
          "--seq-len": "train.seq_len", "--batch-size": "train.micro_batch_size", "--grad-accum": "train.grad_accum",
-         "--lr": "optim.lr", "--device": "run.device", "--dtype": "train.dtype"}
+         "--lr": "optim.lr", "--device": "run.device", "--dtype": "train.dtype", "--teacher": "distill.teacher"}
 
 
 @dataclasses.dataclass
@@ -38,6 +38,13 @@ class DataConfig:
     vocab_size: int = checked(512, ge=1)  # built-in corpus: tokenizer size
     val_fraction: float = checked(0.05, ge=0, lt=1)
     cache_dir: str = "runs/.cache"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    teacher: str | None = None  # a model folder: train to match its next-token distributions (e.g. a draft)
+    alpha: float = checked(1.0, ge=0, le=1)  # loss = (1 - alpha) * cross-entropy + alpha * KL(teacher || student)
+    temperature: float = checked(1.0, gt=0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +101,25 @@ def model_config(cfg: dict, vocab_size: int, objective: str) -> ModelConfig:
     return config
 
 
+def load_teacher(distill: DistillConfig, vocab_size: int, objective: str, device) -> torch.nn.Module | None:
+    """The frozen teacher of a distillation run (same tokenizer as the data), or None."""
+    if not distill.teacher:
+        return None
+    from lmforge.checkpoint import load_model
+
+    if objective != "clm":
+        raise LmforgeError(f"distill.teacher: distillation needs train.objective clm, not {objective}")
+    if not 0.0 <= distill.alpha <= 1.0 or distill.temperature <= 0:
+        raise LmforgeError(f"distill: alpha must be in [0, 1] and temperature > 0 (got {distill.alpha}, "
+                           f"{distill.temperature})")
+    teacher = load_model(distill.teacher).to(device).eval().requires_grad_(False)
+    if teacher.config.vocab_size != vocab_size:
+        raise LmforgeError(f"distill.teacher {distill.teacher}: vocabulary {teacher.config.vocab_size} != the data "
+                           f"tokenizer's {vocab_size} (the teacher must share the student's tokenizer)")
+    log.info("distilling from %s (alpha %.2f, temperature %.2f)", distill.teacher, distill.alpha, distill.temperature)
+    return teacher
+
+
 def windows(batch) -> torch.Tensor:
     x, y = batch
     return torch.cat([x, y[:, -1:]], dim=1)
@@ -103,6 +129,7 @@ def main(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
     train_cfg, optim_cfg = section(cfg, "train", TrainConfig), section(cfg, "optim", OptimConfig)
     data_cfg, run_cfg = section(cfg, "data", DataConfig), section(cfg, "run", RunConfig)
+    distill = section(cfg, "distill", DistillConfig)
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
     folder = data_folder(data_cfg, train_cfg.seed)  # the data's tokenizer decides the vocabulary
@@ -122,8 +149,15 @@ def main(args: argparse.Namespace) -> dict:
              train_cfg.objective, folder)
     wrapped, optimizer = prepare_model(model, train_cfg, optim_cfg, device)
 
+    teacher = load_teacher(distill, tokenizer.vocab_size, train_cfg.objective, device)
+
     def next_micro(step: int, i: int) -> dict:
-        return objective.batch(windows(next(loader)), batch_generator(train_cfg.seed, step, i, info.rank))
+        batch = objective.batch(windows(next(loader)), batch_generator(train_cfg.seed, step, i, info.rank))
+        if teacher is not None:
+            with torch.no_grad():
+                batch["teacher_logits"] = teacher(batch["input_ids"].to(device))
+            batch["distill"] = (distill.alpha, distill.temperature)
+        return batch
 
     def val_batches():
         vl = val_loader()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
-from lmforge.common import LmforgeError, checked, get_logger
+from lmforge.common import LmforgeError, atomic_write_text, checked, get_logger
 from lmforge.model.config import PRESETS
 from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
                                      make_run_dir, overrides_from_args, section, switch_overrides)
@@ -43,9 +44,17 @@ class ModelSource:
 class SFTData:
     train: str = "builtin"  # JSONL file, or "builtin": stdlib signature -> first docstring sentence
     val: str | None = None  # JSONL file; the built-in set brings its own (split by module)
-    max_bytes: int = checked(1_500_000, ge=1)  # built-in set: bytes of the stdlib scanned
+    max_bytes: int | None = checked(1_500_000, ge=1)  # built-in set: bytes of the stdlib scanned (null: all of it)
+    # built-in set: modules the data split holds out for evaluation give no example (the pipeline
+    # passes its data's pack.val_fraction and pack.seed)
+    heldout_fraction: float = checked(0.0, ge=0, lt=1)
+    split_seed: int = checked(0, ge=0)
     pack: bool = True
     cache_dir: str = "runs/.cache"  # built-in tokenizer for a fresh model
+    # rehearsal: a packed data folder (`lmforge data prepare`, same tokenizer) whose windows make up this
+    # fraction of the training rows, so fine-tuning keeps what pretraining taught (null: none)
+    replay: str | None = None
+    replay_fraction: float = checked(0.0, ge=0, lt=1)
 
 
 @dataclasses.dataclass
@@ -119,12 +128,13 @@ def adalora_hooks(model):
 
 
 def build_rows(data: SFTData, tokenizer, seq_len: int, seed: int):
-    """-> (train rows, val rows or None)."""
+    """-> (training conversations, train rows, val rows or None)."""
     from lmforge.train.builtin import builtin_sft_examples
     from lmforge.train.sft_data import encode_example, pack, read_jsonl, record_to_messages
 
     if data.train == "builtin":
-        splits = builtin_sft_examples(data.max_bytes, seed=seed)
+        splits = builtin_sft_examples(data.max_bytes, seed=seed, heldout_fraction=data.heldout_fraction,
+                                      split_seed=data.split_seed)
         train = [record_to_messages(r, "built-in") for r in splits["train"]]
         val = [record_to_messages(r, "built-in") for r in splits["val"]]
     else:
@@ -137,7 +147,14 @@ def build_rows(data: SFTData, tokenizer, seq_len: int, seed: int):
         examples = [encode_example(tokenizer, m, seq_len, f"{name} example {i}") for i, m in enumerate(convs)]
         return pack(examples, seq_len, pad) if data.pack else [r for e in examples for r in pack([e], seq_len, pad)]
 
-    return rows(train, data.train), (rows(val, data.val or "validation") if val else None)
+    train_rows = rows(train, data.train)
+    if data.replay and data.replay_fraction > 0:
+        from lmforge.train.sft_data import replay_rows
+
+        n = round(len(train_rows) * data.replay_fraction / (1 - data.replay_fraction))
+        train_rows += replay_rows(data.replay, n, seq_len, tokenizer.vocab_size, seed)
+        log.info("replay: %d pretraining windows from %s among the training rows", n, data.replay)
+    return train, train_rows, (rows(val, data.val or "validation") if val else None)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -152,7 +169,10 @@ def main(args: argparse.Namespace) -> int:
     if peft_cfg.method in ("prompt", "p_tuning") and data.pack:
         log.info("%s: virtual input tokens cannot be shared by packed examples; one example per row", peft_cfg.method)
         data.pack = False
-    train_rows, val_rows = build_rows(data, tokenizer, train_cfg.seq_len, train_cfg.seed)
+    conversations, train_rows, val_rows = build_rows(data, tokenizer, train_cfg.seq_len, train_cfg.seed)
+    if info.is_main:  # what the model is trained on, for contamination checks of any later evaluation
+        atomic_write_text(run_dir / "train_data.jsonl",
+                          "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations))
     log.info("SFT: %d packed training rows of %d tokens, %s validation rows", len(train_rows), train_cfg.seq_len,
              len(val_rows) if val_rows else "no")
     if train_cfg.auto_fit:

@@ -19,7 +19,7 @@ import numpy as np
 from lmforge.common import atomic_dir, get_logger
 from lmforge.data.pack import ShardWriter, is_validation, write_index
 from lmforge.data.readers import ReadReport
-from lmforge.data.stdlib import documented_functions, read_stdlib, signature, stdlib_files
+from lmforge.data.stdlib import documented_functions, is_example, read_stdlib, signature, stdlib_files
 from lmforge.tokenizer import train_tokenizer
 
 log = get_logger("lmforge.train")
@@ -64,17 +64,32 @@ def builtin_pretrain_data(cache_dir: str | Path, max_bytes: int = 2_000_000, voc
 def function_examples(source: str) -> list[dict]:
     """{"prompt": signature, "response": first docstring sentence} for each documented public function."""
     return [{"prompt": signature(node), "response": sentence} for node, sentence in documented_functions(source)
-            if not node.name.startswith("_") and 10 <= len(sentence) <= 200]
+            if is_example(node, sentence)]
 
 
-def builtin_sft_examples(max_bytes: int = 1_500_000, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[dict]]:
-    """{"train": [...], "val": [...]}: examples of one module all land in the same split."""
+def builtin_sft_examples(max_bytes: int | None = 1_500_000, val_fraction: float = 0.1, seed: int = 0,
+                         heldout_fraction: float = 0.0, split_seed: int = 0,
+                         root: str | Path | None = None) -> dict[str, list[dict]]:
+    """{"train": [...], "val": [...]}: the examples of one module all land in the same split.
+
+    One document split for the whole lifecycle: a module is named by the id the data pipeline gives
+    it (`stdlib/<path>`), and the modules `is_validation(id, heldout_fraction, split_seed)` holds out
+    (the pretraining validation split, which the built-in eval tasks test on) give no example at
+    all. Of the rest, `val_fraction` (chosen with another seed) is the SFT validation set that picks
+    the best checkpoint. `max_bytes=None` reads every module."""
+    import sysconfig
+
+    base = Path(root or sysconfig.get_paths()["stdlib"])
+    files = stdlib_files(root=base)
     splits: dict[str, list[dict]] = {"train": [], "val": []}
-    for path in _spread(stdlib_files(), max_bytes):
+    for path in files if max_bytes is None else _spread(files, max_bytes):
+        doc_id = f"stdlib/{path.relative_to(base).as_posix()}"
+        if is_validation(doc_id, heldout_fraction, split_seed):
+            continue  # a held-out module: the eval tasks' own
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        split = "val" if is_validation(path.stem + str(path.parent.name), val_fraction, seed) else "train"
+        split = "val" if is_validation(doc_id, val_fraction, split_seed + seed + 1) else "train"
         splits[split].extend(function_examples(source))
     return splits

@@ -93,6 +93,14 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
         log.info("resumed from %s at step %d", path, start)
         if ctx.info.is_main:
             _trim_metrics(ctx.run_dir / "metrics.jsonl", start)
+    if start == 0 and val_batches is not None and cfg.eval_every > 0:
+        # The starting point: a fine-tune's curve then shows what training changed, and "best" is the
+        # starting model itself if no step improves on it.
+        ev = evaluate(model, val_batches(), ctx.device, ctx.dtype)
+        stopper.update(ev["val_loss"])
+        ctx.metrics.write({"step": 0, **ev, "best_val_loss": stopper.best})
+        log.info("step 0: val loss %.4f ppl %.2f", ev["val_loss"], ev["val_ppl"])
+        _save_final(model, ctx, "best", 0)
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, disable=not ctx.info.is_main, desc="train", dynamic_ncols=True)
     last, t_run, tokens_run = None, time.perf_counter(), 0

@@ -18,7 +18,7 @@ from lmforge.common import DTYPE_NAMES, checked
 
 from .distributed import all_reduce_sum, gradient_sync, total_norm
 from .losses import fusable_head, linear_cross_entropy
-from .objectives import IGNORE, lm_loss_sum
+from .objectives import IGNORE, distill_loss_sum, lm_loss_sum
 
 
 @dataclass
@@ -87,6 +87,11 @@ def forward_loss(model: nn.Module, batch: dict, aux_coef: float) -> tuple[torch.
     kwargs = {k: batch[k] for k in ("segment_ids", "attn_mask", "attention_mask") if batch.get(k) is not None}
     labels = batch["labels"]
     n = int((labels != IGNORE).sum())
+    if batch.get("teacher_logits") is not None:  # distillation: the full logits are needed
+        logits, aux = model(batch["input_ids"], return_aux_loss=True, **kwargs)
+        alpha, temperature = batch["distill"]
+        kd = distill_loss_sum(logits, batch["teacher_logits"], labels, temperature)
+        return (1 - alpha) * lm_loss_sum(logits, labels)[0] + alpha * kd, aux * aux_coef, n
     head = fusable_head(model)
     if head is not None:
         _, aux, hidden = model(batch["input_ids"], return_aux_loss=True, return_hidden=True, logits_to_keep=1, **kwargs)

@@ -86,6 +86,31 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int)
     return rows
 
 
+def replay_rows(folder, n: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[PackedRow]:
+    """n windows of seq_len tokens from a packed data folder's train split, as rows with a label on
+    every token: rehearsal of the pretraining data during fine-tuning (seeded, evenly spread)."""
+    import numpy as np
+
+    from lmforge.data.pack import read_index
+
+    index, root = read_index(folder)
+    if index.get("vocab_size") != vocab_size:
+        raise LmforgeError(f"data.replay {folder}: vocabulary {index.get('vocab_size')} != the model tokenizer's "
+                           f"{vocab_size} (replay data must be tokenized by the model's tokenizer)")
+    shards = [np.memmap(root / s["file"], dtype=np.dtype(index["dtype"]), mode="r")
+              for s in index["splits"]["train"]["shards"] if s["tokens"] > seq_len + 1]
+    if n > 0 and not shards:
+        raise LmforgeError(f"data.replay {folder}: no train shard holds a window of {seq_len + 1} tokens")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        shard = shards[int(rng.integers(len(shards)))]
+        start = int(rng.integers(0, len(shard) - seq_len - 1))
+        window = np.asarray(shard[start:start + seq_len + 1], dtype=np.int64).tolist()
+        rows.append(PackedRow(window[:-1], window[1:], [1] * seq_len))
+    return rows
+
+
 class PackedBatches:
     """Seeded shuffled epochs over packed rows; rank r of W takes batches r, r+W, ... of the global
     sequence (so W ranks x A accumulation == 1 process x A*W), with a resumable position."""

@@ -1,0 +1,164 @@
+"""The pipeline's generate stage: samples of every model in the format it was trained for, batch-1
+decode speed (plain, prompt lookup, speculative with the distilled draft, quantized), and the
+quantization speed-up measured at a size where decoding is memory-bound.
+
+Speeds are medians of interleaved repeats (each repeat times every decoding method once), so a
+noisy machine slows all methods alike instead of whichever happened to run during the noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+
+FINAL = "final (sft, merged)"
+
+
+def measure_generation(gcfg: dict, models: dict[str, Path], heldout: dict | None = None) -> dict:
+    """Samples, decode tokens/s for every model, speculative decoding on the final model, and the
+    quantization speed-up at scale (`generate.quant_at_scale`). `heldout`: BuiltinConfig fields of
+    the run's document split (fine-tuned models are asked about held-out functions)."""
+    import torch
+
+    from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.infer.fast import prepare_for_inference
+    from lmforge.infer.speculative import DraftProposer, LookupProposer
+
+    prompts = gcfg.get("prompts") or ["def main():"]
+    new = int(gcfg.get("max_new_tokens", 64))
+    k = int(gcfg.get("speculative_k", 4))
+    repeats = int(gcfg.get("repeats", 3))
+    out: dict = {"max_new_tokens": new, "threads": torch.get_num_threads(), "repeats": repeats, "rows": [],
+                 "samples": {}, "sample_format": {}}
+    tok = load_tokenizer_if_any(next(iter(models.values()))) if models else None
+    if tok is None:
+        return out
+    loaded = {label: prepare_for_inference(load_model(path)) for label, path in models.items()}
+    encoded = [tok.encode(p) for p in prompts]
+    methods: dict[tuple[str, str], tuple] = {}
+    for label, model in loaded.items():
+        if label != "draft":
+            methods[(label, "plain greedy")] = (model, None)
+    if FINAL in loaded:
+        methods[(FINAL, "prompt lookup")] = (loaded[FINAL], LookupProposer())
+        if "draft" in loaded:
+            # Drafting stops where the draft is unsure (k is then a bound): a weak guess costs less.
+            length = max(map(len, encoded)) + new + k + 2
+            methods[(FINAL, "speculative (draft model)")] = (
+                loaded[FINAL], DraftProposer(loaded["draft"], length, float(gcfg.get("draft_min_confidence", 0.0))))
+    results = _timed(methods, encoded, new, k, repeats)
+    for (label, decoding), r in results.items():
+        row = {"model": label, "decoding": decoding, "tokens_per_s": r["tokens_per_s"]}
+        if decoding != "plain greedy":
+            row["acceptance_rate"] = r["acceptance_rate"]
+            row["identical_to_plain"] = r["tokens"] == results[(label, "plain greedy")]["tokens"]
+            row["speedup"] = round(r["tokens_per_s"] / results[(label, "plain greedy")]["tokens_per_s"], 2)
+        out["rows"].append(row)
+    chat_prompts = gcfg.get("chat_prompts") or _heldout_signatures(int(gcfg.get("num_chat_samples", 3)), heldout or {})
+    for label, model in loaded.items():
+        if label.startswith("final"):  # fine-tuned in the chat format: asked in it
+            out["samples"][label] = _chat_samples(model, tok, chat_prompts, new)
+            out["sample_format"][label] = "chat"
+        else:
+            out["samples"][label] = [p + tok.decode(results[(label, "plain greedy")]["tokens"][i]) if
+                                     (label, "plain greedy") in results else p for i, p in enumerate(prompts)]
+            out["sample_format"][label] = "completion"
+    if "draft" in loaded:  # the draft's own completions, plain decoding
+        out["samples"]["draft"] = [p + tok.decode(_plain(loaded["draft"], ids, new)) for p, ids in zip(prompts, encoded)]
+        out["sample_format"]["draft"] = "completion"
+    scale = gcfg.get("quant_at_scale")
+    if scale:
+        out["quant_at_scale"] = quant_speed_at_scale(scale)
+    return out
+
+
+def _plain(model, ids: list[int], new: int) -> list[int]:
+    from lmforge.infer.generate import generate
+
+    return generate(model, ids, max_new_tokens=new)[0].tolist()
+
+
+def _timed(methods: dict, encoded: list[list[int]], new: int, k: int, repeats: int) -> dict:
+    """{method: tokens_per_s (median over repeats of the total over prompts), tokens, acceptance}."""
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.speculative import speculative_generate
+
+    params = SamplingParams(max_new_tokens=new, stop_token_ids=[])
+    rates = {m: [] for m in methods}
+    tokens: dict = {}
+    acceptance: dict = {}
+    for model, _ in methods.values():  # warm-up: kernel pre-packing, allocator
+        _plain(model, encoded[0], 4)
+    for _ in range(repeats):
+        for m, (model, proposer) in methods.items():
+            rows, accepted, proposed, start = [], 0, 0, time.perf_counter()
+            for ids in encoded:
+                if proposer is None:
+                    rows.append(_plain(model, ids, new))
+                else:
+                    row, stats = speculative_generate(model, ids, params, proposer, k=k)
+                    rows.append(row)
+                    accepted, proposed = accepted + stats.accepted, proposed + stats.proposed
+            rates[m].append(sum(map(len, rows)) / (time.perf_counter() - start))
+            tokens[m], acceptance[m] = rows, round(accepted / max(1, proposed), 3)
+    return {m: {"tokens_per_s": round(statistics.median(rates[m]), 1), "tokens": tokens[m],
+                "acceptance_rate": acceptance[m]} for m in methods}
+
+
+def _heldout_signatures(n: int, heldout: dict) -> list[str]:
+    """Signatures of functions from modules no model trained on (the eval split's)."""
+    from lmforge.eval.builtin import BuiltinConfig, functions
+
+    fns = functions(BuiltinConfig(**heldout))
+    step = max(1, len(fns) // max(1, n))
+    return [f["signature"] for f in fns[::step][:n]]
+
+
+def _chat_samples(model, tok, user_turns: list[str], new: int) -> list[str]:
+    from lmforge.infer.generate import generate
+    from lmforge.tokenizer.text import end_of_turn_ids
+
+    out = []
+    for turn in user_turns:
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True))
+        reply = generate(model, ids, max_new_tokens=new, stop_token_ids=end_of_turn_ids(tok))[0].tolist()
+        reply = [t for t in reply if t not in end_of_turn_ids(tok)]
+        out.append(f"user: {turn}\nassistant: {tok.decode(reply)}")
+    return out
+
+
+def quant_speed_at_scale(scfg: dict) -> dict:
+    """Batch-1 decode tokens/s of a randomly initialised model of a memory-bound size (speed depends
+    on shapes, not weight values), fp32 against RTN-quantized copies; medians of interleaved repeats."""
+    import torch
+
+    from lmforge.infer.fast import prepare_for_inference
+    from lmforge.model import build_model
+    from lmforge.quant import QuantOptions, quantize_model
+
+    torch.manual_seed(0)
+    preset = scfg.get("preset", "llama-100m")
+    base = build_model(preset, **(scfg.get("overrides") or {})).eval()
+    variants = {"fp32": base}
+    for scheme in scfg.get("schemes") or ["int8", "int4-g128"]:
+        model = copy.deepcopy(base)
+        quantize_model(model, QuantOptions(method="rtn", scheme=scheme), None, progress=False)
+        variants[scheme] = model
+    new, repeats = int(scfg.get("new_tokens", 32)), int(scfg.get("repeats", 3))
+    prompt = list(range(1, 17))
+    for m in variants.values():
+        prepare_for_inference(m)
+        _plain(m, prompt, 4)
+    rates = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, m in variants.items():
+            t0 = time.perf_counter()
+            _plain(m, prompt, new)
+            rates[name].append(new / (time.perf_counter() - t0))
+    params = sum(p.numel() for p in base.parameters())
+    fp32 = statistics.median(rates["fp32"])
+    return {"preset": preset, "parameters": params, "new_tokens": new, "threads": torch.get_num_threads(),
+            "rows": [{"scheme": name, "tokens_per_s": round(statistics.median(r), 1),
+                      "speedup": round(statistics.median(r) / fp32, 2)} for name, r in rates.items()]}
