@@ -118,6 +118,20 @@ def test_a_failing_row_fails_alone_and_the_others_finish_unchanged(loaded, spec)
         Engine(model, tok).generate_batch([[5, 6], [7, 8]], SamplingParams(max_new_tokens=3), [None, "nope"])
 
 
+def test_a_failing_prompt_in_a_prompts_file_fails_alone_and_says_so(loaded, tmp_path):
+    from lmforge.infer.batch import run_prompts_file
+
+    rows = [{"id": "a", "prompt": "The quick"}, {"id": "b", "prompt": "Hello", "adapter": "nope"},
+            {"id": "c", "prompt_ids": [5, 6, 7]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LmforgeError, match=r"1 of 3 prompts failed \(first, .*in.jsonl:2: unknown LoRA adapter"):
+        run_prompts_file(*loaded, tmp_path / "in.jsonl", tmp_path / "out.jsonl", SamplingParams(max_new_tokens=4))
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(o["id"], o["finish_reason"], o["completion_tokens"]) for o in out] == [
+        ("a", "length", 4), ("b", "error", 0), ("c", "length", 4)]
+    assert "unknown LoRA adapter" in out[1]["error"]
+
+
 def test_the_engine_process_loop_fails_only_the_failing_request(loaded):
     """The child's loop over real pipes: a request whose row fails ends with an error event; the
     request beside it in the same steps finishes."""

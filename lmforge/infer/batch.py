@@ -93,10 +93,16 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
         text = _cut_stop(tokenizer.decode(seq.output), seq.params.stop_strings) if tokenizer is not None else None
         out = dict(id=row.get("id", i), completion=text, completion_ids=seq.output, finish_reason=seq.finish_reason,
                    prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output))
+        if seq.error is not None:  # this prompt failed alone in the engine (finish_reason "error")
+            out["error"] = seq.error
         if speculative:
             out["speculative"] = engine.acceptance(rid)
         lines.append(json.dumps(out))
     atomic_write_text(out_path, "\n".join(lines) + "\n")
+    failed = [(where, engine.requests[rid].error) for (where, _), rid in zip(rows, ids) if engine.requests[rid].error]
+    if failed:
+        raise LmforgeError(f"{len(failed)} of {len(rows)} prompts failed (first, {failed[0][0]}: {failed[0][1]}); "
+                           f"the others' completions are in {out_path}")
     seconds = time.perf_counter() - start
     s = engine.stats
     summary = dict(requests=len(rows), generated_tokens=s["generated_tokens"], seconds=round(seconds, 2),
