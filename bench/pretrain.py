@@ -23,11 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmforge.common import apply_threads_policy  # noqa: E402
+
+apply_threads_policy()  # before torch loads OpenMP: both loops wait for threads the way lmforge does
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from lmforge.data.pack import data_tokenizer, read_index  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
@@ -85,6 +89,7 @@ def nanogpt_loop(cfg: ModelConfig, train: np.ndarray, val: torch.Tensor, steps: 
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             elapsed = time.perf_counter() - start
             curve.append((elapsed, step + 1, val_loss(model, val)))
+            print(f"peer step {step + 1}: {elapsed:.0f} s, val loss {curve[-1][2]:.4f}", file=sys.stderr, flush=True)
             start += time.perf_counter() - start - elapsed  # evaluation time is not training time
     return {"curve": curve}
 

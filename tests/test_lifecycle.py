@@ -149,3 +149,45 @@ def test_orthogonalize_flattens_singular_values():
     s = torch.linalg.svdvals(orthogonalize(g))
     assert s.max() < 1.3 and s.min() > 0.5  # quintic NS: singular values land in ~[0.7, 1.2]
     assert torch.linalg.svdvals(orthogonalize(g.T)).allclose(s, atol=1e-4)  # tall and wide alike
+
+
+def test_the_parts_of_a_document_split_together():
+    from lmforge.data.pack import is_validation
+
+    ids = [f"stdlib/pkg/mod{i}.py" for i in range(200)]
+    assert all(is_validation(i + "#prose", 0.3) == is_validation(i, 0.3) for i in ids)
+    assert 30 < sum(is_validation(i, 0.3) for i in ids) < 90
+    numbered = [is_validation(f"wiki#{i}", 0.3) for i in range(200)]  # not a part name: documents of their own
+    assert 30 < sum(numbered) < 90
+
+
+def test_a_student_starts_from_its_teachers_layers():
+    from lmforge.model import build_model
+    from lmforge.recipes.pretrain import init_from
+
+    torch.manual_seed(0)
+    teacher = build_model("tiny", num_hidden_layers=4)
+    student = build_model("tiny", num_hidden_layers=2)
+    assert init_from(student, teacher) == len(student.state_dict())
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    assert torch.equal(s["model.layers.1.mlp.up_proj.weight"], t["model.layers.2.mlp.up_proj.weight"])
+    narrow = build_model("tiny", hidden_size=32, num_hidden_layers=1)
+    assert init_from(narrow, teacher) == 0  # no shape matches: nothing is copied, nothing breaks
+
+
+def test_a_generation_task_passes_its_repetition_penalty_on():
+    from lmforge.eval.tasks import TaskConfig, run_generation
+
+    class Recorder:
+        def __init__(self):
+            self.kwargs = []
+
+        def generate(self, prompts, **kwargs):
+            self.kwargs.append(kwargs)
+            return ["an answer." for _ in prompts]
+
+    lm, examples = Recorder(), [{"id": "0", "prompt": "q", "answers": ["an answer."]}]
+    run_generation(lm, TaskConfig("g", "generation"), examples)
+    run_generation(lm, TaskConfig("g", "generation", repetition_penalty=1.2), examples)
+    assert "repetition_penalty" not in lm.kwargs[0] and lm.kwargs[1]["repetition_penalty"] == 1.2

@@ -71,7 +71,9 @@ def test_lmforge_checkpoint_replays_adapters(tmp_path):
     checkpoint.save_model(model, tmp_path)
     loaded = checkpoint.load_model(tmp_path)  # meta build -> peft.replay -> load by assignment
     assert [c.method for c in peft.peft_configs(loaded)] == ["lora", "prefix"]
-    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    # Float rounding only (DoRA's norms computed on differently laid-out tensors give ~1e-7 on some
+    # CPUs); a missing or wrong adapter moves the logits by orders of magnitude more.
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- parity with peft

@@ -65,18 +65,16 @@ def test_rerun_skips_finished_stages(run, caplog):
 
 
 def test_sft_beats_base_on_its_task(run):
-    """The fine-tuned model, asked as it was trained, is better at the docstring task than the base
-    (on held-out functions): its SFT validation loss fell, and its gold answers are likelier."""
+    """On the SFT validation modules (held out of SFT training), asked in the chat format it trains,
+    the fine-tuned model's loss is below the base model's (step 0 is the base itself), and what the
+    pipeline ships is the best of those evaluations."""
     rows = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
-    assert val[0] == rows[0]["val_loss"] and min(val[1:]) < val[0]  # step 0 is the base model itself
-
-    def gold_loglik(path):
-        results = json.loads((path / "results.json").read_text())
-        mc = next(t for t in results["tasks"] if t["name"] == "stdlib_docstring_mc")
-        return sum(r["loglikelihoods"][r["gold"]] for r in mc["examples"] if "loglikelihoods" in r)
-
-    assert gold_loglik(run / "eval" / "final") > gold_loglik(run / "eval" / "base-final")
+    assert rows[0]["step"] == 0 and val[0] == rows[0]["val_loss"]
+    assert min(val[1:]) < val[0]
+    summary = next(r["summary"] for r in rows if "summary" in r)
+    assert summary["best_val_loss"] == min(val)
+    assert (run / "sft" / "best" / "model.safetensors").is_file()
 
 
 def test_eval_split_shares_nothing_with_training(run):

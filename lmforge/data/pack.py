@@ -7,6 +7,7 @@ that it is stable across runs and independent of order and of the number of work
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -21,12 +22,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+_PART = re.compile(r"#[A-Za-z]+$")
+
+
 def is_validation(doc_id: str, fraction: float, seed: int = 0) -> bool:
     """Whether a document is in a `fraction` sample chosen by a hash of its id: stable across runs,
     independent of order and of the number of workers. The validation split; with another seed,
     the tokenizer's training sample."""
     if fraction <= 0:
         return False
+    # The parts of one document (ids "X#part", a letters-only part name, such as a module's prose
+    # beside its code) split together: a model is never tested on a module whose other half it
+    # trained on. Ids like "wiki#123" are documents of their own.
+    doc_id = _PART.sub("", doc_id)
     digest = hashlib.blake2b(f"{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
 

@@ -46,6 +46,9 @@ class BuiltinConfig:
     stride: int | None = None
     root: str | None = None  # another stdlib folder (tests)
     chat: bool = False  # docstring tasks in the chat template's format (a model fine-tuned on the SFT set)
+    # greedy decoding of a small model loops ("the list of the list of ..."), which scores the loop, not the
+    # answer: a CTRL-style repetition penalty, the same for every model (1.0: plain greedy)
+    repetition_penalty: float = 1.0
     # the training documents (a data stage's train_docs.jsonl): a module among them is never held out,
     # whatever id scheme its data run used (stdlib/<path> or the file's own path)
     trained_docs: str | None = None
@@ -152,7 +155,8 @@ def task_configs(cfg: BuiltinConfig) -> dict[str, TaskConfig]:
         "stdlib_prose_ppl": TaskConfig("stdlib_prose_ppl", "perplexity", stride=cfg.stride),
         "stdlib_docstring": TaskConfig("stdlib_docstring", "generation", seed=cfg.seed, target_delimiter="",
                                        max_new_tokens=cfg.max_new_tokens, stop=['"""', "\n\n"],
-                                       answer_regex=FIRST_SENTENCE, metrics=["rouge_l", "exact_match"]),
+                                       answer_regex=FIRST_SENTENCE, metrics=["rouge_l", "exact_match"],
+                                       repetition_penalty=cfg.repetition_penalty),
         "stdlib_docstring_mc": TaskConfig("stdlib_docstring_mc", "multiple_choice", seed=cfg.seed,
                                           target_delimiter="", unconditional_context=_prompt("", None)),
     }

@@ -118,18 +118,19 @@ class LocalLM:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
-                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
+                 temperature: float = 0.0, seed: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
         """Batched left-padded generation; a batch ends early once every row has hit EOS or a stop string."""
         out = []
         for start in range(0, len(prompts), self.batch_size):
             batch = [self.tokenizer.encode(p) or [self.prefix_id] for p in prompts[start:start + self.batch_size]]
             # Keep the end of a prompt that would not leave room for the answer.
             batch = [ids[-max(1, self.max_length - max_new_tokens):] for ids in batch]
-            out += self._generate_batch(batch, max_new_tokens, stop, temperature, None if seed is None else seed + start)
+            out += self._generate_batch(batch, max_new_tokens, stop, temperature, None if seed is None else seed + start,
+                                        repetition_penalty)
         return out
 
     def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: Sequence[str], temperature: float,
-                        seed: int | None) -> list[str]:
+                        seed: int | None, repetition_penalty: float = 1.0) -> list[str]:
         from lmforge.infer.generate import stream_generate
         from lmforge.infer.sampling import SamplingParams
 
@@ -137,7 +138,7 @@ class LocalLM:
 
         ends = set(end_of_turn_ids(self.tokenizer))  # EOS, and the chat template's end of turn
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                stop_token_ids=sorted(ends))
+                                stop_token_ids=sorted(ends), repetition_penalty=repetition_penalty)
         rows: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
         for step, token in enumerate(stream_generate(self.model, batch, params)):
@@ -192,11 +193,13 @@ class EndpointLM:
             raise LmforgeError(f"{self.url}: cannot reach the endpoint ({e.__class__.__name__})") from None
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
-                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
+                 temperature: float = 0.0, seed: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
         out = []
         for p in prompts:
             kw = dict(model=self.model_id, max_tokens=max_new_tokens, temperature=temperature, seed=seed,
                       stop=list(stop)[:4] or None)  # OpenAI accepts at most 4 stop strings; the rest cut below
+            if repetition_penalty != 1.0:  # not an OpenAI field: lmforge serve and vLLM read it from the body
+                kw["extra_body"] = {"repetition_penalty": repetition_penalty}
             if self.chat:
                 r = self._call(lambda: self.client.chat.completions.create(
                     messages=[{"role": "user", "content": p}], **kw), "a chat completion")

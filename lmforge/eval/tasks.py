@@ -44,6 +44,7 @@ class TaskConfig:
     answer_regex: str | None = None  # the first group is the answer
     metrics: list[str] = field(default_factory=lambda: ["exact_match", "f1"])
     temperature: float = 0.0
+    repetition_penalty: float = 1.0  # generation: >1 discourages repeating tokens (CTRL / HF semantics)
     num_samples: int = 1  # code: completions per problem
     k: list[int] = field(default_factory=lambda: [1])  # code: pass@k
     timeout: float = 10.0  # code: seconds per candidate
@@ -187,8 +188,9 @@ def run_generation(lm, cfg: TaskConfig, examples: list[dict] | None = None) -> T
     prompts = [fewshot_prefix(cfg, pool, i, own, lambda s: s["prompt"] + d + s["answers"][0]) + ex["prompt"]
                for i, ex in enumerate(examples)]
     stop = ["\n\n"] if cfg.stop is None else cfg.stop
+    extra = {"repetition_penalty": cfg.repetition_penalty} if cfg.repetition_penalty != 1.0 else {}
     outputs = lm.generate(prompts, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature,
-                          seed=cfg.seed)
+                          seed=cfg.seed, **extra)
     records = []
     for ex, prompt, out in zip(examples, prompts, outputs):
         pred = M.extract_answer(out, cfg.answer_regex)

@@ -308,7 +308,8 @@ def _summary_rows(run: Path, models: dict[str, Path], per_model: dict, gen: dict
     if per_model:
         rows.append(["eval", f"{len(per_model)} models x {len({n for t in per_model.values() for n in t})} tasks",
                      f"largest contaminated fraction {max(contaminated):.2f}" if contaminated else "no contamination check",
-                     "clean" if contaminated and max(contaminated) < 0.05 else "check the contamination table"])
+                     "clean: at most a few functions repeated across modules" if contaminated and max(contaminated) <= 0.05
+                     else "check the contamination table"])
     return rows
 
 

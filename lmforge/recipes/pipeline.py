@@ -184,7 +184,8 @@ def stage_sft(cfg: dict, run: Path, resume: bool) -> None:
     heldout, seed = data_split(cfg)
     lmforge("sft", "--model", run / "base" / "final", "--method", s.get("method", "lora"), "--out", run,
             "--name", "sft", "--steps", s.get("steps", 100), "--resume", "--set", f"data.heldout_fraction={heldout}",
-            "--set", f"data.split_seed={seed}", *_sets(s.get("set")), log_file=run / "logs" / "sft.log")
+            "--set", f"data.split_seed={seed}", "--set", f"data.replay={run / 'data'}",  # replayed if replay_fraction > 0
+            *_sets(s.get("set")), log_file=run / "logs" / "sft.log")
     # Ship the checkpoint with the best SFT validation loss, not the last one (which may have overfit).
     best = run / "sft" / "best"
     merge_adapters(best if (best / "lmforge_config.json").is_file() else run / "sft" / "final", run / "final")
