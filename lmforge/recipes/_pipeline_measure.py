@@ -120,11 +120,10 @@ def _chat_samples(model, tok, user_turns: list[str], new: int) -> list[str]:
     from lmforge.infer.generate import generate
     from lmforge.tokenizer.text import end_of_turn_ids
 
-    out = []
+    out, ends = [], end_of_turn_ids(tok)
     for turn in user_turns:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True))
-        reply = generate(model, ids, max_new_tokens=new, stop_token_ids=end_of_turn_ids(tok))[0].tolist()
-        reply = [t for t in reply if t not in end_of_turn_ids(tok)]
+        reply = [t for t in generate(model, ids, max_new_tokens=new, stop_token_ids=ends)[0].tolist() if t not in ends]
         out.append(f"user: {turn}\nassistant: {tok.decode(reply)}")
     return out
 

@@ -18,7 +18,8 @@ from lmforge.common import DTYPE_NAMES, checked
 
 from .distributed import all_reduce_sum, gradient_sync, total_norm
 from .losses import fusable_head, linear_cross_entropy
-from .objectives import IGNORE, distill_loss_sum, lm_loss_sum
+from .align import distill_loss  # the one KL of distillation (mean over labelled tokens)
+from .objectives import IGNORE, lm_loss_sum
 
 
 @dataclass
@@ -90,7 +91,7 @@ def forward_loss(model: nn.Module, batch: dict, aux_coef: float) -> tuple[torch.
     if batch.get("teacher_logits") is not None:  # distillation: the full logits are needed
         logits, aux = model(batch["input_ids"], return_aux_loss=True, **kwargs)
         alpha, temperature = batch["distill"]
-        kd = distill_loss_sum(logits, batch["teacher_logits"], labels, temperature)
+        kd = distill_loss(logits, batch["teacher_logits"], (labels != IGNORE).float(), temperature) * n
         return (1 - alpha) * lm_loss_sum(logits, labels)[0] + alpha * kd, aux * aux_coef, n
     head = fusable_head(model)
     if head is not None:

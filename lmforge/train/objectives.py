@@ -144,16 +144,6 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss, int((labels != IGNORE).sum())
 
 
-def distill_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
-    """Summed KL(teacher || student) of the temperature-softened distributions over labelled
-    positions, times T^2 so gradients keep their scale (Hinton et al. 2015). fp32 math."""
-    s = torch.log_softmax(logits.float() / temperature, dim=-1)
-    t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)  # [B, T]
-    return (kl * (labels != IGNORE)).sum() * temperature**2
-
-
 # ----------------------------------------------------------------------------- dispatch
 
 
