@@ -4,7 +4,12 @@
     -> final (and best) model folders
 
 Data come from `next_micro(step, i)` (the recipe's loader + objective), so the loop does not know
-what it trains on.
+what it trains on. The loss is the LM loss unless `loss_fn` (micro-batch -> (loss, figures)) says
+otherwise: DPO, PPO/GRPO, distillation, CLIP, the VLM and Medusa heads run through this same loop,
+so each gets resume, DDP/FSDP, clipping, metrics.jsonl and checkpoints. Whatever an algorithm
+must do before a gradient step (PPO's rollouts, GRPO's sampling) happens in its `next_micro`;
+whatever it must carry across a resume (an adaptive KL coefficient, a NumPy generator) lives in
+the `loader` object's state_dict.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from lmforge.checkpoint import save_model
 from lmforge.common import DistInfo, LmforgeError, get_logger
 
 from .distributed import barrier
-from .loop import EarlyStopping, SpikeGuard, StepHooks, TrainConfig, evaluate, train_step
+from .loop import EarlyStopping, LossFn, SpikeGuard, StepHooks, TrainConfig, evaluate, train_step
 from .optim import OptimConfig, lr_at, set_lr
 from .state import clean_stale, latest_good, load_checkpoint, model_to_save, save_checkpoint, verify
 
@@ -79,7 +84,11 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable[[int, int], dict], loader,
         val_batches: Callable[[], Iterable[dict]] | None, cfg: TrainConfig, optim_cfg: OptimConfig,
-        ctx: RunContext, resume: str | None = None, hooks: StepHooks | None = None) -> dict:
+        ctx: RunContext, resume: str | None = None, hooks: StepHooks | None = None, *,
+        loss_fn: LossFn | None = None, save_final: bool = True) -> dict:
+    """Train for `cfg.steps` optimizer steps (see the module docstring). `loader`: anything with
+    state_dict()/load_state_dict() (saved in each checkpoint), or None. `save_final=False`: the
+    caller writes the trained model itself (a CLIP or VLM folder, Medusa heads, a reward head)."""
     ckpt_root = ctx.run_dir / "checkpoints"
     guard, stopper = SpikeGuard(cfg.spike_factor, cfg.spike_window), EarlyStopping(cfg.patience)
     start, skipped = 0, {"nonfinite": 0, "spike": 0}
@@ -87,7 +96,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
     if path is not None:
         state = load_checkpoint(path, model, optimizer)
         start, skipped = state["step"], state["skipped"]
-        loader.load_state_dict(state["loader"])
+        if loader is not None:
+            loader.load_state_dict(state["loader"])
         guard.history.extend(state["spike_history"])
         stopper.best, stopper.bad_evals = state["best_val"], state["bad_evals"]
         log.info("resumed from %s at step %d", path, start)
@@ -106,11 +116,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
     last, t_run, tokens_run = None, time.perf_counter(), 0
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg.steps, optim_cfg)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr, optim_cfg.lr)
         t0 = time.perf_counter()
         micro = [next_micro(step, i) for i in range(cfg.grad_accum)]
         res = train_step(model, optimizer, micro, device=ctx.device, dtype=ctx.dtype, clip_grad=cfg.clip_grad,
-                         world_size=ctx.info.world_size, guard=guard, aux_coef=ctx.aux_coef, hooks=hooks, step=step)
+                         world_size=ctx.info.world_size, guard=guard, aux_coef=ctx.aux_coef, hooks=hooks, step=step,
+                         loss_fn=loss_fn)
         dt = time.perf_counter() - t0
         tokens_run += res.tokens
         if res.skipped:
@@ -118,7 +129,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
             log.warning("step %d: %s loss %.4g (grad norm %.3g): update skipped", step + 1, res.skipped,
                         res.loss, res.grad_norm)
         last = {"step": step + 1, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                "tokens_per_s": res.tokens / dt, "skipped": sum(skipped.values()), "skip_reason": res.skipped}
+                "tokens_per_s": res.tokens / dt, "skipped": sum(skipped.values()), "skip_reason": res.skipped,
+                **res.metrics}
         if (step + 1) % cfg.log_every == 0 or res.skipped:
             ctx.metrics.write(last)
         bar.update(1)
@@ -134,14 +146,15 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
                 log.info("early stopping: %d evaluations without improvement", stopper.bad_evals)
                 done = True
         if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or done):
-            state = {"skipped": skipped, "loader": loader.state_dict(), "spike_history": list(guard.history),
+            state = {"skipped": skipped, "loader": loader.state_dict() if loader is not None else {}, "spike_history": list(guard.history),
                      "best_val": stopper.best, "bad_evals": stopper.bad_evals, "train_config": asdict(cfg)}
             save_checkpoint(ckpt_root, step + 1, model, optimizer, state, ctx.tokenizer, cfg.keep_last,
                             ctx.info.is_main)
         if done:
             break
     bar.close()
-    _save_final(model, ctx, "final", last["step"] if last else start)
+    if save_final:
+        _save_final(model, ctx, "final", last["step"] if last else start)
     elapsed = time.perf_counter() - t_run
     summary = {"steps": last["step"] if last else start, "final_loss": last["loss"] if last else None,
                "skipped": skipped, "best_val_loss": stopper.best if stopper.best < float("inf") else None,

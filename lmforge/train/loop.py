@@ -1,6 +1,7 @@
 """The pieces of a training loop as plain functions: one optimizer step over a list of
 micro-batches (accumulation, token-weighted loss, MoE aux loss, autocast, clipping, non-finite and
-spike guards), evaluation, early stopping. Recipes write the loop itself (see recipes/pretrain.py).
+spike guards), evaluation, early stopping. The loop itself is `fit.fit`; the loss is the LM loss
+(`forward_loss`) unless the caller passes its own `loss_fn`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ class StepResult:
     grad_norm: float
     tokens: int  # input tokens processed on all ranks
     skipped: str | None  # None, "nonfinite" or "spike"
+    metrics: dict = field(default_factory=dict)  # a custom loss's own figures, averaged over micro-batches
+
+
+# A custom objective: micro-batch -> (mean loss of that micro-batch, figures to log). Used by the
+# recipes whose loss is not the token-level LM loss (DPO, PPO, CLIP, Medusa heads, ...).
+LossFn = Callable[[dict], "tuple[torch.Tensor, dict]"]
 
 
 def forward_loss(model: nn.Module, batch: dict, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -117,18 +124,30 @@ class StepHooks:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
                device: torch.device, dtype: torch.dtype, clip_grad: float, world_size: int,
                guard: SpikeGuard, aux_coef: float = 0.0, hooks: StepHooks | None = None,
-               step: int = 0) -> StepResult:
-    """One optimizer step. The loss is the mean over every labelled token of the global batch (all
-    micro-batches on all ranks), so accumulation and data parallelism give the same update as
-    one big batch even when micro-batches hold different numbers of labelled tokens."""
-    local = sum(int((b["labels"] != IGNORE).sum()) for b in micro_batches)
-    n_global = max(1, int(all_reduce_sum(torch.tensor(float(local))).item()))
-    scale = world_size / n_global  # gradients are averaged over ranks; undo that average
+               step: int = 0, loss_fn: LossFn | None = None) -> StepResult:
+    """One optimizer step. The LM loss is the mean over every labelled token of the global batch
+    (all micro-batches on all ranks), so accumulation and data parallelism give the same update
+    as one big batch even when micro-batches hold different numbers of labelled tokens. A custom
+    `loss_fn` returns each micro-batch's mean loss: the step averages those over micro-batches
+    (and DDP/FSDP over ranks)."""
+    if loss_fn is None:
+        local = sum(int((b["labels"] != IGNORE).sum()) for b in micro_batches)
+        n_global = max(1, int(all_reduce_sum(torch.tensor(float(local))).item()))
+        scale = world_size / n_global  # gradients are averaged over ranks; undo that average
+    else:
+        n_global, scale = len(micro_batches) * world_size, 1.0 / len(micro_batches)
     loss_total = torch.zeros((), device=device)
+    figures: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with gradient_sync(model, i == len(micro_batches) - 1), autocast(device, dtype):
-            loss_sum, aux, _ = forward_loss(model, batch, aux_coef)
+            if loss_fn is None:
+                loss_sum, aux, _ = forward_loss(model, batch, aux_coef)
+            else:
+                loss_sum, found = loss_fn(batch)
+                aux = 0.0
+                for k, v in found.items():
+                    figures[k] = figures.get(k, 0.0) + float(v) / len(micro_batches)
             loss = loss_sum * scale + aux / len(micro_batches)
             if hooks is not None and hooks.extra_loss is not None:
                 loss = loss + hooks.extra_loss(model) / len(micro_batches)
@@ -149,8 +168,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         if hooks is not None and hooks.after_update is not None:
             hooks.after_update(step + 1)
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b["input_ids"].numel() for b in micro_batches) * world_size
-    return StepResult(loss_value, grad_norm, tokens, skipped)
+    tokens = sum(b["input_ids"].numel() for b in micro_batches if "input_ids" in b) * world_size
+    return StepResult(loss_value, grad_norm, tokens, skipped, figures)
 
 
 @torch.no_grad()

@@ -84,6 +84,8 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     raise LmforgeError(f"unknown schedule {cfg.schedule!r}: use cosine, wsd or constant")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float | None = None) -> None:
+    """Every group at `lr`, except a group with its own peak `base_lr` (e.g. a VLM's projector vs its
+    LM), which gets base_lr * lr / peak: the same schedule, scaled."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["base_lr"] * lr / peak if peak and "base_lr" in group else lr

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from lmforge.checkpoint import build_and_load, save_model
 from lmforge.common import LmforgeError, atomic_dir, atomic_write_json, get_logger
+from lmforge.model import Transformer
 
 from .distributed import full_model_state, full_optimizer_state, load_full_state, unwrap
 
@@ -57,13 +58,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
     return {"state": state, "param_groups": groups}
 
 
-def model_to_save(model: torch.nn.Module) -> torch.nn.Module | None:
+def model_to_save(model: torch.nn.Module) -> torch.nn.Module | dict | None:
     """A plain Transformer holding full tensors, whatever the wrapping (collective under FSDP:
-    every rank calls it; ranks other than 0 get None, the gathered state lives on rank 0)."""
+    every rank calls it; ranks other than 0 get None, the gathered state lives on rank 0). Any
+    other module (CLIP, a VLM, a reward model, Medusa heads) -> its full state dict."""
     inner = unwrap(model)
     state = full_model_state(model)
     if not state:
         return None
+    if not isinstance(inner, Transformer):
+        return dict(state)
     return build_and_load(inner.config, dict(state), getattr(inner, "lmforge_transforms", []))
 
 
@@ -82,7 +86,12 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     clean_stale(root)
     path = root / f"step-{step:08d}"
     with atomic_dir(path) as tmp:
-        save_model(plain, tmp / "model", tokenizer=tokenizer)
+        if isinstance(plain, dict):  # not a Transformer: the weights alone (the recipe knows the module)
+            (tmp / "model").mkdir()
+            # clone: safetensors refuses tensors that share storage (tied weights)
+            save_file({k: v.detach().clone().contiguous() for k, v in plain.items()}, str(tmp / "model" / "model.safetensors"))
+        else:
+            save_model(plain, tmp / "model", tokenizer=tokenizer)
         meta = {"train": json.dumps({**train_state, "step": step}), "param_groups": json.dumps(groups)}
         save_file(tensors, str(tmp / TRAIN_STATE), metadata=meta)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -156,7 +165,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             meta = f.metadata()
     except (SafetensorError, OSError) as e:
         raise LmforgeError(f"{path}: cannot read checkpoint ({e})") from None
-    if "lm_head.weight" not in model_state and "model.embed_tokens.weight" in model_state:
+    if isinstance(unwrap(model), Transformer) and "lm_head.weight" not in model_state \
+            and "model.embed_tokens.weight" in model_state:
         model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]  # tied
     optim_state = _unflatten_optimizer(tensors, json.loads(meta["param_groups"]))
     load_full_state(model, optimizer, model_state, optim_state if optimizer is not None else None)
