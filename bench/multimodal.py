@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmforge.multimodal import VisionConfig, VisionTransformer  # noqa: E402
-from lmforge.multimodal.config import ClipTrainConfig, VlmTrainConfig, load_config  # noqa: E402
+from lmforge.config import load_config  # noqa: E402
+from lmforge.multimodal.config import ClipTrainConfig, VlmTrainConfig  # noqa: E402
 from lmforge.recipes import clip as clip_recipe  # noqa: E402
 from lmforge.recipes import vlm as vlm_recipe  # noqa: E402
 

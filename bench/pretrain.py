@@ -102,7 +102,7 @@ def lmforge_run(folder: Path, preset: str, steps: int, batch: int, seq_len: int,
     from lmforge.cli import main as cli
 
     with tempfile.TemporaryDirectory() as out:
-        argv = ["pretrain", "--data", str(folder), "--model", preset, "--steps", str(steps), "--out", out,
+        argv = ["pretrain", "--data", str(folder), "--preset", preset, "--steps", str(steps), "--runs-dir", out,
                 "--name", "run", "--seq-len", str(seq_len), "--batch-size", str(batch), "--lr", str(lr),
                 "--set", f"optim.name={optim}", "--set", "train.eval_every=0", "--set", f"train.seed={seed}",
                 "--set", "train.save_every=0", "--set", "optim.warmup_steps=" + str(max(1, steps // 30)),

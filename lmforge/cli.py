@@ -45,6 +45,17 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(name: str, recipe=None) -> argparse.ArgumentParser:
+    """The parser of `lmforge <name>` (the recipe module is imported unless given). Flags follow one
+    convention across commands: a flag name means the same thing everywhere (README, "Flags")."""
+    module_name, help_text = COMMANDS[name]
+    recipe = recipe or importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=(recipe.__doc__ or help_text).strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe.add_arguments(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `lmforge <command> ...`; returns the exit status: 0 done, 2 bad input (a one-line error
     naming the file, field or value), 1 an unexpected failure (one line; `--debug` or
@@ -62,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     name, rest = argv[0], argv[1:]
-    module_name, help_text = COMMANDS[name]
+    module_name = COMMANDS[name][0]
     from lmforge.common import LmforgeError, apply_threads_policy
 
     try:
@@ -76,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmforge: error: command {name!r} is not available in this build ({e.name} missing)", file=sys.stderr)
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=(recipe.__doc__ or help_text).strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    recipe.add_arguments(parser)
+    parser = command_parser(name, recipe)
     try:
         args = parser.parse_args(rest)
     except SystemExit as e:  # --help (0) or a bad flag (2, argparse printed why): a status, not an exit

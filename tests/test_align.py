@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from lmforge.recipes import align as recipe
-from lmforge.recipes._common import load_config
+from lmforge.config import load_config
 from lmforge.train import align as A
 from lmforge.train import align_data as D
+from lmforge.train.align_config import AlignConfig
 
 
 def test_dpo_loss_hand_computed():
@@ -66,7 +67,7 @@ def test_read_pairs_errors_name_the_line(tmp_path):
 
 def _cfg(method, steps, **sets):
     overrides = [f"method={method}", f"train.steps={steps}"] + [f"{k}={v}" for k, v in sets.items()]
-    return load_config("align-default", overrides)
+    return load_config(AlignConfig, "align-default", overrides)
 
 
 def test_dpo_raises_margin_and_preference_accuracy(tmp_path):
@@ -133,11 +134,11 @@ class PrincipleJudge:
 def test_rlaif_labels_pairs_by_the_principles_and_trains(tmp_path):
     torch.manual_seed(0)
     cfg = _cfg("rlaif", 10, **{"rl.max_new_tokens": 8, "task.train_size": 64, "task.eval_size": 16})
-    cfg["rlaif"]["judge"] = PrincipleJudge()
+    cfg.rlaif.judge = PrincipleJudge()
     train, _ = recipe.task_records(cfg)
     model, tok = recipe.load_policy(cfg, train, torch.device("cpu"))
     pairs = recipe.label_pairs_with_judge(model, tok, [r["prompt"] for r in train], PrincipleJudge(),
-                                          cfg["rlaif"]["principles"], cfg["rl"], torch.device("cpu"))
+                                          cfg.rlaif.principles, cfg.rl, torch.device("cpu"))
     score = lambda t: ("[" in t) + t.strip().endswith(".")  # noqa: E731
     assert pairs and all(score(p["chosen"]) > score(p["rejected"]) for p in pairs)
     out = recipe.run_rlaif(cfg, torch.device("cpu"), tmp_path)

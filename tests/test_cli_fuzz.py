@@ -160,7 +160,7 @@ GENERATE_FLAGS = {"--max-new-tokens": st.one_of(st.integers(max_value=-1).map(st
                   "--top-p": st.one_of(st.floats(1.001, 1e6).map(str), st.floats(-10, 0).map(str), WORDS),
                   "--top-k": st.one_of(st.integers(max_value=-1).map(str), WORDS, st.just("1.5")),
                   "--repetition-penalty": st.one_of(st.floats(-10, 0).map(str), st.just("inf"), WORDS),
-                  "--spec-k": st.one_of(st.integers(max_value=0).map(str), WORDS),
+                  "--num-speculative": st.one_of(st.integers(max_value=0).map(str), WORDS),
                   "--seed": st.one_of(st.integers(max_value=-1).map(str), WORDS)}
 
 

@@ -138,11 +138,11 @@ def test_bad_config_values_exit_2_before_any_work(argv, field, tmp_path, monkeyp
 
 
 def test_align_reads_lr_3e_4_as_a_number():
-    from lmforge.recipes._common import load_config
-    from lmforge.train.align_config import validate_align_config
+    from lmforge.config import load_config
+    from lmforge.train.align_config import AlignConfig
 
-    cfg = validate_align_config(load_config("align-default", ["train.lr=3e-4"], open_sections=("model",)))
-    assert cfg["train"]["lr"] == 3e-4 and cfg["rl"]["group_size"] == 8
+    cfg = load_config(AlignConfig, "align-default", ["train.lr=3e-4"])
+    assert cfg.train.lr == 3e-4 and cfg.rl.group_size == 8
 
 
 def test_bad_flag_is_a_status_not_a_system_exit(ckpt, capsys):

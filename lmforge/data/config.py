@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.common import LmforgeError, build_config, checked
+from lmforge import config
+from lmforge.common import LmforgeError, checked
 from lmforge.data.dedup import DedupConfig
 from lmforge.data.filters import FilterConfig
 from lmforge.data.normalize import NormalizeConfig
@@ -70,48 +71,14 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise LmforgeError(f"--set {dotted}: {k} is not a section")
-    node[keys[-1]] = value
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`dedup.threshold=0.7` -> ("dedup.threshold", 0.7); the value is parsed as YAML."""
-    import yaml
-
-    if "=" not in item:
-        raise LmforgeError(f"--set {item!r}: expected section.field=value")
-    key, raw = item.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise LmforgeError(f"--set {item!r}: value is not valid YAML ({e})") from None
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 values: dict[str, Any] | None = None) -> DataConfig:
-    """Recipe YAML (default: configs/data-default.yaml) + `--set` overrides + explicit values."""
-    import yaml
-
+    """Recipe YAML (default: configs/data-default.yaml) + `--set` overrides + explicit values, through
+    the one config loader (`lmforge.config.load_config`)."""
     path = Path(path) if path else DEFAULT_RECIPE
     if not path.is_file():
         raise LmforgeError(f"data recipe not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LmforgeError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(tree, dict):
-        raise LmforgeError(f"{path}: expected a mapping of sections at the top level")
-    for item in overrides or []:
-        _set_dotted(tree, *parse_override(item))
-    for key, value in (values or {}).items():
-        _set_dotted(tree, key, value)
-    try:
-        return build_config(DataConfig, tree)  # every field checked for type and range
+        return config.load_config(DataConfig, path, overrides or [], values)
     except LmforgeError as e:
         raise LmforgeError(f"{path}: {e}") from None

@@ -1,8 +1,9 @@
-"""Helpers shared by recipes: YAML configs with command-line overrides, run folders, a metrics
-JSONL writer. Generic: nothing here knows about a particular job.
+"""Helpers shared by recipes: the config and flag conventions every command follows, run folders, a
+metrics JSONL writer. Generic: nothing here knows about a particular job.
 
-    cfg = load_config("pretrain-tiny", ["train.steps=50", "optim.lr=1e-3"])   # or a .yaml path
-    section(cfg, "train", TrainConfig)       # -> dataclass, unknown fields named in the error
+    add_config_arguments(parser, "pretrain-tiny", {"--steps": "train.steps"})  # --config, --set, flags
+    cfg = load_config(PretrainRecipe, args.config, overrides_from_args(args, FLAGS))  # lmforge.config
+    add_deprecated_alias(parser, "--model", "--preset")  # an old spelling keeps working, with a warning
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.common import DEVICE_PATTERN, LmforgeError, atomic_write_text, build_config, check_value, checked
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from lmforge.common import DEVICE_PATTERN, LmforgeError, atomic_write_text, check_value, checked
+from lmforge.config import apply_overrides, config_names, load_config, load_config_tree, set_dotted  # noqa: F401
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: str, flags: dict[str, str] | None = None) -> None:
     """--config NAME_OR_PATH, --set a.b=c (repeatable), and one flag per `flags` entry (flag -> dotted key)."""
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) or "none"
+    names = ", ".join(config_names()) or "none"
     parser.add_argument("--config", default=default, help=f"recipe YAML: a path or a built-in name ({names})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.steps=100 --set model.hidden_size=128")
@@ -66,6 +67,21 @@ def _dest(flag: str) -> str:
     return "flag_" + flag.lstrip("-").replace("-", "_")
 
 
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """`old` keeps working as a hidden spelling of the already added flag `new` (same dest, type and
+    checks), printing a one-line deprecation warning, so scripts written for the old name still run."""
+    target = parser._option_string_actions[new]
+
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
+            target(parser, namespace, values, new)
+
+    parser.add_argument(old, action=Alias, dest=target.dest, nargs=target.nargs, const=target.const,
+                        type=target.type, choices=target.choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                        metavar=target.metavar)
+
+
 def overrides_from_args(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
     out = list(getattr(args, "overrides", []) or [])
     for flag, key in flags.items():
@@ -73,73 +89,6 @@ def overrides_from_args(args: argparse.Namespace, flags: dict[str, str]) -> list
         if value is not None:
             out.append(f"{key}={value}")
     return out
-
-
-def resolve_config_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        return builtin
-    raise LmforgeError(f"config {name_or_path!r} not found: not a file, and not a built-in config "
-                       f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))})")
-
-
-def load_config(name_or_path: str, overrides: list[str] = (), open_sections: tuple[str, ...] = ("model",)) -> dict:
-    """Read the YAML and apply `key.sub=value` overrides (values parsed as YAML scalars).
-
-    An override of a key the config does not have is an error (a typo would otherwise be silently
-    ignored), except inside `open_sections`, whose fields are checked by their own dataclass.
-    """
-    import yaml
-
-    path = resolve_config_path(name_or_path)
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LmforgeError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(cfg, dict):
-        raise LmforgeError(f"{path}: expected a mapping of sections at the top level")
-    return apply_overrides(cfg, overrides, open_sections)
-
-
-def apply_overrides(cfg: dict, overrides: list[str], open_sections: tuple[str, ...] = (),
-                    example: str = "train.steps=100") -> dict:
-    """Apply `key.sub=value` overrides (values parsed as YAML scalars) to `cfg` in place; returns it."""
-    import yaml
-
-    for item in overrides:
-        if "=" not in item:
-            raise LmforgeError(f"override {item!r}: expected KEY=VALUE, e.g. {example}")
-        key, raw = item.split("=", 1)
-        set_dotted(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, open_sections)
-    return cfg
-
-
-def set_dotted(cfg: dict, key: str, value: Any, open_sections: tuple[str, ...] = ()) -> None:
-    parts = key.split(".")
-    node = cfg
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None and (i > 0 or part in open_sections):
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise LmforgeError(f"override {key!r}: {'.'.join(parts[: i + 1])!r} is not a section of the config")
-        node = child
-    if parts[-1] not in node and parts[0] not in open_sections:
-        known = ", ".join(sorted(node)) or "none"
-        raise LmforgeError(f"override {key!r}: unknown field {parts[-1]!r} (known here: {known})")
-    node[parts[-1]] = value
-
-
-def section(cfg: dict, name: str, cls: type, **extra: Any):
-    """Build dataclass `cls` from cfg[name]: unknown fields, wrong types and out-of-range values are
-    errors naming `name.field` and the value (`build_config`)."""
-    data = cfg.get(name)
-    if data is not None and not isinstance(data, dict):
-        raise LmforgeError(f"config section {name!r}: expected a mapping of fields, got {data!r}")
-    return build_config(cls, {**(data or {}), **extra}, name)
 
 
 @dataclasses.dataclass
@@ -152,10 +101,13 @@ class RunConfig:
     tensorboard: bool = False
 
 
-def make_run_dir(root: str | Path, name: str, cfg: dict | None = None, resume: bool = False) -> Path:
-    """`root/name`: created (and the config saved as config.yaml) unless resuming an existing run."""
+def make_run_dir(root: str | Path, name: str, cfg: Any = None, resume: bool = False) -> Path:
+    """`root/name`: created (and the config, a mapping or a config dataclass, saved as config.yaml)
+    unless resuming an existing run."""
     import yaml
 
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)  # every field, defaults included: the run says all it was given
     run = Path(root) / name
     run.mkdir(parents=True, exist_ok=True)
     if cfg is not None and not (resume and (run / "config.yaml").exists()):

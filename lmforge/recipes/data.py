@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from lmforge.common import LmforgeError, atomic_path, atomic_write_json
+from lmforge.recipes._common import add_deprecated_alias
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("prepare", help="corpus -> filtered, deduplicated, mixed token shards + stats")
     p.add_argument("inputs", nargs="*", help="files, folders or globs (.txt .md .jsonl .parquet, .gz/.zst); "
                    "none: the Python standard library")
-    p.add_argument("-o", "--output", default="out/data", help="output folder (default: %(default)s)")
+    p.add_argument("-o", "--out", default="out/data", help="output folder (default: %(default)s)")
+    add_deprecated_alias(p, "--output", "--out")  # every other command says --out
     p.add_argument("--config", help="recipe YAML (default: lmforge/configs/data-default.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a recipe field, e.g. --set dedup.threshold=0.7 (repeatable)")
     p.add_argument("--source", help="source name of the inputs (default: each file's stem)")
     p.add_argument("--text-field", help="JSONL key / parquet column of the text")
@@ -60,10 +62,10 @@ def _prepare(args: argparse.Namespace) -> int:
         "input.paths": list(args.inputs) or None, "input.source": args.source, "input.text_field": args.text_field,
         "tokenize.tokenizer": args.tokenizer, "tokenize.vocab_size": args.vocab_size,
         "workers": args.workers, "executor": args.executor}.items() if value is not None}
-    cfg = load_config(args.config, args.set, values)
-    stats = prepare(cfg, args.output, progress=not args.no_progress)
-    print((Path(args.output) / "stats.md").read_text(encoding="utf-8"))
-    print(f"wrote {args.output}/index.json ({stats['tokens']['train']['tokens']:,} training tokens)")
+    cfg = load_config(args.config, args.overrides, values)
+    stats = prepare(cfg, args.out, progress=not args.no_progress)
+    print((Path(args.out) / "stats.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out}/index.json ({stats['tokens']['train']['tokens']:,} training tokens)")
     return 0
 
 

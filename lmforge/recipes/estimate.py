@@ -11,14 +11,17 @@ import argparse
 from pathlib import Path
 
 from lmforge.common import LmforgeError, get_dtype, read_json
+from lmforge.config import read_config_file
+from lmforge.recipes._common import add_deprecated_alias, bounded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a preset name, a model folder, or a config JSON/YAML file")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=bounded(int, ge=1), default=1, help="sequences per step")
+    add_deprecated_alias(parser, "--batch", "--batch-size")  # every other command says --batch-size
+    parser.add_argument("--seq-len", type=bounded(int, ge=1), default=512)
     parser.add_argument("--dtype", default="float32", help="weights of frozen bases / inference and activations")
-    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-r", type=bounded(int, ge=1), default=8)
     parser.add_argument("--activation-checkpointing", action="store_true")
 
 
@@ -36,10 +39,8 @@ def model_config(spec: str):
 
             return config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
     if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
-        import yaml
-
-        data = yaml.safe_load(path.read_text())
-        data = data.get("model", data) if isinstance(data, dict) else data
+        data = read_config_file(path)
+        data = data.get("model", data)
         preset = data.pop("preset", None) if isinstance(data, dict) else None
         return ModelConfig.preset(preset, **data) if preset else ModelConfig.from_dict(data)
     raise LmforgeError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), a model folder or a config file")
@@ -50,8 +51,8 @@ def main(args: argparse.Namespace) -> int:
 
     config = model_config(args.model)
     nbytes = get_dtype(args.dtype).itemsize
-    print(f"{args.model}: {config.num_parameters() / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} "
+    print(f"{args.model}: {config.num_parameters() / 1e6:.1f}M parameters, batch {args.batch_size} x {args.seq_len} "
           f"tokens, {args.dtype} (full fine-tuning keeps fp32 weights + AdamW)")
-    print(estimate_table(config, args.batch, args.seq_len, param_bytes=nbytes, act_bytes=nbytes,
+    print(estimate_table(config, args.batch_size, args.seq_len, param_bytes=nbytes, act_bytes=nbytes,
                          lora_r=args.lora_r, checkpointing=args.activation_checkpointing))
     return 0

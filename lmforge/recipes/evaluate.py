@@ -12,17 +12,42 @@ finished runs side by side instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from lmforge.common import LmforgeError, get_logger, seed_everything
-from lmforge.recipes._common import add_config_arguments, apply_overrides, load_config, overrides_from_args
+from lmforge.common import DEVICE_PATTERN, LmforgeError, checked, get_logger, seed_everything
+from lmforge.eval.builtin import BuiltinConfig
+from lmforge.recipes._common import add_config_arguments, load_config, overrides_from_args
 
 log = get_logger("lmforge.eval")
 FLAGS = {"--out": "out", "--limit": "limit", "--device": "device", "--dtype": "dtype", "--batch-size": "batch_size",
          "--max-length": "max_length",
          "--contamination": "contamination.corpus", "--seed": "seed"}
-TOP_LEVEL = {"model", "endpoint_model", "out", "device", "dtype", "batch_size", "max_length", "seed", "limit", "builtin",
-             "contamination", "tasks"}
+
+
+@dataclasses.dataclass
+class ContaminationSection:
+    corpus: str | list[str] | None = None  # an n-gram index (.npy), a corpus file/folder, or a list of them
+    ngram: int = checked(13, ge=1)
+    min_overlap: int | None = checked(None, ge=1)  # words of overlap that count as contaminated (None: ngram)
+
+
+@dataclasses.dataclass
+class EvalRecipe:
+    """configs/eval-default.yaml; another config file replaces the top-level fields it gives."""
+
+    model: str | None = None  # a model folder or an http(s) endpoint URL
+    endpoint_model: str = "default"
+    out: str = "runs/eval"
+    device: str = checked("auto", pattern=DEVICE_PATTERN)
+    dtype: str | None = None  # None: the checkpoint's
+    batch_size: int = checked(8, ge=1)
+    max_length: int | None = checked(None, ge=1)
+    seed: int = checked(0, ge=0)
+    limit: int | None = checked(None, ge=0)
+    builtin: BuiltinConfig | None = dataclasses.field(default_factory=BuiltinConfig)  # None: skip the built-in tasks
+    contamination: ContaminationSection = dataclasses.field(default_factory=ContaminationSection)
+    tasks: list[dict] = dataclasses.field(default_factory=list)  # TaskConfig fields, checked by build_tasks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,15 +87,8 @@ def build_tasks(cfg: dict) -> list:
 
 def read_config(name: str, overrides: list[str]) -> dict:
     """eval-default.yaml, with the fields of another config file on top (a file may list only its
-    tasks), then the command-line overrides."""
-    cfg = load_config("eval-default")
-    if name != "eval-default":
-        user = load_config(name, open_sections=())
-        unknown = sorted(set(user) - TOP_LEVEL)
-        if unknown:
-            raise LmforgeError(f"{name}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_LEVEL))})")
-        cfg.update(user)
-    return apply_overrides(cfg, overrides, example="builtin.num_examples=20")
+    tasks), then the command-line overrides; every field checked (`EvalRecipe`), then as a mapping."""
+    return dataclasses.asdict(load_config(EvalRecipe, name, overrides, base="eval-default"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -93,7 +111,6 @@ def main(args: argparse.Namespace) -> int:
 
 def run(cfg: dict, tasks: list) -> dict:
     """Evaluate and write the report; returns the results dict."""
-    from lmforge.eval.builtin import BuiltinConfig
     from lmforge.eval.lm import load_lm
     from lmforge.eval.report import write_report
     from lmforge.eval.suite import evaluate

@@ -4,7 +4,7 @@
          -> eval -> generate -> report
 
     lmforge pipeline                          # lmforge/configs/pipeline-tiny.yaml, < 15 min on 2 CPU cores
-    lmforge pipeline --recipe my.yaml         # any other recipe (see pipeline-gpu-120m.yaml)
+    lmforge pipeline --config my.yaml         # any other recipe (see pipeline-gpu-120m.yaml)
     lmforge pipeline --from sft               # rerun from a stage; --only report reruns one stage
     lmforge pipeline --set pretrain.steps=50  # override any recipe field
 
@@ -27,15 +27,16 @@ import time
 from pathlib import Path
 
 from lmforge.common import LmforgeError, atomic_write_json, get_logger, read_json
-from lmforge.recipes._common import load_config
+from lmforge.recipes._common import add_deprecated_alias, load_config_tree
 
 log = get_logger("lmforge.pipeline")
 STAGES = ["data", "pretrain", "sft", "draft", "quantize", "eval", "generate", "report"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="pipeline-tiny", help="pipeline YAML: a path or a built-in name "
+    p.add_argument("--config", default="pipeline-tiny", help="pipeline YAML: a path or a built-in name "
                    "(default: %(default)s)")
+    add_deprecated_alias(p, "--recipe", "--config")  # every command's recipe YAML is --config
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set pretrain.steps=50 (repeatable)")
     p.add_argument("--name", help="run name (default: the recipe's name); outputs go to RUNS_DIR/NAME")
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.recipe, args.overrides, open_sections=("data", "pretrain", "draft", "sft", "eval",
+    cfg = load_config_tree(args.config, args.overrides, open_sections=("data", "pretrain", "draft", "sft", "eval",
                                                                   "generate"))
     run = Path(args.runs_dir or cfg.get("runs_dir", "runs")) / (args.name or cfg.get("name", "pipeline"))
     run.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,7 @@ def stage_pretrain(cfg: dict, run: Path, resume: bool) -> None:
     section = cfg.get("pretrain") or {}
     if not resume:
         shutil.rmtree(run / "base", ignore_errors=True)
-    lmforge("pretrain", "--data", run / "data", "--out", run, "--name", "base", "--model", section["preset"],
+    lmforge("pretrain", "--data", run / "data", "--runs-dir", run, "--name", "base", "--preset", section["preset"],
             "--steps", section["steps"], "--resume", *_sets(section.get("set")), log_file=run / "logs" / "base.log")
 
 
@@ -172,7 +173,7 @@ def stage_draft(cfg: dict, run: Path, resume: bool) -> None:
         return
     if not resume:
         shutil.rmtree(run / "draft", ignore_errors=True)
-    lmforge("pretrain", "--data", run / "data", "--out", run, "--name", "draft", "--model", section["preset"],
+    lmforge("pretrain", "--data", run / "data", "--runs-dir", run, "--name", "draft", "--preset", section["preset"],
             "--steps", section["steps"], "--teacher", run / "final", "--resume", *_sets(section.get("set")),
             log_file=run / "logs" / "draft.log")
 
@@ -182,7 +183,7 @@ def stage_sft(cfg: dict, run: Path, resume: bool) -> None:
     if not resume:
         shutil.rmtree(run / "sft", ignore_errors=True)
     heldout, seed = data_split(cfg)
-    lmforge("sft", "--model", run / "base" / "final", "--method", s.get("method", "lora"), "--out", run,
+    lmforge("sft", "--model", run / "base" / "final", "--method", s.get("method", "lora"), "--runs-dir", run,
             "--name", "sft", "--steps", s.get("steps", 100), "--resume", "--set", f"data.heldout_fraction={heldout}",
             "--set", f"data.split_seed={seed}", "--set", f"data.replay={run / 'data'}",  # replayed if replay_fraction > 0
             *_sets(s.get("set")), log_file=run / "logs" / "sft.log")

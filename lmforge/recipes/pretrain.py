@@ -2,7 +2,7 @@
 corruption, on prepared shards (`lmforge data prepare`) or the built-in stdlib corpus.
 
     lmforge pretrain                                    # tiny model, built-in corpus, ~1-2 min on CPU
-    lmforge pretrain --set train.steps=500 --objective mlm --out runs
+    lmforge pretrain --set train.steps=500 --objective mlm --runs-dir runs
     lmforge pretrain --resume                           # continue the run from its newest good checkpoint
     torchrun --nproc_per_node 2 -m lmforge pretrain --strategy fsdp
 """
@@ -18,15 +18,16 @@ import torch
 from lmforge.common import LmforgeError, checked, dist_info, get_logger
 from lmforge.data.pack import data_tokenizer
 from lmforge.model import ModelConfig, Transformer
-from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
-                                     make_run_dir, overrides_from_args, section, switch_overrides)
+from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_deprecated_alias,
+                                     add_train_arguments, load_config, make_run_dir, overrides_from_args,
+                                     switch_overrides)
 from lmforge.train import (ObjectiveTokens, OptimConfig, RunContext, TrainConfig, autocast_dtype, batch_generator,
                            fit, prepare_model, setup_runtime, shutdown, summary_line)
 
 log = get_logger("lmforge.pretrain")
 
 FLAGS = {"--steps": "train.steps", "--objective": "train.objective", "--strategy": "train.strategy",
-         "--data": "data.path", "--model": "model.preset", "--out": "run.dir", "--name": "run.name",
+         "--data": "data.path", "--preset": "model.preset", "--runs-dir": "run.dir", "--name": "run.name",
          "--seq-len": "train.seq_len", "--batch-size": "train.micro_batch_size", "--grad-accum": "train.grad_accum",
          "--lr": "optim.lr", "--device": "run.device", "--dtype": "train.dtype", "--teacher": "distill.teacher"}
 
@@ -57,9 +58,24 @@ class DistillConfig:
     continuation_prefix: int = checked(16, ge=1)  # the longest prefix kept from the window (1..this, drawn)
 
 
+@dataclasses.dataclass
+class PretrainRecipe:
+    """configs/pretrain-tiny.yaml, one dataclass per section; `model:` is free-form (a preset and
+    ModelConfig fields, checked when the model config is built)."""
+
+    model: dict = dataclasses.field(default_factory=dict)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "pretrain-tiny", FLAGS)
     add_train_arguments(parser)
+    add_deprecated_alias(parser, "--model", "--preset")  # --model is a model folder in every other command
+    add_deprecated_alias(parser, "--out", "--runs-dir")  # --out is the output itself elsewhere
 
 
 def data_folder(data: DataConfig, seed: int) -> Path:
@@ -188,16 +204,14 @@ def windows(batch) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> dict:
-    cfg = load_config(args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
-    train_cfg, optim_cfg = section(cfg, "train", TrainConfig), section(cfg, "optim", OptimConfig)
-    data_cfg, run_cfg = section(cfg, "data", DataConfig), section(cfg, "run", RunConfig)
-    distill = section(cfg, "distill", DistillConfig)
+    cfg = load_config(PretrainRecipe, args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
+    train_cfg, optim_cfg, data_cfg, run_cfg, distill = cfg.train, cfg.optim, cfg.data, cfg.run, cfg.distill
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
     folder = data_folder(data_cfg, train_cfg.seed)  # the data's tokenizer decides the vocabulary
     tokenizer = data_tokenizer(folder)
     objective = ObjectiveTokens(train_cfg.objective, tokenizer.vocab_size, tokenizer.eos_id)
-    mconfig = model_config(cfg, objective.model_vocab, train_cfg.objective)
+    mconfig = model_config({"model": cfg.model}, objective.model_vocab, train_cfg.objective)
     if train_cfg.auto_fit:
         from lmforge.train.memory import auto_fit
 

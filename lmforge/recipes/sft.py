@@ -15,15 +15,17 @@ import json
 
 from lmforge.common import LmforgeError, atomic_write_text, checked, get_logger
 from lmforge.model.config import PRESETS
-from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_train_arguments, load_config,
-                                     make_run_dir, overrides_from_args, section, switch_overrides)
+from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_deprecated_alias,
+                                     add_train_arguments, load_config, make_run_dir, overrides_from_args,
+                                     switch_overrides)
 from lmforge.train import (OptimConfig, RunContext, TrainConfig, autocast_dtype, fit, prepare_model, setup_runtime,
                            shutdown, summary_line)
 
 log = get_logger("lmforge.sft")
 
-FLAGS = {"--model": "model.path", "--data": "data.train", "--val-data": "data.val", "--method": "peft.method",
-         "--qat": "peft.qat", "--steps": "train.steps", "--out": "run.dir", "--name": "run.name",
+FLAGS = {"--model": "model.path", "--preset": "model.preset", "--data": "data.train", "--val-data": "data.val",
+         "--method": "peft.method", "--qat": "peft.qat", "--steps": "train.steps", "--runs-dir": "run.dir",
+         "--name": "run.name",
          "--seq-len": "train.seq_len", "--batch-size": "train.micro_batch_size", "--grad-accum": "train.grad_accum",
          "--lr": "optim.lr", "--device": "run.device", "--strategy": "train.strategy", "--dtype": "train.dtype"}
 
@@ -64,9 +66,22 @@ class PeftSection:
     qat: str | None = None  # e.g. int4-g128: quantization-aware training with fake-quant linears
 
 
+@dataclasses.dataclass
+class SFTRecipe:
+    """configs/sft-tiny.yaml, one dataclass per section."""
+
+    model: ModelSource = dataclasses.field(default_factory=ModelSource)
+    data: SFTData = dataclasses.field(default_factory=SFTData)
+    peft: PeftSection = dataclasses.field(default_factory=PeftSection)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "sft-tiny", FLAGS)
     add_train_arguments(parser)
+    add_deprecated_alias(parser, "--out", "--runs-dir")  # --out is the output itself elsewhere
 
 
 def load_base(src: ModelSource, data: SFTData):
@@ -158,11 +173,8 @@ def build_rows(data: SFTData, tokenizer, seq_len: int, seed: int):
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, overrides_from_args(args, FLAGS) + switch_overrides(args),
-                      open_sections=("model", "peft"))
-    train_cfg, optim_cfg = section(cfg, "train", TrainConfig), section(cfg, "optim", OptimConfig)
-    src, data = section(cfg, "model", ModelSource), section(cfg, "data", SFTData)
-    peft_cfg, run_cfg = section(cfg, "peft", PeftSection), section(cfg, "run", RunConfig)
+    cfg = load_config(SFTRecipe, args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
+    train_cfg, optim_cfg, src, data, peft_cfg, run_cfg = cfg.train, cfg.optim, cfg.model, cfg.data, cfg.peft, cfg.run
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
     model, tokenizer = load_base(src, data)

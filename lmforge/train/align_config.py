@@ -1,13 +1,12 @@
 """The schema of `lmforge align`'s recipe (configs/align-default.yaml): one dataclass per section,
-so every value is checked for type and range when the recipe is loaded (`common.build_config`),
-before any model is built. The recipe keeps reading plain dicts (`validate_align_config`)."""
+so every value is checked for type and range when the recipe is loaded (`config.load_config`),
+before any model is built, and the recipe reads typed fields (`cfg.train.lr`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from lmforge.common import DEVICE_PATTERN, build_config, checked
+from lmforge.common import DEVICE_PATTERN, checked
 
 ALIGN_METHODS = ("dpo", "reward", "grpo", "ppo", "distill", "rlaif")
 
@@ -99,8 +98,3 @@ class AlignConfig:
     rlaif: AlignRlaif = field(default_factory=AlignRlaif)
     run: AlignRun = field(default_factory=AlignRun)
 
-
-def validate_align_config(cfg: dict) -> dict:
-    """The recipe with every value checked and read as its field's type ("3e-4" -> 3e-4), missing
-    ones filled with defaults; LmforgeError naming the dotted field otherwise."""
-    return dataclasses.asdict(build_config(AlignConfig, cfg))
