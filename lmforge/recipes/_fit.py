@@ -13,15 +13,15 @@ batches the interrupted one would have.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
-from lmforge.common import dist_info
+from lmforge.common import LmforgeError, dist_info
 from lmforge.recipes._common import MetricsWriter
 from lmforge.train import OptimConfig, RunContext, TrainConfig, fit
 from lmforge.train.loop import LossFn
@@ -40,6 +40,12 @@ class FitOptions:
 
 def constant_lr(lr: float) -> OptimConfig:
     return OptimConfig(lr=lr, schedule="constant", warmup_steps=0)
+
+
+def warmup_cosine(lr: float, warmup_steps: int, weight_decay: float = 0.0) -> OptimConfig:
+    """Linear warmup, then cosine to 10% of `lr`, AdamW betas (0.9, 0.98): the clip/vlm schedule."""
+    return OptimConfig(lr=lr, warmup_steps=warmup_steps, min_lr_ratio=0.1, weight_decay=weight_decay,
+                       betas=(0.9, 0.98))
 
 
 class LoopState:
@@ -73,16 +79,20 @@ def run_dir_for(out: str | Path) -> Path:
     return Path(f"{Path(out)}.train")
 
 
-def run_fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, next_batch: Callable[[int], dict],
-            run_dir: str | Path, opts: FitOptions, state: LoopState | None = None, tokenizer=None,
+def run_fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn | None, next_batch: Callable[[int], dict],
+            run_dir: str | Path | None, opts: FitOptions, state: LoopState | None = None, tokenizer=None,
             device: torch.device | str = "cpu") -> dict:
-    """`fit` with the recipe's loss: no LM evaluation, no spike guard (these losses may be negative
-    or noisy by nature), fp32, one micro-batch per step. Returns fit's summary (final_loss, ...)."""
-    run_dir = Path(run_dir)
+    """`fit` with the recipe's loss (None: the LM loss on input_ids/labels): no LM evaluation, no spike guard (these losses may be negative
+    or noisy by nature), fp32, one micro-batch per step. Returns fit's summary (final_loss, ...).
+    `run_dir=None`: no metrics.jsonl and no checkpoints (a library call, not a run)."""
+    if run_dir is None and opts.resume:
+        raise LmforgeError("resume needs a run folder")
     info = dist_info()
     cfg = TrainConfig(steps=opts.steps, clip_grad=opts.clip_grad, spike_factor=0.0, eval_every=0,
-                      save_every=opts.save_every or opts.steps, keep_last=opts.keep_last, log_every=opts.log_every)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main)
+                      save_every=0 if run_dir is None else opts.save_every or opts.steps, keep_last=opts.keep_last,
+                      log_every=opts.log_every)
+    run_dir = Path(run_dir if run_dir is not None else ".")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main and cfg.save_every > 0)
     ctx = RunContext(run_dir, torch.device(device), torch.float32, info, metrics, tokenizer)
     try:
         return fit(model, optimizer, lambda step, i: next_batch(step), state, None, cfg, opts.optim, ctx,

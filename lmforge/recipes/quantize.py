@@ -122,19 +122,16 @@ def qat_finetune(model, batches, scheme: str, skip, steps: int, lr: float, log) 
     import torch
 
     from lmforge.quant import convert_qat, prepare_qat
+    from lmforge.recipes._fit import FitOptions, constant_lr, run_fit
+    from lmforge.train import clm_batch
 
     prepare_qat(model, scheme, skip)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    for step in range(steps):
-        ids = batches[step % len(batches)]
-        logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0 or step == steps - 1:
-            log.info("qat step %d loss %.4f", step, loss.item())
+    # train.fit's step with its LM loss; no run folder: quantize writes only --out
+    summary = run_fit(model, opt, None, lambda step: clm_batch(batches[step % len(batches)]), None,
+                      FitOptions(steps, constant_lr(lr)), device=next(model.parameters()).device)
+    log.info("qat: %d steps, final loss %.4f", summary["steps"], summary["final_loss"])
     model.eval()
     convert_qat(model)  # the packed format, rounded exactly as training saw; recorded in the manifest
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from lmforge.common import LmforgeError, get_device, get_logger, read_jsonl, seed_everything
+from lmforge.common import LmforgeError, get_device, read_jsonl, seed_everything
+from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_resume_argument(p)  # checkpoints and metrics.jsonl are in <out>.train/
 
 
 def read_text(path: str | None, max_bytes: int) -> str:
@@ -76,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
     from lmforge.infer.medusa import MedusaHeads, medusa_loss, save_medusa
 
-    log = get_logger()
+    from lmforge.train import OptimConfig, build_optimizer
+
     seed_everything(args.seed)
     device = get_device(args.device)
     model = load_model(args.model, device=device).eval().requires_grad_(False)
@@ -90,23 +93,26 @@ def main(args: argparse.Namespace) -> int:
     rows = self_distill(model, stream, args.self_distill, args.seq_len, gen) if args.self_distill else None
 
     heads = MedusaHeads(model.config.hidden_size, args.heads, args.layers).to(device)
-    opt = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / args.steps))
+    # Linear warmup over 20 steps, then a linear decay to 10% (train/optim.py's WSD, all decay).
+    optim_cfg = OptimConfig(lr=args.lr, weight_decay=0.0, schedule="wsd", decay_fraction=1.0,
+                            warmup_steps=min(20, args.steps))
     start, accs = time.perf_counter(), []
-    for step in range(args.steps):
+
+    def next_batch(step: int) -> dict:
         if rows is not None:
-            batch = rows[torch.randint(0, len(rows), (args.batch_size,), generator=gen)]
-        else:
-            starts = torch.randint(0, len(stream) - args.seq_len, (args.batch_size,), generator=gen)
-            batch = stream[starts[:, None] + torch.arange(args.seq_len)]
-        loss, accs = medusa_loss(model, heads, batch.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            log.info("step %d loss %.4f head top-1 acc %s", step, loss.item(), [round(a, 3) for a in accs])
-    summary = dict(steps=args.steps, final_loss=round(loss.item(), 4), head_top1_accuracy=[round(a, 4) for a in accs],
+            return {"input_ids": rows[torch.randint(0, len(rows), (args.batch_size,), generator=gen)]}
+        starts = torch.randint(0, len(stream) - args.seq_len, (args.batch_size,), generator=gen)
+        return {"input_ids": stream[starts[:, None] + torch.arange(args.seq_len)]}
+
+    def loss_fn(b: dict):
+        loss, accs[:] = medusa_loss(model, heads, b["input_ids"])
+        return loss, {f"head{k + 1}_top1": a for k, a in enumerate(accs)}
+
+    result = run_fit(heads, build_optimizer(heads, optim_cfg), loss_fn, next_batch, run_dir_for(args.out),
+                     FitOptions(args.steps, optim_cfg, save_every=max(1, args.steps // 4), resume=args.resume),
+                     LoopState(generators=[gen]), device=device)
+    loss = result["final_loss"] if result["final_loss"] is not None else float("nan")  # nan: resumed when done
+    summary = dict(steps=args.steps, final_loss=round(loss, 4), head_top1_accuracy=[round(a, 4) for a in accs],
                    seconds=round(time.perf_counter() - start, 1), base_model=str(args.model))
     save_medusa(heads.cpu(), args.out, extra={"training": summary})
     print(json.dumps(summary))
