@@ -146,7 +146,7 @@ def test_cli_prepare_and_contamination(prepared, corpus, tmp_path, capsys):
                 "--set", "dedup.threshold=0.7", "--set", "pack.val_fraction=0"]) == 0
     assert "training tokens" in capsys.readouterr().out
     assert cli(["data", "prepare", "-o", str(tmp_path / "q"), "--set", "dedup.nope=1"]) == 2
-    assert "unknown field(s) nope" in capsys.readouterr().err
+    assert "override 'dedup.nope': unknown field 'nope'" in capsys.readouterr().err  # refused when set
     book = (corpus / "books" / "b2.txt").read_text().split()
     evalset = tmp_path / "eval.jsonl"
     evalset.write_text(json.dumps({"id": "leak", "text": " ".join(book[50:80])}) + "\n"
