@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.infer.generate import _held_back, _stop_cut, generate, stream_text
+from lmforge.infer.generate import generate, stream_text
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
 from lmforge.model import KVCache, ModelConfig, Transformer
 
@@ -89,10 +89,12 @@ def test_context_overflow_for_learned_positions():
 
 
 def test_stop_string_helpers():
-    assert _stop_cut("hello world", ["wor"]) == 6
-    assert _stop_cut("hello", ["x"]) is None
-    assert _held_back("abc\n\n", ["\n\nUser:"]) == 2
-    assert _held_back("abc", ["\n\n"]) == 0
+    from lmforge.tokenizer.text import find_stop, stop_prefix_len
+
+    assert find_stop("hello world", ["wor"]) == 6
+    assert find_stop("hello", ["x"]) is None
+    assert stop_prefix_len("abc\n\n", ["\n\nUser:"]) == 2
+    assert stop_prefix_len("abc", ["\n\n"]) == 0
 
 
 class CharTokenizer:

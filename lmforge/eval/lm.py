@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lmforge.common import LmforgeError, get_device
 from lmforge.model import KVCache
 from lmforge.peft import virtual_tokens  # prompt-tuning tokens take cache slots too
+from lmforge.tokenizer.text import TextStream, cut_at_stop, end_of_turn_ids  # the one text-out path
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -134,30 +135,23 @@ class LocalLM:
         from lmforge.infer.generate import stream_generate
         from lmforge.infer.sampling import SamplingParams
 
-        from lmforge.tokenizer.text import end_of_turn_ids
-
         ends = set(end_of_turn_ids(self.tokenizer))  # EOS, and the chat template's end of turn
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                 stop_token_ids=sorted(ends), repetition_penalty=repetition_penalty)
-        rows: list[list[int]] = [[] for _ in batch]
+        texts = [TextStream(self.tokenizer, stop) for _ in batch]
         done = [False] * len(batch)
-        for step, token in enumerate(stream_generate(self.model, batch, params)):
+        for token in stream_generate(self.model, batch, params):
             for i, t in enumerate(token.tolist()):
                 if not done[i]:
                     done[i] = t in ends
                     if not done[i]:
-                        rows[i].append(t)
-            if stop and step % 4 == 3:  # decoding every step would cost more than it saves
-                done = [d or any(s in self.tokenizer.decode(r) for s in stop if s) for d, r in zip(done, rows)]
+                        texts[i].push([t])
+                        done[i] = texts[i].stopped
             if all(done):
                 break
-        return [cut_at_stop(self.tokenizer.decode(r), stop) for r in rows]
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """Text before the earliest stop string."""
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return text[:min(cuts)] if cuts else text
+        for t in texts:
+            t.flush()
+        return [t.text for t in texts]
 
 
 class EndpointLM:

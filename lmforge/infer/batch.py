@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lmforge.common import LmforgeError, atomic_write_text, read_jsonl
+from lmforge.tokenizer.text import completion_text
 
 from .engine import Engine
 from .sampling import SamplingParams
@@ -40,11 +41,6 @@ def _encode(row: dict, tokenizer, where: str) -> list[int]:
     if "messages" in row:
         return tokenizer.encode(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True))
     return tokenizer.encode(row["prompt"])
-
-
-def _cut_stop(text: str, stops: list[str]) -> str:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return text[:min(hits)] if hits else text
 
 
 def load_draft(path: str | Path, target, tokenizer=None):
@@ -90,7 +86,7 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
     lines = []
     for i, ((_, row), rid) in enumerate(zip(rows, ids)):
         seq = engine.requests[rid]
-        text = _cut_stop(tokenizer.decode(seq.output), seq.params.stop_strings) if tokenizer is not None else None
+        text = completion_text(tokenizer, seq.output, seq.params.stop_strings) if tokenizer is not None else None
         out = dict(id=row.get("id", i), completion=text, completion_ids=seq.output, finish_reason=seq.finish_reason,
                    prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output))
         if seq.error is not None:  # this prompt failed alone in the engine (finish_reason "error")

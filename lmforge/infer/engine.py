@@ -35,11 +35,13 @@ import collections
 import contextlib
 import itertools
 import threading
+import weakref
 from typing import NamedTuple, Sequence as Seq
 
 import torch
 
 from lmforge.common import LmforgeError, get_logger
+from lmforge.tokenizer.text import TextStream
 
 from .paged import BlockPool, CacheGroup, PagedKVCache, forward_packed, forward_padded
 from .sampling import SamplingParams, sample
@@ -103,6 +105,7 @@ class Engine:
         self._ops: collections.deque = collections.deque()  # changes queued while a step runs
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._finished_early: list[Event] = []
+        self._texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Sequence -> TextStream (stop strings)
         eos = getattr(tokenizer, "eos_id", None)
         self.eos = [eos] if eos is not None else []
         self.counters = dict(steps=0, generated_tokens=0, prompt_tokens=0, drafted_tokens=0, accepted_tokens=0)
@@ -422,21 +425,16 @@ class Engine:
         if token in p.stop_token_ids or token in self.eos:
             return "stop"
         if p.stop_strings and self.tokenizer is not None:
-            # A new match ends in the newest token, so only a tail that can hold the longest stop string
-            # is decoded (each character is at most 4 byte-tokens), not the whole output every step.
-            window = 4 * max(len(s) for s in p.stop_strings) + 4
-            text = self._decode_known(seq.output[-window:])
-            if any(s and s in text for s in p.stop_strings):
+            # The request's text, decoded incrementally (each token once, not the output every step).
+            text = self._texts.get(seq)
+            if text is None:
+                text = self._texts[seq] = TextStream(self.tokenizer, p.stop_strings)
+            text.push(seq.output[len(text.starts):])
+            if text.stopped:
                 return "stop"
         if len(seq.output) >= p.max_new_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
             return "length"
         return None
-
-    def _decode_known(self, ids: list[int]) -> str:
-        """Decode for stop strings, skipping ids past the tokenizer's vocabulary: a model whose
-        embedding is padded (to a multiple of 64, say) may emit one, and decode would raise."""
-        limit = getattr(self.tokenizer, "vocab_size", None)
-        return self.tokenizer.decode([t for t in ids if limit is None or t < limit])
 
     def _finish(self, seq: Sequence, reason: str | None) -> None:
         self.scheduler.finish(seq, reason)

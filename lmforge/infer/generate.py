@@ -13,6 +13,8 @@ import torch
 from lmforge.common import LmforgeError
 from lmforge.model import KVCache
 
+from lmforge.tokenizer.text import TextStream
+
 from .sampling import SamplingParams, sample
 
 
@@ -146,44 +148,19 @@ def stream_text(model, tokenizer, prompt: str | list[int], params: SamplingParam
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if tokenizer.eos_id is not None and tokenizer.eos_id not in params.stop_token_ids:
         params.stop_token_ids = list(params.stop_token_ids) + [tokenizer.eos_id]
-    out_ids: list[int] = []
-    emitted = 0
+    text = TextStream(tokenizer, params.stop_strings)  # the one text-out path (lmforge.tokenizer.text)
     for token in stream_generate(model, [ids], params, decode_fn=decode_fn):
         t = int(token[0])
         if t in params.stop_token_ids:
             break
-        out_ids.append(t)
-        text = tokenizer.decode(out_ids)
-        cut = _stop_cut(text, params.stop_strings)
-        if cut is not None:
-            if cut > emitted:
-                yield text[emitted:cut]
+        piece = text.push([t])
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        safe = len(text) - _held_back(text, params.stop_strings)
-        if text.endswith("\ufffd"):
-            safe = min(safe, len(text) - 1)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text = tokenizer.decode(out_ids)
-    if len(text) > emitted:
-        yield text[emitted:]
-
-
-def _stop_cut(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still grow into a stop string."""
-    hold = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                hold = max(hold, n)
-                break
-    return hold
+    piece = text.flush()
+    if piece:
+        yield piece
 
 
 def generate_text(model, tokenizer, prompt: str, params: SamplingParams) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lmforge.common import LmforgeError
+from lmforge.tokenizer.text import end_of_turn_ids
 
 from .data import load_image, to_pixels
 from .vlm import VisionLanguageModel, expand_image_tokens, generate, greedy
@@ -104,6 +105,6 @@ def answer_image(model: VisionLanguageModel, tokenizer, image: Any, prompt: str,
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "\n" + prompt}]}]
     inputs = prepare_chat(model, tokenizer, messages)
-    stops = [i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.eos_id) if i is not None]
+    stops = end_of_turn_ids(tokenizer)  # EOS and the template's end of turn
     out = generate(model, inputs["inputs_embeds"], max_new_tokens, sample_fn or greedy, stop_token_ids=stops)
     return tokenizer.decode(out[0]).strip()

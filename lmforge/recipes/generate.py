@@ -119,9 +119,9 @@ def main(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        end_of_turn = tokenizer.token_to_id("<|im_end|>")
-        if end_of_turn is not None:
-            params.stop_token_ids.append(end_of_turn)
+        from lmforge.tokenizer.text import end_of_turn_ids  # the template's end of turn (<|eot_id|>, ...)
+
+        params.stop_token_ids += [t for t in end_of_turn_ids(tokenizer) if t not in params.stop_token_ids]
     check_context(model.config, len(tokenizer.encode(prompt)), args.max_new_tokens)
     start, pieces = time.perf_counter(), []
     for piece in stream_text(model, tokenizer, prompt, params, decode_fn):

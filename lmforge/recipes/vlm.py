@@ -35,6 +35,7 @@ from lmforge.multimodal import (VisionLanguageModel, VlmConfig, bleu, cider_d, g
                                 save_multimodal)
 from lmforge.multimodal.config import VlmTrainConfig, load_config, make_optimizer, run_steps
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.tokenizer.text import end_of_turn_ids
 
 log = get_logger("lmforge.vlm")
 CAPTION_PROMPT = "describe the image."
@@ -242,10 +243,9 @@ def answer_batch(model: VisionLanguageModel, tokenizer, images: list[np.ndarray]
         rng = np.random.default_rng(seed)
         images = [rng.integers(0, 256, im.shape, dtype=np.uint8) for im in images]
     embeds = model.embed(ids.to(device), pixels_for(model, images))
-    end = tokenizer.token_to_id("<|im_end|>")
     params = SamplingParams(max_new_tokens=max_new_tokens)
     out = generate(model, embeds, max_new_tokens, lambda logits: sample(logits, params),
-                   stop_token_ids=[end, tokenizer.eos_id], attention_mask=mask.to(device))
+                   stop_token_ids=end_of_turn_ids(tokenizer), attention_mask=mask.to(device))
     return [tokenizer.decode(o).strip() for o in out]
 
 
