@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from lmforge.common import LmforgeError
+from lmforge.infer.decode import decode_ids
+from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig
 from lmforge.multimodal import (CLIP, ClipConfig, VisionConfig, VisionLanguageModel, VisionTransformer, VlmConfig,
-                                cider_d, expand_image_tokens, generate, info_nce, load_hf_vision, load_image,
+                                cider_d, expand_image_tokens, info_nce, load_hf_vision, load_image,
                                 make_shapes, prepare_chat, read_jsonl_folder, recall_at_k, save_hf_vision,
                                 save_multimodal, load_multimodal, splice)
 
@@ -112,7 +114,7 @@ def test_vlm_forward_uses_the_image_and_generation_matches_full_forward():
     with torch.no_grad():
         assert not torch.allclose(model(ids, a)[0, -1], model(ids, b)[0, -1])
         embeds = model.embed(ids, a)
-        fast = generate(model, embeds, max_new_tokens=5)[0]
+        fast = decode_ids(model, SamplingParams(max_new_tokens=5), inputs_embeds=embeds)[0]
         slow, cur = [], ids  # greedy by recomputing the whole sequence each step
         for _ in range(5):
             nxt = int(model(cur, a)[0, -1].argmax())

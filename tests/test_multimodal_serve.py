@@ -13,8 +13,10 @@ import torch
 openai = pytest.importorskip("openai")
 PIL = pytest.importorskip("PIL", reason="the vision extra (pillow) is not installed")
 
+from lmforge.infer.decode import decode_ids  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model import ModelConfig  # noqa: E402
-from lmforge.multimodal import (VisionConfig, VisionLanguageModel, VlmConfig, generate, prepare_chat,  # noqa: E402
+from lmforge.multimodal import (VisionConfig, VisionLanguageModel, VlmConfig, prepare_chat,  # noqa: E402
                                 save_multimodal)
 from lmforge.serve import ServeConfig  # noqa: E402
 from lmforge.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
@@ -76,7 +78,8 @@ def _reference(vlm_dir, messages: list[dict], max_tokens: int) -> str:
     model, tok = load_multimodal(vlm_dir, kind="vlm"), load_tokenizer(vlm_dir)
     inputs = prepare_chat(model, tok, messages)
     stops = [tok.token_to_id("<|im_end|>"), tok.eos_id]
-    ids = generate(model, inputs["inputs_embeds"], max_tokens, stop_token_ids=stops)[0]
+    ids = decode_ids(model, SamplingParams(max_new_tokens=max_tokens, stop_token_ids=stops),
+                     inputs_embeds=inputs["inputs_embeds"])[0]
     return tok.decode([t for t in ids if t not in stops])
 
 

@@ -15,7 +15,6 @@ base prediction after its last node is the next root. Output is identical to pla
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -23,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.common import LmforgeError, atomic_path, atomic_write_json, read_json
-from lmforge.model import KVCache
 
 from .sampling import SamplingParams
-from .speculative import SpecStats
+from .speculative import SpecStats, speculative_generate
 
 CONFIG_FILE, WEIGHTS_FILE = "medusa_config.json", "medusa_heads.safetensors"
 
@@ -112,68 +110,43 @@ def build_tree(choices: tuple[int, ...]) -> tuple[list[int], list[int], list[int
     return parent, depth, rank
 
 
-def _ancestor_mask(parent: list[int]) -> torch.Tensor:
-    n = len(parent)
-    mask = torch.eye(n, dtype=torch.bool)
-    for i in range(1, n):
-        mask[i] |= mask[parent[i]]
-    return mask
+class MedusaProposer:
+    """Medusa as a decode.Proposer: a tree of the heads' top guesses from the target's last hidden
+    state (choices[d] per node at depth d + 1), verified greedily in one forward."""
+
+    tree = needs_hidden = True
+
+    def __init__(self, model, heads: MedusaHeads, choices: tuple[int, ...] | None = None):
+        choices = choices or ((3, 2, 2) + (1,) * heads.num_heads)[:heads.num_heads]
+        if len(choices) > heads.num_heads:
+            raise LmforgeError(f"the tree has {len(choices)} levels but the Medusa folder has {heads.num_heads} heads")
+        self.lm_head, self.heads, self.width = model.lm_head, heads, max(choices)
+        self.all_parents, self.depth, self.rank = build_tree(choices)
+        self.max_nodes = len(self.all_parents) - 1
+        self.parents: list[int] = [-1]
+        self.hidden: torch.Tensor | None = None
+
+    def reset(self, prompt: list[int]) -> None:
+        self.hidden = None
+
+    def observe(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], None]:
+        """The tree's nodes down to depth k (breadth-first, so a prefix of the whole tree)."""
+        guesses = self.heads(self.hidden, self.lm_head).topk(self.width, dim=-1).indices.tolist()  # [K, width]
+        n = 1 + sum(1 for d in self.depth[1:] if d <= k)
+        self.parents = self.all_parents[:n]
+        return [guesses[d - 1][r] for d, r in zip(self.depth[1:n], self.rank[1:n])], None
+
+    def accepted(self, num_valid: int) -> None:
+        pass
 
 
-@torch.inference_mode()
 def medusa_generate(model, heads: MedusaHeads, prompt_ids: list[int], params: SamplingParams,
                     choices: tuple[int, ...] | None = None, eos_token_ids: list[int] | None = None
                     ) -> tuple[list[int], SpecStats]:
     """Greedy decoding with Medusa tree verification; identical tokens to plain greedy. `choices`:
     top-k per tree level (default 3, 2, 2, then 1 for further heads)."""
-    choices = choices or ((3, 2, 2) + (1,) * heads.num_heads)[:heads.num_heads]
-    if not params.greedy:
-        raise LmforgeError("Medusa decoding here is greedy only (temperature 0); use --draft or --lookup to sample")
-    if len(choices) > heads.num_heads:
-        raise LmforgeError(f"the tree has {len(choices)} levels but the Medusa folder has {heads.num_heads} heads")
-    device = next(model.parameters()).device
-    parent, depth, rank = build_tree(choices)
-    tree_mask = _ancestor_mask(parent).to(device)
-    depth_t, N = torch.tensor(depth, device=device), len(parent)
-    stop = set(params.stop_token_ids) | set(eos_token_ids or [])
-    L = len(prompt_ids)
-    cache = KVCache.for_model(model, 1, L + params.max_new_tokens + N + 1)
-    stats, start = SpecStats(), time.perf_counter()
-    logits, hidden = model(torch.tensor([prompt_ids], device=device), kv_cache=cache, start_pos=0,
-                           logits_to_keep=1, return_hidden=True)
-    root, last_hidden = int(logits[0, -1].argmax()), hidden[0, -1]
-    out: list[int] = []
-    while True:
-        guesses = heads(last_hidden, model.lm_head).topk(max(choices), dim=-1).indices  # [K, max choice]
-        tokens = [root] + [int(guesses[d - 1, r]) for d, r in zip(depth[1:], rank[1:])]
-        mask = torch.cat([torch.ones(N, L, dtype=torch.bool, device=device), tree_mask], dim=1)[None, None]
-        logits, hidden = model(torch.tensor([tokens], device=device), position_ids=(L + depth_t)[None],
-                               attn_mask=mask, kv_cache=cache, start_pos=L, return_hidden=True)
-        pred = logits[0].argmax(-1).tolist()
-        ok = [True] + [False] * (N - 1)
-        for i in range(1, N):
-            ok[i] = ok[parent[i]] and tokens[i] == pred[parent[i]]
-        best = max((i for i in range(N) if ok[i]), key=lambda i: depth[i])
-        path = [best]
-        while path[-1] != 0:
-            path.append(parent[path[-1]])
-        path.reverse()
-        _compact(cache, L, path)
-        L += len(path)
-        stats.steps += 1
-        stats.proposed += len(choices)
-        stats.accepted += len(path) - 1
-        stats.accepted_per_step.append(len(path) - 1)
-        for i in path:
-            out.append(tokens[i])
-            if tokens[i] in stop or len(out) >= params.max_new_tokens:
-                stats.new_tokens, stats.seconds = len(out), time.perf_counter() - start
-                return out, stats
-        root, last_hidden = pred[best], hidden[0, best]
-
-
-def _compact(cache: KVCache, start: int, path: list[int]) -> None:
-    """Move the accepted nodes' keys/values (tree slots start + i) to slots start, start + 1, ..."""
-    src = torch.tensor(path, device=cache.k[0].device) + start
-    for buf in cache.k + cache.v:
-        buf[:, :, start:start + len(path)] = buf[:, :, src]
+    return speculative_generate(model, prompt_ids, params, MedusaProposer(model, heads, choices),
+                                k=heads.num_heads, eos_token_ids=eos_token_ids)

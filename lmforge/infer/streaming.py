@@ -12,14 +12,16 @@ just use cache-relative positions for new tokens.)
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
 from lmforge.common import LmforgeError
 from lmforge.model.layers import apply_rope
 
-from .sampling import SamplingParams, sample
+from .decode import decode
+from .sampling import SamplingParams
 
 
 class SinkKVCache:
@@ -63,35 +65,43 @@ class SinkKVCache:
         self.evicted += n
 
 
-@torch.inference_mode()
+@dataclass
+class AttentionSinks:
+    """The StreamingLLM cache option of `decode.decode`: keep `sinks` first tokens plus a window of
+    the latest `window`; prompts and embeddings are fed `chunk` tokens at a time (default window/2)."""
+
+    sinks: int = 4
+    window: int = 252
+    chunk: int | None = None
+
+    def feeder(self, model, device) -> Callable:
+        """feed(tokens [1, n] or embeds [1, n, D]) -> the last position's logits [1, V]."""
+        dtype = next(model.parameters()).dtype
+        cache = SinkKVCache(model.config, 1, self.sinks, self.window, device,
+                            dtype if dtype.is_floating_point else torch.float32)
+        rotary = model.model.rotary if model.config.position == "rope" else None
+        chunk = self.chunk or max(1, self.window // 2)
+
+        def feed(tokens: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+            x = tokens if embeds is None else embeds
+            logits = None
+            for i in range(0, x.shape[1], chunk):
+                piece = x[:, i:i + chunk]
+                n = piece.shape[1]
+                cache.make_room(n, rotary)
+                start = cache.length
+                pos = torch.arange(start, start + n, device=device)[None]
+                kw = {"input_ids": piece} if embeds is None else {"inputs_embeds": piece}
+                logits = model(**kw, position_ids=pos, kv_cache=cache, start_pos=start, logits_to_keep=1)[:, -1]
+                cache.length += n
+            return logits
+
+        return feed
+
+
 def stream_generate_sinks(model, prompt_ids: list[int], params: SamplingParams, sinks: int = 4,
                           window: int = 252, chunk: int | None = None) -> Iterator[int]:
     """Yield new tokens one at a time for a single prompt; memory stays at sinks + window slots
     however long the prompt or the generation."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    cache = SinkKVCache(model.config, 1, sinks, window, device, dtype if dtype.is_floating_point else torch.float32)
-    rotary = model.model.rotary if model.config.position == "rope" else None
-    chunk = chunk or max(1, window // 2)
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    stop = set(params.stop_token_ids)
-
-    def feed(tokens: list[int]) -> torch.Tensor:
-        logits = None
-        for i in range(0, len(tokens), chunk):
-            piece = tokens[i:i + chunk]
-            cache.make_room(len(piece), rotary)
-            start = cache.length
-            ids = torch.tensor([piece], device=device)
-            pos = torch.arange(start, start + len(piece), device=device)[None]
-            logits = model(ids, position_ids=pos, kv_cache=cache, start_pos=start, logits_to_keep=1)[:, -1]
-            cache.length += len(piece)
-        return logits
-
-    logits = feed(list(prompt_ids))
-    for i in range(params.max_new_tokens):
-        token = int(sample(logits.float(), params, generator)[0])
-        yield token
-        if token in stop or i == params.max_new_tokens - 1:
-            return
-        logits = feed([token])
+    for token in decode(model, params, list(prompt_ids), sinks=AttentionSinks(sinks, window, chunk)):
+        yield int(token[0])

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.tokenizer.text import end_of_turn_ids
 
 from .data import load_image, to_pixels
-from .vlm import VisionLanguageModel, expand_image_tokens, generate, greedy
+from .vlm import VisionLanguageModel, expand_image_tokens
 
 
 def _image_source(part: dict, where: str) -> Any:
@@ -86,8 +85,8 @@ def pixels_for(model: VisionLanguageModel, images: list[np.ndarray]) -> torch.Te
 def prepare_chat(model: VisionLanguageModel, tokenizer, messages: list[dict],
                  add_generation_prompt: bool = True) -> dict[str, torch.Tensor | None]:
     """OpenAI-style messages (images as parts) -> {"input_ids" [1, T], "pixel_values"
-    [n, 3, H, W] | None, "inputs_embeds" [1, T, D]}: ready for `vlm.generate(model, inputs_embeds)`
-    or for an engine that accepts prompt embeddings."""
+    [n, 3, H, W] | None, "inputs_embeds" [1, T, D]}: ready for lmforge.infer.decode (inputs_embeds
+    with input_ids) or for an engine that accepts prompt embeddings."""
     messages, images = split_images(messages)
     cfg = model.vlm_config
     ids, _ = render_ids(tokenizer, messages, cfg.image_token_id, cfg.num_image_tokens, add_generation_prompt)
@@ -98,13 +97,7 @@ def prepare_chat(model: VisionLanguageModel, tokenizer, messages: list[dict],
             "inputs_embeds": model.embed(input_ids, pixel_values)}
 
 
-def answer_image(model: VisionLanguageModel, tokenizer, image: Any, prompt: str, max_new_tokens: int = 64,
-                 sample_fn=None, system: str | None = None) -> str:
-    """One image + one question -> the model's answer (what `lmforge generate --image` prints).
-    `sample_fn` maps logits [B, V] to ids [B]; greedy when None."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [
+def image_question(image: Any, prompt: str, system: str | None = None) -> list[dict]:
+    """One image + one question as chat messages (what `lmforge generate --image` asks)."""
+    return ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "\n" + prompt}]}]
-    inputs = prepare_chat(model, tokenizer, messages)
-    stops = end_of_turn_ids(tokenizer)  # EOS and the template's end of turn
-    out = generate(model, inputs["inputs_embeds"], max_new_tokens, sample_fn or greedy, stop_token_ids=stops)
-    return tokenizer.decode(out[0]).strip()

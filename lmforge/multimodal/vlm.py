@@ -6,19 +6,18 @@
     forward     language_model(inputs_embeds=...) -> logits [B, T, V]
 
 The model keeps the LM's forward signature (plus `pixel_values`), so the KV cache, masks and
-position handling are the LM's own. Generation prefills the spliced embeddings, then decodes ids.
+position handling are the LM's own. Generation is lmforge.infer.decode's: it prefills the spliced
+embeddings (`embed`) into the LM's cache, then decodes ids.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
-
 import torch
 import torch.nn as nn
 
 from lmforge.common import LmforgeError
-from lmforge.model import KVCache, ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer
 
 from .vit import VisionConfig, VisionTransformer
 
@@ -144,56 +143,3 @@ class VisionLanguageModel(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         return self.language_model(inputs_embeds=inputs_embeds, **lm_kwargs)
-
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
-
-
-@torch.no_grad()
-def stream(model: VisionLanguageModel, inputs_embeds: torch.Tensor, max_new_tokens: int = 32,
-           sample_fn: Callable[[torch.Tensor], torch.Tensor] = greedy,
-           attention_mask: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Prefill the spliced prompt embeddings [B, T, D] into a KV cache, then decode: yields
-    (token ids [B], the logits [B, V] they were sampled from) per step, at most max_new_tokens
-    times. The next forward runs only when the caller asks for the next token, so stopping
-    early costs nothing. `sample_fn` maps logits [B, V] to ids [B]. Left-padded batches pass
-    attention_mask [B, T]."""
-    B, T, _ = inputs_embeds.shape
-    lm = model.language_model
-    cache = KVCache.for_model(lm, B, T + max_new_tokens)
-    mask = attention_mask
-    position_ids = None
-    if mask is not None:  # positions count real tokens only, so left padding does not shift them
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = lm(inputs_embeds=inputs_embeds, kv_cache=cache, start_pos=0, attention_mask=mask,
-                position_ids=position_ids, logits_to_keep=1)
-    for step in range(max_new_tokens):
-        token = sample_fn(logits[:, -1])
-        yield token, logits[:, -1]
-        if step == max_new_tokens - 1:
-            return
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-        logits = lm(token[:, None], kv_cache=cache, start_pos=T + step, attention_mask=mask,
-                    position_ids=position_ids)
-
-
-def generate(model: VisionLanguageModel, inputs_embeds: torch.Tensor, max_new_tokens: int = 32,
-             sample_fn: Callable[[torch.Tensor], torch.Tensor] = greedy,
-             stop_token_ids: list[int] | tuple[int, ...] = (), attention_mask: torch.Tensor | None = None,
-             ) -> list[list[int]]:
-    """All of `stream`'s tokens per row, each row cut after its first stop token (the recipes
-    pass lmforge.infer.sampling.sample as `sample_fn`)."""
-    B = inputs_embeds.shape[0]
-    out = [[] for _ in range(B)]
-    done = [False] * B
-    for token, _ in stream(model, inputs_embeds, max_new_tokens, sample_fn, attention_mask):
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(token[b]))
-                done[b] = int(token[b]) in stop_token_ids
-        if all(done):
-            break
-    return out

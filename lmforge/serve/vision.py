@@ -6,9 +6,9 @@
 Text-only requests to a VLM server go through the continuous-batching engine, which runs the
 VLM's language model. A request with images needs its image features spliced into the prompt
 embeddings, which the engine (token ids in, paged KV cache) does not take, so it runs here
-instead: one sequence at a time on a worker thread, a plain KV-cache prefill of the spliced
-embeddings and then token-by-token decoding, each forward under the engine's lock (the two
-threads share the language model's weights). Its events are the engine's `Event`s on the same
+instead: one sequence at a time on a worker thread, through the single-sequence decode driver
+(lmforge.infer.decode: a prefill of the spliced embeddings, then token by token), each forward
+under the engine's lock (the two threads share the language model's weights). Its events are the engine's `Event`s on the same
 asyncio queues as `EngineRunner`'s, so streaming, stop strings, timeouts, cancelling and usage
 work exactly as for text.
 
@@ -27,16 +27,16 @@ import binascii
 import io
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
 from lmforge.common import LmforgeError, get_dtype, get_logger
+from lmforge.infer.decode import decode
 from lmforge.infer.engine import Event, logprob_entry
-from lmforge.infer.sampling import sample
 from lmforge.multimodal import (VisionLanguageModel, is_multimodal, load_image, load_multimodal, pixels_for,
-                                render_ids, split_images, stream)
+                                render_ids, split_images)
 
 from .protocol import APIError, ChatMessage
 from .runner import EngineFailed, Handle, Submission, _post, check_room
@@ -149,30 +149,26 @@ class VisionRunner:
             with self._guard:
                 self._live.discard(h)
 
-    @torch.inference_mode()
     def _run(self, h: Handle) -> None:
         s: VisionSubmission = h.submission
-        p = s.params
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([s.prompt_ids], device=device)
-        generator = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
-        seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=device)
-        seen[0, ids[0]] = True  # the repetition penalty counts the prompt too, as the engine does
-        stops = set(p.stop_token_ids) | ({self.tokenizer.eos_id} - {None})
-        budget = min(p.max_new_tokens, self.max_model_len - len(s.prompt_ids))
+        budget = min(s.params.max_new_tokens, self.max_model_len - len(s.prompt_ids))
         if budget <= 0:
             _post(h.loop, [(h.queue, (h.index, Event(0, [], True, "length")))])
             return
-        with self.lock:
-            embeds = self.model.embed(ids, s.pixel_values)
-        tokens = stream(self.model, embeds, budget, lambda logits: sample(logits, p, generator, seen))
+        # The engine's options: the prompt counts for the repetition penalty, EOS stops.
+        params = replace(s.params, max_new_tokens=budget)
+        eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+        stops = set(params.stop_token_ids) | set(eos)
+        with self.lock, torch.inference_mode():
+            ids = torch.tensor([s.prompt_ids], device=next(self.model.parameters()).device)
+            tokens = decode(self.model, params, ids, inputs_embeds=self.model.embed(ids, s.pixel_values),
+                            eos_token_ids=eos, return_logits=True)
         for step in range(budget):
             if h.cancelled:
                 return
             with self.lock:
                 token, logits = next(tokens)
             t = int(token[0])
-            seen[0, t] = True
             reason = "stop" if t in stops else ("length" if step == budget - 1 else None)
             _post(h.loop, [(h.queue, (h.index, Event(0, [t], reason is not None, reason, _logprobs(t, logits, s))))])
             if reason is not None:
