@@ -10,9 +10,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .decode import decode, pad_prompts  # noqa: F401  (pad_prompts: re-exported, it was defined here)
 from lmforge.tokenizer.text import TextStream
 
+from .decode import decode, pad_prompts  # noqa: F401  (pad_prompts: re-exported, it was defined here)
 from .sampling import SamplingParams
 
 

@@ -47,29 +47,19 @@ def main(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
     from lmforge.infer.fast import prepare_for_inference
     from lmforge.infer.generate import compiled_decode, generate, stream_text
-    from lmforge.infer.sampling import SamplingParams
 
     if args.prompt is None and args.prompt_ids is None and args.prompts is None:
         raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3, or --prompts FILE.jsonl --out FILE.jsonl)")
     device = get_device(args.device)
     if args.image:  # a vision-language model: the image is spliced in at the prompt's <image>
-        from lmforge.infer.sampling import sample
-        from lmforge.multimodal import answer_image, load_multimodal
-
-        vlm, tokenizer = load_multimodal(args.model, device, kind="vlm"), load_tokenizer_if_any(args.model)
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        print(answer_image(vlm, tokenizer, args.image, args.prompt or "describe the image.", args.max_new_tokens,
-                           lambda logits: sample(logits, params), system=args.system))
-        return 0
+        return answer_image(args, device)
     model = load_model(args.model, device=device, dtype=args.dtype)
     # Eager decode: pre-transposed weights; compiled decode: inductor's freezing prepacks nn.Linear itself.
     model = model.requires_grad_(False) if args.compile else prepare_for_inference(model)
     tokenizer = load_tokenizer_if_any(args.model)
     if args.seed is not None:
         seed_everything(args.seed)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop_strings=list(args.stop))
+    params = sampling_params(args)
     check_context(model.config, 0, args.max_new_tokens)  # fail before any prompt is read or cache allocated
     decode_fn = compiled_decode(model) if args.compile else None
     if args.prompts:  # batch mode: all prompts through the continuous-batching engine
@@ -123,15 +113,58 @@ def main(args: argparse.Namespace) -> int:
 
         params.stop_token_ids += [t for t in end_of_turn_ids(tokenizer) if t not in params.stop_token_ids]
     check_context(model.config, len(tokenizer.encode(prompt)), args.max_new_tokens)
-    start, pieces = time.perf_counter(), []
-    for piece in stream_text(model, tokenizer, prompt, params, decode_fn):
-        pieces.append(piece)
-        if args.stream:
+    print_text(stream_text(model, tokenizer, prompt, params, decode_fn), tokenizer, args.stream)
+    return 0
+
+
+def sampling_params(args: argparse.Namespace):
+    from lmforge.infer.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop_strings=list(args.stop))
+
+
+def print_text(pieces, tokenizer, stream: bool) -> None:
+    """Print generated text (as it comes with --stream), then a token count and time on stderr."""
+    start, out = time.perf_counter(), []
+    for piece in pieces:
+        out.append(piece)
+        if stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    print("" if args.stream else "".join(pieces))
-    n_tokens = len(tokenizer.encode("".join(pieces)))
+    print("" if stream else "".join(out))
+    n_tokens = len(tokenizer.encode("".join(out)))
     print(f"[~{n_tokens} tokens in {time.perf_counter() - start:.2f}s]", file=sys.stderr)
+
+
+def answer_image(args: argparse.Namespace, device) -> int:
+    """--image: one image + one question to a VLM folder (`lmforge vlm train`), in its chat format.
+    The same sampling flags, stop strings and --stream as text, through the same decode driver."""
+    from lmforge.checkpoint import load_tokenizer_if_any
+    from lmforge.common import get_dtype
+    from lmforge.infer.generate import compiled_decode, stream_text
+    from lmforge.multimodal import image_question, load_multimodal, prepare_chat
+    from lmforge.tokenizer.text import end_of_turn_ids
+
+    for flag, on in (("--draft", args.draft), ("--lookup", args.lookup), ("--medusa", args.medusa),
+                     ("--prompts", args.prompts), ("--prompt-ids", args.prompt_ids)):
+        if on:
+            raise LmforgeError(f"--image decodes one chat prompt with the VLM; it does not take {flag}")
+    tokenizer = load_tokenizer_if_any(args.model)
+    if tokenizer is None:
+        raise LmforgeError(f"{args.model} has no tokenizer.json: --image needs the VLM's tokenizer")
+    vlm = load_multimodal(args.model, device, kind="vlm").to(get_dtype(args.dtype, device)).requires_grad_(False)
+    if args.seed is not None:
+        seed_everything(args.seed)
+    params = sampling_params(args)
+    params.stop_token_ids += [t for t in end_of_turn_ids(tokenizer) if t not in params.stop_token_ids]
+    inputs = prepare_chat(vlm, tokenizer, image_question(args.image, args.prompt or "describe the image.", args.system))
+    ids = inputs["input_ids"][0].tolist()
+    check_context(vlm.config, len(ids), args.max_new_tokens)
+    decode_fn = compiled_decode(vlm.language_model) if args.compile else None
+    print_text(stream_text(vlm, tokenizer, ids, params, decode_fn, inputs_embeds=inputs["inputs_embeds"]),
+               tokenizer, args.stream)
     return 0
 
 

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import check_output_dir, load_model, load_tokenizer_if_any
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, seed_everything
-from lmforge.infer.sampling import SamplingParams, sample
+from lmforge.infer.decode import decode_ids
+from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
-from lmforge.multimodal import (VisionLanguageModel, VlmConfig, bleu, cider_d, generate, image_turn, is_multimodal,
+from lmforge.multimodal import (VisionLanguageModel, VlmConfig, bleu, cider_d, image_turn, is_multimodal,
                                 load_examples, load_hf_vision, load_multimodal, pixels_for, render_ids,
                                 save_multimodal)
 from lmforge.multimodal.config import VlmTrainConfig, load_config, make_optimizer, run_steps
@@ -244,8 +245,8 @@ def answer_batch(model: VisionLanguageModel, tokenizer, images: list[np.ndarray]
         images = [rng.integers(0, 256, im.shape, dtype=np.uint8) for im in images]
     embeds = model.embed(ids.to(device), pixels_for(model, images))
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    out = generate(model, embeds, max_new_tokens, lambda logits: sample(logits, params),
-                   stop_token_ids=end_of_turn_ids(tokenizer), attention_mask=mask.to(device))
+    out = decode_ids(model, params, ids.to(device), inputs_embeds=embeds, attention_mask=mask.to(device),
+                     eos_token_ids=end_of_turn_ids(tokenizer))  # EOS and the template's end of turn
     return [tokenizer.decode(o).strip() for o in out]
 
 
