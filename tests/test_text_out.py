@@ -117,7 +117,7 @@ def test_a_2000_token_stream_decodes_each_token_a_bounded_number_of_times(bpe, w
     else:
         ids = [bpe.token_to_id("<|pad|>")] * n
     tok = Counting(bpe)
-    text, ts = _streamed(tok, ids, stop=["never-there"])
+    text, _ = _streamed(tok, ids, stop=["never-there"])
     assert text == bpe.decode(ids)
     assert tok.decoded <= 10 * n  # re-decoding the output at every token would be n * n / 2 = 2,000,000
 

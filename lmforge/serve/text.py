@@ -6,7 +6,6 @@ from lmforge.tokenizer.text, the one text-out path).
 from __future__ import annotations
 
 from lmforge.common import LmforgeError
-
 from lmforge.tokenizer.text import TextStream, end_of_turn_ids  # noqa: F401  (re-exported: serve's text side)
 
 from .protocol import APIError, ChatMessage

@@ -11,7 +11,7 @@ at every token made `generate --stream` quadratic).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from lmforge.common import LmforgeError
 
