@@ -254,7 +254,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["vlm", "eval", "--model", str(tmp_path)]) == 2
     assert "not an lmforge CLIP/VLM folder" in capsys.readouterr().err
     assert main(["clip", "train", "--out", str(tmp_path / "o"), "--set", "nope=1"]) == 2
-    assert "unknown ClipTrainConfig field(s): nope" in capsys.readouterr().err
+    assert "override 'nope': unknown field 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
