@@ -10,7 +10,7 @@ import sys
 import time
 
 from lmforge.common import LmforgeError, get_device, seed_everything
-from lmforge.recipes._common import bounded
+from lmforge.recipes._common import add_deprecated_alias, bounded
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,10 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller draft model (same tokenizer)")
     p.add_argument("--lookup", action="store_true", help="speculative decoding with prompt-lookup (n-gram) drafts")
     p.add_argument("--medusa", metavar="DIR", help="speculative decoding with Medusa heads (lmforge train-medusa)")
-    p.add_argument("--spec-k", type=bounded(int, ge=1), default=4, help="tokens drafted per step for --draft/--lookup")
+    p.add_argument("--num-speculative", type=bounded(int, ge=1), default=4,
+                   help="tokens drafted per step for --draft/--lookup")
+    add_deprecated_alias(p, "--spec-k", "--num-speculative")  # the name `serve` uses
     p.add_argument("--draft-min-confidence", type=bounded(float, ge=0, le=1), default=0.0, metavar="P",
                    help="--draft with one prompt: stop drafting when the draft's probability of its next token "
-                        "is below P (then --spec-k is an upper bound; e.g. --spec-k 6 --draft-min-confidence 0.4)")
+                        "is below P (then --num-speculative is an upper bound; e.g. --num-speculative 6 "
+                        "--draft-min-confidence 0.4)")
     p.add_argument("--prompts", metavar="FILE.jsonl", help="batch mode: every prompt of the file through the engine")
     p.add_argument("--out", metavar="FILE.jsonl", help="where --prompts writes the completions")
 
@@ -70,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         if args.medusa:
             raise LmforgeError("--prompts runs through the engine, which drafts with --draft DIR or --lookup")
         summary = run_prompts_file(model, tokenizer, args.prompts, args.out, params, draft=args.draft,
-                                   lookup=args.lookup, num_speculative=args.spec_k)
+                                   lookup=args.lookup, num_speculative=args.num_speculative)
         print(json.dumps(summary), file=sys.stderr)
         return 0
     if args.draft or args.lookup or args.medusa:  # speculative decoding of one prompt
@@ -82,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
         check_context(model.config, len(ids), args.max_new_tokens)
         eos = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
         out, stats = speculative_decode(model, ids, params, draft=args.draft, lookup=args.lookup, medusa=args.medusa,
-                                        k=args.spec_k, eos_token_ids=eos, min_confidence=args.draft_min_confidence)
+                                        k=args.num_speculative, eos_token_ids=eos,
+                                        min_confidence=args.draft_min_confidence)
         print(",".join(map(str, out)) if args.prompt_ids else tokenizer.decode(out))
         print(json.dumps(stats.as_dict()), file=sys.stderr)
         return 0
