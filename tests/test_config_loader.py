@@ -75,6 +75,7 @@ def test_recipes_with_a_config_flag_load_through_the_loader():
     (["clip", "train", "--out", "OUT", "--set", "steps=0"], "steps", "0"),
     (["vlm", "train", "--out", "OUT", "--set", "lr=zero"], "lr", "zero"),
     (["data", "prepare", "--no-progress", "--out", "OUT", "--set", "dedup.threshold=high"], "dedup.threshold", "high"),
+    (["train-medusa", "--model", "MODEL", "--out", "OUT", "--steps", "0"], "steps", "must be >= 1"),
     (["pretrain", "--set", "train.stepz=3"], "stepz", "train.stepz"),
     (["pretrain", "--set", "train.steps.x=3"], "train.steps", "not a section"),
     (["align", "--set", "model.nope=1"], "nope", "model.nope"),

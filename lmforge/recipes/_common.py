@@ -20,8 +20,10 @@ from lmforge.common import DEVICE_PATTERN, LmforgeError, atomic_write_text, chec
 from lmforge.config import apply_overrides, config_names, load_config, load_config_tree, set_dotted  # noqa: F401
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default: str, flags: dict[str, str] | None = None) -> None:
-    """--config NAME_OR_PATH, --set a.b=c (repeatable), and one flag per `flags` entry (flag -> dotted key)."""
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None,
+                         flags: dict[str, str] | None = None) -> None:
+    """--config NAME_OR_PATH (None: the dataclass defaults), --set a.b=c (repeatable), and one flag per
+    `flags` entry (flag -> dotted key)."""
     names = ", ".join(config_names()) or "none"
     parser.add_argument("--config", default=default, help=f"recipe YAML: a path or a built-in name ({names})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

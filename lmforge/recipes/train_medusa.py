@@ -7,31 +7,42 @@ instead (what the heads will be asked to predict at inference)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from lmforge.common import LmforgeError, get_device, read_jsonl, seed_everything
+from lmforge.common import DEVICE_PATTERN, LmforgeError, checked, get_device, read_jsonl, seed_everything
+from lmforge.recipes._common import add_config_arguments, load_config, overrides_from_args
 from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit
+
+
+@dataclasses.dataclass
+class MedusaTrainConfig:
+    """The hyperparameters (flags, `--set field=value` or a `--config` YAML), every value checked."""
+
+    data: str | None = None  # training text: .txt or .jsonl with a 'text' field (None: the stdlib corpus)
+    max_bytes: int = checked(1_000_000, ge=1)  # bytes of text to use
+    self_distill: int = checked(0, ge=0)  # > 0: train on this many greedy continuations of the base model
+    heads: int = checked(3, ge=1)
+    layers: int = checked(1, ge=1)  # residual blocks per head
+    steps: int = checked(300, ge=1)
+    batch_size: int = checked(8, ge=1)
+    seq_len: int = checked(128, ge=2)
+    lr: float = checked(1e-3, gt=0)
+    seed: int = checked(0, ge=0)
+    device: str = checked("auto", pattern=DEVICE_PATTERN)
+
+
+FLAGS = {f"--{f.name.replace('_', '-')}": f.name for f in dataclasses.fields(MedusaTrainConfig)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model folder (lmforge checkpoint or Hugging Face folder)")
     p.add_argument("--out", required=True, help="folder for the heads (medusa_config.json + safetensors)")
-    p.add_argument("--data", help="training text: .txt or .jsonl with a 'text' field (default: the stdlib corpus)")
-    p.add_argument("--max-bytes", type=int, default=1_000_000, help="bytes of text to use")
-    p.add_argument("--self-distill", type=int, default=0, metavar="N",
-                   help="train on N greedy continuations of the base model (prompts cut from the data)")
-    p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--layers", type=int, default=1, help="residual blocks per head")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    add_config_arguments(p, None, FLAGS)
     add_resume_argument(p)  # checkpoints and metrics.jsonl are in <out>.train/
 
 
@@ -80,39 +91,40 @@ def main(args: argparse.Namespace) -> int:
 
     from lmforge.train import OptimConfig, build_optimizer
 
-    seed_everything(args.seed)
-    device = get_device(args.device)
+    cfg = load_config(MedusaTrainConfig, args.config, overrides_from_args(args, FLAGS))
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
     model = load_model(args.model, device=device).eval().requires_grad_(False)
     tokenizer = load_tokenizer_if_any(args.model)
     if tokenizer is None:
         raise LmforgeError(f"{args.model} has no tokenizer.json: train-medusa needs one to tokenize the data")
-    stream = torch.tensor(tokenizer.encode(read_text(args.data, args.max_bytes)), dtype=torch.long)
-    if len(stream) < args.seq_len + 1:
-        raise LmforgeError(f"only {len(stream)} tokens of training text; need more than --seq-len {args.seq_len}")
-    gen = torch.Generator().manual_seed(args.seed)
-    rows = self_distill(model, stream, args.self_distill, args.seq_len, gen) if args.self_distill else None
+    stream = torch.tensor(tokenizer.encode(read_text(cfg.data, cfg.max_bytes)), dtype=torch.long)
+    if len(stream) < cfg.seq_len + 1:
+        raise LmforgeError(f"only {len(stream)} tokens of training text; need more than --seq-len {cfg.seq_len}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows = self_distill(model, stream, cfg.self_distill, cfg.seq_len, gen) if cfg.self_distill else None
 
-    heads = MedusaHeads(model.config.hidden_size, args.heads, args.layers).to(device)
+    heads = MedusaHeads(model.config.hidden_size, cfg.heads, cfg.layers).to(device)
     # Linear warmup over 20 steps, then a linear decay to 10% (train/optim.py's WSD, all decay).
-    optim_cfg = OptimConfig(lr=args.lr, weight_decay=0.0, schedule="wsd", decay_fraction=1.0,
-                            warmup_steps=min(20, args.steps))
+    optim_cfg = OptimConfig(lr=cfg.lr, weight_decay=0.0, schedule="wsd", decay_fraction=1.0,
+                            warmup_steps=min(20, cfg.steps))
     start, accs = time.perf_counter(), []
 
     def next_batch(step: int) -> dict:
         if rows is not None:
-            return {"input_ids": rows[torch.randint(0, len(rows), (args.batch_size,), generator=gen)]}
-        starts = torch.randint(0, len(stream) - args.seq_len, (args.batch_size,), generator=gen)
-        return {"input_ids": stream[starts[:, None] + torch.arange(args.seq_len)]}
+            return {"input_ids": rows[torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)]}
+        starts = torch.randint(0, len(stream) - cfg.seq_len, (cfg.batch_size,), generator=gen)
+        return {"input_ids": stream[starts[:, None] + torch.arange(cfg.seq_len)]}
 
     def loss_fn(b: dict):
         loss, accs[:] = medusa_loss(model, heads, b["input_ids"])
         return loss, {f"head{k + 1}_top1": a for k, a in enumerate(accs)}
 
     result = run_fit(heads, build_optimizer(heads, optim_cfg), loss_fn, next_batch, run_dir_for(args.out),
-                     FitOptions(args.steps, optim_cfg, save_every=max(1, args.steps // 4), resume=args.resume),
+                     FitOptions(cfg.steps, optim_cfg, save_every=max(1, cfg.steps // 4), resume=args.resume),
                      LoopState(generators=[gen]), device=device)
     loss = result["final_loss"] if result["final_loss"] is not None else float("nan")  # nan: resumed when done
-    summary = dict(steps=args.steps, final_loss=round(loss, 4), head_top1_accuracy=[round(a, 4) for a in accs],
+    summary = dict(steps=cfg.steps, final_loss=round(loss, 4), head_top1_accuracy=[round(a, 4) for a in accs],
                    seconds=round(time.perf_counter() - start, 1), base_model=str(args.model))
     save_medusa(heads.cpu(), args.out, extra={"training": summary})
     print(json.dumps(summary))
