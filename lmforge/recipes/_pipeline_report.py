@@ -231,8 +231,8 @@ def _decode_blocks(run: Path, gen: dict) -> list[tuple]:
         return [("p", "Generate stage: not available.")]
     rows = gen["rows"]
     blocks: list[tuple] = [
-        ("p", f"Batch 1, greedy, {gen['max_new_tokens']} new tokens per prompt, {gen['threads']} threads, median of "
-              f"{gen.get('repeats', 1)} interleaved repeats."),
+        ("p", f"Batch 1, greedy, {gen['max_new_tokens']} new tokens per prompt, {gen['threads']} thread(s) (the "
+              f"faster for plain decoding of `final`), median of {gen.get('repeats', 1)} interleaved repeats."),
         ("table", [["model", "decoding", "tokens/s", "speed-up", "acceptance", "same tokens as plain"]] +
          [[r["model"], r["decoding"], _fmt(r["tokens_per_s"]), _fmt(r.get("speedup")), _fmt(r.get("acceptance_rate")),
            _fmt(r.get("identical_to_plain"))] for r in rows])]
@@ -259,7 +259,14 @@ def _metric(per_model: dict, model: str, task: str, name: str | None = None):
     return t["metrics"].get(name) if name else (primary_metric(t) or (None, None))[1]
 
 
-def _summary_rows(run: Path, models: dict[str, Path], per_model: dict, gen: dict) -> list[list[str]]:
+def _sft_words(cfg: dict) -> str:
+    """How final was fine-tuned, in the report's words: "LoRA, merged" or "full fine-tuning"."""
+    method = str((cfg.get("sft") or {}).get("method", "lora"))
+    names = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA"}
+    return "full fine-tuning" if method == "full" else f"{names.get(method, method)}, merged"
+
+
+def _summary_rows(run: Path, models: dict[str, Path], per_model: dict, gen: dict, sft_words: str) -> list[list[str]]:
     rows = [["stage", "what it built", "headline", "verdict"]]
     stats = _read(run / "data" / "stats.json") or {}
     if stats:
@@ -279,7 +286,7 @@ def _summary_rows(run: Path, models: dict[str, Path], per_model: dict, gen: dict
         ratio = final_rouge / base_rouge
         rise = (final_bpb / base_bpb - 1) if final_bpb and base_bpb else None
         good = ratio >= SFT_TARGET_RATIO and (rise is None or rise <= SFT_MAX_CODE_BPB_RISE)
-        rows.append(["sft", "final (LoRA merged, best validation checkpoint)",
+        rows.append(["sft", f"final ({sft_words}, best validation checkpoint)",
                      f"docstring ROUGE-L {base_rouge:.3f} -> {final_rouge:.3f} ({ratio:.2f}x); code bits/byte "
                      f"{_fmt(base_bpb)} -> {_fmt(final_bpb)} ({'+' if (rise or 0) >= 0 else ''}{(rise or 0) * 100:.1f}%)",
                      "good: the task improved, code modelling kept" if good else "worse than the targets "
@@ -340,10 +347,10 @@ def write_report(cfg: dict, run: Path, models: dict[str, Path], stages: list[str
     blocks: list[tuple] = [
         ("h1", f"lmforge pipeline: {cfg.get('name', run.name)}"),
         ("p", f"What was built: a language model{params} pretrained on the run's corpus, fine-tuned on the "
-              "signature -> docstring task (LoRA, merged into `final`), a draft model distilled from `final` for "
+              f"signature -> docstring task ({_sft_words(cfg)}: `final`), a draft model distilled from `final` for "
               f"speculative decoding, and quantized copies; every stage measured on held-out data. "
               f"Stage time {seconds / 60:.1f} min."),
-        ("h2", "Summary"), ("table", _summary_rows(run, models, per_model, gen)),
+        ("h2", "Summary"), ("table", _summary_rows(run, models, per_model, gen, _sft_words(cfg))),
         ("table", [["stage", "status", "seconds"]] +
          [[s, "done" if st else ("this run" if s == "report" else "not available"), _fmt(st.get("seconds")) if st else "-"]
           for s, st in stamps.items()]),

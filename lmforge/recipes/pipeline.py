@@ -1,6 +1,6 @@
 """The whole lifecycle in one command, on the built-in corpus by default:
 
-    data -> pretrain (base) -> sft (LoRA, merged: final) -> draft (distilled from final) -> quantize
+    data -> pretrain (base) -> sft (full or PEFT, merged: final) -> draft (distilled from final) -> quantize
          -> eval -> generate -> report
 
     lmforge pipeline                          # lmforge/configs/pipeline-tiny.yaml, < 15 min on 2 CPU cores
