@@ -176,7 +176,7 @@ def _visible_flags() -> dict[str, list[tuple[str, argparse.Action]]]:
 def _readme_table() -> dict[str, list[str]]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("### Flags and recipe configs", 1)[1].split("\n#", 1)[0]
-    rows = re.findall(r"^\| `(--[\w-]+)` \| .+? \| ([\w ,-]+) \|$", section, flags=re.M)
+    rows = re.findall(r"^\| `(--[\w-]+)` \| .+? \| ([\w ,-]+) \|$", section, flags=re.MULTILINE)
     assert rows, "README: no flag table under '### Flags and recipe configs'"
     return {flag: [c.strip() for c in commands.split(",")] for flag, commands in rows}
 
