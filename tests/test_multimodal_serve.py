@@ -15,13 +15,12 @@ PIL = pytest.importorskip("PIL", reason="the vision extra (pillow) is not instal
 
 from lmforge.infer.decode import decode_ids  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
-from lmforge.model import ModelConfig  # noqa: E402
-from lmforge.multimodal import (VisionConfig, VisionLanguageModel, VlmConfig, prepare_chat,  # noqa: E402
-                                save_multimodal)
+from lmforge.multimodal import prepare_chat  # noqa: E402
 from lmforge.serve import ServeConfig  # noqa: E402
-from lmforge.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from lmforge.tokenizer import load_tokenizer  # noqa: E402
 
 from test_serve_utils import ServerThread  # noqa: E402
+from vlm_utils import save_tiny_vlm  # noqa: E402
 
 QUESTION = "what colour is the circle?"
 
@@ -47,17 +46,7 @@ def _messages(url: str, question: str = QUESTION) -> list[dict]:
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    tok = train_tokenizer(["what colour is the circle? red blue green a square left of"] * 8, vocab_size=300)
-    text = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                              num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-    vision = VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4)
-    model = VisionLanguageModel(VlmConfig(vision, text, tok.token_to_id("<image>"), pool=2)).eval()
-    with torch.no_grad():  # a projector with weight, so the image visibly changes the answer
-        for p in model.projector.parameters():
-            p.normal_(0, 1.0)
-    return save_multimodal(model, tmp_path_factory.mktemp("vlm") / "tiny-vlm", tok)
+    return save_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-vlm")
 
 
 @pytest.fixture(scope="module")

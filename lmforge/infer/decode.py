@@ -27,8 +27,9 @@ target's own sampling; greedy output is identical to plain greedy.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -48,7 +49,8 @@ class Proposer(Protocol):
 
     def reset(self, prompt: list[int]) -> None: ...
 
-    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]: ...
+    def propose(self, tokens: list[int], k: int, params: SamplingParams,
+                generator) -> tuple[list[int], torch.Tensor | None]: ...
 
     def accepted(self, num_valid: int) -> None: ...
 
@@ -71,9 +73,10 @@ class SpecStats:
         return self.new_tokens / max(1, self.steps)
 
     def as_dict(self) -> dict:
-        return dict(steps=self.steps, proposed=self.proposed, accepted=self.accepted, new_tokens=self.new_tokens,
-                    acceptance_rate=round(self.acceptance_rate, 4), tokens_per_step=round(self.tokens_per_step, 3),
-                    tokens_per_s=round(self.new_tokens / max(self.seconds, 1e-9), 2))
+        return {"steps": self.steps, "proposed": self.proposed, "accepted": self.accepted,
+                "new_tokens": self.new_tokens, "acceptance_rate": round(self.acceptance_rate, 4),
+                "tokens_per_step": round(self.tokens_per_step, 3),
+                "tokens_per_s": round(self.new_tokens / max(self.seconds, 1e-9), 2)}
 
 
 def verify(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int],
@@ -156,11 +159,12 @@ def decode(model, params: SamplingParams, input_ids=None, *, inputs_embeds: torc
     `decode_fn` replaces the model call of the one-token step (e.g. a torch.compile'd model).
     `eos_token_ids` stop like params.stop_token_ids. `stats` (speculative) is filled as it goes."""
     lm = getattr(model, "language_model", model)
-    stop = list(params.stop_token_ids) + [t for t in eos_token_ids if t is not None and t not in params.stop_token_ids]
+    stop = list(params.stop_token_ids)
+    stop += [t for t in eos_token_ids if t is not None and t not in stop]
     ids, mask = _as_batch(input_ids, attention_mask, stop[0] if stop else 0)
     if inputs_embeds is not None:
         if inputs_embeds.dim() != 3:
-            raise LmforgeError(f"inputs_embeds must be [batch, tokens, hidden], got shape {tuple(inputs_embeds.shape)}")
+            raise LmforgeError(f"inputs_embeds must be [batch, tokens, hidden], got {tuple(inputs_embeds.shape)}")
         if ids is not None and ids.shape != inputs_embeds.shape[:2]:
             raise LmforgeError(f"input_ids {tuple(ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} disagree")
     elif ids is None:
@@ -171,12 +175,13 @@ def decode(model, params: SamplingParams, input_ids=None, *, inputs_embeds: torc
     if modes:
         for what, bad in (("a batch of prompts", B > 1 or (mask is not None and not bool(mask.all()))),
                           ("a compiled decode step", decode_fn is not None),
-                          ("another mode", len(modes) > 1)):
+                          ("attention sinks", len(modes) > 1)):
             if bad:
                 raise LmforgeError(f"{modes[0]} decodes one prompt and does not support {what}")
     if proposer is not None:
         if inputs_embeds is not None:
-            raise LmforgeError("speculative decoding takes token ids, not inputs_embeds (the proposer needs the tokens)")
+            raise LmforgeError("speculative decoding takes token ids, not inputs_embeds "
+                               "(the proposer needs the tokens)")
         if return_logits:
             raise LmforgeError("speculative decoding does not return per-token logits")
         if params.repetition_penalty != 1.0:
@@ -339,8 +344,8 @@ def _speculative(target, prompt: list[int], params: SamplingParams, proposer: Pr
         if parents is not None:  # a tree: each node sees the context and its own ancestors
             tree_mask = _ancestor_mask(parents, device)
             depth = tree_mask.sum(-1) - 1
-            kw = dict(position_ids=(L - 1 + depth)[None], attn_mask=torch.cat(
-                [torch.ones(len(parents), L - 1, dtype=torch.bool, device=device), tree_mask], dim=1)[None, None])
+            kw = {"position_ids": (L - 1 + depth)[None], "attn_mask": torch.cat(
+                [torch.ones(len(parents), L - 1, dtype=torch.bool, device=device), tree_mask], dim=1)[None, None]}
         out = target(ids, kv_cache=cache, start_pos=L - 1, return_hidden=hidden, **kw)
         logits, h = out if hidden else (out, None)
         logits = logits[0]  # [len(drafts) + 1, V]

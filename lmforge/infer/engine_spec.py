@@ -1,6 +1,6 @@
 """Speculative decoding inside the continuous-batching engine: a drafter proposes up to k tokens
 for every running sequence, the target checks all of them in the engine's one decode forward, and
-`speculative.verify` (exact rejection sampling; greedy gives the same tokens as plain decoding)
+`decode.verify` (exact rejection sampling; greedy gives the same tokens as plain decoding)
 decides what is kept. Drafters: `DraftModel` (a small model with the same vocabulary, batched
 across sequences) and `PromptLookup` (n-gram matches in the sequence itself, no model).
 
@@ -19,10 +19,11 @@ import torch
 
 from lmforge.common import LmforgeError
 
+from .decode import verify, verify_greedy
 from .paged import PagedKVCache, forward_packed, forward_padded
 from .sampling import probabilities
 from .scheduler import Sequence
-from .speculative import NgramIndex, verify, verify_greedy
+from .speculative import NgramIndex
 
 
 class Drafter:

@@ -12,8 +12,8 @@ just use cache-relative positions for new tokens.)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 

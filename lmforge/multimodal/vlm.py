@@ -13,6 +13,7 @@ embeddings (`embed`) into the LM's cache, then decodes ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 

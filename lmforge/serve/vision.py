@@ -8,9 +8,9 @@ VLM's language model. A request with images needs its image features spliced int
 embeddings, which the engine (token ids in, paged KV cache) does not take, so it runs here
 instead: one sequence at a time on a worker thread, through the single-sequence decode driver
 (lmforge.infer.decode: a prefill of the spliced embeddings, then token by token), each forward
-under the engine's lock (the two threads share the language model's weights). Its events are the engine's `Event`s on the same
-asyncio queues as `EngineRunner`'s, so streaming, stop strings, timeouts, cancelling and usage
-work exactly as for text.
+under the engine's lock (the two threads share the language model's weights). Its events are the
+engine's `Event`s on the same asyncio queues as `EngineRunner`'s, so streaming, stop strings,
+timeouts, cancelling and usage work exactly as for text.
 
 An image comes only as a base64 `data:image/...` URL. Anything else (a path, file://) is refused,
 so a request can neither feed the server's files to the model nor probe their existence; http(s)
