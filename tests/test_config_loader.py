@@ -13,6 +13,7 @@ from lmforge.cli import COMMANDS, command_parser
 from lmforge.cli import main as cli
 from lmforge.common import LmforgeError, checked
 from lmforge.config import CONFIG_DIR, config_names, load_config, load_config_tree
+from lmforge.recipes._common import make_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "lmforge"
@@ -35,13 +36,18 @@ def recipe_classes() -> dict[str, type]:
 # ----------------------------------------------------------------------------- every recipe, one loader
 
 
-def test_every_builtin_config_loads_through_the_one_loader():
+def test_every_builtin_config_loads_through_the_one_loader(tmp_path):
     classes = recipe_classes()
     pipelines = {n for n in config_names() if n.startswith("pipeline-")}  # the pipeline's open recipe (a mapping)
     assert set(config_names()) - pipelines == set(classes), "a new built-in config needs its recipe dataclass here"
     for name, cls in classes.items():
         cfg = load_config(cls, name)
         assert isinstance(cfg, cls)
+        # a run's saved config.yaml (every field) loads back as the same config
+        saved = tmp_path / f"{name}.yaml"
+        make_run_dir(tmp_path, "run", cfg)
+        (tmp_path / "run" / "config.yaml").rename(saved)
+        assert load_config(cls, saved) == cfg
         # the file's values are the ones loaded, not the dataclass defaults
         tree = load_config_tree(name)
         for key, value in tree.items():
