@@ -17,6 +17,7 @@ from lmforge.infer.speculative import DraftProposer, LookupProposer, speculative
 from lmforge.infer.streaming import AttentionSinks, stream_generate_sinks
 from lmforge.model import ModelConfig, Transformer
 from lmforge.multimodal import image_question, prepare_chat
+from lmforge.tokenizer import train_tokenizer
 from vlm_utils import save_tiny_vlm
 
 torch.set_num_threads(1)
@@ -141,12 +142,8 @@ class _Writes:
 def _image(vlm_dir, monkeypatch, *flags: str) -> tuple[str, list[str]]:
     from lmforge.cli import main
 
-    out = _Writes()
-    monkeypatch.setattr(sys, "stdout", out)
-    assert main(["generate", "--model", str(vlm_dir), "--image", str(vlm_dir / "img.png"), "--prompt",
-                 "what colour is the circle?", "--max-new-tokens", "12", *flags]) == 0
-    monkeypatch.undo()
-    return "".join(out.writes), out.writes
+    return _cli(main, monkeypatch, ["generate", "--model", str(vlm_dir), "--image", str(vlm_dir / "img.png"),
+                                    "--prompt", "what colour is the circle?", "--max-new-tokens", "12", *flags])
 
 
 def _reference(vlm_dir, params: SamplingParams) -> list[int]:
@@ -185,3 +182,51 @@ def test_generate_image_honours_stop_and_stream(vlm_dir, monkeypatch):
     assert streamed == full
     # Printed as it came (several pieces, then the newline), not as one text and a newline at the end.
     assert len([w for w in writes if w]) > 2, writes
+
+
+# ----------------------------------------------------------------------------- generate --lookup/--draft/--medusa
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    from lmforge.checkpoint import save_model
+    from lmforge.infer.medusa import save_medusa
+
+    root = tmp_path_factory.mktemp("spec_cli")
+    tok = train_tokenizer(["the cat sat on the mat. " * 30, "def add(a, b):\n    return a + b\n" * 30], vocab_size=300)
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.2)),
+               root / "model", tokenizer=tok)
+    save_medusa(MedusaHeads(64, 2), root / "medusa")
+    return root
+
+
+@pytest.mark.parametrize("flags", [["--lookup"], ["--medusa", "medusa"]])
+def test_speculative_text_takes_stop_stream_and_chat_like_plain(lm_dir, monkeypatch, capsys, flags):
+    """A proposer changes how fast, not what: --stop, --stream and --chat gave the raw decode of the
+    whole output (or were dropped) with --lookup/--draft/--medusa."""
+    from lmforge.cli import main
+
+    flags = [str(lm_dir / f) if f == "medusa" else f for f in flags]
+    base = ["generate", "--model", str(lm_dir / "model"), "--prompt", "the cat sat", "--max-new-tokens", "16"]
+    plain, _ = _cli(main, monkeypatch, base)
+    text = plain.rstrip("\n")
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    for extra in ([], ["--stop", stop], ["--stream"], ["--chat"]):
+        want, _ = _cli(main, monkeypatch, base + extra)
+        got, writes = _cli(main, monkeypatch, base + extra + flags)
+        assert got == want
+        if extra == ["--stream"]:
+            assert len([w for w in writes if w]) > 2, writes
+    assert text[:text.index(stop)] == _cli(main, monkeypatch, base + ["--stop", stop] + flags)[0].rstrip("\n")
+    capsys.readouterr()
+    assert main(base + flags + ["--compile"]) == 2
+    assert "compiled decode step" in capsys.readouterr().err
+
+
+def _cli(main, monkeypatch, argv: list[str]) -> tuple[str, list[str]]:
+    out = _Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(argv) == 0
+    monkeypatch.undo()
+    return "".join(out.writes), out.writes

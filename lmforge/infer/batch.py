@@ -110,25 +110,32 @@ def run_prompts_file(model, tokenizer, in_path: str | Path, out_path: str | Path
     return summary
 
 
+def make_proposer(target, max_len: int, *, draft: str | None = None, lookup: bool = False,
+                  medusa: str | None = None, k: int = 4, min_confidence: float = 0.0, tokenizer=None):
+    """(proposer, k) for exactly one of draft / lookup / medusa, for `decode.decode` (Medusa's k is
+    its number of heads: the tree's depth). max_len: the draft's cache (prompt + new tokens)."""
+    from .medusa import MedusaProposer, load_medusa
+    from .speculative import DraftProposer, LookupProposer
+
+    if sum([draft is not None, bool(lookup), medusa is not None]) != 1:
+        raise LmforgeError("choose one of --draft DIR, --lookup, --medusa DIR")
+    if medusa is not None:
+        heads = load_medusa(medusa, next(target.parameters()).device)
+        if heads.hidden_size != target.config.hidden_size:
+            raise LmforgeError(f"{medusa}: heads of hidden size {heads.hidden_size} do not fit this model "
+                               f"(hidden size {target.config.hidden_size})")
+        return MedusaProposer(target, heads), heads.num_heads
+    if draft is not None:
+        return DraftProposer(load_draft(draft, target, tokenizer), max_len + k + 1, min_confidence), k
+    return LookupProposer(), k
+
+
 def speculative_decode(target, prompt_ids: list[int], params: SamplingParams, *, draft: str | None = None,
                        lookup: bool = False, medusa: str | None = None, k: int = 4,
                        eos_token_ids: list[int] | None = None, min_confidence: float = 0.0):
     """New token ids and SpecStats for one prompt, with exactly one of draft / lookup / medusa."""
-    from .medusa import load_medusa, medusa_generate
-    from .speculative import DraftProposer, LookupProposer, speculative_generate
+    from .speculative import speculative_generate
 
-    if sum([draft is not None, bool(lookup), medusa is not None]) != 1:
-        raise LmforgeError("choose one of --draft DIR, --lookup, --medusa DIR")
-    device = next(target.parameters()).device
-    if medusa is not None:
-        heads = load_medusa(medusa, device)
-        if heads.hidden_size != target.config.hidden_size:
-            raise LmforgeError(f"{medusa}: heads of hidden size {heads.hidden_size} do not fit this model "
-                               f"(hidden size {target.config.hidden_size})")
-        return medusa_generate(target, heads, prompt_ids, params, eos_token_ids=eos_token_ids)
-    if draft is not None:
-        proposer = DraftProposer(load_draft(draft, target), len(prompt_ids) + params.max_new_tokens + k + 1,
-                                 min_confidence)
-    else:
-        proposer = LookupProposer()
+    proposer, k = make_proposer(target, len(prompt_ids) + params.max_new_tokens, draft=draft, lookup=lookup,
+                                medusa=medusa, k=k, min_confidence=min_confidence)
     return speculative_generate(target, prompt_ids, params, proposer, k=k, eos_token_ids=eos_token_ids)

@@ -48,8 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
+    from lmforge.infer.decode import decode_ids
     from lmforge.infer.fast import prepare_for_inference
-    from lmforge.infer.generate import compiled_decode, generate, stream_text
+    from lmforge.infer.generate import compiled_decode, stream_text
 
     if args.prompt is None and args.prompt_ids is None and args.prompts is None:
         raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3, or --prompts FILE.jsonl --out FILE.jsonl)")
@@ -76,21 +77,7 @@ def main(args: argparse.Namespace) -> int:
                                    lookup=args.lookup, num_speculative=args.num_speculative)
         print(json.dumps(summary), file=sys.stderr)
         return 0
-    if args.draft or args.lookup or args.medusa:  # speculative decoding of one prompt
-        from lmforge.infer.batch import speculative_decode
-
-        if args.prompt_ids is None and tokenizer is None:
-            raise LmforgeError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
-        ids = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else tokenizer.encode(args.prompt)
-        check_context(model.config, len(ids), args.max_new_tokens)
-        eos = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
-        out, stats = speculative_decode(model, ids, params, draft=args.draft, lookup=args.lookup, medusa=args.medusa,
-                                        k=args.num_speculative, eos_token_ids=eos,
-                                        min_confidence=args.draft_min_confidence)
-        print(",".join(map(str, out)) if args.prompt_ids else tokenizer.decode(out))
-        print(json.dumps(stats.as_dict()), file=sys.stderr)
-        return 0
-
+    ids, prompt = None, args.prompt
     if args.prompt_ids is not None or tokenizer is None:
         if args.prompt_ids is None:
             raise LmforgeError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
@@ -101,23 +88,32 @@ def main(args: argparse.Namespace) -> int:
         bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
         if bad:
             raise LmforgeError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
-        check_context(model.config, len(ids), args.max_new_tokens)
-        out = generate(model, ids, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                       top_k=params.top_k, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-                       seed=params.seed, compile=args.compile)
-        print(",".join(str(t) for t in out[0].tolist()))
-        return 0
-
-    prompt = args.prompt
-    if args.chat:
+    elif args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         from lmforge.tokenizer.text import end_of_turn_ids  # the template's end of turn (<|eot_id|>, ...)
 
         params.stop_token_ids += [t for t in end_of_turn_ids(tokenizer) if t not in params.stop_token_ids]
-    check_context(model.config, len(tokenizer.encode(prompt)), args.max_new_tokens)
-    print_text(stream_text(model, tokenizer, prompt, params, decode_fn), tokenizer, args.stream)
+    n_prompt = len(ids) if ids is not None else len(tokenizer.encode(prompt))
+    check_context(model.config, n_prompt, args.max_new_tokens)
+    spec: dict = {}
+    if args.draft or args.lookup or args.medusa:  # speculative decoding: the same driver, with a proposer
+        from lmforge.infer.batch import make_proposer
+        from lmforge.infer.speculative import SpecStats
+
+        proposer, k = make_proposer(model, n_prompt + args.max_new_tokens, draft=args.draft, lookup=args.lookup,
+                                    medusa=args.medusa, k=args.num_speculative,
+                                    min_confidence=args.draft_min_confidence, tokenizer=tokenizer)
+        spec = {"proposer": proposer, "k": k, "stats": SpecStats()}
+    if ids is not None:  # ids out (EOS stops only a speculative run, as before)
+        eos = [tokenizer.eos_id] if spec and tokenizer is not None and tokenizer.eos_id is not None else []
+        out = decode_ids(model, params, ids, decode_fn=decode_fn, eos_token_ids=eos, **spec)[0]
+        print(",".join(str(t) for t in out))
+    else:
+        print_text(stream_text(model, tokenizer, prompt, params, decode_fn, **spec), tokenizer, args.stream)
+    if spec:
+        print(json.dumps(spec["stats"].as_dict()), file=sys.stderr)
     return 0
 
 
