@@ -176,6 +176,35 @@ def test_a_student_starts_from_its_teachers_layers():
     assert init_from(narrow, teacher) == 0  # no shape matches: nothing is copied, nothing breaks
 
 
+def test_continuations_are_the_teachers_greedy_output_after_a_window_prefix():
+    from lmforge.infer.generate import generate
+    from lmforge.model import build_model
+    from lmforge.recipes.pretrain import DistillConfig, continuation_pool, with_continuations
+
+    torch.manual_seed(0)
+    teacher = build_model("tiny").eval()
+    data = torch.randint(5, 200, (6, 17))
+    batches = iter([(data[:3, :-1], data[:3, 1:]), (data[3:, :-1], data[3:, 1:])] * 4)
+    distill = DistillConfig(continuation_pool=5, continuation_prefix=4)
+    pool = continuation_pool(teacher, batches, distill, seq_len=16, seed=0, device="cpu", generate_batch=4)
+    assert pool.shape == (5, 17)
+    for row in pool:  # some prefix of a window, then exactly what the teacher decodes greedily from it
+        n = next(n for n in range(1, 5) if any(torch.equal(row[:n], w[:n]) for w in data)
+                 and torch.equal(row[n:], generate(teacher, row[:n].tolist(), max_new_tokens=17 - n)[0]))
+        assert 1 <= n <= 4
+    batch = torch.zeros(4, 17, dtype=torch.long)
+    mixed = with_continuations(batch, pool, 0.5, torch.Generator().manual_seed(0))
+    assert all(any(torch.equal(r, q) for q in pool) for r in mixed[:2]) and not mixed[2:].any()
+    assert torch.equal(with_continuations(batch, pool, 0.0, None), batch)
+
+
+def test_continuations_need_a_teacher(tmp_path, data_dir, capsys):
+    argv = ["pretrain", "--runs-dir", str(tmp_path), "--data", str(data_dir), "--steps", "1", *TINY,
+            "--set", "distill.continuation_fraction=0.5"]
+    assert cli(argv) == 2
+    assert "needs distill.teacher" in capsys.readouterr().err
+
+
 def test_a_generation_task_passes_its_repetition_penalty_on():
     from lmforge.eval.tasks import TaskConfig, run_generation
 
