@@ -24,23 +24,26 @@ from lmforge.model import ModelConfig
 from lmforge.multimodal import (CLIP, ClipConfig, VisionConfig, class_names, info_nce, load_examples,
                                 load_hf_vision, load_multimodal, recall_at_k, same_text_targets, save_multimodal,
                                 to_pixels, zero_shot_accuracy)
-from lmforge.multimodal.config import ClipTrainConfig, load_config, make_optimizer, run_steps
+from lmforge.multimodal.config import ClipTrainConfig
+from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
+from lmforge.recipes._common import add_config_arguments, load_config
 from lmforge.multimodal.data import DIGIT_TEMPLATES, digit_class_names
 from lmforge.multimodal.shapes import SIZES
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.train import build_optimizer
 
 log = get_logger("lmforge.clip")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["train", "eval"])
-    p.add_argument("--config", help="YAML settings (a name in lmforge/configs/ such as clip-shapes, or a path)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a setting")
+    add_config_arguments(p, "clip-shapes")
     p.add_argument("--out", help="train: output folder")
     p.add_argument("--overwrite", action="store_true", help="train: replace --out even if lmforge did not write it")
     p.add_argument("--model", help="eval: a CLIP folder written by `lmforge clip train`")
     p.add_argument("--data", help="eval: shapes | digits | a JSONL (default: what the model was trained on)")
     p.add_argument("--json", help="write the metrics to this JSON file")
+    add_resume_argument(p)  # train: checkpoints and metrics.jsonl are in <out>.train/
 
 
 # ----------------------------------------------------------------------------- batches
@@ -116,7 +119,7 @@ def build(cfg: ClipTrainConfig, vocab_size: int) -> CLIP:
     return model
 
 
-def train(cfg: ClipTrainConfig, out: str) -> dict:
+def train(cfg: ClipTrainConfig, out: str, resume: str | None = None) -> dict:
     seed_everything(cfg.seed)
     device = get_device(cfg.device)
     image_size = VisionConfig.from_dict(cfg.vision).image_size
@@ -126,7 +129,8 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
     texts = [c for ex in examples for c in ex.captions + ex.extra_captions] + prompt_texts(cfg.data)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     model = build(cfg, tokenizer.vocab_size).to(device).train()
-    optimizer = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay)
+    optim_cfg = warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.weight_decay)
+    optimizer = build_optimizer(model, optim_cfg)
     rng = np.random.default_rng(cfg.seed)
     flat_caps = [ex.captions[0] for ex in examples]
     pick = lambda texts: texts[int(rng.integers(len(texts)))]
@@ -134,7 +138,7 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
     for text in {c for ex in examples for c in ex.captions + ex.extra_captions}:
         corpus.setdefault(len(text.split()), []).append(text.split())
 
-    def batch_loss(step: int) -> torch.Tensor:
+    def next_batch(step: int) -> dict:
         idx = (hard_negative_indices(flat_caps, cfg.batch_size, rng) if cfg.hard_negatives
                else rng.choice(len(examples), cfg.batch_size, replace=False))
         batch = [examples[i] for i in idx]
@@ -142,12 +146,18 @@ def train(cfg: ClipTrainConfig, out: str) -> dict:
         # Positives: the same caption text, or for labelled sets the same class (digits).
         keys = [str(ex.label) if cfg.data == "digits" else c for ex, c in zip(batch, caps)]
         negatives = near_miss_captions(caps, corpus, cfg.text_negatives, rng)
-        logits = model(pixels(model, [ex.image for ex in batch], device),
-                       *encode_texts(tokenizer, caps + negatives, device))
-        return info_nce(logits, same_text_targets(keys, keys + negatives).to(device))
+        ids, mask = encode_texts(tokenizer, caps + negatives, device)
+        return {"pixels": pixels(model, [ex.image for ex in batch], device), "ids": ids, "mask": mask,
+                "targets": same_text_targets(keys, keys + negatives).to(device)}
+
+    def loss_fn(b: dict):
+        return info_nce(model(b["pixels"], b["ids"], b["mask"]), b["targets"]), {}
 
     start = time.perf_counter()
-    loss = run_steps(optimizer, cfg.steps, cfg.warmup_steps, batch_loss, log)
+    summary = run_fit(model, optimizer, loss_fn, next_batch, run_dir_for(out),
+                      FitOptions(cfg.steps, optim_cfg, clip_grad=1.0, save_every=max(1, cfg.steps // 4), resume=resume),
+                      LoopState(numpy=[rng]), device=device)
+    loss = summary["final_loss"] if summary["final_loss"] is not None else float("nan")  # nan: resumed when done
     seconds = time.perf_counter() - start
     model.eval()
     metrics = evaluate(model, tokenizer, cfg.data, cfg.eval_size, cfg.seed)
@@ -205,15 +215,17 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "train":
         if not args.out:
             raise LmforgeError("clip train needs --out DIR")
-        cfg = load_config(ClipTrainConfig, args.config or "clip-shapes", args.set)
+        cfg = load_config(ClipTrainConfig, args.config, args.overrides)
         check_output_dir(args.out, [cfg.data, cfg.init_vision], args.overwrite)
-        metrics = train(cfg, args.out)
+        metrics = train(cfg, args.out, args.resume)
     else:
         if not args.model:
             raise LmforgeError("clip eval needs --model DIR")
+        if args.resume:
+            raise LmforgeError("--resume applies to `clip train` only")
         model = load_multimodal(args.model, get_device("auto"), kind="clip")
         tokenizer = load_tokenizer(args.model)
-        cfg = load_config(ClipTrainConfig, None, args.set)
+        cfg = load_config(ClipTrainConfig, None, args.overrides)
         meta = read_json(Path(args.model) / "config.json")
         data = args.data or meta.get("extra", {}).get("train_config", {}).get("data", "shapes")
         metrics = evaluate(model, tokenizer, data, cfg.eval_size, cfg.seed)

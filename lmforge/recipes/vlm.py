@@ -34,9 +34,12 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.multimodal import (VisionLanguageModel, VlmConfig, bleu, cider_d, image_turn, is_multimodal,
                                 load_examples, load_hf_vision, load_multimodal, pixels_for, render_ids,
                                 save_multimodal)
-from lmforge.multimodal.config import VlmTrainConfig, load_config, make_optimizer, run_steps
+from lmforge.multimodal.config import VlmTrainConfig
+from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
+from lmforge.recipes._common import add_config_arguments, load_config
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.tokenizer.text import end_of_turn_ids
+from lmforge.train import build_optimizer
 
 log = get_logger("lmforge.vlm")
 CAPTION_PROMPT = "describe the image."
@@ -46,14 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["train", "eval"])
     p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="train: 1 = projector on captions, "
                    "2 = projector + LM on questions")
-    p.add_argument("--config", help="YAML settings (a name in lmforge/configs/ such as vlm-shapes, or a path)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a setting")
+    add_config_arguments(p, "vlm-shapes")
     p.add_argument("--init", help="stage 2: the stage-1 folder to continue from")
     p.add_argument("--out", help="train: output folder")
     p.add_argument("--overwrite", action="store_true", help="train: replace --out even if lmforge did not write it")
     p.add_argument("--model", help="eval: a VLM folder")
     p.add_argument("--noise", action="store_true", help="eval: only the noise-image control")
     p.add_argument("--json", help="write the metrics to this JSON file")
+    add_resume_argument(p)  # train: checkpoints and metrics.jsonl are in <out>.train/
 
 
 # ----------------------------------------------------------------------------- building
@@ -78,22 +81,30 @@ def conversations(examples, caption_share: float, captions_only: bool) -> list[t
     return qa + out[:keep]
 
 
-def fresh_lm(cfg: VlmTrainConfig, examples, device):
-    """A new tokenizer + LM trained text-only on the conversations (images removed)."""
+def fresh_lm(cfg: VlmTrainConfig, examples, device, run_dir=None, resume: str | None = None):
+    """A new tokenizer + LM trained text-only on the conversations (images removed); checkpoints
+    and metrics in `run_dir`/text-warmup."""
     texts = [t for ex in examples for t in ex.captions] + [f"{q} {a}" for ex in examples for q, a, _ in ex.qa]
     tokenizer = train_tokenizer(texts + [CAPTION_PROMPT], vocab_size=cfg.vocab_size)
     lm = Transformer(ModelConfig.preset(cfg.lm_preset, **{**cfg.lm_overrides, "vocab_size": tokenizer.vocab_size}))
     lm.to(device).train()
-    optimizer = make_optimizer(list(lm.parameters()), cfg.lm_lr, 0.0)
+    optim_cfg = warmup_cosine(cfg.lm_lr, cfg.warmup_steps)
     render = lambda q, a: tokenizer.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
     next_batch = sampler(conversations(examples, 0.25, captions_only=False), cfg.batch_size, cfg.seed + 1, render)
 
-    def batch_loss(step: int) -> torch.Tensor:
+    def batch(step: int) -> dict:
         ids, labels = pad_batch(next_batch()[1], tokenizer.pad_id, device)
-        return lm_loss(lm(ids), labels)
+        return {"input_ids": ids, "labels": labels}
 
-    run_steps(optimizer, cfg.text_warmup_steps, cfg.warmup_steps, batch_loss, log, "text warm-up step")
+    if cfg.text_warmup_steps:
+        run_fit(lm, build_optimizer(lm, optim_cfg), lambda b: (lm_loss(lm(b["input_ids"]), b["labels"]), {}), batch,
+                None if run_dir is None else run_dir / "text-warmup", _options(cfg.text_warmup_steps, optim_cfg, resume),
+                LoopState(numpy=[next_batch.rng]), device=device)
     return lm, tokenizer
+
+
+def _options(steps: int, optim_cfg, resume: str | None) -> FitOptions:
+    return FitOptions(steps, optim_cfg, clip_grad=1.0, save_every=max(1, steps // 4), resume=resume)
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,14 +128,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 
 
-def build_stage1(cfg: VlmTrainConfig, examples, device):
+def build_stage1(cfg: VlmTrainConfig, examples, device, run_dir=None, resume: str | None = None):
     vision = load_vision(cfg.vision)
     if cfg.lm:
         lm, tokenizer = load_model(cfg.lm, device=device), load_tokenizer_if_any(cfg.lm)
         if tokenizer is None or tokenizer.token_to_id("<image>") is None or not tokenizer.chat_template:
             raise LmforgeError(f"{cfg.lm}: the LM's tokenizer needs an '<image>' token and a chat template")
     else:
-        lm, tokenizer = fresh_lm(cfg, examples, device)
+        lm, tokenizer = fresh_lm(cfg, examples, device, run_dir, resume)
     config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer, cfg.pool,
                        cfg.select_feature)
     return VisionLanguageModel(config, vision, lm).to(device), tokenizer
@@ -154,13 +165,14 @@ def stage_optimizer(model: VisionLanguageModel, stage: int, cfg: VlmTrainConfig)
                              weight_decay=cfg.weight_decay)
 
 
-def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
+def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str, resume: str | None = None) -> dict:
     seed_everything(cfg.seed)
     device = get_device(cfg.device)
+    run_dir = run_dir_for(out)
     if stage == 1:
         size = load_vision(cfg.vision).config.image_size
         examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, size)
-        model, tokenizer = build_stage1(cfg, examples, device)
+        model, tokenizer = build_stage1(cfg, examples, device, run_dir, resume)
     else:
         if not init:
             raise LmforgeError("vlm stage 2 needs --init <stage-1 folder>")
@@ -169,7 +181,7 @@ def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str) -> dict:
     optimizer = stage_optimizer(model, stage, cfg)
     pairs = conversations(examples, 0.2, captions_only=stage == 1)
     steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
-    loss = fit(model, tokenizer, examples, pairs, optimizer, steps, cfg, device)
+    loss = fit(model, tokenizer, examples, pairs, optimizer, steps, cfg, device, run_dir, resume)
     if stage == 2 and cfg.lora_rank:
         from lmforge import peft
 
@@ -192,6 +204,7 @@ def sampler(pairs: list[tuple[int, str, str]], batch_size: int, seed: int, rende
                 cache[q, a] = render(q, a)
         return batch, [cache[q, a] for _, q, a in batch]
 
+    next_batch.rng = rng  # saved in checkpoints (LoopState): a resumed run draws the same batches
     return next_batch
 
 
@@ -203,7 +216,10 @@ def cached_features(model: VisionLanguageModel, examples, batch: int = 256) -> t
                       for s in range(0, len(examples), batch)])
 
 
-def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainConfig, device) -> float:
+def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainConfig, device, run_dir=None,
+        resume: str | None = None) -> float:
+    """`steps` of train.fit on image conversations -> the last loss (nan when resumed at the end).
+    run_dir None: no checkpoints or metrics."""
     c = model.vlm_config
     render = lambda q, a: render_ids(tokenizer, image_turn(q, a), c.image_token_id, c.num_image_tokens)
     next_batch = sampler(pairs, cfg.batch_size, cfg.seed + 2, render)
@@ -211,17 +227,24 @@ def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainC
     features = None if tune_vision else cached_features(model, examples)
     model.train()
 
-    def batch_loss(step: int) -> torch.Tensor:
-        batch, rows = next_batch()
+    def batch(step: int) -> dict:
+        pairs_, rows = next_batch()
         ids, labels = pad_batch(rows, tokenizer.pad_id, device)
-        index = [i for i, _, _ in batch]
+        index = [i for i, _, _ in pairs_]
         if tune_vision:  # the encoder changes every step: encode this batch's images afresh
-            projected = model.image_features(pixels_for(model, [examples[i].image for i in index]))
-        else:
-            projected = model.projector(features[index])
-        return lm_loss(model(inputs_embeds=model.embed(ids, image_features=projected)), labels)
+            return {"ids": ids, "labels": labels, "pixels": pixels_for(model, [examples[i].image for i in index])}
+        return {"ids": ids, "labels": labels, "features": features[index]}
 
-    return run_steps(optimizer, steps, cfg.warmup_steps, batch_loss, log)
+    def loss_fn(b: dict):
+        projected = model.image_features(b["pixels"]) if tune_vision else model.projector(b["features"])
+        return lm_loss(model(inputs_embeds=model.embed(b["ids"], image_features=projected)), b["labels"]), {}
+
+    if steps == 0:
+        return 0.0
+    # The groups' own peaks (base_lr: projector, LM, encoder) scaled by one warmup-cosine schedule.
+    summary = run_fit(model, optimizer, loss_fn, batch, run_dir, _options(steps, warmup_cosine(cfg.lr, cfg.warmup_steps), resume),
+                      LoopState(numpy=[next_batch.rng]), device=device)
+    return summary["final_loss"] if summary["final_loss"] is not None else float("nan")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -294,15 +317,17 @@ def blind_baseline(train_examples, qa) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(VlmTrainConfig, args.config or "vlm-shapes", args.set)
+    cfg = load_config(VlmTrainConfig, args.config, args.overrides)
     if args.action == "train":
         if not args.out:
             raise LmforgeError("vlm train needs --out DIR")
         check_output_dir(args.out, [args.init, cfg.data, cfg.vision or None, cfg.lm], args.overwrite)
-        metrics = train(cfg, args.stage, args.init, args.out)
+        metrics = train(cfg, args.stage, args.init, args.out, args.resume)
     else:
         if not args.model:
             raise LmforgeError("vlm eval needs --model DIR")
+        if args.resume:
+            raise LmforgeError("--resume applies to `vlm train` only")
         model = load_multimodal(args.model, get_device(cfg.device), kind="vlm")
         train_examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, model.vlm_config.vision.image_size)
         metrics = evaluate(model, load_tokenizer(args.model), cfg, train_examples, noise_only=args.noise)
