@@ -112,3 +112,60 @@ def test_layering_checker_catches_a_violation(tmp_path):
     comps = _imported_components(tree, fake)
     assert comps == {"infer", "train"}
     assert all(LAYERS[c] > LAYERS["model"] for c in comps)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(tree: ast.AST, path: Path, known: set[str]) -> set[str]:
+    """lmforge modules `path` imports anywhere (function-level imports too: a lazy import still ties
+    the two modules together). `from pkg import name` counts as pkg.name when that is a module."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("lmforge."))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if not module.startswith("lmforge"):
+                continue
+            for a in node.names:
+                found.add(f"{module}.{a.name}" if f"{module}.{a.name}" in known else module)
+    return {m for m in found if m in known and m != me}
+
+
+def test_no_import_circles_between_modules():
+    """Two modules that import each other (even lazily, inside a function) are one concern split in two
+    or a shared piece that belongs in a third module. Package __init__ re-exports are not counted."""
+    paths = {p: _module_name(p) for p in PKG.rglob("*.py")}
+    known = set(paths.values())
+    graph = {name: {m for m in _imported_modules(ast.parse(p.read_text(encoding="utf-8")), p, known)
+                    if not _is_package_init(m, paths)}
+             for p, name in paths.items() if p.name != "__init__.py"}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, stack + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycles, "import circles:\n" + "\n".join(cycles)
+
+
+def _is_package_init(module: str, paths: dict) -> bool:
+    return any(name == module and p.name == "__init__.py" for p, name in paths.items())

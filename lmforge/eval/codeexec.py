@@ -69,10 +69,10 @@ def run_programs(programs: Sequence[str], timeout: float = 10.0, memory_mb: int 
 
 def run_code(lm, cfg) -> "object":
     """The code task: `num_samples` completions per problem, each executed against its tests; pass@k."""
-    from lmforge.eval.tasks import TaskResult, load_examples
+    from lmforge.eval.task_data import TaskResult, load_examples
 
     def normalize(row: dict, where: str) -> dict:
-        from lmforge.eval.tasks import _field
+        from lmforge.eval.task_data import _field
 
         return {"id": str(row.get("task_id", row.get("id", where))), "prompt": _field(row, ("prompt",), where),
                 "test": _field(row, ("test", "tests"), where), "entry_point": _field(row, ("entry_point",), where)}

@@ -123,7 +123,7 @@ def run_judge_task(lm, cfg, load_lm) -> "object":
     """judge_pairwise / judge_single tasks: `lm` answers the file's questions, `cfg.judge` judges them
     (pairwise against `cfg.baseline`'s answers, or the file's "baseline" field)."""
     from lmforge.common import LmforgeError
-    from lmforge.eval.tasks import TaskResult, _field, load_examples
+    from lmforge.eval.task_data import TaskResult, _field, load_examples
 
     if not cfg.judge:
         raise LmforgeError(f"task {cfg.name!r}: 'judge' (a model folder or endpoint URL) is required for {cfg.type}")

@@ -212,7 +212,7 @@ def child_main(cfg, cmds, events) -> None:
     """Load the engine as `cfg` says, then step it, applying the server's commands in between."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains on these, then says "stop"
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .server import build_engine
+    from .build import build_engine
 
     try:
         engine, _, _ = build_engine(cfg)
