@@ -9,7 +9,7 @@
 `transforms` is the manifest of what was done to the model (quantization scheme, adapters). Loading
 builds the model on the meta device, replays each transform (module swaps), then loads the weights
 with `assign=True`, so a quantized checkpoint loads without re-quantizing and without a float copy.
-Transforms record themselves in `model.lmforge_transforms` (a list of dicts with a "kind").
+Transforms record themselves in the model's manifest (`lmforge.model.manifest`: a list of dicts with a "kind").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.common import OUTPUT_MARKER, LmforgeError, atomic_dir, atomic_write_json, get_dtype, read_json
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer, record_transform, transforms
 from lmforge.model.hf_keys import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 
 LMFORGE_CONFIG = "lmforge_config.json"
@@ -90,7 +90,7 @@ def replay_transform(model: torch.nn.Module, entry: dict, source: str = "checkpo
         raise LmforgeError(f"{source}: transform {kind!r} cannot be replayed by this build of lmforge")
     takes_source = "source" in inspect.signature(module.replay).parameters  # for messages naming the file
     module.replay(model, entry, **({"source": source} if takes_source else {}))
-    model.lmforge_transforms = list(getattr(model, "lmforge_transforms", [])) + [entry]
+    record_transform(model, entry)
 
 
 def _check_state(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -194,7 +194,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra: d
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     meta = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-            "transforms": list(getattr(model, "lmforge_transforms", [])), **(extra or {})}
+            "transforms": transforms(model), **(extra or {})}
     with atomic_dir(out_dir, mark=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "lmforge": "1"})
         atomic_write_json(tmp / LMFORGE_CONFIG, meta)
@@ -205,8 +205,8 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra: d
 
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     """Export to a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-    if getattr(model, "lmforge_transforms", None):
-        kinds = ", ".join(e.get("kind", "?") for e in model.lmforge_transforms)
+    if transforms(model):
+        kinds = ", ".join(e.get("kind", "?") for e in transforms(model))
         raise LmforgeError(f"cannot export a transformed model ({kinds}) to a plain HF folder: merge adapters / "
                            "dequantize first")
     out_dir = Path(out_dir)

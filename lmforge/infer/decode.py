@@ -289,7 +289,9 @@ def _plain_steps(model, params, ids, embeds, feed, prompt_mask, stop_ids, return
 
 def _virtual_tokens(model) -> int:
     """KV-cache slots taken by prompt-tuning virtual tokens (0 without lmforge.peft adapters)."""
-    if not getattr(model, "lmforge_transforms", None):
+    from lmforge.model import transforms
+
+    if not transforms(model, "peft"):
         return 0
     from lmforge.peft import virtual_tokens
 

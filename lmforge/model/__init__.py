@@ -2,6 +2,7 @@
 
 from .config import PRESETS, ModelConfig
 from .kv_cache import KVCache
+from .manifest import drop_transforms, has_transform, record_transform, transforms
 from .transformer import Transformer, build_mask
 
 
@@ -12,4 +13,5 @@ def build_model(config: ModelConfig | str, **overrides) -> Transformer:
     return Transformer(config)
 
 
-__all__ = ["ModelConfig", "PRESETS", "KVCache", "Transformer", "build_model", "build_mask"]
+__all__ = ["ModelConfig", "PRESETS", "KVCache", "Transformer", "build_model", "build_mask", "drop_transforms",
+           "has_transform", "record_transform", "transforms"]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lmforge.common import LmforgeError
+from lmforge.model.manifest import drop_transforms, record_transform, transforms
 
 from .adalora import AdaLoraLinear
 from .bottleneck import add_bottleneck
@@ -36,7 +37,7 @@ def is_adapter_key(key: str) -> bool:
 def peft_configs(model: nn.Module) -> list[PeftConfig]:
     """The configs applied to `model`, oldest first, read from its transform manifest
     (`model.lmforge_transforms`, entries {"kind": "peft", "config": {...}}) that checkpoints store."""
-    return [config_from_dict(e["config"]) for e in getattr(model, "lmforge_transforms", []) if e.get("kind") == "peft"]
+    return [config_from_dict(e["config"]) for e in transforms(model, "peft")]
 
 
 def apply(model: nn.Module, config: PeftConfig) -> nn.Module:
@@ -47,8 +48,7 @@ def apply(model: nn.Module, config: PeftConfig) -> nn.Module:
             raise LmforgeError(f"adapter {config.adapter_name!r} ({config.method}) is already on this model; "
                                "give the new one another adapter_name")
     _add(model, config)
-    model.lmforge_transforms = list(getattr(model, "lmforge_transforms", [])) + [
-        {"kind": "peft", "config": config_to_dict(config)}]
+    record_transform(model, {"kind": "peft", "config": config_to_dict(config)})
     return model
 
 
@@ -195,8 +195,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, WrappedLinear):
             model.set_submodule(name, m.base_layer)
-    model.lmforge_transforms = [e for e in getattr(model, "lmforge_transforms", [])
-                                if not (e.get("kind") == "peft" and e["config"]["method"] in _LAYER_CLASS)]
+    drop_transforms(model, "peft", where=lambda e: e["config"]["method"] in _LAYER_CLASS)
     return model
 
 

@@ -8,14 +8,14 @@ Methods: RTN, GPTQ, AWQ, SmoothQuant W8A8, QAT (prepare_qat / convert_qat), mixe
 `replay(model, entry)` is what `lmforge.checkpoint` calls to rebuild them before loading weights.
 """
 
-from .api import METHODS, QuantOptions, quantize_model, replay
+from .api import METHODS, QuantOptions, dequantize_model, quantize_model, replay
 from .linear import FORMATS, Int8Linear, IntNLinear, NF4Linear, QuantLinear, W8A8Linear
 from .mixed import lm_loss
 from .qat import FakeQuantLinear, convert_qat, prepare_qat
 from .scheme import DEFAULT_SKIP, check_config, parse_scheme, quant_config, quantize_state_dict, record, swap
 
 __all__ = [
-    "METHODS", "QuantOptions", "quantize_model", "record", "replay", "FORMATS", "Int8Linear", "IntNLinear",
+    "METHODS", "QuantOptions", "dequantize_model", "quantize_model", "record", "replay", "FORMATS", "Int8Linear", "IntNLinear",
     "NF4Linear", "QuantLinear", "W8A8Linear", "lm_loss", "FakeQuantLinear", "convert_qat", "prepare_qat",
     "DEFAULT_SKIP", "check_config", "parse_scheme", "quant_config", "quantize_state_dict", "swap",
 ]

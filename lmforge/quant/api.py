@@ -16,7 +16,7 @@ from lmforge.common import LmforgeError
 from .awq import awq_block
 from .calibrate import BlockInputs, calibrate_blocks, check_calibration, observe, peak_rss_bytes, reset_peak_rss
 from .gptq import Hessian, gptq_quantize
-from .linear import IntNLinear
+from .linear import IntNLinear, QuantLinear
 from .mixed import lm_loss, mixed_precision
 from .scheme import (DEFAULT_SKIP, check_config, linear_names, make_quant_linear, parse_scheme, quant_config, record,
                      set_module, swap)
@@ -107,3 +107,21 @@ def replay(model: nn.Module, entry: dict, source: str = "checkpoint") -> None:
     config = {k: v for k, v in entry.items() if k != "kind"}
     check_config(config, f"{source}: quantization config")
     swap(model, config, record_transform=False)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Undo quantization: every quantized linear becomes a float nn.Linear of its dequantized weights
+    (the rounding error stays), and the quant entries leave the manifest. Re-quantize to get a small
+    model again (QLoRA -> merged float model -> `quantize_model`)."""
+    from lmforge.model.manifest import drop_transforms
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            bias = getattr(m, "bias", None)
+            linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None)
+            linear.weight.data = m.dequantize().float()
+            if bias is not None:
+                linear.bias.data = bias.detach().float()
+            model.set_submodule(name, linear)
+    drop_transforms(model, "quant")
+    return model

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmforge.common import LmforgeError
+from lmforge.model.manifest import record_transform, transforms
 
 from .linear import FORMATS, QuantLinear
 
@@ -110,10 +111,9 @@ def record(model: nn.Module, config: dict) -> None:
     """Append a quant entry to the model's transform manifest (saved and replayed by lmforge.checkpoint);
     recording the same modules with the same specs twice adds nothing."""
     entry = {"kind": "quant", **config}
-    done = getattr(model, "lmforge_transforms", [])
-    if any(e.get("kind") == "quant" and e.get("modules") == entry["modules"] for e in done):
+    if any(e.get("modules") == entry["modules"] for e in transforms(model, "quant")):
         return
-    model.lmforge_transforms = list(done) + [entry]
+    record_transform(model, entry)
 
 
 def plan(model: nn.Module, scheme: str | dict, skip: Iterable[str] = DEFAULT_SKIP) -> Iterator[tuple[str, dict]]:

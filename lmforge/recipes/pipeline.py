@@ -196,28 +196,15 @@ def merge_adapters(src: Path, out: Path) -> None:
     """Fold the fine-tuned adapters into the base weights: a plain model with no inference cost."""
     from lmforge import peft
     from lmforge.checkpoint import load_model, load_tokenizer_if_any, save_model
+    from lmforge.model import has_transform
+    from lmforge.quant import dequantize_model
 
     model = load_model(src)
     if peft.peft_configs(model):
         peft.merge_and_unload(model)
-        if any(t.get("kind") == "quant" for t in model.lmforge_transforms):
-            dequantize_all(model)  # QLoRA: a float model; the quantize stage re-quantizes it
+        if has_transform(model, "quant"):
+            dequantize_model(model)  # QLoRA: a float model; the quantize stage re-quantizes it
     save_model(model, out, tokenizer=load_tokenizer_if_any(src))
-
-
-def dequantize_all(model) -> None:
-    """Replace every quantized linear (the `dequantize()` protocol) by a float nn.Linear."""
-    import torch
-
-    for name, m in list(model.named_modules()):
-        if type(m).__module__.startswith("lmforge.quant") and hasattr(m, "dequantize"):
-            bias = getattr(m, "bias", None)
-            linear = torch.nn.Linear(m.in_features, m.out_features, bias=bias is not None)
-            linear.weight.data = m.dequantize().float()
-            if bias is not None:
-                linear.bias.data = bias.detach().float()
-            model.set_submodule(name, linear)
-    model.lmforge_transforms = [t for t in model.lmforge_transforms if t.get("kind") != "quant"]
 
 
 def stage_quantize(cfg: dict, run: Path, resume: bool) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from lmforge.common import LmforgeError, get_logger, human_bytes, seed_everything
+from lmforge.model import has_transform
 from lmforge.recipes._common import bounded
 
 
@@ -56,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     check_output_dir(args.out, [args.model, args.calib], args.overwrite)  # before the (slow) quantization
     seed_everything(args.seed)
     model = load_model(args.model, device="cpu", dtype="float32")
-    if any(e.get("kind") == "quant" for e in getattr(model, "lmforge_transforms", [])):
+    if has_transform(model, "quant"):
         raise LmforgeError(f"{args.model} is already quantized")
     tokenizer = load_tokenizer_if_any(args.model)
     calib = None

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from lmforge.checkpoint import build_and_load, save_model
 from lmforge.common import LmforgeError, atomic_dir, atomic_write_json, get_logger
-from lmforge.model import Transformer
+from lmforge.model import Transformer, transforms
 
 from .distributed import full_model_state, full_optimizer_state, load_full_state, unwrap
 
@@ -68,7 +68,7 @@ def model_to_save(model: torch.nn.Module) -> torch.nn.Module | dict | None:
         return None
     if not isinstance(inner, Transformer):
         return dict(state)
-    return build_and_load(inner.config, dict(state), getattr(inner, "lmforge_transforms", []))
+    return build_and_load(inner.config, dict(state), transforms(inner))
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
