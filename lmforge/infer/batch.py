@@ -128,14 +128,3 @@ def make_proposer(target, max_len: int, *, draft: str | None = None, lookup: boo
     if draft is not None:
         return DraftProposer(load_draft(draft, target, tokenizer), max_len + k + 1, min_confidence), k
     return LookupProposer(), k
-
-
-def speculative_decode(target, prompt_ids: list[int], params: SamplingParams, *, draft: str | None = None,
-                       lookup: bool = False, medusa: str | None = None, k: int = 4,
-                       eos_token_ids: list[int] | None = None, min_confidence: float = 0.0):
-    """New token ids and SpecStats for one prompt, with exactly one of draft / lookup / medusa."""
-    from .speculative import speculative_generate
-
-    proposer, k = make_proposer(target, len(prompt_ids) + params.max_new_tokens, draft=draft, lookup=lookup,
-                                medusa=medusa, k=k, min_confidence=min_confidence)
-    return speculative_generate(target, prompt_ids, params, proposer, k=k, eos_token_ids=eos_token_ids)
