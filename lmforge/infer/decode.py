@@ -246,6 +246,7 @@ def _static_feeder(model, B: int, T: int, max_new: int, mask, device, decode_fn)
     return feed, (None if mask is None else mask[:, :T])
 
 
+@torch.inference_mode()  # the cache is made here: an inference tensor updates without version counting
 def _plain(model, params: SamplingParams, ids, mask, embeds, sinks, decode_fn, stop: list[int],
            return_logits: bool) -> Iterator:
     device = next(model.parameters()).device
