@@ -331,7 +331,7 @@ def _speculative(target, prompt: list[int], params: SamplingParams, proposer: Pr
         logits, h = target(torch.tensor([tokens], device=device), kv_cache=cache, start_pos=0, logits_to_keep=1,
                            return_hidden=True)
         proposer.observe(h[0, -1])
-        first = int(logits[0, -1].argmax())
+        first = int(sample(logits[:, -1].float(), params, generator)[0])
         yield from emit([first])
         if first in stop or n_out >= params.max_new_tokens:
             return
