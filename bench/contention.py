@@ -35,8 +35,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("train", "decode", "serve")
-STRIPPED = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-            "LMFORGE_THREADS_POLICY")
+STRIPPED = (
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "LMFORGE_THREADS_POLICY",
+)
 BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
 
 
@@ -110,9 +116,23 @@ def start_server(model: str, env: dict) -> tuple[subprocess.Popen, str, Path]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = Path(tempfile.mkstemp(prefix="contention-serve-", suffix=".log")[1])
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", model, "--port", str(port),
-                             "--served-model-name", "bench"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=log.open("w"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--served-model-name",
+            "bench",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -229,10 +249,27 @@ def start_worker(args, extra_env: dict, serve_model: Path) -> tuple[subprocess.P
     env = {k: v for k, v in os.environ.items() if k not in STRIPPED}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra_env)
-    cmd = [sys.executable, __file__, "--worker", "--serve-model", str(serve_model), "--tasks", *args.tasks,
-           "--train-preset", args.train_preset, "--decode-preset", args.decode_preset,
-           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--new-tokens", str(args.new_tokens), "--clients", str(args.clients)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--serve-model",
+        str(serve_model),
+        "--tasks",
+        *args.tasks,
+        "--train-preset",
+        args.train_preset,
+        "--decode-preset",
+        args.decode_preset,
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--clients",
+        str(args.clients),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line:
@@ -282,9 +319,9 @@ def run(args) -> dict:
                 for task in args.tasks:  # warm-up: allocations, first-call paths
                     ask(workers[name], task, 0.5)
             for r in range(args.repeats):
-                for load in (args.loads if r % 2 == 0 else args.loads[::-1]):
+                for load in args.loads if r % 2 == 0 else args.loads[::-1]:
                     busy = start_busy_loop() if load == "loaded" else None
-                    for name in names[r % len(names):] + names[:r % len(names)]:
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
                         for task in args.tasks:
                             a = meter.sample()
                             results[task][name][load].append(ask(workers[name], task, args.seconds))
@@ -312,43 +349,68 @@ def summarise(args, variants, settings, results, others) -> dict:
         table[task] = {}
         for name, runs in per_variant.items():
             q, lo = (statistics.median(runs[load]) if runs[load] else None for load in ("quiet", "loaded"))
-            table[task][name] = dict(runs, quiet_median=q, loaded_median=lo, slowdown=q / lo if q and lo else None,
-                                     quiet_vs_old=statistics.median(a / b for a, b in zip(
-                                         runs["quiet"], per_variant["old"]["quiet"])) if q else None)
+            table[task][name] = dict(
+                runs,
+                quiet_median=q,
+                loaded_median=lo,
+                slowdown=q / lo if q and lo else None,
+                quiet_vs_old=statistics.median(a / b for a, b in zip(runs["quiet"], per_variant["old"]["quiet"]))
+                if q
+                else None,
+            )
     noise = {load: dict(median=statistics.median(v), max=max(v)) if v else None for load, v in others.items()}
-    return dict(config={k: v for k, v in vars(args).items() if k not in ("worker", "json", "serve_model")},
-                cpu_count=os.cpu_count(), variants={n: dict(env=variants[n], ran_with=settings[n]) for n in variants},
-                results=table, other_processes_cores=noise)
+    return dict(
+        config={k: v for k, v in vars(args).items() if k not in ("worker", "json", "serve_model")},
+        cpu_count=os.cpu_count(),
+        variants={n: dict(env=variants[n], ran_with=settings[n]) for n in variants},
+        results=table,
+        other_processes_cores=noise,
+    )
 
 
 def print_table(report: dict) -> None:
     print(f"{'task':<8}{'variant':<10}{'quiet tok/s':>13}{'loaded tok/s':>14}{'slowdown':>10}{'quiet vs old':>14}")
     for task, per_variant in report["results"].items():
         for name, r in per_variant.items():
-            cells = [f"{r['quiet_median']:,.0f}" if r["quiet_median"] else "-",
-                     f"{r['loaded_median']:,.0f}" if r["loaded_median"] else "-",
-                     f"{r['slowdown']:.2f}x" if r["slowdown"] else "-",
-                     f"{r['quiet_vs_old']:.2f}x" if r["quiet_vs_old"] else "-"]
+            cells = [
+                f"{r['quiet_median']:,.0f}" if r["quiet_median"] else "-",
+                f"{r['loaded_median']:,.0f}" if r["loaded_median"] else "-",
+                f"{r['slowdown']:.2f}x" if r["slowdown"] else "-",
+                f"{r['quiet_vs_old']:.2f}x" if r["quiet_vs_old"] else "-",
+            ]
             print(f"{task:<8}{name:<10}{cells[0]:>13}{cells[1]:>14}{cells[2]:>10}{cells[3]:>14}")
     for name, v in report["variants"].items():
         ran = {k: v for k, v in v["ran_with"].items() if v is not None}
         print(f"{name}: {', '.join(f'{k}={x}' for k, x in ran.items())}")
     for load, n in report["other_processes_cores"].items():
         if n:
-            print(f"other processes used {n['median']:.2f} cores (median; max {n['max']:.2f}) while measuring "
-                  f"{load} (of {report['cpu_count']})")
+            print(
+                f"other processes used {n['median']:.2f} cores (median; max {n['max']:.2f}) while measuring "
+                f"{load} (of {report['cpu_count']})"
+            )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0, help="each measurement runs at least this long")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    p.add_argument("--loads", nargs="+", choices=("quiet", "loaded"), default=["quiet", "loaded"],
-                   help="measure alone (quiet), beside one busy loop (loaded), or both")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
-                   help="another variant to measure, with exactly these settings (repeatable)")
+    p.add_argument(
+        "--loads",
+        nargs="+",
+        choices=("quiet", "loaded"),
+        default=["quiet", "loaded"],
+        help="measure alone (quiet), beside one busy loop (loaded), or both",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=VAR=VALUE[,VAR=VALUE]",
+        help="another variant to measure, with exactly these settings (repeatable)",
+    )
     p.add_argument("--train-preset", default="small", help="`lmforge pretrain --model small`'s model")
     p.add_argument("--batch-size", type=int, default=16, help="training batch (pretrain's default: 16 x 128)")
     p.add_argument("--seq-len", type=int, default=128)

@@ -135,31 +135,41 @@ def main() -> None:
     print(f"  datasketch MinHash.bulk : {t_ds:7.2f} s  {len(texts) / t_ds:8.0f} docs/s  {mb / t_ds:7.1f} MB/s")
     print(f"  lmforge MinHasher       : {t_lm:7.2f} s  {len(texts) / t_lm:8.0f} docs/s  {mb / t_lm:7.1f} MB/s")
     cpu_ds, cpu_lm = CPU_SECONDS["datasketch"], CPU_SECONDS["lmforge"]
-    print(f"  ratio lmforge/datasketch: {t_ds / t_lm:.1f}x wall, {cpu_ds / cpu_lm:.1f}x CPU time "
-          f"({cpu_ds:.2f} s vs {cpu_lm:.2f} s)")
+    print(
+        f"  ratio lmforge/datasketch: {t_ds / t_lm:.1f}x wall, {cpu_ds / cpu_lm:.1f}x CPU time "
+        f"({cpu_ds:.2f} s vs {cpu_lm:.2f} s)"
+    )
 
     t_ds_lsh, ds_found = timed(lambda: datasketch_pairs(ds_sigs), 1)
     t_lm_lsh, lm_found = timed(lambda: lmforge_pairs(texts, lm_sigs, hasher, cfg), 1)
     truth = true_pairs(texts, hasher)
-    print(f"\nNear-duplicate pairs at Jaccard >= {THRESHOLD} (truth: exact Jaccard of all "
-          f"{len(texts) * (len(texts) - 1) // 2:,} pairs -> {len(truth)} pairs):")
-    for name, found, t in (("datasketch MinHashLSH(0.8)", ds_found, t_ds_lsh),
-                           (f"lmforge LSH {cfg.bands}x{cfg.rows} + verify", lm_found, t_lm_lsh)):
+    print(
+        f"\nNear-duplicate pairs at Jaccard >= {THRESHOLD} (truth: exact Jaccard of all "
+        f"{len(texts) * (len(texts) - 1) // 2:,} pairs -> {len(truth)} pairs):"
+    )
+    for name, found, t in (
+        ("datasketch MinHashLSH(0.8)", ds_found, t_ds_lsh),
+        (f"lmforge LSH {cfg.bands}x{cfg.rows} + verify", lm_found, t_lm_lsh),
+    ):
         p, r = precision_recall(found, truth)
         print(f"  {name:<28}: {len(found):5d} pairs  precision {p:.3f}  recall {r:.3f}  ({t:.2f} s)")
     total_ds, total_lm = t_ds + t_ds_lsh, t_lm + t_lm_lsh
-    print(f"  end to end (signatures + LSH): datasketch {total_ds:.2f} s, lmforge {total_lm:.2f} s, "
-          f"ratio {total_ds / total_lm:.1f}x")
+    print(
+        f"  end to end (signatures + LSH): datasketch {total_ds:.2f} s, lmforge {total_lm:.2f} s, "
+        f"ratio {total_ds / total_lm:.1f}x"
+    )
     check = near_duplicates(lm_sigs, cfg, lambda idx: {k: hasher.shingle_set(texts[k]) for k in idx})
     assert check.verified == len(lm_found)
 
     if not args.no_pipeline:
         stats = pipeline_mb_per_s(workers=2)
-        print(f"\nWhole pipeline (`lmforge data prepare`, default recipe, 2 workers): "
-              f"{stats['read']['bytes'] / 1e6:.1f} MB "
-              f"in {stats['seconds']:.1f} s = {stats['mb_per_s']:.2f} MB/s "
-              f"({stats['tokens']['train']['tokens']:,} training tokens); {stats['cpu_seconds']:.1f} CPU s "
-              f"= {stats['read']['bytes'] / 1e6 / stats['cpu_seconds']:.2f} MB per CPU second")
+        print(
+            f"\nWhole pipeline (`lmforge data prepare`, default recipe, 2 workers): "
+            f"{stats['read']['bytes'] / 1e6:.1f} MB "
+            f"in {stats['seconds']:.1f} s = {stats['mb_per_s']:.2f} MB/s "
+            f"({stats['tokens']['train']['tokens']:,} training tokens); {stats['cpu_seconds']:.1f} CPU s "
+            f"= {stats['read']['bytes'] / 1e6 / stats['cpu_seconds']:.2f} MB per CPU second"
+        )
         print("  seconds per stage: " + ", ".join(f"{k} {v}" for k, v in stats["stage_seconds"].items()))
 
 

@@ -24,9 +24,18 @@ def build_models(args):
     from lmforge.checkpoint import load_model
 
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.hidden // 64,
-                        n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
-                        bos_token_id=None, eos_token_id=None)
+    cfg = tf.GPT2Config(
+        vocab_size=args.vocab,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=args.hidden // 64,
+        n_positions=1024,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     hf = tf.GPT2LMHeadModel(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
@@ -36,23 +45,26 @@ def build_models(args):
 
 def prompts_for(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(torch.randint(16, 49, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(0, vocab, (int(torch.randint(16, 49, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 @torch.inference_mode()
 def hf_generate(hf, prompts: list[list[int]], batch: int, new: int) -> list[list[int]]:
     out = []
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
+        chunk = prompts[i : i + batch]
         T = max(len(p) for p in chunk)
         ids = torch.zeros(len(chunk), T, dtype=torch.long)
         mask = torch.zeros(len(chunk), T, dtype=torch.long)
         for j, p in enumerate(chunk):
-            ids[j, T - len(p):] = torch.tensor(p)
-            mask[j, T - len(p):] = 1
-        res = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                          do_sample=False, pad_token_id=0)
+            ids[j, T - len(p) :] = torch.tensor(p)
+            mask[j, T - len(p) :] = 1
+        res = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        )
         out += res[:, T:].tolist()
     return out
 
@@ -61,8 +73,13 @@ def engine_generate(model, prompts: list[list[int]], new: int, block_size: int) 
     from lmforge.infer.engine import Engine
     from lmforge.infer.sampling import SamplingParams
 
-    engine = Engine(model, max_seqs=max(32, len(prompts)), block_size=block_size, num_blocks=len(prompts) * 8 + 16,
-                    prefix_caching=False)
+    engine = Engine(
+        model,
+        max_seqs=max(32, len(prompts)),
+        block_size=block_size,
+        num_blocks=len(prompts) * 8 + 16,
+        prefix_caching=False,
+    )
     return engine.generate_batch(prompts, SamplingParams(max_new_tokens=new))
 
 
@@ -83,8 +100,10 @@ def main() -> None:
 
     # Parity first: the engine and transformers agree on greedy tokens.
     same = engine_generate(ours, prompts[:4], n, bs) == hf_generate(hf, prompts[:4], 1, n)
-    print(f"model: GPT-2 shape, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
-          f"{n} new tokens/request; greedy tokens equal to transformers: {same}")
+    print(
+        f"model: GPT-2 shape, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
+        f"{n} new tokens/request; greedy tokens equal to transformers: {same}"
+    )
 
     paths = {  # name -> (run it, tokens it generates)
         "transformers one-at-a-time": (lambda: hf_generate(hf, prompts[:4], 1, n), 4 * n),

@@ -28,17 +28,28 @@ from lmforge.model import ModelConfig, Transformer
 
 def build_pair(args) -> tuple[Transformer, Transformer]:
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                             num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, head_dim=64,
-                             intermediate_size=4 * args.hidden, initializer_range=0.2)
+    cfg = ModelConfig.preset(
+        "tiny",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        head_dim=64,
+        intermediate_size=4 * args.hidden,
+        initializer_range=0.2,
+    )
     target = Transformer(cfg).eval()
     with torch.no_grad():
-        for layer in target.model.layers[args.draft_layers:]:
+        for layer in target.model.layers[args.draft_layers :]:
             layer.self_attn.o_proj.weight.mul_(0.02)
             layer.mlp.down_proj.weight.mul_(0.02)
     draft = Transformer(dataclasses.replace(cfg, num_hidden_layers=args.draft_layers)).eval()
-    keep = {k: v for k, v in target.state_dict().items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < args.draft_layers}
+    keep = {
+        k: v
+        for k, v in target.state_dict().items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < args.draft_layers
+    }
     draft.load_state_dict(keep)
     return target, draft
 
@@ -65,10 +76,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     target, draft = build_pair(args)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, args.vocab, (int(torch.randint(16, 49, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(max(args.concurrency))]
-    print(f"target {args.layers}x{args.hidden}, draft = its first {args.draft_layers} layers, vocab {args.vocab}, "
-          f"{args.new_tokens} new tokens per request, greedy, torch threads {torch.get_num_threads()}")
+    prompts = [
+        torch.randint(0, args.vocab, (int(torch.randint(16, 49, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(max(args.concurrency))
+    ]
+    print(
+        f"target {args.layers}x{args.hidden}, draft = its first {args.draft_layers} layers, vocab {args.vocab}, "
+        f"{args.new_tokens} new tokens per request, greedy, torch threads {torch.get_num_threads()}"
+    )
     print(f"\n{'concurrent':>10} {'method':>14} {'tok/s':>8} {'vs plain':>9} {'acceptance':>11} {'same tokens':>12}")
     for n in args.concurrency:
         methods = [("plain", {})] + [(f"draft k={k}", dict(draft=draft, num_speculative=k)) for k in args.k]

@@ -40,8 +40,8 @@ def make_task(folder: Path, questions: int, context_words: int) -> Path:
     rows = []
     for q in range(questions):
         start = (q * 997) % (len(words) - context_words)
-        ctx = " ".join(words[start:start + context_words])
-        choices = [" ".join(words[(start + 7 * c + 11) % len(words):][:6]) for c in range(4)]
+        ctx = " ".join(words[start : start + context_words])
+        choices = [" ".join(words[(start + 7 * c + 11) % len(words) :][:6]) for c in range(4)]
         rows.append({"context": ctx, "choices": choices, "gold": q % 4})
     data = folder / "mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -77,32 +77,48 @@ def main() -> None:
     tok = train_tokenizer([open(os.__file__, encoding="utf-8").read()], vocab_size=1024)
     tok.save(tmp / "model")
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=tok.vocab_size, n_embd=args.hidden, n_layer=args.layers, n_head=args.hidden // 64,
-                        n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
-                        bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+    cfg = tf.GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=args.hidden // 64,
+        n_positions=1024,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+        bos_token_id=tok.eos_id,
+        eos_token_id=tok.eos_id,
+    )
     hf = tf.GPT2LMHeadModel(cfg).eval()
     hf.save_pretrained(tmp / "model")
-    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(tmp / "model" / "tokenizer.json"),
-                                        eos_token="<|endoftext|>", pad_token="<|pad|>")
+    hf_tok = tf.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp / "model" / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
     ours = LocalLM(load_model(tmp / "model"), tok, batch_size=args.batch_size)
     manager = TaskManager(include_path=str(make_task(tmp, args.questions, args.context)), include_defaults=False)
-    backends = {"lmforge": harness.LmforgeHarnessLM(lm=ours),
-                "hf": HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=args.batch_size, device="cpu")}
+    backends = {
+        "lmforge": harness.LmforgeHarnessLM(lm=ours),
+        "hf": HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=args.batch_size, device="cpu"),
+    }
     times: dict[str, list[float]] = {k: [] for k in backends}
     acc = {}
     for model in backends.values():  # warm-up: builds the dataset cache, first-call allocations
-        lm_eval.simple_evaluate(model=model, tasks=["bench_mc"], task_manager=manager, bootstrap_iters=0,
-                                verbosity="ERROR", limit=2)
+        lm_eval.simple_evaluate(
+            model=model, tasks=["bench_mc"], task_manager=manager, bootstrap_iters=0, verbosity="ERROR", limit=2
+        )
     for _ in range(args.repeats):
         for name, model in backends.items():
             t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(model=model, tasks=["bench_mc"], task_manager=manager, bootstrap_iters=0,
-                                          verbosity="ERROR")
+            out = lm_eval.simple_evaluate(
+                model=model, tasks=["bench_mc"], task_manager=manager, bootstrap_iters=0, verbosity="ERROR"
+            )
             times[name].append(time.perf_counter() - t0)
             acc[name] = out["results"]["bench_mc"]["acc,none"]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.questions} questions x 4 choices, ~{args.context}-word contexts, GPT-2 shape "
-          f"{args.layers}x{args.hidden}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.questions} questions x 4 choices, ~{args.context}-word contexts, GPT-2 shape "
+        f"{args.layers}x{args.hidden}, batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+    )
     for name in backends:
         print(f"  {name:8s} {med[name]:7.2f} s  acc {acc[name]:.4f}")
     print(f"ratio hf / lmforge = {med['hf'] / med['lmforge']:.2f}x (median of {args.repeats})")

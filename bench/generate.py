@@ -26,10 +26,7 @@ from lmforge.checkpoint import load_model  # noqa: E402
 from lmforge.infer.fast import prepare_for_inference  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
 
-SHAPES = {
-    "gpt2": dict(kind="gpt2"),
-    "llama-110m": dict(kind="llama"),
-}
+SHAPES = {"gpt2": dict(kind="gpt2"), "llama-110m": dict(kind="llama")}
 
 
 def make_hf(kind: str):
@@ -39,9 +36,16 @@ def make_hf(kind: str):
     if kind == "gpt2":
         cfg = tf.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)
         return tf.GPT2LMHeadModel(cfg).eval()
-    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
-                         tie_word_embeddings=False)
+    cfg = tf.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     return tf.LlamaForCausalLM(cfg).eval()
 
 
@@ -80,8 +84,9 @@ def time_hf(hf, prompt: torch.Tensor, new: int) -> float:
     mask = torch.ones_like(prompt)
     t = time.perf_counter()
     with torch.inference_mode():
-        hf.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                    pad_token_id=0)
+        hf.generate(
+            prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        )
     return prompt.shape[0] * new / (time.perf_counter() - t)
 
 
@@ -99,15 +104,21 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="skip the torch.compile (inductor freezing) column; compiling takes ~30 s per shape")
+    ap.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip the torch.compile (inductor freezing) column; compiling takes ~30 s per shape",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     bw = read_bandwidth_gbs()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured read bandwidth {bw:.1f} GB/s")
-    print(f"{'model':<12}{'batch':>6}{'transformers tok/s':>20}{'lmforge tok/s':>15}{'ratio':>7}"
-          f"{'compiled tok/s':>16}{'ratio':>7}{'best % of bound':>17}")
+    print(
+        f"{'model':<12}{'batch':>6}{'transformers tok/s':>20}{'lmforge tok/s':>15}{'ratio':>7}"
+        f"{'compiled tok/s':>16}{'ratio':>7}{'best % of bound':>17}"
+    )
     for name in args.models:
         hf = make_hf(SHAPES[name]["kind"])
         with tempfile.TemporaryDirectory() as d:
@@ -128,8 +139,11 @@ def main() -> None:
             t_med, m_med = statistics.median(theirs), statistics.median(mine)
             c_med = statistics.median(comp) if comp else float("nan")
             pct = 100 * max(m_med, c_med if comp else 0) / batch / bound
-            print(f"{name:<12}{batch:>6}{t_med:>20.1f}{m_med:>15.1f}{m_med / t_med:>6.2f}x"
-                  f"{c_med:>16.1f}{c_med / t_med:>6.2f}x{pct:>16.0f}%", flush=True)
+            print(
+                f"{name:<12}{batch:>6}{t_med:>20.1f}{m_med:>15.1f}{m_med / t_med:>6.2f}x"
+                f"{c_med:>16.1f}{c_med / t_med:>6.2f}x{pct:>16.0f}%",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmforge.multimodal import VisionConfig, VisionTransformer  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
+from lmforge.multimodal import VisionConfig, VisionTransformer  # noqa: E402
 from lmforge.multimodal.config import ClipTrainConfig, VlmTrainConfig  # noqa: E402
 from lmforge.recipes import clip as clip_recipe  # noqa: E402
 from lmforge.recipes import vlm as vlm_recipe  # noqa: E402
@@ -36,8 +36,9 @@ def vit_speed(repeats: int = 7) -> tuple[float, float]:
     """Median seconds per forward of a batch of 64 images: lmforge ViT vs transformers."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    shape = dict(image_size=64, patch_size=8, hidden_size=96, intermediate_size=384, num_hidden_layers=3,
-                 num_attention_heads=4)
+    shape = dict(
+        image_size=64, patch_size=8, hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4
+    )
     ours = VisionTransformer(VisionConfig(**shape)).eval()
     hf = CLIPVisionModel(CLIPVisionConfig(**shape, attn_implementation="sdpa")).eval()
     x = torch.randn(64, 3, 64, 64)
@@ -77,8 +78,19 @@ def main() -> int:
     start = time.perf_counter()
     clip_over = QUICK_CLIP if args.quick else []
     # The digits CLIP is independent: train it in a second process on the other core meanwhile.
-    digits_cmd = [sys.executable, "-m", "lmforge", "clip", "train", "--config", "clip-digits", "--out",
-                  str(out / "clip-digits"), "--json", str(out / "clip-digits.json")]
+    digits_cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "clip",
+        "train",
+        "--config",
+        "clip-digits",
+        "--out",
+        str(out / "clip-digits"),
+        "--json",
+        str(out / "clip-digits.json"),
+    ]
     digits_cmd += [a for o in clip_over for a in ("--set", o)]
     digits_proc = subprocess.Popen(digits_cmd, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
     t0 = time.perf_counter()
@@ -98,18 +110,26 @@ def main() -> int:
 
     lines = [row("metric", "value", "target"), "|" + "-" * 48 + "|" + "-" * 16 + "|" + "-" * 10 + "|" + "-" * 14 + "|"]
     lines += [
-        row("CLIP shapes zero-shot acc (18 classes)", shapes["zero_shot_acc"], ">= 0.90", shapes["zero_shot_acc"] >= 0.9),
+        row(
+            "CLIP shapes zero-shot acc (18 classes)", shapes["zero_shot_acc"], ">= 0.90", shapes["zero_shot_acc"] >= 0.9
+        ),
         row("CLIP shapes image->text R@1 / R@5", f"{shapes['i2t_r1']:.3f}/{shapes['i2t_r5']:.3f}"),
         row("CLIP shapes text->image R@1 / R@5", f"{shapes['t2i_r1']:.3f}/{shapes['t2i_r5']:.3f}"),
-        row("CLIP digits zero-shot acc (10 classes)", digits["zero_shot_acc"], ">= 0.80", digits["zero_shot_acc"] >= 0.8),
+        row(
+            "CLIP digits zero-shot acc (10 classes)", digits["zero_shot_acc"], ">= 0.80", digits["zero_shot_acc"] >= 0.8
+        ),
         row("CLIP digits text->image R@1 / R@5", f"{digits['t2i_r1']:.3f}/{digits['t2i_r5']:.3f}"),
         row("VLM stage 1 (projector only) caption CIDEr-D", s1["caption_cider"]),
         row("VLM stage 2 VQA acc (all)", s2["vqa_all"], ">= 0.85", s2["vqa_all"] >= 0.85),
         row("  colour / count / position", f"{s2['vqa_colour']:.2f}/{s2['vqa_count']:.2f}/{s2['vqa_position']:.2f}"),
         row("VLM stage 2 caption BLEU", s2["caption_bleu"]),
         row("VLM stage 2 caption CIDEr-D", s2["caption_cider"]),
-        row("VLM noise-image VQA acc (control)", s2["noise_vqa_all"], f"~{s2['blind_vqa_all']:.2f}",
-            abs(s2["noise_vqa_all"] - s2["blind_vqa_all"]) <= 0.1),
+        row(
+            "VLM noise-image VQA acc (control)",
+            s2["noise_vqa_all"],
+            f"~{s2['blind_vqa_all']:.2f}",
+            abs(s2["noise_vqa_all"] - s2["blind_vqa_all"]) <= 0.1,
+        ),
         row("  blind baseline (best answer per question)", s2["blind_vqa_all"]),
         row("train seconds: clip shapes / digits / vlm", f"{t_clip_shapes:.0f}/{t_clip_digits:.0f}/{t_vlm:.0f}"),
         row("ViT fwd s/batch64: lmforge / transformers", f"{ours:.4f}/{hf:.4f}"),
@@ -117,9 +137,18 @@ def main() -> int:
     ]
     print("\n".join(lines))
     print(f"\nexample caption: {s2['caption_example']}; total {time.perf_counter() - start:.0f}s; models in {out}")
-    (out / "bench.json").write_text(json.dumps({"clip_shapes": shapes, "clip_digits": digits, "vlm_stage1": s1,
-                                                "vlm_stage2": s2, "vit_seconds": {"lmforge": ours, "hf": hf}},
-                                               indent=2))
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                "clip_shapes": shapes,
+                "clip_digits": digits,
+                "vlm_stage1": s1,
+                "vlm_stage2": s2,
+                "vit_seconds": {"lmforge": ours, "hf": hf},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -71,8 +71,10 @@ def build_data(out: Path, seq: int, vocab: int) -> None:
             ids += p + r
             labels += [-100] * len(p) + r
         n = len(ids) // (seq + 1)
-        data[split] = (torch.tensor(ids[: n * (seq + 1)]).view(n, seq + 1),
-                       torch.tensor(labels[: n * (seq + 1)]).view(n, seq + 1))
+        data[split] = (
+            torch.tensor(ids[: n * (seq + 1)]).view(n, seq + 1),
+            torch.tensor(labels[: n * (seq + 1)]).view(n, seq + 1),
+        )
     torch.save(data, out)
 
 
@@ -106,11 +108,19 @@ def build(method: str, model_dir: str, device: torch.device):
     if method == "qlora":
         from lmforge.quant import swap
 
-        bf16 = sum(m.weight.numel() * 2 for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+        bf16 = sum(
+            m.weight.numel() * 2
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        )
         swap(model, "nf4")
-        nf4 = sum(b.numel() * b.element_size() for n, m in model.named_modules() if hasattr(m, "dequantize")
-                  for b in m.buffers(recurse=False) if b is not None)
+        nf4 = sum(
+            b.numel() * b.element_size()
+            for n, m in model.named_modules()
+            if hasattr(m, "dequantize")
+            for b in m.buffers(recurse=False)
+            if b is not None
+        )
         info["base_linear_bytes"] = {"bf16": bf16, "nf4": nf4}
     extra = after = None
     if factory is None:
@@ -170,11 +180,21 @@ def run_child(method: str) -> dict:
     model.eval()
     val_ids, val_labels = data["val"]
     with torch.no_grad():
-        val = [loss_of(forward(val_ids[i:i + B, :-1].to(device)), val_labels[i:i + B, 1:].to(device)).item()
-               for i in range(0, min(len(val_ids), ARGS.val_batches * B), B)]
-    result = {"method": method, "trainable": trainable, "total": total, "step_s": statistics.median(times[1:]),
-              "peak_bytes": peak, "train_growth_bytes": (peak_rss_bytes() - rss_before) if device.type == "cpu" else None,
-              "train_loss": losses, "val_loss": statistics.mean(val), "tokens_per_step": B * ARGS.seq}
+        val = [
+            loss_of(forward(val_ids[i : i + B, :-1].to(device)), val_labels[i : i + B, 1:].to(device)).item()
+            for i in range(0, min(len(val_ids), ARGS.val_batches * B), B)
+        ]
+    result = {
+        "method": method,
+        "trainable": trainable,
+        "total": total,
+        "step_s": statistics.median(times[1:]),
+        "peak_bytes": peak,
+        "train_growth_bytes": (peak_rss_bytes() - rss_before) if device.type == "cpu" else None,
+        "train_loss": losses,
+        "val_loss": statistics.mean(val),
+        "tokens_per_step": B * ARGS.seq,
+    }
     if "final_ranks" in info:
         result["final_ranks"] = info["final_ranks"].final_ranks()
     if "base_linear_bytes" in info:
@@ -192,8 +212,10 @@ def merge_cost(model, forward, val_ids, val_labels, device) -> dict:
 
     def val() -> float:
         with torch.no_grad():
-            return statistics.mean(loss_of(forward(val_ids[i:i + B, :-1].to(device)), val_labels[i:i + B, 1:].to(device)).item()
-                                   for i in range(0, min(len(val_ids), ARGS.val_batches * B), B))
+            return statistics.mean(
+                loss_of(forward(val_ids[i : i + B, :-1].to(device)), val_labels[i : i + B, 1:].to(device)).item()
+                for i in range(0, min(len(val_ids), ARGS.val_batches * B), B)
+            )
 
     before = val()
     peft.merge_and_unload(model)
@@ -206,9 +228,28 @@ def merge_cost(model, forward, val_ids, val_labels, device) -> dict:
 
 
 def child(method: str, data: Path, model_dir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--data", str(data), "--model-dir", str(model_dir),
-           "--steps", str(ARGS.steps), "--batch", str(ARGS.batch), "--seq", str(ARGS.seq),
-           "--val-batches", str(ARGS.val_batches), "--device", ARGS.device, "--threads", str(ARGS.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--data",
+        str(data),
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        str(ARGS.steps),
+        "--batch",
+        str(ARGS.batch),
+        "--seq",
+        str(ARGS.seq),
+        "--val-batches",
+        str(ARGS.val_batches),
+        "--device",
+        ARGS.device,
+        "--threads",
+        str(ARGS.threads),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(ARGS.threads)})
     if out.returncode != 0:
         raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
@@ -257,14 +298,18 @@ def report(results: dict, pair: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for m, r in results.items():
         growth = "" if r["train_growth_bytes"] is None else f" / {mib(r['train_growth_bytes'])}"
-        print(f"| {m} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.3f} | {mib(r['peak_bytes'])}{growth} "
-              f"| {r['step_s']:.2f} | {r['tokens_per_step'] / r['step_s']:.0f} | {r['val_loss']:.4f} |")
+        print(
+            f"| {m} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.3f} | {mib(r['peak_bytes'])}{growth} "
+            f"| {r['step_s']:.2f} | {r['tokens_per_step'] / r['step_s']:.0f} | {r['val_loss']:.4f} |"
+        )
     if "qlora" in results:
         q = results["qlora"]
         b = q["base_linear_bytes"]
-        print(f"\nQLoRA base linears: NF4 {mib(b['nf4'])} MiB vs bf16 {mib(b['bf16'])} MiB ({b['bf16'] / b['nf4']:.2f}x smaller); "
-              f"val loss unmerged {q['val_loss_unmerged']:.4f}, merged (float) {q['val_loss_merged_float']:.4f}, "
-              f"merged + re-quantized NF4 {q['val_loss_merged_requant']:.4f}")
+        print(
+            f"\nQLoRA base linears: NF4 {mib(b['nf4'])} MiB vs bf16 {mib(b['bf16'])} MiB ({b['bf16'] / b['nf4']:.2f}x smaller); "
+            f"val loss unmerged {q['val_loss_unmerged']:.4f}, merged (float) {q['val_loss_merged_float']:.4f}, "
+            f"merged + re-quantized NF4 {q['val_loss_merged_requant']:.4f}"
+        )
     if "adalora" in results:
         ranks = results["adalora"]["final_ranks"]
         print(f"AdaLoRA final ranks (total {sum(ranks.values())}): {sorted(ranks.values())}")
@@ -273,9 +318,11 @@ def report(results: dict, pair: dict) -> None:
         theirs = statistics.median(r["step_s"] for r in pair["peft-lora"])
         mem_ours = statistics.median(r["train_growth_bytes"] or r["peak_bytes"] for r in pair["lora"])
         mem_theirs = statistics.median(r["train_growth_bytes"] or r["peak_bytes"] for r in pair["peft-lora"])
-        print(f"\nLoRA r=8 q,v step time lmforge/peft = {ours:.2f}s / {theirs:.2f}s = {ours / theirs:.2f}x "
-              f"(median of {len(pair['lora'])} runs each; target <= 1.0x); "
-              f"training memory lmforge/peft = {mib(mem_ours)} / {mib(mem_theirs)} MiB = {mem_ours / mem_theirs:.2f}x")
+        print(
+            f"\nLoRA r=8 q,v step time lmforge/peft = {ours:.2f}s / {theirs:.2f}s = {ours / theirs:.2f}x "
+            f"(median of {len(pair['lora'])} runs each; target <= 1.0x); "
+            f"training memory lmforge/peft = {mib(mem_ours)} / {mib(mem_theirs)} MiB = {mem_ours / mem_theirs:.2f}x"
+        )
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -35,8 +35,21 @@ from lmforge.quant.scheme import HEAD_PATTERN  # noqa: E402
 from lmforge.recipes.quantize import qat_finetune  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "lmforge-bench-quant"
-VARIANTS = ["fp32", "bf16", "rtn int8", "rtn int8+head", "rtn int4-g128", "gptq int4-g128", "awq int4-g128",
-            "smoothquant w8a8", "qat int4-g128", "mixed 4.5-bit", "rtn int3-g128", "gptq int3-g128", "awq int3-g128"]
+VARIANTS = [
+    "fp32",
+    "bf16",
+    "rtn int8",
+    "rtn int8+head",
+    "rtn int4-g128",
+    "gptq int4-g128",
+    "awq int4-g128",
+    "smoothquant w8a8",
+    "qat int4-g128",
+    "mixed 4.5-bit",
+    "rtn int3-g128",
+    "gptq int3-g128",
+    "awq int3-g128",
+]
 
 
 def stdlib_text(max_chars: int) -> tuple[str, str]:
@@ -55,7 +68,7 @@ def stdlib_text(max_chars: int) -> tuple[str, str]:
 
 def windows(tokens: torch.Tensor, seq: int, n: int, batch: int = 1) -> list[torch.Tensor]:
     starts = torch.linspace(0, len(tokens) - seq - 1, n * batch).long()
-    rows = torch.stack([tokens[s:s + seq] for s in starts])
+    rows = torch.stack([tokens[s : s + seq] for s in starts])
     return list(rows.split(batch))
 
 
@@ -67,12 +80,25 @@ def train_small(out: Path, steps: int, log, arch: str = "llama") -> Path:
     train, _ = stdlib_text(6_000_000)
     tok = train_tokenizer([train[:2_000_000]], vocab_size=2048, special_tokens=["<|endoftext|>"])
     ids = torch.tensor(tok.encode(train), dtype=torch.long)
-    config = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
+    config = ModelConfig(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     if arch == "gpt2":
-        config = ModelConfig.preset("tiny-gpt2", vocab_size=2048, hidden_size=256, intermediate_size=1024,
-                                    num_hidden_layers=4, max_position_embeddings=512)
+        config = ModelConfig.preset(
+            "tiny-gpt2",
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            max_position_embeddings=512,
+        )
     torch.manual_seed(0)
     model = build_model(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
@@ -83,7 +109,7 @@ def train_small(out: Path, steps: int, log, arch: str = "llama") -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, len(ids) - 129, (8,), generator=g)
-        batch = torch.stack([ids[s:s + 129] for s in starts])
+        batch = torch.stack([ids[s : s + 129] for s in starts])
         loss = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,7 +193,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    path = Path(args.model) if args.model else CACHE / f"small-{'' if args.arch == 'llama' else 'gpt2-'}{args.train_steps}"
+    path = (
+        Path(args.model) if args.model else CACHE / f"small-{'' if args.arch == 'llama' else 'gpt2-'}{args.train_steps}"
+    )
     if not args.model and not (path / "lmforge_config.json").is_file():
         log(f"training the small model ({args.train_steps} steps) -> {path}")
         train_small(path, args.train_steps, log, args.arch)
@@ -188,26 +216,42 @@ def main() -> None:
         model, stats = make_variant(name, base, calib, qat_batches)
         secs = time.time() - t0
         ppl = math.exp(lm_loss(model, val_b))
-        rows.append({"name": name, "ppl": ppl, "bytes": disk_bytes(model), "secs": secs,
-                     "peak": stats.get("peak_rss_bytes"), "bits": stats.get("average_bits")})
+        rows.append(
+            {
+                "name": name,
+                "ppl": ppl,
+                "bytes": disk_bytes(model),
+                "secs": secs,
+                "peak": stats.get("peak_rss_bytes"),
+                "bits": stats.get("average_bits"),
+            }
+        )
         models[name] = model
         log(f"{name}: ppl {ppl:.3f} ({secs:.1f}s)")
     speeds = decode_tps(models, args.new_tokens, args.repeats)
     for r in rows:
         r["tps"] = speeds[r["name"]]
     fp = rows[0]
-    print(f"\nsmall model ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params, "
-          f"{val_ids.numel()} validation tokens, {len(calib)}x256 calibration tokens)")
-    print(f"{'variant':<18} {'val ppl':>8} {'vs fp32':>8} {'disk MiB':>9} {'x smaller':>9} {'tok/s':>7} {'x fp32':>6}  quantize")
+    print(
+        f"\nsmall model ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params, "
+        f"{val_ids.numel()} validation tokens, {len(calib)}x256 calibration tokens)"
+    )
+    print(
+        f"{'variant':<18} {'val ppl':>8} {'vs fp32':>8} {'disk MiB':>9} {'x smaller':>9} {'tok/s':>7} {'x fp32':>6}  quantize"
+    )
     for r in rows:
         extra = f"{r['secs']:.1f}s" + (f", peak RSS {r['peak'] / 2**20:.0f} MiB" if r["peak"] else "")  # reset per run
         extra += f", {r['bits']:.2f} avg bits" if r["bits"] else ""
-        print(f"{r['name']:<18} {r['ppl']:>8.3f} {100 * (r['ppl'] / fp['ppl'] - 1):>+7.2f}% {r['bytes'] / 2**20:>9.2f} "
-              f"{fp['bytes'] / r['bytes']:>9.2f} {r['tps']:>7.1f} {r['tps'] / fp['tps']:>6.2f}  {extra}")
+        print(
+            f"{r['name']:<18} {r['ppl']:>8.3f} {100 * (r['ppl'] / fp['ppl'] - 1):>+7.2f}% {r['bytes'] / 2**20:>9.2f} "
+            f"{fp['bytes'] / r['bytes']:>9.2f} {r['tps']:>7.1f} {r['tps'] / fp['tps']:>6.2f}  {extra}"
+        )
     if not args.skip_110m:
         speeds = speed_on_110m(args.new_tokens, args.repeats)
-        print(f"\nLlama ~110M shape, batch-1 decode ({args.new_tokens} new tokens, median of {args.repeats}, "
-              f"{torch.get_num_threads()} threads)")
+        print(
+            f"\nLlama ~110M shape, batch-1 decode ({args.new_tokens} new tokens, median of {args.repeats}, "
+            f"{torch.get_num_threads()} threads)"
+        )
         for name, tps in speeds.items():
             print(f"{name:<18} {tps:>7.1f} tok/s  {tps / speeds['fp32']:>5.2f}x fp32")
 

@@ -41,8 +41,16 @@ def build_checkpoint(args, folder: Path):
     corpus = [f.read_text(errors="replace") for f in sorted(stdlib.glob("*.py"))[:60]]
     tok = train_tokenizer(corpus, vocab_size=args.vocab)
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=tok.vocab_size, n_embd=args.hidden, n_layer=args.layers, n_head=args.hidden // 64,
-                        n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    cfg = tf.GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=args.hidden // 64,
+        n_positions=1024,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+    )
     hf = tf.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # special tokens never win greedy decoding: every request runs to max_tokens
         for name in ("<|endoftext|>", "<|im_end|>", "<|pad|>"):
@@ -54,8 +62,10 @@ def build_checkpoint(args, folder: Path):
 
 def prompts_for(n: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(5, vocab, (int(torch.randint(16, 49, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(5, vocab, (int(torch.randint(16, 49, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -65,8 +75,15 @@ def pct(xs: list[float], q: float) -> float:
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], new: int) -> dict:
     # logprobs=0: a chunk for every token, even one whose bytes do not complete a character yet
-    body = {"model": "bench", "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
-            "logprobs": 0, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": new,
+        "temperature": 0,
+        "stream": True,
+        "logprobs": 0,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     stamps, tokens = [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -96,8 +113,14 @@ async def load(url: str, prompts: list[list[int]], new: int, concurrency: int) -
         wall = time.perf_counter() - start
     itl = [x for r in results for x in r["itl"]]
     ttft = [r["ttft"] for r in results]
-    return dict(req_s=len(results) / wall, tok_s=sum(r["tokens"] for r in results) / wall,
-                ttft50=pct(ttft, 0.5), ttft99=pct(ttft, 0.99), itl50=pct(itl, 0.5), itl99=pct(itl, 0.99))
+    return dict(
+        req_s=len(results) / wall,
+        tok_s=sum(r["tokens"] for r in results) / wall,
+        ttft50=pct(ttft, 0.5),
+        ttft99=pct(ttft, 0.99),
+        itl50=pct(itl, 0.5),
+        itl99=pct(itl, 0.99),
+    )
 
 
 @torch.inference_mode()
@@ -107,19 +130,41 @@ def transformers_sequential(hf, prompts: list[list[int]], new: int) -> dict:
         t = time.perf_counter()
         hf.generate(input_ids=torch.tensor([p]), max_new_tokens=1, do_sample=False, pad_token_id=0)
         ttft.append(time.perf_counter() - t)
-        hf.generate(input_ids=torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                    pad_token_id=0)
+        hf.generate(
+            input_ids=torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        )
     wall = time.perf_counter() - start - sum(ttft)
-    return dict(req_s=len(prompts) / wall, tok_s=len(prompts) * new / wall, ttft50=pct(ttft, 0.5),
-                ttft99=pct(ttft, 0.99), itl50=float("nan"), itl99=float("nan"), cpu_tok=float("nan"))
+    return dict(
+        req_s=len(prompts) / wall,
+        tok_s=len(prompts) * new / wall,
+        ttft50=pct(ttft, 0.5),
+        ttft99=pct(ttft, 0.99),
+        itl50=float("nan"),
+        itl99=float("nan"),
+        cpu_tok=float("nan"),
+    )
 
 
 def start_server(folder: Path, args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lmforge", "serve", "--model", str(folder), "--served-model-name", "bench",
-           "--port", str(port), "--max-seqs", str(max(args.concurrency)), "--max-queue", "256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "serve",
+        "--model",
+        str(folder),
+        "--served-model-name",
+        "bench",
+        "--port",
+        str(port),
+        "--max-seqs",
+        str(max(args.concurrency)),
+        "--max-queue",
+        "256",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -138,8 +183,9 @@ def cpu_seconds(pid: int) -> float:
     engine process), from /proc; nan where there is none."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                    for c in (task / "children").read_text().split()]
+        children = [
+            int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()
+        ]
     except OSError:
         return float("nan")
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -168,13 +214,18 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32, help="requests per run at each concurrency")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="torch threads for the server and for transformers (default: all cores but one, "
-                        "which the clients use)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads for the server and for transformers (default: all cores but one, which the clients use)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, model GPT-2 {args.layers}x{args.hidden} "
-          f"vocab {args.vocab}, {args.requests} requests x {args.new_tokens} new tokens, greedy")
+    print(
+        f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, model GPT-2 {args.layers}x{args.hidden} "
+        f"vocab {args.vocab}, {args.requests} requests x {args.new_tokens} new tokens, greedy"
+    )
     with tempfile.TemporaryDirectory() as d:
         hf = build_checkpoint(args, Path(d))
         prompts = prompts_for(args.requests, hf.config.vocab_size)
@@ -191,21 +242,33 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
-        seq = prompts[:max(4, args.requests // 4)]  # transformers is the slow side: a quarter of the prompts
+        seq = prompts[: max(4, args.requests // 4)]  # transformers is the slow side: a quarter of the prompts
         rows["transformers generate, sequential"] = median_of(
-            [transformers_sequential(hf, seq, args.new_tokens) for _ in range(args.repeats)])
-    print(f"\n{'':36} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
-          f"{'srv CPU/tok':>11}")
+            [transformers_sequential(hf, seq, args.new_tokens) for _ in range(args.repeats)]
+        )
+    print(
+        f"\n{'':36} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+        f"{'srv CPU/tok':>11}"
+    )
     for name, r in rows.items():
-        print(f"{name:36} {r['req_s']:7.2f} {r['tok_s']:8.1f} {r['ttft50'] * 1e3:7.1f}ms {r['ttft99'] * 1e3:7.1f}ms "
-              f"{r['itl50'] * 1e3:6.1f}ms {r['itl99'] * 1e3:6.1f}ms {r['cpu_tok'] * 1e3:9.3f}ms")
-    one, many = rows[f"lmforge serve, {args.concurrency[0]} clients"], rows[f"lmforge serve, {args.concurrency[-1]} clients"]
+        print(
+            f"{name:36} {r['req_s']:7.2f} {r['tok_s']:8.1f} {r['ttft50'] * 1e3:7.1f}ms {r['ttft99'] * 1e3:7.1f}ms "
+            f"{r['itl50'] * 1e3:6.1f}ms {r['itl99'] * 1e3:6.1f}ms {r['cpu_tok'] * 1e3:9.3f}ms"
+        )
+    one, many = (
+        rows[f"lmforge serve, {args.concurrency[0]} clients"],
+        rows[f"lmforge serve, {args.concurrency[-1]} clients"],
+    )
     base = rows["transformers generate, sequential"]
     lo, hi = args.concurrency[0], args.concurrency[-1]
     ratios = [b["tok_s"] / a["tok_s"] for a, b in zip(runs[lo], runs[hi])]
-    print(f"\naggregate tok/s, {hi} clients / {lo} client: {statistics.median(ratios):.2f}x, the median of each "
-          f"repeat's ratio ({', '.join(f'{r:.2f}' for r in ratios)}; target >= 4x)")
-    print(f"lmforge serve {args.concurrency[-1]} clients / transformers sequential: {many['tok_s'] / base['tok_s']:.2f}x")
+    print(
+        f"\naggregate tok/s, {hi} clients / {lo} client: {statistics.median(ratios):.2f}x, the median of each "
+        f"repeat's ratio ({', '.join(f'{r:.2f}' for r in ratios)}; target >= 4x)"
+    )
+    print(
+        f"lmforge serve {args.concurrency[-1]} clients / transformers sequential: {many['tok_s'] / base['tok_s']:.2f}x"
+    )
     print(f"lmforge serve 1 client / transformers sequential: {one['tok_s'] / base['tok_s']:.2f}x")
 
 

@@ -31,10 +31,12 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
 SHAPES = {
-    "target": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
-                   num_key_value_heads=2),
-    "draft": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1),
+    "target": dict(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "draft": dict(
+        hidden_size=128, intermediate_size=344, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    ),
 }
 
 
@@ -88,8 +90,9 @@ def build(args, work: Path):
         target = load_model(work / "target").eval()
     else:
         torch.manual_seed(0)
-        target = Transformer(ModelConfig.preset("tiny", **base, **{**SHAPES["target"],
-                                                                   "num_hidden_layers": args.target_layers}))
+        target = Transformer(
+            ModelConfig.preset("tiny", **base, **{**SHAPES["target"], "num_hidden_layers": args.target_layers})
+        )
         train_lm(target, windows, args.target_steps, 3e-3, "target")
         save_model(target.eval(), work / "target", tokenizer=tok)
 
@@ -97,8 +100,7 @@ def build(args, work: Path):
     plen, n = 32, args.distill_rows
     starts = torch.randint(0, len(stream) - plen, (n,), generator=g)
     prompts = stream[starts[:, None] + torch.arange(plen)]
-    rows = torch.cat([torch.cat([p, generate(target, p, max_new_tokens=seq - plen)], 1)
-                      for p in prompts.split(32)])
+    rows = torch.cat([torch.cat([p, generate(target, p, max_new_tokens=seq - plen)], 1) for p in prompts.split(32)])
     weight = torch.ones_like(rows, dtype=torch.float)
     weight[:, :plen] = 0.2  # mostly the continuation, a little real text
 
@@ -181,9 +183,9 @@ def main() -> None:
     text = corpus(args.corpus_bytes)
     g = torch.Generator().manual_seed(123)
     ids = tok.encode(text[-200_000:])  # the corpus tail: mostly unseen by the short training runs
-    prompts = [ids[s:s + 48] for s in torch.randint(0, len(ids) - 48, (args.prompts,), generator=g).tolist()]
+    prompts = [ids[s : s + 48] for s in torch.randint(0, len(ids) - 48, (args.prompts,), generator=g).tolist()]
     # Input-grounded prompts for prompt lookup: a code snippet, then its first line again (copy it).
-    snippets = [ids[s:s + 64] for s in torch.randint(0, len(ids) - 64, (args.prompts,), generator=g).tolist()]
+    snippets = [ids[s : s + 64] for s in torch.randint(0, len(ids) - 64, (args.prompts,), generator=g).tolist()]
     copy_prompts = [s + tok.encode("\n\n") + s[:8] for s in snippets]
     sp = SamplingParams(max_new_tokens=args.new)
     k = args.k
@@ -194,18 +196,25 @@ def main() -> None:
     methods = {
         "draft model": (prompts, lambda p: speculative_generate(target, p, sp, DraftProposer(draft, 1024), k=k)),
         f"draft model (k<={args.max_k}, stop <{args.min_confidence})": (
-            prompts, lambda p: speculative_generate(target, p, sp, DraftProposer(draft, 1024, args.min_confidence),
-                                                    k=args.max_k)),
+            prompts,
+            lambda p: speculative_generate(
+                target, p, sp, DraftProposer(draft, 1024, args.min_confidence), k=args.max_k
+            ),
+        ),
         "prompt lookup (free text)": (prompts, lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
-        "prompt lookup (copy task)": (copy_prompts,
-                                      lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
+        "prompt lookup (copy task)": (
+            copy_prompts,
+            lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k),
+        ),
     }
     for tree in args.medusa_trees.split(","):
         choices = tuple(int(c) for c in tree.split("x"))
         methods[f"medusa (tree {tree})"] = (prompts, lambda p, c=choices: medusa_generate(target, heads, p, sp, c))
     sizes = target.config.num_parameters() / 1e6, draft.config.num_parameters() / 1e6
-    print(f"target {sizes[0]:.1f}M params, draft {sizes[1]:.2f}M,"
-          f" {args.prompts} prompts x {args.new} new tokens, greedy, batch 1, k={k}, {args.threads} thread(s)")
+    print(
+        f"target {sizes[0]:.1f}M params, draft {sizes[1]:.2f}M,"
+        f" {args.prompts} prompts x {args.new} new tokens, greedy, batch 1, k={k}, {args.threads} thread(s)"
+    )
     print(f"{'method':32s} {'tok/s':>8s} {'plain':>8s} {'speed-up':>9s} {'accept':>7s} {'tok/step':>9s} same")
     wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
     for name, (ps, fn) in methods.items():
@@ -214,8 +223,10 @@ def main() -> None:
         base_rate, rate, outs, stats = run_pair(plain, fn, ps, args.repeats)
         acc = sum(s.accepted for s in stats) / max(1, sum(s.proposed for s in stats))
         per_step = sum(s.new_tokens for s in stats) / max(1, sum(s.steps for s in stats))
-        print(f"{name:32s} {rate:8.1f} {base_rate:8.1f} {rate / base_rate:8.2f}x {acc:7.2f} {per_step:9.2f} "
-              f"{outs['method'] == outs['plain']}")
+        print(
+            f"{name:32s} {rate:8.1f} {base_rate:8.1f} {rate / base_rate:8.2f}x {acc:7.2f} {per_step:9.2f} "
+            f"{outs['method'] == outs['plain']}"
+        )
         print("   per-request acceptance:", [round(s.acceptance_rate, 2) for s in stats])
 
 

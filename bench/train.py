@@ -85,8 +85,16 @@ def worker(framework: str, preset: str, batch: int, seq_len: int, steps: int) ->
         guard = SpikeGuard(factor=0)
 
         def step(x):
-            return train_step(model, opt, [clm_batch(x)], device=torch.device("cpu"), dtype=torch.float32,
-                              clip_grad=1.0, world_size=1, guard=guard).loss
+            return train_step(
+                model,
+                opt,
+                [clm_batch(x)],
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                clip_grad=1.0,
+                world_size=1,
+                guard=guard,
+            ).loss
     else:
         # The hand-written loop: forward with labels (HF shifts and computes the loss), backward, clip, AdamW.
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
@@ -108,8 +116,20 @@ def worker(framework: str, preset: str, batch: int, seq_len: int, steps: int) ->
 
 def run_worker(framework: str, preset: str, args) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: honest RSS peaks
-    cmd = [sys.executable, __file__, "--worker", framework, "--shapes", preset, "--batch", str(args.batch),
-           "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        framework,
+        "--shapes",
+        preset,
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{framework} {preset} failed:\n{out.stderr[-3000:]}")
@@ -131,8 +151,10 @@ def main() -> None:
     import torch
 
     peak = statistics.median(matmul_peak() for _ in range(3))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured fp32 matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s; batch {args.batch} x {args.seq_len}, {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured fp32 matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s; batch {args.batch} x {args.seq_len}, {args.rounds} rounds x {args.steps} steps"
+    )
     tokens = args.batch * args.seq_len
     header = f"{'shape':<10} {'framework':<13} {'tokens/s':>9} {'MFU':>6} {'peak MiB':>9}"
     rows, ratios = [], {}

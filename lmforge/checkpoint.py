@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -56,8 +56,10 @@ def load_model(path: str | Path, device=None, dtype=None) -> Transformer:
         transforms = []
         state = state_dict_from_hf(_read_safetensors(path), config)
     else:
-        raise LmforgeError(f"{path} is not a model folder: expected {LMFORGE_CONFIG} (lmforge) or config.json "
-                           "(Hugging Face) with model.safetensors")
+        raise LmforgeError(
+            f"{path} is not a model folder: expected {LMFORGE_CONFIG} (lmforge) or config.json "
+            "(Hugging Face) with model.safetensors"
+        )
     model = build_and_load(config, state, transforms, source=str(path))
     if dtype is not None:
         model = model.to(get_dtype(dtype))
@@ -66,8 +68,9 @@ def load_model(path: str | Path, device=None, dtype=None) -> Transformer:
     return model.eval()
 
 
-def build_and_load(config: ModelConfig, state: dict, transforms: list[dict] | None = None,
-                   source: str = "state dict") -> Transformer:
+def build_and_load(
+    config: ModelConfig, state: dict, transforms: list[dict] | None = None, source: str = "state dict"
+) -> Transformer:
     """Build on the meta device, replay transforms, then load `state` by assignment."""
     with torch.device("meta"):
         model = Transformer(config)
@@ -83,8 +86,10 @@ def build_and_load(config: ModelConfig, state: dict, transforms: list[dict] | No
 def replay_transform(model: torch.nn.Module, entry: dict, source: str = "checkpoint") -> None:
     kind = entry.get("kind") if isinstance(entry, dict) else None
     if kind not in TRANSFORM_MODULES:
-        raise LmforgeError(f"{source}: unknown transform {kind!r} in the manifest; this build of lmforge knows "
-                           f"{', '.join(TRANSFORM_MODULES)} (is the checkpoint from a newer lmforge?)")
+        raise LmforgeError(
+            f"{source}: unknown transform {kind!r} in the manifest; this build of lmforge knows "
+            f"{', '.join(TRANSFORM_MODULES)} (is the checkpoint from a newer lmforge?)"
+        )
     module = importlib.import_module(TRANSFORM_MODULES[kind])
     if not hasattr(module, "replay"):
         raise LmforgeError(f"{source}: transform {kind!r} cannot be replayed by this build of lmforge")
@@ -101,14 +106,20 @@ def _check_state(model: torch.nn.Module, state: dict, source: str) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
-        raise LmforgeError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise LmforgeError(
+            f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )
     if unexpected:
-        raise LmforgeError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}"
-                           + (" ..." if len(unexpected) > 5 else "") + " (config and weights disagree)")
+        raise LmforgeError(
+            f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}"
+            + (" ..." if len(unexpected) > 5 else "")
+            + " (config and weights disagree)"
+        )
     for name, t in state.items():
         if tuple(t.shape) != tuple(expected[name].shape):
-            raise LmforgeError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "
-                               f"the config expects {tuple(expected[name].shape)}")
+            raise LmforgeError(
+                f"{source}: tensor {name} has shape {tuple(t.shape)}, the config expects {tuple(expected[name].shape)}"
+            )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -138,8 +149,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # Files of an lmforge checkpoint written before the marker existed (recognised as lmforge's own).
-_LEGACY_CHECKPOINT_FILES = {"lmforge_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                            "chat_template.jinja"}
+_LEGACY_CHECKPOINT_FILES = {
+    "lmforge_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+}
 
 
 def is_lmforge_output(path: str | Path) -> bool:
@@ -157,8 +173,9 @@ def is_lmforge_output(path: str | Path) -> bool:
     return "lmforge_config.json" in entries and entries <= _LEGACY_CHECKPOINT_FILES
 
 
-def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = (),
-                     overwrite: bool = False, flag: str = "--out") -> Path:
+def check_output_dir(
+    out: str | Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False, flag: str = "--out"
+) -> Path:
     """Refuse an output folder whose replacement would lose data; returns it as given.
 
     Never (even with `overwrite`): the output is an input, or a folder holding an input (a
@@ -181,8 +198,10 @@ def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = (),
     if not target.is_dir():
         raise LmforgeError(f"{flag} {out} exists and is not a folder; pass --overwrite to replace it")
     if any(target.iterdir()) and not is_lmforge_output(target):
-        raise LmforgeError(f"{flag} {out} is a non-empty folder that lmforge did not write; refusing to replace "
-                           "it (choose a new folder, or pass --overwrite to replace it and everything in it)")
+        raise LmforgeError(
+            f"{flag} {out} is a non-empty folder that lmforge did not write; refusing to replace "
+            "it (choose a new folder, or pass --overwrite to replace it and everything in it)"
+        )
     return Path(out)
 
 
@@ -193,8 +212,12 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra: d
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    meta = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-            "transforms": transforms(model), **(extra or {})}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "transforms": transforms(model),
+        **(extra or {}),
+    }
     with atomic_dir(out_dir, mark=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "lmforge": "1"})
         atomic_write_json(tmp / LMFORGE_CONFIG, meta)
@@ -207,8 +230,9 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     """Export to a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
     if transforms(model):
         kinds = ", ".join(e.get("kind", "?") for e in transforms(model))
-        raise LmforgeError(f"cannot export a transformed model ({kinds}) to a plain HF folder: merge adapters / "
-                           "dequantize first")
+        raise LmforgeError(
+            f"cannot export a transformed model ({kinds}) to a plain HF folder: merge adapters / dequantize first"
+        )
     out_dir = Path(out_dir)
     hf_config = config_to_hf(model.config)
     state = state_dict_to_hf(model.state_dict(), model.config)

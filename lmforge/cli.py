@@ -50,8 +50,11 @@ def command_parser(name: str, recipe=None) -> argparse.ArgumentParser:
     convention across commands: a flag name means the same thing everywhere (README, "Flags")."""
     module_name, help_text = COMMANDS[name]
     recipe = recipe or importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=(recipe.__doc__ or help_text).strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"lmforge {name}",
+        description=(recipe.__doc__ or help_text).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     recipe.add_arguments(parser)
     return parser
 
@@ -84,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("lmforge"):
-            print(f"lmforge: error: command {name!r} is not available in this build ({e.name} missing)", file=sys.stderr)
+            print(
+                f"lmforge: error: command {name!r} is not available in this build ({e.name} missing)", file=sys.stderr
+            )
             return 2
         raise
     parser = command_parser(name, recipe)
@@ -104,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         what = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500] if str(e) else type(e).__name__
-        print(f"lmforge {name}: unexpected error: {what}"
-              + ("" if debug else " (run with LMFORGE_DEBUG=1 or `lmforge --debug ...` for the traceback)"),
-              file=sys.stderr)
+        print(
+            f"lmforge {name}: unexpected error: {what}"
+            + ("" if debug else " (run with LMFORGE_DEBUG=1 or `lmforge --debug ...` for the traceback)"),
+            file=sys.stderr,
+        )
         return 1
     return int(result or 0)
 

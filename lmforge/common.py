@@ -18,9 +18,10 @@ import re
 import tempfile
 import types
 import typing
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, MutableMapping
+from typing import Any
 
 
 class LmforgeError(Exception):
@@ -63,8 +64,15 @@ def get_device(name: str | None = None):
     return torch.device("cpu")
 
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 DTYPE_NAMES = ("auto", *_DTYPES)  # what a dtype field accepts
 
 
@@ -156,8 +164,9 @@ def atomic_dir(path: str | os.PathLike, mark: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if mark:
-            atomic_write_json(tmp / OUTPUT_MARKER, {"written_by": "lmforge",
-                                                    "entries": sorted(p.name for p in tmp.iterdir())})
+            atomic_write_json(
+                tmp / OUTPUT_MARKER, {"written_by": "lmforge", "entries": sorted(p.name for p in tmp.iterdir())}
+            )
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -280,9 +289,17 @@ def apply_threads_policy(env: MutableMapping[str, str] | None = None) -> dict[st
 # field, so a bad value is a clear error naming the dotted field, never a crash deep in a job.
 
 
-def checked(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
-            gt: float | None = None, le: float | None = None, lt: float | None = None,
-            choices: typing.Iterable | None = None, pattern: str | None = None) -> Any:
+def checked(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: typing.Iterable | None = None,
+    pattern: str | None = None,
+) -> Any:
     """A dataclass field with value rules: bounds (numbers, or each number of a list/tuple),
     `choices` (allowed values) or a regex `pattern` (strings). None passes when the type allows it."""
     rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, pattern=pattern).items() if v is not None}
@@ -292,8 +309,15 @@ def checked(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
 
 
 def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
-             list: "a list", tuple: "a list"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        dict: "a mapping",
+        list: "a list",
+        tuple: "a list",
+    }
     origin = typing.get_origin(tp) or tp
     return names.get(origin, getattr(origin, "__name__", str(tp)))
 
@@ -339,8 +363,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         number = value
         if isinstance(value, str):
             try:
-                number = float(value.strip().replace("_", "")) if tp is float or not value.strip().lstrip("+-").isdigit() \
+                number = (
+                    float(value.strip().replace("_", ""))
+                    if tp is float or not value.strip().lstrip("+-").isdigit()
                     else int(value.strip())
+                )
             except ValueError:
                 raise _Mismatch(f"expected {_type_name(tp)}") from None
         if isinstance(number, bool) or not isinstance(number, (int, float)):
@@ -376,8 +403,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise _Mismatch("expected a mapping")
         if not args:
             return dict(value)
-        return {_coerce(args[0], k, f"{where}[{k!r}]"): _coerce(args[1], v, f"{where}[{k!r}]")
-                for k, v in value.items()}
+        return {
+            _coerce(args[0], k, f"{where}[{k!r}]"): _coerce(args[1], v, f"{where}[{k!r}]") for k, v in value.items()
+        }
     if isinstance(tp, type) and not isinstance(value, tp):
         raise _Mismatch(f"expected {_type_name(tp)}")
     return value
@@ -397,15 +425,20 @@ def _check_rules(value: Any, rules: dict, allow_nonfinite: bool) -> str | None:
             continue
         if isinstance(x, float) and not math.isfinite(x) and not allow_nonfinite:
             return "must be a finite number"
-        for key, ok, text in (("ge", lambda b: x >= b, ">="), ("gt", lambda b: x > b, ">"),
-                              ("le", lambda b: x <= b, "<="), ("lt", lambda b: x < b, "<")):
+        for key, ok, text in (
+            ("ge", lambda b: x >= b, ">="),
+            ("gt", lambda b: x > b, ">"),
+            ("le", lambda b: x <= b, "<="),
+            ("lt", lambda b: x < b, "<"),
+        ):
             if key in rules and not ok(rules[key]):
                 return f"must be {text} {rules[key]}"
     return None
 
 
-def check_value(tp: Any, value: Any, rules: dict | None = None, where: str = "value",
-                allow_nonfinite: bool = False) -> Any:
+def check_value(
+    tp: Any, value: Any, rules: dict | None = None, where: str = "value", allow_nonfinite: bool = False
+) -> Any:
     """`value` read as annotation `tp` and checked against `rules` (see `checked`); ValueError
     saying what was expected otherwise. A nested dataclass raises LmforgeError naming its field."""
     try:
@@ -442,8 +475,13 @@ def build_config(cls: type, data: Any, where: str = "") -> Any:
         f = fields[name]
         default = f.default if f.default is not dataclasses.MISSING else None
         try:
-            kwargs[name] = check_value(hints.get(name, Any), raw, f.metadata.get("rules", {}), dotted,
-                                       allow_nonfinite=isinstance(default, float) and not math.isfinite(default))
+            kwargs[name] = check_value(
+                hints.get(name, Any),
+                raw,
+                f.metadata.get("rules", {}),
+                dotted,
+                allow_nonfinite=isinstance(default, float) and not math.isfinite(default),
+            )
         except ValueError as e:
             shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
             raise LmforgeError(f"{dotted}={shown}: {e}") from None

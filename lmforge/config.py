@@ -31,8 +31,9 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     for path in (Path(text), CONFIG_DIR / (text if text.endswith(".yaml") else f"{text}.yaml")):
         if path.is_file():
             return path
-    raise LmforgeError(f"config {text!r} not found: not a file, and not a built-in config "
-                       f"({', '.join(config_names())})")
+    raise LmforgeError(
+        f"config {text!r} not found: not a file, and not a built-in config ({', '.join(config_names())})"
+    )
 
 
 def read_config_file(name_or_path: str | os.PathLike) -> dict:
@@ -48,8 +49,13 @@ def read_config_file(name_or_path: str | os.PathLike) -> dict:
     return tree
 
 
-def apply_overrides(tree: dict, overrides: typing.Iterable[str], open_sections: tuple[str, ...] = (),
-                    example: str = "train.steps=100", schema: type | None = None) -> dict:
+def apply_overrides(
+    tree: dict,
+    overrides: typing.Iterable[str],
+    open_sections: tuple[str, ...] = (),
+    example: str = "train.steps=100",
+    schema: type | None = None,
+) -> dict:
     """Apply `a.b=c` overrides (values read as YAML) to `tree` in place; returns it. With `schema` (the
     config's dataclass) a key must name its fields; without, a key the tree lacks is an error except in
     `open_sections`. Either way a typo is an error, never a silently ignored setting."""
@@ -67,8 +73,9 @@ def apply_overrides(tree: dict, overrides: typing.Iterable[str], open_sections: 
     return tree
 
 
-def set_dotted(tree: dict, key: str, value: Any, open_sections: tuple[str, ...] = (),
-               schema: type | None = None) -> None:
+def set_dotted(
+    tree: dict, key: str, value: Any, open_sections: tuple[str, ...] = (), schema: type | None = None
+) -> None:
     """tree[a][b] = value for key "a.b" (sections created as needed), the key checked as `apply_overrides` says."""
     parts, node = key.split("."), tree
     is_open = schema is None and parts[0] in open_sections
@@ -106,8 +113,13 @@ def _section_schema(cls: type, name: str, key: str, where: str) -> type:
     raise LmforgeError(f"override {key!r}: {where!r} is a value, not a section of the config")
 
 
-def load_config(cls: type, source: str | os.PathLike | None = None, overrides: typing.Iterable[str] = (),
-                values: dict[str, Any] | None = None, base: str | os.PathLike | None = None) -> Any:
+def load_config(
+    cls: type,
+    source: str | os.PathLike | None = None,
+    overrides: typing.Iterable[str] = (),
+    values: dict[str, Any] | None = None,
+    base: str | os.PathLike | None = None,
+) -> Any:
     """Dataclass `cls` (nested dataclasses for sections) from the YAML `source` (a path or a built-in
     name; None: the defaults), then `a.b=c` overrides, then `values` ({"a.b": value}, from flags).
     `base`: a config whose top-level fields `source` replaces (a file may give only its tasks)."""
@@ -119,7 +131,8 @@ def load_config(cls: type, source: str | os.PathLike | None = None, overrides: t
     return build_config(cls, tree)
 
 
-def load_config_tree(source: str | os.PathLike, overrides: typing.Iterable[str] = (),
-                     open_sections: tuple[str, ...] = ()) -> dict:
+def load_config_tree(
+    source: str | os.PathLike, overrides: typing.Iterable[str] = (), open_sections: tuple[str, ...] = ()
+) -> dict:
     """The YAML with its overrides as a plain mapping, for a recipe whose sections are checked later."""
     return apply_overrides(read_config_file(source), overrides, open_sections)

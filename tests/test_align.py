@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lmforge.recipes import align as recipe
 from lmforge.config import load_config
+from lmforge.recipes import align as recipe
 from lmforge.train import align as A
 from lmforge.train import align_data as D
 from lmforge.train.align_config import AlignConfig
@@ -17,11 +17,23 @@ def test_dpo_loss_hand_computed():
     out = A.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), beta=0.1)
     assert out.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.15))), abs=1e-6)
     assert out.chosen_rewards.item() == pytest.approx(0.1) and out.rejected_rewards.item() == pytest.approx(-0.05)
-    ipo = A.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]),
-                     beta=0.1, loss_type="ipo")
+    ipo = A.dpo_loss(
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-2.5]),
+        beta=0.1,
+        loss_type="ipo",
+    )
     assert ipo.loss.item() == pytest.approx((1.5 - 5.0) ** 2)
-    smooth = A.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]),
-                        beta=0.1, label_smoothing=0.2)
+    smooth = A.dpo_loss(
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-2.5]),
+        beta=0.1,
+        label_smoothing=0.2,
+    )
     s = 1 / (1 + math.exp(-0.15))
     assert smooth.loss.item() == pytest.approx(-0.8 * math.log(s) - 0.2 * math.log(1 - s), abs=1e-6)
 
@@ -111,8 +123,11 @@ def test_distillation_raises_agreement(tmp_path):
     # An untied random teacher has context-dependent argmaxes a fresh student does not share.
     teacher = build_model("tiny", vocab_size=tok.vocab_size, tie_word_embeddings=False)
     save_model(teacher, tmp_path / "teacher", tokenizer=tok)
-    out = recipe.run_distill(_cfg("distill", 40, **{"model.teacher": tmp_path / "teacher", "train.lr": 0.005}),
-                             torch.device("cpu"), tmp_path / "student")
+    out = recipe.run_distill(
+        _cfg("distill", 40, **{"model.teacher": tmp_path / "teacher", "train.lr": 0.005}),
+        torch.device("cpu"),
+        tmp_path / "student",
+    )
     assert out["after"]["greedy_agreement"] > out["before"]["greedy_agreement"] + 0.1
 
 
@@ -137,8 +152,9 @@ def test_rlaif_labels_pairs_by_the_principles_and_trains(tmp_path):
     cfg.rlaif.judge = PrincipleJudge()
     train, _ = recipe.task_records(cfg)
     model, tok = recipe.load_policy(cfg, train, torch.device("cpu"))
-    pairs = recipe.label_pairs_with_judge(model, tok, [r["prompt"] for r in train], PrincipleJudge(),
-                                          cfg.rlaif.principles, cfg.rl, torch.device("cpu"))
+    pairs = recipe.R.label_pairs_with_judge(
+        model, tok, [r["prompt"] for r in train], PrincipleJudge(), cfg.rlaif.principles, cfg.rl, torch.device("cpu")
+    )
     score = lambda t: ("[" in t) + t.strip().endswith(".")  # noqa: E731
     assert pairs and all(score(p["chosen"]) > score(p["rejected"]) for p in pairs)
     out = recipe.run_rlaif(cfg, torch.device("cpu"), tmp_path)

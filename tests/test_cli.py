@@ -42,10 +42,13 @@ def test_convert_round_trip_and_generate(tmp_path):
     assert len(r.stdout.strip().split(",")) == 5
 
 
-@pytest.mark.parametrize("args,message", [
-    (["generate", "--model", "/nonexistent/model", "--prompt", "x"], "model path not found: /nonexistent/model"),
-    (["convert", "--from-hf", "/nonexistent", "--out", "/tmp/x-lmforge-out"], "model path not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "--model", "/nonexistent/model", "--prompt", "x"], "model path not found: /nonexistent/model"),
+        (["convert", "--from-hf", "/nonexistent", "--out", "/tmp/x-lmforge-out"], "model path not found"),
+    ],
+)
 def test_errors_are_clear_and_exit_2(args, message):
     r = run(*args)
     assert r.returncode == 2

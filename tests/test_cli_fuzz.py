@@ -25,8 +25,12 @@ from lmforge.recipes.pretrain import DataConfig as PretrainData
 from lmforge.recipes.sft import ModelSource, PeftSection, SFTData
 from lmforge.train import OptimConfig, TrainConfig
 
-FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 # Letters that spell no YAML 1.1 boolean/null (yes/no/on/off/true/false/null/y/n) and no number.
 WORDS = st.text(alphabet="abcdkqxz", min_size=2, max_size=6)
 
@@ -75,7 +79,11 @@ def fields_of(cls, prefix: str) -> list[tuple[str, st.SearchStrategy]]:
 
 
 def as_text(value) -> str:
-    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return (
+        value
+        if isinstance(value, str)
+        else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    )
 
 
 def assert_refused(capsys, argv: list[str], name: str) -> None:
@@ -94,11 +102,22 @@ def workdir(tmp_path_factory):
     return path
 
 
-PRETRAIN = (fields_of(TrainConfig, "train") + fields_of(OptimConfig, "optim") + fields_of(PretrainData, "data")
-            + fields_of(RunConfig, "run") + fields_of(ModelConfig, "model"))
+PRETRAIN = (
+    fields_of(TrainConfig, "train")
+    + fields_of(OptimConfig, "optim")
+    + fields_of(PretrainData, "data")
+    + fields_of(RunConfig, "run")
+    + fields_of(ModelConfig, "model")
+)
 TINY_DATA = ["--set", "data.max_bytes=100000", "--set", "data.vocab_size=300"]  # built once, cached in workdir
-SFT = (fields_of(TrainConfig, "train") + fields_of(OptimConfig, "optim") + fields_of(SFTData, "data")
-       + fields_of(PeftSection, "peft") + fields_of(ModelSource, "model") + fields_of(RunConfig, "run"))
+SFT = (
+    fields_of(TrainConfig, "train")
+    + fields_of(OptimConfig, "optim")
+    + fields_of(SFTData, "data")
+    + fields_of(PeftSection, "peft")
+    + fields_of(ModelSource, "model")
+    + fields_of(RunConfig, "run")
+)
 
 
 def _data_fields():
@@ -138,30 +157,52 @@ def test_sft_refuses_bad_values(bad, workdir, capsys, monkeypatch):
 def test_data_prepare_refuses_bad_values(bad, workdir, capsys, monkeypatch):
     monkeypatch.chdir(workdir)
     key, value = bad
-    assert_refused(capsys, ["data", "prepare", "--no-progress", "-o", "data-out", "--set", f"{key}={as_text(value)}"],
-                   key)
+    assert_refused(
+        capsys, ["data", "prepare", "--no-progress", "-o", "data-out", "--set", f"{key}={as_text(value)}"], key
+    )
     assert not (workdir / "data-out").exists()
 
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lr=st.floats(1e-6, 1e-2).map(lambda x: f"{x:.0e}"), batch=st.integers(1, 2), accum=st.integers(1, 2))
 def test_pretrain_runs_in_range_values_written_any_way(lr, batch, accum, workdir, capsys, monkeypatch):
-    """"3e-04" (a string to YAML 1.1) is the number; in-range values train (exit 0)."""
+    """ "3e-04" (a string to YAML 1.1) is the number; in-range values train (exit 0)."""
     monkeypatch.chdir(workdir)
-    code = main(["pretrain", "--lr", lr, "--batch-size", str(batch), "--grad-accum", str(accum), "--steps", "1",
-                 "--seq-len", "16", *TINY_DATA,
-                 "--set", "train.eval_every=0", "--set", "train.save_every=0", "--name", "ok"])
+    code = main(
+        [
+            "pretrain",
+            "--lr",
+            lr,
+            "--batch-size",
+            str(batch),
+            "--grad-accum",
+            str(accum),
+            "--steps",
+            "1",
+            "--seq-len",
+            "16",
+            *TINY_DATA,
+            "--set",
+            "train.eval_every=0",
+            "--set",
+            "train.save_every=0",
+            "--name",
+            "ok",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0 and "Traceback" not in err, err[-500:]
 
 
-GENERATE_FLAGS = {"--max-new-tokens": st.one_of(st.integers(max_value=-1).map(str), st.integers(65, 10**12).map(str), WORDS),
-                  "--temperature": st.one_of(st.floats(max_value=-1e-3).map(str), st.just("nan"), WORDS),
-                  "--top-p": st.one_of(st.floats(1.001, 1e6).map(str), st.floats(-10, 0).map(str), WORDS),
-                  "--top-k": st.one_of(st.integers(max_value=-1).map(str), WORDS, st.just("1.5")),
-                  "--repetition-penalty": st.one_of(st.floats(-10, 0).map(str), st.just("inf"), WORDS),
-                  "--num-speculative": st.one_of(st.integers(max_value=0).map(str), WORDS),
-                  "--seed": st.one_of(st.integers(max_value=-1).map(str), WORDS)}
+GENERATE_FLAGS = {
+    "--max-new-tokens": st.one_of(st.integers(max_value=-1).map(str), st.integers(65, 10**12).map(str), WORDS),
+    "--temperature": st.one_of(st.floats(max_value=-1e-3).map(str), st.just("nan"), WORDS),
+    "--top-p": st.one_of(st.floats(1.001, 1e6).map(str), st.floats(-10, 0).map(str), WORDS),
+    "--top-k": st.one_of(st.integers(max_value=-1).map(str), WORDS, st.just("1.5")),
+    "--repetition-penalty": st.one_of(st.floats(-10, 0).map(str), st.just("inf"), WORDS),
+    "--num-speculative": st.one_of(st.integers(max_value=0).map(str), WORDS),
+    "--seed": st.one_of(st.integers(max_value=-1).map(str), WORDS),
+}
 
 
 @FUZZ
@@ -174,22 +215,42 @@ def test_generate_refuses_bad_flags(flag, workdir, capsys):
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 4), t=st.floats(0, 2), p=st.floats(0.05, 1), k=st.integers(0, 50), r=st.floats(0.5, 2))
 def test_generate_runs_in_range_flags(n, t, p, k, r, workdir, capsys):
-    code = main(["generate", "--model", str(workdir / "ckpt"), "--prompt-ids", "1,2", "--max-new-tokens", str(n),
-                 "--temperature", repr(t), "--top-p", repr(p), "--top-k", str(k), "--repetition-penalty", repr(r),
-                 "--seed", "0"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(workdir / "ckpt"),
+            "--prompt-ids",
+            "1,2",
+            "--max-new-tokens",
+            str(n),
+            "--temperature",
+            repr(t),
+            "--top-p",
+            repr(p),
+            "--top-k",
+            str(k),
+            "--repetition-penalty",
+            repr(r),
+            "--seed",
+            "0",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0 and "Traceback" not in out.err, out.err[-500:]
     assert len([x for x in out.out.strip().split(",") if x]) == n
 
 
-QUANT_FLAGS = {"--calib-samples": st.one_of(st.integers(max_value=0).map(str), WORDS),
-               "--seq-len": st.one_of(st.integers(max_value=1).map(str), WORDS),
-               "--damp": st.one_of(st.floats(-10, 0).map(str), st.just("nan"), WORDS),
-               "--alpha": st.one_of(st.floats(1.001, 10).map(str), st.floats(-10, -0.001).map(str), WORDS),
-               "--budget-bits": st.one_of(st.floats(-10, 0).map(str), st.floats(16.01, 1e6).map(str), WORDS),
-               "--qat-steps": st.one_of(st.integers(max_value=0).map(str), WORDS),
-               "--qat-lr": st.one_of(st.floats(-1, 0).map(str), WORDS),
-               "--scheme": WORDS}
+QUANT_FLAGS = {
+    "--calib-samples": st.one_of(st.integers(max_value=0).map(str), WORDS),
+    "--seq-len": st.one_of(st.integers(max_value=1).map(str), WORDS),
+    "--damp": st.one_of(st.floats(-10, 0).map(str), st.just("nan"), WORDS),
+    "--alpha": st.one_of(st.floats(1.001, 10).map(str), st.floats(-10, -0.001).map(str), WORDS),
+    "--budget-bits": st.one_of(st.floats(-10, 0).map(str), st.floats(16.01, 1e6).map(str), WORDS),
+    "--qat-steps": st.one_of(st.integers(max_value=0).map(str), WORDS),
+    "--qat-lr": st.one_of(st.floats(-1, 0).map(str), WORDS),
+    "--scheme": WORDS,
+}
 _counter = itertools.count()
 
 
@@ -198,15 +259,25 @@ _counter = itertools.count()
 def test_quantize_refuses_bad_flags(flag, workdir, capsys):
     name, value = flag
     out = workdir / f"q{next(_counter)}"
-    assert_refused(capsys, ["quantize", "--model", workdir / "ckpt", "--out", out, f"{name}={value}"],
-                   name.lstrip("-"))
+    assert_refused(capsys, ["quantize", "--model", workdir / "ckpt", "--out", out, f"{name}={value}"], name.lstrip("-"))
     assert not out.exists()
 
 
 @settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scheme=st.sampled_from(["int8", "int4-g32", "nf4"]), seed=st.integers(0, 10))
 def test_quantize_runs_in_range_flags(scheme, seed, workdir, capsys):
-    code = main(["quantize", "--model", str(workdir / "ckpt"), "--out", str(workdir / f"q{next(_counter)}"),
-                 "--scheme", scheme, "--seed", str(seed)])
+    code = main(
+        [
+            "quantize",
+            "--model",
+            str(workdir / "ckpt"),
+            "--out",
+            str(workdir / f"q{next(_counter)}"),
+            "--scheme",
+            scheme,
+            "--seed",
+            str(seed),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0 and "Traceback" not in err, err[-500:]

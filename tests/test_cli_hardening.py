@@ -100,16 +100,18 @@ def test_check_output_dir_cases(tmp_path, monkeypatch):
 def test_number_strings_are_numbers_and_bad_values_name_the_field():
     assert build_config(OptimConfig, {"lr": "3e-4"}, "optim").lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
     assert build_config(TrainConfig, {"steps": "1e3"}, "train").steps == 1000
-    cases = [(TrainConfig, "train", {"micro_batch_size": 0}, "train.micro_batch_size=0: must be >= 1"),
-             (TrainConfig, "train", {"grad_accum": 0}, "train.grad_accum=0"),
-             (TrainConfig, "train", {"steps": 2.5}, "expected an integer"),
-             (TrainConfig, "train", {"compile": "maybe"}, "train.compile='maybe': expected true or false"),
-             (TrainConfig, "train", {"objective": "xyz"}, "choose one of clm, mlm, span"),
-             (OptimConfig, "optim", {"lr": float("nan")}, "optim.lr=nan: must be a finite number"),
-             (OptimConfig, "optim", {"betas": 5}, "optim.betas=5"),
-             (OptimConfig, "optim", {"betas": [2, 3]}, "must be < 1"),
-             (OptimConfig, "optim", {"schedule": "foo"}, "optim.schedule='foo'"),
-             (OptimConfig, "optim", {"nope": 1}, "unknown field(s) nope")]
+    cases = [
+        (TrainConfig, "train", {"micro_batch_size": 0}, "train.micro_batch_size=0: must be >= 1"),
+        (TrainConfig, "train", {"grad_accum": 0}, "train.grad_accum=0"),
+        (TrainConfig, "train", {"steps": 2.5}, "expected an integer"),
+        (TrainConfig, "train", {"compile": "maybe"}, "train.compile='maybe': expected true or false"),
+        (TrainConfig, "train", {"objective": "xyz"}, "choose one of clm, mlm, span"),
+        (OptimConfig, "optim", {"lr": float("nan")}, "optim.lr=nan: must be a finite number"),
+        (OptimConfig, "optim", {"betas": 5}, "optim.betas=5"),
+        (OptimConfig, "optim", {"betas": [2, 3]}, "must be < 1"),
+        (OptimConfig, "optim", {"schedule": "foo"}, "optim.schedule='foo'"),
+        (OptimConfig, "optim", {"nope": 1}, "unknown field(s) nope"),
+    ]
     for cls, where, data, message in cases:
         with pytest.raises(LmforgeError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
             build_config(cls, data, where)
@@ -117,19 +119,22 @@ def test_number_strings_are_numbers_and_bad_values_name_the_field():
         ModelConfig.preset("tiny", num_attention_heads=0)  # was a ZeroDivisionError
 
 
-@pytest.mark.parametrize("argv,field", [
-    (["pretrain", "--batch-size", "0"], "train.micro_batch_size=0"),
-    (["pretrain", "--grad-accum", "0"], "train.grad_accum=0"),
-    (["pretrain", "--steps", "abc"], "train.steps='abc'"),
-    (["pretrain", "--lr", "abc"], "optim.lr='abc'"),
-    (["sft", "--batch-size", "0"], "train.micro_batch_size=0"),
-    (["sft", "--set", "peft.method=nope"], "peft.method='nope'"),
-    (["align", "--lr", "abc"], "train.lr='abc'"),
-    (["align", "--set", "train.batch_size=0"], "train.batch_size=0"),
-    (["align", "--method", "nope"], "method='nope'"),
-    (["data", "prepare", "--set", "pack.val_fraction=abc"], "pack.val_fraction='abc'"),
-    (["data", "prepare", "--set", "tokenize.vocab_size=-1"], "tokenize.vocab_size=-1"),
-])
+@pytest.mark.parametrize(
+    "argv,field",
+    [
+        (["pretrain", "--batch-size", "0"], "train.micro_batch_size=0"),
+        (["pretrain", "--grad-accum", "0"], "train.grad_accum=0"),
+        (["pretrain", "--steps", "abc"], "train.steps='abc'"),
+        (["pretrain", "--lr", "abc"], "optim.lr='abc'"),
+        (["sft", "--batch-size", "0"], "train.micro_batch_size=0"),
+        (["sft", "--set", "peft.method=nope"], "peft.method='nope'"),
+        (["align", "--lr", "abc"], "train.lr='abc'"),
+        (["align", "--set", "train.batch_size=0"], "train.batch_size=0"),
+        (["align", "--method", "nope"], "method='nope'"),
+        (["data", "prepare", "--set", "pack.val_fraction=abc"], "pack.val_fraction='abc'"),
+        (["data", "prepare", "--set", "tokenize.vocab_size=-1"], "tokenize.vocab_size=-1"),
+    ],
+)
 def test_bad_config_values_exit_2_before_any_work(argv, field, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, err = cli(capsys, *argv)
@@ -189,9 +194,25 @@ def test_max_new_tokens_is_bounded_by_the_context(ckpt, capsys):
 
 def test_resume_survives_torn_metrics_and_stale_tmp_and_checks_resume_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    base = ["pretrain", "--set", "data.max_bytes=100000", "--set", "data.vocab_size=300", "--seq-len", "16",
-            "--batch-size", "2", "--set", "train.eval_every=0", "--set", "train.save_every=1", "--lr", "3e-4",
-            "--name", "r"]
+    base = [
+        "pretrain",
+        "--set",
+        "data.max_bytes=100000",
+        "--set",
+        "data.vocab_size=300",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.save_every=1",
+        "--lr",
+        "3e-4",
+        "--name",
+        "r",
+    ]
     assert cli(capsys, *base, "--steps", "2")[0] == 0
     run = tmp_path / "runs" / "r"
     with open(run / "metrics.jsonl", "a") as f:

@@ -28,9 +28,17 @@ def recipe_classes() -> dict[str, type]:
     from lmforge.recipes.sft import SFTRecipe
     from lmforge.train.align_config import AlignConfig
 
-    return {"pretrain-tiny": PretrainRecipe, "sft-tiny": SFTRecipe, "align-default": AlignConfig,
-            "eval-default": EvalRecipe, "eval-example": EvalRecipe, "clip-shapes": ClipTrainConfig,
-            "clip-digits": ClipTrainConfig, "vlm-shapes": VlmTrainConfig, "data-default": DataConfig}
+    return {
+        "pretrain-tiny": PretrainRecipe,
+        "sft-tiny": SFTRecipe,
+        "align-default": AlignConfig,
+        "eval-default": EvalRecipe,
+        "eval-example": EvalRecipe,
+        "clip-shapes": ClipTrainConfig,
+        "clip-digits": ClipTrainConfig,
+        "vlm-shapes": VlmTrainConfig,
+        "data-default": DataConfig,
+    }
 
 
 # ----------------------------------------------------------------------------- every recipe, one loader
@@ -59,8 +67,12 @@ def test_every_builtin_config_loads_through_the_one_loader(tmp_path):
 
 def test_only_the_loader_reads_yaml():
     """No second loader: lmforge/config.py is the one module that parses YAML text."""
-    readers = [str(path.relative_to(PKG)) for path in PKG.rglob("*.py") if path != PKG / "config.py"
-               and re.search(r"yaml\.(safe_|full_|unsafe_)?load(_all)?\(", path.read_text(encoding="utf-8"))]
+    readers = [
+        str(path.relative_to(PKG))
+        for path in PKG.rglob("*.py")
+        if path != PKG / "config.py"
+        and re.search(r"yaml\.(safe_|full_|unsafe_)?load(_all)?\(", path.read_text(encoding="utf-8"))
+    ]
     assert not readers, f"YAML read outside lmforge/config.py: {readers}"
 
 
@@ -73,19 +85,26 @@ def test_recipes_with_a_config_flag_load_through_the_loader():
             assert re.search(r"\bload_config(_tree)?\(", text), f"{cmd} reads --config without lmforge.config"
 
 
-@pytest.mark.parametrize("argv, field, value", [
-    (["pretrain", "--set", "train.steps=abc"], "train.steps", "abc"),
-    (["sft", "--set", "optim.lr=fast"], "optim.lr", "fast"),
-    (["align", "--set", "dpo.beta=-1"], "dpo.beta", "-1"),
-    (["eval", "MODEL", "--set", "builtin.num_examples=many"], "builtin.num_examples", "many"),
-    (["clip", "train", "--out", "OUT", "--set", "steps=0"], "steps", "0"),
-    (["vlm", "train", "--out", "OUT", "--set", "lr=zero"], "lr", "zero"),
-    (["data", "prepare", "--no-progress", "--out", "OUT", "--set", "dedup.threshold=high"], "dedup.threshold", "high"),
-    (["train-medusa", "--model", "MODEL", "--out", "OUT", "--steps", "0"], "steps", "must be >= 1"),
-    (["pretrain", "--set", "train.stepz=3"], "stepz", "train.stepz"),
-    (["pretrain", "--set", "train.steps.x=3"], "train.steps", "not a section"),
-    (["align", "--set", "model.nope=1"], "nope", "model.nope"),
-])
+@pytest.mark.parametrize(
+    "argv, field, value",
+    [
+        (["pretrain", "--set", "train.steps=abc"], "train.steps", "abc"),
+        (["sft", "--set", "optim.lr=fast"], "optim.lr", "fast"),
+        (["align", "--set", "dpo.beta=-1"], "dpo.beta", "-1"),
+        (["eval", "MODEL", "--set", "builtin.num_examples=many"], "builtin.num_examples", "many"),
+        (["clip", "train", "--out", "OUT", "--set", "steps=0"], "steps", "0"),
+        (["vlm", "train", "--out", "OUT", "--set", "lr=zero"], "lr", "zero"),
+        (
+            ["data", "prepare", "--no-progress", "--out", "OUT", "--set", "dedup.threshold=high"],
+            "dedup.threshold",
+            "high",
+        ),
+        (["train-medusa", "--model", "MODEL", "--out", "OUT", "--steps", "0"], "steps", "must be >= 1"),
+        (["pretrain", "--set", "train.stepz=3"], "stepz", "train.stepz"),
+        (["pretrain", "--set", "train.steps.x=3"], "train.steps", "not a section"),
+        (["align", "--set", "model.nope=1"], "nope", "model.nope"),
+    ],
+)
 def test_a_bad_set_names_the_dotted_field_and_value(argv, field, value, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = [str(tmp_path / "o") if a == "OUT" else str(tmp_path) if a == "MODEL" else a for a in argv]
@@ -102,8 +121,14 @@ def test_align_reads_typed_dataclasses():
     assert isinstance(cfg.train, AlignTrain) and cfg.train.lr == 3e-4 and cfg.method == "grpo"
     # the recipe reads fields, never the raw mapping: no cfg["section"] subscripts are left
     tree = ast.parse((PKG / "recipes" / "align.py").read_text(encoding="utf-8"))
-    raw = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name)
-           and n.value.id in ("cfg", "tc", "dc", "rc") and isinstance(n.slice, ast.Constant)]
+    raw = [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Subscript)
+        and isinstance(n.value, ast.Name)
+        and n.value.id in ("cfg", "tc", "dc", "rc")
+        and isinstance(n.slice, ast.Constant)
+    ]
     assert not raw, f"recipes/align.py reads raw config dicts at lines {raw}"
 
 
@@ -205,16 +230,19 @@ def test_readme_flag_table_lists_every_shared_flag_with_its_commands():
         assert sorted(commands) == shared[flag], f"{flag}: README says {commands}, parsers say {shared[flag]}"
 
 
-@pytest.mark.parametrize("cmd, argv, dest, value", [
-    ("pretrain", ["--model", "small"], "flag_preset", "small"),
-    ("pretrain", ["--out", "runs2"], "flag_runs_dir", "runs2"),
-    ("sft", ["--out", "runs2"], "flag_runs_dir", "runs2"),
-    ("align", ["--out", "runs2"], "flag_runs_dir", "runs2"),
-    ("generate", ["--model", "m", "--spec-k", "3"], "num_speculative", 3),
-    ("pipeline", ["--recipe", "pipeline-micro"], "config", "pipeline-micro"),
-    ("estimate", ["--model", "tiny", "--batch", "2"], "batch_size", 2),
-    ("data", ["prepare", "--output", "d"], "out", "d"),
-])
+@pytest.mark.parametrize(
+    "cmd, argv, dest, value",
+    [
+        ("pretrain", ["--model", "small"], "flag_preset", "small"),
+        ("pretrain", ["--out", "runs2"], "flag_runs_dir", "runs2"),
+        ("sft", ["--out", "runs2"], "flag_runs_dir", "runs2"),
+        ("align", ["--out", "runs2"], "flag_runs_dir", "runs2"),
+        ("generate", ["--model", "m", "--spec-k", "3"], "num_speculative", 3),
+        ("pipeline", ["--recipe", "pipeline-micro"], "config", "pipeline-micro"),
+        ("estimate", ["--model", "tiny", "--batch", "2"], "batch_size", 2),
+        ("data", ["prepare", "--output", "d"], "out", "d"),
+    ],
+)
 def test_old_spellings_are_hidden_aliases_with_a_warning(cmd, argv, dest, value, capsys):
     parser = command_parser(cmd)
     args = parser.parse_args(argv)

@@ -5,8 +5,15 @@ import random
 import numpy as np
 import pytest
 
-from lmforge.data.dedup import (DedupConfig, MinHasher, UnionFind, dedup_texts, estimate_jaccard, exact_jaccard,
-                                lsh_candidates)
+from lmforge.data.dedup import (
+    DedupConfig,
+    MinHasher,
+    UnionFind,
+    dedup_texts,
+    estimate_jaccard,
+    exact_jaccard,
+    lsh_candidates,
+)
 
 datasketch = pytest.importorskip("datasketch")
 
@@ -138,8 +145,11 @@ def test_word_shingles_of_chinese_are_characters_and_estimate_like_datasketch():
     rng = random.Random(5)
     chars = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
     ours = MinHasher(num_perm=128, seed=1)
-    a = "".join(rng.choice(chars) for _ in range(300)) + " Python 3.11 " + "".join(rng.choice(chars)
-                                                                              for _ in range(100))
+    a = (
+        "".join(rng.choice(chars) for _ in range(300))
+        + " Python 3.11 "
+        + "".join(rng.choice(chars) for _ in range(100))
+    )
     b = a[:50] + "改" + a[51:200] + "变" + a[201:]
     sa, sb = ours.shingle_strings(a), ours.shingle_strings(b)
     assert len(sa) == 400 + 2 - 4 and b"Python" in b" ".join(sa)

@@ -12,9 +12,11 @@ from lmforge.data.config import load_config
 from lmforge.data.loader import ShardLoader
 from lmforge.data.prepare import prepare
 
-WORDS = ("the of and to in is was for that with as on by it from at this which be are an or his her their "
-         "river city market harbour stone wall church festival summer winter people trade ship road bridge "
-         "garden tower castle village mountain forest field school book letter story music").split()
+WORDS = (
+    "the of and to in is was for that with as on by it from at this which be are an or his her their "
+    "river city market harbour stone wall church festival summer winter people trade ship road bridge "
+    "garden tower castle village mountain forest field school book letter story music"
+).split()
 
 
 def _doc(rng, n=120):
@@ -43,9 +45,15 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, **values):
-    base = {"input.paths": [str(corpus / "news.jsonl"), str(corpus / "books")], "tokenize.vocab_size": 400,
-            "pack.val_fraction": 0.1, "input.shard_bytes": 20_000, "workers": 1, "mix.weights": None,
-            "filters.sources": None}
+    base = {
+        "input.paths": [str(corpus / "news.jsonl"), str(corpus / "books")],
+        "tokenize.vocab_size": 400,
+        "pack.val_fraction": 0.1,
+        "input.shard_bytes": 20_000,
+        "workers": 1,
+        "mix.weights": None,
+        "filters.sources": None,
+    }
     return load_config(values=base | values)
 
 
@@ -64,11 +72,14 @@ def test_prepare_outputs(prepared):
     assert stats["rejected"] == {"gopher_min_words": 1}
     assert stats["dedup"]["exact_duplicates"] == 1 and stats["dedup"]["near_duplicates"] == 1
     clusters = [json.loads(line) for line in (out / "dedup" / "clusters.jsonl").read_text().splitlines()]
-    assert {(c["kept"], c["kind"], tuple(c["members"])) for c in clusters} == \
-        {("news-3", "exact", ("news-40",)), ("news-7", "near", ("news-41",))}
+    assert {(c["kept"], c["kind"], tuple(c["members"])) for c in clusters} == {
+        ("news-3", "exact", ("news-40",)),
+        ("news-7", "near", ("news-41",)),
+    }
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
-    assert [{k: v for k, v in r.items() if k != "lang"} for r in rejected] == \
-        [{"id": "short", "source": "news", "rule": "gopher_min_words"}]
+    assert [{k: v for k, v in r.items() if k != "lang"} for r in rejected] == [
+        {"id": "short", "source": "news", "rule": "gopher_min_words"}
+    ]
     assert all(isinstance(r["lang"], str) for r in rejected)  # the detected language, for the language rule
     kept = 40 + 12
     train, val = stats["tokens"]["train"], stats["tokens"]["val"]
@@ -94,8 +105,15 @@ def test_resume_and_worker_count_give_the_same_shards(prepared, corpus, tmp_path
 
 def test_mix_weights_realised(corpus, tmp_path):
     # no validation split: with one b0 document, a hash of its (temp) path could send it there
-    cfg = _cfg(corpus, **{"input.source": None, "mix.weights": {"news": 0.8, "b0": 0.2}, "pack.val_fraction": 0.0,
-                          "input.paths": [str(corpus / "news.jsonl"), str(corpus / "books" / "b0.txt")]})
+    cfg = _cfg(
+        corpus,
+        **{
+            "input.source": None,
+            "mix.weights": {"news": 0.8, "b0": 0.2},
+            "pack.val_fraction": 0.0,
+            "input.paths": [str(corpus / "news.jsonl"), str(corpus / "books" / "b0.txt")],
+        },
+    )
     stats = prepare(cfg, tmp_path, progress=False)
     assert stats["mix"]["news"]["share"] == pytest.approx(0.8, abs=0.05)
     assert stats["mix"]["b0"]["epochs"] > 1  # one small book up-sampled
@@ -141,19 +159,58 @@ def test_loader_errors(prepared):
 
 def test_cli_prepare_and_contamination(prepared, corpus, tmp_path, capsys):
     out, _ = prepared
-    assert cli(["data", "prepare", str(corpus / "books"), "-o", str(tmp_path / "p"), "--no-progress",
-                "--workers", "1", "--tokenizer", str(out / "tokenizer"), "--set", "mix.weights=null",
-                "--set", "dedup.threshold=0.7", "--set", "pack.val_fraction=0"]) == 0
+    assert (
+        cli(
+            [
+                "data",
+                "prepare",
+                str(corpus / "books"),
+                "-o",
+                str(tmp_path / "p"),
+                "--no-progress",
+                "--workers",
+                "1",
+                "--tokenizer",
+                str(out / "tokenizer"),
+                "--set",
+                "mix.weights=null",
+                "--set",
+                "dedup.threshold=0.7",
+                "--set",
+                "pack.val_fraction=0",
+            ]
+        )
+        == 0
+    )
     assert "training tokens" in capsys.readouterr().out
     assert cli(["data", "prepare", "-o", str(tmp_path / "q"), "--set", "dedup.nope=1"]) == 2
     assert "override 'dedup.nope': unknown field 'nope'" in capsys.readouterr().err  # refused when set
     book = (corpus / "books" / "b2.txt").read_text().split()
     evalset = tmp_path / "eval.jsonl"
-    evalset.write_text(json.dumps({"id": "leak", "text": " ".join(book[50:80])}) + "\n"
-                       + json.dumps({"id": "fresh", "text": "entirely new words " * 10}) + "\n")
+    evalset.write_text(
+        json.dumps({"id": "leak", "text": " ".join(book[50:80])})
+        + "\n"
+        + json.dumps({"id": "fresh", "text": "entirely new words " * 10})
+        + "\n"
+    )
     report, clean = tmp_path / "report.json", tmp_path / "clean.jsonl"
-    assert cli(["data", "contamination", "--train", str(tmp_path / "p"), "--eval", str(evalset),
-                "--report", str(report), "--decontaminate", str(clean)]) == 0
+    assert (
+        cli(
+            [
+                "data",
+                "contamination",
+                "--train",
+                str(tmp_path / "p"),
+                "--eval",
+                str(evalset),
+                "--report",
+                str(report),
+                "--decontaminate",
+                str(clean),
+            ]
+        )
+        == 0
+    )
     result = json.loads(report.read_text())
     assert result["summary"]["contaminated"] == 1
     assert [e["id"] for e in result["examples"] if e["contaminated"]] == ["leak"]

@@ -13,11 +13,13 @@ from lmforge.data.normalize import NormalizeConfig, detect_language, normalize_t
 from lmforge.data.readers import Document, ReadReport, read_inputs
 from lmforge.data.stdlib import comments, docstrings, documented_functions, read_stdlib, signature, stdlib_files
 
-PROSE = ("The history of the city is long and varied. It was founded by traders who came from the coast "
-         "and built their houses with stone from the hills. Over the years the town grew into a busy port, "
-         "and the people who lived there learned to trade with many nations. Today it is known for its "
-         "markets, its old churches and the festival that is held every summer in the main square. "
-         "Visitors come from all over the world to see the harbour and to walk along the walls.")
+PROSE = (
+    "The history of the city is long and varied. It was founded by traders who came from the coast "
+    "and built their houses with stone from the hills. Over the years the town grew into a busy port, "
+    "and the people who lived there learned to trade with many nations. Today it is known for its "
+    "markets, its old churches and the festival that is held every summer in the main square. "
+    "Visitors come from all over the world to see the harbour and to walk along the walls."
+)
 
 
 def test_readers_all_formats_and_bad_input_counted(tmp_path):
@@ -29,24 +31,35 @@ def test_readers_all_formats_and_bad_input_counted(tmp_path):
     (tmp_path / "b.md").write_text("# title\nbody")
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1")
-    lines = [json.dumps({"id": "x1", "content": "first"}), "{not json", json.dumps({"content": ""}),
-             json.dumps({"other": 1}), json.dumps({"content": "second"})]
+    lines = [
+        json.dumps({"id": "x1", "content": "first"}),
+        "{not json",
+        json.dumps({"content": ""}),
+        json.dumps({"other": 1}),
+        json.dumps({"content": "second"}),
+    ]
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
         f.write(json.dumps({"content": "gz doc"}) + "\n")
-    (tmp_path / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
-        (json.dumps({"content": "zst doc"}) + "\n").encode()))
+    (tmp_path / "e.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress((json.dumps({"content": "zst doc"}) + "\n").encode())
+    )
     pq.write_table(pa.table({"content": ["pq one", "pq two"]}), tmp_path / "f.parquet")
     report = ReadReport()
     docs = list(read_inputs([tmp_path], text_field="content", report=report))
     texts = [d.text for d in docs]
     assert texts == ["plain text", "# title\nbody", "first", "second", "gz doc", "zst doc", "pq one", "pq two"]
     assert docs[2].id == "x1" and docs[3].id.endswith("c.jsonl:5") and docs[0].source == "a"
-    assert report.skipped == {"undecodable bytes (not UTF-8 at byte 3)": 1, "empty document": 2,
-                              "bad JSON (Expecting property name enclosed in double quotes at column 2)": 1,
-                              "no string field 'content'": 1}
-    assert any(p.endswith("c.jsonl:2: bad JSON (Expecting property name enclosed in double quotes at column 2)")
-               for p in report.problems)
+    assert report.skipped == {
+        "undecodable bytes (not UTF-8 at byte 3)": 1,
+        "empty document": 2,
+        "bad JSON (Expecting property name enclosed in double quotes at column 2)": 1,
+        "no string field 'content'": 1,
+    }
+    assert any(
+        p.endswith("c.jsonl:2: bad JSON (Expecting property name enclosed in double quotes at column 2)")
+        for p in report.problems
+    )
     assert [d.text for d in read_inputs([str(tmp_path / "*.txt")])] == ["plain text"]
     with pytest.raises(LmforgeError, match="matches no file"):
         list(read_inputs([str(tmp_path / "*.nothing")]))
@@ -61,8 +74,12 @@ def test_stdlib_corpus_has_code_and_prose():
     src = 'x = 1  # inline\n# first\n# second\ns = """\n# not a comment\n"""\n# third\n'
     assert comments(src) == ["first second", "third"]
     import ast
-    assert docstrings(ast.parse('"""mod"""\nclass A:\n    """cls"""\n    def f(self):\n        """fn"""\n')) == \
-        ["mod", "cls", "fn"]
+
+    assert docstrings(ast.parse('"""mod"""\nclass A:\n    """cls"""\n    def f(self):\n        """fn"""\n')) == [
+        "mod",
+        "cls",
+        "fn",
+    ]
 
 
 def test_documented_functions_signature_and_first_sentence():
@@ -85,8 +102,10 @@ def broken(:
     assert list(documented_functions(src)) == []  # does not parse
     src = src.replace("def broken(:", "")
     got = [(signature(node), sentence) for node, sentence in documented_functions(src)]
-    assert got == [("def area(w: float, h: float=1.0) -> float:", "Return the area."),
-                   ("async def fetch(self, *, timeout=3):", "No full stop here at all")]
+    assert got == [
+        ("def area(w: float, h: float=1.0) -> float:", "Return the area."),
+        ("async def fetch(self, *, timeout=3):", "No full stop here at all"),
+    ]
 
 
 def test_normalize():
@@ -119,19 +138,23 @@ def test_filters_pass_prose_and_name_the_rule():
     symbols = " ".join(["# heading ..."] * 40) + " " + PROSE
     assert apply_filters(symbols, "web", cfg)[1] == "gopher_symbol_word_ratio"
     # English (as lingua says) without two of Gopher's stop words; the rule is English-only
-    no_stop = ("Rivers flow quickly through green valleys near quiet villages. Farmers grow wheat, barley, "
-               "apples, pears; children play football after school while dogs chase cats around gardens. "
-               "Old bridges cross wide streams where fishermen catch trout every morning. Markets sell fresh "
-               "bread, cheese, honey plus warm soup during cold winter months. Visitors enjoy long walks along "
-               "ancient walls, stopping at small cafes serving coffee, tea or lemonade.")
+    no_stop = (
+        "Rivers flow quickly through green valleys near quiet villages. Farmers grow wheat, barley, "
+        "apples, pears; children play football after school while dogs chase cats around gardens. "
+        "Old bridges cross wide streams where fishermen catch trout every morning. Markets sell fresh "
+        "bread, cheese, honey plus warm soup during cold winter months. Visitors enjoy long walks along "
+        "ancient walls, stopping at small cafes serving coffee, tea or lemonade."
+    )
     assert apply_filters(no_stop, "web", cfg)[1] == "gopher_stop_words"
     assert apply_filters("x = 1", "code", FilterConfig(sources=["prose"]))[1] is None  # rules skip other sources
     assert apply_filters(PROSE, "web", FilterConfig(languages=["zh"]))[1] == "language"
 
 
 def test_chinese_measured_in_characters():
-    zh = ("北京是中国的首都，也是一座历史悠久的城市。这里有许多古老的建筑和美丽的公园，每年都有很多游客来参观。"
-          "城市的交通非常方便，地铁可以到达大部分地方。人们喜欢在周末去公园散步，或者和朋友一起吃饭。")
+    zh = (
+        "北京是中国的首都，也是一座历史悠久的城市。这里有许多古老的建筑和美丽的公园，每年都有很多游客来参观。"
+        "城市的交通非常方便，地铁可以到达大部分地方。人们喜欢在周末去公园散步，或者和朋友一起吃饭。"
+    )
     assert len(words_of(zh)) > 50  # one word per character, not one giant word
     text, rule, lang = apply_filters(zh, "web", FilterConfig())
     assert lang == "zh" and rule is None
@@ -185,15 +208,15 @@ def test_vectorised_ngram_repetition_matches_the_plain_definition():
     from lmforge.data.filters import _NGrams
 
     def top(words, n):  # characters in all occurrences of the most frequent n-gram
-        gram, count = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
+        gram, count = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
         return count * sum(map(len, gram)) / sum(map(len, words)) if count > 1 else 0.0
 
     def dup(words, n):  # characters of words inside a repeated (not first) occurrence of an n-gram
         seen, covered = set(), [False] * len(words)
         for i in range(len(words) - n + 1):
-            gram = tuple(words[i:i + n])
+            gram = tuple(words[i : i + n])
             if gram in seen:
-                covered[i:i + n] = [True] * n
+                covered[i : i + n] = [True] * n
             seen.add(gram)
         return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
 

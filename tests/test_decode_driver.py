@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from vlm_utils import save_tiny_vlm
 
 from lmforge.common import LmforgeError
 from lmforge.infer.decode import decode, decode_ids
@@ -18,7 +19,6 @@ from lmforge.infer.streaming import AttentionSinks, stream_generate_sinks
 from lmforge.model import ModelConfig, Transformer
 from lmforge.multimodal import image_question, prepare_chat
 from lmforge.tokenizer import train_tokenizer
-from vlm_utils import save_tiny_vlm
 
 torch.set_num_threads(1)
 
@@ -48,27 +48,37 @@ def test_sinks_honour_repetition_penalty_and_stop_ids(model):
     """The attention-sink loop sampled without the penalty; it now goes through the one driver."""
     plain = generate(model, PROMPT, max_new_tokens=15, repetition_penalty=2.0)[0].tolist()
     assert plain != generate(model, PROMPT, max_new_tokens=15)[0].tolist()
-    sinks = list(stream_generate_sinks(model, PROMPT, SamplingParams(max_new_tokens=15, repetition_penalty=2.0),
-                                       sinks=4, window=60))
+    sinks = list(
+        stream_generate_sinks(
+            model, PROMPT, SamplingParams(max_new_tokens=15, repetition_penalty=2.0), sinks=4, window=60
+        )
+    )
     assert sinks == plain
     stop = plain[6]
-    cut = list(stream_generate_sinks(model, PROMPT, SamplingParams(max_new_tokens=15, stop_token_ids=[stop]),
-                                     sinks=4, window=60))
+    cut = list(
+        stream_generate_sinks(
+            model, PROMPT, SamplingParams(max_new_tokens=15, stop_token_ids=[stop]), sinks=4, window=60
+        )
+    )
     reference = generate(model, PROMPT, max_new_tokens=15)[0].tolist()
-    assert cut == reference[:reference.index(stop) + 1] if stop in reference else cut == reference
+    assert cut == reference[: reference.index(stop) + 1] if stop in reference else cut == reference
 
 
 @pytest.mark.parametrize("kind", ["lookup", "draft", "medusa"])
 def test_every_proposer_stops_at_stop_ids_and_matches_plain_greedy(model, kind):
     reference = generate(model, PROMPT, max_new_tokens=20)[0].tolist()
     stop = reference[7]
-    cut = reference[:reference.index(stop) + 1]
-    make = {"lookup": lambda: LookupProposer(2), "draft": lambda: DraftProposer(model, 64),
-            "medusa": lambda: MedusaProposer(model, MedusaHeads(64, 3))}[kind]
+    cut = reference[: reference.index(stop) + 1]
+    make = {
+        "lookup": lambda: LookupProposer(2),
+        "draft": lambda: DraftProposer(model, 64),
+        "medusa": lambda: MedusaProposer(model, MedusaHeads(64, 3)),
+    }[kind]
     full, _ = speculative_generate(model, PROMPT, SamplingParams(max_new_tokens=20), make(), k=3)
     assert full == reference
-    out, stats = speculative_generate(model, PROMPT, SamplingParams(max_new_tokens=20), make(), k=3,
-                                      eos_token_ids=[stop])
+    out, stats = speculative_generate(
+        model, PROMPT, SamplingParams(max_new_tokens=20), make(), k=3, eos_token_ids=[stop]
+    )
     assert out == cut and stats.new_tokens == len(cut)
 
 
@@ -97,8 +107,9 @@ def test_seeded_sampling_repeats_in_every_mode(model):
     for options in (dict(), dict(sinks=AttentionSinks(4, 12)), dict(proposer=DraftProposer(model, 64))):
         runs = [decode_ids(model, params, PROMPT, **options)[0] for _ in range(2)]
         assert runs[0] == runs[1]
-        other = decode_ids(model, SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=8), PROMPT,
-                           **options)[0]
+        other = decode_ids(
+            model, SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=8), PROMPT, **options
+        )[0]
         assert other != runs[0]
 
 
@@ -108,7 +119,7 @@ def test_left_padded_embedding_batch_decodes_each_row_as_alone(model):
     ids = torch.zeros(2, len(PROMPT), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, len(PROMPT) - len(r):], mask[b, len(PROMPT) - len(r):] = torch.tensor(r), 1
+        ids[b, len(PROMPT) - len(r) :], mask[b, len(PROMPT) - len(r) :] = torch.tensor(r), 1
     batch = decode_ids(model, params, ids, inputs_embeds=model.model.embed_tokens(ids), attention_mask=mask)
     assert batch == [decode_ids(model, params, r)[0] for r in rows]
 
@@ -142,8 +153,22 @@ class _Writes:
 def _image(vlm_dir, monkeypatch, *flags: str) -> tuple[str, list[str]]:
     from lmforge.cli import main
 
-    return _cli(main, monkeypatch, ["generate", "--model", str(vlm_dir), "--image", str(vlm_dir / "img.png"),
-                                    "--prompt", "what colour is the circle?", "--max-new-tokens", "12", *flags])
+    return _cli(
+        main,
+        monkeypatch,
+        [
+            "generate",
+            "--model",
+            str(vlm_dir),
+            "--image",
+            str(vlm_dir / "img.png"),
+            "--prompt",
+            "what colour is the circle?",
+            "--max-new-tokens",
+            "12",
+            *flags,
+        ],
+    )
 
 
 def _reference(vlm_dir, params: SamplingParams) -> list[int]:
@@ -175,9 +200,9 @@ def test_generate_image_honours_stop_and_stream(vlm_dir, monkeypatch):
     full, _ = _image(vlm_dir, monkeypatch)
     text = full.rstrip("\n")
     assert len(text) > 4
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     cut, _ = _image(vlm_dir, monkeypatch, "--stop", stop)
-    assert cut.rstrip("\n") == text[:text.index(stop)]
+    assert cut.rstrip("\n") == text[: text.index(stop)]
     streamed, writes = _image(vlm_dir, monkeypatch, "--stream")
     assert streamed == full
     # Printed as it came (several pieces, then the newline), not as one text and a newline at the end.
@@ -195,8 +220,11 @@ def lm_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec_cli")
     tok = train_tokenizer(["the cat sat on the mat. " * 30, "def add(a, b):\n    return a + b\n" * 30], vocab_size=300)
     torch.manual_seed(0)
-    save_model(Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.2)),
-               root / "model", tokenizer=tok)
+    save_model(
+        Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.2)),
+        root / "model",
+        tokenizer=tok,
+    )
     save_medusa(MedusaHeads(64, 2), root / "medusa")
     return root
 
@@ -211,14 +239,14 @@ def test_speculative_text_takes_stop_stream_and_chat_like_plain(lm_dir, monkeypa
     base = ["generate", "--model", str(lm_dir / "model"), "--prompt", "the cat sat", "--max-new-tokens", "16"]
     plain, _ = _cli(main, monkeypatch, base)
     text = plain.rstrip("\n")
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     for extra in ([], ["--stop", stop], ["--stream"], ["--chat"]):
         want, _ = _cli(main, monkeypatch, base + extra)
         got, writes = _cli(main, monkeypatch, base + extra + flags)
         assert got == want
         if extra == ["--stream"]:
             assert len([w for w in writes if w]) > 2, writes
-    assert text[:text.index(stop)] == _cli(main, monkeypatch, base + ["--stop", stop] + flags)[0].rstrip("\n")
+    assert text[: text.index(stop)] == _cli(main, monkeypatch, base + ["--stop", stop] + flags)[0].rstrip("\n")
     capsys.readouterr()
     assert main(base + flags + ["--compile"]) == 2
     assert "compiled decode step" in capsys.readouterr().err

@@ -26,8 +26,9 @@ def model():
 
 def _prompts(n, seed=1, lo=3, hi=40):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(0, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 def test_alone_equals_among_32_and_static_generate(model):
@@ -132,7 +133,7 @@ def test_cancel_frees_blocks_and_stop_tokens(model):
     events = []
     while engine.has_unfinished():
         events += engine.step()
-    assert [t for e in events for t in e.new_token_ids] == first[:first.index(first[2]) + 1]
+    assert [t for e in events for t in e.new_token_ids] == first[: first.index(first[2]) + 1]
     assert events[-1].finished and events[-1].finish_reason == "stop"
 
 
@@ -255,8 +256,10 @@ def test_prompt_logprobs_equal_a_full_forward(model):
     prompts = _prompts(4, seed=16, lo=30, hi=60)
     engine = Engine(model, block_size=4, max_batch_tokens=24)
     engine.generate_batch(prompts[:1], SamplingParams(max_new_tokens=2))  # prompts[0] is now cached
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n), prompt_logprobs=2)
-           for p, n in zip(prompts, (0, 3, 0, 1))]
+    ids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=n), prompt_logprobs=2)
+        for p, n in zip(prompts, (0, 3, 0, 1))
+    ]
     events = {}
     while engine.has_unfinished():
         for ev in engine.step():

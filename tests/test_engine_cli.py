@@ -34,11 +34,28 @@ def folder(tmp_path_factory):
 
 def test_prompts_file_runs_through_the_engine(folder, capsys):
     root, model, tok = folder
-    rows = [{"id": "a", "prompt": "def add"}, {"prompt_ids": [5, 6, 7], "max_new_tokens": 3},
-            {"prompt": "the cat", "max_new_tokens": 4}]
+    rows = [
+        {"id": "a", "prompt": "def add"},
+        {"prompt_ids": [5, 6, 7], "max_new_tokens": 3},
+        {"prompt": "the cat", "max_new_tokens": 4},
+    ]
     (root / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert main(["generate", "--model", str(root / "model"), "--prompts", str(root / "in.jsonl"),
-                 "--out", str(root / "out.jsonl"), "--max-new-tokens", "6"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(root / "model"),
+                "--prompts",
+                str(root / "in.jsonl"),
+                "--out",
+                str(root / "out.jsonl"),
+                "--max-new-tokens",
+                "6",
+            ]
+        )
+        == 0
+    )
     out = [json.loads(line) for line in (root / "out.jsonl").read_text().splitlines()]
     assert [o["id"] for o in out] == ["a", 1, 2]
     assert [o["completion_tokens"] for o in out] == [6, 3, 4]
@@ -51,8 +68,10 @@ def test_prompts_file_runs_through_the_engine(folder, capsys):
 def test_speculative_flags_give_plain_greedy_tokens(folder, capsys, flags):
     root, model, _ = folder
     flags = [f if f not in ("model", "medusa") else str(root / f) for f in flags]
-    assert main(["generate", "--model", str(root / "model"), "--prompt-ids", "5,6,7,5,6", "--max-new-tokens", "8",
-                 *flags]) == 0
+    assert (
+        main(["generate", "--model", str(root / "model"), "--prompt-ids", "5,6,7,5,6", "--max-new-tokens", "8", *flags])
+        == 0
+    )
     out, err = capsys.readouterr()
     expected = generate(model, [5, 6, 7, 5, 6], max_new_tokens=8)[0].tolist()
     assert out.strip() == ",".join(map(str, expected))
@@ -91,6 +110,11 @@ def test_bad_inputs_exit_2_with_a_message(folder, capsys):
     assert "not a Medusa heads folder" in capsys.readouterr().err
     (root / "one.jsonl").write_text('{"prompt": "x"}\n')
     for other in ("other-tokenizer", "other-vocab"):
-        assert main(base + ["--prompts", str(root / "one.jsonl"), "--out", str(root / "o.jsonl"),
-                            "--draft", str(root / other)]) == 2
+        assert (
+            main(
+                base
+                + ["--prompts", str(root / "one.jsonl"), "--out", str(root / "o.jsonl"), "--draft", str(root / other)]
+            )
+            == 2
+        )
         assert "the draft needs the same tokenizer" in capsys.readouterr().err

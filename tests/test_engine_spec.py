@@ -19,8 +19,9 @@ torch.set_num_threads(1)
 
 def _model(layers=2, vocab=512, seed=0, std=0.2):
     torch.manual_seed(seed)
-    return Transformer(ModelConfig.preset("tiny", vocab_size=vocab, num_hidden_layers=layers,
-                                          initializer_range=std)).eval()
+    return Transformer(
+        ModelConfig.preset("tiny", vocab_size=vocab, num_hidden_layers=layers, initializer_range=std)
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,10 @@ def _spec(target, draft, **kw):
 def _prompts(n, seed=1, lo=3, hi=40, shared=0):
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, 512, (shared,), generator=g).tolist()
-    return [prefix + torch.randint(0, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        prefix + torch.randint(0, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def test_greedy_equals_plain_engine_among_many(target, draft):
@@ -83,8 +86,9 @@ def test_preemption_keeps_outputs(target, draft, preemption):
     prompts = _prompts(12, seed=5)
     sp = SamplingParams(max_new_tokens=12)
     plain = Engine(target, block_size=4).generate_batch(prompts, sp)
-    engine = _spec(target, draft, block_size=4, num_blocks=34, max_batch_tokens=48, preemption=preemption,
-                   num_speculative=3)
+    engine = _spec(
+        target, draft, block_size=4, num_blocks=34, max_batch_tokens=48, preemption=preemption, num_speculative=3
+    )
     assert engine.generate_batch(prompts, sp) == plain
     s = engine.stats
     assert s["preemptions"] > 0 and (s["swaps_out"] > 0) == (preemption == "swap")
@@ -92,22 +96,24 @@ def test_preemption_keeps_outputs(target, draft, preemption):
 
 
 def test_cancel_stop_tokens_and_logprobs(target):
-    draft = _model(layers=1, seed=5)
+    _draft = _model(layers=1, seed=5)  # built for its seeded RNG use, as the other tests do
     prompts = _prompts(6, seed=8)
     plain = Engine(target, block_size=4)
     ref = plain.generate_batch(prompts, SamplingParams(max_new_tokens=16))
     engine = Engine(target, block_size=4, draft=target, num_speculative=4)
     # A stop token in the middle of an accepted run of drafts ends the output right there.
     stop = ref[1][5]
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=16, stop_token_ids=[stop] if i == 1 else []),
-                              logprobs=3) for i, p in enumerate(prompts)]
+    ids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=16, stop_token_ids=[stop] if i == 1 else []), logprobs=3)
+        for i, p in enumerate(prompts)
+    ]
     engine.step()
     engine.step()
     assert engine.cancel(ids[0])
     while engine.has_unfinished():
         engine.step()
     assert engine.requests[ids[0]].finish_reason == "cancelled" and len(engine.output(ids[0])) < 16
-    assert engine.output(ids[1]) == ref[1][:ref[1].index(stop) + 1]
+    assert engine.output(ids[1]) == ref[1][: ref[1].index(stop) + 1]
     assert engine.requests[ids[1]].finish_reason == "stop"
     assert [engine.output(i) for i in ids[2:]] == ref[2:]
     assert engine.stats["blocks_used"] == 0
@@ -115,8 +121,9 @@ def test_cancel_stop_tokens_and_logprobs(target):
     rid = plain.add_request(prompts[2], SamplingParams(max_new_tokens=16), logprobs=3)
     while plain.has_unfinished():
         plain.step()
-    for (t1, lp1, top1), (t2, lp2, top2) in zip(plain.requests[rid].token_logprobs,
-                                                engine.requests[ids[2]].token_logprobs, strict=True):
+    for (t1, lp1, top1), (t2, lp2, top2) in zip(
+        plain.requests[rid].token_logprobs, engine.requests[ids[2]].token_logprobs, strict=True
+    ):
         assert t1 == t2 and lp1 == pytest.approx(lp2, abs=1e-4)
         assert [t for t, _ in top1] == [t for t, _ in top2]
 
@@ -144,11 +151,12 @@ def test_sampled_outputs_follow_the_target_distribution(drafter):
         p3 = probabilities(target(seqs)[:, -1], params).reshape(V, V, V)
     joint = (p1[:, None, None] * p2[:, :, None] * p3).reshape(-1)
     n = 1500
-    engine = _spec(target, draft if drafter == "draft" else "lookup", num_speculative=2, max_seqs=128,
-                   prefix_caching=False)
+    engine = _spec(
+        target, draft if drafter == "draft" else "lookup", num_speculative=2, max_seqs=128, prefix_caching=False
+    )
     sps = [SamplingParams(max_new_tokens=3, temperature=1.0, seed=i) for i in range(n)]
     outs = engine.generate_batch([prompt] * n, sps)
-    counts = torch.zeros(V ** 3)
+    counts = torch.zeros(V**3)
     for a, b, c in outs:
         counts[a * V * V + b * V + c] += 1
     assert engine.stats["accepted_tokens"] > 0 and engine.stats["accepted_tokens"] < engine.stats["drafted_tokens"]
@@ -179,5 +187,7 @@ def test_model_families(preset, extra):
     sp = SamplingParams(max_new_tokens=12)
     reference = Engine(model, block_size=4).generate_batch(prompts, sp)
     for kw in (dict(draft=model), dict(lookup=True)):
-        assert Engine(model, block_size=4, max_batch_tokens=32, num_speculative=3, **kw).generate_batch(prompts, sp) \
+        assert (
+            Engine(model, block_size=4, max_batch_tokens=32, num_speculative=3, **kw).generate_batch(prompts, sp)
             == reference
+        )

@@ -17,15 +17,17 @@ def test_rows_with_different_adapters_match_each_adapter_alone():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", initializer_range=0.2)).eval()
     for name in ("a", "b"):
-        peft.apply(model, peft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                                          adapter_name=name))
+        peft.apply(
+            model, peft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], adapter_name=name)
+        )
     with torch.no_grad():  # random B so each adapter really changes the output
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 512, (int(torch.randint(4, 20, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(6)]
+    prompts = [
+        torch.randint(0, 512, (int(torch.randint(4, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(6)
+    ]
     adapters = [None, "a", "b", "a", None, "b"]
     reference = []
     for p, a in zip(prompts, adapters):

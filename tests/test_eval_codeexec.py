@@ -4,11 +4,10 @@ The adversarial cases (guards stripped, secrets, survivors, resources, early exi
 import json
 import time
 
-import pytest
+from test_eval_common import OracleLM
 
 from lmforge.eval.codeexec import humaneval_program, run_code, run_programs
 from lmforge.eval.tasks import TaskConfig
-from test_eval_common import OracleLM
 
 
 def test_bad_candidates_cannot_hang_or_harm(tmp_path):
@@ -36,8 +35,18 @@ def test_bad_candidates_cannot_hang_or_harm(tmp_path):
     assert time.perf_counter() - t0 < 20  # two loops in parallel, each killed at 2 s
     assert results["ok"].passed and results["write_inside"].passed
     assert results["loop"].status == results["sleep"].status == "timeout"
-    for name in ("wrong", "segfault", "memory", "write", "pathlib", "os_open", "remove", "shell", "subprocess",
-                 "network"):
+    for name in (
+        "wrong",
+        "segfault",
+        "memory",
+        "write",
+        "pathlib",
+        "os_open",
+        "remove",
+        "shell",
+        "subprocess",
+        "network",
+    ):
         assert results[name].status == "failed", (name, results[name])
     assert "wrong answer" in results["wrong"].detail and "MemoryError" in results["memory"].detail
     assert results["segfault"].detail == "killed by signal 11 (SIGSEGV)"
@@ -46,10 +55,18 @@ def test_bad_candidates_cannot_hang_or_harm(tmp_path):
 
 
 PROBLEMS = [
-    {"task_id": "t/0", "prompt": "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n",
-     "test": "def check(f):\n    assert f(1, 2) == 3\n    assert f(-1, 1) == 0\n", "entry_point": "add"},
-    {"task_id": "t/1", "prompt": "def double(x):\n", "test": "def check(f):\n    assert f(4) == 8\n",
-     "entry_point": "double"},
+    {
+        "task_id": "t/0",
+        "prompt": 'def add(a, b):\n    """Sum of a and b."""\n',
+        "test": "def check(f):\n    assert f(1, 2) == 3\n    assert f(-1, 1) == 0\n",
+        "entry_point": "add",
+    },
+    {
+        "task_id": "t/1",
+        "prompt": "def double(x):\n",
+        "test": "def check(f):\n    assert f(4) == 8\n",
+        "entry_point": "double",
+    },
 ]
 
 
@@ -67,5 +84,7 @@ def test_oracle_passes_and_wrong_code_fails(tmp_path):
 
 
 def test_program_layout():
-    assert humaneval_program("def f():\n", "    return 1\n", "def check(g):\n    assert g() == 1\n", "f") == \
-        "def f():\n    return 1\n\n\ndef check(g):\n    assert g() == 1\n\n\ncheck(f)\n"
+    assert (
+        humaneval_program("def f():\n", "    return 1\n", "def check(g):\n    assert g() == 1\n", "f")
+        == "def f():\n    return 1\n\n\ndef check(g):\n    assert g() == 1\n\n\ncheck(f)\n"
+    )

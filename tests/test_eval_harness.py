@@ -10,11 +10,14 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lmforge[eval]')")
 
-from lmforge.eval.tasks import TaskConfig, run_multiple_choice  # noqa: E402
 from test_eval_common import tiny_lm  # noqa: E402
 
-ROWS = [{"context": f"def f{i}(x):\n    return x", "choices": [" + 1", " * 2", " - 3", " // 4"], "gold": i % 4}
-        for i in range(12)]
+from lmforge.eval.tasks import TaskConfig, run_multiple_choice  # noqa: E402
+
+ROWS = [
+    {"context": f"def f{i}(x):\n    return x", "choices": [" + 1", " * 2", " - 3", " // 4"], "gold": i % 4}
+    for i in range(12)
+]
 
 TASK_YAML = """task: lmforge_local_mc
 dataset_path: json
@@ -51,9 +54,10 @@ def test_harness_accuracy_equals_lmforge_eval(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    import lmforge.eval.harness  # noqa: F401  registers "lmforge"
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
+
+    import lmforge.eval.harness  # noqa: F401  registers "lmforge"
 
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -67,9 +71,12 @@ def test_harness_accuracy_equals_lmforge_eval(tmp_path, monkeypatch):
     lm = tiny_lm()
     ours = run_multiple_choice(lm, TaskConfig("mc", "multiple_choice", path=str(data), target_delimiter=""))
     harness_lm = get_model("lmforge")(lm=lm)
-    out = lm_eval.simple_evaluate(model=harness_lm, tasks=["lmforge_local_mc", "lmforge_local_ppl"],
-                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-                                  bootstrap_iters=0)
+    out = lm_eval.simple_evaluate(
+        model=harness_lm,
+        tasks=["lmforge_local_mc", "lmforge_local_ppl"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        bootstrap_iters=0,
+    )
     res = out["results"]["lmforge_local_mc"]
     assert res["acc,none"] == pytest.approx(ours.metrics["acc"])
     assert res["acc_norm,none"] == pytest.approx(ours.metrics["acc_norm"])
@@ -99,7 +106,9 @@ def test_chat_template_comes_from_the_checkpoint():
     lm = tiny_lm()
     harness_lm = h.LmforgeHarnessLM(lm=lm)
     messages = [{"role": "user", "content": "hi"}]
-    assert harness_lm.apply_chat_template(messages) == lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert harness_lm.apply_chat_template(messages) == lm.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True
+    )
     assert "<|im_start|>" in harness_lm.chat_template() and harness_lm.tokenizer_name == "tiny"
 
 
@@ -118,11 +127,31 @@ def test_lm_eval_cli_with_the_lmforge_model_type(tmp_path):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "mc.yaml").write_text(TASK_YAML.format(path=data))
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "c")}
-    out = subprocess.run([sys.executable, "-m", "lmforge.eval.harness", "run", "--model", "lmforge", "--model_args",
-                          f"pretrained={tmp_path / 'm'}", "--tasks", "lmforge_local_mc", "--include_path",
-                          str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge.eval.harness",
+            "run",
+            "--model",
+            "lmforge",
+            "--model_args",
+            f"pretrained={tmp_path / 'm'}",
+            "--tasks",
+            "lmforge_local_mc",
+            "--include_path",
+            str(tmp_path / "tasks"),
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     ours = run_multiple_choice(lm, TaskConfig("mc", "multiple_choice", path=str(data), target_delimiter=""))
     [results] = list((tmp_path / "out").rglob("results_*.json"))
-    assert json.loads(results.read_text())["results"]["lmforge_local_mc"]["acc,none"] == pytest.approx(ours.metrics["acc"])
+    assert json.loads(results.read_text())["results"]["lmforge_local_mc"]["acc,none"] == pytest.approx(
+        ours.metrics["acc"]
+    )

@@ -2,7 +2,14 @@
 
 import pytest
 
-from lmforge.eval.judge import aggregate_pairwise, aggregate_single, judge_pairwise, judge_single, parse_rating, parse_verdict
+from lmforge.eval.judge import (
+    aggregate_pairwise,
+    aggregate_single,
+    judge_pairwise,
+    judge_single,
+    parse_rating,
+    parse_verdict,
+)
 
 
 class StubJudge:
@@ -14,12 +21,16 @@ class StubJudge:
 
 
 def _answer(prompt, which):
-    start = prompt.index(f"[The Start of Assistant {which}'s Answer]\n") + len(f"[The Start of Assistant {which}'s Answer]\n")
-    return prompt[start:prompt.index(f"\n[The End of Assistant {which}'s Answer]")]
+    start = prompt.index(f"[The Start of Assistant {which}'s Answer]\n") + len(
+        f"[The Start of Assistant {which}'s Answer]\n"
+    )
+    return prompt[start : prompt.index(f"\n[The End of Assistant {which}'s Answer]")]
 
 
 def test_parse():
-    assert parse_verdict("blah [[A]]") == "A" and parse_verdict("[[C]]") == "tie" and parse_verdict("B is better") == "B"
+    assert (
+        parse_verdict("blah [[A]]") == "A" and parse_verdict("[[C]]") == "tie" and parse_verdict("B is better") == "B"
+    )
     assert parse_verdict("I cannot decide") is None
     assert parse_rating("Rating: [[7]]") == 7 and parse_rating("I give it 8/10") == 8
     assert parse_rating("[[0]]") is None and parse_rating("no number") is None

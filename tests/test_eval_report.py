@@ -7,19 +7,35 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-
-from lmforge.cli import main as cli
-from lmforge.eval.builtin import BuiltinConfig, docstring_examples, docstring_mc_examples, functions, held_out, run_builtin
-from lmforge.eval.report import load_results, make_results, write_report
-from lmforge.eval.suite import evaluate
-from lmforge.eval.tasks import TaskConfig
 from test_eval_common import OracleLM, tiny_lm, tiny_tokenizer
 
-_WORDS = ("amber basalt cobalt dune ember fjord glacier harbor island jungle kelp lagoon meadow nebula oasis prairie "
-          "quartz reef savanna tundra umber valley willow xenon yarrow zephyr").split()
+from lmforge.cli import main as cli
+from lmforge.eval.builtin import (
+    BuiltinConfig,
+    docstring_examples,
+    docstring_mc_examples,
+    functions,
+    held_out,
+    run_builtin,
+)
+from lmforge.eval.report import load_results, write_report
+from lmforge.eval.suite import evaluate
+from lmforge.eval.tasks import TaskConfig
+
+_WORDS = (
+    "amber basalt cobalt dune ember fjord glacier harbor island jungle kelp lagoon meadow nebula oasis prairie "
+    "quartz reef savanna tundra umber valley willow xenon yarrow zephyr"
+).split()
 # Contexts share no 13-word run (distinct word orders), so contamination is per example.
-MC = [{"id": f"q{i}", "context": " ".join(_WORDS[(i * 5 + j * (i + 1)) % 26] for j in range(16)) + " - the count is",
-       "choices": [f" {10 * i}", f" {10 * i + 1}", f" {10 * i + 2}"], "gold": 0} for i in range(6)]
+MC = [
+    {
+        "id": f"q{i}",
+        "context": " ".join(_WORDS[(i * 5 + j * (i + 1)) % 26] for j in range(16)) + " - the count is",
+        "choices": [f" {10 * i}", f" {10 * i + 1}", f" {10 * i + 2}"],
+        "gold": 0,
+    }
+    for i in range(6)
+]
 
 
 def _write(path, rows):
@@ -60,15 +76,19 @@ def test_contamination_flags_and_clean_subset(tmp_path, kind):
         corpus = tmp_path / "corpus.txt"
         corpus.write_text(" ".join(texts))
     elif kind == "sft-jsonl":  # fine-tuning data: prompt/response or chat records
-        corpus = _write(tmp_path / "sft.jsonl", [{"prompt": "q", "response": texts[0]},
-                                                 {"messages": [{"role": "user", "content": texts[1]}]}])
+        corpus = _write(
+            tmp_path / "sft.jsonl",
+            [{"prompt": "q", "response": texts[0]}, {"messages": [{"role": "user", "content": texts[1]}]}],
+        )
     else:
         corpus = _shard_corpus(tmp_path / "data", texts)
     oracle = OracleLM({})  # right on examples 1 and 4 only (golds end in 0: 10 and 40 score best, others worst)
-    oracle.loglikelihood = lambda reqs: [(0.0 if c.strip() in ("10", "40") else -1.0 if c.endswith("0") else -0.5, True)
-                                         for _, c in reqs]
-    results = evaluate(oracle, [TaskConfig("mc", "multiple_choice", path=str(path), target_delimiter="")],
-                       contamination=str(corpus))
+    oracle.loglikelihood = lambda reqs: [
+        (0.0 if c.strip() in ("10", "40") else -1.0 if c.endswith("0") else -0.5, True) for _, c in reqs
+    ]
+    results = evaluate(
+        oracle, [TaskConfig("mc", "multiple_choice", path=str(path), target_delimiter="")], contamination=str(corpus)
+    )
     t = results["tasks"][0]
     assert [e["contaminated"] for e in t["examples"]] == [False, True, False, False, True, False]
     assert t["contamination"]["contaminated"] == 2
@@ -77,8 +97,9 @@ def test_contamination_flags_and_clean_subset(tmp_path, kind):
 
 def test_report_files_and_every_prediction(tmp_path):
     path = _write(tmp_path / "mc.jsonl", MC)
-    results = evaluate(OracleLM({r["context"]: r["choices"][0] for r in MC}),
-                       [TaskConfig("mc", "multiple_choice", path=str(path))])
+    results = evaluate(
+        OracleLM({r["context"]: r["choices"][0] for r in MC}), [TaskConfig("mc", "multiple_choice", path=str(path))]
+    )
     paths = write_report(results, tmp_path / "out")
     saved = load_results(tmp_path / "out")
     assert [e["prediction"] for e in saved["tasks"][0]["examples"]] == [0] * 6
@@ -106,8 +127,9 @@ def test_evaluate_builtin_for_a_model_in_memory(tmp_path):
 
     lm = tiny_lm()
     lm.model.train()
-    results = evaluate_builtin(lm.model, lm.tokenizer, tmp_path / "r", name="mine", num_examples=2, max_docs=1,
-                               max_chars=200, max_new_tokens=4)
+    results = evaluate_builtin(
+        lm.model, lm.tokenizer, tmp_path / "r", name="mine", num_examples=2, max_docs=1, max_chars=200, max_new_tokens=4
+    )
     assert [t["name"] for t in results["tasks"]][-1] == "stdlib_docstring_mc" and results["model"] == "mine"
     assert (tmp_path / "r" / "report.html").is_file() and lm.model.training  # mode restored
 
@@ -136,14 +158,20 @@ def test_cli_eval_then_compare(tmp_path, model_dir, capsys):
     assert "| mc | acc |" in table and (tmp_path / "c" / "compare-scores.png").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["eval", "/nonexistent/model", "--set", "builtin=null", "--task", "generation:x.jsonl"], "model path not found"),
-    (["eval", "MODEL", "--task", "bogus:x.jsonl"], "unknown type 'bogus'"),
-    (["eval", "MODEL", "--task", "nocolon"], "expected TYPE:PATH"),
-    (["eval", "MODEL", "--set", "builtin=null"], "nothing to evaluate"),
-    (["eval", "MODEL", "--set", "nosuch=1"], "unknown field 'nosuch'"),
-    (["eval", "--compare", "missing-a", "missing-b"], "eval results not found"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["eval", "/nonexistent/model", "--set", "builtin=null", "--task", "generation:x.jsonl"],
+            "model path not found",
+        ),
+        (["eval", "MODEL", "--task", "bogus:x.jsonl"], "unknown type 'bogus'"),
+        (["eval", "MODEL", "--task", "nocolon"], "expected TYPE:PATH"),
+        (["eval", "MODEL", "--set", "builtin=null"], "nothing to evaluate"),
+        (["eval", "MODEL", "--set", "nosuch=1"], "unknown field 'nosuch'"),
+        (["eval", "--compare", "missing-a", "missing-b"], "eval results not found"),
+    ],
+)
 def test_cli_errors(argv, message, model_dir, tmp_path, capsys):
     argv = [str(model_dir) if a == "MODEL" else a for a in argv] + ["--out", str(tmp_path / "o")]
     assert cli(argv) == 2
@@ -155,6 +183,7 @@ def test_cli_errors(argv, message, model_dir, tmp_path, capsys):
 class _FakeOpenAI(BaseHTTPRequestHandler):
     """/v1/completions: plain completions answer with the gold text; echo requests return
     per-character log-probabilities (-0.1 on a gold continuation, -1 elsewhere)."""
+
     gold: dict = {}
 
     def do_POST(self):
@@ -163,14 +192,19 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
         if body.get("echo"):
             good = any(prompt == ctx + cont for ctx, cont in self.gold.items())
             lp = [None] + [-0.1 if good else -1.0] * (len(prompt) - 1)
-            logprobs = {"tokens": list(prompt), "token_logprobs": lp, "text_offset": list(range(len(prompt))),
-                        "top_logprobs": [None] * len(prompt)}
+            logprobs = {
+                "tokens": list(prompt),
+                "token_logprobs": lp,
+                "text_offset": list(range(len(prompt))),
+                "top_logprobs": [None] * len(prompt),
+            }
             choice = {"index": 0, "text": prompt, "finish_reason": "length", "logprobs": logprobs}
         else:
             text = next((v for k, v in self.gold.items() if prompt.endswith(k)), "?")
             choice = {"index": 0, "text": text.strip() + "\n\nextra", "finish_reason": "stop", "logprobs": None}
-        out = json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
-                          "choices": [choice]}).encode()
+        out = json.dumps(
+            {"id": "x", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice]}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -193,9 +227,14 @@ def test_endpoint_scoring_through_openai_client(tmp_path):
         gen = _write(tmp_path / "gen.jsonl", [{"prompt": r["context"], "answer": r["choices"][0].strip()} for r in MC])
         text = tmp_path / "doc.txt"
         text.write_text("abcdefghij")
-        results = evaluate(lm, [TaskConfig("mc", "multiple_choice", path=str(path), target_delimiter=""),
-                                TaskConfig("gen", "generation", path=str(gen)),
-                                TaskConfig("ppl", "perplexity", path=str(text))])
+        results = evaluate(
+            lm,
+            [
+                TaskConfig("mc", "multiple_choice", path=str(path), target_delimiter=""),
+                TaskConfig("gen", "generation", path=str(gen)),
+                TaskConfig("ppl", "perplexity", path=str(text)),
+            ],
+        )
     finally:
         server.shutdown()
     assert results["tasks"][0]["metrics"]["acc"] == 1.0
@@ -223,7 +262,7 @@ def test_judge_task_through_evaluate(tmp_path):
 def test_quantized_checkpoint_loads_through_its_manifest(tmp_path):
     from lmforge.checkpoint import save_model
     from lmforge.eval.lm import LocalLM
-    from lmforge.quant import QuantOptions, QuantLinear, quantize_model
+    from lmforge.quant import QuantLinear, QuantOptions, quantize_model
 
     lm = tiny_lm()
     quantize_model(lm.model, QuantOptions(method="rtn", scheme="int8"), progress=False)
@@ -239,18 +278,21 @@ def test_adapter_checkpoint_scores_like_its_full_forward(tmp_path, method):
     """Adapters come back through the manifest, and the shared-context cache path still equals a
     plain forward of context + continuation (prefix/prompt slots shift the cache correctly)."""
     import torch
+    from test_eval_scoring import full_forward_logprob
 
     from lmforge import peft
     from lmforge.checkpoint import save_model
     from lmforge.eval.lm import LocalLM
-    from test_eval_scoring import full_forward_logprob
 
     lm = tiny_lm()
-    config = {"lora": peft.LoraConfig(r=4), "prefix": peft.PrefixConfig(num_virtual_tokens=3, projection=False),
-              "prompt_tuning": peft.PromptTuningConfig(num_virtual_tokens=3)}[method]
+    config = {
+        "lora": peft.LoraConfig(r=4),
+        "prefix": peft.PrefixConfig(num_virtual_tokens=3, projection=False),
+        "prompt_tuning": peft.PromptTuningConfig(num_virtual_tokens=3),
+    }[method]
     model = peft.apply(lm.model, config)
     with torch.no_grad():  # make the adapter matter (LoRA's B starts at zero)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
     save_model(model, tmp_path / method, tokenizer=tiny_tokenizer())
@@ -264,9 +306,10 @@ def test_adapter_checkpoint_scores_like_its_full_forward(tmp_path, method):
 def test_against_the_lmforge_server(tmp_path):
     """Generation through `lmforge.serve` gives what the local model generates, and log-likelihoods
     through the server's echo=True prompt logprobs equal the local model's."""
+    from test_serve_utils import ServerThread, make_checkpoint
+
     from lmforge.eval.lm import LocalLM, load_lm
     from lmforge.serve import ServeConfig
-    from test_serve_utils import ServerThread, make_checkpoint
 
     model_dir, _ = make_checkpoint(tmp_path)
     rows = [{"prompt": p, "answer": "x"} for p in ("The quick brown", "Hello there,", "A server")]
@@ -281,7 +324,9 @@ def test_against_the_lmforge_server(tmp_path):
     local_ll = LocalLM.load(model_dir).loglikelihood(pairs)
     for (r, r_greedy), (l, l_greedy) in zip(remote_ll, local_ll):
         assert r == pytest.approx(l, abs=1e-3) and r_greedy == l_greedy
-    assert [e["output"] for e in results["tasks"][0]["examples"]] == [e["output"] for e in local["tasks"][0]["examples"]]
+    assert [e["output"] for e in results["tasks"][0]["examples"]] == [
+        e["output"] for e in local["tasks"][0]["examples"]
+    ]
     assert results["model"] == model_dir.name
 
 
@@ -289,7 +334,10 @@ def test_cli_code_task_with_a_real_model(tmp_path, model_dir):
     from test_eval_codeexec import PROBLEMS
 
     data = _write(tmp_path / "code.jsonl", PROBLEMS)
-    assert cli(["eval", str(model_dir), "--task", f"code:{data}", "--set", "builtin=null", "--out", str(tmp_path / "o")]) == 0
+    assert (
+        cli(["eval", str(model_dir), "--task", f"code:{data}", "--set", "builtin=null", "--out", str(tmp_path / "o")])
+        == 0
+    )
     [task] = load_results(tmp_path / "o")["tasks"]
     assert task["metrics"]["pass@1"] == 0.0  # a random tiny model writes no working code...
     assert all(s in ("failed", "timeout") for e in task["examples"] for s in e["results"])  # ...and nothing escapes

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +63,7 @@ def processes_with(token: str) -> list[int]:
 
 # ---- escapes: nothing outside the box may be written, changed or signalled -------------------------
 
+
 def test_escape_ctypes_reimport_runs_a_shell(tmp_path):
     out = tmp_path / "out"
     run(f"assert libc.system(b'touch {out}') == 0\n")
@@ -72,8 +72,10 @@ def test_escape_ctypes_reimport_runs_a_shell(tmp_path):
 
 def test_escape_posix_reimport_system_and_open(tmp_path):
     out1, out2 = tmp_path / "out1", tmp_path / "out2"
-    run(f"posix.system('touch {out1}')\nfd = posix.open({str(out2)!r}, posix.O_WRONLY | posix.O_CREAT)\n"
-        "posix.write(fd, b'escaped')\n")
+    run(
+        f"posix.system('touch {out1}')\nfd = posix.open({str(out2)!r}, posix.O_WRONLY | posix.O_CREAT)\n"
+        "posix.write(fd, b'escaped')\n"
+    )
     assert not out1.exists() and not out2.exists()
 
 
@@ -84,8 +86,10 @@ def test_escape_subprocess_shell(tmp_path):
 
 
 def test_escape_open_with_dir_fd(tmp_path):
-    run(f"d = posix.open({str(tmp_path)!r}, posix.O_RDONLY)\n"
-        "fd = posix.open('out', posix.O_WRONLY | posix.O_CREAT, 0o644, dir_fd=d)\nposix.write(fd, b'escaped')\n")
+    run(
+        f"d = posix.open({str(tmp_path)!r}, posix.O_RDONLY)\n"
+        "fd = posix.open('out', posix.O_WRONLY | posix.O_CREAT, 0o644, dir_fd=d)\nposix.write(fd, b'escaped')\n"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -105,19 +109,26 @@ def test_escape_chmod_through_an_fd(tmp_path):
 
 def test_escape_symlink_and_proc_root(tmp_path):
     out1, out2 = tmp_path / "out1", tmp_path / "out2"
-    run(f"try:\n    posix.symlink({str(tmp_path)!r}, 'link')\n    open('link/out1', 'w').write('x')\n"
-        f"finally:\n    open('/proc/1/root' + {str(out2)!r}, 'w').write('x')\n")
+    run(
+        f"try:\n    posix.symlink({str(tmp_path)!r}, 'link')\n    open('link/out1', 'w').write('x')\n"
+        f"finally:\n    open('/proc/1/root' + {str(out2)!r}, 'w').write('x')\n"
+    )
     assert not out1.exists() and not out2.exists()
 
 
 def test_escape_the_visible_root_is_read_only():
     # the interpreter's own folders and /usr are visible inside: none may be written to
     token = secrets.token_hex(8)
-    targets = [f"{d}/lmforge-escape-{token}" for d in (os.path.dirname(os.path.realpath(sys.executable)),
-                                                        sys.prefix, "/usr/lib", "/etc", "/")]
+    targets = [
+        f"{d}/lmforge-escape-{token}"
+        for d in (os.path.dirname(os.path.realpath(sys.executable)), sys.prefix, "/usr/lib", "/etc", "/")
+    ]
     try:
-        res = run(f"errors = []\nfor t in {targets!r}:\n    try:\n        posix.close(posix.open(t, posix.O_WRONLY | posix.O_CREAT))\n"
-                  "    except OSError as e:\n        errors.append(e.errno)\nassert len(errors) == len(%r), errors\n" % targets)
+        res = run(
+            f"errors = []\nfor t in {targets!r}:\n    try:\n        posix.close(posix.open(t, posix.O_WRONLY | posix.O_CREAT))\n"
+            "    except OSError as e:\n        errors.append(e.errno)\nassert len(errors) == len(%r), errors\n"
+            % targets
+        )
         assert res.passed, res  # every attempt refused (EROFS/EACCES), inside
         assert not any(os.path.exists(t) for t in targets)
     finally:
@@ -138,12 +149,14 @@ def test_escape_kill_a_host_process():
 
 
 def test_escape_kernel_knobs_are_not_writable():
-    res = run("import errno\nfor p in ('/proc/sysrq-trigger', '/proc/sys/kernel/core_pattern', '/proc/sys/vm/drop_caches'):\n"
-              "    try:\n        posix.close(posix.open(p, posix.O_WRONLY))\n    except OSError:\n        continue\n"
-              "    raise SystemExit('writable: ' + p)\n"
-              "assert posix.getuid() != 0 and posix.geteuid() != 0\n"
-              "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm'))]\n"
-              "assert set(caps) == {'0000000000000000'}, caps\n")
+    res = run(
+        "import errno\nfor p in ('/proc/sysrq-trigger', '/proc/sys/kernel/core_pattern', '/proc/sys/vm/drop_caches'):\n"
+        "    try:\n        posix.close(posix.open(p, posix.O_WRONLY))\n    except OSError:\n        continue\n"
+        "    raise SystemExit('writable: ' + p)\n"
+        "assert posix.getuid() != 0 and posix.geteuid() != 0\n"
+        "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm'))]\n"
+        "assert set(caps) == {'0000000000000000'}, caps\n"
+    )
     assert res.passed, res
 
 
@@ -156,11 +169,14 @@ def test_escape_nested_user_namespace():
 
 # ---- secrets: the evaluator's environment and files stay out of reach ---------------------------------
 
+
 def test_secret_env_var_is_not_inherited(monkeypatch):
     secret = secrets.token_hex(16)
     monkeypatch.setenv("LMFORGE_TEST_SECRET", secret)
-    res = run(f"import os\nassert {secret!r} not in repr(dict(os.environ)), 'LEAK'\n"
-              f"assert {secret.encode()!r} not in open('/proc/self/environ', 'rb').read(), 'LEAK'\n")
+    res = run(
+        f"import os\nassert {secret!r} not in repr(dict(os.environ)), 'LEAK'\n"
+        f"assert {secret.encode()!r} not in open('/proc/self/environ', 'rb').read(), 'LEAK'\n"
+    )
     assert res.passed, res
 
 
@@ -174,12 +190,20 @@ def test_secret_proc_environ_of_the_evaluator(tmp_path):
         "        pid = int([l for l in open(f'/proc/{pid}/status') if l.startswith('PPid')][0].split()[1])\n"
         "    except OSError:\n        break\n"
         "for p in paths:\n    try:\n        if SECRET.encode() in open(p, 'rb').read():\n            hits.append(p)\n"
-        "    except OSError:\n        pass\nassert not hits, 'LEAK ' + repr(hits)\n").replace("SECRET", repr(secret))
+        "    except OSError:\n        pass\nassert not hits, 'LEAK ' + repr(hits)\n"
+    ).replace("SECRET", repr(secret))
     (tmp_path / "program.py").write_text(program)
-    script = (f"import os, sys\nfrom {CODEEXEC} import run_program\n"
-              "prog = open(sys.argv[1]).read().replace('EVAL', str(os.getpid()))\nprint(run_program(prog, timeout=10))\n")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "program.py")], capture_output=True, text=True,
-                         env={**os.environ, "LMFORGE_TEST_SECRET": secret}, timeout=60)
+    script = (
+        f"import os, sys\nfrom {CODEEXEC} import run_program\n"
+        "prog = open(sys.argv[1]).read().replace('EVAL', str(os.getpid()))\nprint(run_program(prog, timeout=10))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "program.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LMFORGE_TEST_SECRET": secret},
+        timeout=60,
+    )
     assert "status='passed'" in out.stdout, (out.stdout, out.stderr[-2000:])
 
 
@@ -187,26 +211,33 @@ def test_secret_host_files_are_not_readable(tmp_path):
     secret = secrets.token_hex(16)
     (tmp_path / "token").write_text(secret)
     (tmp_path / "token").chmod(0o644)
-    res = run(f"try:\n    data = open({str(tmp_path / 'token')!r}).read()\nexcept OSError:\n    data = ''\n"
-              f"assert {secret!r} not in data, 'LEAK'\n")
+    res = run(
+        f"try:\n    data = open({str(tmp_path / 'token')!r}).read()\nexcept OSError:\n    data = ''\n"
+        f"assert {secret!r} not in data, 'LEAK'\n"
+    )
     assert res.passed, res
 
 
 # ---- survivors: nothing the program started outlives the call --------------------------------------------
+
 
 @pytest.mark.parametrize("detach", ["setsid_double_fork", "plain_fork"])
 def test_survivors_die_with_the_call(tmp_path, detach):
     token, marker = secrets.token_hex(8), tmp_path / "marker"
     child = f"import time; time.sleep(1.0); open({str(marker)!r}, 'w').write('survived')"
     setsid = "posix.setsid()\n    if posix.fork() == 0:\n        " if detach == "setsid_double_fork" else ""
-    run(f"if posix.fork() == 0:\n    {setsid}posix.execv(sys.executable, [sys.executable, '-c', {child!r}, {token!r}])\n"
-        "    posix._exit(0)\n", timeout=5)
+    run(
+        f"if posix.fork() == 0:\n    {setsid}posix.execv(sys.executable, [sys.executable, '-c', {child!r}, {token!r}])\n"
+        "    posix._exit(0)\n",
+        timeout=5,
+    )
     assert processes_with(token) == []
     time.sleep(1.5)
     assert not marker.exists() and processes_with(token) == []
 
 
 # ---- network: no connection reaches the host ---------------------------------------------------------------
+
 
 def test_network_tcp_to_a_host_listener():
     with socket.socket() as server:
@@ -227,8 +258,10 @@ def test_network_abstract_and_file_unix_sockets(tmp_path):
         for s in (abstract, filed):
             s.listen()
             s.setblocking(False)
-        res = run(f"ok = 0\nfor a in ({name!r}, {path!r}):\n    s = _socket.socket(_socket.AF_UNIX)\n    try:\n"
-                  "        s.connect(a)\n        ok += 1\n    except OSError:\n        pass\nassert ok == 0, ok\n")
+        res = run(
+            f"ok = 0\nfor a in ({name!r}, {path!r}):\n    s = _socket.socket(_socket.AF_UNIX)\n    try:\n"
+            "        s.connect(a)\n        ok += 1\n    except OSError:\n        pass\nassert ok == 0, ok\n"
+        )
         for s in (abstract, filed):
             with pytest.raises(BlockingIOError):
                 s.accept()
@@ -236,6 +269,7 @@ def test_network_abstract_and_file_unix_sockets(tmp_path):
 
 
 # ---- resources: bounded, with a clear status ----------------------------------------------------------------
+
 
 def test_resources_memory_bomb():
     big = run("x = bytearray(8 * 2**30)\n", memory_mb=256)
@@ -245,8 +279,10 @@ def test_resources_memory_bomb():
 
 def test_resources_fork_bomb_is_capped():
     t0 = time.perf_counter()
-    res = run("import time\nn = 0\ntry:\n    while n < 300:\n        if posix.fork() == 0:\n            time.sleep(30)\n"
-              "            posix._exit(0)\n        n += 1\nexcept OSError as e:\n    raise SystemExit(f'forks stopped at {n}: {e}')\n")
+    res = run(
+        "import time\nn = 0\ntry:\n    while n < 300:\n        if posix.fork() == 0:\n            time.sleep(30)\n"
+        "            posix._exit(0)\n        n += 1\nexcept OSError as e:\n    raise SystemExit(f'forks stopped at {n}: {e}')\n"
+    )
     assert res.status == "failed" and "forks stopped at" in res.detail, res
     assert int(res.detail.split("at ")[1].split(":")[0]) < 100 and time.perf_counter() - t0 < 10
 
@@ -301,6 +337,7 @@ def test_correct_answer_passes_and_wrong_fails():
 
 # ---- refusals: no sandbox, no run ---------------------------------------------------------------------------
 
+
 def test_refuses_without_bwrap(monkeypatch, tmp_path):
     from lmforge.eval import sandbox
 
@@ -315,8 +352,10 @@ def test_refuses_when_the_kernel_refuses_namespaces(monkeypatch, tmp_path):
     for tool in ("unshare", "setpriv"):
         os.symlink(shutil.which(tool), tmp_path / tool)
     fake = tmp_path / "bwrap"
-    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace, likely because the kernel "
-                    "does not allow non-privileged user namespaces.' >&2\nexit 1\n")
+    fake.write_text(
+        "#!/bin/sh\necho 'bwrap: No permissions to create new namespace, likely because the kernel "
+        "does not allow non-privileged user namespaces.' >&2\nexit 1\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setattr(sandbox, "TOOL_PATH", str(tmp_path))
     with pytest.raises(sandbox.SandboxUnavailable, match="kernel refuses"):
@@ -328,9 +367,11 @@ def test_seccomp_refuses_kernel_surface():
 
     if sandbox._seccomp_filter() is None:
         pytest.skip("libseccomp.so.2 is not installed: the sandbox runs without its seccomp filter")
-    res = run("import errno\nlibc.syscall.restype = ctypes.c_long\n"
-              "for nr in (101, 250, 321):  # x86-64 ptrace, keyctl, bpf\n"
-              "    assert libc.syscall(nr, 0, 0, 0) == -1 and ctypes.get_errno() == errno.EPERM, nr\n")
+    res = run(
+        "import errno\nlibc.syscall.restype = ctypes.c_long\n"
+        "for nr in (101, 250, 321):  # x86-64 ptrace, keyctl, bpf\n"
+        "    assert libc.syscall(nr, 0, 0, 0) == -1 and ctypes.get_errno() == errno.EPERM, nr\n"
+    )
     if os.uname().machine != "x86_64":
         pytest.skip("syscall numbers above are x86-64's")
     assert res.passed, res

@@ -6,19 +6,19 @@ import math
 
 import pytest
 import torch
+from test_eval_common import OracleLM, tiny_lm
 
 from lmforge.eval.lm import cut_at_stop, encode_pair
 from lmforge.eval.perplexity import token_nll, windows
 from lmforge.eval.tasks import TaskConfig, run_generation, run_multiple_choice
-from test_eval_common import OracleLM, tiny_lm
 
 
 def full_forward_logprob(model, ctx, cont):
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids)[0, :-1].float(), -1)
-    steps = logp[len(ctx) - 1:]
-    target = ids[0, len(ctx):]
+    steps = logp[len(ctx) - 1 :]
+    target = ids[0, len(ctx) :]
     return float(steps.gather(-1, target[:, None]).sum()), bool((steps.argmax(-1) == target).all())
 
 
@@ -26,7 +26,9 @@ def test_shared_context_cache_equals_full_forward():
     lm = tiny_lm(batch_size=2)  # 3 choices -> two batches on one context
     ctx = lm.tokenizer.encode("def add(a, b):\n    return")
     conts = [lm.tokenizer.encode(c) for c in (" a + b", " None", " add(a - 1, b) + 1 if a else b")]
-    got = lm.loglikelihood([("def add(a, b):\n    return", c) for c in (" a + b", " None", " add(a - 1, b) + 1 if a else b")])
+    got = lm.loglikelihood(
+        [("def add(a, b):\n    return", c) for c in (" a + b", " None", " add(a - 1, b) + 1 if a else b")]
+    )
     for (ll, greedy), c in zip(got, conts):
         ref_ll, ref_greedy = full_forward_logprob(lm.model, ctx, c)
         assert ll == pytest.approx(ref_ll, abs=1e-4)
@@ -40,15 +42,15 @@ def test_greedy_flag_true_for_the_models_own_argmax():
     with torch.no_grad():
         for _ in range(3):
             ids.append(int(lm.model(torch.tensor([ids]))[0, -1].argmax()))
-    [(ll, greedy)] = lm.score_choices(ctx, [ids[len(ctx):]])
-    assert greedy and ll == pytest.approx(full_forward_logprob(lm.model, ctx, ids[len(ctx):])[0], abs=1e-4)
+    [(ll, greedy)] = lm.score_choices(ctx, [ids[len(ctx) :]])
+    assert greedy and ll == pytest.approx(full_forward_logprob(lm.model, ctx, ids[len(ctx) :])[0], abs=1e-4)
 
 
 def test_long_context_keeps_its_end():
     lm = tiny_lm(max_position_embeddings=32, position="learned")
     ctx, cont = list(range(5, 60)), [7, 8, 9]
     [(ll, _)] = lm.score_choices(ctx, [cont])
-    kept = ctx[-(32 - len(cont)):]
+    kept = ctx[-(32 - len(cont)) :]
     assert ll == pytest.approx(full_forward_logprob(lm.model, kept, cont)[0], abs=1e-4)
 
 
@@ -97,8 +99,14 @@ def test_uniform_model_bits_per_byte_hand_computed():
     assert metrics["bits_per_byte"] == pytest.approx(n * math.log2(V) / len(text.encode()), rel=1e-4)
 
 
-MC = [{"context": f"Question {i}: what is {i} plus {i}?\nAnswer:", "choices": [str(2 * i + d) for d in (-1, 0, 1, 2)],
-       "gold": 1} for i in range(12)]
+MC = [
+    {
+        "context": f"Question {i}: what is {i} plus {i}?\nAnswer:",
+        "choices": [str(2 * i + d) for d in (-1, 0, 1, 2)],
+        "gold": 1,
+    }
+    for i in range(12)
+]
 
 
 def _write(path, rows):
@@ -114,22 +122,26 @@ def test_oracle_scores_100_on_multiple_choice_with_fewshot(tmp_path):
     assert res.metrics["acc"] == 1.0 and res.metrics["acc_norm"] == 1.0 and res.metrics["examples"] == 12
     first = res.examples[0]["prompt"]
     assert first.count("Question") == 4 and first.endswith(MC[0]["context"])  # 3 shots + the question
-    assert MC[0]["context"] not in first[:-len(MC[0]["context"])]  # never its own answer as a shot
+    assert MC[0]["context"] not in first[: -len(MC[0]["context"])]  # never its own answer as a shot
     assert run_multiple_choice(oracle, cfg).examples[0]["prompt"] == first  # seeded
     limited = TaskConfig("mc", "multiple_choice", path=path, num_fewshot=3, seed=7, limit=2)
-    assert [e["prompt"] for e in run_multiple_choice(oracle, limited).examples] == \
-        [e["prompt"] for e in res.examples[:2]]  # the same shots whatever the limit
+    assert [e["prompt"] for e in run_multiple_choice(oracle, limited).examples] == [
+        e["prompt"] for e in res.examples[:2]
+    ]  # the same shots whatever the limit
     wrong = OracleLM({r["context"]: r["choices"][0] for r in MC})
     assert run_multiple_choice(wrong, cfg).metrics["acc"] == 0.0
 
 
 def test_oracle_scores_100_on_generation_metrics(tmp_path):
-    rows = [{"prompt": f"Translate number {i} to words:", "answer": [f"the number {w} as words", "other"]}
-            for i, w in enumerate(["zero", "one", "two", "three"])]
+    rows = [
+        {"prompt": f"Translate number {i} to words:", "answer": [f"the number {w} as words", "other"]}
+        for i, w in enumerate(["zero", "one", "two", "three"])
+    ]
     path = _write(tmp_path / "gen.jsonl", rows)
     oracle = OracleLM({r["prompt"]: r["answer"][0] for r in rows})
-    cfg = TaskConfig("gen", "generation", path=path, num_fewshot=1,
-                     metrics=["exact_match", "f1", "rouge_l", "bleu", "chrf"])
+    cfg = TaskConfig(
+        "gen", "generation", path=path, num_fewshot=1, metrics=["exact_match", "f1", "rouge_l", "bleu", "chrf"]
+    )
     m = run_generation(oracle, cfg).metrics
     assert m["exact_match"] == 1.0 and m["f1"] == 1.0 and m["rouge_l"] == pytest.approx(1.0)
     assert m["bleu"] == pytest.approx(100.0) and m["chrf"] == pytest.approx(100.0)
@@ -152,11 +164,14 @@ def test_real_model_generation_and_choice_run(tmp_path):
     assert isinstance(g.examples[0]["output"], str) and "f1" in g.metrics
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"choices": ["a", "b"], "gold": 0}, "missing field 'context'"),
-    ({"context": "q", "choices": ["a"], "gold": 0}, "at least 2"),
-    ({"context": "q", "choices": ["a", "b"], "gold": 5}, "'gold' must be an index"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"choices": ["a", "b"], "gold": 0}, "missing field 'context'"),
+        ({"context": "q", "choices": ["a"], "gold": 0}, "at least 2"),
+        ({"context": "q", "choices": ["a", "b"], "gold": 5}, "'gold' must be an index"),
+    ],
+)
 def test_bad_task_rows_name_the_line(tmp_path, row, message):
     from lmforge.common import LmforgeError
 
@@ -191,9 +206,10 @@ def test_batched_generation_matches_infer_generate_and_cuts_at_stop():
     prompts = ["def f(x):", "import os\n", "class A:\n    def", "x = 1\ny ="]
     eos = lm.tokenizer.eos_id
     ref = []
-    for row in generate(lm.model, [lm.tokenizer.encode(p) for p in prompts], max_new_tokens=10,
-                        stop_token_ids=[eos]).tolist():
-        ref.append(lm.tokenizer.decode(row[:row.index(eos)] if eos in row else row))
+    for row in generate(
+        lm.model, [lm.tokenizer.encode(p) for p in prompts], max_new_tokens=10, stop_token_ids=[eos]
+    ).tolist():
+        ref.append(lm.tokenizer.decode(row[: row.index(eos)] if eos in row else row))
     assert lm.generate(prompts, max_new_tokens=10) == ref
     # Rows stopped early still give the text before the first stop string.
     assert lm.generate(prompts, max_new_tokens=10, stop=[":", "\n"]) == [cut_at_stop(r, [":", "\n"]) for r in ref]

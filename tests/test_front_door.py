@@ -15,10 +15,17 @@ def parse(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-@pytest.mark.parametrize("argv", [("runs/x/final",), ("--model", "runs/x/final"),
-                                  ("runs/x/final", "--port", "8001"), ("--port", "8001", "runs/x/final"),
-                                  ("runs/x/final", "--model", "runs/x/final"),
-                                  ("runs/x/final", "--model", "runs/x/./final/")])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("runs/x/final",),
+        ("--model", "runs/x/final"),
+        ("runs/x/final", "--port", "8001"),
+        ("--port", "8001", "runs/x/final"),
+        ("runs/x/final", "--model", "runs/x/final"),
+        ("runs/x/final", "--model", "runs/x/./final/"),
+    ],
+)
 def test_model_positional_or_flag(argv):
     assert os.path.realpath(serve_recipe.model_folder(parse(*argv))) == os.path.realpath("runs/x/final")
 

@@ -22,7 +22,7 @@ def test_cached_decode_logits_equal_full_forward(model):
         cache = KVCache.for_model(model, 2, 20)
         parts = [model(ids[:, :12], kv_cache=cache, start_pos=0)]
         for t in range(12, 20):
-            parts.append(model(ids[:, t:t + 1], kv_cache=cache, start_pos=t))
+            parts.append(model(ids[:, t : t + 1], kv_cache=cache, start_pos=t))
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
 
 
@@ -99,6 +99,7 @@ def test_stop_string_helpers():
 
 class CharTokenizer:
     """A one-character-per-token tokenizer, enough to test text streaming."""
+
     eos_id = None
 
     def encode(self, text):
@@ -139,8 +140,10 @@ def test_prepared_model_gives_the_same_logits_and_state_dict(model):
 def test_compiled_decode_gives_the_same_tokens():
     torch.manual_seed(0)
     m = Transformer(ModelConfig.preset("tiny")).eval()
-    assert generate(m, [1, 2, 3], max_new_tokens=8, compile=True).tolist() == \
-        generate(m, [1, 2, 3], max_new_tokens=8).tolist()
+    assert (
+        generate(m, [1, 2, 3], max_new_tokens=8, compile=True).tolist()
+        == generate(m, [1, 2, 3], max_new_tokens=8).tolist()
+    )
 
 
 def test_generate_with_prompt_tuning_reserves_cache_slots():

@@ -6,18 +6,28 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "lmforge"
 
 LAYERS = {
-    "common": 0, "config": 0,
-    "tokenizer": 1, "model": 1,
-    "data": 2, "multimodal": 2, "peft": 2, "quant": 2,
+    "common": 0,
+    "config": 0,
+    "tokenizer": 1,
+    "model": 1,
+    "data": 2,
+    "multimodal": 2,
+    "peft": 2,
+    "quant": 2,
     "checkpoint": 3,
-    "train": 4, "infer": 4,
-    "eval": 5, "serve": 5,
+    "train": 4,
+    "infer": 4,
+    "eval": 5,
+    "serve": 5,
     "recipes": 6,
-    "cli": 7, "__main__": 7,
+    "cli": 7,
+    "__main__": 7,
 }
 # Sideways imports allowed on top of "any layer below": (importer, imported).
-ALLOWED_SIDEWAYS = {("__main__", "cli"),  # `python -m lmforge` is the CLI itself
-                    ("config", "common")}  # the config loader builds on common's checked dataclasses
+ALLOWED_SIDEWAYS = {
+    ("__main__", "cli"),  # `python -m lmforge` is the CLI itself
+    ("config", "common"),
+}  # the config loader builds on common's checked dataclasses
 # serve may import anything below except train (DESIGN.md).
 FORBIDDEN = {("serve", "train")}
 # Modules allowed past the 500-line budget, with the reason.
@@ -147,16 +157,24 @@ def test_no_import_circles_between_modules():
     or a shared piece that belongs in a third module. Package __init__ re-exports are not counted."""
     paths = {p: _module_name(p) for p in PKG.rglob("*.py")}
     known = set(paths.values())
-    graph = {name: {m for m in _imported_modules(ast.parse(p.read_text(encoding="utf-8")), p, known)
-                    if not _is_package_init(m, paths)}
-             for p, name in paths.items() if p.name != "__init__.py"}
+    graph = {
+        name: {
+            m
+            for m in _imported_modules(ast.parse(p.read_text(encoding="utf-8")), p, known)
+            if not _is_package_init(m, paths)
+        }
+        for p, name in paths.items()
+        if p.name != "__init__.py"
+    }
     cycles, state = [], {}
 
     def visit(node: str, stack: list[str]) -> None:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+                cycles.append(
+                    " -> ".join(stack[stack.index(nxt) :] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}"
+                )
             elif nxt not in state:
                 visit(nxt, stack + [node])
         state[node] = 2

@@ -12,15 +12,26 @@ import torch
 from lmforge.cli import main as cli
 from lmforge.recipes._common import read_metrics
 
-TINY = ["--set", "model.hidden_size=32", "--set", "model.intermediate_size=64", "--set", "model.num_hidden_layers=1",
-        "--set", "model.num_attention_heads=2", "--set", "model.num_key_value_heads=1"]
+TINY = [
+    "--set",
+    "model.hidden_size=32",
+    "--set",
+    "model.intermediate_size=64",
+    "--set",
+    "model.num_hidden_layers=1",
+    "--set",
+    "model.num_attention_heads=2",
+    "--set",
+    "model.num_key_value_heads=1",
+]
 
 
 def _stdlib(root, n=40):
     """A fake standard library: n modules with one documented public function each."""
     for i in range(n):
-        (root / f"mod{i}.py").write_text(f'def read_thing_{i}(path):\n    """Read the thing number {i} from a '
-                                         f'path on disk."""\n    return {i}\n')
+        (root / f"mod{i}.py").write_text(
+            f'def read_thing_{i}(path):\n    """Read the thing number {i} from a path on disk."""\n    return {i}\n'
+        )
     return root
 
 
@@ -46,8 +57,9 @@ def test_contamination_index_spans_several_corpora(tmp_path):
 
     words = [f"w{i}" for i in range(40)]
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": " ".join(words[:20])}) + "\n")
-    (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": " ".join(words[20:])}]})
-                                        + "\n")
+    (tmp_path / "sft.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": " ".join(words[20:])}]}) + "\n"
+    )
     index = load_index([tmp_path / "docs.jsonl", tmp_path / "sft.jsonl"], n=5)
     only_docs = load_index(tmp_path / "docs.jsonl", n=5)
     sft_text = " ".join(words[22:35])
@@ -69,9 +81,12 @@ class PriorBiasedLM:
 def test_acc_mutual_info_removes_the_choices_prior():
     from lmforge.eval.tasks import TaskConfig, primary_metric, run_multiple_choice
 
-    examples = [{"id": str(i), "context": f"q{i} {gold[:3]}", "choices": choices, "gold": choices.index(gold)}
-                for i, (gold, choices) in enumerate([("longer answer", ["a", "longer answer", "bb"]),
-                                                      ("zzzz", ["zzzz", "y", "xx"])])]
+    examples = [
+        {"id": str(i), "context": f"q{i} {gold[:3]}", "choices": choices, "gold": choices.index(gold)}
+        for i, (gold, choices) in enumerate(
+            [("longer answer", ["a", "longer answer", "bb"]), ("zzzz", ["zzzz", "y", "xx"])]
+        )
+    ]
     cfg = TaskConfig("mc", "multiple_choice", unconditional_context="q")
     result = run_multiple_choice(PriorBiasedLM(), cfg, examples)
     assert result.metrics["acc"] == 0.0 and result.metrics["acc_mutual_info"] == 1.0
@@ -86,8 +101,24 @@ def data_dir(tmp_path_factory):
 
 
 def _pretrain(out, name, data_dir, *extra):
-    argv = ["pretrain", "--out", str(out), "--name", name, "--data", str(data_dir), "--seq-len", "32",
-            "--batch-size", "8", "--set", "train.eval_batches=2", "--set", "optim.warmup_steps=3", *extra]
+    argv = [
+        "pretrain",
+        "--out",
+        str(out),
+        "--name",
+        name,
+        "--data",
+        str(data_dir),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--set",
+        "train.eval_batches=2",
+        "--set",
+        "optim.warmup_steps=3",
+        *extra,
+    ]
     assert cli(argv) == 0
     return [r for r in read_metrics(out / name) if "loss" in r]
 
@@ -120,15 +151,36 @@ def test_distillation_refuses_a_teacher_of_another_vocabulary(tmp_path, data_dir
     from lmforge.model import build_model
 
     save_model(build_model("tiny", vocab_size=301), tmp_path / "other")
-    argv = ["pretrain", "--out", str(tmp_path), "--data", str(data_dir), "--steps", "1", "--teacher",
-            str(tmp_path / "other"), *TINY]
+    argv = [
+        "pretrain",
+        "--out",
+        str(tmp_path),
+        "--data",
+        str(data_dir),
+        "--steps",
+        "1",
+        "--teacher",
+        str(tmp_path / "other"),
+        *TINY,
+    ]
     assert cli(argv) == 2
     assert "vocabulary 301" in capsys.readouterr().err
 
 
 def test_muon_trains_and_resumes_exactly(tmp_path, data_dir):
-    common = ["--steps", "12", "--lr", "0.01", "--set", "optim.name=muon", "--set", "train.save_every=6",
-              "--set", "train.eval_every=0", *TINY]
+    common = [
+        "--steps",
+        "12",
+        "--lr",
+        "0.01",
+        "--set",
+        "optim.name=muon",
+        "--set",
+        "train.save_every=6",
+        "--set",
+        "train.eval_every=0",
+        *TINY,
+    ]
     full = _pretrain(tmp_path / "a", "m", data_dir, *common)
     assert full[-1]["loss"] < full[0]["loss"] - 0.5
     _pretrain(tmp_path / "b", "m", data_dir, *common)
@@ -189,8 +241,12 @@ def test_continuations_are_the_teachers_greedy_output_after_a_window_prefix():
     pool = continuation_pool(teacher, batches, distill, seq_len=16, seed=0, device="cpu", generate_batch=4)
     assert pool.shape == (5, 17)
     for row in pool:  # some prefix of a window, then exactly what the teacher decodes greedily from it
-        n = next(n for n in range(1, 5) if any(torch.equal(row[:n], w[:n]) for w in data)
-                 and torch.equal(row[n:], generate(teacher, row[:n].tolist(), max_new_tokens=17 - n)[0]))
+        n = next(
+            n
+            for n in range(1, 5)
+            if any(torch.equal(row[:n], w[:n]) for w in data)
+            and torch.equal(row[n:], generate(teacher, row[:n].tolist(), max_new_tokens=17 - n)[0])
+        )
         assert 1 <= n <= 4
     batch = torch.zeros(4, 17, dtype=torch.long)
     mixed = with_continuations(batch, pool, 0.5, torch.Generator().manual_seed(0))
@@ -199,8 +255,18 @@ def test_continuations_are_the_teachers_greedy_output_after_a_window_prefix():
 
 
 def test_continuations_need_a_teacher(tmp_path, data_dir, capsys):
-    argv = ["pretrain", "--runs-dir", str(tmp_path), "--data", str(data_dir), "--steps", "1", *TINY,
-            "--set", "distill.continuation_fraction=0.5"]
+    argv = [
+        "pretrain",
+        "--runs-dir",
+        str(tmp_path),
+        "--data",
+        str(data_dir),
+        "--steps",
+        "1",
+        *TINY,
+        "--set",
+        "distill.continuation_fraction=0.5",
+    ]
     assert cli(argv) == 2
     assert "needs distill.teacher" in capsys.readouterr().err
 

@@ -12,7 +12,9 @@ def test_the_manifest_records_reads_and_drops_by_kind():
     record_transform(model, {"kind": "peft", "config": {"method": "lora"}})
     record_transform(model, {"kind": "quant", "modules": {}})
     assert [e["kind"] for e in transforms(model)] == ["peft", "quant"]
-    assert has_transform(model, "quant") and transforms(model, "peft") == [{"kind": "peft", "config": {"method": "lora"}}]
+    assert has_transform(model, "quant") and transforms(model, "peft") == [
+        {"kind": "peft", "config": {"method": "lora"}}
+    ]
     transforms(model).clear()  # a copy: reading never edits the model's manifest
     assert len(transforms(model)) == 2
     drop_transforms(model, "peft", where=lambda e: e["config"]["method"] == "ia3")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from hf_models import FAMILIES, make_hf_model
+
 from lmforge.checkpoint import load_model, save_hf, save_model
 from lmforge.common import LmforgeError
 from lmforge.infer.generate import generate
@@ -46,8 +46,14 @@ def test_greedy_generation_matches(pair):
     family, hf, ours, _ = pair
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                          min_new_tokens=32, pad_token_id=0)[:, 12:]
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=32,
+            do_sample=False,
+            min_new_tokens=32,
+            pad_token_id=0,
+        )[:, 12:]
     out = generate(ours, ids, max_new_tokens=32, temperature=0.0)
     assert out.tolist() == ref.tolist(), family
 

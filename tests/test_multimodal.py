@@ -14,17 +14,33 @@ from lmforge.common import LmforgeError
 from lmforge.infer.decode import decode_ids
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig
-from lmforge.multimodal import (CLIP, ClipConfig, VisionConfig, VisionLanguageModel, VisionTransformer, VlmConfig,
-                                cider_d, expand_image_tokens, info_nce, load_hf_vision, load_image,
-                                make_shapes, prepare_chat, read_jsonl_folder, recall_at_k, save_hf_vision,
-                                save_multimodal, load_multimodal, splice)
+from lmforge.multimodal import (
+    CLIP,
+    ClipConfig,
+    VisionConfig,
+    VisionLanguageModel,
+    VlmConfig,
+    cider_d,
+    expand_image_tokens,
+    info_nce,
+    load_hf_vision,
+    load_image,
+    load_multimodal,
+    make_shapes,
+    prepare_chat,
+    read_jsonl_folder,
+    recall_at_k,
+    save_hf_vision,
+    save_multimodal,
+    splice,
+)
 
 PIL = pytest.importorskip("PIL", reason="the vision extra (pillow) is not installed")
 
-VC = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-          num_attention_heads=4)
-TEXT = ModelConfig.preset("tiny", vocab_size=300, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                          num_key_value_heads=2)
+VC = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+TEXT = ModelConfig.preset(
+    "tiny", vocab_size=300, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 @pytest.fixture(autouse=True)
@@ -145,11 +161,15 @@ def test_load_image_sources_and_errors(tmp_path):
 def test_jsonl_folder_reports_and_skips_broken_images(tmp_path):
     (tmp_path / "ok.png").write_bytes(_png_bytes())
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
-    lines = [{"image": "ok.png", "caption": "a red box"},
-             {"image": "broken.png", "caption": "x"},
-             {"image": "missing.png", "caption": "y"},
-             {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
-                                                   {"from": "gpt", "value": "Red."}]}]
+    lines = [
+        {"image": "ok.png", "caption": "a red box"},
+        {"image": "broken.png", "caption": "x"},
+        {"image": "missing.png", "caption": "y"},
+        {
+            "image": "ok.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}],
+        },
+    ]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     examples, skipped = read_jsonl_folder(tmp_path / "data.jsonl")
     assert len(examples) == 2 and len(skipped) == 2
@@ -164,8 +184,12 @@ def test_prepare_chat_accepts_openai_image_url_parts():
     tok = train_tokenizer(["what colour is the circle? red"] * 4, vocab_size=280)
     model = VisionLanguageModel(VlmConfig(VisionConfig(**VC), TEXT, tok.token_to_id("<image>"))).eval()
     url = "data:image/png;base64," + base64.b64encode(_png_bytes()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "what colour?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what colour?"}],
+        }
+    ]
     inputs = prepare_chat(model, tok, messages)
     n = model.vlm_config.num_image_tokens
     assert int((inputs["input_ids"] == tok.token_to_id("<image>")).sum()) == n

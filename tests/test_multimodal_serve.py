@@ -13,14 +13,14 @@ import torch
 openai = pytest.importorskip("openai")
 PIL = pytest.importorskip("PIL", reason="the vision extra (pillow) is not installed")
 
+from test_serve_utils import ServerThread  # noqa: E402
+from vlm_utils import save_tiny_vlm  # noqa: E402
+
 from lmforge.infer.decode import decode_ids  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.multimodal import prepare_chat  # noqa: E402
 from lmforge.serve import ServeConfig  # noqa: E402
 from lmforge.tokenizer import load_tokenizer  # noqa: E402
-
-from test_serve_utils import ServerThread  # noqa: E402
-from vlm_utils import save_tiny_vlm  # noqa: E402
 
 QUESTION = "what colour is the circle?"
 
@@ -39,8 +39,12 @@ def _url(data: bytes, kind: str = "png") -> str:
 
 
 def _messages(url: str, question: str = QUESTION) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +71,9 @@ def _reference(vlm_dir, messages: list[dict], max_tokens: int) -> str:
     model, tok = load_multimodal(vlm_dir, kind="vlm"), load_tokenizer(vlm_dir)
     inputs = prepare_chat(model, tok, messages)
     stops = [tok.token_to_id("<|im_end|>"), tok.eos_id]
-    ids = decode_ids(model, SamplingParams(max_new_tokens=max_tokens, stop_token_ids=stops),
-                     inputs_embeds=inputs["inputs_embeds"])[0]
+    ids = decode_ids(
+        model, SamplingParams(max_new_tokens=max_tokens, stop_token_ids=stops), inputs_embeds=inputs["inputs_embeds"]
+    )[0]
     return tok.decode([t for t in ids if t not in stops])
 
 
@@ -86,8 +91,14 @@ def test_image_chat_equals_direct_generation(client, vlm_dir):
 def test_image_chat_streams_the_same_text(client):
     messages = _messages(_url(_png(2)))
     full = client.chat.completions.create(model="tiny-vlm", messages=messages, max_tokens=10, temperature=0)
-    chunks = client.chat.completions.create(model="tiny-vlm", messages=messages, max_tokens=10, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    chunks = client.chat.completions.create(
+        model="tiny-vlm",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     text, usage = "", None
     for c in chunks:
         text += "".join(ch.delta.content or "" for ch in c.choices)
@@ -104,22 +115,30 @@ def test_seeded_sampling_with_an_image_repeats(client):
 
 def test_text_only_chat_on_a_vlm_runs_in_the_engine(client, server):
     before = server.state.runner.engine.counters["generated_tokens"]
-    r = client.chat.completions.create(model="tiny-vlm", messages=[{"role": "user", "content": QUESTION}],
-                                       max_tokens=5, temperature=0)
+    r = client.chat.completions.create(
+        model="tiny-vlm", messages=[{"role": "user", "content": QUESTION}], max_tokens=5, temperature=0
+    )
     assert r.usage.completion_tokens >= 1
     assert server.state.runner.engine.counters["generated_tokens"] > before
 
 
-@pytest.mark.parametrize("url,word", [
-    ("data:image/png;base64,@@not-base64@@", "base64"),
-    (_url(b"hello, I am not a picture"), "not a readable image"),
-    ("data:text/plain;base64,aGVsbG8=", "data:image"),
-    ("https://example.com/cat.png", "remote"),
-])
+@pytest.mark.parametrize(
+    "url,word",
+    [
+        ("data:image/png;base64,@@not-base64@@", "base64"),
+        (_url(b"hello, I am not a picture"), "not a readable image"),
+        ("data:text/plain;base64,aGVsbG8=", "data:image"),
+        ("https://example.com/cat.png", "remote"),
+    ],
+)
 def test_bad_images_get_a_400_naming_the_problem(server, url, word):
     body = {"model": "tiny-vlm", "messages": _messages(url)}
-    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body),
-                   headers={"Content-Type": "application/json"}, timeout=30)
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=json.dumps(body),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and word in err["message"]
@@ -134,8 +153,13 @@ def test_bad_image_through_the_client_is_a_bad_request(client):
 
 
 def _post_image(server, url) -> httpx.Response:
-    body = {"model": "tiny-vlm", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": url}, {"type": "text", "text": QUESTION}]}], "max_tokens": 2}
+    body = {
+        "model": "tiny-vlm",
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": url}, {"type": "text", "text": QUESTION}]}
+        ],
+        "max_tokens": 2,
+    }
     return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
 
 

@@ -21,7 +21,7 @@ def test_reused_copy_equals_a_fresh_gather():
     tables = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
     lengths = [5, 9]
     reused = 0
-    for step in range(12):  # two rows decoding, one token each per step
+    for _step in range(12):  # two rows decoding, one token each per step
         slots = torch.tensor([[t[n // bs] * bs + n % bs] for t, n in zip(tables, lengths)])
         nb = -(-max(n + 1 for n in lengths) // bs)
         table = torch.tensor([t[:nb] for t in tables])
@@ -33,8 +33,8 @@ def test_reused_copy_equals_a_fresh_gather():
         kb, vb = fresh.update(0, k, v)
         assert S >= S_fresh and ka.shape[2] == S
         for row, n in enumerate(lengths):  # every key a row can see is the same
-            assert torch.equal(ka[row, :, :n + 1], kb[row, :, :n + 1])
-            assert torch.equal(va[row, :, :n + 1], vb[row, :, :n + 1])
+            assert torch.equal(ka[row, :, : n + 1], kb[row, :, : n + 1])
+            assert torch.equal(va[row, :, : n + 1], vb[row, :, : n + 1])
         lengths = [n + 1 for n in lengths]
     assert reused >= 8  # rebuilt only at the start and when the rows outgrow the headroom
     cache.set_step(slots, table)  # any other forward drops the copy
@@ -46,8 +46,9 @@ def _run(model, mirror: bool, draft=None) -> list:
     for c in [engine.cache] + ([engine.spec.cache] if draft is not None else []):
         c.mirror_bytes = c.mirror_bytes if mirror else 0
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 512, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(14)]
+    prompts = [
+        torch.randint(0, 512, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(14)
+    ]
     ids, out, step = [], {}, 0
     for i, p in enumerate(prompts):  # requests arrive while others decode; some are cancelled
         ids.append(engine.add_request(p, SamplingParams(max_new_tokens=6 + 3 * (i % 5)), logprobs=3))

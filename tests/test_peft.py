@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from test_peft_common import ALL_CONFIGS, LINEAR_CONFIGS, batch, expected_trainable, perturb, tiny_model, train
 from torch import nn
 
 from lmforge import peft
 from lmforge.common import LmforgeError
-from test_peft_common import (ALL_CONFIGS, LINEAR_CONFIGS, batch, expected_trainable, perturb, tiny_model,
-                              train)
 
 torch.set_num_threads(1)
 
@@ -127,8 +126,13 @@ def test_adalora_prunes_to_the_target_budget_and_reports_ranks():
     alloc = peft.RankAllocator(model, config)
     assert alloc.budget_at(0) == (24, False) and alloc.budget_at(12)[0] == 8
     budgets = []
-    train(model, steps=12, lr=2e-2, after_backward=lambda s: budgets.append(alloc.step(s)),
-          extra_loss=lambda m: config.orth_reg_weight * peft.orthogonal_regularization(m))
+    train(
+        model,
+        steps=12,
+        lr=2e-2,
+        after_backward=lambda s: budgets.append(alloc.step(s)),
+        extra_loss=lambda m: config.orth_reg_weight * peft.orthogonal_regularization(m),
+    )
     assert budgets == sorted(budgets, reverse=True) and budgets[-1] == 8
     ranks = alloc.final_ranks()
     assert set(ranks) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
@@ -268,8 +272,11 @@ def test_bad_configs_and_clashes_raise_clear_errors():
         peft.config_from_dict({"method": "loraa"})
 
 
-@pytest.mark.parametrize("config", [peft.LoraConfig(r=4, use_dora=True), peft.IA3Config(), peft.AdaLoraConfig()],
-                         ids=["dora", "ia3", "adalora"])
+@pytest.mark.parametrize(
+    "config",
+    [peft.LoraConfig(r=4, use_dora=True), peft.IA3Config(), peft.AdaLoraConfig()],
+    ids=["dora", "ia3", "adalora"],
+)
 def test_bf16_model_on_a_quantized_base_merges(config):
     # Adapters on a bias-free quantized base are fp32; the merged float copy must still take bf16 inputs.
     model, x = tiny_model().to(torch.bfloat16), batch()

@@ -98,8 +98,9 @@ def expected_trainable(config, model) -> int:
 LINEAR_CONFIGS = {
     "lora_qv": lambda: peft.LoraConfig(r=4, alpha=8, target_modules=["q", "v"]),
     "rslora_all": lambda: peft.LoraConfig(r=4, alpha=8, target_modules="all-linear", use_rslora=True),
-    "dora": lambda: peft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                    use_dora=True),
+    "dora": lambda: peft.LoraConfig(
+        r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True
+    ),
     "adalora": lambda: peft.AdaLoraConfig(init_r=6, target_r=3, target_modules=["q", "v", "up"]),
     "ia3": lambda: peft.IA3Config(),
 }

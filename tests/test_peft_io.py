@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from test_peft_common import ALL_CONFIGS, batch, perturb, tiny_model
 
 from lmforge import peft
 from lmforge.common import LmforgeError
-from test_peft_common import ALL_CONFIGS, batch, perturb, tiny_model
 
 torch.set_num_threads(1)
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,6 +27,7 @@ def test_save_then_load_gives_identical_outputs(name, tmp_path):
     torch.testing.assert_close(fresh(x), want, atol=0, rtol=0)
     # Only adapter tensors are in the file (small), and they are trainable again after loading.
     from safetensors.torch import load_file
+
     assert all(peft.is_adapter_key(k) for k in load_file(str(tmp_path / "lmforge_adapter.safetensors")))
     assert peft.count_parameters(fresh)[0] == peft.count_parameters(model)[0]
     peft.load_adapter(model, tmp_path)  # onto a model that has the adapter already: tensors only
@@ -86,7 +87,7 @@ def hf_base(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = tiny_model()
     with torch.no_grad():  # non-trivial norms so a wrong mapping cannot hide
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     checkpoint.save_hf(model, tmp_path / "base")

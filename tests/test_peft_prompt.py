@@ -3,11 +3,11 @@ initialisation, composition with LoRA."""
 
 import pytest
 import torch
+from test_peft_common import OTHER_CONFIGS, batch, expected_trainable, perturb, tiny_model
 
 from lmforge import peft
 from lmforge.common import LmforgeError
 from lmforge.model import KVCache
-from test_peft_common import OTHER_CONFIGS, batch, expected_trainable, perturb, tiny_model
 
 torch.set_num_threads(1)
 SOFT = ["prompt", "ptuning_mlp", "ptuning_lstm", "prefix", "ptuning_v2"]
@@ -45,8 +45,9 @@ def _decode_logits(model, x, prefill: int):
     cache = KVCache.for_model(model, B, T + peft.virtual_tokens(model))
     steps = [model(x[:, :prefill], kv_cache=cache, start_pos=0)]
     for t in range(prefill, T):
-        steps.append(model(x[:, t:t + 1], kv_cache=cache, start_pos=t,
-                           attention_mask=torch.ones(B, t + 1, dtype=torch.long)))
+        steps.append(
+            model(x[:, t : t + 1], kv_cache=cache, start_pos=t, attention_mask=torch.ones(B, t + 1, dtype=torch.long))
+        )
     return torch.cat(steps, dim=1)
 
 

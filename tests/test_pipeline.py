@@ -18,11 +18,24 @@ def run(tmp_path_factory):
 
 
 def test_every_artefact_exists(run):
-    for rel in ["data/index.json", "data/stats.json", "base/final/model.safetensors", "draft/final/model.safetensors",
-                "sft/final/model.safetensors", "final/model.safetensors", "final/tokenizer.json",
-                "quant/int8/model.safetensors", "quant/gptq-int4/model.safetensors", "eval/final/results.json",
-                "generate/results.json", "report.md", "report.html", "loss_pretrain.png", "loss_sft.png",
-                "sft/train_data.jsonl"]:
+    for rel in [
+        "data/index.json",
+        "data/stats.json",
+        "base/final/model.safetensors",
+        "draft/final/model.safetensors",
+        "sft/final/model.safetensors",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+        "quant/int8/model.safetensors",
+        "quant/gptq-int4/model.safetensors",
+        "eval/final/results.json",
+        "generate/results.json",
+        "report.md",
+        "report.html",
+        "loss_pretrain.png",
+        "loss_sft.png",
+        "sft/train_data.jsonl",
+    ]:
         assert (run / rel).is_file(), rel
     stamps = {p.stem for p in (run / ".stamps").glob("*.json")}
     assert stamps == {"data", "pretrain", "sft", "draft", "quantize", "eval", "generate", "report"}
@@ -39,8 +52,11 @@ def test_report_figures_come_from_the_runs_files(run):
     report = (run / "report.md").read_text()
     stats = json.loads((run / "data" / "stats.json").read_text())
     assert f"{stats['tokens']['train']['tokens']:,}" in report
-    summary = next(json.loads(line)["summary"] for line in (run / "base" / "metrics.jsonl").read_text().splitlines()
-                   if '"summary"' in line)
+    summary = next(
+        json.loads(line)["summary"]
+        for line in (run / "base" / "metrics.jsonl").read_text().splitlines()
+        if '"summary"' in line
+    )
     assert f"final loss {summary['final_loss']:.4g}" in report
     results = json.loads((run / "eval" / "final" / "results.json").read_text())
     mc = next(t for t in results["tasks"] if t["name"] == "stdlib_docstring_mc")
@@ -49,8 +65,9 @@ def test_report_figures_come_from_the_runs_files(run):
     gen = json.loads((run / "generate" / "results.json").read_text())
     spec = next(r for r in gen["rows"] if r["decoding"] == "speculative (draft model)")
     assert spec["identical_to_plain"] is True
-    assert re.search(r"speculative \(draft model\) \| [0-9.]+ \| [0-9.]+ \| " + re.escape(f"{spec['acceptance_rate']:.4g}"),
-                     report)
+    assert re.search(
+        r"speculative \(draft model\) \| [0-9.]+ \| [0-9.]+ \| " + re.escape(f"{spec['acceptance_rate']:.4g}"), report
+    )
     assert "not available" not in report
 
 
@@ -78,14 +95,18 @@ def test_sft_beats_base_on_its_task(run):
 
 
 def test_eval_split_shares_nothing_with_training(run):
-    from lmforge.eval.builtin import BuiltinConfig, held_out
-
     import sysconfig
     from pathlib import Path
 
+    from lmforge.eval.builtin import BuiltinConfig, held_out
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    ids = [json.loads(line)["id"].split("#")[0] for line in (run / "data" / "train_docs.jsonl").read_text().splitlines()]
-    trained = {Path(i).resolve() if Path(i).is_absolute() else (stdlib / i.removeprefix("stdlib/")).resolve() for i in ids}
+    ids = [
+        json.loads(line)["id"].split("#")[0] for line in (run / "data" / "train_docs.jsonl").read_text().splitlines()
+    ]
+    trained = {
+        Path(i).resolve() if Path(i).is_absolute() else (stdlib / i.removeprefix("stdlib/")).resolve() for i in ids
+    }
     cfg = json.loads((run / "eval" / "final" / "results.json").read_text())["tasks"][0]["config"]["builtin"]
     held = {path.resolve() for _, path in held_out(BuiltinConfig(**cfg))}
     assert held and trained and not held & trained

@@ -8,8 +8,9 @@ from torch import nn
 from lmforge.quant.linear import Int8Linear
 
 
-@pytest.mark.parametrize("k,n,path", [(256, 64, "int4x2"), (96, 48, "int4x2"), (48, 12, "int8"),
-                                      (768, 100, "int8"), (100, 64, "none")])
+@pytest.mark.parametrize(
+    "k,n,path", [(256, 64, "int4x2"), (96, 48, "int4x2"), (48, 12, "int8"), (768, 100, "int8"), (100, 64, "none")]
+)
 @pytest.mark.parametrize("mean", [0.0, 4.0])  # activations far from zero mean must not cancel badly
 def test_int8_kernel_paths_match_dequantized_matmul(k, n, path, mean):
     torch.manual_seed(0)

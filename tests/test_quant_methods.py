@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.common import LmforgeError
+from lmforge.model import build_model
 from lmforge.quant import FakeQuantLinear, IntNLinear, W8A8Linear, convert_qat, prepare_qat
 from lmforge.quant import formats as fmt
-from lmforge.model import build_model
 from lmforge.quant.awq import _tie, apply_scale, awq_block, awq_linear, scale_groups, search_clip
 from lmforge.quant.calibrate import first_block_inputs, run_block
 from lmforge.quant.gptq import Hessian, gptq_quantize
@@ -60,13 +60,27 @@ def test_awq_output_error_below_rtn_with_outlier_channels():
     assert awq.spec() == {"format": "intn", "bits": 4, "group_size": 64, "input_scale": True}
 
 
-BLOCK_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+BLOCK_LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
-@pytest.mark.parametrize("preset,folded", [
-    ("tiny", ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"]),  # GQA: 2 heads per v
-    ("tiny-gpt2", ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm"])])  # GELU between up and down
+@pytest.mark.parametrize(
+    "preset,folded",
+    [
+        (
+            "tiny",
+            ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"],
+        ),  # GQA: 2 heads per v
+        ("tiny-gpt2", ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm"]),
+    ],
+)  # GELU between up and down
 def test_awq_folding_is_output_preserving_before_rounding(preset, folded):
     torch.manual_seed(0)
     model = build_model(preset).eval()
@@ -166,7 +180,12 @@ def test_qat_straight_through_estimator_passes_gradients():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
     prepare_qat(model, "int4-g16", skip=())
     fq = model[0]
-    assert isinstance(fq, FakeQuantLinear) and set(dict(model.named_parameters())) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert isinstance(fq, FakeQuantLinear) and set(dict(model.named_parameters())) == {
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    }
     x = torch.randn(10, 64)
     out = fq(x)
     wq = fmt.group_dequantize(*fmt.rtn_group(fq.weight.detach(), 4, 16))
@@ -192,9 +211,11 @@ def test_qat_straight_through_estimator_passes_gradients():
 
 
 def test_mixed_allocation_meets_budget_and_protects_sensitive_layers():
-    sens = {"a": {"int3": 5.0, "int4": 1.0, "int8": 0.0},
-            "b": {"int3": 0.02, "int4": 0.01, "int8": 0.0},
-            "c": {"int3": 0.5, "int4": 0.1, "int8": 0.0}}
+    sens = {
+        "a": {"int3": 5.0, "int4": 1.0, "int8": 0.0},
+        "b": {"int3": 0.02, "int4": 0.01, "int8": 0.0},
+        "c": {"int3": 0.5, "int4": 0.1, "int8": 0.0},
+    }
     sizes = {"a": 100, "b": 100, "c": 100}
     plan = allocate(sens, sizes, ["int3", "int4", "int8"], budget_bits=4.7)
     avg = sum({"int3": 3, "int4": 4, "int8": 8}[plan[n]] * sizes[n] for n in plan) / 300

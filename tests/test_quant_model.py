@@ -34,13 +34,28 @@ def greedy(model, n=6):
     return ids[0, 4:].tolist()
 
 
-@pytest.mark.parametrize("method,scheme", [
-    ("rtn", "int8"), ("rtn", "int4-g32"), ("rtn", "nf4"), ("gptq", "int4-g32"), ("gptq", "int3-g64"),
-    ("awq", "int4-g32"), ("smoothquant", "w8a8"), ("mixed", "int4-g32")])
+@pytest.mark.parametrize(
+    "method,scheme",
+    [
+        ("rtn", "int8"),
+        ("rtn", "int4-g32"),
+        ("rtn", "nf4"),
+        ("gptq", "int4-g32"),
+        ("gptq", "int3-g64"),
+        ("awq", "int4-g32"),
+        ("smoothquant", "w8a8"),
+        ("mixed", "int4-g32"),
+    ],
+)
 def test_quantized_model_saves_loads_and_generates_the_same(model, calib, tmp_path, method, scheme):
     q = copy.deepcopy(model)
-    opts = QuantOptions(method=method, scheme=scheme, act_order=scheme == "int3-g64",
-                        choices=("int3-g32", "int4-g32", "int8"), min_calib_tokens=256)
+    opts = QuantOptions(
+        method=method,
+        scheme=scheme,
+        act_order=scheme == "int3-g64",
+        choices=("int3-g32", "int4-g32", "int8"),
+        min_calib_tokens=256,
+    )
     stats = quantize_model(q, opts, calib, progress=False)
     assert stats["peak_rss_bytes"] > 0
     swapped = [n for n, m in q.named_modules() if isinstance(m, QuantLinear)]
@@ -62,7 +77,9 @@ def test_awq_folds_its_scales_and_reloads(calib, tmp_path, preset):
     fp = build_model(preset).eval()
     q = copy.deepcopy(fp)
     quantize_model(q, QuantOptions(method="awq", scheme="int4-g32", min_calib_tokens=256), calib, progress=False)
-    kept = sorted({n.split(".", 3)[-1] for n, m in q.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None})
+    kept = sorted(
+        {n.split(".", 3)[-1] for n, m in q.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    )
     # Scales live in the norms / previous linears; only GPT-2's down_proj (after the GELU) keeps its own.
     assert kept == ([] if preset == "tiny" else ["mlp.down_proj"])
     assert not torch.equal(q.model.layers[0].input_layernorm.weight, fp.model.layers[0].input_layernorm.weight)
@@ -89,8 +106,14 @@ def test_qat_model_converts_saves_and_loads(model, tmp_path):
 
 
 def test_int4_g128_linears_about_4x_smaller_than_fp16():
-    config = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                         num_attention_heads=4, tie_word_embeddings=True)
+    config = ModelConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        tie_word_embeddings=True,
+    )
     m = build_model(config).eval()
     fp16 = sum(p.numel() * 2 for n, p in m.named_parameters() if "layers" in n and p.ndim == 2)
     quantize_model(m, QuantOptions(method="rtn", scheme="int4-g128"))
@@ -109,7 +132,9 @@ def test_layer_by_layer_inputs_come_from_the_quantized_previous_block(model, cal
             lin = block.get_submodule(n)
             lin.weight.data = lin.weight.data.sign() * lin.weight.data.abs().mean()
 
-    calibrate_blocks(q, calib[:1], [n for n, _ in q.named_modules() if n.endswith("_proj")], record_inputs, progress=False)
+    calibrate_blocks(
+        q, calib[:1], [n for n, _ in q.named_modules() if n.endswith("_proj")], record_inputs, progress=False
+    )
     expected = run_block(q.model.layers[0], first_block_inputs(q, calib[:1]))[0][0][0]
     assert torch.allclose(seen[1], expected)
     float_next = run_block(model.model.layers[0], first_block_inputs(model, calib[:1]))[0][0][0]
@@ -118,7 +143,9 @@ def test_layer_by_layer_inputs_come_from_the_quantized_previous_block(model, cal
 
 def test_too_little_calibration_data_is_a_clear_error(model):
     with pytest.raises(LmforgeError, match="calibration data: 16 calibration tokens, need at least 512"):
-        quantize_model(copy.deepcopy(model), QuantOptions(method="gptq", scheme="int4-g32"), [torch.zeros(1, 16, dtype=torch.long)])
+        quantize_model(
+            copy.deepcopy(model), QuantOptions(method="gptq", scheme="int4-g32"), [torch.zeros(1, 16, dtype=torch.long)]
+        )
     with pytest.raises(LmforgeError, match="unknown quantization method 'foo'"):
         quantize_model(copy.deepcopy(model), QuantOptions(method="foo"))
 

@@ -52,8 +52,25 @@ def test_calibration_errors_name_the_source(shards, tmp_path):
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_quantize_command_end_to_end(ckpt, shards, tmp_path, capsys, method):
     out = tmp_path / method
-    rc = cli(["quantize", "--model", str(ckpt), "--out", str(out), "--method", method, "--scheme", "int4-g32",
-              "--calib", str(shards), "--calib-samples", "8", "--seq-len", "64"])
+    rc = cli(
+        [
+            "quantize",
+            "--model",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--method",
+            method,
+            "--scheme",
+            "int4-g32",
+            "--calib",
+            str(shards),
+            "--calib-samples",
+            "8",
+            "--seq-len",
+            "64",
+        ]
+    )
     assert rc == 0 and '"size_after"' in capsys.readouterr().out
     model = load_model(out)
     assert model.lmforge_transforms[0]["method"] == method
@@ -66,8 +83,26 @@ def test_quantize_command_errors_exit_2_and_write_nothing(ckpt, shards, tmp_path
     out = tmp_path / "never"
     assert cli(["quantize", "--model", str(ckpt), "--out", str(out), "--method", "awq"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
-    assert cli(["quantize", "--model", str(ckpt), "--out", str(out), "--method", "gptq", "--calib", str(shards),
-                "--calib-samples", "2", "--seq-len", "64"]) == 2
+    assert (
+        cli(
+            [
+                "quantize",
+                "--model",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--method",
+                "gptq",
+                "--calib",
+                str(shards),
+                "--calib-samples",
+                "2",
+                "--seq-len",
+                "64",
+            ]
+        )
+        == 2
+    )
     assert "128 calibration tokens, need at least 512" in capsys.readouterr().err
     assert cli(["quantize", "--model", str(ckpt), "--out", str(out), "--scheme", "int5"]) == 2
     assert "unknown quantization scheme 'int5'" in capsys.readouterr().err

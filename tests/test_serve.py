@@ -20,13 +20,13 @@ import httpx
 import openai
 import pytest
 import torch
+from test_serve_utils import ServerThread, make_checkpoint, wait_until
 
 from lmforge import peft
 from lmforge.checkpoint import load_model, load_tokenizer_if_any
 from lmforge.infer.generate import generate
 from lmforge.serve import ServeConfig
 from lmforge.serve.text import TextStream, end_of_turn_ids
-from test_serve_utils import ServerThread, make_checkpoint, wait_until
 
 torch.set_num_threads(1)
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
@@ -116,14 +116,18 @@ def test_streaming_equals_non_streaming(client, chat):
     kw = dict(model="lora", max_tokens=20, temperature=0)
     if chat:
         full = client.chat.completions.create(messages=MSGS, **kw).choices[0].message.content
-        chunks = list(client.chat.completions.create(messages=MSGS, stream=True,
-                                                     stream_options={"include_usage": True}, **kw))
+        chunks = list(
+            client.chat.completions.create(messages=MSGS, stream=True, stream_options={"include_usage": True}, **kw)
+        )
         assert chunks[0].choices[0].delta.role == "assistant"
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     else:
         full = client.completions.create(prompt="Paged attention", **kw).choices[0].text
-        chunks = list(client.completions.create(prompt="Paged attention", stream=True,
-                                                stream_options={"include_usage": True}, **kw))
+        chunks = list(
+            client.completions.create(
+                prompt="Paged attention", stream=True, stream_options={"include_usage": True}, **kw
+            )
+        )
         text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == full and len([c for c in chunks if c.choices]) > 5
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -149,8 +153,9 @@ def test_logprobs_match_the_model(client, reference, ckpt):
     assert lp.token_logprobs[0] == pytest.approx(expected.max().item(), abs=1e-4)
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
     assert all(1 <= len(t) <= 3 for t in lp.top_logprobs)  # distinct strings (byte pieces may collide)
-    c = client.chat.completions.create(model="tiny-chat", messages=MSGS, max_tokens=5, temperature=0,
-                                       logprobs=True, top_logprobs=2)
+    c = client.chat.completions.create(
+        model="tiny-chat", messages=MSGS, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = c.choices[0].logprobs.content
     assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)  # greedy = top-1
@@ -158,8 +163,8 @@ def test_logprobs_match_the_model(client, reference, ckpt):
 
 def _pick_stop(text: str) -> str:
     for i in range(6, len(text) - 2):
-        if text[i:i + 2].isascii() and text[i:i + 2].isprintable() and text[i:i + 2].strip():
-            return text[i:i + 2]
+        if text[i : i + 2].isascii() and text[i : i + 2].isprintable() and text[i : i + 2].strip():
+            return text[i : i + 2]
     pytest.skip("no printable stop candidate in this output")
 
 
@@ -174,7 +179,7 @@ def test_stop_strings_cut_the_text(client, stream):
     else:
         r = client.completions.create(**kw).choices[0]
         text, reason = r.text, r.finish_reason
-    assert (text, reason) == (full[:full.find(stop)], "stop")
+    assert (text, reason) == (full[: full.find(stop)], "stop")
 
 
 def test_seeded_sampling_and_n(client):
@@ -198,8 +203,10 @@ def test_chat_stream_with_n_choices(client):
 def test_32_concurrent_streams_equal_single_requests(client, server):
     prompts = [f"Request {i}: the quick brown fox" + " jumps" * (i % 5) for i in range(32)]
     models = ["lora" if i % 3 == 0 else "tiny-chat" for i in range(32)]
-    single = [client.completions.create(model=m, prompt=p, max_tokens=12, temperature=0).choices[0].text
-              for p, m in zip(prompts, models)]
+    single = [
+        client.completions.create(model=m, prompt=p, max_tokens=12, temperature=0).choices[0].text
+        for p, m in zip(prompts, models)
+    ]
     aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
     async def one(p, m):
@@ -235,17 +242,32 @@ ERRORS = [  # (body or raw bytes, status, error type, code, a word in the messag
     ({"prompt": "hi"}, 400, "invalid_request_error", None, "model"),
     ({"model": "nope", "prompt": "hi"}, 404, "invalid_request_error", "model_not_found", "nope"),
     ({"model": "tiny-chat", "prompt": "hi", "max_tokens": -1}, 400, "invalid_request_error", None, "max_tokens"),
-    ({"model": "tiny-chat", "prompt": "hi", "max_tokens": 10**9}, 400, "invalid_request_error",
-     "context_length_exceeded", "context"),
-    ({"model": "tiny-chat", "prompt": _long_prompt(600)}, 400, "invalid_request_error",
-     "context_length_exceeded", "context"),
+    (
+        {"model": "tiny-chat", "prompt": "hi", "max_tokens": 10**9},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "context",
+    ),
+    (
+        {"model": "tiny-chat", "prompt": _long_prompt(600)},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "context",
+    ),
     ({"model": "tiny-chat", "prompt": "hi", "max_tokens": "ten"}, 400, "invalid_request_error", None, "max_tokens"),
     ({"model": "tiny-chat", "prompt": "hi", "temperature": "hot"}, 400, "invalid_request_error", None, "temperature"),
     ({"model": "tiny-chat", "prompt": "hi", "stream": "yes"}, 400, "invalid_request_error", None, "stream"),
     ({"model": "tiny-chat", "prompt": "hi", "top_p": 2}, 400, "invalid_request_error", None, "top_p"),
     ({"model": "tiny-chat", "prompt": "hi", "n": 0}, 400, "invalid_request_error", None, "n"),
-    ({"model": "tiny-chat", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error",
-     None, "stop"),
+    (
+        {"model": "tiny-chat", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
+        400,
+        "invalid_request_error",
+        None,
+        "stop",
+    ),
     ({"model": "tiny-chat", "prompt": 42}, 400, "invalid_request_error", None, "prompt"),
     ({"model": "tiny-chat", "prompt": ""}, 400, "invalid_request_error", None, "empty"),
     ({"model": "tiny-chat", "prompt": [1, 99999]}, 400, "invalid_request_error", None, "vocabulary"),
@@ -256,20 +278,46 @@ ERRORS = [  # (body or raw bytes, status, error type, code, a word in the messag
 CHAT_ERRORS = [
     ({"model": "tiny-chat", "messages": []}, 400, "invalid_request_error", None, "messages"),
     ({"model": "tiny-chat", "messages": "hi"}, 400, "invalid_request_error", None, "messages"),
-    ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_request_error",
-     None, "role"),
-    ({"model": "tiny-chat", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
-     400, "invalid_request_error", None, "does not accept images"),
+    (
+        {"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "invalid_request_error",
+        None,
+        "role",
+    ),
+    (
+        {
+            "model": "tiny-chat",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:,"}},
+                    ],
+                }
+            ],
+        },
+        400,
+        "invalid_request_error",
+        None,
+        "does not accept images",
+    ),
     ({"model": "tiny-chat", "messages": MSGS, "top_logprobs": 2}, 400, "invalid_request_error", None, "logprobs"),
-    ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi " * 600}]}, 400, "invalid_request_error",
-     "context_length_exceeded", "context"),
+    (
+        {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi " * 600}]},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "context",
+    ),
     ({"model": "lora2", "messages": MSGS}, 404, "invalid_request_error", "model_not_found", "lora2"),
 ]
 
 
-@pytest.mark.parametrize("path,case", [("/v1/completions", c) for c in ERRORS]
-                         + [("/v1/chat/completions", c) for c in CHAT_ERRORS])
+@pytest.mark.parametrize(
+    "path,case", [("/v1/completions", c) for c in ERRORS] + [("/v1/chat/completions", c) for c in CHAT_ERRORS]
+)
 def test_client_mistakes_get_openai_errors(server, path, case):
     body, status, type_, code, word = case
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -322,8 +370,13 @@ def _open_stream(url: str, max_tokens: int = 450, first_chunk: bool = True):
 
 def _idle(state) -> bool:
     s = state.runner.stats  # the engine process's snapshot, or the engine thread's live figures
-    return state.runner.in_flight == 0 and s["blocks_used"] == 0 and s["running"] == 0 and s["queue_depth"] == 0 \
+    return (
+        state.runner.in_flight == 0
+        and s["blocks_used"] == 0
+        and s["running"] == 0
+        and s["queue_depth"] == 0
         and s["held_requests"] == 0
+    )
 
 
 def test_disconnect_cancels_and_frees_blocks_in_the_engine_process(server):
@@ -333,8 +386,11 @@ def test_disconnect_cancels_and_frees_blocks_in_the_engine_process(server):
     c.close()
     assert wait_until(lambda: _idle(server.state)), server.state.runner.stats
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming request whose client gives up
-        httpx.post(server.url + "/v1/completions", timeout=0.3,
-                   json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 450, "temperature": 0})
+        httpx.post(
+            server.url + "/v1/completions",
+            timeout=0.3,
+            json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 450, "temperature": 0},
+        )
     assert wait_until(lambda: _idle(server.state)), server.state.runner.stats
     assert server.state.runner.stats["generated_tokens"] - before < 2 * 450  # cut short, not run to the end
     assert _metric(server.url, "lmforge_kv_blocks_used") == 0
@@ -363,8 +419,11 @@ def _check_disconnect_in_thread(server):
         assert wait_until(lambda: _idle(state)), engine.stats
         # a non-streaming request whose client gives up
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/completions", timeout=0.3,
-                       json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 450, "temperature": 0})
+            httpx.post(
+                server.url + "/v1/completions",
+                timeout=0.3,
+                json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 450, "temperature": 0},
+            )
         assert wait_until(lambda: _idle(state)), engine.stats
         assert engine.counters["generated_tokens"] - before < 2 * 450  # cut short, not run to the end
         assert _metric(server.url, "lmforge_kv_blocks_used") == 0
@@ -383,7 +442,8 @@ def test_full_queue_answers_429_and_timeout_504(ckpt):
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # 4 > the limit: never admissible
         with pytest.raises(openai.RateLimitError):
             openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
-                model="tiny-chat", prompt="hi", max_tokens=2)
+                model="tiny-chat", prompt="hi", max_tokens=2
+            )
         for c, resp in streams:
             resp.close()
             c.close()
@@ -392,8 +452,11 @@ def test_full_queue_answers_429_and_timeout_504(ckpt):
         r = httpx.post(s.url + "/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 480})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         with pytest.raises(openai.APIError, match="timeout"):  # mid-stream: an error event ends the stream
-            list(openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
-                model="tiny-chat", prompt="hi", max_tokens=480, stream=True))
+            list(
+                openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
+                    model="tiny-chat", prompt="hi", max_tokens=480, stream=True
+                )
+            )
         assert wait_until(lambda: _idle(s.state))
 
 
@@ -415,8 +478,12 @@ def test_load_no_request_lost_and_memory_back_to_idle(server):
 
     async def one(i, sem):
         async with sem:
-            kw = dict(model="lora" if i % 4 == 0 else "tiny-chat", prompt=f"load {i} " * (1 + i % 7),
-                      max_tokens=4 + i % 13, temperature=0)
+            kw = dict(
+                model="lora" if i % 4 == 0 else "tiny-chat",
+                prompt=f"load {i} " * (1 + i % 7),
+                max_tokens=4 + i % 13,
+                temperature=0,
+            )
             if i % 2:
                 stream = await aclient.completions.create(stream=True, **kw)
                 return sum([1 async for c in stream if c.choices and c.choices[0].text is not None]) > 0
@@ -451,8 +518,13 @@ def test_metrics_exposition(server, client):
     text = httpx.get(server.url + "/metrics").text
     assert _metric(server.url, "lmforge_generation_tokens_total") - before == r.usage.completion_tokens
     assert _metric(server.url, "lmforge_time_to_first_token_seconds_count") == ttft + 1
-    for name in ("lmforge_queue_depth", "lmforge_kv_blocks_used", "lmforge_kv_blocks_total",
-                 "lmforge_inter_token_latency_seconds_bucket{le=\"+Inf\"}", "lmforge_prompt_tokens_total"):
+    for name in (
+        "lmforge_queue_depth",
+        "lmforge_kv_blocks_used",
+        "lmforge_kv_blocks_total",
+        'lmforge_inter_token_latency_seconds_bucket{le="+Inf"}',
+        "lmforge_prompt_tokens_total",
+    ):
         assert name in text
     assert "# TYPE lmforge_time_to_first_token_seconds histogram" in text
 
@@ -510,16 +582,24 @@ def test_drain_finishes_in_flight_streams_and_refuses_new_work(ckpt):
 def test_sigterm_drains_in_flight_requests(ckpt):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(ckpt[0]), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "serve", "--model", str(ckpt[0]), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _healthy(url), timeout=40), "server did not come up"
         result = {}
 
         def stream():
-            with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
-                    "model": "tiny-chat", "prompt": "drain", "max_tokens": 300, "temperature": 0, "stream": True}) as r:
+            with httpx.stream(
+                "POST",
+                url + "/v1/completions",
+                timeout=60,
+                json={"model": "tiny-chat", "prompt": "drain", "max_tokens": 300, "temperature": 0, "stream": True},
+            ) as r:
                 lines = [line for line in r.iter_lines() if line.startswith("data: ")]
             result["lines"] = lines
 

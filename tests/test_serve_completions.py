@@ -7,13 +7,13 @@ from __future__ import annotations
 import openai
 import pytest
 import torch
+from test_serve_utils import ServerThread, make_checkpoint, wait_until
 
 from lmforge.checkpoint import load_model, load_tokenizer_if_any, save_model
 from lmforge.common import LmforgeError
 from lmforge.model import build_model
 from lmforge.serve import ServeConfig, build_state
 from lmforge.tokenizer import train_tokenizer
-from test_serve_utils import ServerThread, make_checkpoint, wait_until
 
 torch.set_num_threads(1)
 
@@ -24,8 +24,11 @@ def ckpt(tmp_path_factory):
     model_dir, _ = make_checkpoint(root)
     tok = load_tokenizer_if_any(model_dir)
     torch.manual_seed(1)
-    save_model(build_model("tiny", vocab_size=tok.vocab_size, num_hidden_layers=1, initializer_range=0.2),
-               root / "draft", tokenizer=tok)
+    save_model(
+        build_model("tiny", vocab_size=tok.vocab_size, num_hidden_layers=1, initializer_range=0.2),
+        root / "draft",
+        tokenizer=tok,
+    )
     other = train_tokenizer(["some other text entirely, with other merges"] * 20, vocab_size=tok.vocab_size)
     save_model(build_model("tiny", vocab_size=tok.vocab_size, num_hidden_layers=1), root / "other", tokenizer=other)
     return model_dir, root / "draft", root / "other"
@@ -51,8 +54,10 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(client, ckpt, stream):
     if stream:
         chunks = [c for c in _lp(client.completions.create, stream=True, **kw) if c.choices]
         text = "".join(c.choices[0].text for c in chunks)
-        lp = {k: sum((getattr(c.choices[0].logprobs, k) for c in chunks if c.choices[0].logprobs), [])
-              for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        lp = {
+            k: sum((getattr(c.choices[0].logprobs, k) for c in chunks if c.choices[0].logprobs), [])
+            for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        }
     else:
         r = _lp(client.completions.create, **kw)
         text, lp = r.choices[0].text, r.choices[0].logprobs.model_dump()
@@ -71,8 +76,9 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(client, ckpt, stream):
 
 def test_echo_without_new_tokens_scores_the_prompt(client, ckpt):
     """What evaluation harnesses send for loglikelihoods: echo, max_tokens 0, logprobs."""
-    r = client.completions.create(model="tiny-chat", prompt=["Hello there", "A server"], max_tokens=0, echo=True,
-                                  logprobs=0)
+    r = client.completions.create(
+        model="tiny-chat", prompt=["Hello there", "A server"], max_tokens=0, echo=True, logprobs=0
+    )
     assert [c.text for c in r.choices] == ["Hello there", "A server"]
     assert all(c.finish_reason == "length" and c.logprobs.token_logprobs[0] is None for c in r.choices)
     assert all(lp < 0 for c in r.choices for lp in c.logprobs.token_logprobs[1:])
@@ -108,7 +114,7 @@ def test_stop_string_text_logprobs_and_usage_agree(client, stream):
         r = _lp(client.completions.create, **kw)
         c = r.choices[0]
         text, tokens, usage, reason = c.text, c.logprobs.tokens, r.usage, c.finish_reason
-    assert text == full[:full.find(stop)] and reason == "stop"
+    assert text == full[: full.find(stop)] and reason == "stop"
     assert "".join(tokens) == text and len(tokens) == i  # the stop string's tokens are not reported...
     assert usage.completion_tokens == i + 2  # ...but were generated, and count as generated (as vLLM)
 
@@ -136,6 +142,7 @@ def test_speculative_server_gives_the_same_outputs(ckpt, client, drafter):
         assert [c.text for c in first.choices] == [c.text for c in again.choices]
         assert wait_until(lambda: s.state.runner.stats["blocks_used"] == 0 and s.state.runner.in_flight == 0)
         assert s.state.runner.stats["drafted_tokens"] > 0
+
 
 def test_a_draft_with_another_tokenizer_is_refused(ckpt):
     with pytest.raises(LmforgeError, match="same tokenizer"):
@@ -169,7 +176,7 @@ def test_text_stream_decodes_incrementally_as_a_whole_decode():
         whole = tok.decode(ids)
         for step in (1, 3):  # one token per push, and speculative decoding's several
             ts = TextStream(tok, [])
-            text = "".join(ts.push(ids[i:i + step]) for i in range(0, len(ids), step)) + ts.flush()
+            text = "".join(ts.push(ids[i : i + step]) for i in range(0, len(ids), step)) + ts.flush()
             assert text == whole == ts.text
 
 
@@ -199,8 +206,7 @@ def test_text_stream_holds_an_incomplete_character_but_not_garbage():
     assert "".join(pieces) + ts.flush() == "a€€b" == fallback.decode(ids)
     assert pieces[1:3] == ["", ""] and pieces[3] == "€"  # nothing of the character before its last byte
     for tok, garbage in ((fallback, 0x80), (train_tokenizer(["x"] * 5, vocab_size=300), None)):
-        bad = garbage if garbage is not None else next(i for i in range(tok.vocab_size)
-                                                       if tok.decode([i]) == "\ufffd")
+        bad = garbage if garbage is not None else next(i for i in range(tok.vocab_size) if tok.decode([i]) == "\ufffd")
         ts = TextStream(tok, [])
         streamed = "".join(ts.push([bad]) for _ in range(20))
         assert len(streamed) >= 20 - 3 and set(streamed) == {"\ufffd"}

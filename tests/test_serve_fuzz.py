@@ -16,54 +16,118 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_serve_utils import make_checkpoint
 
 from lmforge.serve import ServeConfig
 from lmforge.serve.app import create_app
 from lmforge.serve.server import build_state
-from test_serve_utils import make_checkpoint
 
 torch.set_num_threads(1)
 # 60 examples per property in the suite; LMFORGE_FUZZ_EXAMPLES=2000 for a deeper run by hand.
-FUZZ = settings(max_examples=int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", 60)), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow], database=None)
+FUZZ = settings(
+    max_examples=int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+)
 MSGS = [{"role": "user", "content": "Hello there"}]
 
 # ----------------------------------------------------------------------------- strategies
 
 unicode_text = st.text(st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=12)
 numbers = st.one_of(
-    st.integers(min_value=-2**70, max_value=2**70),
+    st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=False, allow_infinity=False),
-    st.sampled_from([0, -1, 1, 2, 3, 16, 17, 20, 21, 64, 2**31, 2**63 - 1, 2**63, 2**64, -2**63, -2**63 - 1,
-                     0.0, 1e-300, 5e-324, -1e-308, 1e-5, 0.01, 0.5, 1.0, 2.0, 2.0000001, 100.0, 1e308]))
+    st.sampled_from(
+        [
+            0,
+            -1,
+            1,
+            2,
+            3,
+            16,
+            17,
+            20,
+            21,
+            64,
+            2**31,
+            2**63 - 1,
+            2**63,
+            2**64,
+            -(2**63),
+            -(2**63) - 1,
+            0.0,
+            1e-300,
+            5e-324,
+            -1e-308,
+            1e-5,
+            0.01,
+            0.5,
+            1.0,
+            2.0,
+            2.0000001,
+            100.0,
+            1e308,
+        ]
+    ),
+)
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), numbers, unicode_text),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(unicode_text, inner, max_size=4)),
-    max_leaves=10)
+    max_leaves=10,
+)
 token_ids = st.lists(st.integers(min_value=-5, max_value=500), max_size=8)
 prompts = st.one_of(unicode_text, st.lists(unicode_text, max_size=3), token_ids, st.lists(token_ids, max_size=3))
 parts = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(unicode_text, json_values)}),
     st.fixed_dictionaries({"type": st.just("image_url"), "image_url": json_values}),
-    st.dictionaries(st.sampled_from(["type", "text", "image_url"]), json_values, max_size=3))
-messages = st.lists(st.one_of(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer", "tool", "wizard"]),
-                           "content": st.one_of(unicode_text, st.none(), st.lists(parts, max_size=3), json_values)},
-                          optional={"name": json_values}),
-    json_values), max_size=3)
+    st.dictionaries(st.sampled_from(["type", "text", "image_url"]), json_values, max_size=3),
+)
+messages = st.lists(
+    st.one_of(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["system", "user", "assistant", "developer", "tool", "wizard"]),
+                "content": st.one_of(unicode_text, st.none(), st.lists(parts, max_size=3), json_values),
+            },
+            optional={"name": json_values},
+        ),
+        json_values,
+    ),
+    max_size=3,
+)
 stops = st.one_of(unicode_text, st.lists(unicode_text, max_size=6))
 FIELDS = {  # field -> values of its own kind (in range or not); every field also gets any JSON value
-    "model": st.sampled_from(["tiny", "other", ""]), "max_tokens": numbers, "temperature": numbers,
-    "top_p": numbers, "n": numbers, "stream": st.booleans(),
+    "model": st.sampled_from(["tiny", "other", ""]),
+    "max_tokens": numbers,
+    "temperature": numbers,
+    "top_p": numbers,
+    "n": numbers,
+    "stream": st.booleans(),
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": json_values}), json_values),
-    "stop": stops, "seed": numbers, "presence_penalty": numbers, "frequency_penalty": numbers, "user": unicode_text,
-    "top_k": numbers, "repetition_penalty": numbers, "logit_bias": st.dictionaries(unicode_text, numbers, max_size=2),
-    "best_of": numbers, "min_tokens": numbers, "min_p": numbers,
+    "stop": stops,
+    "seed": numbers,
+    "presence_penalty": numbers,
+    "frequency_penalty": numbers,
+    "user": unicode_text,
+    "top_k": numbers,
+    "repetition_penalty": numbers,
+    "logit_bias": st.dictionaries(unicode_text, numbers, max_size=2),
+    "best_of": numbers,
+    "min_tokens": numbers,
+    "min_p": numbers,
 }
 COMPLETION_FIELDS = {**FIELDS, "prompt": prompts, "logprobs": numbers, "echo": st.booleans(), "suffix": unicode_text}
-CHAT_FIELDS = {**FIELDS, "messages": messages, "max_completion_tokens": numbers, "logprobs": st.booleans(),
-               "top_logprobs": numbers, "tools": json_values, "tool_choice": json_values,
-               "response_format": json_values}
+CHAT_FIELDS = {
+    **FIELDS,
+    "messages": messages,
+    "max_completion_tokens": numbers,
+    "logprobs": st.booleans(),
+    "top_logprobs": numbers,
+    "tools": json_values,
+    "tool_choice": json_values,
+    "response_format": json_values,
+}
 
 
 def bodies(base: dict, fields: dict) -> st.SearchStrategy:
@@ -91,10 +155,14 @@ def in_range(required: dict, extra: dict) -> st.SearchStrategy:
     common = dict(
         temperature=st.one_of(st.floats(0, 2), st.sampled_from([0.0, 5e-324, 1e-300, 1e-5, 2.0])),
         top_p=st.one_of(st.floats(0, 1, exclude_min=True), st.sampled_from([5e-324, 1e-300, 1.0])),
-        top_k=st.one_of(st.integers(0, 500), st.just(2**62)), n=st.integers(1, 3),
+        top_k=st.one_of(st.integers(0, 500), st.just(2**62)),
+        n=st.integers(1, 3),
         repetition_penalty=st.one_of(st.floats(0.01, 100), st.sampled_from([0.01, 100.0])),
-        seed=st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)), max_tokens=st.integers(0, 6),
-        stop=st.one_of(st.none(), valid_text, st.lists(valid_text, max_size=4)), stream=st.booleans())
+        seed=st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
+        max_tokens=st.integers(0, 6),
+        stop=st.one_of(st.none(), valid_text, st.lists(valid_text, max_size=4)),
+        stream=st.booleans(),
+    )
     return st.fixed_dictionaries({"model": st.just("tiny"), **required}, optional={**common, **extra})
 
 
@@ -113,8 +181,9 @@ class _Errors(logging.Handler):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     model_dir, _ = make_checkpoint(tmp_path_factory.mktemp("fuzz"))
-    cfg = ServeConfig(model=str(model_dir), served_model_name="tiny", engine_process=False, max_seqs=8,
-                      max_queue=64, max_model_len=64)
+    cfg = ServeConfig(
+        model=str(model_dir), served_model_name="tiny", engine_process=False, max_seqs=8, max_queue=64, max_model_len=64
+    )
     errors = _Errors()
     logging.getLogger("lmforge").addHandler(errors)
     with TestClient(create_app(build_state(cfg))) as c:
@@ -175,31 +244,57 @@ def test_any_json_body(client, body, chat):
 
 
 @FUZZ
-@given(raw=st.one_of(
-    st.binary(max_size=64),
-    st.builds(lambda b, cut: b[:cut], st.just(_encode(CHAT)), st.integers(0, 80)),  # truncated JSON
-    st.builds(lambda d, k: (d * b"[" + k + d * b"]"), st.integers(20, 3000), st.sampled_from([b"", b"1", b'"x"'])),
-    st.builds(lambda s: b'{"model": "tiny", "prompt": "hi", "seed": ' + s + b"}",
-              st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1" * 4300, b"1" * 4301, b"1e999", b"-0"])),
-), chat=st.booleans())
+@given(
+    raw=st.one_of(
+        st.binary(max_size=64),
+        st.builds(lambda b, cut: b[:cut], st.just(_encode(CHAT)), st.integers(0, 80)),  # truncated JSON
+        st.builds(lambda d, k: d * b"[" + k + d * b"]", st.integers(20, 3000), st.sampled_from([b"", b"1", b'"x"'])),
+        st.builds(
+            lambda s: b'{"model": "tiny", "prompt": "hi", "seed": ' + s + b"}",
+            st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1" * 4300, b"1" * 4301, b"1e999", b"-0"]),
+        ),
+    ),
+    chat=st.booleans(),
+)
 def test_raw_bytes(client, raw, chat):
     check(client, "/v1/chat/completions" if chat else "/v1/completions", raw)
 
 
 @FUZZ
-@given(body=in_range(dict(prompt=st.one_of(st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=20),
-                                           st.lists(st.integers(0, 399), min_size=1, max_size=8))),
-                     dict(logprobs=st.one_of(st.none(), st.integers(0, 5)), echo=st.booleans())))
+@given(
+    body=in_range(
+        dict(
+            prompt=st.one_of(
+                st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=20),
+                st.lists(st.integers(0, 399), min_size=1, max_size=8),
+            )
+        ),
+        dict(logprobs=st.one_of(st.none(), st.integers(0, 5)), echo=st.booleans()),
+    )
+)
 def test_completions_in_range_are_answered(client, body):
     check(client, "/v1/completions", _encode(body), only_context_errors=True)
 
 
 @FUZZ
-@given(body=in_range(dict(messages=st.lists(st.fixed_dictionaries({
-                         "role": st.sampled_from(["system", "user", "assistant"]),
-                         "content": st.text(st.characters(exclude_categories=["Cs"]), max_size=12)}), min_size=1, max_size=2),
-                          logprobs=st.booleans()),
-                     dict(top_logprobs=st.integers(0, 5))))
+@given(
+    body=in_range(
+        dict(
+            messages=st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "role": st.sampled_from(["system", "user", "assistant"]),
+                        "content": st.text(st.characters(exclude_categories=["Cs"]), max_size=12),
+                    }
+                ),
+                min_size=1,
+                max_size=2,
+            ),
+            logprobs=st.booleans(),
+        ),
+        dict(top_logprobs=st.integers(0, 5)),
+    )
+)
 def test_chat_in_range_is_answered(client, body):
     if not body["logprobs"]:
         body.pop("top_logprobs", None)  # top_logprobs needs logprobs: true

@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 import torch
+from test_serve_utils import ServerThread, make_checkpoint
 
 from lmforge.checkpoint import load_model, load_tokenizer_if_any
 from lmforge.common import LmforgeError
@@ -22,7 +23,6 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams, probabilities, sample
 from lmforge.serve import ServeConfig
 from lmforge.tokenizer.chat import MAX_RENDER_CHARS, render
-from test_serve_utils import ServerThread, make_checkpoint
 
 torch.set_num_threads(1)
 BASE = {"model": "tiny-chat", "prompt": "The quick brown", "max_tokens": 6}
@@ -91,9 +91,11 @@ def test_a_row_without_a_finite_logit_raises_a_clear_error():
 @pytest.mark.parametrize("spec", [{}, {"lookup": True}], ids=["plain", "speculative"])
 def test_a_failing_row_fails_alone_and_the_others_finish_unchanged(loaded, spec):
     model, tok = loaded
-    good = [([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=12)),
-            ([9, 8, 7], SamplingParams(max_new_tokens=12, temperature=0.9, seed=3)),
-            ([5, 6, 7, 8, 9, 10, 11] * 3, SamplingParams(max_new_tokens=12, temperature=0.7, seed=4, top_k=20))]
+    good = [
+        ([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=12)),
+        ([9, 8, 7], SamplingParams(max_new_tokens=12, temperature=0.9, seed=3)),
+        ([5, 6, 7, 8, 9, 10, 11] * 3, SamplingParams(max_new_tokens=12, temperature=0.7, seed=4, top_k=20)),
+    ]
     alone = Engine(model, tok, **spec).generate_batch([p for p, _ in good], [s for _, s in good])
     engine = Engine(model, tok, **spec)
     ids = [engine.add_request(p, copy.deepcopy(s)) for p, s in good[:2]]
@@ -121,14 +123,20 @@ def test_a_failing_row_fails_alone_and_the_others_finish_unchanged(loaded, spec)
 def test_a_failing_prompt_in_a_prompts_file_fails_alone_and_says_so(loaded, tmp_path):
     from lmforge.infer.batch import run_prompts_file
 
-    rows = [{"id": "a", "prompt": "The quick"}, {"id": "b", "prompt": "Hello", "adapter": "nope"},
-            {"id": "c", "prompt_ids": [5, 6, 7]}]
+    rows = [
+        {"id": "a", "prompt": "The quick"},
+        {"id": "b", "prompt": "Hello", "adapter": "nope"},
+        {"id": "c", "prompt_ids": [5, 6, 7]},
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(LmforgeError, match=r"1 of 3 prompts failed \(first, .*in.jsonl:2: unknown LoRA adapter"):
         run_prompts_file(*loaded, tmp_path / "in.jsonl", tmp_path / "out.jsonl", SamplingParams(max_new_tokens=4))
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(o["id"], o["finish_reason"], o["completion_tokens"]) for o in out] == [
-        ("a", "length", 4), ("b", "error", 0), ("c", "length", 4)]
+        ("a", "length", 4),
+        ("b", "error", 0),
+        ("c", "length", 4),
+    ]
     assert "unknown LoRA adapter" in out[1]["error"]
 
 
@@ -170,7 +178,7 @@ def test_a_request_failing_in_the_server_fails_alone(ckpt):
         marker = s.state.tokenizer.encode("Paged attention")
 
         def choose_or_fail(seq, *args):
-            if seq.prompt[:len(marker)] == marker:
+            if seq.prompt[: len(marker)] == marker:
                 raise RuntimeError("this row is broken")
             return choose(seq, *args)
 
@@ -197,11 +205,21 @@ def test_a_request_failing_in_the_server_fails_alone(ckpt):
         assert httpx.get(s.url + "/health").json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("field,value,status", [
-    ("temperature", 1e-300, 200), ("temperature", 5e-324, 200), ("repetition_penalty", 1e-308, 400),
-    ("repetition_penalty", 1e308, 400), ("repetition_penalty", 0.01, 200), ("top_p", 1e-300, 200),
-    ("seed", 2**63 - 1, 200), ("seed", -2**63, 200), ("seed", 2**63, 400), ("top_k", 2**62, 200),
-])
+@pytest.mark.parametrize(
+    "field,value,status",
+    [
+        ("temperature", 1e-300, 200),
+        ("temperature", 5e-324, 200),
+        ("repetition_penalty", 1e-308, 400),
+        ("repetition_penalty", 1e308, 400),
+        ("repetition_penalty", 0.01, 200),
+        ("top_p", 1e-300, 200),
+        ("seed", 2**63 - 1, 200),
+        ("seed", -(2**63), 200),
+        ("seed", 2**63, 400),
+        ("top_k", 2**62, 200),
+    ],
+)
 def test_extreme_sampling_values_next_to_good_requests(server, field, value, status):
     """The issue's values among concurrent good requests: the bad one is a 400 naming the field or
     a valid answer; the good ones always finish."""
@@ -232,10 +250,16 @@ MALFORMED = [  # (raw body, path, a word in the message)
     (b'{"model": "tiny-chat", "prompt": "\\ud800 lone"}', "/v1/completions", "surrogate"),
     (b'{"model": "tiny-chat", "prompt": ["ok", "\\udfff"]}', "/v1/completions", "surrogate"),
     (b'{"model": "tiny-chat", "prompt": "hi", "\\ud800": 1}', "/v1/completions", "surrogate"),
-    (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\\udc00"}]}', "/v1/chat/completions",
-     "surrogate"),
-    (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
-     "/v1/chat/completions", "surrogate"),
+    (
+        b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\\udc00"}]}',
+        "/v1/chat/completions",
+        "surrogate",
+    ),
+    (
+        b'{"model": "tiny-chat", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+        "/v1/chat/completions",
+        "surrogate",
+    ),
     (b'{"model": "tiny-chat", "stop": "\\ud800", "prompt": "hi"}', "/v1/completions", "surrogate"),
     (NESTED, "/v1/completions", "nested"),
     (b'{"model": "tiny-chat", "prompt": "hi", "user": ' + b"[" * 40 + b"]" * 40 + b"}", "/v1/completions", "nested"),
@@ -243,16 +267,28 @@ MALFORMED = [  # (raw body, path, a word in the message)
     (b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": ' + b"9" * 4301 + b"}", "/v1/completions", "JSON"),
     (b'{"model": "tiny-chat", "prompt": "hi", "seed": -' + b"9" * 4300 + b"}", "/v1/completions", "bits"),
     (b'{"model": "tiny-chat", "prompt": [1, ' + b"7" * 4000 + b"]}", "/v1/completions", "bits"),
-    (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": '
-     + b"1" * 4300 + b"}", "/v1/chat/completions", "bits"),
+    (
+        b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": '
+        + b"1" * 4300
+        + b"}",
+        "/v1/chat/completions",
+        "bits",
+    ),
     (b'{"model": "tiny-chat", "prompt": "hi", "temperature": NaN}', "/v1/completions", "NaN"),
     (b'{"model": "tiny-chat", "prompt": "hi", "top_p": Infinity}', "/v1/completions", "Infinity"),
     (b'{"model": "tiny-chat", "prompt": "\xff\xfe"}', "/v1/completions", "JSON"),
     (b'{"model": "tiny-chat", "prompt": "hi", "logit_bias": {"5": 100}}', "/v1/completions", "logit_bias"),
-    (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
-     "/v1/chat/completions", "tools"),
-    (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], '
-     b'"response_format": {"type": "json_object"}}', "/v1/chat/completions", "response_format"),
+    (
+        b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
+        "/v1/chat/completions",
+        "tools",
+    ),
+    (
+        b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], '
+        b'"response_format": {"type": "json_object"}}',
+        "/v1/chat/completions",
+        "response_format",
+    ),
     (b'{"model": "tiny-chat", "prompt": "hi", "min_tokens": 5}', "/v1/completions", "min_tokens"),
 ]
 
@@ -271,15 +307,17 @@ def _raw_exchange(url: str, requests: list[bytes], timeout: float = 20) -> list[
                 if not byte:
                     raise AssertionError(f"the server closed the connection (after {len(out)} responses)")
                 head += byte
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length")))
+            length = int(
+                next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            )
             out.append(head + f.read(length))
     return out
 
 
 def _request(path: str, body: bytes, method: str = "POST") -> bytes:
-    return (f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 @pytest.mark.parametrize("body,path,word", MALFORMED, ids=range(len(MALFORMED)))
@@ -296,8 +334,10 @@ def test_a_body_shorter_than_its_content_length_times_out_with_408(server):
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         start = time.monotonic()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"model\"")
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model"'
+        )
         reply = b""
         while b"}}" not in reply:
             chunk = sock.recv(4096)
@@ -313,14 +353,24 @@ def test_a_body_shorter_than_its_content_length_times_out_with_408(server):
 # ----------------------------------------------------------------------------- unbounded work
 
 
-@pytest.mark.parametrize("template", [
-    "{{ 'A' * 200000000 }}", "{{ ['x'] * 200000000 }}", "{{ 'a'|center(1000000000) }}", "{{ 'a'.ljust(10**9) }}",
-    "{{ '%1000000000s' % 'a' }}", "{{ '{:>999999999}'.format('a') }}", "{{ 10 ** 100000000 }}",
-    "{{ ('A' * 100000).replace('A', 'B' * 100000) }}", "{{ ('a\n' * 100000)|indent(100000) }}",
-    "{% set ns = namespace(s='A') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
-    "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "{{ lipsum(10**9) }}",
-    "{{ ''.join(['a' * 10000000] * 10) }}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'A' * 200000000 }}",
+        "{{ ['x'] * 200000000 }}",
+        "{{ 'a'|center(1000000000) }}",
+        "{{ 'a'.ljust(10**9) }}",
+        "{{ '%1000000000s' % 'a' }}",
+        "{{ '{:>999999999}'.format('a') }}",
+        "{{ 10 ** 100000000 }}",
+        "{{ ('A' * 100000).replace('A', 'B' * 100000) }}",
+        "{{ ('a\n' * 100000)|indent(100000) }}",
+        "{% set ns = namespace(s='A') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+        "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+        "{{ lipsum(10**9) }}",
+        "{{ ''.join(['a' * 10000000] * 10) }}",
+    ],
+)
 def test_chat_templates_cannot_build_gigabytes(template):
     import tracemalloc
 
@@ -333,9 +383,11 @@ def test_chat_templates_cannot_build_gigabytes(template):
 
 
 def test_ordinary_template_arithmetic_still_renders():
-    out = render("{{ 'ab' * 3 }}|{{ 'x' ~ 1 }}|{{ '%5s' % 'a' }}|{{ '{:>3}'.format('b') }}|{{ 2 ** 10 }}|"
-                 "{{ 'a b'|replace(' ', '-')|center(5) }}|{{ ['p', 'q']|join(',') }}|{{ messages[0]['content'] }}",
-                 [{"role": "user", "content": "hi"}])
+    out = render(
+        "{{ 'ab' * 3 }}|{{ 'x' ~ 1 }}|{{ '%5s' % 'a' }}|{{ '{:>3}'.format('b') }}|{{ 2 ** 10 }}|"
+        "{{ 'a b'|replace(' ', '-')|center(5) }}|{{ ['p', 'q']|join(',') }}|{{ messages[0]['content'] }}",
+        [{"role": "user", "content": "hi"}],
+    )
     assert out == "ababab|x1|    a|  b|1024| a-b |p,q|hi"
 
 
@@ -350,15 +402,20 @@ def test_a_server_whose_template_explodes_answers_400(loaded):
     tok.chat_template = "{{ messages[0]['content'] * 200000000 }}"
     state = build_state(ServeConfig(model="unused", engine_process=False, max_seqs=2), model, tok)
     with TestClient(create_app(state)) as client:
-        r = client.post("/v1/chat/completions", json={"model": "unused", "messages": [{"role": "user", "content": "A"}]})
+        r = client.post(
+            "/v1/chat/completions", json={"model": "unused", "messages": [{"role": "user", "content": "A"}]}
+        )
     assert r.status_code == 400 and "at most" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("body", [
-    {**BASE, "max_tokens": 2**63 - 1},
-    {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**15},
-    {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**BASE, "max_tokens": 2**63 - 1},
+        {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**15},
+        {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000},
+    ],
+)
 def test_max_tokens_past_the_context_is_a_400(server, body):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     r = _post(server.url, body, path)

@@ -7,15 +7,22 @@ import shutil
 
 import openai
 import pytest
+from test_serve_utils import ServerThread, make_checkpoint
 
 from lmforge.serve import ServeConfig
-from test_serve_utils import ServerThread, make_checkpoint
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser installed (apt-get install -y chromium)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,16 @@ def test_typed_message_streams_a_reply(server):
         finally:
             browser.close()
     api = openai.OpenAI(base_url=server.url + "/v1", api_key="k3y", max_retries=0)
-    expected = api.chat.completions.create(model="lora", messages=[{"role": "user", "content": "Hello there, how are you?"}],
-                                           max_tokens=24, temperature=0).choices[0].message.content
+    expected = (
+        api.chat.completions.create(
+            model="lora",
+            messages=[{"role": "user", "content": "Hello there, how are you?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+        .choices[0]
+        .message.content
+    )
     assert chunks > 1  # it streamed, not one block at the end
     # innerText normalises some whitespace; compare what the browser shows with the API's text
     assert text.split() == expected.split()

@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from test_serve_utils import ServerThread, make_checkpoint, wait_until
 
 from lmforge.common import LmforgeError
 from lmforge.serve import ServeConfig, build_state
 from lmforge.serve.engine_process import EngineProcess
-from test_serve_utils import ServerThread, make_checkpoint, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,13 @@ def _answers(url: str) -> list:
     c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     out = []
     for prompt in ("The quick brown fox", "def main():"):
-        r = c.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0, logprobs=2,
-                                 echo=True)
+        r = c.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0, logprobs=2, echo=True)
         out.append((r.choices[0].text, r.choices[0].logprobs.token_logprobs, r.usage.completion_tokens))
     r = c.completions.create(model="lora", prompt="adapter", max_tokens=8, temperature=1.0, seed=3, n=2)
     out.append([ch.text for ch in r.choices])
-    r = c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
-                                  temperature=0, stream=True)
+    r = c.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
+    )
     out.append("".join(ch.choices[0].delta.content or "" for ch in r if ch.choices))
     return out
 
@@ -47,8 +47,9 @@ def test_the_process_and_thread_engines_answer_alike(ckpt):
     model_dir, adapter_dir = ckpt
     answers = []
     for in_process in (True, False):
-        with ServerThread(ServeConfig(model=str(model_dir), adapters={"lora": str(adapter_dir)},
-                                      engine_process=in_process)) as s:
+        with ServerThread(
+            ServeConfig(model=str(model_dir), adapters={"lora": str(adapter_dir)}, engine_process=in_process)
+        ) as s:
             assert isinstance(s.state.runner, EngineProcess) == in_process
             answers.append(_answers(s.url))
             assert wait_until(lambda: s.state.runner.stats["held_requests"] == 0)
@@ -87,8 +88,12 @@ def test_a_dead_engine_process_fails_its_requests_and_health(ckpt):
         result = {}
 
         def stream():
-            with httpx.stream("POST", s.url + "/v1/completions", timeout=30, json={
-                    "model": "tiny-chat", "prompt": "x", "max_tokens": 450, "temperature": 0, "stream": True}) as r:
+            with httpx.stream(
+                "POST",
+                s.url + "/v1/completions",
+                timeout=30,
+                json={"model": "tiny-chat", "prompt": "x", "max_tokens": 450, "temperature": 0, "stream": True},
+            ) as r:
                 result["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
 
         t = threading.Thread(target=stream)
@@ -115,16 +120,24 @@ def test_sigterm_to_the_process_group_drains_and_the_engine_process_exits(ckpt):
     """Ctrl-C or a supervisor signals the whole group: the engine process ignores it and keeps
     stepping while the server drains, then exits when told."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(ckpt[0]), "--port", str(port)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "serve", "--model", str(ckpt[0]), "--port", str(port)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _healthy(url), timeout=60), "server did not come up"
         children = _children(proc.pid)
         assert [b"lmforge.serve.engine_process" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children] == [True]
-        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
-                "model": "tiny-chat", "prompt": "drain", "max_tokens": 200, "temperature": 0, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            url + "/v1/completions",
+            timeout=60,
+            json={"model": "tiny-chat", "prompt": "drain", "max_tokens": 200, "temperature": 0, "stream": True},
+        ) as r:
             lines = iter(r.iter_lines())
             first = next(line for line in lines if line.startswith("data: "))
             os.killpg(proc.pid, signal.SIGTERM)
@@ -188,7 +201,7 @@ def test_the_engine_loop_reports_a_failing_step_and_keeps_serving(ckpt):
     cmd_write.send(("add", 0, Submission([5, 6, 7], SamplingParams(max_new_tokens=20))))
     assert until("failed")[1] == "boom"
     cmd_write.send(("add", 1, Submission([5, 6, 7], SamplingParams(max_new_tokens=4))))
-    (key, ev), = [(k, e) for k, e in until("events")[1] if e.finished]
+    ((key, ev),) = [(k, e) for k, e in until("events")[1] if e.finished]
     assert key == 1 and ev.finish_reason == "length"
     assert until("stats")[1]["held_requests"] == 0  # idle, nothing kept: the failed request was freed
     cmd_write.send(("stop",))
@@ -210,10 +223,14 @@ def test_a_server_started_from_code_without_a_main_guard_or_in_a_daemonic_proces
     import multiprocessing as mp
 
     port = _free_port()
-    code = (f"from lmforge.serve import ServeConfig, serve\n"
-            f"serve(ServeConfig(model={str(ckpt[0])!r}, port={port}))\n")
-    proc = subprocess.Popen([sys.executable, "-"], stdin=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = f"from lmforge.serve import ServeConfig, serve\nserve(ServeConfig(model={str(ckpt[0])!r}, port={port}))\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-"],
+        stdin=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     proc.stdin.write(code.encode())
     proc.stdin.close()
     daemon_port = _free_port()

@@ -55,7 +55,7 @@ class ServerThread:
         self.server = make_server(cfg, self.state)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.time() + 30
         while not self.server.started:

@@ -16,8 +16,9 @@ torch.set_num_threads(1)
 
 def _model(layers=2, vocab=512, seed=0, std=0.2):
     torch.manual_seed(seed)
-    return Transformer(ModelConfig.preset("tiny", vocab_size=vocab, num_hidden_layers=layers,
-                                          initializer_range=std)).eval()
+    return Transformer(
+        ModelConfig.preset("tiny", vocab_size=vocab, num_hidden_layers=layers, initializer_range=std)
+    ).eval()
 
 
 @pytest.mark.parametrize("proposer", ["draft", "draft-confidence", "self-draft", "lookup"])
@@ -25,9 +26,12 @@ def test_greedy_identical_to_plain_greedy(proposer):
     target = _model()
     prompt = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(1)).tolist() * 2
     reference = generate(target, prompt, max_new_tokens=25)[0].tolist()
-    prop = {"draft": lambda: DraftProposer(_model(layers=1, seed=5), 80),
-            "draft-confidence": lambda: DraftProposer(_model(layers=1, seed=5), 80, min_confidence=0.5),
-            "self-draft": lambda: DraftProposer(target, 80), "lookup": lambda: LookupProposer(3)}[proposer]()
+    prop = {
+        "draft": lambda: DraftProposer(_model(layers=1, seed=5), 80),
+        "draft-confidence": lambda: DraftProposer(_model(layers=1, seed=5), 80, min_confidence=0.5),
+        "self-draft": lambda: DraftProposer(target, 80),
+        "lookup": lambda: LookupProposer(3),
+    }[proposer]()
     out, stats = speculative_generate(target, prompt, SamplingParams(max_new_tokens=25), prop, k=4)
     assert out == reference
     assert stats.new_tokens == 25
@@ -80,8 +84,9 @@ def test_sampled_sequences_follow_the_target_distribution(min_confidence):
     counts = torch.zeros(V * V)
     prop = DraftProposer(draft, 16, min_confidence=min_confidence)
     for i in range(n):
-        out, _ = speculative_generate(target, prompt, SamplingParams(max_new_tokens=3, temperature=1.0, seed=i),
-                                      prop, k=2)
+        out, _ = speculative_generate(
+            target, prompt, SamplingParams(max_new_tokens=3, temperature=1.0, seed=i), prop, k=2
+        )
         counts[out[0] * V + out[1]] += 1
     expected = joint * n
     keep = expected > 5  # pool rare cells so the chi-square approximation holds
@@ -100,8 +105,8 @@ def _latest_follow(tokens: list[int], k: int, max_ngram: int) -> list[int]:
     """Prompt lookup by brute force: scan every earlier start, longest n-gram first."""
     for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
         for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start:start + n] == tokens[-n:]:
-                return tokens[start + n:start + n + k]
+            if tokens[start : start + n] == tokens[-n:]:
+                return tokens[start + n : start + n + k]
     return []
 
 
@@ -113,6 +118,8 @@ def test_lookup_index_equals_a_full_scan_as_the_sequence_grows():
         for _ in range(120):
             k = int(torch.randint(1, 5, (1,), generator=g))
             assert prop.propose(tokens, k, SamplingParams(), None)[0] == _latest_follow(tokens, k, 3)
-            tokens = tokens + torch.randint(0, vocab, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+            tokens = (
+                tokens + torch.randint(0, vocab, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+            )
     other = [4, 4, 2, 4, 4]  # not a continuation of what the proposer saw: it starts over
     assert prop.propose(other, 2, SamplingParams(), None)[0] == _latest_follow(other, 2, 3) == [2, 4]

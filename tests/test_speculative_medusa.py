@@ -62,10 +62,39 @@ def test_train_medusa_command(tmp_path, model):
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
     save_model(Transformer(cfg), tmp_path / "base", tokenizer=tok)
     (tmp_path / "data.txt").write_text(text)
-    rc = main(["train-medusa", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "heads"), "--data",
-               str(tmp_path / "data.txt"), "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--heads", "2"])
+    rc = main(
+        [
+            "train-medusa",
+            "--model",
+            str(tmp_path / "base"),
+            "--out",
+            str(tmp_path / "heads"),
+            "--data",
+            str(tmp_path / "data.txt"),
+            "--steps",
+            "3",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--heads",
+            "2",
+        ]
+    )
     assert rc == 0
     heads = load_medusa(tmp_path / "heads")
     assert heads.num_heads == 2
-    assert main(["train-medusa", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "h2"),
-                 "--data", str(tmp_path / "missing.txt")]) == 2
+    assert (
+        main(
+            [
+                "train-medusa",
+                "--model",
+                str(tmp_path / "base"),
+                "--out",
+                str(tmp_path / "h2"),
+                "--data",
+                str(tmp_path / "missing.txt"),
+            ]
+        )
+        == 2
+    )

@@ -12,8 +12,7 @@ from lmforge.checkpoint import save_model
 from lmforge.cli import main
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.tokenizer.text import (IncrementalDecoder, TextStream, completion_text, cut_at_stop,
-                                    end_of_turn_ids)
+from lmforge.tokenizer.text import IncrementalDecoder, TextStream, completion_text, cut_at_stop, end_of_turn_ids
 
 torch.set_num_threads(1)
 
@@ -21,7 +20,8 @@ CORPUS = ["naïve café – déjà vu 🙂🚀 日本語のテキスト, the qui
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
@@ -53,13 +53,14 @@ def bpe():
 def llama3():
     """A byte-level BPE with Llama 3's special tokens and chat template (<|eot_id|> ends a turn)."""
     base = train_tokenizer(CORPUS, vocab_size=300, special_tokens=LLAMA3_SPECIALS)
-    return Tokenizer(base.backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                     chat_template=LLAMA3_TEMPLATE)
+    return Tokenizer(
+        base.backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", chat_template=LLAMA3_TEMPLATE
+    )
 
 
 def _streamed(tok, ids, stop=(), step=1):
     ts = TextStream(tok, stop)
-    return "".join(ts.push(ids[i:i + step]) for i in range(0, len(ids), step)) + ts.flush(), ts
+    return "".join(ts.push(ids[i : i + step]) for i in range(0, len(ids), step)) + ts.flush(), ts
 
 
 # ----------------------------------------------------------------------------- the module
@@ -144,7 +145,7 @@ def test_covered_counts_the_tokens_whose_text_was_released(bpe):
         ts.push([t])
     assert ts.stopped and ts.text == "hello "
     assert 0 < ts.covered() < len(ids)  # the stop string's tokens are not covered
-    assert bpe.decode(ids[:ts.covered()]).startswith("hello")
+    assert bpe.decode(ids[: ts.covered()]).startswith("hello")
 
 
 def test_incremental_decoder_settles_text_once(bpe):
@@ -160,8 +161,13 @@ def _chain_model(tok, chain: dict[int, int], first: int, max_positions: int = 51
     """A one-layer model whose greedy next token depends only on the current one: chain[t] after t,
     `first` after any token not in the chain (so after any prompt). Attention and MLP write nothing;
     each chain token's embedding is its own basis vector and the head maps it to its successor."""
-    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, num_hidden_layers=1, tie_word_embeddings=False,
-                             max_position_embeddings=max_positions)
+    cfg = ModelConfig.preset(
+        "tiny",
+        vocab_size=tok.vocab_size,
+        num_hidden_layers=1,
+        tie_word_embeddings=False,
+        max_position_embeddings=max_positions,
+    )
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -200,8 +206,9 @@ def test_generate_stream_of_2000_tokens_costs_linear_decoding(tmp_path, bpe, cap
     real = Tokenizer.decode
     monkeypatch.setattr(Tokenizer, "decode", lambda self, i, **kw: decoded.append(len(i)) or real(self, i, **kw))
     n = 2000
-    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--max-new-tokens", str(n),
-                 "--stream"]) == 0
+    assert (
+        main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--max-new-tokens", str(n), "--stream"]) == 0
+    )
     out = capsys.readouterr().out
     expected = bpe.decode((ids * (n // len(ids) + 1))[:n])
     assert out.rstrip("\n") == expected and "\ufffd" not in expected[:-1]  # the last character may be cut

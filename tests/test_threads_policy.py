@@ -44,7 +44,7 @@ def _env_when_torch_loads(env: dict) -> dict:
     r = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     line = [x for x in r.stdout.splitlines() if x.startswith("PROBE=")][-1]
-    seen = json.loads(line[len("PROBE="):])
+    seen = json.loads(line[len("PROBE=") :])
     assert seen is not None, "the command never imported torch: the probe saw nothing"
     return seen
 
@@ -53,8 +53,12 @@ def test_the_policy_sets_a_short_spin_unless_the_user_chose():
     assert POLICY.get("GOMP_SPINCOUNT") and int(POLICY["GOMP_SPINCOUNT"]) < 300_000  # libgomp's default spin
     env: dict[str, str] = {}
     assert apply_threads_policy(env) == POLICY and env == POLICY
-    for user in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "5"},
-                 {THREADS_POLICY_VAR: "off"}, {THREADS_POLICY_VAR: "OFF", "PATH": "/bin"}):
+    for user in (
+        {"OMP_WAIT_POLICY": "ACTIVE"},
+        {"GOMP_SPINCOUNT": "5"},
+        {THREADS_POLICY_VAR: "off"},
+        {THREADS_POLICY_VAR: "OFF", "PATH": "/bin"},
+    ):
         env = dict(user)
         assert apply_threads_policy(env) == {} and env == user
     env = {THREADS_POLICY_VAR: "on"}
@@ -82,8 +86,7 @@ def test_a_bad_switch_value_is_a_clear_cli_error(monkeypatch, capsys):
 
 
 def test_the_engine_process_gets_the_policy(monkeypatch):
-    from lmforge.serve import ServeConfig
-    from lmforge.serve import engine_process
+    from lmforge.serve import ServeConfig, engine_process
 
     class Started(Exception):
         pass

@@ -192,7 +192,8 @@ def test_post_processors_and_truncation_in_a_file_change_nothing(tok, tmp_path, 
         backend.post_processor = processors.ByteLevel(trim_offsets=True)
     elif kind == "template_adds_bos":
         backend.post_processor = processors.TemplateProcessing(
-            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.bos_id)])
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.bos_id)]
+        )
     else:
         backend.enable_truncation(max_length=4)
     backend.save(str(tmp_path / "tokenizer.json"))
@@ -201,25 +202,33 @@ def test_post_processors_and_truncation_in_a_file_change_nothing(tok, tmp_path, 
     assert loaded.encode(SAMPLES[0]) == tok.encode(SAMPLES[0])
     # A header ending in a space before content starting with "\n": trimmed offsets would pull
     # the space token into the assistant span.
-    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-    messages = MESSAGES[:2] + [{"role": "assistant", "content": "\n\nIt is 4. "}]
-    for template, messages in ((CHATML_TEMPLATE, MESSAGES), (template, messages)):
+    spaced = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    leading_newlines = MESSAGES[:2] + [{"role": "assistant", "content": "\n\nIt is 4. "}]
+    for template, messages in ((CHATML_TEMPLATE, MESSAGES), (spaced, leading_newlines)):
         ids, mask = Tokenizer(loaded.backend, **tok.special_tokens, chat_template=template).render_chat(messages)
-        assert ids == tok.encode(Tokenizer(tok.backend, **tok.special_tokens, chat_template=template)
-                                 .apply_chat_template(messages))
-        assert _masked_runs(tok, ids, mask) == [m["content"] + "<|endoftext|>" if template != CHATML_TEMPLATE
-                                                else m["content"] + "<|im_end|>"
-                                                for m in messages if m["role"] == "assistant"]
+        assert ids == tok.encode(
+            Tokenizer(tok.backend, **tok.special_tokens, chat_template=template).apply_chat_template(messages)
+        )
+        assert _masked_runs(tok, ids, mask) == [
+            m["content"] + "<|endoftext|>" if template != CHATML_TEMPLATE else m["content"] + "<|im_end|>"
+            for m in messages
+            if m["role"] == "assistant"
+        ]
 
 
 def test_hf_config_variants(tok, tmp_path):
     """AddedToken dicts for special tokens, a list of named templates, and a .jinja file that wins."""
     (tmp_path / "tokenizer.json").write_text(tok.backend.to_str())
-    config = {"bos_token": {"content": "<|im_start|>", "lstrip": False, "special": True},
-              "eos_token": {"__type": "AddedToken", "content": "<|im_end|>"}, "pad_token": None,
-              "chat_template": [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "{{ 1 }}"}],
-              "model_max_length": 128}
+    config = {
+        "bos_token": {"content": "<|im_start|>", "lstrip": False, "special": True},
+        "eos_token": {"__type": "AddedToken", "content": "<|im_end|>"},
+        "pad_token": None,
+        "chat_template": [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "{{ 1 }}"}],
+        "model_max_length": 128,
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     loaded = load_tokenizer(tmp_path)
     assert loaded.bos_id == tok.token_to_id("<|im_start|>") and loaded.eos_id == tok.token_to_id("<|im_end|>")
@@ -246,8 +255,24 @@ def test_load_what_transformers_saved(tok, tmp_path):
         assert ours.apply_chat_template(MESSAGES, add_generation_prompt=prompt) == expected
 
 
-@pytest.mark.parametrize("tools", [None, [{"type": "function", "function": {"name": "add", "parameters": {
-    "type": "object", "properties": {"a": {"type": "number", "description": "ünïcode <&>"}}}}}]])
+@pytest.mark.parametrize(
+    "tools",
+    [
+        None,
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "add",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"a": {"type": "number", "description": "ünïcode <&>"}},
+                    },
+                },
+            }
+        ],
+    ],
+)
 def test_whitespace_control_and_tools_match_transformers(tok, tools):
     hf = _hf_fast(tok, TOOLS_TEMPLATE)
     ours = Tokenizer(tok.backend, **tok.special_tokens, chat_template=TOOLS_TEMPLATE)
@@ -281,8 +306,10 @@ def test_template_sees_other_named_tokens_like_transformers(tok, tmp_path):
 
 
 def test_chatml_renders_image_parts(tok):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
-                {"role": "assistant", "content": "A cat."}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A cat."},
+    ]
     text = tok.apply_chat_template(messages)
     assert text == "<|im_start|>user\n<image>What is this?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n"
     assert tok.apply_chat_template(messages, add_generation_prompt=True).endswith("<|im_start|>assistant\n")

@@ -8,9 +8,22 @@ import pytest
 import torch
 
 from lmforge.model import ModelConfig, Transformer
-from lmforge.train import (IGNORE, OptimConfig, SpikeGuard, apply_mlm, build_optimizer, clm_batch, corrupt_spans,
-                           lr_at, mlm_batch, param_groups, prefix_lm_mask, random_spans_noise_mask, span_batch,
-                           train_step)
+from lmforge.train import (
+    IGNORE,
+    OptimConfig,
+    SpikeGuard,
+    apply_mlm,
+    build_optimizer,
+    clm_batch,
+    corrupt_spans,
+    lr_at,
+    mlm_batch,
+    param_groups,
+    prefix_lm_mask,
+    random_spans_noise_mask,
+    span_batch,
+    train_step,
+)
 from lmforge.train.objectives import span_lengths
 
 
@@ -50,8 +63,9 @@ def test_mlm_proportions():
 
 def test_span_corruption_hand_example():
     a, b, c, d, e = 1, 2, 3, 4, 5
-    inputs, targets = corrupt_spans(torch.tensor([a, b, c, d, e]), torch.tensor([0, 1, 1, 0, 1], dtype=torch.bool),
-                                    sentinels=[90, 91])
+    inputs, targets = corrupt_spans(
+        torch.tensor([a, b, c, d, e]), torch.tensor([0, 1, 1, 0, 1], dtype=torch.bool), sentinels=[90, 91]
+    )
     assert inputs.tolist() == [a, 90, d, 91]
     assert targets.tolist() == [90, b, c, 91, e]
 
@@ -78,7 +92,7 @@ def test_span_batch_is_prefix_lm():
     inputs, targets = seq[:n_in], seq[n_in:]
     assert targets[0] == 99 and inputs.tolist().count(99) == 1
     assert sorted(inputs[inputs != 99].tolist() + targets[1:].tolist()) == list(range(1, 21))
-    assert (b["labels"][0, : n_in - 1] == IGNORE).all() and (b["labels"][0, n_in - 1:] != IGNORE).all()
+    assert (b["labels"][0, : n_in - 1] == IGNORE).all() and (b["labels"][0, n_in - 1 :] != IGNORE).all()
     mask = prefix_lm_mask(3, 5)[0, 0].int().tolist()
     assert mask == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
@@ -124,8 +138,17 @@ def _batch(seed, n=4, t=16):
 
 def _step(model, micro, guard=None, **kw):
     opt = build_optimizer(model, OptimConfig(lr=1e-2, fused=False))
-    return train_step(model, opt, micro, device=torch.device("cpu"), dtype=torch.float32, clip_grad=1.0,
-                      world_size=1, guard=guard or SpikeGuard(), **kw)
+    return train_step(
+        model,
+        opt,
+        micro,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        clip_grad=1.0,
+        world_size=1,
+        guard=guard or SpikeGuard(),
+        **kw,
+    )
 
 
 def test_accumulation_equals_big_batch():

@@ -12,8 +12,22 @@ import torch
 
 from lmforge.recipes._common import read_metrics
 
-ARGS = ["--seq-len", "32", "--batch-size", "4", "--steps", "4", "--set", "train.eval_every=0",
-        "--set", "train.save_every=4", "--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=1"]
+ARGS = [
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--steps",
+    "4",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.save_every=4",
+    "--set",
+    "model.hidden_size=32",
+    "--set",
+    "model.num_hidden_layers=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +45,19 @@ def run(out, name, data_dir, nproc, *extra):
         return [r["loss"] for r in read_metrics(out / name) if "loss" in r]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_LOG_LEVEL": "WARNING"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = launcher + ["-m", "lmforge", "pretrain", "--out", str(out), "--name", name, "--data", str(data_dir),
-                      *ARGS, *extra]
+    cmd = launcher + [
+        "-m",
+        "lmforge",
+        "pretrain",
+        "--out",
+        str(out),
+        "--name",
+        name,
+        "--data",
+        str(data_dir),
+        *ARGS,
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [r["loss"] for r in read_metrics(out / name) if "loss" in r]

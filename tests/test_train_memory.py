@@ -24,7 +24,7 @@ from lmforge.model import ModelConfig
 from lmforge.train import TrainConfig
 from lmforge.train.memory import auto_fit, estimate
 
-PROBE = textwrap.dedent('''
+PROBE = textwrap.dedent("""
     import json, sys
     import psutil, torch
     from lmforge.model import ModelConfig, Transformer
@@ -56,7 +56,7 @@ PROBE = textwrap.dedent('''
         peft.apply(model, peft.LoraConfig(r=8))
     steps(model, batch, 2)
     print(json.dumps({"peak": hwm() - base}))
-''')
+""")
 
 
 @pytest.mark.parametrize("mode,batch", [("full", 8), ("lora", 8)])
@@ -65,8 +65,9 @@ def test_estimate_within_25_percent_of_measured(mode, batch):
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc to measure peak memory")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode, str(batch), "128"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode, str(batch), "128"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     est = estimate(ModelConfig.preset("small"), mode, batch, 128).total

@@ -11,8 +11,18 @@ import pytest
 from lmforge.cli import main as cli
 from lmforge.recipes._common import read_metrics
 
-TINY = ["--set", "model.hidden_size=32", "--set", "model.intermediate_size=64", "--set", "model.num_hidden_layers=1",
-        "--set", "model.num_attention_heads=2", "--set", "model.num_key_value_heads=1"]
+TINY = [
+    "--set",
+    "model.hidden_size=32",
+    "--set",
+    "model.intermediate_size=64",
+    "--set",
+    "model.num_hidden_layers=1",
+    "--set",
+    "model.num_attention_heads=2",
+    "--set",
+    "model.num_key_value_heads=1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -23,16 +33,45 @@ def data_dir(tmp_path_factory):
 
 
 def pretrain(out, data_dir, *extra):
-    argv = ["pretrain", "--out", str(out), "--name", "pretrain", "--data", str(data_dir), "--seq-len", "32", "--batch-size", "8",
-            "--set", "train.eval_batches=2", "--set", "optim.warmup_steps=3", *TINY, *extra]
+    argv = [
+        "pretrain",
+        "--out",
+        str(out),
+        "--name",
+        "pretrain",
+        "--data",
+        str(data_dir),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--set",
+        "train.eval_batches=2",
+        "--set",
+        "optim.warmup_steps=3",
+        *TINY,
+        *extra,
+    ]
     assert cli(argv) == 0
     return [r for r in read_metrics(out / "pretrain") if "loss" in r]
 
 
 @pytest.mark.parametrize("objective,steps", [("clm", 40), ("mlm", 40), ("span", 40)])
 def test_loss_falls(tmp_path, data_dir, objective, steps):
-    rows = pretrain(tmp_path, data_dir, "--objective", objective, "--steps", str(steps), "--set", "train.eval_every=0",
-                    "--set", "train.save_every=0", "--lr", "0.01")
+    rows = pretrain(
+        tmp_path,
+        data_dir,
+        "--objective",
+        objective,
+        "--steps",
+        str(steps),
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.save_every=0",
+        "--lr",
+        "0.01",
+    )
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first - 0.5, (objective, first, last)
@@ -40,8 +79,18 @@ def test_loss_falls(tmp_path, data_dir, objective, steps):
 
 
 def test_resume_reproduces_losses_and_skips_corrupt_checkpoint(tmp_path, data_dir):
-    common = ["--steps", "12", "--set", "train.save_every=4", "--set", "train.keep_last=3",
-              "--set", "train.eval_every=6", "--set", "train.grad_accum=2"]
+    common = [
+        "--steps",
+        "12",
+        "--set",
+        "train.save_every=4",
+        "--set",
+        "train.keep_last=3",
+        "--set",
+        "train.eval_every=6",
+        "--set",
+        "train.grad_accum=2",
+    ]
     full = pretrain(tmp_path / "a", data_dir, *common)
     assert (tmp_path / "a" / "pretrain" / "best" / "model.safetensors").is_file()  # evaluated at 6 and 12
     pretrain(tmp_path / "b", data_dir, *common)
@@ -102,8 +151,10 @@ def test_config_overrides_are_checked():
     from lmforge.recipes._common import apply_overrides
 
     cfg = {"train": {"steps": 10}, "model": {}}
-    assert apply_overrides(cfg, ["train.steps=3", "model.dim=8"], ("model",)) == {"train": {"steps": 3},
-                                                                                   "model": {"dim": 8}}
+    assert apply_overrides(cfg, ["train.steps=3", "model.dim=8"], ("model",)) == {
+        "train": {"steps": 3},
+        "model": {"dim": 8},
+    }
     with pytest.raises(LmforgeError, match="expected KEY=VALUE, e.g. builtin.x=1"):
         apply_overrides(cfg, ["train.steps"], example="builtin.x=1")
     with pytest.raises(LmforgeError):

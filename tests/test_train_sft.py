@@ -47,7 +47,7 @@ def test_packing_segments_do_not_attend_across(tokenizer):
     model = Transformer(ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
     packed = model(torch.tensor([row.input_ids]), segment_ids=torch.tensor([row.segment_ids]))
     alone = model(torch.tensor([b[0]]))
-    torch.testing.assert_close(packed[0, len(a[0]):len(a[0]) + len(b[0])], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, len(a[0]) : len(a[0]) + len(b[0])], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_batches_resume_and_ranks(tokenizer):
@@ -77,9 +77,13 @@ async def fetch(url, *, timeout=3):
     More text."""
 '''
     ex = function_examples(src)
-    assert ex == [{"prompt": "def area(width: float, height: float=1.0) -> float:",
-                   "response": "Return the area of a rectangle."},
-                  {"prompt": "async def fetch(url, *, timeout=3):", "response": "Fetch a URL and return its body!"}]
+    assert ex == [
+        {
+            "prompt": "def area(width: float, height: float=1.0) -> float:",
+            "response": "Return the area of a rectangle.",
+        },
+        {"prompt": "async def fetch(url, *, timeout=3):", "response": "Fetch a URL and return its body!"},
+    ]
     assert function_examples('def f():\n    """Short."""\n') == []  # too short to be a useful target
 
 
@@ -96,22 +100,53 @@ def base_and_data(tmp_path_factory, tokenizer):
 
     root = tmp_path_factory.mktemp("sft")
     torch.manual_seed(0)
-    base = Transformer(ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64))
+    base = Transformer(
+        ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64)
+    )
     save_model(base, root / "base", tokenizer=tokenizer)
     data = root / "train.jsonl"
     pairs = [("add two numbers", "def add(a, b): return a + b"), ("greet", "print('hello')")]
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
-                            + "\n" for p, r in pairs * 16))
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}) + "\n"
+            for p, r in pairs * 16
+        )
+    )
     return root / "base", data
 
 
 @pytest.mark.parametrize("method,lr,drop", [("full", "0.01", 1.0), ("lora", "0.05", 0.2)])
 def test_sft_cli_loss_falls(tmp_path, base_and_data, method, lr, drop):
     base, data = base_and_data
-    argv = ["sft", "--model", str(base), "--data", str(data), "--val-data", str(data), "--out",
-            str(tmp_path), "--name", "r", "--steps", "30", "--seq-len", "64", "--batch-size", "4", "--method", method,
-            "--lr", lr, "--set", "train.eval_every=30", "--set", "train.save_every=0",
-            "--set", "peft.options={target_modules: [q, k, v, o, gate, up, down]}" if method == "lora" else "train.seed=0"]
+    argv = [
+        "sft",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--val-data",
+        str(data),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--steps",
+        "30",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--method",
+        method,
+        "--lr",
+        lr,
+        "--set",
+        "train.eval_every=30",
+        "--set",
+        "train.save_every=0",
+        "--set",
+        "peft.options={target_modules: [q, k, v, o, gate, up, down]}" if method == "lora" else "train.seed=0",
+    ]
     assert cli(argv) == 0
     rows = [r for r in read_metrics(tmp_path / "r") if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] - drop, (rows[0]["loss"], rows[-1]["loss"])
@@ -127,8 +162,28 @@ def test_sft_other_methods_run_and_reload(tmp_path, base_and_data, extra):
     from lmforge.checkpoint import load_model
 
     base, data = base_and_data
-    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path), "--name", "r", "--steps", "2",
-            "--seq-len", "64", "--batch-size", "4", "--set", "train.eval_every=0", "--set", "train.save_every=0", *extra]
+    argv = [
+        "sft",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--steps",
+        "2",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.save_every=0",
+        *extra,
+    ]
     assert cli(argv) == 0
     rows = [r for r in read_metrics(tmp_path / "r") if "loss" in r]
     assert len(rows) == 2 and all(r["skip_reason"] is None for r in rows)

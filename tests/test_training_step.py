@@ -10,13 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.recipes._fit import (
-    FitOptions,
-    LoopState,
-    constant_lr,
-    run_dir_for,
-    run_fit,
-)
+from lmforge.recipes._fit import FitOptions, LoopState, constant_lr, run_dir_for, run_fit
 from lmforge.train.state import latest_good, list_checkpoints
 
 
@@ -57,8 +51,9 @@ def test_custom_loss_is_clipped_logged_and_checkpointed(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     x = torch.ones(2, 4)
     loss_fn = lambda b: ((model(b["x"]) * 1000).mean(), {"scale": 1000.0})
-    summary = run_fit(model, opt, loss_fn, lambda step: {"x": x}, tmp_path,
-                      FitOptions(1, constant_lr(1.0), clip_grad=0.1))
+    summary = run_fit(
+        model, opt, loss_fn, lambda step: {"x": x}, tmp_path, FitOptions(1, constant_lr(1.0), clip_grad=0.1)
+    )
     assert summary["steps"] == 1
     # the gradient norm is 2000; clipped to 0.1, one SGD step at lr 1 moves the weight by exactly 0.1
     assert float((model.weight.detach() - before).norm()) == pytest.approx(0.1, rel=1e-4)
@@ -87,8 +82,11 @@ def _align_cfg(method, steps, **sets):
     from lmforge.config import load_config
     from lmforge.train.align_config import AlignConfig
 
-    return load_config(AlignConfig, "align-default",
-                       [f"method={method}", f"train.steps={steps}"] + [f"{k}={v}" for k, v in sets.items()])
+    return load_config(
+        AlignConfig,
+        "align-default",
+        [f"method={method}", f"train.steps={steps}"] + [f"{k}={v}" for k, v in sets.items()],
+    )
 
 
 def _run_align(method, run, resume=None, **sets):
@@ -115,8 +113,10 @@ def test_align_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, metho
     cut_at = int(latest_good(tmp_path / "cut" / "checkpoints").name.split("-")[1])
     assert cut_at == 4
     _run_align(method, tmp_path / "cut", resume="latest", **sets)
-    assert_same_weights(load_file(tmp_path / "whole" / "final" / "model.safetensors"),
-                        load_file(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert_same_weights(
+        load_file(tmp_path / "whole" / "final" / "model.safetensors"),
+        load_file(tmp_path / "cut" / "final" / "model.safetensors"),
+    )
     steps = [r["step"] for r in records(tmp_path / "cut" / "metrics.jsonl") if "loss" in r]
     total = 8 if method == "dpo" else 16
     assert steps == list(range(1, total + 1))  # the killed run's steps, then the resumed run's
@@ -130,12 +130,34 @@ def test_clip_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     from lmforge.multimodal.config import ClipTrainConfig
     from lmforge.recipes import clip as recipe
 
-    cfg = ClipTrainConfig(train_size=64, eval_size=16, steps=8, batch_size=8, warmup_steps=2, device="cpu",
-                          vision={"image_size": 16, "patch_size": 4, "hidden_size": 32, "intermediate_size": 64,
-                                  "num_hidden_layers": 1, "num_attention_heads": 4},
-                          text={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32},
-                          projection_dim=16, vocab_size=300, hard_negatives=True, text_negatives=1)
+    cfg = ClipTrainConfig(
+        train_size=64,
+        eval_size=16,
+        steps=8,
+        batch_size=8,
+        warmup_steps=2,
+        device="cpu",
+        vision={
+            "image_size": 16,
+            "patch_size": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+        },
+        text={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32,
+        },
+        projection_dim=16,
+        vocab_size=300,
+        hard_negatives=True,
+        text_negatives=1,
+    )
     recipe.train(cfg, str(tmp_path / "whole"))
     with monkeypatch.context() as m:
         kill_on_call(m, recipe, "encode_texts", 8)  # dies building step 8's batch (checkpoints at 2, 4, 6)
@@ -144,8 +166,9 @@ def test_clip_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     run = run_dir_for(tmp_path / "cut")
     assert latest_good(run / "checkpoints").name == "step-00000006"
     recipe.train(cfg, str(tmp_path / "cut"), resume="latest")
-    assert_same_weights(load_file(tmp_path / "whole" / "model.safetensors"),
-                        load_file(tmp_path / "cut" / "model.safetensors"))
+    assert_same_weights(
+        load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    )
     assert [r["step"] for r in records(run / "metrics.jsonl") if "loss" in r] == list(range(1, 9))
 
 
@@ -159,10 +182,17 @@ def test_vlm_fit_continues_the_step_count_and_optimizer_state(tmp_path):
 
     examples = make_shapes(16, seed=0, image_size=16)
     tok = train_tokenizer([c for e in examples for c in e.captions] + ["describe the image."], vocab_size=300)
-    text = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                              num_attention_heads=4, num_key_value_heads=2)
-    vc = VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4)
+    text = ModelConfig.preset(
+        "tiny",
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    vc = VisionConfig(
+        image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
     cfg = VlmTrainConfig(batch_size=4, warmup_steps=1, device="cpu")
     pairs = recipe.conversations(examples, 0.2, captions_only=True)
 
@@ -191,17 +221,32 @@ def test_train_medusa_resumes_to_the_uninterrupted_heads(tmp_path, monkeypatch):
     torch.manual_seed(0)
     save_model(Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "base", tokenizer=tok)
     (tmp_path / "data.txt").write_text(text)
-    args = lambda out: ["train-medusa", "--model", str(tmp_path / "base"), "--out", str(tmp_path / out),
-                        "--data", str(tmp_path / "data.txt"), "--steps", "8", "--seq-len", "16", "--batch-size", "2",
-                        "--heads", "2"]
+    args = lambda out: [
+        "train-medusa",
+        "--model",
+        str(tmp_path / "base"),
+        "--out",
+        str(tmp_path / out),
+        "--data",
+        str(tmp_path / "data.txt"),
+        "--steps",
+        "8",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--heads",
+        "2",
+    ]
     assert main(args("whole")) == 0
     with monkeypatch.context() as m:
         kill_on_call(m, medusa, "medusa_loss", 7)  # dies in step 7 (checkpoints at 2, 4, 6)
         assert main(args("cut")) != 0  # the CLI reports the crash
     assert latest_good(run_dir_for(tmp_path / "cut") / "checkpoints").name == "step-00000006"
     assert main(args("cut") + ["--resume"]) == 0
-    weights = lambda out: {k: v for f in sorted((tmp_path / out).glob("*.safetensors"))
-                           for k, v in load_file(f).items()}
+    weights = lambda out: {
+        k: v for f in sorted((tmp_path / out).glob("*.safetensors")) for k, v in load_file(f).items()
+    }
     assert weights("whole") and weights("whole").keys() == weights("cut").keys()
     assert_same_weights(weights("whole"), weights("cut"))
     run = run_dir_for(tmp_path / "cut")

@@ -71,8 +71,9 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                values: dict[str, Any] | None = None) -> DataConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> DataConfig:
     """Recipe YAML (default: configs/data-default.yaml) + `--set` overrides + explicit values, through
     the one config loader (`lmforge.config.load_config`)."""
     path = Path(path) if path else DEFAULT_RECIPE

@@ -17,8 +17,8 @@ Fast path, all numpy, no Python loop per hash:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -108,8 +108,9 @@ class MinHasher:
     (b" ".join of the words) for comparison with other implementations.
     """
 
-    def __init__(self, num_perm: int = 128, seed: int = 1, shingle: str = "word", ngram: int = 5,
-                 lowercase: bool = False) -> None:
+    def __init__(
+        self, num_perm: int = 128, seed: int = 1, shingle: str = "word", ngram: int = 5, lowercase: bool = False
+    ) -> None:
         self.num_perm, self.shingle, self.ngram, self.lowercase = num_perm, shingle, ngram, lowercase
         rng = np.random.default_rng(seed)
         self.a = (rng.integers(1, 2**32, size=num_perm, dtype=np.uint64) | np.uint64(1)).astype(np.uint32)
@@ -117,7 +118,7 @@ class MinHasher:
         self._powers = _Powers()
 
     @classmethod
-    def from_config(cls, cfg: DedupConfig) -> "MinHasher":
+    def from_config(cls, cfg: DedupConfig) -> MinHasher:
         return cls(cfg.num_perm, cfg.seed, cfg.shingle, cfg.ngram, cfg.lowercase)
 
     def units(self, text: str) -> np.ndarray:
@@ -167,7 +168,7 @@ class MinHasher:
         with np.errstate(over="ignore"):
             h = tokens[:m] * _MUL
             for j in range(1, k):
-                h += tokens[j: j + m]
+                h += tokens[j : j + m]
                 h *= _MUL
             h += np.uint64(k)
         return _fmix64(h)
@@ -180,7 +181,7 @@ class MinHasher:
         else:
             items, sep = [units[s:e].tobytes() for s, e in zip(*self._word_spans(text, units))], b" "
         k = min(self.ngram, len(items))
-        return [sep.join(items[i: i + k]) for i in range(len(items) - k + 1)] if items else []
+        return [sep.join(items[i : i + k]) for i in range(len(items) - k + 1)] if items else []
 
     def shingle_set(self, text: str) -> np.ndarray:
         return np.unique(self.shingle_hashes(text))
@@ -208,7 +209,7 @@ class MinHasher:
         for i, h in enumerate(docs):
             if len(h) > _CHUNK:  # a large document: its own blocks, minimum across them
                 for off in range(0, len(h), _CHUNK):
-                    np.minimum(out[i], block_min(h[off: off + _CHUNK], [0])[:, 0], out=out[i])
+                    np.minimum(out[i], block_min(h[off : off + _CHUNK], [0])[:, 0], out=out[i])
                 continue
             if len(h) == 0:
                 continue
@@ -257,7 +258,7 @@ def lsh_candidates(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     n = len(sigs)
     found = []
     for band in range(bands):
-        cols = sigs[:, band * rows: (band + 1) * rows].astype(np.uint64)
+        cols = sigs[:, band * rows : (band + 1) * rows].astype(np.uint64)
         key = np.full(n, band, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for c in range(rows):
@@ -267,7 +268,7 @@ def lsh_candidates(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
         starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
         sizes = np.diff(np.append(starts, n))
         for s, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            found.append(_bucket_pairs(order[s: s + size]))
+            found.append(_bucket_pairs(order[s : s + size]))
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = np.concatenate(found)
@@ -321,8 +322,9 @@ class NearDupResult:
         return self.cluster == np.arange(len(self.cluster))
 
 
-def near_duplicates(sigs: np.ndarray, cfg: DedupConfig,
-                    shingle_sets: Callable[[list[int]], dict[int, np.ndarray]] | None = None) -> NearDupResult:
+def near_duplicates(
+    sigs: np.ndarray, cfg: DedupConfig, shingle_sets: Callable[[list[int]], dict[int, np.ndarray]] | None = None
+) -> NearDupResult:
     """Clusters of near-duplicates. `shingle_sets(indices)` gives those documents' shingle sets for
     verification; it is asked only for documents in candidate pairs, so texts need not all be in memory."""
     pairs = lsh_candidates(sigs, cfg.bands, cfg.rows)

@@ -53,7 +53,8 @@ class FilterConfig:
     max_dup_para_char_frac: float | None = 0.2
     max_top_ngram_char_frac: dict[int, float] = field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
     max_dup_ngram_char_frac: dict[int, float] = field(
-        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
     # C4
     c4_lorem_ipsum: bool = True
     c4_curly_brace: bool = True
@@ -66,13 +67,15 @@ class FilterConfig:
         if isinstance(self.sources, str):  # `--set filters.sources=web` gives one string
             self.sources = [self.sources]
         if self.languages is not None:
-            self.languages = [str(c).lower() for c in ([self.languages] if isinstance(self.languages, str)
-                                                       else self.languages)]
+            self.languages = [
+                str(c).lower() for c in ([self.languages] if isinstance(self.languages, str) else self.languages)
+            ]
         for code in self.languages or []:
             lingua_language(code)  # a code the detector does not know is an error now, not a silent drop
         if self.language_accuracy not in ACCURACY:
-            raise LmforgeError(f"filters.language_accuracy: {self.language_accuracy!r} is not one of "
-                               f"{', '.join(ACCURACY)}")
+            raise LmforgeError(
+                f"filters.language_accuracy: {self.language_accuracy!r} is not one of {', '.join(ACCURACY)}"
+            )
         # YAML keys of nested maps arrive as strings
         self.max_top_ngram_char_frac = {int(k): float(v) for k, v in (self.max_top_ngram_char_frac or {}).items()}
         self.max_dup_ngram_char_frac = {int(k): float(v) for k, v in (self.max_dup_ngram_char_frac or {}).items()}
@@ -177,7 +180,7 @@ class _NGrams:
         if n not in self._keys:
             prev = self.keys(n - 1)
             with np.errstate(over="ignore"):
-                self._keys[n] = prev[:-1] * np.uint64(0x9E3779B97F4A7C15) + self.ids[n - 1:]
+                self._keys[n] = prev[:-1] * np.uint64(0x9E3779B97F4A7C15) + self.ids[n - 1 :]
         return self._keys[n]
 
     def top_char_frac(self, n: int) -> float:
@@ -189,7 +192,7 @@ class _NGrams:
         best = np.flatnonzero(counts == counts.max())
         i = int(first[best].min())
         count = int(counts.max())
-        return count * int(self.lens[i: i + n].sum()) / self.total if count > 1 else 0.0
+        return count * int(self.lens[i : i + n].sum()) / self.total if count > 1 else 0.0
 
     def dup_char_frac(self, n: int) -> float:
         """Characters of the words inside a repeated (not first) occurrence of any n-gram / all."""

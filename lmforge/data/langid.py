@@ -14,12 +14,40 @@ per (languages, accuracy) per process, built on first use.
 from __future__ import annotations
 
 import functools
-from typing import Iterable
+from collections.abc import Iterable
 
 from lmforge.common import LmforgeError
 
-COMMON_LANGUAGES = ("ar", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fr", "he", "hi", "id", "it", "ja",
-                    "ko", "nb", "nl", "pl", "pt", "ro", "ru", "sv", "th", "tr", "uk", "vi", "zh")
+COMMON_LANGUAGES = (
+    "ar",
+    "cs",
+    "da",
+    "de",
+    "el",
+    "en",
+    "es",
+    "fa",
+    "fi",
+    "fr",
+    "he",
+    "hi",
+    "id",
+    "it",
+    "ja",
+    "ko",
+    "nb",
+    "nl",
+    "pl",
+    "pt",
+    "ro",
+    "ru",
+    "sv",
+    "th",
+    "tr",
+    "uk",
+    "vi",
+    "zh",
+)
 SAMPLE_CHARS = 2000  # the first characters decide: enough for a label, bounded cost on long documents
 ACCURACY = ("low", "high")
 

@@ -24,8 +24,17 @@ from lmforge.data.pack import read_index
 
 
 class ShardLoader:
-    def __init__(self, path_or_index: str | Path, seq_len: int, batch_size: int, split: str = "train",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, prefetch: int = 4) -> None:
+    def __init__(
+        self,
+        path_or_index: str | Path,
+        seq_len: int,
+        batch_size: int,
+        split: str = "train",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 4,
+    ) -> None:
         index, folder = read_index(path_or_index)
         if split not in index["splits"]:
             raise LmforgeError(f"{folder}/index.json has no split {split!r} (splits: {', '.join(index['splits'])})")
@@ -35,17 +44,24 @@ class ShardLoader:
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         self.vocab_size, self.eos_id = index.get("vocab_size"), index.get("eos_id")
         dtype = np.dtype(index["dtype"])
-        self.shards = [np.memmap(folder / s["file"], dtype=dtype, mode="r")
-                       for s in index["splits"][split]["shards"] if s["tokens"] > 0]
+        self.shards = [
+            np.memmap(folder / s["file"], dtype=dtype, mode="r")
+            for s in index["splits"][split]["shards"]
+            if s["tokens"] > 0
+        ]
         if not self.shards:  # e.g. a val fraction too small to give the split one document
-            raise LmforgeError(f"{folder}: split {split!r} has no tokens (no non-empty shards); "
-                               f"prepare more data or choose another split")
+            raise LmforgeError(
+                f"{folder}: split {split!r} has no tokens (no non-empty shards); "
+                f"prepare more data or choose another split"
+            )
         self.tokens = sum(len(s) for s in self.shards)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the current and the next epoch
         self._epochs_lock = threading.Lock()
         if self.steps_per_epoch(0) == 0:
-            raise LmforgeError(f"split {split!r} has {self.tokens} tokens: too few for one batch of "
-                               f"{world_size} x {batch_size} windows of {seq_len + 1} tokens")
+            raise LmforgeError(
+                f"split {split!r} has {self.tokens} tokens: too few for one batch of "
+                f"{world_size} x {batch_size} windows of {seq_len + 1} tokens"
+            )
         self.epoch, self.step = 0, 0  # position of the next batch handed out
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -84,9 +100,15 @@ class ShardLoader:
 
         shard_ids, starts = self._epoch_windows(epoch)
         first = (step * self.world_size + self.rank) * self.batch_size
-        rows = np.stack([self.shards[s][b: b + self.seq_len + 1]
-                         for s, b in zip(shard_ids[first: first + self.batch_size].tolist(),
-                                         starts[first: first + self.batch_size].tolist())]).astype(np.int64)
+        rows = np.stack(
+            [
+                self.shards[s][b : b + self.seq_len + 1]
+                for s, b in zip(
+                    shard_ids[first : first + self.batch_size].tolist(),
+                    starts[first : first + self.batch_size].tolist(),
+                )
+            ]
+        ).astype(np.int64)
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
@@ -112,8 +134,12 @@ class ShardLoader:
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=max(1, self.prefetch))
-        self._thread = threading.Thread(target=self._produce, args=(self.epoch, self.step, self._stop, self._queue),
-                                        daemon=True, name="ShardLoader-prefetch")
+        self._thread = threading.Thread(
+            target=self._produce,
+            args=(self.epoch, self.step, self._stop, self._queue),
+            daemon=True,
+            name="ShardLoader-prefetch",
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -122,7 +148,7 @@ class ShardLoader:
             self._thread.join()
             self._thread = None
 
-    def __iter__(self) -> "ShardLoader":
+    def __iter__(self) -> ShardLoader:
         return self
 
     def __next__(self):
@@ -139,14 +165,23 @@ class ShardLoader:
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "seq_len": self.seq_len}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "batch_size", "seq_len", "world_size"):
             if key in state and state[key] != getattr(self, key):
-                raise LmforgeError(f"loader state has {key}={state[key]}, this loader {key}={getattr(self, key)}: "
-                                   "resuming would not reproduce the batches")
+                raise LmforgeError(
+                    f"loader state has {key}={state[key]}, this loader {key}={getattr(self, key)}: "
+                    "resuming would not reproduce the batches"
+                )
         self.close()
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 

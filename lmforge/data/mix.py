@@ -7,8 +7,8 @@ shares are reported, since whole documents never hit a target exactly.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -33,8 +33,13 @@ def _subset(items: Sequence[MixItem], budget: float, rng: np.random.Generator) -
     return chosen
 
 
-def mix(items: Sequence[MixItem], weights: dict[str, float] | None, seed: int = 0,
-        total_tokens: int | None = None, shuffle: bool = True) -> tuple[list[Hashable], dict]:
+def mix(
+    items: Sequence[MixItem],
+    weights: dict[str, float] | None,
+    seed: int = 0,
+    total_tokens: int | None = None,
+    shuffle: bool = True,
+) -> tuple[list[Hashable], dict]:
     """-> (document keys in training order, repeats included; report per source).
 
     No weights: every document once (the natural mix). `total_tokens` defaults to the corpus size.
@@ -58,9 +63,14 @@ def mix(items: Sequence[MixItem], weights: dict[str, float] | None, seed: int = 
         if rest > 1e-6 * available[source]:
             picked += _subset(its, rest, rng)
         chosen += picked
-        report[source] = {"documents": len(its), "tokens_available": available[source],
-                          "weight": shares[source], "epochs": round(ratio, 4),
-                          "tokens": sum(it.tokens for it in picked), "documents_out": len(picked)}
+        report[source] = {
+            "documents": len(its),
+            "tokens_available": available[source],
+            "weight": shares[source],
+            "epochs": round(ratio, 4),
+            "tokens": sum(it.tokens for it in picked),
+            "documents_out": len(picked),
+        }
     realised = sum(r["tokens"] for r in report.values()) or 1
     for r in report.values():
         r["share"] = round(r["tokens"] / realised, 4)
@@ -71,8 +81,9 @@ def mix(items: Sequence[MixItem], weights: dict[str, float] | None, seed: int = 
 AUTO = "auto"
 
 
-def resolve_weights(weights: dict[str, float] | str | None,
-                    corpus_weights: dict[str, float] | None) -> dict[str, float] | None:
+def resolve_weights(
+    weights: dict[str, float] | str | None, corpus_weights: dict[str, float] | None
+) -> dict[str, float] | None:
     """`mix.weights` -> the weights to mix with (None: the natural mix). "auto" is `corpus_weights`:
     the built-in corpus's own weights on it, None (natural) on user inputs, whose source names the
     recipe cannot know. A mapping is the user's: a source in it with no documents stays an error."""
@@ -90,8 +101,10 @@ def check_sources(weights: dict[str, float], present: Iterable[str]) -> None:
     present = set(present)
     unknown = sorted(set(weights) - present)
     if unknown:
-        raise LmforgeError(f"mix.weights: no documents from source(s) {', '.join(unknown)} "
-                           f"(sources present: {', '.join(sorted(present)) or 'none'})")
+        raise LmforgeError(
+            f"mix.weights: no documents from source(s) {', '.join(unknown)} "
+            f"(sources present: {', '.join(sorted(present)) or 'none'})"
+        )
 
 
 def _target_shares(weights: dict[str, float] | None, available: dict[str, int]) -> dict[str, float]:

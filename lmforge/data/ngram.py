@@ -11,9 +11,9 @@ hashes: membership for all n-grams of a text is one `np.searchsorted`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class NGramIndex:
         self._hasher = MinHasher(num_perm=1, shingle="word", ngram=n)
 
     @classmethod
-    def build(cls, texts: Iterable[str], n: int = 13) -> "NGramIndex":
+    def build(cls, texts: Iterable[str], n: int = 13) -> NGramIndex:
         index = cls(np.zeros(0, dtype=np.uint64), n)
         pending: list[np.ndarray] = []
         size = 0
@@ -79,7 +79,7 @@ class NGramIndex:
                 np.save(f, np.concatenate([np.array([self.n], dtype=np.uint64), self.hashes]))
 
     @classmethod
-    def load(cls, path: str | Path) -> "NGramIndex":
+    def load(cls, path: str | Path) -> NGramIndex:
         try:
             arr = np.load(path)
         except (OSError, ValueError) as e:
@@ -106,8 +106,9 @@ class ExampleOverlap:
         return self.__dict__.copy()
 
 
-def check_examples(index: NGramIndex, examples: Iterable[tuple[str, str]],
-                   min_overlap: int | None = None) -> list[ExampleOverlap]:
+def check_examples(
+    index: NGramIndex, examples: Iterable[tuple[str, str]], min_overlap: int | None = None
+) -> list[ExampleOverlap]:
     """Per (id, text): overlap with the index. Contaminated when the longest overlap reaches
     `min_overlap` words (default n: any shared n-gram)."""
     need = min_overlap or index.n
@@ -122,13 +123,17 @@ def check_examples(index: NGramIndex, examples: Iterable[tuple[str, str]],
 
 def summarize(results: list[ExampleOverlap]) -> dict:
     bad = sum(r.contaminated for r in results)
-    return {"examples": len(results), "contaminated": bad,
-            "contaminated_fraction": bad / len(results) if results else 0.0,
-            "too_short": sum(r.ngrams == 0 for r in results)}
+    return {
+        "examples": len(results),
+        "contaminated": bad,
+        "contaminated_fraction": bad / len(results) if results else 0.0,
+        "too_short": sum(r.ngrams == 0 for r in results),
+    }
 
 
-def decontaminate(docs: Iterable[Document], eval_index: NGramIndex,
-                  removed: list[str] | None = None) -> Iterator[Document]:
+def decontaminate(
+    docs: Iterable[Document], eval_index: NGramIndex, removed: list[str] | None = None
+) -> Iterator[Document]:
     """Training documents sharing no n-gram with the evaluation index; ids of the others go to `removed`."""
     for doc in docs:
         if eval_index.contains(doc.text):

@@ -36,8 +36,9 @@ class NormalizeConfig:
 
     def __post_init__(self) -> None:
         if self.unicode_form not in (None, "NFC", "NFKC", "NFD", "NFKD"):
-            raise LmforgeError(f"normalize.unicode_form: unknown form {self.unicode_form!r} "
-                               "(NFC, NFKC, NFD, NFKD or null)")
+            raise LmforgeError(
+                f"normalize.unicode_form: unknown form {self.unicode_form!r} (NFC, NFKC, NFD, NFKD or null)"
+            )
         if self.whitespace not in ("none", "trailing", "all"):
             raise LmforgeError(f"normalize.whitespace: {self.whitespace!r} is not one of none, trailing, all")
 

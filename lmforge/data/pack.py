@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def is_validation(doc_id: str, fraction: float, seed: int = 0) -> bool:
     # beside its code) split together: a model is never tested on a module whose other half it
     # trained on. Ids like "wiki#123" are documents of their own.
     doc_id = _PART.sub("", doc_id)
-    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
@@ -87,14 +87,24 @@ class ShardWriter:
     def close(self) -> dict:
         if self._buf_tokens:
             self._flush()
-        return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards),
-                "documents": sum(s["documents"] for s in self.shards)}
+        return {
+            "shards": self.shards,
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "documents": sum(s["documents"] for s in self.shards),
+        }
 
 
-def write_index(out_dir: str | Path, splits: dict[str, dict], vocab_size: int, eos_id: int,
-                tokenizer_dir: str | None = "tokenizer") -> dict:
-    index = {"version": INDEX_VERSION, "dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size,
-             "eos_id": eos_id, "tokenizer": tokenizer_dir, "splits": splits}
+def write_index(
+    out_dir: str | Path, splits: dict[str, dict], vocab_size: int, eos_id: int, tokenizer_dir: str | None = "tokenizer"
+) -> dict:
+    index = {
+        "version": INDEX_VERSION,
+        "dtype": token_dtype(vocab_size).name,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "tokenizer": tokenizer_dir,
+        "splits": splits,
+    }
     atomic_write_json(Path(out_dir) / "index.json", index)
     return index
 

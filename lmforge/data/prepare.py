@@ -1,12 +1,12 @@
 """`prepare`: the whole data recipe, stage by stage, into an output folder:
 
-    work/            per-unit intermediates (resume state)
-    dedup/clusters.jsonl   what was merged: kept id, kind (exact|near), member ids
-    rejected.jsonl   every filtered-out document with the rule that rejected it (and its language)
-    tokenizer/       the tokenizer the shards were made with
-    train-00000.bin ... val-00000.bin, index.json   token shards for `ShardLoader`
-    train_docs.jsonl the deduplicated training documents (input of the contamination check)
-    stats.json, stats.md   documents and bytes through every stage, rejections, clusters, tokens
+work/            per-unit intermediates (resume state)
+dedup/clusters.jsonl   what was merged: kept id, kind (exact|near), member ids
+rejected.jsonl   every filtered-out document with the rule that rejected it (and its language)
+tokenizer/       the tokenizer the shards were made with
+train-00000.bin ... val-00000.bin, index.json   token shards for `ShardLoader`
+train_docs.jsonl the deduplicated training documents (input of the contamination check)
+stats.json, stats.md   documents and bytes through every stage, rejections, clusters, tokens
 """
 
 from __future__ import annotations
@@ -54,8 +54,14 @@ def load_corpus(units: list[WorkUnit], work: Path) -> Corpus:
             sources.append(rec["source"])
             hashes.append(rec["hash"])
             nbytes.append(rec["bytes"])
-    return Corpus(np.array(unit, dtype=np.int64), np.array(local, dtype=np.int64), ids, sources, hashes,
-                  np.array(nbytes, dtype=np.int64))
+    return Corpus(
+        np.array(unit, dtype=np.int64),
+        np.array(local, dtype=np.int64),
+        ids,
+        sources,
+        hashes,
+        np.array(nbytes, dtype=np.int64),
+    )
 
 
 def texts_of(units: list[WorkUnit], work: Path, corpus: Corpus, indices: list[int]) -> dict[int, str]:
@@ -83,8 +89,14 @@ def global_dedup(units: list[WorkUnit], work: Path, corpus: Corpus, cfg: DataCon
             cluster[i] = first.setdefault(h, i)
     exact_removed = int((cluster != np.arange(n)).sum())
     unique = np.flatnonzero(cluster == np.arange(n))
-    stats = {"exact_duplicates": exact_removed, "near_duplicates": 0, "candidate_pairs": 0, "verified_pairs": 0,
-             "lsh_threshold": round(cfg.dedup.lsh_threshold, 4), "threshold": cfg.dedup.threshold}
+    stats = {
+        "exact_duplicates": exact_removed,
+        "near_duplicates": 0,
+        "candidate_pairs": 0,
+        "verified_pairs": 0,
+        "lsh_threshold": round(cfg.dedup.lsh_threshold, 4),
+        "threshold": cfg.dedup.threshold,
+    }
     if cfg.dedup.near and len(unique) > 1:
         sigs = np.concatenate([np.load(work / f"{u.stem}.sig.npy") for u in units])[unique]
         hasher = MinHasher.from_config(cfg.dedup)
@@ -96,8 +108,9 @@ def global_dedup(units: list[WorkUnit], work: Path, corpus: Corpus, cfg: DataCon
         near = near_duplicates(sigs, cfg.dedup, shingle_sets)
         rep = unique[near.cluster]
         cluster = rep[np.searchsorted(unique, cluster)]
-        stats.update(near_duplicates=int((~near.keep).sum()), candidate_pairs=near.candidates,
-                     verified_pairs=near.verified)
+        stats.update(
+            near_duplicates=int((~near.keep).sum()), candidate_pairs=near.candidates, verified_pairs=near.verified
+        )
     stats["clusters"] = _write_clusters(work.parent / "dedup" / "clusters.jsonl", cluster, corpus)
     keep = cluster == np.arange(n)
     stats["documents_kept"] = int(keep.sum())
@@ -113,8 +126,16 @@ def _write_clusters(path: Path, cluster: np.ndarray, corpus: Corpus) -> int:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for c in sorted(members):
             kinds = {"exact" if corpus.hashes[m] == corpus.hashes[c] else "near" for m in members[c]}
-            f.write(json.dumps({"kept": corpus.ids[c], "kind": "+".join(sorted(kinds)),
-                                "members": [corpus.ids[m] for m in members[c]]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "kept": corpus.ids[c],
+                        "kind": "+".join(sorted(kinds)),
+                        "members": [corpus.ids[m] for m in members[c]],
+                    }
+                )
+                + "\n"
+            )
     return len(members)
 
 
@@ -144,16 +165,21 @@ def get_tokenizer(cfg: DataConfig, units: list[WorkUnit], work: Path, corpus: Co
                     yield rec["text"]
                 g += 1
 
-    log.info("training a %d-token BPE tokenizer on %d documents (%d bytes)", cfg.tokenize.vocab_size, len(chosen),
-             int(corpus.nbytes[chosen].sum()))
+    log.info(
+        "training a %d-token BPE tokenizer on %d documents (%d bytes)",
+        cfg.tokenize.vocab_size,
+        len(chosen),
+        int(corpus.nbytes[chosen].sum()),
+    )
     tokenizer = train_tokenizer(sample(), vocab_size=cfg.tokenize.vocab_size)
     tokenizer.save(saved)
     atomic_write_text(stamp, digest)
     return tokenizer
 
 
-def tokenize_units(units: list[WorkUnit], work: Path, keep: np.ndarray, corpus: Corpus, tokenizer, cfg: DataConfig,
-                   progress: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def tokenize_units(
+    units: list[WorkUnit], work: Path, keep: np.ndarray, corpus: Corpus, tokenizer, cfg: DataConfig, progress: bool
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Tokens of every kept document, per unit: (flat ids, offsets [docs in unit + 1]), written to
     work/ and memory-mapped back, so memory stays flat; a unit tokenized by the same tokenizer and
     the same dedup result before is reused (resume)."""
@@ -164,13 +190,18 @@ def tokenize_units(units: list[WorkUnit], work: Path, keep: np.ndarray, corpus: 
     for u in tqdm(units, desc="tokenize", unit="unit", disable=not progress):
         kept_local = set(corpus.local[(corpus.unit == u.index) & keep].tolist())
         stamp = f"{tok_id}:{hashlib.sha256(str(sorted(kept_local)).encode()).hexdigest()[:16]}"
-        flat_path, off_path, done = (work / f"{u.stem}.tok.npy", work / f"{u.stem}.tok_offsets.npy",
-                                     work / f"{u.stem}.tok.done")
+        flat_path, off_path, done = (
+            work / f"{u.stem}.tok.npy",
+            work / f"{u.stem}.tok_offsets.npy",
+            work / f"{u.stem}.tok.done",
+        )
         if not (done.is_file() and done.read_text() == stamp):
             texts = (rec["text"] if i in kept_local else "" for i, rec in enumerate(iter_unit_docs(u, work)))
             arrays = list(tokenize_texts(tokenizer, texts, cfg.tokenize.batch_size))
-            for path, arr in ((off_path, np.cumsum([0] + [len(a) for a in arrays])),
-                              (flat_path, np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32))):
+            for path, arr in (
+                (off_path, np.cumsum([0] + [len(a) for a in arrays])),
+                (flat_path, np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32)),
+            ):
                 with atomic_path(path) as tmp, open(tmp, "wb") as f:
                     np.save(f, arr)
             atomic_write_text(done, stamp)
@@ -179,12 +210,13 @@ def tokenize_units(units: list[WorkUnit], work: Path, keep: np.ndarray, corpus: 
     return flats, offsets
 
 
-def _pack_split(out: Path, split: str, order: list[int], corpus: Corpus, flats, offsets, tokenizer,
-                cfg: DataConfig) -> dict:
+def _pack_split(
+    out: Path, split: str, order: list[int], corpus: Corpus, flats, offsets, tokenizer, cfg: DataConfig
+) -> dict:
     writer = ShardWriter(out, split, tokenizer.vocab_size, tokenizer.eos_id, cfg.pack.shard_tokens)
     for g in order:
         u, i = int(corpus.unit[g]), int(corpus.local[g])
-        writer.add(flats[u][offsets[u][i]: offsets[u][i + 1]])
+        writer.add(flats[u][offsets[u][i] : offsets[u][i + 1]])
     return writer.close()
 
 
@@ -194,8 +226,10 @@ def _write_train_docs(out: Path, units: list[WorkUnit], work: Path, train_keep: 
         for u in units:
             for rec in iter_unit_docs(u, work):
                 if train_keep[g]:
-                    f.write(json.dumps({"id": rec["id"], "source": rec["source"], "text": rec["text"]},
-                                       ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps({"id": rec["id"], "source": rec["source"], "text": rec["text"]}, ensure_ascii=False)
+                        + "\n"
+                    )
                 g += 1
 
 
@@ -218,8 +252,10 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
     corpus = load_corpus(units, work)
     if not corpus.ids:
         _merge_rejected(units, work, out)  # the message points to it: it must exist
-        raise LmforgeError(f"every document was filtered out: nothing to deduplicate or pack (rules: "
-                           f"{json.dumps(unit_stat['rejected'])}; each document in {out / 'rejected.jsonl'})")
+        raise LmforgeError(
+            f"every document was filtered out: nothing to deduplicate or pack (rules: "
+            f"{json.dumps(unit_stat['rejected'])}; each document in {out / 'rejected.jsonl'})"
+        )
     if weights:
         check_sources(weights, corpus.sources)  # fail before the tokenizer, not after it
     cluster, dedup_stats = global_dedup(units, work, corpus, cfg)
@@ -236,9 +272,10 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
     items = [MixItem(int(g), corpus.sources[g], int(ntok[g]) + 1) for g in train_idx]
     log.info("mix: %s", f"weights {weights}" if weights else "the natural proportions of the sources")
     train_order, mix_report = mix(items, weights, cfg.mix.seed, cfg.mix.total_tokens)
-    splits = {"train": _pack_split(out, "train", train_order, corpus, flats, offsets, tokenizer, cfg),
-              "val": _pack_split(out, "val", np.flatnonzero(keep & val).tolist(), corpus, flats, offsets,
-                                 tokenizer, cfg)}
+    splits = {
+        "train": _pack_split(out, "train", train_order, corpus, flats, offsets, tokenizer, cfg),
+        "val": _pack_split(out, "val", np.flatnonzero(keep & val).tolist(), corpus, flats, offsets, tokenizer, cfg),
+    }
     write_index(out, splits, tokenizer.vocab_size, tokenizer.eos_id)
     _write_train_docs(out, units, work, keep & ~val)
     _merge_rejected(units, work, out)
@@ -246,12 +283,22 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
     seconds = time.perf_counter() - t0
     stats = unit_stat
     stats["filter_scope"]["applies_to"] = cfg.filters.sources if cfg.filters.sources is not None else "prose"
-    stats.update(dedup=dedup_stats, mix=mix_report, mix_weights=weights or "natural", workers=workers,
-                 work_units=len(units), resumed_units=resumed,
-                 tokens={s: {"tokens": v["tokens"], "documents": v["documents"], "shards": len(v["shards"])}
-                         for s, v in splits.items()},
-                 vocab_size=tokenizer.vocab_size, seconds=round(seconds, 2), stage_seconds=timing,
-                 mb_per_s=round(stats["read"]["bytes"] / 1e6 / max(seconds, 1e-9), 2))
+    stats.update(
+        dedup=dedup_stats,
+        mix=mix_report,
+        mix_weights=weights or "natural",
+        workers=workers,
+        work_units=len(units),
+        resumed_units=resumed,
+        tokens={
+            s: {"tokens": v["tokens"], "documents": v["documents"], "shards": len(v["shards"])}
+            for s, v in splits.items()
+        },
+        vocab_size=tokenizer.vocab_size,
+        seconds=round(seconds, 2),
+        stage_seconds=timing,
+        mb_per_s=round(stats["read"]["bytes"] / 1e6 / max(seconds, 1e-9), 2),
+    )
     atomic_write_json(out / "stats.json", stats)
     atomic_write_text(out / "stats.md", render_markdown(stats))
     return stats
@@ -263,11 +310,15 @@ def _log_filter_scope(cfg: DataConfig, stats: dict) -> None:
     scope = stats["filter_scope"]
     seen, total = scope["checked"], scope["checked"] + scope["not_checked"]
     which = f"sources {', '.join(cfg.filters.sources)}" if cfg.filters.sources is not None else "prose documents"
-    log.info("filters (%s): checked %d of %d documents, rejected %d", which, seen, total,
-             sum(stats["rejected"].values()))
+    log.info(
+        "filters (%s): checked %d of %d documents, rejected %d", which, seen, total, sum(stats["rejected"].values())
+    )
     if total and not seen and cfg.filters.sources is not None:  # by default: all input is code, rightly unfiltered
-        log.warning("the filters checked no document: filters.sources %s matches none of the sources %s",
-                    cfg.filters.sources, ", ".join(sorted(stats["by_source"])) or "(none kept)")
+        log.warning(
+            "the filters checked no document: filters.sources %s matches none of the sources %s",
+            cfg.filters.sources,
+            ", ".join(sorted(stats["by_source"])) or "(none kept)",
+        )
 
 
 def _merge_rejected(units: list[WorkUnit], work: Path, out: Path) -> None:

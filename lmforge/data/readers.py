@@ -12,16 +12,48 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO
 
 from lmforge.common import LmforgeError
 
 # Source files: read whole like text, and of kind "code" (the quality filters, built for prose, skip them).
-CODE_SUFFIXES = {".py", ".pyi", ".js", ".mjs", ".cjs", ".jsx", ".ts", ".tsx", ".java", ".kt", ".scala", ".c", ".h",
-                 ".cc", ".cpp", ".cxx", ".hpp", ".cs", ".go", ".rs", ".rb", ".php", ".swift", ".sh", ".bash", ".sql",
-                 ".lua", ".r", ".jl", ".pl", ".hs", ".ml"}
+CODE_SUFFIXES = {
+    ".py",
+    ".pyi",
+    ".js",
+    ".mjs",
+    ".cjs",
+    ".jsx",
+    ".ts",
+    ".tsx",
+    ".java",
+    ".kt",
+    ".scala",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".cxx",
+    ".hpp",
+    ".cs",
+    ".go",
+    ".rs",
+    ".rb",
+    ".php",
+    ".swift",
+    ".sh",
+    ".bash",
+    ".sql",
+    ".lua",
+    ".r",
+    ".jl",
+    ".pl",
+    ".hs",
+    ".ml",
+}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown"} | CODE_SUFFIXES
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
@@ -57,7 +89,7 @@ class ReadReport:
         if len(self.problems) < MAX_RECORDED_PROBLEMS:
             self.problems.append(f"{where}: {reason}")
 
-    def merge(self, other: "ReadReport") -> None:
+    def merge(self, other: ReadReport) -> None:
         self.files += other.files
         self.documents += other.documents
         self.bytes += other.bytes
@@ -67,8 +99,13 @@ class ReadReport:
         self.problems.extend(other.problems[: max(room, 0)])
 
     def to_dict(self) -> dict:
-        return {"files": self.files, "documents": self.documents, "bytes": self.bytes,
-                "skipped": dict(sorted(self.skipped.items())), "problems": self.problems}
+        return {
+            "files": self.files,
+            "documents": self.documents,
+            "bytes": self.bytes,
+            "skipped": dict(sorted(self.skipped.items())),
+            "problems": self.problems,
+        }
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -225,8 +262,9 @@ def read_parquet_file(path: Path, source: str, report: ReadReport, text_field: s
             yield Document(id=where, text=value, source=source)
 
 
-def read_files(paths: Iterable[Path], source: str | None, report: ReadReport,
-               text_field: str = "text") -> Iterator[Document]:
+def read_files(
+    paths: Iterable[Path], source: str | None, report: ReadReport, text_field: str = "text"
+) -> Iterator[Document]:
     """Documents of already-expanded files, in order. `source` None names each by its file stem."""
     for path in paths:
         fmt = _format(path)
@@ -242,7 +280,11 @@ def read_files(paths: Iterable[Path], source: str | None, report: ReadReport,
             report.skip("unsupported file type", str(path))
 
 
-def read_inputs(inputs: Iterable[str | os.PathLike], source: str | None = None, text_field: str = "text",
-                report: ReadReport | None = None) -> Iterator[Document]:
+def read_inputs(
+    inputs: Iterable[str | os.PathLike],
+    source: str | None = None,
+    text_field: str = "text",
+    report: ReadReport | None = None,
+) -> Iterator[Document]:
     """The convenience entry point: files/folders/globs -> Documents."""
     return read_files(expand_inputs(inputs), source, report if report is not None else ReadReport(), text_field)

@@ -10,8 +10,8 @@ import copy
 import os
 import re
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from lmforge.data.readers import Document, ReadReport
 
@@ -91,8 +91,12 @@ def prose_of(source: str) -> str:
     return "\n\n".join(docs + comments(source))
 
 
-def read_stdlib(files: Iterable[Path], report: ReadReport, root: str | Path | None = None,
-                sources: tuple[str, ...] = ("code", "prose")) -> Iterator[Document]:
+def read_stdlib(
+    files: Iterable[Path],
+    report: ReadReport,
+    root: str | Path | None = None,
+    sources: tuple[str, ...] = ("code", "prose"),
+) -> Iterator[Document]:
     """Per file: a "code" document (the file) and a "prose" document (its docstrings + comments)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     for path in files:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -81,12 +81,21 @@ def process_unit(unit: WorkUnit, cfg: DataConfig, work_dir: str) -> dict:
     work = Path(work_dir)
     report = ReadReport()
     hasher = MinHasher.from_config(cfg.dedup) if cfg.dedup.near else None
-    stats: dict = {"normalized": {}, "filtered": {}, "rejected": {}, "by_source": {}, "by_language": {},
-                   "filter_scope": {"checked": 0, "not_checked": 0}}
+    stats: dict = {
+        "normalized": {},
+        "filtered": {},
+        "rejected": {},
+        "by_source": {},
+        "by_language": {},
+        "filter_scope": {"checked": 0, "not_checked": 0},
+    }
     sigs: list = []  # shingle hashes of the kept documents; signatures in one batch at the end
-    with atomic_path(work / f"{unit.stem}.docs.jsonl") as docs_tmp, \
-            atomic_path(work / f"{unit.stem}.rejected.jsonl") as rej_tmp, \
-            open(docs_tmp, "w", encoding="utf-8") as docs_f, open(rej_tmp, "w", encoding="utf-8") as rej_f:
+    with (
+        atomic_path(work / f"{unit.stem}.docs.jsonl") as docs_tmp,
+        atomic_path(work / f"{unit.stem}.rejected.jsonl") as rej_tmp,
+        open(docs_tmp, "w", encoding="utf-8") as docs_f,
+        open(rej_tmp, "w", encoding="utf-8") as rej_f,
+    ):
         for doc in _documents(unit, cfg, report):
             text = normalize_text(doc.text, cfg.normalize)
             _bump(stats["normalized"], 1, len(text.encode("utf-8")))
@@ -97,15 +106,24 @@ def process_unit(unit: WorkUnit, cfg: DataConfig, work_dir: str) -> dict:
                 text, rule, lang = apply_filters(text, doc.source, cfg.filters, doc.kind)
             if rule is not None:
                 stats["rejected"][rule] = stats["rejected"].get(rule, 0) + 1
-                rej_f.write(json.dumps({"id": doc.id, "source": doc.source, "rule": rule, "lang": lang},
-                                       ensure_ascii=False) + "\n")
+                rej_f.write(
+                    json.dumps({"id": doc.id, "source": doc.source, "rule": rule, "lang": lang}, ensure_ascii=False)
+                    + "\n"
+                )
                 continue
             nbytes = len(text.encode("utf-8"))
             _bump(stats["filtered"], 1, nbytes)
             _bump(stats["by_source"].setdefault(doc.source, {}), 1, nbytes)
             _bump(stats["by_language"].setdefault(lang, {}), 1, nbytes)
-            record = {"id": doc.id, "source": doc.source, "kind": doc.kind, "lang": lang, "bytes": nbytes,
-                      "hash": exact_hash(text), "text": text}
+            record = {
+                "id": doc.id,
+                "source": doc.source,
+                "kind": doc.kind,
+                "lang": lang,
+                "bytes": nbytes,
+                "hash": exact_hash(text),
+                "text": text,
+            }
             docs_f.write(json.dumps(record, ensure_ascii=False) + "\n")
             if hasher is not None:
                 sigs.append(hasher.shingle_hashes(text))

@@ -11,10 +11,16 @@ Names are imported lazily so `import lmforge.eval` stays light.
 from __future__ import annotations
 
 _LAZY = {
-    "LocalLM": "lmforge.eval.lm", "EndpointLM": "lmforge.eval.lm", "load_lm": "lmforge.eval.lm",
-    "TaskConfig": "lmforge.eval.tasks", "TaskResult": "lmforge.eval.tasks",
-    "BuiltinConfig": "lmforge.eval.builtin", "run_builtin": "lmforge.eval.builtin",
-    "evaluate": "lmforge.eval.suite", "write_report": "lmforge.eval.report", "write_comparison": "lmforge.eval.report",
+    "LocalLM": "lmforge.eval.lm",
+    "EndpointLM": "lmforge.eval.lm",
+    "load_lm": "lmforge.eval.lm",
+    "TaskConfig": "lmforge.eval.tasks",
+    "TaskResult": "lmforge.eval.tasks",
+    "BuiltinConfig": "lmforge.eval.builtin",
+    "run_builtin": "lmforge.eval.builtin",
+    "evaluate": "lmforge.eval.suite",
+    "write_report": "lmforge.eval.report",
+    "write_comparison": "lmforge.eval.report",
 }
 
 __all__ = [*_LAZY, "evaluate_builtin"]
@@ -39,8 +45,13 @@ def evaluate_builtin(model, tokenizer, out_dir=None, name: str = "model", contam
     was_training = model.training
     model.eval()
     try:
-        results = evaluate(LocalLM(model, tokenizer, name=name), [], builtin=BuiltinConfig(**builtin),
-                           contamination=contamination, config={"builtin": builtin})
+        results = evaluate(
+            LocalLM(model, tokenizer, name=name),
+            [],
+            builtin=BuiltinConfig(**builtin),
+            contamination=contamination,
+            config={"builtin": builtin},
+        )
     finally:
         model.train(was_training)
     if out_dir is not None:

@@ -82,7 +82,7 @@ def _trained_modules(path: str, base: str) -> frozenset[str]:
     for _, record in read_jsonl(path, "builtin.trained_docs"):
         doc_id = str(record.get("id", "") if isinstance(record, dict) else "").split("#")[0]
         if doc_id.startswith("stdlib/"):
-            out.add(doc_id[len("stdlib/"):])
+            out.add(doc_id[len("stdlib/") :])
         elif Path(doc_id).is_absolute() and Path(doc_id).is_relative_to(base):
             out.add(Path(doc_id).relative_to(base).as_posix())
     return frozenset(out)
@@ -102,8 +102,8 @@ def perplexity_docs(cfg: BuiltinConfig, kind: str) -> list[tuple[str, str]]:
         if text is not None and kind == "prose":
             text = prose_of(text)
         if text and text.strip():
-            docs.append((doc_id, text[:cfg.max_chars]))
-    return docs[:cfg.max_docs]
+            docs.append((doc_id, text[: cfg.max_chars]))
+    return docs[: cfg.max_docs]
 
 
 def functions(cfg: BuiltinConfig) -> list[dict]:
@@ -114,8 +114,9 @@ def functions(cfg: BuiltinConfig) -> list[dict]:
             if not is_example(node, sentence) or len(sentence.split()) < 3 or sentence in seen:
                 continue  # the SFT set's rule (public, 10-200 characters); too short to tell apart; a duplicate
             seen.add(sentence)
-            out.append({"id": f"{doc_id}:{node.lineno}:{node.name}", "signature": signature(node),
-                        "sentence": sentence})
+            out.append(
+                {"id": f"{doc_id}:{node.lineno}:{node.name}", "signature": signature(node), "sentence": sentence}
+            )
     return sorted(out, key=lambda f: f["id"])
 
 
@@ -131,8 +132,9 @@ def docstring_examples(cfg: BuiltinConfig, chat_template=None) -> list[dict]:
     fns = functions(cfg)
     rng = random.Random(cfg.seed)
     picked = rng.sample(fns, min(cfg.num_examples, len(fns)))
-    return [{"id": f["id"], "prompt": _prompt(f["signature"], chat_template), "answers": [f["sentence"]]}
-            for f in picked]
+    return [
+        {"id": f["id"], "prompt": _prompt(f["signature"], chat_template), "answers": [f["sentence"]]} for f in picked
+    ]
 
 
 def docstring_mc_examples(cfg: BuiltinConfig, chat_template=None) -> list[dict]:
@@ -144,8 +146,14 @@ def docstring_mc_examples(cfg: BuiltinConfig, chat_template=None) -> list[dict]:
         others = [g["sentence"] for g in fns if g["id"] != f["id"]]
         choices = rng.sample(others, min(cfg.num_choices - 1, len(others))) + [f["sentence"]]
         rng.shuffle(choices)
-        out.append({"id": f["id"], "context": _prompt(f["signature"], chat_template), "choices": choices,
-                    "gold": choices.index(f["sentence"])})
+        out.append(
+            {
+                "id": f["id"],
+                "context": _prompt(f["signature"], chat_template),
+                "choices": choices,
+                "gold": choices.index(f["sentence"]),
+            }
+        )
     return out
 
 
@@ -153,12 +161,24 @@ def task_configs(cfg: BuiltinConfig) -> dict[str, TaskConfig]:
     return {
         "stdlib_code_ppl": TaskConfig("stdlib_code_ppl", "perplexity", stride=cfg.stride),
         "stdlib_prose_ppl": TaskConfig("stdlib_prose_ppl", "perplexity", stride=cfg.stride),
-        "stdlib_docstring": TaskConfig("stdlib_docstring", "generation", seed=cfg.seed, target_delimiter="",
-                                       max_new_tokens=cfg.max_new_tokens, stop=['"""', "\n\n"],
-                                       answer_regex=FIRST_SENTENCE, metrics=["rouge_l", "exact_match"],
-                                       repetition_penalty=cfg.repetition_penalty),
-        "stdlib_docstring_mc": TaskConfig("stdlib_docstring_mc", "multiple_choice", seed=cfg.seed,
-                                          target_delimiter="", unconditional_context=_prompt("", None)),
+        "stdlib_docstring": TaskConfig(
+            "stdlib_docstring",
+            "generation",
+            seed=cfg.seed,
+            target_delimiter="",
+            max_new_tokens=cfg.max_new_tokens,
+            stop=['"""', "\n\n"],
+            answer_regex=FIRST_SENTENCE,
+            metrics=["rouge_l", "exact_match"],
+            repetition_penalty=cfg.repetition_penalty,
+        ),
+        "stdlib_docstring_mc": TaskConfig(
+            "stdlib_docstring_mc",
+            "multiple_choice",
+            seed=cfg.seed,
+            target_delimiter="",
+            unconditional_context=_prompt("", None),
+        ),
     }
 
 
@@ -173,8 +193,9 @@ def run_builtin(lm, cfg: BuiltinConfig | None = None, tasks: list[str] | None = 
     for name in tasks or list(configs):
         tc = configs[name]
         if tc.type == "perplexity":
-            metrics, records = text_perplexity(lm, perplexity_docs(cfg, "prose" if "prose" in name else "code"),
-                                               cfg.stride)
+            metrics, records = text_perplexity(
+                lm, perplexity_docs(cfg, "prose" if "prose" in name else "code"), cfg.stride
+            )
             results.append(TaskResult(name, tc.type, metrics, records))
         elif tc.type == "generation":
             results.append(run_generation(lm, tc, docstring_examples(cfg, template)))
@@ -191,5 +212,13 @@ def _chat_tokenizer(lm):
     return tokenizer
 
 
-__all__ = ["BuiltinConfig", "run_builtin", "functions", "docstring_examples", "docstring_mc_examples",
-           "perplexity_docs", "held_out", "aggregate"]
+__all__ = [
+    "BuiltinConfig",
+    "run_builtin",
+    "functions",
+    "docstring_examples",
+    "docstring_mc_examples",
+    "perplexity_docs",
+    "held_out",
+    "aggregate",
+]

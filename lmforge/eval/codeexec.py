@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 from lmforge.eval import metrics as M
 from lmforge.eval.sandbox import run_isolated
@@ -59,39 +59,59 @@ def humaneval_program(prompt: str, completion: str, test: str, entry_point: str)
     return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
 
 
-def run_programs(programs: Sequence[str], timeout: float = 10.0, memory_mb: int = 1024,
-                 workers: int | None = None, max_file_mb: int = 16) -> list[ExecResult]:
+def run_programs(
+    programs: Sequence[str],
+    timeout: float = 10.0,
+    memory_mb: int = 1024,
+    workers: int | None = None,
+    max_file_mb: int = 16,
+) -> list[ExecResult]:
     """Candidates run in parallel (each is its own sandbox, so threads just wait on them)."""
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda p: run_program(p, timeout, memory_mb, max_file_mb), programs))
 
 
-def run_code(lm, cfg) -> "object":
+def run_code(lm, cfg) -> object:
     """The code task: `num_samples` completions per problem, each executed against its tests; pass@k."""
     from lmforge.eval.task_data import TaskResult, load_examples
 
     def normalize(row: dict, where: str) -> dict:
         from lmforge.eval.task_data import _field
 
-        return {"id": str(row.get("task_id", row.get("id", where))), "prompt": _field(row, ("prompt",), where),
-                "test": _field(row, ("test", "tests"), where), "entry_point": _field(row, ("entry_point",), where)}
+        return {
+            "id": str(row.get("task_id", row.get("id", where))),
+            "prompt": _field(row, ("prompt",), where),
+            "test": _field(row, ("test", "tests"), where),
+            "entry_point": _field(row, ("entry_point",), where),
+        }
 
     problems = load_examples(cfg, normalize)
     stop = HUMANEVAL_STOP if cfg.stop is None else cfg.stop
     prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
-    completions = lm.generate(prompts, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature,
-                              seed=cfg.seed)
-    programs = [humaneval_program(p["prompt"], c, p["test"], p["entry_point"])
-                for p, c in zip([p for p in problems for _ in range(cfg.num_samples)], completions)]
+    completions = lm.generate(
+        prompts, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature, seed=cfg.seed
+    )
+    programs = [
+        humaneval_program(p["prompt"], c, p["test"], p["entry_point"])
+        for p, c in zip([p for p in problems for _ in range(cfg.num_samples)], completions)
+    ]
     results = run_programs(programs, cfg.timeout, cfg.memory_mb)
     records = []
     for i, p in enumerate(problems):
         mine = slice(i * cfg.num_samples, (i + 1) * cfg.num_samples)
         res = results[mine]
-        records.append({"id": p["id"], "prompt": p["prompt"], "completions": completions[mine],
-                        "results": [r.status for r in res], "details": [r.detail for r in res],
-                        "n": len(res), "c": sum(r.passed for r in res)})
+        records.append(
+            {
+                "id": p["id"],
+                "prompt": p["prompt"],
+                "completions": completions[mine],
+                "results": [r.status for r in res],
+                "details": [r.detail for r in res],
+                "n": len(res),
+                "c": sum(r.passed for r in res),
+            }
+        )
     return TaskResult(cfg.name, cfg.type, aggregate(records, cfg.k), records)
 
 

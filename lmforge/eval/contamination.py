@@ -5,8 +5,8 @@ flagged in the results and every task's metrics are also reported on the clean s
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from lmforge.common import LmforgeError, read_jsonl
 from lmforge.data.ngram import NGramIndex, check_examples, summarize

@@ -27,8 +27,16 @@ class LmforgeHarnessLM(LM):
     """model_args: pretrained (model folder), device, dtype, batch_size, max_length. `lm=` passes a
     ready `LocalLM` (tests, the pipeline)."""
 
-    def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = None,
-                 batch_size: int | str = 8, max_length: int | None = None, lm: LocalLM | None = None, **_ignored):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        lm: LocalLM | None = None,
+        **_ignored,
+    ):
         super().__init__()
         if lm is None:
             if not pretrained:
@@ -36,8 +44,13 @@ class LmforgeHarnessLM(LM):
             bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 device = None  # lm-eval asks for cuda by default; use what this machine has
-            lm = LocalLM.load(pretrained, device=device, dtype=dtype, batch_size=bs,
-                              max_length=int(max_length) if max_length else None)
+            lm = LocalLM.load(
+                pretrained,
+                device=device,
+                dtype=dtype,
+                batch_size=bs,
+                max_length=int(max_length) if max_length else None,
+            )
         self.lm = lm
 
     # Chat templating (`--apply_chat_template`): the template stored with the checkpoint.
@@ -64,8 +77,13 @@ class LmforgeHarnessLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-            out += self.lm.generate([context], max_new_tokens=int(kwargs.get("max_gen_toks", 256)), stop=until,
-                                    temperature=temperature, seed=kwargs.get("seed"))
+            out += self.lm.generate(
+                [context],
+                max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+                stop=until,
+                temperature=temperature,
+                seed=kwargs.get("seed"),
+            )
         return out
 
 

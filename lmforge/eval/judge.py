@@ -10,7 +10,7 @@ the mean over questions, with a percentile bootstrap confidence interval.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from lmforge.eval import metrics as M
 
@@ -52,7 +52,7 @@ JUDGE_MAX_TOKENS = 256
 
 
 def parse_verdict(text: str) -> str | None:
-    """"A", "B", "tie", or None when the judge's text holds no verdict."""
+    """ "A", "B", "tie", or None when the judge's text holds no verdict."""
     m = _VERDICT.search(text)
     if m:
         return {"A": "A", "B": "B", "C": "tie"}[m.group(1)]
@@ -72,11 +72,20 @@ def parse_rating(text: str) -> float | None:
 _POINTS = {"A": 1.0, "tie": 0.5, "B": 0.0, None: 0.5}  # no verdict counts as a tie
 
 
-def judge_pairwise(judge, questions: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str],
-                   ids: Sequence[str] | None = None) -> list[dict]:
+def judge_pairwise(
+    judge,
+    questions: Sequence[str],
+    answers_a: Sequence[str],
+    answers_b: Sequence[str],
+    ids: Sequence[str] | None = None,
+) -> list[dict]:
     """Per question: both orders' verdicts and A's score (1 win, 0.5 tie or inconsistent, 0 loss)."""
-    ab = [PAIRWISE_PROMPT.format(question=q, answer_a=a, answer_b=b) for q, a, b in zip(questions, answers_a, answers_b)]
-    ba = [PAIRWISE_PROMPT.format(question=q, answer_a=b, answer_b=a) for q, a, b in zip(questions, answers_a, answers_b)]
+    ab = [
+        PAIRWISE_PROMPT.format(question=q, answer_a=a, answer_b=b) for q, a, b in zip(questions, answers_a, answers_b)
+    ]
+    ba = [
+        PAIRWISE_PROMPT.format(question=q, answer_a=b, answer_b=a) for q, a, b in zip(questions, answers_a, answers_b)
+    ]
     out_ab = judge.generate(ab, max_new_tokens=JUDGE_MAX_TOKENS, stop=[], temperature=0.0)
     out_ba = judge.generate(ba, max_new_tokens=JUDGE_MAX_TOKENS, stop=[], temperature=0.0)
     records = []
@@ -84,42 +93,72 @@ def judge_pairwise(judge, questions: Sequence[str], answers_a: Sequence[str], an
         v1 = parse_verdict(out_ab[i])
         v2 = {"A": "B", "B": "A"}.get(parse_verdict(out_ba[i]) or "", parse_verdict(out_ba[i]))  # back to A/B
         score = (_POINTS[v1] + _POINTS[v2]) / 2
-        records.append({"id": ids[i] if ids else str(i), "question": q, "answer_a": answers_a[i],
-                        "answer_b": answers_b[i], "judge_ab": out_ab[i], "judge_ba": out_ba[i],
-                        "verdicts": [v1, v2], "consistent": v1 == v2 and v1 is not None,
-                        "scores": {"win": score}})
+        records.append(
+            {
+                "id": ids[i] if ids else str(i),
+                "question": q,
+                "answer_a": answers_a[i],
+                "answer_b": answers_b[i],
+                "judge_ab": out_ab[i],
+                "judge_ba": out_ba[i],
+                "verdicts": [v1, v2],
+                "consistent": v1 == v2 and v1 is not None,
+                "scores": {"win": score},
+            }
+        )
     return records
 
 
 def aggregate_pairwise(records: Sequence[dict], seed: int = 0) -> dict[str, float]:
     scores = [r["scores"]["win"] for r in records]
     low, high = M.bootstrap_ci(scores, seed=seed)
-    return {"examples": len(records), "win_rate": M.mean(scores), "win_rate_ci_low": low, "win_rate_ci_high": high,
-            "wins": sum(s > 0.5 for s in scores), "ties": sum(s == 0.5 for s in scores),
-            "losses": sum(s < 0.5 for s in scores),
-            "consistency": M.mean([float(r["consistent"]) for r in records])}
+    return {
+        "examples": len(records),
+        "win_rate": M.mean(scores),
+        "win_rate_ci_low": low,
+        "win_rate_ci_high": high,
+        "wins": sum(s > 0.5 for s in scores),
+        "ties": sum(s == 0.5 for s in scores),
+        "losses": sum(s < 0.5 for s in scores),
+        "consistency": M.mean([float(r["consistent"]) for r in records]),
+    }
 
 
-def judge_single(judge, questions: Sequence[str], answers: Sequence[str], ids: Sequence[str] | None = None) -> list[dict]:
+def judge_single(
+    judge, questions: Sequence[str], answers: Sequence[str], ids: Sequence[str] | None = None
+) -> list[dict]:
     """1-10 grades; an answer the judge did not grade scores nothing and is counted as invalid."""
     prompts = [SINGLE_PROMPT.format(question=q, answer=a) for q, a in zip(questions, answers)]
     outs = judge.generate(prompts, max_new_tokens=JUDGE_MAX_TOKENS, stop=[], temperature=0.0)
     records = []
     for i, (q, a, o) in enumerate(zip(questions, answers, outs)):
         rating = parse_rating(o)
-        records.append({"id": ids[i] if ids else str(i), "question": q, "answer": a, "judge": o, "rating": rating,
-                        "scores": {"score": rating} if rating is not None else {}})
+        records.append(
+            {
+                "id": ids[i] if ids else str(i),
+                "question": q,
+                "answer": a,
+                "judge": o,
+                "rating": rating,
+                "scores": {"score": rating} if rating is not None else {},
+            }
+        )
     return records
 
 
 def aggregate_single(records: Sequence[dict], seed: int = 0) -> dict[str, float]:
     ratings = [r["rating"] for r in records if r["rating"] is not None]
     low, high = M.bootstrap_ci(ratings, seed=seed)
-    return {"examples": len(records), "score": M.mean(ratings), "score_ci_low": low, "score_ci_high": high,
-            "invalid": len(records) - len(ratings)}
+    return {
+        "examples": len(records),
+        "score": M.mean(ratings),
+        "score_ci_low": low,
+        "score_ci_high": high,
+        "invalid": len(records) - len(ratings),
+    }
 
 
-def run_judge_task(lm, cfg, load_lm) -> "object":
+def run_judge_task(lm, cfg, load_lm) -> object:
     """judge_pairwise / judge_single tasks: `lm` answers the file's questions, `cfg.judge` judges them
     (pairwise against `cfg.baseline`'s answers, or the file's "baseline" field)."""
     from lmforge.common import LmforgeError
@@ -127,19 +166,22 @@ def run_judge_task(lm, cfg, load_lm) -> "object":
 
     if not cfg.judge:
         raise LmforgeError(f"task {cfg.name!r}: 'judge' (a model folder or endpoint URL) is required for {cfg.type}")
-    rows = load_examples(cfg, lambda r, w: {**r, "id": str(r.get("id", w)),
-                                            "question": str(_field(r, ("question", "prompt"), w))})
+    rows = load_examples(
+        cfg, lambda r, w: {**r, "id": str(r.get("id", w)), "question": str(_field(r, ("question", "prompt"), w))}
+    )
     questions, ids = [r["question"] for r in rows], [r["id"] for r in rows]
     stop = ["\n\n"] if cfg.stop is None else cfg.stop
-    answers = lm.generate(questions, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature,
-                          seed=cfg.seed)
+    answers = lm.generate(
+        questions, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature, seed=cfg.seed
+    )
     judge = load_lm(cfg.judge)
     if cfg.type == "judge_single":
         records = judge_single(judge, questions, answers, ids)
         return TaskResult(cfg.name, cfg.type, aggregate_single(records, cfg.seed), records)
     if cfg.baseline:
-        baseline = load_lm(cfg.baseline).generate(questions, max_new_tokens=cfg.max_new_tokens, stop=stop,
-                                                  temperature=cfg.temperature, seed=cfg.seed)
+        baseline = load_lm(cfg.baseline).generate(
+            questions, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature, seed=cfg.seed
+        )
     else:
         baseline = [str(_field(r, ("baseline", "reference", "answer"), f"{cfg.path}:{r['id']}")) for r in rows]
     records = judge_pairwise(judge, questions, answers, baseline, ids)

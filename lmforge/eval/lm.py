@@ -13,9 +13,9 @@ continuations run as one right-padded batch on top of it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LocalLM:
             raise LmforgeError("the tokenizer has neither a bos nor an eos token to start a text with")
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, dtype: str | None = None, **kw) -> "LocalLM":
+    def load(cls, path: str | Path, device: str | None = None, dtype: str | None = None, **kw) -> LocalLM:
         from lmforge.checkpoint import load_model, load_tokenizer_if_any
 
         model = load_model(path, device=get_device(device), dtype=dtype)
@@ -89,15 +89,16 @@ class LocalLM:
             raise LmforgeError("a continuation encodes to no tokens (empty answer choice?)")
         longest = max(len(c) for c in conts)
         ctx_ids = [self.prefix_id] + list(ctx_ids) if not ctx_ids else list(ctx_ids)
-        ctx_ids = ctx_ids[-max(1, self.max_length - longest):]  # keep the end of a long context
+        ctx_ids = ctx_ids[-max(1, self.max_length - longest) :]  # keep the end of a long context
         B, P = len(conts), len(ctx_ids)
         cache = KVCache.for_model(self.model, 1, P + longest + virtual_tokens(self.model))
-        last = self.model(torch.tensor([ctx_ids], device=self.device), kv_cache=cache, start_pos=0,
-                          logits_to_keep=1)[:, -1]  # [1, V] predicts the first continuation token
+        last = self.model(torch.tensor([ctx_ids], device=self.device), kv_cache=cache, start_pos=0, logits_to_keep=1)[
+            :, -1
+        ]  # [1, V] predicts the first continuation token
         cache.select_rows(torch.zeros(B, dtype=torch.long, device=self.device))  # B copies of the prefix
         tokens = torch.zeros(B, longest, dtype=torch.long, device=self.device)
         for i, c in enumerate(conts):
-            tokens[i, :len(c)] = torch.tensor(c)
+            tokens[i, : len(c)] = torch.tensor(c)
         # Right padding: pads sit after every real token so causal attention never lets them in.
         logits = self.model(tokens[:, :-1], kv_cache=cache, start_pos=P) if longest > 1 else None
         steps = last.expand(B, -1)[:, None] if logits is None else torch.cat([last.expand(B, -1)[:, None], logits], 1)
@@ -113,31 +114,55 @@ class LocalLM:
     def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[float]:
         from lmforge.eval.perplexity import token_nll
 
-        return [-token_nll(self.model, self.tokenizer.encode(t), self.prefix_id, self.max_length, stride,
-                           self.batch_size)[0] for t in texts]
+        return [
+            -token_nll(self.model, self.tokenizer.encode(t), self.prefix_id, self.max_length, stride, self.batch_size)[
+                0
+            ]
+            for t in texts
+        ]
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
-                 temperature: float = 0.0, seed: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        seed: int | None = None,
+        repetition_penalty: float = 1.0,
+    ) -> list[str]:
         """Batched left-padded generation; a batch ends early once every row has hit EOS or a stop string."""
         out = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = [self.tokenizer.encode(p) or [self.prefix_id] for p in prompts[start:start + self.batch_size]]
+            batch = [self.tokenizer.encode(p) or [self.prefix_id] for p in prompts[start : start + self.batch_size]]
             # Keep the end of a prompt that would not leave room for the answer.
-            batch = [ids[-max(1, self.max_length - max_new_tokens):] for ids in batch]
-            out += self._generate_batch(batch, max_new_tokens, stop, temperature, None if seed is None else seed + start,
-                                        repetition_penalty)
+            batch = [ids[-max(1, self.max_length - max_new_tokens) :] for ids in batch]
+            out += self._generate_batch(
+                batch, max_new_tokens, stop, temperature, None if seed is None else seed + start, repetition_penalty
+            )
         return out
 
-    def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: Sequence[str], temperature: float,
-                        seed: int | None, repetition_penalty: float = 1.0) -> list[str]:
+    def _generate_batch(
+        self,
+        batch: list[list[int]],
+        max_new_tokens: int,
+        stop: Sequence[str],
+        temperature: float,
+        seed: int | None,
+        repetition_penalty: float = 1.0,
+    ) -> list[str]:
         from lmforge.infer.generate import stream_generate
         from lmforge.infer.sampling import SamplingParams
 
         ends = set(end_of_turn_ids(self.tokenizer))  # EOS, and the chat template's end of turn
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                stop_token_ids=sorted(ends), repetition_penalty=repetition_penalty)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            stop_token_ids=sorted(ends),
+            repetition_penalty=repetition_penalty,
+        )
         texts = [TextStream(self.tokenizer, stop) for _ in batch]
         done = [False] * len(batch)
         for token in stream_generate(self.model, batch, params):
@@ -160,14 +185,19 @@ class EndpointLM:
     server must support; generation only needs plain completions. `model="default"` takes the
     first model the server lists."""
 
-    def __init__(self, base_url: str, model: str = "default", api_key: str = "EMPTY", timeout: float = 120.0,
-                 chat: bool = False) -> None:
+    def __init__(
+        self, base_url: str, model: str = "default", api_key: str = "EMPTY", timeout: float = 120.0, chat: bool = False
+    ) -> None:
         from openai import OpenAI
 
         base_url = base_url.rstrip("/")
         self.url, self.chat = base_url, chat
-        self.client = OpenAI(base_url=base_url if base_url.endswith("/v1") else base_url + "/v1",
-                             api_key=api_key, timeout=timeout, max_retries=1)
+        self.client = OpenAI(
+            base_url=base_url if base_url.endswith("/v1") else base_url + "/v1",
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=1,
+        )
         if model == "default":
             models = self._call(lambda: self.client.models.list().data, "listing models")
             if not models:
@@ -186,20 +216,36 @@ class EndpointLM:
         except openai.APIConnectionError as e:
             raise LmforgeError(f"{self.url}: cannot reach the endpoint ({e.__class__.__name__})") from None
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
-                 temperature: float = 0.0, seed: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        seed: int | None = None,
+        repetition_penalty: float = 1.0,
+    ) -> list[str]:
         out = []
         for p in prompts:
-            kw = dict(model=self.model_id, max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                      stop=list(stop)[:4] or None)  # OpenAI accepts at most 4 stop strings; the rest cut below
+            kw = dict(
+                model=self.model_id,
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+                stop=list(stop)[:4] or None,
+            )  # OpenAI accepts at most 4 stop strings; the rest cut below
             if repetition_penalty != 1.0:  # not an OpenAI field: lmforge serve and vLLM read it from the body
                 kw["extra_body"] = {"repetition_penalty": repetition_penalty}
             if self.chat:
-                r = self._call(lambda: self.client.chat.completions.create(
-                    messages=[{"role": "user", "content": p}], **kw), "a chat completion")
+                r = self._call(
+                    lambda: self.client.chat.completions.create(messages=[{"role": "user", "content": p}], **kw),
+                    "a chat completion",
+                )
                 text = r.choices[0].message.content or ""
             else:
-                text = self._call(lambda: self.client.completions.create(prompt=p, **kw), "a completion").choices[0].text
+                text = (
+                    self._call(lambda: self.client.completions.create(prompt=p, **kw), "a completion").choices[0].text
+                )
             out.append(cut_at_stop(text, stop))
         return out
 
@@ -207,13 +253,23 @@ class EndpointLM:
         out = []
         what = "an echo=True logprobs request (log-likelihood tasks need prompt logprobs)"
         for context, continuation in requests:
-            r = self._call(lambda: self.client.completions.create(
-                model=self.model_id, prompt=context + continuation, echo=True, max_tokens=0, logprobs=1,
-                temperature=0.0), what)
+            r = self._call(
+                lambda: self.client.completions.create(
+                    model=self.model_id,
+                    prompt=context + continuation,
+                    echo=True,
+                    max_tokens=0,
+                    logprobs=1,
+                    temperature=0.0,
+                ),
+                what,
+            )
             lp = r.choices[0].logprobs
             if lp is None or not lp.text_offset:
-                raise LmforgeError(f"{self.url}: the endpoint returned no prompt logprobs (echo=True is needed "
-                                   "for log-likelihood tasks)")
+                raise LmforgeError(
+                    f"{self.url}: the endpoint returned no prompt logprobs (echo=True is needed "
+                    "for log-likelihood tasks)"
+                )
             first = next(i for i, off in enumerate(lp.text_offset) if off >= len(context))
             tokens = lp.token_logprobs[first:]
             tops = (lp.top_logprobs or [None] * len(lp.token_logprobs))[first:]
@@ -226,12 +282,19 @@ class EndpointLM:
         return [self.loglikelihood([("", t)])[0][0] for t in texts]
 
 
-def load_lm(spec: str, device: str | None = None, dtype: str | None = None, batch_size: int = 8,
-            endpoint_model: str = "default", max_length: int | None = None) -> LocalLM | EndpointLM:
+def load_lm(
+    spec: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 8,
+    endpoint_model: str = "default",
+    max_length: int | None = None,
+) -> LocalLM | EndpointLM:
     """A model folder -> LocalLM; an http(s) URL -> EndpointLM. `max_length`: the scoring window
     (None: the model's max_position_embeddings; a model trained on shorter sequences scores better
     with its training length)."""
     if spec.startswith(("http://", "https://")):
         return EndpointLM(spec, model=endpoint_model)
-    return LocalLM.load(spec, device=device, dtype=dtype, batch_size=batch_size,
-                        max_length=int(max_length) if max_length else None)
+    return LocalLM.load(
+        spec, device=device, dtype=dtype, batch_size=batch_size, max_length=int(max_length) if max_length else None
+    )

@@ -11,8 +11,8 @@ front so the text's first token is scored too, as lm-eval's rolling log-likeliho
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,9 @@ def windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 @torch.inference_mode()
-def token_nll(model, ids: Sequence[int], prefix_id: int, max_length: int, stride: int | None = None,
-              batch_size: int = 8) -> tuple[float, int]:
+def token_nll(
+    model, ids: Sequence[int], prefix_id: int, max_length: int, stride: int | None = None, batch_size: int = 8
+) -> tuple[float, int]:
     """(sum of -log p over every token of `ids`, number of tokens) with sliding windows."""
     ids = [prefix_id] + list(ids)
     if len(ids) < 2:
@@ -49,20 +50,23 @@ def token_nll(model, ids: Sequence[int], prefix_id: int, max_length: int, stride
     for size in sorted({e - b for b, e, _ in spans}):
         group = [s for s in spans if s[1] - s[0] == size]
         for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
+            chunk = group[i : i + batch_size]
             x = torch.tensor([ids[b:e] for b, e, _ in chunk], device=device)
             logp = F.log_softmax(model(x[:, :-1]).float(), dim=-1)
             nll = -logp.gather(-1, x[:, 1:, None])[..., 0]  # [b, size-1]: target j+1 given inputs <= j
             for row, (b, _, first) in enumerate(chunk):
-                total += float(nll[row, first - b - 1:].sum())
+                total += float(nll[row, first - b - 1 :].sum())
     return total, len(ids) - 1
 
 
 def summarize(nll: float, tokens: int, n_bytes: int) -> dict[str, float]:
-    return {"perplexity": math.exp(nll / tokens) if tokens else float("nan"),
-            "nll_per_token": nll / tokens if tokens else float("nan"),
-            "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
-            "tokens": tokens, "bytes": n_bytes}
+    return {
+        "perplexity": math.exp(nll / tokens) if tokens else float("nan"),
+        "nll_per_token": nll / tokens if tokens else float("nan"),
+        "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+        "tokens": tokens,
+        "bytes": n_bytes,
+    }
 
 
 def text_perplexity(lm, texts: Sequence[tuple[str, str]], stride: int | None = None) -> tuple[dict, list[dict]]:
@@ -71,14 +75,14 @@ def text_perplexity(lm, texts: Sequence[tuple[str, str]], stride: int | None = N
     for doc_id, text in texts:
         ids = lm.tokenizer.encode(text)
         nll, n = token_nll(lm.model, ids, lm.prefix_id, lm.max_length, stride, lm.batch_size)
-        records.append({"id": doc_id, "nll": nll, "tokens": n, "bytes": len(text.encode("utf-8")),
-                        "text": text[:200]})
+        records.append({"id": doc_id, "nll": nll, "tokens": n, "bytes": len(text.encode("utf-8")), "text": text[:200]})
     return aggregate(records), records
 
 
 def aggregate(records: Sequence[dict]) -> dict[str, float]:
-    return summarize(sum(r["nll"] for r in records), sum(r["tokens"] for r in records),
-                     sum(r["bytes"] for r in records))
+    return summarize(
+        sum(r["nll"] for r in records), sum(r["tokens"] for r in records), sum(r["bytes"] for r in records)
+    )
 
 
 def shard_documents(data_dir: str | Path, split: str = "val", limit: int | None = None) -> list[np.ndarray]:
@@ -94,14 +98,16 @@ def shard_documents(data_dir: str | Path, split: str = "val", limit: int | None 
     return docs
 
 
-def shard_perplexity(lm, data_dir: str | Path, split: str = "val", stride: int | None = None,
-                     limit: int | None = None) -> tuple[dict, list[dict]]:
+def shard_perplexity(
+    lm, data_dir: str | Path, split: str = "val", stride: int | None = None, limit: int | None = None
+) -> tuple[dict, list[dict]]:
     """Perplexity over the documents of packed validation shards; bytes come from decoding the ids."""
     records = []
     for i, doc in enumerate(shard_documents(data_dir, split, limit)):
         ids = doc.tolist()
         nll, n = token_nll(lm.model, ids, lm.prefix_id, lm.max_length, stride, lm.batch_size)
         text = lm.tokenizer.decode(ids)
-        records.append({"id": f"{split}/{i}", "nll": nll, "tokens": n, "bytes": len(text.encode("utf-8")),
-                        "text": text[:200]})
+        records.append(
+            {"id": f"{split}/{i}", "nll": nll, "tokens": n, "bytes": len(text.encode("utf-8")), "text": text[:200]}
+        )
     return aggregate(records), records

@@ -21,8 +21,13 @@ SHOWN_EXAMPLES = 5
 
 
 def make_results(model: str, task_results: list, config: dict | None = None) -> dict:
-    return {"lmforge_eval": 1, "model": model, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "config": config or {}, "tasks": [t.to_dict() if hasattr(t, "to_dict") else t for t in task_results]}
+    return {
+        "lmforge_eval": 1,
+        "model": model,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "config": config or {},
+        "tasks": [t.to_dict() if hasattr(t, "to_dict") else t for t in task_results],
+    }
 
 
 def load_results(path: str | Path) -> dict:
@@ -57,8 +62,13 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _bars(path: Path, title: str, labels: list[str], series: dict[str, list[float]],
-          errors: dict[str, list[tuple[float, float]]] | None = None) -> str:
+def _bars(
+    path: Path,
+    title: str,
+    labels: list[str],
+    series: dict[str, list[float]],
+    errors: dict[str, list[tuple[float, float]]] | None = None,
+) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +80,10 @@ def _bars(path: Path, title: str, labels: list[str], series: dict[str, list[floa
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
         yerr = None
         if errors and name in errors and any(lo != hi for lo, hi in errors[name]):
-            yerr = [[v - lo for v, (lo, _) in zip(values, errors[name])], [hi - v for v, (_, hi) in zip(values, errors[name])]]
+            yerr = [
+                [v - lo for v, (lo, _) in zip(values, errors[name])],
+                [hi - v for v, (_, hi) in zip(values, errors[name])],
+            ]
         bars = ax.bar(xs, values, width, label=name, yerr=yerr, capsize=4)
         ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
@@ -121,17 +134,28 @@ def _summary_table(results: dict) -> list[list[str]]:
         name, value = primary_metric(t) or ("-", math.nan)
         clean = (t.get("metrics_clean") or {}).get(name)
         cont = t.get("contamination") or {}
-        rows.append([t["name"], t["type"], name, fmt(value), fmt(clean) if clean is not None else "-",
-                     f"{cont['contaminated']}/{cont['examples']}" if cont else "-",
-                     fmt(t["metrics"].get("examples", len(t["examples"])))])
+        rows.append(
+            [
+                t["name"],
+                t["type"],
+                name,
+                fmt(value),
+                fmt(clean) if clean is not None else "-",
+                f"{cont['contaminated']}/{cont['examples']}" if cont else "-",
+                fmt(t["metrics"].get("examples", len(t["examples"]))),
+            ]
+        )
     return rows
 
 
 def _example_preview(t: dict) -> str:
     lines = []
     for ex in t["examples"][:SHOWN_EXAMPLES]:
-        shown = {k: ex[k] for k in ("id", "prediction", "answers", "gold", "results", "verdicts", "rating", "tokens")
-                 if k in ex}
+        shown = {
+            k: ex[k]
+            for k in ("id", "prediction", "answers", "gold", "results", "verdicts", "rating", "tokens")
+            if k in ex
+        }
         if "nll" in ex and ex.get("tokens"):
             shown["nll_per_token"] = round(ex["nll"] / ex["tokens"], 4)
         if "prompt" in ex:
@@ -141,9 +165,11 @@ def _example_preview(t: dict) -> str:
 
 
 def report_blocks(results: dict, images: list[tuple[str, str]]) -> list[tuple]:
-    blocks: list[tuple] = [("h1", f"lmforge eval: {results['model']}"),
-                           ("p", f"{results['created']} - {len(results['tasks'])} task(s)."),
-                           ("table", _summary_table(results))]
+    blocks: list[tuple] = [
+        ("h1", f"lmforge eval: {results['model']}"),
+        ("p", f"{results['created']} - {len(results['tasks'])} task(s)."),
+        ("table", _summary_table(results)),
+    ]
     blocks += [("img", caption, file) for caption, file in images]
     for t in results["tasks"]:
         blocks.append(("h2", t["name"]))
@@ -152,8 +178,13 @@ def report_blocks(results: dict, images: list[tuple[str, str]]) -> list[tuple]:
             metric_rows.append([k, fmt(v)] + ([fmt(t["metrics_clean"].get(k))] if t.get("metrics_clean") else []))
         blocks.append(("table", metric_rows))
         if t["examples"]:
-            blocks.append(("p", f"First {min(SHOWN_EXAMPLES, len(t['examples']))} of {len(t['examples'])} examples "
-                                f"(all are in {RESULTS}):"))
+            blocks.append(
+                (
+                    "p",
+                    f"First {min(SHOWN_EXAMPLES, len(t['examples']))} of {len(t['examples'])} examples "
+                    f"(all are in {RESULTS}):",
+                )
+            )
             blocks.append(("code", _example_preview(t)))
     return blocks
 
@@ -183,14 +214,18 @@ def to_markdown(blocks: list[tuple]) -> str:
     return "\n".join(out)
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"
-        "th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:12px}img{max-width:100%}")
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"
+    "th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:12px}img{max-width:100%}"
+)
 
 
 def to_html(blocks: list[tuple], title: str) -> str:
     e = html.escape
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style></head><body>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style></head><body>"
+    ]
     for b in blocks:
         if b[0] in ("h1", "h2"):
             out.append(f"<{b[0]}>{e(b[1])}</{b[0]}>")
@@ -246,8 +281,11 @@ def write_comparison(path_a: str | Path, path_b: str | Path, out_dir: str | Path
         a["label"], b["label"] = f"A: {Path(path_a).name}", f"B: {Path(path_b).name}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    blocks = [("h1", "lmforge eval: comparison"), ("p", f"A = {path_a} ({a['created']}), B = {path_b} ({b['created']})"),
-              ("table", compare_table(a, b))]
+    blocks = [
+        ("h1", "lmforge eval: comparison"),
+        ("p", f"A = {path_a} ({a['created']}), B = {path_b} ({b['created']})"),
+        ("table", compare_table(a, b)),
+    ]
     blocks += [("img", c, f) for c, f in _plots([a, b], out_dir, "compare-")]
     atomic_write_text(out_dir / "compare.md", to_markdown(blocks))
     atomic_write_text(out_dir / "compare.html", to_html(blocks, "lmforge eval: comparison"))

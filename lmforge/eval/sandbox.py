@@ -58,7 +58,7 @@ _RUN = "/run/lmforge"  # read-only: the harness and the program
 # Runs inside the sandbox as `python -I harness.py MEM CPU FSIZE NPROC MARKER_FD program.py`. The marker
 # (read from an inherited pipe, which is then closed) is printed only after the program returned, so
 # exit()/os._exit()/SystemExit inside it cannot pass.
-_HARNESS = r'''
+_HARNESS = r"""
 import os, resource, sys
 def _harness():
     mem, cpu, fsize, nproc = (int(a) for a in sys.argv[1:5])
@@ -76,17 +76,60 @@ def _harness():
     sys.stderr.flush()
     os.write(1, b"\n" + marker + b"\n")
 _harness()
-'''
+"""
 
 # Syscalls refused with EPERM (never needed by a program under test; reachable kernel surface).
 _DENIED_SYSCALLS = (
-    "add_key", "keyctl", "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
-    "io_uring_enter", "io_uring_register", "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
-    "mount", "umount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_by_handle_at",
-    "name_to_handle_at", "fsopen", "fsmount", "fsconfig", "fspick", "move_mount", "open_tree", "mount_setattr",
-    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon",
-    "swapoff", "acct", "quotactl", "syslog", "vhangup", "iopl", "ioperm", "settimeofday", "clock_settime",
-    "clock_adjtime", "adjtimex", "lookup_dcookie", "fanotify_init", "personality",
+    "add_key",
+    "keyctl",
+    "request_key",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "mount",
+    "umount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "syslog",
+    "vhangup",
+    "iopl",
+    "ioperm",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "lookup_dcookie",
+    "fanotify_init",
+    "personality",
 )
 
 
@@ -109,7 +152,7 @@ def _tool(name: str, package: str) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _seccomp_filter() -> bytes | None:
     """The compiled BPF deny-list, or None where libseccomp is not installed."""
     name = ctypes.util.find_library("seccomp")
@@ -157,14 +200,26 @@ def _root_userns() -> int:
     """A user namespace (as an fd) where uid 0 is host root and uid 1000 is host nobody, with further
     user namespaces disabled. Only root may write such a two-line map; bwrap joins it with --userns."""
     helper = subprocess.Popen(
-        [_tool("unshare", "util-linux"), "--user", "--", "/bin/sh", "-c",
-         # re-exec after the map is written so the shell holds its capabilities in the namespace
-         'echo ready; read go; exec /bin/sh -c "echo 0 > /proc/sys/user/max_user_namespaces && echo ok && read done"'],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
+        [
+            _tool("unshare", "util-linux"),
+            "--user",
+            "--",
+            "/bin/sh",
+            "-c",
+            # re-exec after the map is written so the shell holds its capabilities in the namespace
+            'echo ready; read go; exec /bin/sh -c "echo 0 > /proc/sys/user/max_user_namespaces && echo ok && read done"',
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     try:
         if helper.stdout.readline() != b"ready\n":
-            raise SandboxUnavailable("the kernel refuses user namespaces (unshare --user failed: "
-                                     f"{helper.stderr.read().decode(errors='replace').strip()})")
+            raise SandboxUnavailable(
+                "the kernel refuses user namespaces (unshare --user failed: "
+                f"{helper.stderr.read().decode(errors='replace').strip()})"
+            )
         mapping = f"0 0 1\n{SANDBOX_UID} {NOBODY} 1\n"
         for name in ("uid_map", "gid_map"):
             with open(f"/proc/{helper.pid}/{name}", "w") as f:
@@ -172,8 +227,10 @@ def _root_userns() -> int:
         helper.stdin.write(b"go\n")
         helper.stdin.flush()
         if helper.stdout.readline() != b"ok\n":
-            raise SandboxUnavailable("cannot disable nested user namespaces in the sandbox: "
-                                     f"{helper.stderr.read().decode(errors='replace').strip()}")
+            raise SandboxUnavailable(
+                "cannot disable nested user namespaces in the sandbox: "
+                f"{helper.stderr.read().decode(errors='replace').strip()}"
+            )
         return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY)
     except OSError as e:
         raise SandboxUnavailable(f"the kernel refuses the sandbox's user namespace: {e}") from e
@@ -184,8 +241,16 @@ def _root_userns() -> int:
 
 def _python_dirs() -> list[str]:
     """Folders the interpreter needs (installation, venv), outside /usr, outermost only."""
-    dirs = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.base_exec_prefix, sys.exec_prefix,
-                                          os.path.dirname(os.path.realpath(sys.executable)))}
+    dirs = {
+        os.path.realpath(p)
+        for p in (
+            sys.base_prefix,
+            sys.prefix,
+            sys.base_exec_prefix,
+            sys.exec_prefix,
+            os.path.dirname(os.path.realpath(sys.executable)),
+        )
+    }
     dirs = {d for d in dirs if d != "/usr" and not d.startswith("/usr/")}
     return sorted(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))
 
@@ -198,8 +263,18 @@ def _mounts(box_bytes: int) -> list[str]:
             args += ["--symlink", os.readlink(host), host]
         elif os.path.isdir(host):
             args += ["--ro-bind", host, host]
-    args += ["--ro-bind", "/usr", "/usr", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
-             "--proc", "/proc", "--dev", "/dev"]
+    args += [
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--ro-bind-try",
+        "/etc/ld.so.cache",
+        "/etc/ld.so.cache",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+    ]
     for writable in ("/box", "/tmp", "/dev/shm"):  # before the Python folders: a venv may live under /tmp
         args += ["--perms", "01777", "--size", str(box_bytes), "--tmpfs", writable]
     for d in _python_dirs():
@@ -217,8 +292,9 @@ def _refusal(stderr: bytes) -> SandboxUnavailable:
     return SandboxUnavailable(f"the sandbox could not start: {text}")
 
 
-def run_isolated(program: str, timeout: float, memory_mb: int, max_file_mb: int,
-                 max_procs: int = 64) -> Isolated | None:
+def run_isolated(
+    program: str, timeout: float, memory_mb: int, max_file_mb: int, max_procs: int = 64
+) -> Isolated | None:
     """Run `program` (Python source) in a fresh sandbox; None when it ran past `timeout` seconds (killed)."""
     bwrap = _tool("bwrap", "bubblewrap (apt-get install bubblewrap)")
     marker = secrets.token_hex(16).encode()
@@ -237,8 +313,15 @@ def run_isolated(program: str, timeout: float, memory_mb: int, max_file_mb: int,
             fds += passed[2:]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        env={"PATH": "/usr/bin:/bin"}, pass_fds=passed, start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    env={"PATH": "/usr/bin:/bin"},
+                    pass_fds=passed,
+                    start_new_session=True,
+                )
             finally:
                 fds.remove(info_w)
                 os.close(info_w)  # now only bwrap holds it: EOF on info_r if bwrap dies early
@@ -275,26 +358,77 @@ def _command(bwrap: str, program: str, limits: list[int], passed: list[int], box
     marker_fd, info_fd = passed
     if os.geteuid() == 0:
         passed.append(_root_userns())
-        user = ["--userns", str(passed[-1])] + [a for c in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
-                                                for a in ("--cap-add", c)]
-        drop = [_tool("setpriv", "util-linux"), f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}",
-                "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]
+        user = ["--userns", str(passed[-1])] + [
+            a for c in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP") for a in ("--cap-add", c)
+        ]
+        drop = [
+            _tool("setpriv", "util-linux"),
+            f"--reuid={SANDBOX_UID}",
+            f"--regid={SANDBOX_UID}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]
     else:
         user, drop = ["--unshare-user", "--disable-userns"], []
     passed += [_data_fd(_HARNESS.encode()), _data_fd(program.encode("utf-8", "surrogatepass"))]
-    files = ["--perms", "0444", "--ro-bind-data", str(passed[-2]), f"{_RUN}/harness.py",
-             "--perms", "0444", "--ro-bind-data", str(passed[-1]), f"{_RUN}/program.py"]
+    files = [
+        "--perms",
+        "0444",
+        "--ro-bind-data",
+        str(passed[-2]),
+        f"{_RUN}/harness.py",
+        "--perms",
+        "0444",
+        "--ro-bind-data",
+        str(passed[-1]),
+        f"{_RUN}/program.py",
+    ]
     bpf = _seccomp_filter()
     if bpf is not None:
         passed.append(_data_fd(bpf))
         files += ["--seccomp", str(passed[-1])]
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/box", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-           "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    argv = [bwrap, *user, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--hostname", "sandbox", *_mounts(box_bytes), *files,
-            "--remount-ro", "/", "--chdir", "/box", "--clearenv",
-            *[a for k, v in env.items() for a in ("--setenv", k, v)], "--info-fd", str(info_fd), *drop,
-            sys.executable, "-I", f"{_RUN}/harness.py", *map(str, limits), str(marker_fd), f"{_RUN}/program.py"]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/box",
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
+    argv = [
+        bwrap,
+        *user,
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        "sandbox",
+        *_mounts(box_bytes),
+        *files,
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/box",
+        "--clearenv",
+        *[a for k, v in env.items() for a in ("--setenv", k, v)],
+        "--info-fd",
+        str(info_fd),
+        *drop,
+        sys.executable,
+        "-I",
+        f"{_RUN}/harness.py",
+        *map(str, limits),
+        str(marker_fd),
+        f"{_RUN}/program.py",
+    ]
     return argv
 
 

@@ -1,15 +1,15 @@
 """Running a list of tasks against one model: dispatch by task type, contamination flags, results.
 
-    lm = load_lm("out/model")                       # or LocalLM(model, tokenizer), or an endpoint URL
-    results = evaluate(lm, [TaskConfig(...), ...], builtin=BuiltinConfig(), contamination="corpus/")
-    write_report(results, "out/eval")
+lm = load_lm("out/model")                       # or LocalLM(model, tokenizer), or an endpoint URL
+results = evaluate(lm, [TaskConfig(...), ...], builtin=BuiltinConfig(), contamination="corpus/")
+write_report(results, "out/eval")
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lmforge.common import LmforgeError, get_logger
 from lmforge.eval.lm import LocalLM, load_lm
@@ -42,8 +42,9 @@ def run_perplexity(lm, cfg: TaskConfig) -> TaskResult:
     if not isinstance(lm, LocalLM):
         texts = _perplexity_texts(cfg, read_jsonl)
         nll = [-x for x in lm.loglikelihood_rolling([t for _, t in texts])]
-        records = [{"id": i, "nll": n, "tokens": 0, "bytes": len(t.encode()), "text": t[:200]}
-                   for (i, t), n in zip(texts, nll)]
+        records = [
+            {"id": i, "nll": n, "tokens": 0, "bytes": len(t.encode()), "text": t[:200]} for (i, t), n in zip(texts, nll)
+        ]
         return TaskResult(cfg.name, cfg.type, {"bits_per_byte": P.aggregate(records)["bits_per_byte"]}, records)
     if cfg.data_dir:
         metrics, records = P.shard_perplexity(lm, cfg.data_dir, cfg.split, cfg.stride, cfg.limit)
@@ -63,11 +64,18 @@ def _perplexity_texts(cfg: TaskConfig, read_jsonl) -> list[tuple[str, str]]:
         texts = [(path.name, path.read_text(encoding="utf-8", errors="replace"))]
     else:
         raise LmforgeError(f"task {cfg.name!r}: perplexity file not found: {path}")
-    return texts[:cfg.limit] if cfg.limit else texts
+    return texts[: cfg.limit] if cfg.limit else texts
 
 
-def evaluate(lm, tasks: Sequence[TaskConfig], builtin=None, contamination=None, min_overlap: int | None = None,
-             config: dict | None = None, load=load_lm) -> dict:
+def evaluate(
+    lm,
+    tasks: Sequence[TaskConfig],
+    builtin=None,
+    contamination=None,
+    min_overlap: int | None = None,
+    config: dict | None = None,
+    load=load_lm,
+) -> dict:
     """Run `tasks` (and the built-in tasks when `builtin` is a BuiltinConfig) -> results dict.
     `contamination`: an NGramIndex, or a path for `contamination.load_index`."""
     results: list[TaskResult] = []

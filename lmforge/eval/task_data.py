@@ -4,9 +4,10 @@ imports another to get at it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmforge.common import LmforgeError
 from lmforge.common import read_jsonl as common_read_jsonl
@@ -86,8 +87,15 @@ def normalize_mc(row: dict, where: str) -> dict:
     if isinstance(gold, str) and gold in choices:
         gold = choices.index(gold)
     if not isinstance(gold, int) or not 0 <= gold < len(choices):
-        raise LmforgeError(f"{where}: 'gold' must be an index into choices (0..{len(choices) - 1}) or a choice, got {gold!r}")
-    return {"id": str(row.get("id", where)), "context": str(context), "choices": [str(c) for c in choices], "gold": gold}
+        raise LmforgeError(
+            f"{where}: 'gold' must be an index into choices (0..{len(choices) - 1}) or a choice, got {gold!r}"
+        )
+    return {
+        "id": str(row.get("id", where)),
+        "context": str(context),
+        "choices": [str(c) for c in choices],
+        "gold": gold,
+    }
 
 
 def normalize_gen(row: dict, where: str) -> dict:
@@ -106,4 +114,4 @@ def load_examples(cfg: TaskConfig, normalize: Callable[[dict, str], dict], apply
     out = [normalize(r, f"{cfg.path}:{i + 1}") for i, r in enumerate(rows)]
     for i, ex in enumerate(out):  # default ids by line keep examples addressable in the report
         ex["id"] = ex["id"] if "id" in rows[i] or "task_id" in rows[i] else f"{cfg.name}/{i}"
-    return out[:cfg.limit] if cfg.limit and apply_limit else out
+    return out[: cfg.limit] if cfg.limit and apply_limit else out

@@ -13,17 +13,27 @@ task's own file minus the example being asked). Every example keeps its per-exam
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from lmforge.common import LmforgeError
 from lmforge.eval import metrics as M
-from lmforge.eval.task_data import (TASK_TYPES, TaskConfig, TaskResult, _field, load_examples,  # noqa: F401
-                                    normalize_gen, normalize_mc, read_jsonl)
+from lmforge.eval.task_data import (  # noqa: F401
+    TASK_TYPES,
+    TaskConfig,
+    TaskResult,
+    _field,
+    load_examples,
+    normalize_gen,
+    normalize_mc,
+    read_jsonl,
+)
 
-def fewshot_prefix(cfg: TaskConfig, pool: list[dict], index: int, exclude_self: bool,
-                   render: Callable[[dict], str]) -> str:
+
+def fewshot_prefix(
+    cfg: TaskConfig, pool: list[dict], index: int, exclude_self: bool, render: Callable[[dict], str]
+) -> str:
     """`num_fewshot` seeded examples (never the asked one), each rendered with its answer."""
     if cfg.num_fewshot <= 0:
         return ""
@@ -47,7 +57,7 @@ def fewshot_pool(cfg: TaskConfig, examples: list[dict], normalize) -> tuple[list
 def run_multiple_choice(lm, cfg: TaskConfig, examples: list[dict] | None = None) -> TaskResult:
     examples = examples if examples is not None else load_examples(cfg, normalize_mc, apply_limit=False)
     pool, own = fewshot_pool(cfg, examples, normalize_mc)  # shots come from all examples, `limit` or not
-    examples = examples[:cfg.limit] if cfg.limit else examples
+    examples = examples[: cfg.limit] if cfg.limit else examples
     d = cfg.target_delimiter
     requests, contexts = [], []
     for i, ex in enumerate(examples):
@@ -62,14 +72,22 @@ def run_multiple_choice(lm, cfg: TaskConfig, examples: list[dict] | None = None)
         unconditional = {c: s[0] for c, s in zip(distinct, priors)}
     records, pos = [], 0
     for ex, ctx in zip(examples, contexts):
-        lls = [s[0] for s in scores[pos:pos + len(ex["choices"])]]
+        lls = [s[0] for s in scores[pos : pos + len(ex["choices"])]]
         pos += len(ex["choices"])
         # Length normalisation by characters of the choice, as lm-eval's acc_norm.
         normed = [ll / max(1, len(d + c)) for ll, c in zip(lls, ex["choices"])]
         pred, pred_norm = int(np.argmax(lls)), int(np.argmax(normed))
-        record = {"id": ex["id"], "input": ex["context"], "prompt": ctx, "choices": ex["choices"], "gold": ex["gold"],
-                  "loglikelihoods": lls, "prediction": pred, "prediction_norm": pred_norm,
-                  "scores": {"acc": float(pred == ex["gold"]), "acc_norm": float(pred_norm == ex["gold"])}}
+        record = {
+            "id": ex["id"],
+            "input": ex["context"],
+            "prompt": ctx,
+            "choices": ex["choices"],
+            "gold": ex["gold"],
+            "loglikelihoods": lls,
+            "prediction": pred,
+            "prediction_norm": pred_norm,
+            "scores": {"acc": float(pred == ex["gold"]), "acc_norm": float(pred_norm == ex["gold"])},
+        }
         if unconditional is not None:
             pmi = [ll - unconditional[d + c] for ll, c in zip(lls, ex["choices"])]
             record["prediction_mutual_info"] = int(np.argmax(pmi))
@@ -84,19 +102,31 @@ def run_multiple_choice(lm, cfg: TaskConfig, examples: list[dict] | None = None)
 def run_generation(lm, cfg: TaskConfig, examples: list[dict] | None = None) -> TaskResult:
     examples = examples if examples is not None else load_examples(cfg, normalize_gen, apply_limit=False)
     pool, own = fewshot_pool(cfg, examples, normalize_gen)
-    examples = examples[:cfg.limit] if cfg.limit else examples
+    examples = examples[: cfg.limit] if cfg.limit else examples
     d = cfg.target_delimiter
-    prompts = [fewshot_prefix(cfg, pool, i, own, lambda s: s["prompt"] + d + s["answers"][0]) + ex["prompt"]
-               for i, ex in enumerate(examples)]
+    prompts = [
+        fewshot_prefix(cfg, pool, i, own, lambda s: s["prompt"] + d + s["answers"][0]) + ex["prompt"]
+        for i, ex in enumerate(examples)
+    ]
     stop = ["\n\n"] if cfg.stop is None else cfg.stop
     extra = {"repetition_penalty": cfg.repetition_penalty} if cfg.repetition_penalty != 1.0 else {}
-    outputs = lm.generate(prompts, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature,
-                          seed=cfg.seed, **extra)
+    outputs = lm.generate(
+        prompts, max_new_tokens=cfg.max_new_tokens, stop=stop, temperature=cfg.temperature, seed=cfg.seed, **extra
+    )
     records = []
     for ex, prompt, out in zip(examples, prompts, outputs):
         pred = M.extract_answer(out, cfg.answer_regex)
-        records.append({"id": ex["id"], "input": ex["prompt"], "prompt": prompt, "output": out, "prediction": pred, "answers": ex["answers"],
-                        "scores": sentence_scores(pred, ex["answers"], cfg.metrics)})
+        records.append(
+            {
+                "id": ex["id"],
+                "input": ex["prompt"],
+                "prompt": prompt,
+                "output": out,
+                "prediction": pred,
+                "answers": ex["answers"],
+                "scores": sentence_scores(pred, ex["answers"], cfg.metrics),
+            }
+        )
     return TaskResult(cfg.name, cfg.type, aggregate(cfg, records), records)
 
 
@@ -107,8 +137,10 @@ _CORPUS_METRICS = {"bleu": M.bleu, "chrf": M.chrf}
 def sentence_scores(pred: str, answers: list[str], names: list[str]) -> dict[str, float]:
     unknown = set(names) - set(_SENTENCE_METRICS) - set(_CORPUS_METRICS)
     if unknown:
-        raise LmforgeError(f"unknown metric(s) {', '.join(sorted(unknown))} (known: "
-                           f"{', '.join([*_SENTENCE_METRICS, *_CORPUS_METRICS])})")
+        raise LmforgeError(
+            f"unknown metric(s) {', '.join(sorted(unknown))} (known: "
+            f"{', '.join([*_SENTENCE_METRICS, *_CORPUS_METRICS])})"
+        )
     return {n: _SENTENCE_METRICS[n](pred, answers) for n in names if n in _SENTENCE_METRICS}
 
 
@@ -145,8 +177,14 @@ def aggregate(cfg: TaskConfig, records: list[dict]) -> dict[str, float]:
     return out
 
 
-PRIMARY = {"multiple_choice": "acc", "generation": None, "code": "pass@1", "perplexity": "bits_per_byte",
-           "judge_pairwise": "win_rate", "judge_single": "score"}
+PRIMARY = {
+    "multiple_choice": "acc",
+    "generation": None,
+    "code": "pass@1",
+    "perplexity": "bits_per_byte",
+    "judge_pairwise": "win_rate",
+    "judge_single": "score",
+}
 
 
 def primary_metric(result: dict) -> tuple[str, float] | None:

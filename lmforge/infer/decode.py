@@ -49,8 +49,9 @@ class Proposer(Protocol):
 
     def reset(self, prompt: list[int]) -> None: ...
 
-    def propose(self, tokens: list[int], k: int, params: SamplingParams,
-                generator) -> tuple[list[int], torch.Tensor | None]: ...
+    def propose(
+        self, tokens: list[int], k: int, params: SamplingParams, generator
+    ) -> tuple[list[int], torch.Tensor | None]: ...
 
     def accepted(self, num_valid: int) -> None: ...
 
@@ -73,14 +74,20 @@ class SpecStats:
         return self.new_tokens / max(1, self.steps)
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "proposed": self.proposed, "accepted": self.accepted,
-                "new_tokens": self.new_tokens, "acceptance_rate": round(self.acceptance_rate, 4),
-                "tokens_per_step": round(self.tokens_per_step, 3),
-                "tokens_per_s": round(self.new_tokens / max(self.seconds, 1e-9), 2)}
+        return {
+            "steps": self.steps,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "new_tokens": self.new_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "tokens_per_step": round(self.tokens_per_step, 3),
+            "tokens_per_s": round(self.new_tokens / max(self.seconds, 1e-9), 2),
+        }
 
 
-def verify(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int],
-           generator: torch.Generator | None = None) -> tuple[list[int], int]:
+def verify(
+    p: torch.Tensor, q: torch.Tensor | None, drafts: list[int], generator: torch.Generator | None = None
+) -> tuple[list[int], int]:
     """Rejection-sample k drafts against the target. p [k+1, V] target probabilities at each draft
     position (plus the bonus position); q [k, V] the draft's probabilities, None for a deterministic
     proposal. A token drafted with probability q(x) is accepted with probability min(1, p(x) / q(x));
@@ -141,16 +148,27 @@ def _compact(cache: KVCache, start: int, path: list[int]) -> None:
     """Move the accepted nodes' keys/values (tree slots start + i) to slots start, start + 1, ..."""
     src = torch.tensor(path, device=cache.k[0].device) + start
     for buf in cache.k + cache.v:
-        buf[:, :, start:start + len(path)] = buf[:, :, src]
+        buf[:, :, start : start + len(path)] = buf[:, :, src]
 
 
 # ----------------------------------------------------------------------------- the driver
 
 
-def decode(model, params: SamplingParams, input_ids=None, *, inputs_embeds: torch.Tensor | None = None,
-           attention_mask: torch.Tensor | None = None, proposer: Proposer | None = None, k: int = 4,
-           sinks=None, decode_fn=None, eos_token_ids: Sequence[int] = (), stats: SpecStats | None = None,
-           return_logits: bool = False) -> Iterator:
+def decode(
+    model,
+    params: SamplingParams,
+    input_ids=None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    proposer: Proposer | None = None,
+    k: int = 4,
+    sinks=None,
+    decode_fn=None,
+    eos_token_ids: Sequence[int] = (),
+    stats: SpecStats | None = None,
+    return_logits: bool = False,
+) -> Iterator:
     """Yield the next token of every row [B] per step (with `return_logits`, (token, the logits
     [B, V] it was sampled from)). `model`: a Transformer, or a model with a `language_model` (a VLM:
     its LM decodes, the embeddings carry the image). `input_ids`: a [B, T] tensor, a list of ids, or
@@ -170,18 +188,24 @@ def decode(model, params: SamplingParams, input_ids=None, *, inputs_embeds: torc
     elif ids is None:
         raise LmforgeError("decode needs input_ids or inputs_embeds")
     B = (ids if inputs_embeds is None else inputs_embeds).shape[0]
-    modes = [name for name, on in (("speculative decoding", proposer is not None),
-                                   ("attention sinks", sinks is not None)) if on]
+    modes = [
+        name
+        for name, on in (("speculative decoding", proposer is not None), ("attention sinks", sinks is not None))
+        if on
+    ]
     if modes:
-        for what, bad in (("a batch of prompts", B > 1 or (mask is not None and not bool(mask.all()))),
-                          ("a compiled decode step", decode_fn is not None),
-                          ("attention sinks", len(modes) > 1)):
+        for what, bad in (
+            ("a batch of prompts", B > 1 or (mask is not None and not bool(mask.all()))),
+            ("a compiled decode step", decode_fn is not None),
+            ("attention sinks", len(modes) > 1),
+        ):
             if bad:
                 raise LmforgeError(f"{modes[0]} decodes one prompt and does not support {what}")
     if proposer is not None:
         if inputs_embeds is not None:
-            raise LmforgeError("speculative decoding takes token ids, not inputs_embeds "
-                               "(the proposer needs the tokens)")
+            raise LmforgeError(
+                "speculative decoding takes token ids, not inputs_embeds (the proposer needs the tokens)"
+            )
         if return_logits:
             raise LmforgeError("speculative decoding does not return per-token logits")
         if params.repetition_penalty != 1.0:
@@ -189,8 +213,10 @@ def decode(model, params: SamplingParams, input_ids=None, *, inputs_embeds: torc
         if k < 1:
             raise LmforgeError(f"speculative k must be >= 1, got {k}")
         if getattr(proposer, "tree", False) and not params.greedy:
-            raise LmforgeError("tree verification (Medusa) is greedy only (temperature 0); "
-                               "use a draft model or prompt lookup to sample")
+            raise LmforgeError(
+                "tree verification (Medusa) is greedy only (temperature 0); "
+                "use a draft model or prompt lookup to sample"
+            )
         return _speculative(lm, ids[0].tolist(), params, proposer, k, stop, stats or SpecStats())
     return _plain(lm, params, ids, mask, inputs_embeds, sinks, decode_fn, stop, return_logits)
 
@@ -212,8 +238,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torc
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), T), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, T - len(p):] = 1
+        ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, T - len(p) :] = 1
     return ids, mask
 
 
@@ -223,8 +249,9 @@ def _static_feeder(model, B: int, T: int, max_new: int, mask, device, decode_fn)
     max_len = T + max_new
     limit = model.config.max_position_embeddings
     if model.config.position == "learned" and max_len > limit:
-        raise LmforgeError(f"prompt ({T} tokens) + max_new_tokens ({max_new}) exceeds the model's "
-                           f"context of {limit} positions")
+        raise LmforgeError(
+            f"prompt ({T} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {limit} positions"
+        )
     positions = None
     if mask is not None:
         mask = torch.cat([mask.to(device), mask.new_ones(B, max_new, device=device)], dim=1)
@@ -237,9 +264,15 @@ def _static_feeder(model, B: int, T: int, max_new: int, mask, device, decode_fn)
         n = (tokens if embeds is None else embeds).shape[1]
         fn = decode_fn if decode_fn is not None and filled else model
         kw = {} if embeds is None else {"inputs_embeds": embeds}
-        logits = fn(tokens, **kw, attention_mask=None if mask is None else mask[:, :filled + n],
-                    position_ids=None if positions is None else positions[:, filled:filled + n],
-                    kv_cache=cache, start_pos=filled, logits_to_keep=1)[:, -1]
+        logits = fn(
+            tokens,
+            **kw,
+            attention_mask=None if mask is None else mask[:, : filled + n],
+            position_ids=None if positions is None else positions[:, filled : filled + n],
+            kv_cache=cache,
+            start_pos=filled,
+            logits_to_keep=1,
+        )[:, -1]
         filled += n
         return logits
 
@@ -247,8 +280,9 @@ def _static_feeder(model, B: int, T: int, max_new: int, mask, device, decode_fn)
 
 
 @torch.inference_mode()  # the cache is made here: an inference tensor updates without version counting
-def _plain(model, params: SamplingParams, ids, mask, embeds, sinks, decode_fn, stop: list[int],
-           return_logits: bool) -> Iterator:
+def _plain(
+    model, params: SamplingParams, ids, mask, embeds, sinks, decode_fn, stop: list[int], return_logits: bool
+) -> Iterator:
     device = next(model.parameters()).device
     ids = None if ids is None else ids.to(device)
     B, T = (ids if embeds is None else embeds).shape[:2]
@@ -300,8 +334,9 @@ def _virtual_tokens(model) -> int:
 
 
 @torch.inference_mode()
-def _speculative(target, prompt: list[int], params: SamplingParams, proposer: Proposer, k: int,
-                 stop_ids: list[int], stats: SpecStats) -> Iterator[torch.Tensor]:
+def _speculative(
+    target, prompt: list[int], params: SamplingParams, proposer: Proposer, k: int, stop_ids: list[int], stats: SpecStats
+) -> Iterator[torch.Tensor]:
     device = next(target.parameters()).device
     generator = torch.Generator(device=device).manual_seed(params.seed if params.seed is not None else 0)
     stop = set(stop_ids)
@@ -328,8 +363,9 @@ def _speculative(target, prompt: list[int], params: SamplingParams, proposer: Pr
     # proposer that reads the target's hidden state (Medusa) needs the last one's: prefill it all
     # and take the first token from the prefill.
     if hidden:
-        logits, h = target(torch.tensor([tokens], device=device), kv_cache=cache, start_pos=0, logits_to_keep=1,
-                           return_hidden=True)
+        logits, h = target(
+            torch.tensor([tokens], device=device), kv_cache=cache, start_pos=0, logits_to_keep=1, return_hidden=True
+        )
         proposer.observe(h[0, -1])
         first = int(sample(logits[:, -1].float(), params, generator)[0])
         yield from emit([first])
@@ -347,8 +383,12 @@ def _speculative(target, prompt: list[int], params: SamplingParams, proposer: Pr
         if parents is not None:  # a tree: each node sees the context and its own ancestors
             tree_mask = _ancestor_mask(parents, device)
             depth = tree_mask.sum(-1) - 1
-            kw = {"position_ids": (L - 1 + depth)[None], "attn_mask": torch.cat(
-                [torch.ones(len(parents), L - 1, dtype=torch.bool, device=device), tree_mask], dim=1)[None, None]}
+            kw = {
+                "position_ids": (L - 1 + depth)[None],
+                "attn_mask": torch.cat(
+                    [torch.ones(len(parents), L - 1, dtype=torch.bool, device=device), tree_mask], dim=1
+                )[None, None],
+            }
         out = target(ids, kv_cache=cache, start_pos=L - 1, return_hidden=hidden, **kw)
         logits, h = out if hidden else (out, None)
         logits = logits[0]  # [len(drafts) + 1, V]

@@ -36,19 +36,22 @@ import contextlib
 import itertools
 import threading
 import weakref
-from typing import NamedTuple, Sequence as Seq
+from collections.abc import Sequence as Seq
+from typing import NamedTuple
 
 import torch
 
 from lmforge.common import LmforgeError, get_logger
 from lmforge.tokenizer.text import TextStream
 
+from .engine_spec import DraftModel, PromptLookup
+from .logprobs import _entries, logprob_entries, logprob_entry  # noqa: F401  (logprob_entry: re-exported)
 from .paged import BlockPool, CacheGroup, PagedKVCache, forward_packed, forward_padded
 from .sampling import SamplingParams, sample
-from .engine_spec import DraftModel, PromptLookup
 from .scheduler import Scheduler, Sequence, Status
 
 log = get_logger(__name__)
+
 
 class Event(NamedTuple):
     request_id: int
@@ -62,11 +65,26 @@ class Event(NamedTuple):
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, *, max_batch_tokens: int = 2048, max_seqs: int = 64,
-                 block_size: int = 16, num_blocks: int | None = None, prefix_caching: bool = True,
-                 preemption: str = "swap", swap_blocks: int | None = None, max_model_len: int | None = None,
-                 kv_memory: int = 256 << 20, seed: int = 0, draft=None, lookup: bool = False,
-                 num_speculative: int = 4, max_prefill_tokens: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        max_batch_tokens: int = 2048,
+        max_seqs: int = 64,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        prefix_caching: bool = True,
+        preemption: str = "swap",
+        swap_blocks: int | None = None,
+        max_model_len: int | None = None,
+        kv_memory: int = 256 << 20,
+        seed: int = 0,
+        draft=None,
+        lookup: bool = False,
+        num_speculative: int = 4,
+        max_prefill_tokens: int | None = None,
+    ):
         """max_batch_tokens: new tokens per step (prefill chunks + decodes); max_seqs: running sequences;
         num_blocks: KV pool size in blocks (default: sized from max_seqs within kv_memory bytes);
         preemption: "swap" (KV offload to CPU, recompute when swap_blocks is full) or "recompute";
@@ -87,8 +105,13 @@ class Engine:
         self.block_size = block_size
         if draft is not None and lookup:
             raise LmforgeError("choose one drafter: a draft model or prompt lookup, not both")
-        self.spec = (DraftModel(draft, num_speculative, c, num_blocks, block_size) if draft is not None
-                     else PromptLookup(num_speculative) if lookup else None)
+        self.spec = (
+            DraftModel(draft, num_speculative, c, num_blocks, block_size)
+            if draft is not None
+            else PromptLookup(num_speculative)
+            if lookup
+            else None
+        )
         lookahead = 0 if self.spec is None else self.spec.k
         # One sequence (plus its drafts) must always fit.
         self.max_model_len = min(self.max_model_len, (num_blocks - 1) * block_size - lookahead)
@@ -97,8 +120,17 @@ class Engine:
         self.pool = BlockPool(num_blocks, block_size)
         self.cache = PagedKVCache(c, num_blocks, block_size, self.device, dtype)
         caches = self.cache if self.spec is None or self.spec.cache is None else CacheGroup(self.cache, self.spec.cache)
-        self.scheduler = Scheduler(self.pool, caches, max_seqs, max_batch_tokens, prefix_caching, preemption,
-                                   swap_blocks, lookahead, max_prefill_tokens)
+        self.scheduler = Scheduler(
+            self.pool,
+            caches,
+            max_seqs,
+            max_batch_tokens,
+            prefix_caching,
+            preemption,
+            swap_blocks,
+            lookahead,
+            max_prefill_tokens,
+        )
         self.requests: dict[int, Sequence] = {}
         self._ids = itertools.count()  # next() on a count is atomic: no lock needed
         self._lock = threading.RLock()  # held by step() for a whole forward
@@ -112,8 +144,14 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
 
-    def add_request(self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, adapter: str | None = None,
-                    logprobs: int | None = None, prompt_logprobs: int | None = None) -> int:
+    def add_request(
+        self,
+        prompt_ids: Seq[int],
+        sampling: SamplingParams | None = None,
+        adapter: str | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> int:
         """Queue a request; returns its id. `logprobs=n` reports each new token's logprob and the top n;
         `prompt_logprobs=n` the same for every prompt token after the first (OpenAI's echo; such a
         prompt is computed in full, not taken from the prefix cache, and max_new_tokens may be 0)."""
@@ -125,8 +163,9 @@ class Engine:
         if bad:
             raise LmforgeError(f"token id {bad[0]} is outside the vocabulary (size {self.model.config.vocab_size})")
         if len(prompt) >= self.max_model_len:
-            raise LmforgeError(f"prompt of {len(prompt)} tokens does not fit the engine's context of "
-                               f"{self.max_model_len} tokens")
+            raise LmforgeError(
+                f"prompt of {len(prompt)} tokens does not fit the engine's context of {self.max_model_len} tokens"
+            )
         seq = Sequence(next(self._ids), prompt, sampling, adapter, logprobs, prompt_logprobs=prompt_logprobs)
         if sampling.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
@@ -171,18 +210,30 @@ class Engine:
         """Speculative decoding figures of one request: verification steps, drafted and accepted
         tokens, acceptance rate, tokens per verification step."""
         seq = self.requests[request_id]
-        return dict(steps=seq.spec_steps, drafted=seq.drafted, accepted=seq.accepted,
-                    acceptance_rate=round(seq.accepted / max(1, seq.drafted), 4),
-                    tokens_per_step=round((seq.accepted + seq.spec_steps) / max(1, seq.spec_steps), 3))
+        return dict(
+            steps=seq.spec_steps,
+            drafted=seq.drafted,
+            accepted=seq.accepted,
+            acceptance_rate=round(seq.accepted / max(1, seq.drafted), 4),
+            tokens_per_step=round((seq.accepted + seq.spec_steps) / max(1, seq.spec_steps), 3),
+        )
 
     @property
     def stats(self) -> dict:
         s, pool = self.scheduler, self.pool
-        return dict(blocks_total=pool.num_blocks - 1, blocks_used=pool.num_used, blocks_free=pool.num_free,
-                    blocks_cached=len(pool.evictable), queue_depth=len(s.waiting), running=len(s.running),
-                    swapped=len(s.swapped), held_requests=len(self.requests),
-                    prefix_memory_saved_bytes=s.counters["prefix_hit_blocks"] * s.cache.bytes_per_block,
-                    **s.counters, **self.counters)
+        return dict(
+            blocks_total=pool.num_blocks - 1,
+            blocks_used=pool.num_used,
+            blocks_free=pool.num_free,
+            blocks_cached=len(pool.evictable),
+            queue_depth=len(s.waiting),
+            running=len(s.running),
+            swapped=len(s.swapped),
+            held_requests=len(self.requests),
+            prefix_memory_saved_bytes=s.counters["prefix_hit_blocks"] * s.cache.bytes_per_block,
+            **s.counters,
+            **self.counters,
+        )
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -202,8 +253,12 @@ class Engine:
                 events += self._run(prefills)
             return events
 
-    def generate_batch(self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
-                       adapters: Seq[str | None] | None = None) -> list[list[int]]:
+    def generate_batch(
+        self,
+        prompts: Seq[Seq[int]],
+        sampling: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[str | None] | None = None,
+    ) -> list[list[int]]:
         """Run prompts to completion; returns the new token ids of each, in order (LmforgeError
         naming the first prompt that failed, once all have run)."""
         params = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
@@ -264,16 +319,18 @@ class Engine:
                 except Exception as e:  # this row's distribution, not the step: it fails alone
                     failed.append(self._fail(seq, e))
         # Logprobs of every row that asked, in one softmax and one top-k (not a few tensor ops per row).
-        asked = [(row, token, seq.logprobs) for seq, row, token in chosen
-                 if seq.logprobs is not None and token is not None]
+        asked = [
+            (row, token, seq.logprobs) for seq, row, token in chosen if seq.logprobs is not None and token is not None
+        ]
         entries = dict(zip((row for row, _, _ in asked), logprob_entries(logits, *zip(*asked)))) if asked else {}
-        return failed + [self._accept(seq, token, [entries[row]] if row in entries else None)
-                         for seq, row, token in chosen]
+        return failed + [
+            self._accept(seq, token, [entries[row]] if row in entries else None) for seq, row, token in chosen
+        ]
 
     def _forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
         """The group's pending tokens through the model (and the draft); the last position's logits
         [B, V]. Writes only the rows' own KV slots and prompt logprobs not yet recorded."""
-        rows = [(seq.tokens[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.blocks) for seq, n in group]
+        rows = [(seq.tokens[seq.num_computed : seq.num_computed + n], seq.num_computed, seq.blocks) for seq, n in group]
         T = max(n for _, n in group)
         scored = [seq.prompt_logprobs is not None and seq.num_computed < len(seq.prompt) for seq, _ in group]
         packable = len(group) > 1 and len({seq.adapter for seq, _ in group}) == 1 and T > 1 and not any(scored)
@@ -281,12 +338,13 @@ class Engine:
             if packable:  # one adapter for the whole group: per-row LoRA selection works on batch rows
                 logits = forward_packed(self.model, self.cache, rows)
             else:  # prompt logprobs need every position's logits
-                every = forward_padded(self.model, self.cache, rows, keep=T if any(scored) else 1,
-                                       row_ids=[seq.id for seq, _ in group])
+                every = forward_padded(
+                    self.model, self.cache, rows, keep=T if any(scored) else 1, row_ids=[seq.id for seq, _ in group]
+                )
                 logits = every[:, -1]
         for row, (seq, n) in enumerate(group):
             if scored[row]:
-                self._score_prompt(seq, every[row, T - n:])
+                self._score_prompt(seq, every[row, T - n :])
         if self.spec is not None:  # the draft's keys for the same tokens
             self.spec.prefill([seq for seq, _ in group], [seq.num_computed + n for seq, n in group])
         return logits
@@ -295,8 +353,9 @@ class Engine:
         """A forward over `group` raised: run each row alone, so only the row at fault fails."""
         if len(group) == 1:
             return [self._fail(group[0][0], error)]
-        log.warning("a step over %d sequences failed (%s: %s); running them one by one", len(group),
-                    type(error).__name__, error)
+        log.warning(
+            "a step over %d sequences failed (%s: %s); running them one by one", len(group), type(error).__name__, error
+        )
         return [ev for item in group for ev in run([item])]
 
     def _fail(self, seq: Sequence, error: Exception) -> Event:
@@ -334,7 +393,7 @@ class Engine:
         events = []
         for i, (seq, d) in enumerate(zip(seqs, drafts)):
             try:
-                events.append(self._verify_row(seq, d, qs[i], gens[i], logits[i, T - len(d) - 1:]))
+                events.append(self._verify_row(seq, d, qs[i], gens[i], logits[i, T - len(d) - 1 :]))
             except Exception as e:  # this row's distribution, not the step: it fails alone
                 events.append(self._fail(seq, e))
         return events
@@ -386,7 +445,7 @@ class Engine:
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
-        return int(sample(logits[row:row + 1], p, seq.generator or self._generator, seen)[0])
+        return int(sample(logits[row : row + 1], p, seq.generator or self._generator, seen)[0])
 
     def _accept(self, seq: Sequence, token: int | None, entries: list | None) -> Event:
         """Append the chosen token (with its logprob entry when asked) and report it."""
@@ -403,8 +462,9 @@ class Engine:
         prompt_lps = seq.prompt_token_logprobs if first and seq.prompt_logprobs is not None else None
         return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps)
 
-    def _extend(self, seq: Sequence, tokens: list[int],
-                entries: list | None) -> tuple[list[int], list | None, str | None]:
+    def _extend(
+        self, seq: Sequence, tokens: list[int], entries: list | None
+    ) -> tuple[list[int], list | None, str | None]:
         """Append tokens (entries[i]: token i's logprob entry, when asked) up to the first that ends
         the request: (the tokens kept, their logprob entries, the finish reason or None)."""
         kept, reason = [], None
@@ -414,7 +474,7 @@ class Engine:
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 break
-        lps = None if seq.logprobs is None else entries[:len(kept)]
+        lps = None if seq.logprobs is None else entries[: len(kept)]
         if lps:
             seq.token_logprobs += lps
         self.counters["generated_tokens"] += len(kept)
@@ -429,7 +489,7 @@ class Engine:
             text = self._texts.get(seq)
             if text is None:
                 text = self._texts[seq] = TextStream(self.tokenizer, p.stop_strings)
-            text.push(seq.output[len(text.starts):])
+            text.push(seq.output[len(text.starts) :])
             if text.stopped:
                 return "stop"
         if len(seq.output) >= p.max_new_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
@@ -438,26 +498,3 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str | None) -> None:
         self.scheduler.finish(seq, reason)
-
-
-def logprob_entry(logits: torch.Tensor, token: int, top_n: int) -> tuple[int, float, list[tuple[int, float]]]:
-    """(token, its logprob, the top_n alternatives [(token, logprob)]) from one position's logits [V]."""
-    return logprob_entries(logits[None], [0], [token], [top_n])[0]
-
-
-def logprob_entries(logits: torch.Tensor, rows: Seq[int], tokens: Seq[int], top_ns: Seq[int]) -> list:
-    """logprob_entry for several rows of logits [B, V] at once: one softmax, one gather, one top-k."""
-    logp = logits[list(rows)].log_softmax(-1)
-    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-    k = max(top_ns)
-    top = logp.topk(k) if k else None
-    ids, values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
-    return [(t, lp, list(zip(ids[i][:n], values[i][:n])) if n else [])
-            for i, (t, lp, n) in enumerate(zip(tokens, chosen, top_ns))]
-
-
-def _entries(logits: torch.Tensor, tokens: list, top_n: int | None) -> list | None:
-    """Logprob entries of tokens[i] from logits[i] (one row per token), or None when not asked."""
-    if top_n is None or not tokens or tokens[0] is None:
-        return None
-    return logprob_entries(logits, range(len(tokens)), tokens, [top_n] * len(tokens))

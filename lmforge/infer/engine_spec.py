@@ -54,8 +54,9 @@ class Drafter:
         return seq.num_computed
 
     @staticmethod
-    def verify(seq: Sequence, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None,
-               generator: torch.Generator) -> tuple[list[int], int]:
+    def verify(
+        seq: Sequence, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[list[int], int]:
         """(tokens to append, drafts accepted) from the target's logits at [last, d1..dk] [k+1, V]."""
         if seq.params.greedy:
             return verify_greedy(logits, drafts)
@@ -71,8 +72,9 @@ class PromptLookup(Drafter):
         self.max_ngram = max_ngram
         self.indexes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Sequence -> its NgramIndex
 
-    def propose(self, seqs: list[Sequence], ks: list[int],
-                generators: list[torch.Generator]) -> tuple[list[list[int]], list[None]]:
+    def propose(
+        self, seqs: list[Sequence], ks: list[int], generators: list[torch.Generator]
+    ) -> tuple[list[list[int]], list[None]]:
         drafts = []
         for seq, k in zip(seqs, ks):
             index = self.indexes.get(seq)
@@ -86,8 +88,10 @@ class DraftModel(Drafter):
     def __init__(self, draft, k: int, target_config, num_blocks: int, block_size: int):
         super().__init__(k)
         if draft.config.vocab_size != target_config.vocab_size:
-            raise LmforgeError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
-                               f"({target_config.vocab_size}): the draft needs the same tokenizer")
+            raise LmforgeError(
+                f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                f"({target_config.vocab_size}): the draft needs the same tokenizer"
+            )
         self.draft = draft.eval()
         p = next(draft.parameters())
         dtype = p.dtype if p.is_floating_point() else torch.float32
@@ -101,20 +105,24 @@ class DraftModel(Drafter):
 
     def prefill(self, seqs: list[Sequence], upto: list[int]) -> None:
         """Run the draft over each sequence's tokens it has not seen, up to `upto` (a prefill chunk)."""
-        rows = [(seq.tokens[seq.num_draft_computed:end], seq.num_draft_computed, seq.blocks)
-                for seq, end in zip(seqs, upto) if end > seq.num_draft_computed]
+        rows = [
+            (seq.tokens[seq.num_draft_computed : end], seq.num_draft_computed, seq.blocks)
+            for seq, end in zip(seqs, upto)
+            if end > seq.num_draft_computed
+        ]
         if rows:
             forward_packed(self.draft, self.cache, rows)
         super().prefill(seqs, upto)
 
-    def propose(self, seqs: list[Sequence], ks: list[int],
-                generators: list[torch.Generator]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+    def propose(
+        self, seqs: list[Sequence], ks: list[int], generators: list[torch.Generator]
+    ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Up to ks[i] drafted tokens per sequence, and the draft's distributions q [ks[i], V] they
         were sampled from (None for greedy requests: a deterministic proposal)."""
         drafts: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         # Round 0 feeds what the draft has not seen (one token, or two after a fully accepted step).
-        pending = {i: (seq.tokens[seq.num_draft_computed:], seq.num_draft_computed) for i, seq in enumerate(seqs)}
+        pending = {i: (seq.tokens[seq.num_draft_computed :], seq.num_draft_computed) for i, seq in enumerate(seqs)}
         for r in range(max(ks, default=0)):
             idx = [i for i, k in enumerate(ks) if k > r]
             rows = [(*pending[i], seqs[i].blocks) for i in idx]
@@ -125,7 +133,7 @@ class DraftModel(Drafter):
                 if params.greedy:
                     x = argmax[j]
                 else:
-                    q = probabilities(logits[j:j + 1], params)[0]
+                    q = probabilities(logits[j : j + 1], params)[0]
                     x = int(torch.multinomial(q, 1, generator=generators[i]))
                     qs[i].append(q)
                 drafts[i].append(x)

@@ -6,7 +6,7 @@ decodes exactly as it would alone. Token ids in, token ids out; text helpers are
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -16,8 +16,9 @@ from .decode import decode, pad_prompts  # noqa: F401  (pad_prompts: re-exported
 from .sampling import SamplingParams
 
 
-def stream_generate(model, input_ids, params: SamplingParams, attention_mask: torch.Tensor | None = None,
-                    decode_fn=None, **options) -> Iterator[torch.Tensor]:
+def stream_generate(
+    model, input_ids, params: SamplingParams, attention_mask: torch.Tensor | None = None, decode_fn=None, **options
+) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] at each step (`decode.decode`, the one driver). Rows
     that hit a stop token keep yielding it (callers drop what follows a stop). `decode_fn` replaces
     the model call of the one-token decode step (e.g. a torch.compile'd version); `options` are
@@ -25,16 +26,31 @@ def stream_generate(model, input_ids, params: SamplingParams, attention_mask: to
     return decode(model, params, input_ids, attention_mask=attention_mask, decode_fn=decode_fn, **options)
 
 
-def generate(model, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-             stop_token_ids: Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
-             compile: bool = False) -> torch.Tensor:
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
     """New token ids [B, N]. `input_ids`: a [B, T] tensor (with optional attention_mask), a list of
     ids, or a list of lists of different lengths (left-padded here). Rows that stop early are
     filled with the stop token."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed,
-                            stop_token_ids=list(stop_token_ids or []))
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop_token_ids=list(stop_token_ids or []),
+    )
     decode_fn = compiled_decode(model) if compile else None
     tokens = list(stream_generate(model, input_ids, params, attention_mask, decode_fn))
     if not tokens:
@@ -65,8 +81,9 @@ def compiled_decode(model):
 # ----------------------------------------------------------------------------- text helpers
 
 
-def stream_text(model, tokenizer, prompt: str | list[int], params: SamplingParams, decode_fn=None,
-                **options) -> Iterator[str]:
+def stream_text(
+    model, tokenizer, prompt: str | list[int], params: SamplingParams, decode_fn=None, **options
+) -> Iterator[str]:
     """Yield text pieces as they are generated (single prompt); honours stop strings and stop tokens.
     Text is held back while it could still be the start of a stop string or a partial UTF-8 char."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -44,16 +44,18 @@ class MedusaHeads(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int = 3, num_layers: int = 1):
         super().__init__()
         self.hidden_size, self.num_heads, self.num_layers = hidden_size, num_heads, num_layers
-        self.heads = nn.ModuleList(nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_layers)])
-                                   for _ in range(num_heads))
+        self.heads = nn.ModuleList(
+            nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_layers)]) for _ in range(num_heads)
+        )
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """hidden [..., H] (the base model's final normed hidden) -> logits [K, ..., V]."""
         return torch.stack([lm_head(head(hidden)) for head in self.heads])
 
 
-def medusa_loss(model, heads: MedusaHeads, input_ids: torch.Tensor,
-                decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
+def medusa_loss(
+    model, heads: MedusaHeads, input_ids: torch.Tensor, decay: float = 0.8
+) -> tuple[torch.Tensor, list[float]]:
     """Weighted CE of every head (head k predicts token t + k + 2 from hidden t; weight decay**k),
     with the base frozen. Returns (loss, top-1 accuracy per head)."""
     with torch.no_grad():
@@ -63,7 +65,7 @@ def medusa_loss(model, heads: MedusaHeads, input_ids: torch.Tensor,
         shift = k + 2
         logits = model.lm_head(head(hidden[:, :-shift]))
         target = input_ids[:, shift:]
-        total = total + decay ** k * F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        total = total + decay**k * F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
         accs.append(float((logits.argmax(-1) == target).float().mean()))
     return total, accs
 
@@ -75,8 +77,10 @@ def save_medusa(heads: MedusaHeads, out_dir: str | Path, extra: dict | None = No
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, str(tmp))
-    atomic_write_json(out / CONFIG_FILE, dict(hidden_size=heads.hidden_size, num_heads=heads.num_heads,
-                                             num_layers=heads.num_layers, **(extra or {})))
+    atomic_write_json(
+        out / CONFIG_FILE,
+        dict(hidden_size=heads.hidden_size, num_heads=heads.num_heads, num_layers=heads.num_layers, **(extra or {})),
+    )
     return out
 
 
@@ -85,8 +89,9 @@ def load_medusa(path: str | Path, device=None) -> MedusaHeads:
 
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
-        raise LmforgeError(f"{path} is not a Medusa heads folder (no {CONFIG_FILE}; "
-                           "make one with `lmforge train-medusa`)")
+        raise LmforgeError(
+            f"{path} is not a Medusa heads folder (no {CONFIG_FILE}; make one with `lmforge train-medusa`)"
+        )
     cfg = read_json(path / CONFIG_FILE, "Medusa config")
     heads = MedusaHeads(cfg["hidden_size"], cfg["num_heads"], cfg.get("num_layers", 1))
     heads.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
@@ -117,7 +122,7 @@ class MedusaProposer:
     tree = needs_hidden = True
 
     def __init__(self, model, heads: MedusaHeads, choices: tuple[int, ...] | None = None):
-        choices = choices or ((3, 2, 2) + (1,) * heads.num_heads)[:heads.num_heads]
+        choices = choices or ((3, 2, 2) + (1,) * heads.num_heads)[: heads.num_heads]
         if len(choices) > heads.num_heads:
             raise LmforgeError(f"the tree has {len(choices)} levels but the Medusa folder has {heads.num_heads} heads")
         self.lm_head, self.heads, self.width = model.lm_head, heads, max(choices)
@@ -143,10 +148,16 @@ class MedusaProposer:
         pass
 
 
-def medusa_generate(model, heads: MedusaHeads, prompt_ids: list[int], params: SamplingParams,
-                    choices: tuple[int, ...] | None = None, eos_token_ids: list[int] | None = None
-                    ) -> tuple[list[int], SpecStats]:
+def medusa_generate(
+    model,
+    heads: MedusaHeads,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    choices: tuple[int, ...] | None = None,
+    eos_token_ids: list[int] | None = None,
+) -> tuple[list[int], SpecStats]:
     """Greedy decoding with Medusa tree verification; identical tokens to plain greedy. `choices`:
     top-k per tree level (default 3, 2, 2, then 1 for further heads)."""
-    return speculative_generate(model, prompt_ids, params, MedusaProposer(model, heads, choices),
-                                k=heads.num_heads, eos_token_ids=eos_token_ids)
+    return speculative_generate(
+        model, prompt_ids, params, MedusaProposer(model, heads, choices), k=heads.num_heads, eos_token_ids=eos_token_ids
+    )

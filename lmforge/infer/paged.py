@@ -88,7 +88,7 @@ def block_hashes(tokens: list[int], block_size: int, salt: object = None) -> lis
     salt, e.g. the LoRA adapter, since the same tokens give different keys under another adapter)."""
     out, h = [], hash(("lmforge-prefix", salt))
     for i in range(len(tokens) // block_size):
-        h = hash((h, tuple(tokens[i * block_size:(i + 1) * block_size])))
+        h = hash((h, tuple(tokens[i * block_size : (i + 1) * block_size])))
         out.append(h)
     return out
 
@@ -106,8 +106,15 @@ class PagedKVCache:
 
     MIRROR_HEADROOM = 4  # blocks gathered beyond the longest row: a rebuild every 4 blocks of growth
 
-    def __init__(self, config, num_blocks: int, block_size: int = 16, device=None, dtype=torch.float32,
-                 mirror_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        config,
+        num_blocks: int,
+        block_size: int = 16,
+        device=None,
+        dtype=torch.float32,
+        mirror_bytes: int = 64 << 20,
+    ):
         self.block_size, self.num_blocks = block_size, num_blocks
         shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -128,8 +135,9 @@ class PagedKVCache:
         t = self.k[0]
         return 2 * len(self.k) * self.block_size * t.shape[1] * t.shape[2] * t.element_size()
 
-    def set_step(self, write_slots: torch.Tensor, block_table: torch.Tensor,
-                 decode_rows: list[tuple[int, int]] | None = None) -> int:
+    def set_step(
+        self, write_slots: torch.Tensor, block_table: torch.Tensor, decode_rows: list[tuple[int, int]] | None = None
+    ) -> int:
         """write_slots [B, T]: where each new token's k/v goes; block_table [B, nb]: each row's blocks;
         decode_rows: (sequence id, position of its one new token) per row when every row decodes,
         which lets the gathered copy be reused. Returns the key length the attention will see."""
@@ -179,8 +187,9 @@ class PagedKVCache:
     def read_blocks(self, blocks: list[int], device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copy the blocks' contents out (KV offload): per layer (k, v) [n * block_size, Hkv, hd]."""
         slots = self._slots(blocks)
-        return [(k.index_select(0, slots).to(device), v.index_select(0, slots).to(device))
-                for k, v in zip(self.k, self.v)]
+        return [
+            (k.index_select(0, slots).to(device), v.index_select(0, slots).to(device)) for k, v in zip(self.k, self.v)
+        ]
 
     def write_blocks(self, blocks: list[int], data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Inverse of read_blocks (swap back in, possibly to different block ids)."""
@@ -192,14 +201,20 @@ class PagedKVCache:
 
 def write_slots(tables: list[list[int]], positions: list[list[int]], block_size: int) -> torch.Tensor:
     """Slot of each (row, position) [B, T]; position -1 means padding (the scratch block)."""
-    return torch.tensor([[PAD_BLOCK * block_size if p < 0 else t[p // block_size] * block_size + p % block_size
-                          for p in pos] for t, pos in zip(tables, positions)], dtype=torch.long)
+    return torch.tensor(
+        [
+            [PAD_BLOCK * block_size if p < 0 else t[p // block_size] * block_size + p % block_size for p in pos]
+            for t, pos in zip(tables, positions)
+        ],
+        dtype=torch.long,
+    )
 
 
 def block_table(tables: list[list[int]], num_blocks: int) -> torch.Tensor:
     """[B, num_blocks] block ids, padded with the scratch block."""
-    return torch.tensor([t[:num_blocks] + [PAD_BLOCK] * (num_blocks - len(t[:num_blocks])) for t in tables],
-                        dtype=torch.long)
+    return torch.tensor(
+        [t[:num_blocks] + [PAD_BLOCK] * (num_blocks - len(t[:num_blocks])) for t in tables], dtype=torch.long
+    )
 
 
 class CacheGroup:
@@ -219,7 +234,7 @@ class CacheGroup:
     def write_blocks(self, blocks: list[int], data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         start = 0
         for c in self.caches:
-            c.write_blocks(blocks, data[start:start + len(c.k)])
+            c.write_blocks(blocks, data[start : start + len(c.k)])
             start += len(c.k)
 
 
@@ -228,8 +243,9 @@ class CacheGroup:
 Row = tuple[list[int], int, list[int]]  # (new tokens, position of the first one, the sequence's block table)
 
 
-def forward_padded(model, cache: PagedKVCache, rows: list[Row], keep: int = 1,
-                   row_ids: list[int] | None = None) -> torch.Tensor:
+def forward_padded(
+    model, cache: PagedKVCache, rows: list[Row], keep: int = 1, row_ids: list[int] | None = None
+) -> torch.Tensor:
     """Rows of new tokens left-padded to the longest, each seeing only its own blocks: logits of
     the last `keep` columns [B, keep, V] (a row's last token is always the last column). row_ids:
     the rows' sequence ids, so that a decode step (one token per row) can reuse the keys the
@@ -248,8 +264,13 @@ def forward_padded(model, cache: PagedKVCache, rows: list[Row], keep: int = 1,
     decode = [(rid, n - 1) for rid, n in zip(row_ids, ctx.tolist())] if row_ids is not None and T == 1 else None
     S = cache.set_step(write_slots(tables, write_pos, bs).to(device), block_table(tables, nb).to(device), decode)
     mask = _padded_mask(qpos, ctx, S, model.config.sliding_window).to(device)
-    logits = model(torch.tensor(ids, device=device), position_ids=qpos.clamp(min=0).to(device), attn_mask=mask,
-                   kv_cache=cache, logits_to_keep=keep)
+    logits = model(
+        torch.tensor(ids, device=device),
+        position_ids=qpos.clamp(min=0).to(device),
+        attn_mask=mask,
+        kv_cache=cache,
+        logits_to_keep=keep,
+    )
     return logits.float()
 
 
@@ -287,6 +308,12 @@ def forward_packed(model, cache: PagedKVCache, rows: list[Row]) -> torch.Tensor:
     if window:
         allowed &= (q - k) < window
     cache.set_step(torch.cat(slots).reshape(1, -1).to(device), torch.tensor([tables], device=device))
-    _, hidden = model(torch.tensor([ids], device=device), position_ids=torch.tensor([qpos], device=device),
-                      attn_mask=allowed[None, None].to(device), kv_cache=cache, logits_to_keep=1, return_hidden=True)
+    _, hidden = model(
+        torch.tensor([ids], device=device),
+        position_ids=torch.tensor([qpos], device=device),
+        attn_mask=allowed[None, None].to(device),
+        kv_cache=cache,
+        logits_to_keep=1,
+        return_hidden=True,
+    )
     return model.lm_head(hidden[0, last]).float()

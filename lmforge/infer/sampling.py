@@ -99,8 +99,12 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """logits [B, V] -> token ids [B]."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)

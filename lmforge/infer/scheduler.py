@@ -66,9 +66,18 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, cache: PagedKVCache, max_seqs: int, max_batch_tokens: int,
-                 prefix_caching: bool = True, preemption: str = "swap", swap_blocks: int | None = None,
-                 lookahead: int = 0, max_prefill_tokens: int | None = None):
+    def __init__(
+        self,
+        pool: BlockPool,
+        cache: PagedKVCache,
+        max_seqs: int,
+        max_batch_tokens: int,
+        prefix_caching: bool = True,
+        preemption: str = "swap",
+        swap_blocks: int | None = None,
+        lookahead: int = 0,
+        max_prefill_tokens: int | None = None,
+    ):
         if preemption not in ("swap", "recompute"):
             raise ValueError(f"preemption must be 'swap' or 'recompute', got {preemption!r}")
         self.pool, self.cache = pool, cache
@@ -80,8 +89,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
-        self.counters = dict(prefix_hit_blocks=0, prefix_hit_tokens=0, preemptions=0, swaps_out=0, swaps_in=0,
-                             recomputes=0)
+        self.counters = dict(
+            prefix_hit_blocks=0, prefix_hit_tokens=0, preemptions=0, swaps_out=0, swaps_in=0, recomputes=0
+        )
 
     @property
     def swap_used(self) -> int:
@@ -175,7 +185,7 @@ class Scheduler:
         (its logits give the first new token)."""
         tokens = seq.tokens
         usable = (len(tokens) - 1) // self.pool.block_size
-        for h in block_hashes(tokens[:usable * self.pool.block_size], self.pool.block_size, seq.adapter):
+        for h in block_hashes(tokens[: usable * self.pool.block_size], self.pool.block_size, seq.adapter):
             block = self.pool.lookup(h)
             if block is None:
                 break
@@ -190,7 +200,7 @@ class Scheduler:
         full = done // self.pool.block_size
         if not self.prefix_caching or full <= seq.num_registered:
             return
-        hashes = block_hashes(seq.tokens[:full * self.pool.block_size], self.pool.block_size, seq.adapter)
+        hashes = block_hashes(seq.tokens[: full * self.pool.block_size], self.pool.block_size, seq.adapter)
         for i in range(seq.num_registered, full):
             self.pool.register(seq.blocks[i], hashes[i])
         seq.num_registered = full

@@ -43,7 +43,7 @@ class NgramIndex:
         for n in range(1, self.max_ngram + 1):
             # Starts up to L - n - 1: an n-gram followed by at least one token (the tail's own is not).
             for start in range(max(0, n_seen - n), L - n):
-                self.latest[n][tuple(tokens[start:start + n])] = start
+                self.latest[n][tuple(tokens[start : start + n])] = start
 
     def follow(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the longest matching tail."""
@@ -51,7 +51,7 @@ class NgramIndex:
         for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
             start = self.latest[n].get(tuple(tokens[-n:]))
             if start is not None:
-                return tokens[start + n:start + n + k]
+                return tokens[start + n : start + n + k]
         return []
 
 
@@ -90,7 +90,7 @@ class DraftProposer:
 
     def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor]:
         device = next(self.draft.parameters()).device
-        pending = tokens[self.valid:]
+        pending = tokens[self.valid :]
         drafts, qs = [], []
         for _ in range(k):
             ids = torch.tensor([pending], device=device)
@@ -116,10 +116,15 @@ class DraftProposer:
         self.valid = min(self.valid, num_valid)
 
 
-def speculative_generate(target, prompt_ids: list[int], params: SamplingParams, proposer, k: int = 4,
-                         eos_token_ids: list[int] | None = None) -> tuple[list[int], SpecStats]:
+def speculative_generate(
+    target, prompt_ids: list[int], params: SamplingParams, proposer, k: int = 4, eos_token_ids: list[int] | None = None
+) -> tuple[list[int], SpecStats]:
     """New token ids for one prompt, and the acceptance statistics (`decode` with a proposer)."""
     stats = SpecStats()
-    out = [int(t) for t in decode(target, params, list(prompt_ids), proposer=proposer, k=k,
-                                  eos_token_ids=eos_token_ids or (), stats=stats)]
+    out = [
+        int(t)
+        for t in decode(
+            target, params, list(prompt_ids), proposer=proposer, k=k, eos_token_ids=eos_token_ids or (), stats=stats
+        )
+    ]
     return out, stats

@@ -58,9 +58,9 @@ class SinkKVCache:
             cos, sin = rotary(torch.tensor([[-n]], device=self.k[0].device), self.k[0].dtype)
             rot = cos, sin
         for i in range(len(self.k)):
-            kept_k = self.k[i][:, :, s + n:s + n + keep]
-            self.k[i][:, :, s:s + keep] = apply_rope(kept_k, *rot) if rot is not None else kept_k.clone()
-            self.v[i][:, :, s:s + keep] = self.v[i][:, :, s + n:s + n + keep].clone()
+            kept_k = self.k[i][:, :, s + n : s + n + keep]
+            self.k[i][:, :, s : s + keep] = apply_rope(kept_k, *rot) if rot is not None else kept_k.clone()
+            self.v[i][:, :, s : s + keep] = self.v[i][:, :, s + n : s + n + keep].clone()
         self.length -= n
         self.evicted += n
 
@@ -77,8 +77,9 @@ class AttentionSinks:
     def feeder(self, model, device) -> Callable:
         """feed(tokens [1, n] or embeds [1, n, D]) -> the last position's logits [1, V]."""
         dtype = next(model.parameters()).dtype
-        cache = SinkKVCache(model.config, 1, self.sinks, self.window, device,
-                            dtype if dtype.is_floating_point else torch.float32)
+        cache = SinkKVCache(
+            model.config, 1, self.sinks, self.window, device, dtype if dtype.is_floating_point else torch.float32
+        )
         rotary = model.model.rotary if model.config.position == "rope" else None
         chunk = self.chunk or max(1, self.window // 2)
 
@@ -86,7 +87,7 @@ class AttentionSinks:
             x = tokens if embeds is None else embeds
             logits = None
             for i in range(0, x.shape[1], chunk):
-                piece = x[:, i:i + chunk]
+                piece = x[:, i : i + chunk]
                 n = piece.shape[1]
                 cache.make_room(n, rotary)
                 start = cache.length
@@ -99,8 +100,9 @@ class AttentionSinks:
         return feed
 
 
-def stream_generate_sinks(model, prompt_ids: list[int], params: SamplingParams, sinks: int = 4,
-                          window: int = 252, chunk: int | None = None) -> Iterator[int]:
+def stream_generate_sinks(
+    model, prompt_ids: list[int], params: SamplingParams, sinks: int = 4, window: int = 252, chunk: int | None = None
+) -> Iterator[int]:
     """Yield new tokens one at a time for a single prompt; memory stays at sinks + window slots
     however long the prompt or the generation."""
     for token in decode(model, params, list(prompt_ids), sinks=AttentionSinks(sinks, window, chunk)):

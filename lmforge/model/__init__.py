@@ -13,5 +13,15 @@ def build_model(config: ModelConfig | str, **overrides) -> Transformer:
     return Transformer(config)
 
 
-__all__ = ["ModelConfig", "PRESETS", "KVCache", "Transformer", "build_model", "build_mask", "drop_transforms",
-           "has_transform", "record_transform", "transforms"]
+__all__ = [
+    "ModelConfig",
+    "PRESETS",
+    "KVCache",
+    "Transformer",
+    "build_model",
+    "build_mask",
+    "drop_transforms",
+    "has_transform",
+    "record_transform",
+    "transforms",
+]

@@ -51,7 +51,11 @@ class ModelConfig:
         checks = [
             (self.norm in ("rmsnorm", "layernorm"), "norm", self.norm),
             (self.position in ("rope", "learned"), "position", self.position),
-            (self.activation in ("silu", "gelu", "gelu_new", "relu", "gelu_pytorch_tanh"), "activation", self.activation),
+            (
+                self.activation in ("silu", "gelu", "gelu_new", "relu", "gelu_pytorch_tanh"),
+                "activation",
+                self.activation,
+            ),
             (self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads", self.num_key_value_heads),
             (self.vocab_size > 0 and self.hidden_size > 0 and self.num_hidden_layers > 0, "sizes", self.vocab_size),
         ]
@@ -63,12 +67,12 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "model") -> "ModelConfig":
+    def from_dict(cls, d: dict, where: str = "model") -> ModelConfig:
         """Every field checked for type and range; errors name `where.field` and the value."""
         return dataclass_from_dict(cls, d, where)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         if not isinstance(name, str) or name not in PRESETS:
             raise LmforgeError(f"unknown model preset {name!r}: choose from {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -90,25 +94,85 @@ class ModelConfig:
         return n
 
 
-_GPT2_STYLE = dict(arch="gpt2", norm="layernorm", activation="gelu_new", gated_mlp=False, position="learned",
-                   attention_bias=True, attention_out_bias=True, mlp_bias=True, tie_word_embeddings=True)
+_GPT2_STYLE = dict(
+    arch="gpt2",
+    norm="layernorm",
+    activation="gelu_new",
+    gated_mlp=False,
+    position="learned",
+    attention_bias=True,
+    attention_out_bias=True,
+    mlp_bias=True,
+    tie_word_embeddings=True,
+)
 
 PRESETS: dict[str, dict] = {
     # A few hundred thousand parameters: tests and the default pipeline on a laptop CPU.
-    "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
-    "small": dict(arch="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
-    "tiny-gpt2": dict(_GPT2_STYLE, vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=512),
-    "tiny-moe": dict(arch="mixtral", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                     max_position_embeddings=512),
+    "tiny": dict(
+        arch="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "small": dict(
+        arch="llama",
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+    "tiny-gpt2": dict(
+        _GPT2_STYLE,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    ),
+    "tiny-moe": dict(
+        arch="mixtral",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+    ),
     # GPT-2 small (124M).
-    "gpt2": dict(_GPT2_STYLE, vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=1024, bos_token_id=50256, eos_token_id=50256),
+    "gpt2": dict(
+        _GPT2_STYLE,
+        vocab_size=50257,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=1024,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    ),
     # A Llama-shaped ~110M model with grouped-query attention.
-    "llama-100m": dict(arch="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                       num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
-                       tie_word_embeddings=True),
+    "llama-100m": dict(
+        arch="llama",
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
 }

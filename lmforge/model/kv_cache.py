@@ -13,15 +13,16 @@ from .config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32
+    ):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.max_len = max_len
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int) -> "KVCache":
+    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
         p = next(model.parameters())
         dtype = p.dtype if p.is_floating_point() else torch.float32
         return cls(model.config, batch_size, max_len, device=p.device, dtype=dtype)

@@ -90,8 +90,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional RoPE, writing to a KV cache."""
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int,
-                 qkv_bias: bool = False, out_bias: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx = layer_idx
@@ -103,8 +111,15 @@ class Attention(nn.Module):
         # (k, v) each [B, num_kv_heads, P, head_dim]. Set by lmforge.peft; None means no prefix.
         self.kv_prefix: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
-                kv_cache=None, start_pos: int = 0, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache=None,
+        start_pos: int = 0,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -121,8 +136,14 @@ class Attention(nn.Module):
             elif is_causal:
                 is_causal = False
                 mask = _causal_with_prefix(T, k.shape[2], pk.shape[2], x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal and mask is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -158,8 +179,9 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router
-        self.experts = nn.ModuleList(MLP(hidden_size, intermediate_size, activation, gated=True)
-                                     for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            MLP(hidden_size, intermediate_size, activation, gated=True) for _ in range(num_experts)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H = x.shape

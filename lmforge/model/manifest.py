@@ -5,7 +5,7 @@ reads or edits the manifest goes through these four functions, so its representa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -29,5 +29,6 @@ def record_transform(model: nn.Module, entry: dict) -> None:
 
 def drop_transforms(model: nn.Module, kind: str, where: Callable[[dict], bool] | None = None) -> None:
     """Remove the entries of one kind (those `where` selects, or all), after their modules are undone."""
-    model.lmforge_transforms = [e for e in transforms(model)
-                                if not (e.get("kind") == kind and (where is None or where(e)))]
+    model.lmforge_transforms = [
+        e for e in transforms(model) if not (e.get("kind") == kind and (where is None or where(e)))
+    ]

@@ -25,8 +25,15 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.input_layernorm = make_norm(c.norm, c.hidden_size, c.norm_eps)
-        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                   layer_idx, qkv_bias=c.attention_bias, out_bias=c.attention_out_bias)
+        self.self_attn = Attention(
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            layer_idx,
+            qkv_bias=c.attention_bias,
+            out_bias=c.attention_out_bias,
+        )
         self.post_attention_layernorm = make_norm(c.norm, c.hidden_size, c.norm_eps)
         if c.num_experts:
             self.mlp = MoE(c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok, c.activation)
@@ -92,11 +99,21 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                kv_cache=None, start_pos: int = 0, segment_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
-                return_aux_loss: bool = False, return_hidden: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache=None,
+        start_pos: int = 0,
+        segment_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_aux_loss: bool = False,
+        return_hidden: bool = False,
+    ):
         """input_ids [B, T] -> logits [B, T, V] (the last `logits_to_keep` positions when > 0).
 
         attention_mask [B, S]: 1 for real tokens, 0 for padding, over every key position (with a
@@ -134,8 +151,11 @@ class Transformer(nn.Module):
             return logits
         out = (logits,)
         if return_aux_loss:
-            aux = (load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok) if router_logits
-                   else logits.new_zeros(()))
+            aux = (
+                load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok)
+                if router_logits
+                else logits.new_zeros(())
+            )
             out += (aux,)
         if return_hidden:
             out += (hidden,)

@@ -60,8 +60,9 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list[np.ndarray]]:
     return out, images
 
 
-def render_ids(tokenizer, messages: list[dict], image_token_id: int, num_image_tokens: int,
-               add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+def render_ids(
+    tokenizer, messages: list[dict], image_token_id: int, num_image_tokens: int, add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
     """Chat-template ids and assistant loss mask, each <image> expanded to its feature slots."""
     ids, mask = tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
     return expand_image_tokens(ids, mask, image_token_id, num_image_tokens)
@@ -82,8 +83,9 @@ def pixels_for(model: VisionLanguageModel, images: list[np.ndarray]) -> torch.Te
 
 
 @torch.no_grad()
-def prepare_chat(model: VisionLanguageModel, tokenizer, messages: list[dict],
-                 add_generation_prompt: bool = True) -> dict[str, torch.Tensor | None]:
+def prepare_chat(
+    model: VisionLanguageModel, tokenizer, messages: list[dict], add_generation_prompt: bool = True
+) -> dict[str, torch.Tensor | None]:
     """OpenAI-style messages (images as parts) -> {"input_ids" [1, T], "pixel_values"
     [n, 3, H, W] | None, "inputs_embeds" [1, T, D]}: ready for lmforge.infer.decode (inputs_embeds
     with input_ids) or for an engine that accepts prompt embeddings."""
@@ -93,11 +95,11 @@ def prepare_chat(model: VisionLanguageModel, tokenizer, messages: list[dict],
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     pixel_values = pixels_for(model, images) if images else None
-    return {"input_ids": input_ids, "pixel_values": pixel_values,
-            "inputs_embeds": model.embed(input_ids, pixel_values)}
+    return {"input_ids": input_ids, "pixel_values": pixel_values, "inputs_embeds": model.embed(input_ids, pixel_values)}
 
 
 def image_question(image: Any, prompt: str, system: str | None = None) -> list[dict]:
     """One image + one question as chat messages (what `lmforge generate --image` asks)."""
     return ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "\n" + prompt}]}]
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "\n" + prompt}]}
+    ]

@@ -28,13 +28,21 @@ class ClipConfig:
     logit_scale_init: float = math.log(1 / 0.07)
 
     def to_dict(self) -> dict:
-        return {"vision": self.vision.to_dict(), "text": self.text.to_dict(), "projection_dim": self.projection_dim,
-                "logit_scale_init": self.logit_scale_init}
+        return {
+            "vision": self.vision.to_dict(),
+            "text": self.text.to_dict(),
+            "projection_dim": self.projection_dim,
+            "logit_scale_init": self.logit_scale_init,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClipConfig":
-        return cls(VisionConfig.from_dict(d["vision"]), ModelConfig.from_dict(d["text"]), d["projection_dim"],
-                   d.get("logit_scale_init", math.log(1 / 0.07)))
+    def from_dict(cls, d: dict) -> ClipConfig:
+        return cls(
+            VisionConfig.from_dict(d["vision"]),
+            ModelConfig.from_dict(d["text"]),
+            d["projection_dim"],
+            d.get("logit_scale_init", math.log(1 / 0.07)),
+        )
 
 
 class CLIP(nn.Module):
@@ -60,8 +68,9 @@ class CLIP(nn.Module):
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return F.normalize(self.text_projection(pooled), dim=-1)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """-> logits_per_image [B_img, B_txt] = exp(logit_scale) * cosine similarity."""
         img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
         # CLIP clamps the temperature so logits never exceed 100 (training stability).

@@ -14,9 +14,16 @@ class ClipTrainConfig:
     data: str = "shapes"  # shapes | shapes1 | digits | path/to/data.jsonl
     train_size: int = checked(4000, ge=1)  # generated sets only
     eval_size: int = checked(500, ge=1)
-    vision: dict = field(default_factory=lambda: {"image_size": 32, "patch_size": 8, "hidden_size": 128,
-                                                  "intermediate_size": 512, "num_hidden_layers": 3,
-                                                  "num_attention_heads": 4})
+    vision: dict = field(
+        default_factory=lambda: {
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+        }
+    )
     text_preset: str = "tiny"
     text: dict = field(default_factory=lambda: {"max_position_embeddings": 64})
     projection_dim: int = checked(64, ge=1)
@@ -42,9 +49,16 @@ class VlmTrainConfig:
     vision: str = ""  # a CLIP run folder (lmforge clip train --out) or a HF CLIP vision folder
     lm: str | None = None  # an lmforge/HF language model folder; None: a fresh `lm_preset` model
     lm_preset: str = "tiny"
-    lm_overrides: dict = field(default_factory=lambda: {"hidden_size": 128, "intermediate_size": 352,
-                                                        "num_hidden_layers": 4, "num_attention_heads": 4,
-                                                        "num_key_value_heads": 2, "max_position_embeddings": 256})
+    lm_overrides: dict = field(
+        default_factory=lambda: {
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+        }
+    )
     vocab_size: int = checked(400, ge=1)
     text_warmup_steps: int = checked(300, ge=0)  # fresh LM only: text-only steps on the captions/answers first
     feature_layer: int = -2

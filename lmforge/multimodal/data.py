@@ -105,8 +105,14 @@ def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.25
     for i in idx:
         gray = (bunch.images[i] * (255.0 / 16.0)).astype(np.uint8)
         word = NUMBERS[int(bunch.target[i])]
-        out.append(Example(np.repeat(gray[..., None], 3, axis=-1), [t.format(word) for t in DIGIT_TEMPLATES],
-                           [("what digit is this?", word, "digit")], int(bunch.target[i])))
+        out.append(
+            Example(
+                np.repeat(gray[..., None], 3, axis=-1),
+                [t.format(word) for t in DIGIT_TEMPLATES],
+                [("what digit is this?", word, "digit")],
+                int(bunch.target[i]),
+            )
+        )
     return out
 
 

@@ -49,19 +49,23 @@ def load_hf_vision(folder: str | Path) -> VisionTransformer:
     state = hf_to_lmforge(load_file(str(folder / "model.safetensors")))
     missing, unexpected = vision.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise LmforgeError(f"{folder}: vision weights do not match the config (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+        raise LmforgeError(
+            f"{folder}: vision weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return vision
 
 
-def save_multimodal(model: CLIP | VisionLanguageModel, out_dir: str | Path, tokenizer=None,
-                    extra: dict | None = None) -> Path:
+def save_multimodal(
+    model: CLIP | VisionLanguageModel, out_dir: str | Path, tokenizer=None, extra: dict | None = None
+) -> Path:
     kind = "clip" if isinstance(model, CLIP) else "vlm"
     config = model.config if kind == "clip" else model.vlm_config
     with atomic_dir(out_dir, mark=True) as tmp:
         save_file(_contiguous_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", {"lmforge_multimodal": kind, "config": config.to_dict(),
-                                                **({"extra": extra} if extra else {})})
+        atomic_write_json(
+            tmp / "config.json",
+            {"lmforge_multimodal": kind, "config": config.to_dict(), **({"extra": extra} if extra else {})},
+        )
         if tokenizer is not None:
             tokenizer.save(tmp)
         save_hf_vision(model.vision, tmp / "vision")
@@ -88,8 +92,9 @@ def load_multimodal(path: str | Path, device=None, kind: str | None = None):
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight", "text.lm_head.weight", "language_model.lm_head.weight"}
     if [k for k in missing if k not in tied] or unexpected:
-        raise LmforgeError(f"{path}/model.safetensors does not match config.json "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise LmforgeError(
+            f"{path}/model.safetensors does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for lm in (getattr(model, "text", None), getattr(model, "language_model", None)):
         if lm is not None:
             lm.tie_weights()

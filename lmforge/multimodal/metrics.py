@@ -25,7 +25,7 @@ def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels:
 
 
 def _ngrams(words: list[str], n: int) -> Counter:
-    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def _tfidf(counts: Counter, df: Counter, log_n: float) -> dict:
@@ -54,7 +54,7 @@ def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigm
                 norm_r = math.sqrt(sum(v * v for v in vr.values()))
                 dot = sum(min(vc[g], vr[g]) * vr[g] for g in vc if g in vr)  # clipped ("-D")
                 cos = dot / (norm_c * norm_r) if norm_c and norm_r else 0.0
-                sims.append(cos * math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma ** 2)))
+                sims.append(cos * math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma**2)))
             per_image.append(sum(sims) / len(sims) if sims else 0.0)
         scores.append(per_image)
     per_image = [sum(s[i] for s in scores) / n for i in range(len(candidates))]

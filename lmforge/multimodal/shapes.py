@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
-           "purple": (160, 60, 200), "white": (240, 240, 240)}
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 200),
+    "white": (240, 240, 240),
+}
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -76,9 +82,11 @@ def caption(items: list[Item]) -> str:
 
 
 def questions(items: list[Item], rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    qa = [("how many shapes are there?", NUMBERS[len(items)], "count"),
-          ("what shape is on the left?", items[0].shape, "position"),
-          ("what colour is the shape on the right?", items[-1].colour, "colour")]
+    qa = [
+        ("how many shapes are there?", NUMBERS[len(items)], "count"),
+        ("what shape is on the left?", items[0].shape, "position"),
+        ("what colour is the shape on the right?", items[-1].colour, "colour"),
+    ]
     unique = [it for it in items if sum(o.shape == it.shape for o in items) == 1]
     if unique:
         it = unique[int(rng.integers(len(unique)))]
@@ -91,8 +99,9 @@ def class_names(colours: list[str] | None = None) -> list[str]:
     return [f"{c} {s}" for c in (colours or list(COLOURS)) for s in SHAPES]
 
 
-def make_shapes(n: int, seed: int = 0, image_size: int = 32, max_shapes: int = 3,
-                colours: list[str] | None = None) -> list[Example]:
+def make_shapes(
+    n: int, seed: int = 0, image_size: int = 32, max_shapes: int = 3, colours: list[str] | None = None
+) -> list[Example]:
     """`n` examples from seed `seed`. With max_shapes=1 each example is labelled with its
     colour+shape class (index into `class_names(colours)`)."""
     rng = np.random.default_rng(seed)
@@ -100,10 +109,17 @@ def make_shapes(n: int, seed: int = 0, image_size: int = 32, max_shapes: int = 3
     out = []
     for _ in range(n):
         k = int(rng.integers(1, max_shapes + 1))
-        items = [Item(palette[int(rng.integers(len(palette)))], SHAPES[int(rng.integers(len(SHAPES)))],
-                      SIZES[int(rng.integers(len(SIZES)))]) for _ in range(k)]
+        items = [
+            Item(
+                palette[int(rng.integers(len(palette)))],
+                SHAPES[int(rng.integers(len(SHAPES)))],
+                SIZES[int(rng.integers(len(SIZES)))],
+            )
+            for _ in range(k)
+        ]
         label = palette.index(items[0].colour) * len(SHAPES) + SHAPES.index(items[0].shape) if k == 1 else None
         shapes_only = " left of ".join(f"a {it.shape}" for it in items)
-        out.append(Example(render(items, image_size, rng), [caption(items)], questions(items, rng), label,
-                           [shapes_only]))
+        out.append(
+            Example(render(items, image_size, rng), [caption(items)], questions(items, rng), label, [shapes_only])
+        )
     return out

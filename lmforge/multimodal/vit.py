@@ -42,11 +42,14 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise LmforgeError(f"vision config: image_size {self.image_size} is not a multiple of "
-                               f"patch_size {self.patch_size}")
+            raise LmforgeError(
+                f"vision config: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise LmforgeError(f"vision config: hidden_size {self.hidden_size} is not divisible by "
-                               f"num_attention_heads {self.num_attention_heads}")
+            raise LmforgeError(
+                f"vision config: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
 
     @property
     def num_patches(self) -> int:
@@ -56,11 +59,11 @@ class VisionConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VisionConfig":
+    def from_dict(cls, d: dict) -> VisionConfig:
         return dataclass_from_dict(cls, d, "vision config")
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "VisionConfig":
+    def from_hf(cls, hf: dict) -> VisionConfig:
         """From a transformers CLIPVisionConfig dict (or a CLIPConfig's `vision_config`)."""
         hf = hf.get("vision_config", hf)
         keep = {f.name for f in dataclasses.fields(cls)} - {"image_mean", "image_std"}
@@ -68,8 +71,14 @@ class VisionConfig:
 
     def to_hf(self) -> dict:
         d = {k: v for k, v in self.to_dict().items() if k not in ("image_mean", "image_std")}
-        return {**d, "architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
-                "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}
+        return {
+            **d,
+            "architectures": ["CLIPVisionModel"],
+            "model_type": "clip_vision_model",
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "initializer_factor": 1.0,
+        }
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -79,10 +88,21 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 def _block_config(c: VisionConfig) -> ModelConfig:
     # The LM block reads only these fields; vocab/positions are unused (vocab_size must be > 0).
     act = "gelu" if c.hidden_act == "quick_gelu" else c.hidden_act
-    return ModelConfig(vocab_size=1, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                       num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                       norm="layernorm", norm_eps=c.layer_norm_eps, activation=act, gated_mlp=False,
-                       attention_bias=True, attention_out_bias=True, mlp_bias=True, causal=False)
+    return ModelConfig(
+        vocab_size=1,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        norm="layernorm",
+        norm_eps=c.layer_norm_eps,
+        activation=act,
+        gated_mlp=False,
+        attention_bias=True,
+        attention_out_bias=True,
+        mlp_bias=True,
+        causal=False,
+    )
 
 
 class VisionTransformer(nn.Module):
@@ -97,8 +117,14 @@ class VisionTransformer(nn.Module):
         bc = _block_config(c)
         self.layers = nn.ModuleList(Block(bc, i) for i in range(c.num_hidden_layers))
         for block in self.layers:
-            for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
-                        block.self_attn.o_proj, block.mlp.up_proj, block.mlp.down_proj):
+            for lin in (
+                block.self_attn.q_proj,
+                block.self_attn.k_proj,
+                block.self_attn.v_proj,
+                block.self_attn.o_proj,
+                block.mlp.up_proj,
+                block.mlp.down_proj,
+            ):
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.zeros_(lin.bias)
             if c.hidden_act == "quick_gelu":  # not an LM activation; swap the MLP's function in
@@ -109,8 +135,10 @@ class VisionTransformer(nn.Module):
         """[B, C, H, W] -> [B, 1 + N, D] (class token first), positions added, pre-normed."""
         c = self.config
         if pixel_values.shape[1:] != (c.num_channels, c.image_size, c.image_size):
-            raise LmforgeError(f"vision encoder expects images [B, {c.num_channels}, {c.image_size}, "
-                               f"{c.image_size}], got {list(pixel_values.shape)}")
+            raise LmforgeError(
+                f"vision encoder expects images [B, {c.num_channels}, {c.image_size}, "
+                f"{c.image_size}], got {list(pixel_values.shape)}"
+            )
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.weight
@@ -153,7 +181,7 @@ def _rename(key: str, to_ours: bool) -> str | None:
         src, dst = (hf, ours) if to_ours else (ours, hf)
         m = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), key)
         if m:
-            return dst.replace("{i}", m.group(1) if m.groups() else "") + key[m.end():]
+            return dst.replace("{i}", m.group(1) if m.groups() else "") + key[m.end() :]
     return None
 
 

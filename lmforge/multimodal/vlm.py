@@ -39,20 +39,34 @@ class VlmConfig:
         if self.pool < 1 or grid % self.pool:
             raise LmforgeError(f"vlm config: pool {self.pool} must divide the {grid}x{grid} patch grid")
         if self.select_feature not in ("patch", "cls_patch"):
-            raise LmforgeError(f"vlm config: select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}")
+            raise LmforgeError(
+                f"vlm config: select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}"
+            )
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches // self.pool ** 2 + (self.select_feature == "cls_patch")
+        return self.vision.num_patches // self.pool**2 + (self.select_feature == "cls_patch")
 
     def to_dict(self) -> dict:
-        return {"vision": self.vision.to_dict(), "text": self.text.to_dict(), "image_token_id": self.image_token_id,
-                "feature_layer": self.feature_layer, "pool": self.pool, "select_feature": self.select_feature}
+        return {
+            "vision": self.vision.to_dict(),
+            "text": self.text.to_dict(),
+            "image_token_id": self.image_token_id,
+            "feature_layer": self.feature_layer,
+            "pool": self.pool,
+            "select_feature": self.select_feature,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VlmConfig":
-        return cls(VisionConfig.from_dict(d["vision"]), ModelConfig.from_dict(d["text"]), d["image_token_id"],
-                   d.get("feature_layer", -1), d.get("pool", 1), d.get("select_feature", "patch"))
+    def from_dict(cls, d: dict) -> VlmConfig:
+        return cls(
+            VisionConfig.from_dict(d["vision"]),
+            ModelConfig.from_dict(d["text"]),
+            d["image_token_id"],
+            d.get("feature_layer", -1),
+            d.get("pool", 1),
+            d.get("select_feature", "patch"),
+        )
 
 
 class Projector(nn.Module):
@@ -86,15 +100,18 @@ def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor
     [num_images, N, D] (image k fills the k-th run of N placeholders). Differentiable in both."""
     slots = input_ids == image_token_id
     if int(slots.sum()) != features.shape[0] * features.shape[1]:
-        raise LmforgeError(f"the prompt has {int(slots.sum())} image-token slots but {features.shape[0]} image(s) "
-                           f"x {features.shape[1]} features were given (one <image> per image, expanded "
-                           f"to {features.shape[1]} tokens)")
+        raise LmforgeError(
+            f"the prompt has {int(slots.sum())} image-token slots but {features.shape[0]} image(s) "
+            f"x {features.shape[1]} features were given (one <image> per image, expanded "
+            f"to {features.shape[1]} tokens)"
+        )
     return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, config: VlmConfig, vision: VisionTransformer | None = None,
-                 language_model: Transformer | None = None):
+    def __init__(
+        self, config: VlmConfig, vision: VisionTransformer | None = None, language_model: Transformer | None = None
+    ):
         super().__init__()
         self.vlm_config = config
         self.vision = vision or VisionTransformer(config.vision)
@@ -116,7 +133,7 @@ class VisionLanguageModel(nn.Module):
         patches = hidden[:, 1:]  # [n, N, Dv], row-major over the patch grid
         if c.pool > 1:
             n, N, D = patches.shape
-            g = int(N ** 0.5)
+            g = int(N**0.5)
             grid = patches.transpose(1, 2).reshape(n, D, g, g)
             patches = nn.functional.avg_pool2d(grid, c.pool).flatten(2).transpose(1, 2)
         if c.select_feature == "cls_patch":
@@ -127,8 +144,12 @@ class VisionLanguageModel(nn.Module):
         """[num_images, 3, H, W] -> projected features [num_images, N, D_lm], ready to splice."""
         return self.projector(self.vision_features(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         embeds = self.language_model.model.embed_tokens(input_ids)
         if image_features is None and pixel_values is not None:
             image_features = self.image_features(pixel_values)
@@ -138,8 +159,14 @@ class VisionLanguageModel(nn.Module):
             return embeds
         return splice(embeds, input_ids, image_features, self.vlm_config.image_token_id)
 
-    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
-                inputs_embeds: torch.Tensor | None = None, **lm_kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        **lm_kwargs,
+    ):
         """The LM's forward (same keyword arguments, same outputs) with images spliced in."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)

@@ -68,8 +68,7 @@ class AdaLoraLinear(WrappedLinear):
 
 
 def _adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraLinear]:
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, AdaLoraLinear) and adapter_name in m.lora_A}
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaLoraLinear) and adapter_name in m.lora_A}
 
 
 def orthogonal_regularization(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
@@ -112,7 +111,7 @@ class RankAllocator:
         if step > c.total_step - c.tfinal:
             return self.target_budget, True
         progress = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
-        budget = int((self.init_budget - self.target_budget) * progress ** 3 + self.target_budget)
+        budget = int((self.init_budget - self.target_budget) * progress**3 + self.target_budget)
         return budget, step % c.delta_t == 0
 
     @torch.no_grad()

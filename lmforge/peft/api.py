@@ -10,7 +10,7 @@ gives them back under their original names.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -20,9 +20,22 @@ from lmforge.model.manifest import drop_transforms, record_transform, transforms
 
 from .adalora import AdaLoraLinear
 from .bottleneck import add_bottleneck
-from .config import (ALL_LINEAR, AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, PeftConfig,
-                     PrefixConfig, PromptTuningConfig, PTuningConfig, config_from_dict, config_to_dict,
-                     expand_targets, matches, validate)
+from .config import (
+    ALL_LINEAR,
+    AdaLoraConfig,
+    AdapterConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    config_from_dict,
+    config_to_dict,
+    expand_targets,
+    matches,
+    validate,
+)
 from .layers import IA3Linear, LoraLinear, NamedAdapters, WrappedLinear, is_linear_like
 from .prompt import add_prefix, add_prompt, prompt_modules
 
@@ -45,8 +58,10 @@ def apply(model: nn.Module, config: PeftConfig) -> nn.Module:
     it the active adapter of its kind, freeze everything else, and record it in the manifest."""
     for old in peft_configs(model):
         if old.method == config.method and old.adapter_name == config.adapter_name:
-            raise LmforgeError(f"adapter {config.adapter_name!r} ({config.method}) is already on this model; "
-                               "give the new one another adapter_name")
+            raise LmforgeError(
+                f"adapter {config.adapter_name!r} ({config.method}) is already on this model; "
+                "give the new one another adapter_name"
+            )
     _add(model, config)
     record_transform(model, {"kind": "peft", "config": config_to_dict(config)})
     return model
@@ -86,8 +101,10 @@ def _target_names(model: nn.Module, config: LoraConfig | AdaLoraConfig | IA3Conf
             names.append(name)
     if not names:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear_like(m)})
-        raise LmforgeError(f"{type(config).__name__}.target_modules={config.target_modules!r} matches no linear "
-                           f"module of the model (its linear modules: {', '.join(linear)})")
+        raise LmforgeError(
+            f"{type(config).__name__}.target_modules={config.target_modules!r} matches no linear "
+            f"module of the model (its linear modules: {', '.join(linear)})"
+        )
     return names
 
 
@@ -97,17 +114,23 @@ def _wrap_linears(model: nn.Module, config: LoraConfig | AdaLoraConfig | IA3Conf
     for name in names:  # check all before changing any, so a refused apply leaves the model as it was
         module = model.get_submodule(name)
         if isinstance(module, WrappedLinear) and not isinstance(module, cls):
-            raise LmforgeError(f"{name} already carries a {type(module).__name__}; {config.method} cannot wrap "
-                               "the same linear (apply it to other target_modules)")
+            raise LmforgeError(
+                f"{name} already carries a {type(module).__name__}; {config.method} cannot wrap "
+                "the same linear (apply it to other target_modules)"
+            )
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, cls):
-            module = cls(module, matches(name, expand_targets(config.feedforward_modules))) \
-                if isinstance(config, IA3Config) else cls(module)
+            module = (
+                cls(module, matches(name, expand_targets(config.feedforward_modules)))
+                if isinstance(config, IA3Config)
+                else cls(module)
+            )
             model.set_submodule(name, module)
         if isinstance(config, LoraConfig):
-            module.add_adapter(config.adapter_name, config.r, config.alpha, config.dropout,
-                               config.use_rslora, config.use_dora)
+            module.add_adapter(
+                config.adapter_name, config.r, config.alpha, config.dropout, config.use_rslora, config.use_dora
+            )
         elif isinstance(config, AdaLoraConfig):
             module.add_adapter(config.adapter_name, config.init_r, config.alpha, config.dropout)
         else:
@@ -157,8 +180,10 @@ def adapter_rows(model: nn.Module, rows: list[str | None]) -> Iterator[None]:
     if bad:
         raise LmforgeError(f"unknown LoRA adapter(s) {bad} (loaded: {sorted(known)})")
     device = next(model.parameters()).device
-    index = {n: torch.tensor([i for i, r in enumerate(rows) if r == n], dtype=torch.long, device=device)
-             for n in sorted({r for r in rows if r is not None})}
+    index = {
+        n: torch.tensor([i for i, r in enumerate(rows) if r == n], dtype=torch.long, device=device)
+        for n in sorted({r for r in rows if r is not None})
+    }
     for m in layers:
         m.row_index = {n: i for n, i in index.items() if n in m.lora_A}
         m.row_count = len(rows)
@@ -201,8 +226,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors (all adapters, or those of `adapter_name`), keyed as in model.state_dict()."""
-    return {k: v for k, v in model.state_dict().items()
-            if is_adapter_key(k) and (adapter_name is None or adapter_name in k.split("."))}
+    return {
+        k: v
+        for k, v in model.state_dict().items()
+        if is_adapter_key(k) and (adapter_name is None or adapter_name in k.split("."))
+    }
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

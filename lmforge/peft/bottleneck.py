@@ -69,5 +69,6 @@ def add_bottleneck(model: nn.Module, config: AdapterConfig) -> None:
                 block.register_forward_hook(_after_block_hook)
             dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
             block.peft_adapter[config.adapter_name] = Bottleneck(
-                hidden, config.bottleneck, config.activation, device=ref.device, dtype=dtype)
+                hidden, config.bottleneck, config.activation, device=ref.device, dtype=dtype
+            )
             block.peft_adapter.active = [config.adapter_name]

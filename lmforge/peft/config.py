@@ -13,8 +13,15 @@ from typing import Any, ClassVar
 from lmforge.common import LmforgeError, build_config, checked
 
 # Short names accepted in target_modules (the issue's "q, k, v, o, gate, up, down").
-SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-               "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+SHORT_NAMES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 ALL_LINEAR = "all-linear"
 
 
@@ -22,6 +29,7 @@ ALL_LINEAR = "all-linear"
 class LoraConfig:
     """W h + scale * B A h; scale = alpha / r (or alpha / sqrt(r) with rsLoRA). DoRA adds a
     learned magnitude per output row on top of the normalised direction W + scale * B A."""
+
     method: ClassVar[str] = "lora"
     r: int = checked(8, ge=1)
     alpha: float = checked(16.0, gt=0)
@@ -37,6 +45,7 @@ class AdaLoraConfig:
     """SVD-form LoRA P diag(lambda) Q whose total rank is pruned from init_r * n_modules to
     target_r * n_modules by importance scores, on a cubic schedule (AdaLoRA, Zhang et al. 2023):
     tinit warm-up steps at the full budget, pruning until total_step - tfinal, then frozen."""
+
     method: ClassVar[str] = "adalora"
     init_r: int = checked(12, ge=1)
     target_r: int = checked(8, ge=1)
@@ -57,6 +66,7 @@ class AdaLoraConfig:
 class IA3Config:
     """Learned vectors (init 1) rescaling k_proj/v_proj outputs and the MLP's intermediate
     activation (the input of down_proj, a `feedforward_modules` entry)."""
+
     method: ClassVar[str] = "ia3"
     target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])
@@ -67,6 +77,7 @@ class IA3Config:
 class AdapterConfig:
     """Bottleneck adapters h + up(act(down(h))) with up zero-initialised. Houlsby: after the
     attention block and after the MLP; Pfeiffer: after the MLP only."""
+
     method: ClassVar[str] = "adapter"
     kind: str = checked("houlsby", choices=("houlsby", "pfeiffer"))
     bottleneck: int = checked(64, ge=1)
@@ -79,6 +90,7 @@ class PromptTuningConfig:
     """Trainable virtual-token embeddings prepended to the input. init: "random", "vocab"
     (random rows of the embedding table) or "tokens" (the embeddings of `init_token_ids`,
     e.g. a tokenised instruction text, repeated/cut to num_virtual_tokens)."""
+
     method: ClassVar[str] = "prompt_tuning"
     num_virtual_tokens: int = checked(20, ge=1)
     init: str = checked("vocab", choices=("random", "vocab", "tokens"))
@@ -90,6 +102,7 @@ class PromptTuningConfig:
 class PTuningConfig:
     """P-tuning v1: virtual tokens produced by a prompt encoder ("mlp" or "lstm") from
     trainable input embeddings; the encoder output can be cached after training."""
+
     method: ClassVar[str] = "p_tuning"
     num_virtual_tokens: int = checked(20, ge=1)
     encoder: str = checked("mlp", choices=("mlp", "lstm"))
@@ -102,6 +115,7 @@ class PrefixConfig:
     """Trainable key/value prefixes at every layer. projection=True is prefix tuning (a
     reparameterisation MLP during training, folded into plain K/V tensors by `merge`);
     projection=False is P-tuning v2 (the K/V tensors are the parameters)."""
+
     method: ClassVar[str] = "prefix"
     num_virtual_tokens: int = checked(20, ge=1)
     projection: bool = True
@@ -109,10 +123,11 @@ class PrefixConfig:
     adapter_name: str = "default"
 
 
-CONFIG_CLASSES = {c.method: c for c in (LoraConfig, AdaLoraConfig, IA3Config, AdapterConfig,
-                                        PromptTuningConfig, PTuningConfig, PrefixConfig)}
-PeftConfig = (LoraConfig | AdaLoraConfig | IA3Config | AdapterConfig | PromptTuningConfig
-              | PTuningConfig | PrefixConfig)
+CONFIG_CLASSES = {
+    c.method: c
+    for c in (LoraConfig, AdaLoraConfig, IA3Config, AdapterConfig, PromptTuningConfig, PTuningConfig, PrefixConfig)
+}
+PeftConfig = LoraConfig | AdaLoraConfig | IA3Config | AdapterConfig | PromptTuningConfig | PTuningConfig | PrefixConfig
 
 
 def config_to_dict(config: PeftConfig) -> dict[str, Any]:
@@ -146,6 +161,7 @@ def matches(module_name: str, targets: list[str]) -> bool:
 
 def validate(config: PeftConfig) -> None:
     """Catch bad values with a message naming the field, before any module is touched."""
+
     def bad(field_name: str, why: str) -> LmforgeError:
         return LmforgeError(f"{type(config).__name__}.{field_name}={getattr(config, field_name)!r}: {why}")
 

@@ -28,8 +28,17 @@ NATIVE_JSON, NATIVE_WEIGHTS = "lmforge_adapter.json", "lmforge_adapter.safetenso
 PEFT_JSON, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Module names that hold per-adapter entries: the component after them is the adapter name.
-_CONTAINERS = {"lora_A", "lora_B", "lora_E", "lora_dropout", "lora_magnitude_vector", "ia3_l",
-               "peft_adapter", "peft_prompt", "peft_prefix"}
+_CONTAINERS = {
+    "lora_A",
+    "lora_B",
+    "lora_E",
+    "lora_dropout",
+    "lora_magnitude_vector",
+    "ia3_l",
+    "peft_adapter",
+    "peft_prompt",
+    "peft_prefix",
+}
 
 
 def _base_shape(model: nn.Module) -> dict:
@@ -51,17 +60,25 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict |
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base_model_name: str | None = None,
-                 adapter_name: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | Path, base_model_name: str | None = None, adapter_name: str | None = None
+) -> Path:
     """Write the adapter(s) (all, or just `adapter_name`) and their configs; the base is not saved."""
     configs = [c for c in peft_configs(model) if adapter_name is None or c.adapter_name == adapter_name]
     if not configs:
         raise LmforgeError(f"no adapter {adapter_name or ''} on this model to save".replace("  ", " "))
     directory = Path(directory)
     _save_tensors(adapter_state_dict(model, adapter_name), directory / NATIVE_WEIGHTS)
-    atomic_write_json(directory / NATIVE_JSON, {
-        "format": "lmforge-adapter", "version": 1, "base_model": base_model_name,
-        "base_shape": _base_shape(model), "adapters": [config_to_dict(c) for c in configs]})
+    atomic_write_json(
+        directory / NATIVE_JSON,
+        {
+            "format": "lmforge-adapter",
+            "version": 1,
+            "base_model": base_model_name,
+            "base_shape": _base_shape(model),
+            "adapters": [config_to_dict(c) for c in configs],
+        },
+    )
     return directory
 
 
@@ -82,12 +99,15 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
         if k not in own:
             raise LmforgeError(f"{path}: tensor {k!r} has no place in this model")
         if own[k].shape != v.shape:
-            raise LmforgeError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            raise LmforgeError(
+                f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
 
 
-def load_adapter(model: nn.Module, directory: str | Path, base_model_name: str | None = None,
-                 adapter_name: str | None = None) -> nn.Module:
+def load_adapter(
+    model: nn.Module, directory: str | Path, base_model_name: str | None = None, adapter_name: str | None = None
+) -> nn.Module:
     """Add the adapter(s) saved in `directory` (lmforge or PEFT format) to `model` and load them.
     `adapter_name` renames a single saved adapter (to load several that were all "default")."""
     directory = Path(directory)
@@ -121,11 +141,14 @@ def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and adapter_name in m.lora_A}
 
 
-def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = "default",
-                base_model_name: str | None = None) -> Path:
+def export_peft(
+    model: nn.Module, directory: str | Path, adapter_name: str = "default", base_model_name: str | None = None
+) -> Path:
     """Write LoRA/DoRA adapter `adapter_name` as PEFT's adapter_config.json + adapter_model.safetensors,
     loadable with `peft.PeftModel.from_pretrained(hf_model, directory)`."""
-    config = next((c for c in peft_configs(model) if c.adapter_name == adapter_name and isinstance(c, LoraConfig)), None)
+    config = next(
+        (c for c in peft_configs(model) if c.adapter_name == adapter_name and isinstance(c, LoraConfig)), None
+    )
     if config is None:
         raise LmforgeError(f"no LoRA adapter {adapter_name!r} on this model (PEFT export covers LoRA and DoRA)")
     tensors = {}
@@ -137,12 +160,27 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = "de
     targets = sorted({n.split(".")[-1] for n in _lora_layers(model, adapter_name)})
     directory = Path(directory)
     _save_tensors(tensors, directory / PEFT_WEIGHTS, metadata={"format": "pt"})
-    atomic_write_json(directory / PEFT_JSON, {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": targets,
-        "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none", "fan_in_fan_out": False,
-        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-        "rank_pattern": {}, "alpha_pattern": {}})
+    atomic_write_json(
+        directory / PEFT_JSON,
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name,
+            "r": config.r,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "target_modules": targets,
+            "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        },
+    )
     return directory
 
 
@@ -153,15 +191,24 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = "de
     where = directory / PEFT_JSON
     if meta.get("peft_type") != "LORA":
         raise LmforgeError(f"{where}: peft_type {meta.get('peft_type')!r} is not supported (only LORA)")
-    for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("modules_to_save", None),
-                    ("rank_pattern", {}), ("alpha_pattern", {}), ("layers_to_transform", None)):
+    for key, ok in (
+        ("fan_in_fan_out", False),
+        ("bias", "none"),
+        ("modules_to_save", None),
+        ("rank_pattern", {}),
+        ("alpha_pattern", {}),
+        ("layers_to_transform", None),
+    ):
         if meta.get(key) not in (None, ok, [], {}):
             raise LmforgeError(f"{where}: {key}={meta[key]!r} is not supported")
     if not (directory / PEFT_WEIGHTS).is_file():
         raise LmforgeError(f"{directory}: no {PEFT_WEIGHTS} (only safetensors PEFT adapters are read)")
     raw = load_file(str(directory / PEFT_WEIGHTS))
-    suffixes = {".lora_A.weight": "lora_A.{}.weight", ".lora_B.weight": "lora_B.{}.weight",
-                ".lora_magnitude_vector": "lora_magnitude_vector.{}"}
+    suffixes = {
+        ".lora_A.weight": "lora_A.{}.weight",
+        ".lora_B.weight": "lora_B.{}.weight",
+        ".lora_magnitude_vector": "lora_magnitude_vector.{}",
+    }
     tensors, modules = {}, set()
     for key, value in raw.items():
         name = key.removeprefix(PEFT_PREFIX)
@@ -171,10 +218,15 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = "de
         module = name.removesuffix(suffix)
         modules.add(module)
         tensors[f"{module}.{suffixes[suffix].format(adapter_name)}"] = value
-    config = LoraConfig(r=int(meta["r"]), alpha=float(meta.get("lora_alpha", 8)),
-                        dropout=float(meta.get("lora_dropout", 0.0)), target_modules=sorted(modules),
-                        use_rslora=bool(meta.get("use_rslora", False)), use_dora=bool(meta.get("use_dora", False)),
-                        adapter_name=adapter_name)
+    config = LoraConfig(
+        r=int(meta["r"]),
+        alpha=float(meta.get("lora_alpha", 8)),
+        dropout=float(meta.get("lora_dropout", 0.0)),
+        target_modules=sorted(modules),
+        use_rslora=bool(meta.get("use_rslora", False)),
+        use_dora=bool(meta.get("use_dora", False)),
+        adapter_name=adapter_name,
+    )
     apply(model, config)
     _load_tensors(model, tensors, directory / PEFT_WEIGHTS)
     return model

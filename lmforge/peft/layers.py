@@ -39,7 +39,10 @@ def is_linear_like(module: nn.Module) -> bool:
     if isinstance(module, WrappedLinear):
         return False
     return isinstance(module, nn.Linear) or (
-        callable(getattr(module, "dequantize", None)) and hasattr(module, "in_features") and hasattr(module, "out_features"))
+        callable(getattr(module, "dequantize", None))
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    )
 
 
 class WrappedLinear(nn.Module):
@@ -156,8 +159,9 @@ class LoraLinear(WrappedLinear):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False, use_dora: bool = False) -> None:
+    def add_adapter(
+        self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False
+    ) -> None:
         kw = self._factory()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
@@ -169,8 +173,11 @@ class LoraLinear(WrappedLinear):
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         if use_dora:
             with torch.no_grad():  # m starts at ||W||_row so that DoRA is the identity at init
-                norm = (torch.empty(self.out_features, **kw) if kw["device"].type == "meta"
-                        else self.base_weight().detach().float().norm(dim=1).to(kw["dtype"]))
+                norm = (
+                    torch.empty(self.out_features, **kw)
+                    if kw["device"].type == "meta"
+                    else self.base_weight().detach().float().norm(dim=1).to(kw["dtype"])
+                )
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
 
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -59,11 +59,15 @@ class PromptEmbedding(_Foldable):
         kw = {"device": w.device, "dtype": w.dtype}
         self.encoder = None
         if isinstance(config, PromptTuningConfig) and config.init != "random":
-            ids = (torch.randint(0, embed.num_embeddings, (P,)) if config.init == "vocab"
-                   else torch.tensor(config.init_token_ids).repeat(P // len(config.init_token_ids) + 1)[:P])
+            ids = (
+                torch.randint(0, embed.num_embeddings, (P,))
+                if config.init == "vocab"
+                else torch.tensor(config.init_token_ids).repeat(P // len(config.init_token_ids) + 1)[:P]
+            )
             if int(ids.max()) >= embed.num_embeddings:
-                raise LmforgeError(f"PromptTuningConfig.init_token_ids: id {int(ids.max())} >= vocab size "
-                                   f"{embed.num_embeddings}")
+                raise LmforgeError(
+                    f"PromptTuningConfig.init_token_ids: id {int(ids.max())} >= vocab size {embed.num_embeddings}"
+                )
             self.embedding = nn.Parameter(w.detach()[ids.to(w.device)].clone())
         else:
             std = 0.02 if w.is_meta else w.detach().float().std().item()  # the vocabulary's scale
@@ -100,8 +104,11 @@ class PrefixEncoder(_Foldable):
         P, out = config.num_virtual_tokens, n_layers * 2 * n_kv * head_dim
         if config.projection:
             self.embedding = nn.Parameter(torch.randn(P, hidden, **kw))
-            self.mlp = nn.Sequential(nn.Linear(hidden, config.encoder_hidden_size, **kw), nn.Tanh(),
-                                     nn.Linear(config.encoder_hidden_size, out, **kw))
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, config.encoder_hidden_size, **kw),
+                nn.Tanh(),
+                nn.Linear(config.encoder_hidden_size, out, **kw),
+            )
         else:
             self.embedding = nn.Parameter(torch.randn(P, out, **kw) * 0.02)
             self.mlp = None
@@ -177,8 +184,10 @@ def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
     cache, T = kwargs.get("kv_cache"), ref.shape[1]
     room = getattr(cache, "max_len", None)
     if room is not None and kwargs.get("start_pos", 0) + P + T > room:
-        raise LmforgeError(f"KV cache of {room} slots is too short: prompt tuning adds {P} virtual tokens; "
-                           "allocate peft.virtual_tokens(model) more slots")
+        raise LmforgeError(
+            f"KV cache of {room} slots is too short: prompt tuning adds {P} virtual tokens; "
+            "allocate peft.virtual_tokens(model) more slots"
+        )
     if cache is not None and kwargs.get("start_pos", 0) > 0:  # decode: the prompt is already cached
         kwargs["start_pos"] = kwargs["start_pos"] + P
         kwargs["position_ids"] = pos
@@ -228,7 +237,8 @@ def add_prefix(model: nn.Module, config: PrefixConfig) -> None:
             attn.kv_prefix = PrefixView(model.peft_prefix, i)
     ref = model.model.embed_tokens.weight
     model.peft_prefix[config.adapter_name] = PrefixEncoder(
-        config, len(attns), c.num_key_value_heads, c.head_dim, c.hidden_size, ref)
+        config, len(attns), c.num_key_value_heads, c.head_dim, c.hidden_size, ref
+    )
     model.peft_prefix.active = [config.adapter_name]
 
 

@@ -5,8 +5,8 @@ method, swaps the modules and records a `{"kind": "quant", ...}` entry in
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -18,8 +18,17 @@ from .calibrate import BlockInputs, calibrate_blocks, check_calibration, observe
 from .gptq import Hessian, gptq_quantize
 from .linear import IntNLinear, QuantLinear
 from .mixed import lm_loss, mixed_precision
-from .scheme import (DEFAULT_SKIP, check_config, linear_names, make_quant_linear, parse_scheme, quant_config, record,
-                     set_module, swap)
+from .scheme import (
+    DEFAULT_SKIP,
+    check_config,
+    linear_names,
+    make_quant_linear,
+    parse_scheme,
+    quant_config,
+    record,
+    set_module,
+    swap,
+)
 from .smooth import smoothquant_linear
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed")
@@ -41,8 +50,9 @@ class QuantOptions:
     min_calib_tokens: int = 512
 
 
-def quantize_model(model: nn.Module, opts: QuantOptions, calib: Sequence[torch.Tensor] | None = None,
-                   progress: bool = True) -> dict:
+def quantize_model(
+    model: nn.Module, opts: QuantOptions, calib: Sequence[torch.Tensor] | None = None, progress: bool = True
+) -> dict:
     """Quantize in place; returns stats (peak memory, and the plan for mixed precision)."""
     if opts.method not in METHODS:
         raise LmforgeError(f"unknown quantization method {opts.method!r}: choose from {', '.join(METHODS)}")
@@ -58,7 +68,9 @@ def quantize_model(model: nn.Module, opts: QuantOptions, calib: Sequence[torch.T
     else:
         spec = parse_scheme("w8a8" if opts.method == "smoothquant" else opts.scheme)
         if opts.method in ("gptq", "awq") and spec["format"] != "intn":
-            raise LmforgeError(f"{opts.method} needs a group-wise int scheme (int4-g128, int3-g64, ...), not {opts.scheme!r}")
+            raise LmforgeError(
+                f"{opts.method} needs a group-wise int scheme (int4-g128, int3-g64, ...), not {opts.scheme!r}"
+            )
         block_fn = {"gptq": _gptq_block, "awq": _awq_block, "smoothquant": _smooth_block}[opts.method]
         stats = calibrate_blocks(model, calib, names, lambda b, x, n: block_fn(b, x, n, spec, opts), progress)
         for name in names:  # linears outside the decoder blocks: round to nearest
@@ -76,8 +88,9 @@ def _gptq_block(block: nn.Module, inputs: BlockInputs, names: list[str], spec: d
         linear = block.get_submodule(n)
         m = make_quant_linear(linear, spec)
         assert isinstance(m, IntNLinear)
-        codes, scale, zero = gptq_quantize(linear.weight.detach(), hess[n].h, spec["bits"], m.group_size,
-                                           opts.damp, opts.block_size, opts.act_order)
+        codes, scale, zero = gptq_quantize(
+            linear.weight.detach(), hess[n].h, spec["bits"], m.group_size, opts.damp, opts.block_size, opts.act_order
+        )
         m.set_quantized(codes, scale, zero)
         set_module(block, n, m)
 

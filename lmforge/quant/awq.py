@@ -17,8 +17,8 @@ norm, o_proj after v_proj, down_proj after up_proj). Per group:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -68,8 +68,15 @@ def scale_candidates(x_mean: torch.Tensor, n_grid: int, index: torch.Tensor | No
 
 
 @torch.no_grad()
-def search_scale(linears: list[nn.Linear], forward: Callable[[], list[torch.Tensor]], x_mean: torch.Tensor,
-                 bits: int, g: int, n_grid: int = 20, index: torch.Tensor | None = None) -> torch.Tensor:
+def search_scale(
+    linears: list[nn.Linear],
+    forward: Callable[[], list[torch.Tensor]],
+    x_mean: torch.Tensor,
+    bits: int,
+    g: int,
+    n_grid: int = 20,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The s [K] whose fake-quantized weights W' = Q(W s) / s minimise ||forward() - reference||^2,
     where forward() runs the module holding `linears` on calibration inputs."""
     originals = [lin.weight.data for lin in linears]
@@ -88,8 +95,9 @@ def search_scale(linears: list[nn.Linear], forward: Callable[[], list[torch.Tens
     return best_s
 
 
-def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, g: int,
-                ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor]:
+def search_clip(
+    w: torch.Tensor, x: torch.Tensor, bits: int, g: int, ratios: tuple[float, ...] = CLIP_RATIOS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (row, group): the shrink factor r of the min/max range and the gain gamma on its scale
     minimising that group's share of the output error, E_x[(x_g . (w_g - gamma q_g))^2] =
     d^T C_g d with C_g the inputs' covariance over the group's g channels (all calibration tokens
@@ -117,15 +125,17 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, g: int,
     return best, best_gain
 
 
-def quantize_scaled(linear: nn.Linear, s: torch.Tensor, x: torch.Tensor, bits: int, g: int,
-                    keep_scale: bool, clip: bool = True) -> IntNLinear:
+def quantize_scaled(
+    linear: nn.Linear, s: torch.Tensor, x: torch.Tensor, bits: int, g: int, keep_scale: bool, clip: bool = True
+) -> IntNLinear:
     """IntNLinear storing Q(W diag(s)) with searched clipping and gain; x [T, K] are the unscaled
     inputs. keep_scale: the module divides its input by s (nothing upstream was folded)."""
     w, xs = linear.weight.detach().float() * s, x.float() / s
     ratio, gain = search_clip(w, xs, bits, g, CLIP_RATIOS if clip else (1.0,))
     scale, zero = fmt.group_params(w, bits, g, ratio)
-    m = IntNLinear.from_float(linear, input_scale=s.to(linear.weight.dtype) if keep_scale else None,
-                              bits=bits, group_size=g)
+    m = IntNLinear.from_float(
+        linear, input_scale=s.to(linear.weight.dtype) if keep_scale else None, bits=bits, group_size=g
+    )
     m.set_quantized(fmt.group_quantize(w, scale, zero, bits), scale * gain, zero)
     return m
 
@@ -136,8 +146,9 @@ def _subsample(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
     return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_tokens].to(x.device)]
 
 
-def awq_linear(linear: nn.Linear, x: torch.Tensor, bits: int = 4, group_size: int = 128,
-               n_grid: int = 20, max_tokens: int = 1024) -> IntNLinear:
+def awq_linear(
+    linear: nn.Linear, x: torch.Tensor, bits: int = 4, group_size: int = 128, n_grid: int = 20, max_tokens: int = 1024
+) -> IntNLinear:
     """AWQ for a lone linear given its inputs x [T, K]: the scale is kept as `input_scale`."""
     g = fmt.check_group(linear.in_features, group_size)
     x = _subsample(x.reshape(-1, linear.in_features).float(), max_tokens)
@@ -214,8 +225,9 @@ def _first(y):
 
 
 @torch.no_grad()
-def awq_block(block: nn.Module, inputs: BlockInputs, names: list[str], bits: int, group_size: int,
-              n_grid: int = 20) -> None:
+def awq_block(
+    block: nn.Module, inputs: BlockInputs, names: list[str], bits: int, group_size: int, n_grid: int = 20
+) -> None:
     """Quantize the block's linears `names` in place, group by group in forward order: each group's
     inputs come from running the block with the earlier groups already quantized."""
     for grp in scale_groups(block, names):
@@ -236,5 +248,6 @@ def awq_block(block: nn.Module, inputs: BlockInputs, names: list[str], bits: int
             x = x / s  # what the linears see after the fold; their weights now hold W s
             s = torch.ones_like(s)
         for n, lin in zip(grp.linears, linears):
-            set_module(block, n, quantize_scaled(lin, s, x, bits, g, keep_scale=grp.prev is None,
-                                                 clip=not n.endswith(NO_CLIP)))
+            set_module(
+                block, n, quantize_scaled(lin, s, x, bits, g, keep_scale=grp.prev is None, clip=not n.endswith(NO_CLIP))
+            )

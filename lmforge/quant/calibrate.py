@@ -6,7 +6,7 @@ plus [samples, T, hidden] activations: a model that fits for inference can be qu
 from __future__ import annotations
 
 import resource
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,11 +20,15 @@ class _Stop(Exception):
     pass
 
 
-def check_calibration(batches: Sequence[torch.Tensor] | None, min_tokens: int, source: str = "calibration data") -> None:
+def check_calibration(
+    batches: Sequence[torch.Tensor] | None, min_tokens: int, source: str = "calibration data"
+) -> None:
     n = sum(int(b.numel()) for b in batches or [])
     if n < min_tokens:
-        raise LmforgeError(f"{source}: {n} calibration tokens, need at least {min_tokens} "
-                           "(pass more text, more/longer samples, or lower --min-calib-tokens)")
+        raise LmforgeError(
+            f"{source}: {n} calibration tokens, need at least {min_tokens} "
+            "(pass more text, more/longer samples, or lower --min-calib-tokens)"
+        )
 
 
 @torch.no_grad()
@@ -59,11 +63,16 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 
 @torch.no_grad()
-def observe(block: nn.Module, inputs: BlockInputs, names: list[str], on_input: Callable[[str, torch.Tensor], None]) -> None:
+def observe(
+    block: nn.Module, inputs: BlockInputs, names: list[str], on_input: Callable[[str, torch.Tensor], None]
+) -> None:
     """Run the block once with hooks that hand every named submodule's input [tokens, K] to on_input."""
-    handles = [block.get_submodule(n).register_forward_hook(
-        lambda _m, args, _out, n=n: on_input(n, args[0].detach().reshape(-1, args[0].shape[-1])))
-        for n in names]
+    handles = [
+        block.get_submodule(n).register_forward_hook(
+            lambda _m, args, _out, n=n: on_input(n, args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
+        for n in names
+    ]
     try:
         run_block(block, inputs)
     finally:
@@ -76,8 +85,12 @@ def capture(block: nn.Module, inputs: BlockInputs, names: list[str]) -> dict[str
     """The (args, kwargs) of every call to each named submodule while the block runs on `inputs`,
     so that submodule can be re-run alone (AWQ's scale search)."""
     calls: dict[str, BlockInputs] = {n: [] for n in names}
-    handles = [block.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, kwargs, n=n: calls[n].append((args, kwargs)), with_kwargs=True) for n in dict.fromkeys(names)]
+    handles = [
+        block.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, kwargs, n=n: calls[n].append((args, kwargs)), with_kwargs=True
+        )
+        for n in dict.fromkeys(names)
+    ]
     try:
         run_block(block, inputs)
     finally:
@@ -109,8 +122,13 @@ def peak_rss_bytes() -> int:
 
 
 @torch.no_grad()
-def calibrate_blocks(model: nn.Module, batches: Sequence[torch.Tensor], linear_names: list[str],
-                     quantize_block: Callable[[nn.Module, BlockInputs, list[str]], None], progress: bool = True) -> dict:
+def calibrate_blocks(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    linear_names: list[str],
+    quantize_block: Callable[[nn.Module, BlockInputs, list[str]], None],
+    progress: bool = True,
+) -> dict:
     """For each block: quantize_block(block, its inputs, its linear names relative to the block),
     then feed the quantized block's outputs onward. Returns {'peak_rss_bytes', 'activation_bytes'}."""
     from tqdm.auto import tqdm
@@ -122,7 +140,7 @@ def calibrate_blocks(model: nn.Module, batches: Sequence[torch.Tensor], linear_n
     layers = model.model.layers
     for i, block in enumerate(tqdm(layers, desc="calibrate", disable=not progress)):
         prefix = f"model.layers.{i}."
-        names = [n[len(prefix):] for n in linear_names if n.startswith(prefix)]
+        names = [n[len(prefix) :] for n in linear_names if n.startswith(prefix)]
         if names:
             quantize_block(block, inputs, names)
         inputs = run_block(block, inputs)

@@ -36,8 +36,9 @@ def check_group(k: int, group_size: int) -> int:
     return next((g for g in divisors if g % 8 == 0), divisors[0])
 
 
-def group_params(w: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float = 1.0
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(
+    w: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric min/max parameters per (row, group): scale [N, G] and integer zero [N, G].
 
     `clip` (scalar or [N, G]) shrinks the range, as AWQ's clipping search does."""
@@ -78,10 +79,22 @@ def rtn_group(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor
 # The 16 NormalFloat levels: quantiles of N(0, 1) rescaled to [-1, 1] with an exact zero.
 # Source: Dettmers et al. 2023 (QLoRA), appendix E; the same table as bitsandbytes' NF4.
 NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 
 
@@ -103,8 +116,14 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, scale_block: int = 256) 
     return {"codes": codes.reshape(-1), "absmax_q": absmax_q, "absmax_scale": absmax_scale, "absmax_offset": offset}
 
 
-def nf4_dequantize(codes: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
-                   absmax_offset: torch.Tensor, block_size: int, scale_block: int) -> torch.Tensor:
+def nf4_dequantize(
+    codes: torch.Tensor,
+    absmax_q: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    block_size: int,
+    scale_block: int,
+) -> torch.Tensor:
     """Flat float weights from NF4 codes (reshape to [N, K] at the caller)."""
     absmax = _double_dequantize(absmax_q, absmax_scale, absmax_offset, scale_block)
     code = torch.tensor(NF4_CODE, device=codes.device)

@@ -29,9 +29,15 @@ class Hessian:
         self.h += x.t() @ x
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [N, K], H [K, K] -> (codes uint8 [N, K], scale [N, G], zero [N, G]).
 
     damp: fraction of mean(diag H) added to the diagonal (keeps the Cholesky well posed).
@@ -64,7 +70,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
             col = int(perm[i1 + i])
             grp = col // g
             if static is None and col % g == 0:  # group parameters from the error-updated weights
-                s, z = fmt.group_params(w1[:, i:i + g], bits, g)
+                s, z = fmt.group_params(w1[:, i : i + g], bits, g)
                 scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
             q = torch.clamp(torch.round(w1[:, i] / scale[:, grp]) + zero[:, grp], 0, 2**bits - 1)
             codes[:, i1 + i] = q.to(torch.uint8)

@@ -18,10 +18,10 @@ from torch import nn
 from . import formats as fmt
 from .pack import pack_bits, packed_size, unpack_bits
 
-FORMATS: dict[str, type["QuantLinear"]] = {}
+FORMATS: dict[str, type[QuantLinear]] = {}
 
 
-def register(cls: type["QuantLinear"]) -> type["QuantLinear"]:
+def register(cls: type[QuantLinear]) -> type[QuantLinear]:
     FORMATS[cls.format] = cls
     return cls
 
@@ -33,21 +33,37 @@ class QuantLinear(nn.Module):
     format = ""
     use_kernels = True  # set False (class or instance) to force dequantise + matmul
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_scale: bool = False,
-                 device=None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        input_scale: bool = False,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.empty(out_features, device=device, dtype=dtype) if bias else None)
-        self.register_buffer("input_scale", torch.empty(in_features, device=device, dtype=dtype) if input_scale else None)
+        self.register_buffer(
+            "input_scale", torch.empty(in_features, device=device, dtype=dtype) if input_scale else None
+        )
         self._cache = self._dense = None
 
     # -- construction
     @classmethod
-    def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None, **spec) -> "QuantLinear":
+    def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None, **spec) -> QuantLinear:
         """Quantise `linear` (round to nearest). `input_scale` s: store Q(W * s) and divide x by s."""
         w = linear.weight.detach()
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, input_scale is not None,
-                device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32, **spec)
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            input_scale is not None,
+            device=w.device,
+            dtype=w.dtype if w.is_floating_point() else torch.float32,
+            **spec,
+        )
         if input_scale is not None:
             m.input_scale.copy_(input_scale)
             w = w.float() * input_scale.float()
@@ -61,7 +77,11 @@ class QuantLinear(nn.Module):
 
     def spec(self) -> dict:
         """What `swap` needs to rebuild an empty module of this kind (saved in the quant config)."""
-        return {"format": self.format, **self._spec(), **({"input_scale": True} if self.input_scale is not None else {})}
+        return {
+            "format": self.format,
+            **self._spec(),
+            **({"input_scale": True} if self.input_scale is not None else {}),
+        }
 
     def _spec(self) -> dict:
         return {}
@@ -114,7 +134,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self._spec().items())
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}" + (f", {extra}" if extra else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}" + (
+            f", {extra}" if extra else ""
+        )
 
 
 @register
@@ -180,12 +202,23 @@ class IntNLinear(QuantLinear):
 
     format = "intn"
 
-    def __init__(self, in_features, out_features, bias=True, input_scale=False, device=None, dtype=torch.float32,
-                 bits: int = 4, group_size: int = 128):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        input_scale=False,
+        device=None,
+        dtype=torch.float32,
+        bits: int = 4,
+        group_size: int = 128,
+    ):
         super().__init__(in_features, out_features, bias, input_scale, device, dtype)
         self.bits, self.group_size = bits, fmt.check_group(in_features, group_size)
         groups = in_features // self.group_size
-        self.register_buffer("qweight", torch.empty(out_features, packed_size(in_features, bits), dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "qweight", torch.empty(out_features, packed_size(in_features, bits), dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=fmt.SCALE_DTYPE, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
 
@@ -233,8 +266,17 @@ class NF4Linear(QuantLinear):
 
     format = "nf4"
 
-    def __init__(self, in_features, out_features, bias=True, input_scale=False, device=None, dtype=torch.float32,
-                 block_size: int = 64, scale_block: int = 256):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        input_scale=False,
+        device=None,
+        dtype=torch.float32,
+        block_size: int = 64,
+        scale_block: int = 256,
+    ):
         super().__init__(in_features, out_features, bias, input_scale, device, dtype)
         self.block_size, self.scale_block = block_size, scale_block
         numel = in_features * out_features
@@ -256,8 +298,9 @@ class NF4Linear(QuantLinear):
     def _weight(self):
         numel = self.in_features * self.out_features
         codes = unpack_bits(self.qweight, 4, numel)
-        flat = fmt.nf4_dequantize(codes, self.absmax_q, self.absmax_scale, self.absmax_offset,
-                                  self.block_size, self.scale_block)
+        flat = fmt.nf4_dequantize(
+            codes, self.absmax_q, self.absmax_scale, self.absmax_offset, self.block_size, self.scale_block
+        )
         return flat.reshape(self.out_features, self.in_features)
 
 

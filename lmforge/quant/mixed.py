@@ -5,7 +5,7 @@ parameter-weighted average width stays within the budget (e.g. 4.5 bits)."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,9 @@ def lm_loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def sensitivity(model: nn.Module, names: list[str], choices: list[str], loss_fn: Callable[[], float],
-                progress: bool = True) -> dict[str, dict[str, float]]:
+def sensitivity(
+    model: nn.Module, names: list[str], choices: list[str], loss_fn: Callable[[], float], progress: bool = True
+) -> dict[str, dict[str, float]]:
     """{layer: {scheme: loss increase when only that layer is quantized with that scheme}}."""
     from tqdm.auto import tqdm
 
@@ -46,8 +47,13 @@ def sensitivity(model: nn.Module, names: list[str], choices: list[str], loss_fn:
     return out
 
 
-def allocate(sens: dict[str, dict[str, float]], sizes: dict[str, int], choices: list[str],
-             budget_bits: float, max_units: int = 100_000) -> dict[str, str]:
+def allocate(
+    sens: dict[str, dict[str, float]],
+    sizes: dict[str, int],
+    choices: list[str],
+    budget_bits: float,
+    max_units: int = 100_000,
+) -> dict[str, str]:
     """Pick one choice per layer minimising the summed loss increase subject to
     sum(bits * params) <= budget_bits * sum(params): a multiple-choice knapsack, solved exactly by
     dynamic programming over the budget in units of the gcd of all costs (exact), or of
@@ -85,8 +91,14 @@ def allocate(sens: dict[str, dict[str, float]], sizes: dict[str, int], choices: 
     return plan
 
 
-def mixed_precision(model: nn.Module, names: list[str], loss_fn: Callable[[], float], budget_bits: float = 4.5,
-                    choices: Sequence[str] = ("int4-g128", "int8"), progress: bool = True) -> dict:
+def mixed_precision(
+    model: nn.Module,
+    names: list[str],
+    loss_fn: Callable[[], float],
+    budget_bits: float = 4.5,
+    choices: Sequence[str] = ("int4-g128", "int8"),
+    progress: bool = True,
+) -> dict:
     """Quantize `names` with per-layer widths meeting the budget; returns the plan and sensitivities."""
     choices = [scheme_name(parse_scheme(c)) for c in choices]
     sens = sensitivity(model, names, choices, loss_fn, progress)

@@ -5,7 +5,8 @@ rebuilds the exact empty modules before `load_state_dict(assign=True)`; nothing 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,14 +55,14 @@ def check_spec(spec: dict, where: str) -> None:
     if fmt not in FORMATS:
         raise LmforgeError(
             f"{where}: quantization format {fmt!r} is not supported by this build of lmforge "
-            f"(known: {', '.join(sorted(FORMATS))}); upgrade lmforge or re-quantize the model")
+            f"(known: {', '.join(sorted(FORMATS))}); upgrade lmforge or re-quantize the model"
+        )
 
 
 def linear_names(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
     """Names of the float nn.Linear modules `swap` would replace."""
     pats = [re.compile(p) for p in skip]
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(p.search(n) for p in pats)]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(p.search(n) for p in pats)]
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -83,12 +84,21 @@ def make_quant_linear(linear: nn.Module, spec: dict, input_scale: torch.Tensor |
     params = {k: v for k, v in spec.items() if k not in ("format", "input_scale")}
     cls = FORMATS[spec["format"]]
     if linear.weight.is_meta:
-        return cls(linear.in_features, linear.out_features, linear.bias is not None,
-                   bool(spec.get("input_scale")), device="meta", dtype=linear.weight.dtype, **params)
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bool(spec.get("input_scale")),
+            device="meta",
+            dtype=linear.weight.dtype,
+            **params,
+        )
     return cls.from_float(linear, input_scale=input_scale, **params)
 
 
-def swap(model: nn.Module, scheme: str | dict, skip: Iterable[str] = DEFAULT_SKIP, record_transform: bool = True) -> nn.Module:
+def swap(
+    model: nn.Module, scheme: str | dict, skip: Iterable[str] = DEFAULT_SKIP, record_transform: bool = True
+) -> nn.Module:
     """Replace nn.Linear children by quantized ones, in place; returns the model.
 
     `scheme` is a name ('int4-g128'), a spec dict, or a saved quant config (its `modules` map says
@@ -139,16 +149,21 @@ def quant_config(model: nn.Module, method: str = "rtn", **extra: Any) -> dict[st
 def check_config(config: dict, source: str = "quantization config") -> None:
     """Fail early, naming the file and the format, on a config this build cannot load."""
     if not isinstance(config, dict) or config.get("quant_method") != "lmforge" or "modules" not in config:
-        raise LmforgeError(f"{source}: not an lmforge quantization config (expected quant_method 'lmforge' and 'modules')")
+        raise LmforgeError(
+            f"{source}: not an lmforge quantization config (expected quant_method 'lmforge' and 'modules')"
+        )
     if int(config.get("version", 0)) > CONFIG_VERSION:
-        raise LmforgeError(f"{source}: quantization config version {config['version']} is newer than this "
-                           f"lmforge supports ({CONFIG_VERSION}); upgrade lmforge")
+        raise LmforgeError(
+            f"{source}: quantization config version {config['version']} is newer than this "
+            f"lmforge supports ({CONFIG_VERSION}); upgrade lmforge"
+        )
     for name, spec in config["modules"].items():
         check_spec(spec, f"{source}: module {name}")
 
 
-def quantize_state_dict(state_dict: dict[str, torch.Tensor], scheme: str | dict,
-                        skip: Iterable[str] = DEFAULT_SKIP) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def quantize_state_dict(
+    state_dict: dict[str, torch.Tensor], scheme: str | dict, skip: Iterable[str] = DEFAULT_SKIP
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Quantize a float state dict without a model: every 2-D float `<name>.weight` not matched by
     `skip` is treated as a Linear. Returns (quantized state dict, quant config)."""
     spec = parse_scheme(scheme)

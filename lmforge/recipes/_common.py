@@ -20,27 +20,42 @@ from lmforge.common import DEVICE_PATTERN, LmforgeError, atomic_write_text, chec
 from lmforge.config import apply_overrides, config_names, load_config, load_config_tree, set_dotted  # noqa: F401
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default: str | None,
-                         flags: dict[str, str] | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, default: str | None, flags: dict[str, str] | None = None
+) -> None:
     """--config NAME_OR_PATH (None: the dataclass defaults), --set a.b=c (repeatable), and one flag per
     `flags` entry (flag -> dotted key)."""
     names = ", ".join(config_names()) or "none"
     parser.add_argument("--config", default=default, help=f"recipe YAML: a path or a built-in name ({names})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set train.steps=100 --set model.hidden_size=128")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set train.steps=100 --set model.hidden_size=128",
+    )
     for flag, key in (flags or {}).items():
         parser.add_argument(flag, dest=_dest(flag), default=None, metavar="VALUE", help=f"same as --set {key}=VALUE")
 
 
-_SWITCHES = {"--auto-fit": ("train.auto_fit", "pick the largest micro-batch that fits in memory"),
-             "--compile": ("train.compile", "torch.compile the model"),
-             "--activation-checkpointing": ("train.activation_checkpointing", "recompute activations in backward")}
+_SWITCHES = {
+    "--auto-fit": ("train.auto_fit", "pick the largest micro-batch that fits in memory"),
+    "--compile": ("train.compile", "torch.compile the model"),
+    "--activation-checkpointing": ("train.activation_checkpointing", "recompute activations in backward"),
+}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """--resume and the on/off switches shared by training recipes."""
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue from the run's newest good checkpoint (or the given checkpoint folder)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the run's newest good checkpoint (or the given checkpoint folder)",
+    )
     for flag, (key, help_text) in _SWITCHES.items():
         parser.add_argument(flag, dest=_dest(flag), action="store_true", help=f"{help_text} ({key}=true)")
 
@@ -79,9 +94,18 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) ->
             print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
             target(parser, namespace, values, new)
 
-    parser.add_argument(old, action=Alias, dest=target.dest, nargs=target.nargs, const=target.const,
-                        type=target.type, choices=target.choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-                        metavar=target.metavar)
+    parser.add_argument(
+        old,
+        action=Alias,
+        dest=target.dest,
+        nargs=target.nargs,
+        const=target.const,
+        type=target.type,
+        choices=target.choices,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+        metavar=target.metavar,
+    )
 
 
 def overrides_from_args(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
@@ -134,7 +158,9 @@ class MetricsWriter:
 
                     self._tb = SummaryWriter(str(tensorboard_dir))
                 except ImportError:
-                    raise LmforgeError("tensorboard logging needs the `tensorboard` package (pip install tensorboard)")
+                    raise LmforgeError(
+                        "tensorboard logging needs the `tensorboard` package (pip install tensorboard)"
+                    ) from None
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -44,21 +44,24 @@ def constant_lr(lr: float) -> OptimConfig:
 
 def warmup_cosine(lr: float, warmup_steps: int, weight_decay: float = 0.0) -> OptimConfig:
     """Linear warmup, then cosine to 10% of `lr`, AdamW betas (0.9, 0.98): the clip/vlm schedule."""
-    return OptimConfig(lr=lr, warmup_steps=warmup_steps, min_lr_ratio=0.1, weight_decay=weight_decay,
-                       betas=(0.9, 0.98))
+    return OptimConfig(lr=lr, warmup_steps=warmup_steps, min_lr_ratio=0.1, weight_decay=weight_decay, betas=(0.9, 0.98))
 
 
 class LoopState:
     """What a recipe's batches depend on besides the step number, saved in every checkpoint (as
     JSON): NumPy and torch generators, and `values`, a dict of plain numbers the recipe updates."""
 
-    def __init__(self, numpy: list[np.random.Generator] = (), generators: list[torch.Generator] = (),
-                 values: dict | None = None) -> None:
+    def __init__(
+        self, numpy: list[np.random.Generator] = (), generators: list[torch.Generator] = (), values: dict | None = None
+    ) -> None:
         self.numpy, self.generators, self.values = list(numpy), list(generators), values if values is not None else {}
 
     def state_dict(self) -> dict:
-        return {"numpy": [g.bit_generator.state for g in self.numpy],
-                "torch": [g.get_state().tolist() for g in self.generators], "values": self.values}
+        return {
+            "numpy": [g.bit_generator.state for g in self.numpy],
+            "torch": [g.get_state().tolist() for g in self.generators],
+            "values": self.values,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for g, s in zip(self.numpy, state.get("numpy", [])):
@@ -69,8 +72,14 @@ class LoopState:
 
 
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue from the newest good checkpoint (or the given checkpoint folder)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest good checkpoint (or the given checkpoint folder)",
+    )
 
 
 def run_dir_for(out: str | Path) -> Path:
@@ -79,23 +88,48 @@ def run_dir_for(out: str | Path) -> Path:
     return Path(f"{Path(out)}.train")
 
 
-def run_fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn | None, next_batch: Callable[[int], dict],
-            run_dir: str | Path | None, opts: FitOptions, state: LoopState | None = None, tokenizer=None,
-            device: torch.device | str = "cpu") -> dict:
+def run_fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn | None,
+    next_batch: Callable[[int], dict],
+    run_dir: str | Path | None,
+    opts: FitOptions,
+    state: LoopState | None = None,
+    tokenizer=None,
+    device: torch.device | str = "cpu",
+) -> dict:
     """`fit` with the recipe's loss (None: the LM loss on input_ids/labels): no LM evaluation, no spike guard (these losses may be negative
     or noisy by nature), fp32, one micro-batch per step. Returns fit's summary (final_loss, ...).
     `run_dir=None`: no metrics.jsonl and no checkpoints (a library call, not a run)."""
     if run_dir is None and opts.resume:
         raise LmforgeError("resume needs a run folder")
     info = dist_info()
-    cfg = TrainConfig(steps=opts.steps, clip_grad=opts.clip_grad, spike_factor=0.0, eval_every=0,
-                      save_every=0 if run_dir is None else opts.save_every or opts.steps, keep_last=opts.keep_last,
-                      log_every=opts.log_every)
+    cfg = TrainConfig(
+        steps=opts.steps,
+        clip_grad=opts.clip_grad,
+        spike_factor=0.0,
+        eval_every=0,
+        save_every=0 if run_dir is None else opts.save_every or opts.steps,
+        keep_last=opts.keep_last,
+        log_every=opts.log_every,
+    )
     run_dir = Path(run_dir if run_dir is not None else ".")
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main and cfg.save_every > 0)
     ctx = RunContext(run_dir, torch.device(device), torch.float32, info, metrics, tokenizer)
     try:
-        return fit(model, optimizer, lambda step, i: next_batch(step), state, None, cfg, opts.optim, ctx,
-                   opts.resume, loss_fn=loss_fn, save_final=False)
+        return fit(
+            model,
+            optimizer,
+            lambda step, i: next_batch(step),
+            state,
+            None,
+            cfg,
+            opts.optim,
+            ctx,
+            opts.resume,
+            loss_fn=loss_fn,
+            save_final=False,
+        )
     finally:
         metrics.close()

@@ -30,8 +30,14 @@ def measure_generation(gcfg: dict, models: dict[str, Path], heldout: dict | None
     new = int(gcfg.get("max_new_tokens", 64))
     k = int(gcfg.get("speculative_k", 4))
     repeats = int(gcfg.get("repeats", 3))
-    out: dict = {"max_new_tokens": new, "threads": torch.get_num_threads(), "repeats": repeats, "rows": [],
-                 "samples": {}, "sample_format": {}}
+    out: dict = {
+        "max_new_tokens": new,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "rows": [],
+        "samples": {},
+        "sample_format": {},
+    }
     tok = load_tokenizer_if_any(next(iter(models.values()))) if models else None
     if tok is None:
         return out
@@ -47,7 +53,9 @@ def measure_generation(gcfg: dict, models: dict[str, Path], heldout: dict | None
             # Drafting stops where the draft is unsure (k is then a bound): a weak guess costs less.
             length = max(map(len, encoded)) + new + k + 2
             methods[(FINAL, "speculative (draft model)")] = (
-                loaded[FINAL], DraftProposer(loaded["draft"], length, float(gcfg.get("draft_min_confidence", 0.0))))
+                loaded[FINAL],
+                DraftProposer(loaded["draft"], length, float(gcfg.get("draft_min_confidence", 0.0))),
+            )
     threads = torch.get_num_threads()
     if FINAL in loaded:  # batch-1 decoding of a small model may run faster on fewer threads: use the faster
         torch.set_num_threads(decode_threads(loaded[FINAL], encoded[0]))
@@ -69,11 +77,17 @@ def measure_generation(gcfg: dict, models: dict[str, Path], heldout: dict | None
             out["samples"][label] = _chat_samples(model, tok, chat_prompts, new)
             out["sample_format"][label] = "chat"
         else:
-            out["samples"][label] = [p + tok.decode(results[(label, "plain greedy")]["tokens"][i]) if
-                                     (label, "plain greedy") in results else p for i, p in enumerate(prompts)]
+            out["samples"][label] = [
+                p + tok.decode(results[(label, "plain greedy")]["tokens"][i])
+                if (label, "plain greedy") in results
+                else p
+                for i, p in enumerate(prompts)
+            ]
             out["sample_format"][label] = "completion"
     if "draft" in loaded:  # the draft's own completions, plain decoding
-        out["samples"]["draft"] = [p + tok.decode(_plain(loaded["draft"], ids, new)) for p, ids in zip(prompts, encoded)]
+        out["samples"]["draft"] = [
+            p + tok.decode(_plain(loaded["draft"], ids, new)) for p, ids in zip(prompts, encoded)
+        ]
         out["sample_format"]["draft"] = "completion"
     scale = gcfg.get("quant_at_scale")
     if scale:
@@ -131,8 +145,14 @@ def _timed(methods: dict, encoded: list[list[int]], new: int, k: int, repeats: i
                     accepted, proposed = accepted + stats.accepted, proposed + stats.proposed
             rates[m].append(sum(map(len, rows)) / (time.perf_counter() - start))
             tokens[m], acceptance[m] = rows, round(accepted / max(1, proposed), 3)
-    return {m: {"tokens_per_s": round(statistics.median(rates[m]), 1), "tokens": tokens[m],
-                "acceptance_rate": acceptance[m]} for m in methods}
+    return {
+        m: {
+            "tokens_per_s": round(statistics.median(rates[m]), 1),
+            "tokens": tokens[m],
+            "acceptance_rate": acceptance[m],
+        }
+        for m in methods
+    }
 
 
 def _heldout_signatures(n: int, heldout: dict) -> list[str]:
@@ -186,6 +206,17 @@ def quant_speed_at_scale(scfg: dict) -> dict:
             rates[name].append(new / (time.perf_counter() - t0))
     params = sum(p.numel() for p in base.parameters())
     fp32 = statistics.median(rates["fp32"])
-    return {"preset": preset, "parameters": params, "new_tokens": new, "threads": torch.get_num_threads(),
-            "rows": [{"scheme": name, "tokens_per_s": round(statistics.median(r), 1),
-                      "speedup": round(statistics.median(r) / fp32, 2)} for name, r in rates.items()]}
+    return {
+        "preset": preset,
+        "parameters": params,
+        "new_tokens": new,
+        "threads": torch.get_num_threads(),
+        "rows": [
+            {
+                "scheme": name,
+                "tokens_per_s": round(statistics.median(r), 1),
+                "speedup": round(statistics.median(r) / fp32, 2),
+            }
+            for name, r in rates.items()
+        ],
+    }

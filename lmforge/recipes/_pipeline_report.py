@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmforge.common import atomic_path, atomic_write_text, human_bytes
+from lmforge.common import atomic_write_text, human_bytes
 from lmforge.recipes._common import read_metrics
+from lmforge.recipes._pipeline_charts import _bar_plot, _eval_plot, _loss_plot
 
 FINAL = "final (sft, merged)"
 SFT_TARGET_RATIO = 1.5  # docstring ROUGE-L of final over base that makes fine-tuning worth it
@@ -36,90 +37,6 @@ def _eval_dir(run: Path, path: Path) -> Path:
     return run / "eval" / path.relative_to(run).as_posix().replace("/", "-")
 
 
-# ----------------------------------------------------------------------------- charts
-
-
-def _figure(width: float = 7, height: float = 3.6):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(width, height))
-    ax.spines[["top", "right"]].set_visible(False)
-    return plt, fig, ax
-
-
-def _save(plt, fig, run: Path, name: str) -> str:
-    with atomic_path(run / name) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return name
-
-
-def _loss_plot(run: Path, names: list[str], file: str, title: str) -> str | None:
-    plt, fig, ax = _figure()
-    drawn = False
-    for name in names:
-        rows = read_metrics(run / name / "metrics.jsonl", missing_ok=True)
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and "step" in r]
-        if train:
-            ax.plot(*zip(*train), label=f"{name} train", linewidth=1, alpha=0.8)
-            drawn = True
-        if val:
-            ax.plot(*zip(*val), "o--", label=f"{name} validation")
-            best = min(val, key=lambda sv: sv[1])
-            ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(4, 8), fontsize=8)
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return _save(plt, fig, run, file)
-
-
-def _bar_plot(run: Path, file: str, title: str, labels: list[str], values: list[float], ylabel: str) -> str | None:
-    if not values:
-        return None
-    plt, fig, ax = _figure(7, 0.5 + 0.42 * len(values))
-    ax.barh(range(len(values)), values, color="#4c78a8")
-    ax.set_yticks(range(len(values)), labels, fontsize=8)
-    ax.invert_yaxis()
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:,.3g}", va="center", fontsize=8)
-    ax.set_xlabel(ylabel)
-    ax.set_title(title)
-    return _save(plt, fig, run, file)
-
-
-def _eval_plot(run: Path, per_model: dict[str, dict]) -> str | None:
-    from lmforge.eval.tasks import primary_metric
-
-    tasks = sorted({n for tasks in per_model.values() for n in tasks})
-    if not tasks:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        labels = [m for m in per_model if task in per_model[m]]
-        values = [(primary_metric(per_model[m][task]) or (None, 0.0))[1] or 0.0 for m in labels]
-        metric = (primary_metric(per_model[labels[0]][task]) or ("?",))[0]
-        ax.bar(range(len(values)), values, color="#4c78a8")
-        ax.set_xticks(range(len(values)), [m.replace(" (sft, merged)", "") for m in labels], rotation=35,
-                      ha="right", fontsize=7)
-        ax.set_title(f"{task}\n{metric}", fontsize=8)
-        ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    return _save(plt, fig, run, "eval.png")
-
-
 # ----------------------------------------------------------------------------- sections
 
 
@@ -130,22 +47,55 @@ def _data_blocks(run: Path) -> list[tuple]:
     from lmforge.data.report import stage_rows
 
     rows = stage_rows(stats)
-    blocks = [("table", [["stage", "documents out", "bytes out"]] +
-               [[n, f"{d:,}", human_bytes(b) if b is not None else "-"] for n, d, b in rows])]
-    chart = _bar_plot(run, "data_funnel.png", "documents after each data stage", [r[0] for r in rows],
-                      [float(r[1]) for r in rows], "documents")
+    blocks = [
+        (
+            "table",
+            [["stage", "documents out", "bytes out"]]
+            + [[n, f"{d:,}", human_bytes(b) if b is not None else "-"] for n, d, b in rows],
+        )
+    ]
+    chart = _bar_plot(
+        run,
+        "data_funnel.png",
+        "documents after each data stage",
+        [r[0] for r in rows],
+        [float(r[1]) for r in rows],
+        "documents",
+    )
     if chart:
         blocks.append(("img", "data funnel", chart))
     if stats.get("rejected"):
-        blocks += [("p", "Why documents were rejected (quality rules):"),
-                   ("table", [["rule", "documents"]] + [[k, str(v)] for k, v in stats["rejected"].items()])]
+        blocks += [
+            ("p", "Why documents were rejected (quality rules):"),
+            ("table", [["rule", "documents"]] + [[k, str(v)] for k, v in stats["rejected"].items()]),
+        ]
     if stats.get("mix"):
-        blocks.append(("table", [["source", "documents in", "weight", "epochs", "tokens", "share"]] +
-                       [[s, str(m.get("documents")), _fmt(m.get("weight")), _fmt(m.get("epochs")),
-                         f"{m.get('tokens', 0):,}", _fmt(m.get("share"))] for s, m in stats["mix"].items()]))
+        blocks.append(
+            (
+                "table",
+                [["source", "documents in", "weight", "epochs", "tokens", "share"]]
+                + [
+                    [
+                        s,
+                        str(m.get("documents")),
+                        _fmt(m.get("weight")),
+                        _fmt(m.get("epochs")),
+                        f"{m.get('tokens', 0):,}",
+                        _fmt(m.get("share")),
+                    ]
+                    for s, m in stats["mix"].items()
+                ],
+            )
+        )
     tokens = stats.get("tokens", {})
-    blocks.append(("p", "Tokens: " + ", ".join(f"{k} {v.get('tokens', 0):,}" for k, v in tokens.items())
-                   + f"; vocabulary {stats.get('vocab_size')}; {stats.get('mb_per_s')} MB/s."))
+    blocks.append(
+        (
+            "p",
+            "Tokens: "
+            + ", ".join(f"{k} {v.get('tokens', 0):,}" for k, v in tokens.items())
+            + f"; vocabulary {stats.get('vocab_size')}; {stats.get('mb_per_s')} MB/s.",
+        )
+    )
     return blocks
 
 
@@ -156,17 +106,24 @@ def _summary_of(run: Path, name: str) -> dict | None:
 
 def _training_blocks(run: Path) -> list[tuple]:
     blocks: list[tuple] = []
-    for names, file, title in ((["base", "draft"], "loss_pretrain.png", "pretraining (base) and distillation (draft)"),
-                               (["sft"], "loss_sft.png", "fine-tuning (validation picks the shipped checkpoint)")):
+    for names, file, title in (
+        (["base", "draft"], "loss_pretrain.png", "pretraining (base) and distillation (draft)"),
+        (["sft"], "loss_sft.png", "fine-tuning (validation picks the shipped checkpoint)"),
+    ):
         plot = _loss_plot(run, names, file, title)
         if plot:
             blocks.append(("img", title, plot))
     for name in ("base", "sft", "draft"):
         summary = _summary_of(run, name)
         if summary:
-            blocks.append(("p", f"{name}: {summary.get('steps')} steps, final loss {_fmt(summary.get('final_loss'))}, "
-                                f"best validation loss {_fmt(summary.get('best_val_loss'))}, "
-                                f"{_fmt(summary.get('tokens_per_s'))} tokens/s."))
+            blocks.append(
+                (
+                    "p",
+                    f"{name}: {summary.get('steps')} steps, final loss {_fmt(summary.get('final_loss'))}, "
+                    f"best validation loss {_fmt(summary.get('best_val_loss'))}, "
+                    f"{_fmt(summary.get('tokens_per_s'))} tokens/s.",
+                )
+            )
     return blocks or [("p", "No training metrics.")]
 
 
@@ -186,43 +143,76 @@ def _eval_blocks(run: Path, per_model: dict[str, dict]) -> list[tuple]:
         return [("p", "Evaluation stage: not available (no eval results).")]
     names = [n for tasks in per_model.values() for n in tasks]
     names = list(dict.fromkeys(names))
-    header = ["model"] + [f"{n} ({(primary_metric(next(m[n] for m in per_model.values() if n in m)) or ('?',))[0]})"
-                          for n in names]
-    rows = [header] + [[label] + [_fmt((primary_metric(tasks[n]) or (None, None))[1]) if n in tasks else "-"
-                                  for n in names] for label, tasks in per_model.items()]
-    blocks: list[tuple] = [("p", "Held-out modules only (the data split's validation documents: no model trained "
-                                 "on them). Fine-tuned models are asked in the chat format they were trained on, "
-                                 "the others as code completion. Bits/byte: lower is better."),
-                           ("table", rows)]
+    header = ["model"] + [
+        f"{n} ({(primary_metric(next(m[n] for m in per_model.values() if n in m)) or ('?',))[0]})" for n in names
+    ]
+    rows = [header] + [
+        [label] + [_fmt((primary_metric(tasks[n]) or (None, None))[1]) if n in tasks else "-" for n in names]
+        for label, tasks in per_model.items()
+    ]
+    blocks: list[tuple] = [
+        (
+            "p",
+            "Held-out modules only (the data split's validation documents: no model trained "
+            "on them). Fine-tuned models are asked in the chat format they were trained on, "
+            "the others as code completion. Bits/byte: lower is better.",
+        ),
+        ("table", rows),
+    ]
     chart = _eval_plot(run, per_model)
     if chart:
         blocks.append(("img", "evaluation by model", chart))
-    flagged = [[label, n, _fmt(c.get("contaminated")), _fmt(c.get("contaminated_fraction"))]
-               for label, tasks in per_model.items() for n, t in tasks.items() if (c := t.get("contamination") or {})]
+    flagged = [
+        [label, n, _fmt(c.get("contaminated")), _fmt(c.get("contaminated_fraction"))]
+        for label, tasks in per_model.items()
+        for n, t in tasks.items()
+        if (c := t.get("contamination") or {})
+    ]
     if flagged:
-        blocks += [("p", "Contamination of the evaluation sets against everything the models trained on "
-                         "(pretraining documents and SFT conversations; 13-gram overlap):"),
-                   ("table", [["model", "task", "contaminated examples", "fraction"]] + flagged)]
+        blocks += [
+            (
+                "p",
+                "Contamination of the evaluation sets against everything the models trained on "
+                "(pretraining documents and SFT conversations; 13-gram overlap):",
+            ),
+            ("table", [["model", "task", "contaminated examples", "fraction"]] + flagged),
+        ]
     return blocks
 
 
 def _quant_blocks(run: Path, models: dict[str, Path], gen: dict) -> list[tuple]:
     speed = {r["model"]: r["tokens_per_s"] for r in gen.get("rows", []) if r["decoding"] == "plain greedy"}
-    blocks: list[tuple] = [("table", [["model", "size on disk", "decode tokens/s (this model)"]] + [
-        [label, human_bytes(sum(f.stat().st_size for f in path.glob("*.safetensors"))), _fmt(speed.get(label))]
-        for label, path in models.items() if label.startswith("final")])]
+    blocks: list[tuple] = [
+        (
+            "table",
+            [["model", "size on disk", "decode tokens/s (this model)"]]
+            + [
+                [label, human_bytes(sum(f.stat().st_size for f in path.glob("*.safetensors"))), _fmt(speed.get(label))]
+                for label, path in models.items()
+                if label.startswith("final")
+            ],
+        )
+    ]
     if len(blocks[0][1]) > 2:
         blocks.append(("p", "Each quantized copy is evaluated beside the fp32 model in Evaluation (its quality cost)."))
     scale = gen.get("quant_at_scale")
     if scale:
-        blocks += [("p", f"Quantization pays where decoding is memory-bound: every weight is read once per token, "
-                         f"so fewer bytes per weight mean more tokens/s. A model of this pipeline's size fits in the "
-                         f"CPU caches and its decode time is the per-layer overhead, which dequantization adds to; "
-                         f"measured on a randomly initialised {scale['preset']} "
-                         f"({scale['parameters'] / 1e6:.0f}M parameters; speed depends on shapes, not weight "
-                         f"values), batch 1, {scale['threads']} threads, {scale['new_tokens']} new tokens:"),
-                   ("table", [["scheme", "decode tokens/s", "speed-up over fp32"]] +
-                    [[r["scheme"], _fmt(r["tokens_per_s"]), f"{r['speedup']:.2f}x"] for r in scale["rows"]])]
+        blocks += [
+            (
+                "p",
+                f"Quantization pays where decoding is memory-bound: every weight is read once per token, "
+                f"so fewer bytes per weight mean more tokens/s. A model of this pipeline's size fits in the "
+                f"CPU caches and its decode time is the per-layer overhead, which dequantization adds to; "
+                f"measured on a randomly initialised {scale['preset']} "
+                f"({scale['parameters'] / 1e6:.0f}M parameters; speed depends on shapes, not weight "
+                f"values), batch 1, {scale['threads']} threads, {scale['new_tokens']} new tokens:",
+            ),
+            (
+                "table",
+                [["scheme", "decode tokens/s", "speed-up over fp32"]]
+                + [[r["scheme"], _fmt(r["tokens_per_s"]), f"{r['speedup']:.2f}x"] for r in scale["rows"]],
+            ),
+        ]
     return blocks
 
 
@@ -231,13 +221,35 @@ def _decode_blocks(run: Path, gen: dict) -> list[tuple]:
         return [("p", "Generate stage: not available.")]
     rows = gen["rows"]
     blocks: list[tuple] = [
-        ("p", f"Batch 1, greedy, {gen['max_new_tokens']} new tokens per prompt, {gen['threads']} thread(s) (the "
-              f"faster for plain decoding of `final`), median of {gen.get('repeats', 1)} interleaved repeats."),
-        ("table", [["model", "decoding", "tokens/s", "speed-up", "acceptance", "same tokens as plain"]] +
-         [[r["model"], r["decoding"], _fmt(r["tokens_per_s"]), _fmt(r.get("speedup")), _fmt(r.get("acceptance_rate")),
-           _fmt(r.get("identical_to_plain"))] for r in rows])]
-    chart = _bar_plot(run, "decode_speed.png", "batch-1 decode speed", [f"{r['model']}: {r['decoding']}" for r in rows],
-                      [float(r["tokens_per_s"]) for r in rows], "tokens/s")
+        (
+            "p",
+            f"Batch 1, greedy, {gen['max_new_tokens']} new tokens per prompt, {gen['threads']} thread(s) (the "
+            f"faster for plain decoding of `final`), median of {gen.get('repeats', 1)} interleaved repeats.",
+        ),
+        (
+            "table",
+            [["model", "decoding", "tokens/s", "speed-up", "acceptance", "same tokens as plain"]]
+            + [
+                [
+                    r["model"],
+                    r["decoding"],
+                    _fmt(r["tokens_per_s"]),
+                    _fmt(r.get("speedup")),
+                    _fmt(r.get("acceptance_rate")),
+                    _fmt(r.get("identical_to_plain")),
+                ]
+                for r in rows
+            ],
+        ),
+    ]
+    chart = _bar_plot(
+        run,
+        "decode_speed.png",
+        "batch-1 decode speed",
+        [f"{r['model']}: {r['decoding']}" for r in rows],
+        [float(r["tokens_per_s"]) for r in rows],
+        "tokens/s",
+    )
     if chart:
         blocks.append(("img", "decode speed", chart))
     blocks.append(("h2", "Sample generations"))
@@ -271,59 +283,112 @@ def _summary_rows(run: Path, models: dict[str, Path], per_model: dict, gen: dict
     stats = _read(run / "data" / "stats.json") or {}
     if stats:
         tokens = stats.get("tokens", {}).get("train", {}).get("tokens")
-        rows.append(["data", f"{stats.get('read', {}).get('documents', '?'):,} documents read, "
-                             f"{stats.get('dedup', {}).get('documents_kept', '?')} kept",
-                     f"{tokens:,} training tokens" if tokens else "-", "-"])
+        rows.append(
+            [
+                "data",
+                f"{stats.get('read', {}).get('documents', '?'):,} documents read, "
+                f"{stats.get('dedup', {}).get('documents_kept', '?')} kept",
+                f"{tokens:,} training tokens" if tokens else "-",
+                "-",
+            ]
+        )
     base_bpb = _metric(per_model, "base", "stdlib_code_ppl")
     summary = _summary_of(run, "base")
     if summary:
-        rows.append(["pretrain", "base model", f"held-out code {_fmt(base_bpb)} bits/byte, prose "
-                     f"{_fmt(_metric(per_model, 'base', 'stdlib_prose_ppl'))}",
-                     f"validation loss {_fmt(summary.get('best_val_loss'))} nats/token"])
-    final_rouge, base_rouge = _metric(per_model, FINAL, "stdlib_docstring"), _metric(per_model, "base", "stdlib_docstring")
+        rows.append(
+            [
+                "pretrain",
+                "base model",
+                f"held-out code {_fmt(base_bpb)} bits/byte, prose "
+                f"{_fmt(_metric(per_model, 'base', 'stdlib_prose_ppl'))}",
+                f"validation loss {_fmt(summary.get('best_val_loss'))} nats/token",
+            ]
+        )
+    final_rouge, base_rouge = (
+        _metric(per_model, FINAL, "stdlib_docstring"),
+        _metric(per_model, "base", "stdlib_docstring"),
+    )
     final_bpb = _metric(per_model, FINAL, "stdlib_code_ppl")
     if final_rouge is not None and base_rouge:
         ratio = final_rouge / base_rouge
         rise = (final_bpb / base_bpb - 1) if final_bpb and base_bpb else None
         good = ratio >= SFT_TARGET_RATIO and (rise is None or rise <= SFT_MAX_CODE_BPB_RISE)
-        rows.append(["sft", f"final ({sft_words}, best validation checkpoint)",
-                     f"docstring ROUGE-L {base_rouge:.3f} -> {final_rouge:.3f} ({ratio:.2f}x); code bits/byte "
-                     f"{_fmt(base_bpb)} -> {_fmt(final_bpb)} ({'+' if (rise or 0) >= 0 else ''}{(rise or 0) * 100:.1f}%)",
-                     "good: the task improved, code modelling kept" if good else "worse than the targets "
-                     f"({SFT_TARGET_RATIO}x ROUGE-L, <= {SFT_MAX_CODE_BPB_RISE * 100:.0f}% bits/byte)"])
+        rows.append(
+            [
+                "sft",
+                f"final ({sft_words}, best validation checkpoint)",
+                f"docstring ROUGE-L {base_rouge:.3f} -> {final_rouge:.3f} ({ratio:.2f}x); code bits/byte "
+                f"{_fmt(base_bpb)} -> {_fmt(final_bpb)} ({'+' if (rise or 0) >= 0 else ''}{(rise or 0) * 100:.1f}%)",
+                "good: the task improved, code modelling kept"
+                if good
+                else "worse than the targets "
+                f"({SFT_TARGET_RATIO}x ROUGE-L, <= {SFT_MAX_CODE_BPB_RISE * 100:.0f}% bits/byte)",
+            ]
+        )
     spec = next((r for r in gen.get("rows", []) if r["decoding"].startswith("speculative")), None)
     if spec:
         good = spec.get("speedup", 0) >= 1.0 and spec.get("identical_to_plain")
-        rows.append(["draft", "a small model distilled from final",
-                     f"speculative decoding {spec.get('speedup')}x plain, acceptance {spec.get('acceptance_rate')}, "
-                     f"identical tokens: {spec.get('identical_to_plain')}",
-                     "good: faster, same output" if good else "slower or different: see Decoding speed"])
+        rows.append(
+            [
+                "draft",
+                "a small model distilled from final",
+                f"speculative decoding {spec.get('speedup')}x plain, acceptance {spec.get('acceptance_rate')}, "
+                f"identical tokens: {spec.get('identical_to_plain')}",
+                "good: faster, same output" if good else "slower or different: see Decoding speed",
+            ]
+        )
     scale = gen.get("quant_at_scale")
     quant = [label for label in models if label.startswith("final ") and label != FINAL]
     if quant:
-        sizes = {label: sum(f.stat().st_size for f in models[label].glob("*.safetensors")) for label in [FINAL] + quant
-                 if label in models}
+        sizes = {
+            label: sum(f.stat().st_size for f in models[label].glob("*.safetensors"))
+            for label in [FINAL] + quant
+            if label in models
+        }
         headline = ", ".join(f"{label.removeprefix('final ')} {human_bytes(sizes[label])}" for label in quant)
         if scale:
-            headline += "; at " + f"{scale['parameters'] / 1e6:.0f}M parameters: " + ", ".join(
-                f"{r['scheme']} {r['speedup']:.2f}x" for r in scale["rows"] if r["scheme"] != "fp32")
-        rows.append(["quantize", ", ".join(q.removeprefix("final ") for q in quant) + " copies of final",
-                     f"fp32 {human_bytes(sizes.get(FINAL, 0))} -> {headline}",
-                     "smaller; faster where decoding is memory-bound (see Quantization)"])
-    contaminated = [c.get("contaminated_fraction", 0) for tasks in per_model.values() for t in tasks.values()
-                    if (c := t.get("contamination"))]
+            headline += (
+                "; at "
+                + f"{scale['parameters'] / 1e6:.0f}M parameters: "
+                + ", ".join(f"{r['scheme']} {r['speedup']:.2f}x" for r in scale["rows"] if r["scheme"] != "fp32")
+            )
+        rows.append(
+            [
+                "quantize",
+                ", ".join(q.removeprefix("final ") for q in quant) + " copies of final",
+                f"fp32 {human_bytes(sizes.get(FINAL, 0))} -> {headline}",
+                "smaller; faster where decoding is memory-bound (see Quantization)",
+            ]
+        )
+    contaminated = [
+        c.get("contaminated_fraction", 0)
+        for tasks in per_model.values()
+        for t in tasks.values()
+        if (c := t.get("contamination"))
+    ]
     if per_model:
-        rows.append(["eval", f"{len(per_model)} models x {len({n for t in per_model.values() for n in t})} tasks",
-                     f"largest contaminated fraction {max(contaminated):.2f}" if contaminated else "no contamination check",
-                     "clean: at most a few functions repeated across modules" if contaminated and max(contaminated) <= 0.05
-                     else "check the contamination table"])
+        rows.append(
+            [
+                "eval",
+                f"{len(per_model)} models x {len({n for t in per_model.values() for n in t})} tasks",
+                f"largest contaminated fraction {max(contaminated):.2f}" if contaminated else "no contamination check",
+                "clean: at most a few functions repeated across modules"
+                if contaminated and max(contaminated) <= 0.05
+                else "check the contamination table",
+            ]
+        )
     return rows
 
 
 def _artefacts(run: Path, models: dict[str, Path]) -> list[tuple[str, str]]:
-    links = [("data report", "data/stats.md"), ("pretraining metrics", "base/metrics.jsonl"),
-             ("SFT metrics", "sft/metrics.jsonl"), ("SFT training conversations", "sft/train_data.jsonl"),
-             ("decode results", "generate/results.json"), ("stage logs", "logs/")]
+    links = [
+        ("data report", "data/stats.md"),
+        ("pretraining metrics", "base/metrics.jsonl"),
+        ("SFT metrics", "sft/metrics.jsonl"),
+        ("SFT training conversations", "sft/train_data.jsonl"),
+        ("decode results", "generate/results.json"),
+        ("stage logs", "logs/"),
+    ]
     for label, path in models.items():
         rel = path.relative_to(run).as_posix()
         links.append((f"model: {label}", rel + "/"))
@@ -346,16 +411,31 @@ def write_report(cfg: dict, run: Path, models: dict[str, Path], stages: list[str
         params = f" of {ModelConfig.from_dict(config).num_parameters() / 1e6:.1f}M parameters"
     blocks: list[tuple] = [
         ("h1", f"lmforge pipeline: {cfg.get('name', run.name)}"),
-        ("p", f"What was built: a language model{params} pretrained on the run's corpus, fine-tuned on the "
-              f"signature -> docstring task ({_sft_words(cfg)}: `final`), a draft model distilled from `final` for "
-              f"speculative decoding, and quantized copies; every stage measured on held-out data. "
-              f"Stage time {seconds / 60:.1f} min."),
-        ("h2", "Summary"), ("table", _summary_rows(run, models, per_model, gen, _sft_words(cfg))),
-        ("table", [["stage", "status", "seconds"]] +
-         [[s, "done" if st else ("this run" if s == "report" else "not available"), _fmt(st.get("seconds")) if st else "-"]
-          for s, st in stamps.items()]),
-        ("h2", "Artefacts"), ("links", _artefacts(run, models)),
-        ("h2", "Data funnel")] + _data_blocks(run)
+        (
+            "p",
+            f"What was built: a language model{params} pretrained on the run's corpus, fine-tuned on the "
+            f"signature -> docstring task ({_sft_words(cfg)}: `final`), a draft model distilled from `final` for "
+            f"speculative decoding, and quantized copies; every stage measured on held-out data. "
+            f"Stage time {seconds / 60:.1f} min.",
+        ),
+        ("h2", "Summary"),
+        ("table", _summary_rows(run, models, per_model, gen, _sft_words(cfg))),
+        (
+            "table",
+            [["stage", "status", "seconds"]]
+            + [
+                [
+                    s,
+                    "done" if st else ("this run" if s == "report" else "not available"),
+                    _fmt(st.get("seconds")) if st else "-",
+                ]
+                for s, st in stamps.items()
+            ],
+        ),
+        ("h2", "Artefacts"),
+        ("links", _artefacts(run, models)),
+        ("h2", "Data funnel"),
+    ] + _data_blocks(run)
     blocks += [("h2", "Training")] + _training_blocks(run)
     blocks += [("h2", "Evaluation")] + _eval_blocks(run, per_model)
     blocks += [("h2", "Quantization")] + _quant_blocks(run, models, gen)

@@ -14,23 +14,36 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
+import lmforge.recipes._align_rollout as R
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, seed_everything
-from lmforge.recipes._common import (add_config_arguments, add_deprecated_alias, load_config, make_run_dir,
-                                     overrides_from_args)
+from lmforge.recipes._common import (
+    add_config_arguments,
+    add_deprecated_alias,
+    load_config,
+    make_run_dir,
+    overrides_from_args,
+)
 from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, constant_lr, run_fit
 from lmforge.train import align as A
 from lmforge.train import align_data as D
-from lmforge.train.align_config import AlignConfig, AlignRL
+from lmforge.train.align_config import AlignConfig
 
 log = get_logger("lmforge.align")
-FLAGS = {"--method": "method", "--model": "model.path", "--steps": "train.steps", "--runs-dir": "run.dir",
-         "--name": "run.name", "--task": "task.name", "--preset": "model.preset", "--lr": "train.lr"}
+FLAGS = {
+    "--method": "method",
+    "--model": "model.path",
+    "--steps": "train.steps",
+    "--runs-dir": "run.dir",
+    "--name": "run.name",
+    "--task": "task.name",
+    "--preset": "model.preset",
+    "--lr": "train.lr",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,12 +142,29 @@ def _batches(n: int, size: int, step: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=g)[:size].tolist()
 
 
-def _fit(model, opt, loss_fn, next_batch, run: Path, steps: int, cfg: AlignConfig, resume: str | None, tok=None,
-         clip_grad: float = 0.0, state: LoopState | None = None, save_every: int = 0) -> dict:
+def _fit(
+    model,
+    opt,
+    loss_fn,
+    next_batch,
+    run: Path,
+    steps: int,
+    cfg: AlignConfig,
+    resume: str | None,
+    tok=None,
+    clip_grad: float = 0.0,
+    state: LoopState | None = None,
+    save_every: int = 0,
+) -> dict:
     """The method's steps through train.fit (metrics.jsonl and checkpoints, every quarter of the run
     unless `save_every` says otherwise, in the run folder; `resume` continues from one)."""
-    opts = FitOptions(steps, constant_lr(cfg.train.lr), clip_grad=clip_grad,
-                      save_every=save_every or max(1, steps // 4), resume=resume)
+    opts = FitOptions(
+        steps,
+        constant_lr(cfg.train.lr),
+        clip_grad=clip_grad,
+        save_every=save_every or max(1, steps // 4),
+        resume=resume,
+    )
     return run_fit(model, opt, loss_fn, next_batch, run, opts, state, tok, next(model.parameters()).device)
 
 
@@ -170,8 +200,9 @@ def run_dpo(cfg: AlignConfig, device, run: Path, resume: str | None = None) -> d
     return train_dpo(cfg, model, tok, train, held, device, run, resume)
 
 
-def train_dpo(cfg: AlignConfig, model, tok, train: list[dict], held: list[dict], device, run: Path,
-              resume: str | None = None) -> dict:
+def train_dpo(
+    cfg: AlignConfig, model, tok, train: list[dict], held: list[dict], device, run: Path, resume: str | None = None
+) -> dict:
     ref = Reference(model)
     dc, tc = cfg.dpo, cfg.train
 
@@ -184,12 +215,16 @@ def train_dpo(cfg: AlignConfig, model, tok, train: list[dict], held: list[dict],
             out = A.dpo_loss(pc, pr, rc, rr, dc.beta, dc.loss_type, dc.label_smoothing)
         model.train()
         # accuracy of the *policy's* own preference (log pi_c > log pi_r), which DPO should raise
-        return {"margin": out.margin, "reward_accuracy": out.accuracy,
-                "policy_prefers_chosen": float((pc > pr).float().mean())}
+        return {
+            "margin": out.margin,
+            "reward_accuracy": out.accuracy,
+            "policy_prefers_chosen": float((pc > pr).float().mean()),
+        }
 
     def next_batch(step: int) -> dict:
-        return _pair_batch(tok, [train[i] for i in _batches(len(train), tc.batch_size, step, tc.seed)],
-                           tc.max_len, device)
+        return _pair_batch(
+            tok, [train[i] for i in _batches(len(train), tc.batch_size, step, tc.seed)], tc.max_len, device
+        )
 
     def loss_fn(b: dict):
         t = (b["ids"], b["attention_mask"], b["response_mask"])
@@ -226,8 +261,9 @@ def run_reward(cfg: AlignConfig, device, run: Path, resume: str | None = None) -
         return float(((c > r).float() + 0.5 * (c == r).float()).mean())  # a tie counts half
 
     def next_batch(step: int) -> dict:
-        return _pair_batch(tok, [train[i] for i in _batches(len(train), tc.batch_size, step, tc.seed)],
-                           tc.max_len, device)
+        return _pair_batch(
+            tok, [train[i] for i in _batches(len(train), tc.batch_size, step, tc.seed)], tc.max_len, device
+        )
 
     def loss_fn(b: dict):
         c, r = rm(b["ids"], b["attention_mask"]).chunk(2)
@@ -237,7 +273,9 @@ def run_reward(cfg: AlignConfig, device, run: Path, resume: str | None = None) -
     _fit(rm, _optimizer(rm, cfg), loss_fn, next_batch, run, tc.steps, cfg, resume)
     after = accuracy()
     _save(lm, tok, run)
-    save_file({k: v.contiguous() for k, v in rm.score.state_dict().items()}, str(run / "final" / "reward_head.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in rm.score.state_dict().items()}, str(run / "final" / "reward_head.safetensors")
+    )
     return {"before": {"pairwise_accuracy": before}, "after": {"pairwise_accuracy": after}}
 
 
@@ -266,8 +304,9 @@ def run_rlaif(cfg: AlignConfig, device, run: Path, resume: str | None = None) ->
     train, held = task_records(cfg)
     model, tok = load_policy(cfg, train, device)
     judge = load_lm(str(judge_spec)) if isinstance(judge_spec, (str, Path)) else judge_spec
-    labelled = label_pairs_with_judge(model, tok, [r["prompt"] for r in train + held], judge,
-                                      cfg.rlaif.principles, cfg.rl, device)
+    labelled = R.label_pairs_with_judge(
+        model, tok, [r["prompt"] for r in train + held], judge, cfg.rlaif.principles, cfg.rl, device
+    )
     if len(labelled) < 4:
         raise LmforgeError(f"the judge preferred one answer in only {len(labelled)} pairs: too few to train on")
     split = max(1, len(labelled) // 5)
@@ -275,69 +314,7 @@ def run_rlaif(cfg: AlignConfig, device, run: Path, resume: str | None = None) ->
     return {"labelled_pairs": len(labelled), **results}
 
 
-def label_pairs_with_judge(model, tok, prompts: list[str], judge, principles: str, rc: AlignRL, device) -> list[dict]:
-    from lmforge.eval.judge import judge_pairwise
-
-    a, *_ = rollout(model, tok, prompts, rc, 1, device)
-    b, *_ = rollout(model, tok, prompts, rc, 2, device)
-    questions = [f"{p}\n(Judge by these principles: {principles})" for p in prompts]
-    records = judge_pairwise(judge, questions, a, b)
-    pairs = []
-    for prompt, x, y, rec in zip(prompts, a, b, records):
-        win = rec["scores"]["win"]
-        if win != 0.5 and x != y:
-            chosen, rejected = (x, y) if win > 0.5 else (y, x)
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return pairs
-
-
 # ----------------------------------------------------------------------------- GRPO and PPO
-
-
-def rollout(model, tok, prompts: list[str], rc: AlignRL, seed: int, device):
-    """Sample completions with the lmforge generator (KV cache) -> (texts, ids, attn, resp masks)."""
-    from lmforge.infer.generate import generate
-
-    model.eval()
-    prompt_ids = [tok.encode(p) for p in prompts]
-    stop = [tok.eos_id] if tok.eos_id is not None else []
-    new = generate(model, prompt_ids, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                   seed=seed, stop_token_ids=stop)
-    model.train()
-    completions = []
-    for row in new.tolist():
-        cut = row.index(tok.eos_id) + 1 if tok.eos_id in row else len(row)
-        completions.append(row[:cut])
-    rows = [p + c for p, c in zip(prompt_ids, completions)]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), tok.pad_id or 0, dtype=torch.long)
-    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        attn[i, :len(p) + len(c)] = 1
-        resp[i, len(p):len(p) + len(c)] = 1
-    texts = [tok.decode([t for t in c if t != tok.eos_id]) for c in completions]
-    return texts, ids.to(device), attn.to(device), resp.to(device)
-
-
-def _score(texts, records, reward_model, ids, attn, task_reward):
-    if reward_model is not None:
-        with torch.no_grad():
-            return reward_model(ids, attn).float()
-    return torch.tensor([task_reward(t, r["answer"]) for t, r in zip(texts, records)], device=ids.device)
-
-
-def shaped_arithmetic_reward(completion: str, answer: str) -> float:
-    """Exact answer 1.0; right first digit 0.3; any leading digit 0.1 (a signal for a fresh model)."""
-    exact = D.arithmetic_reward(completion, answer)
-    text = completion.lstrip()
-    return exact or (0.3 if text[:1] == answer[:1] else 0.1 if text[:1].isdigit() else 0.0)
-
-
-def _mean_reward(model, tok, held, rc, reward_model, device, seed=1234) -> float:
-    greedy = dataclasses.replace(rc, temperature=0.0)
-    texts, ids, attn, _ = rollout(model, tok, [r["prompt"] for r in held], greedy, seed, device)
-    return float(_score(texts, held, reward_model, ids, attn, shaped_arithmetic_reward).mean())
 
 
 def run_grpo(cfg: AlignConfig, device, run: Path, resume: str | None = None) -> dict:
@@ -363,7 +340,7 @@ def _run_rl(cfg: AlignConfig, device, run: Path, use_value: bool, resume: str | 
     params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if use_value else [])
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0)
     kl_ctl = A.AdaptiveKLController(rc.kl_coef, rc.kl_target, horizon=max(10, tc.steps))
-    before = _mean_reward(model, tok, held, rc, rm, device)
+    before = R._mean_reward(model, tok, held, rc, rm, device)
     state = LoopState(values={"kl_coef": kl_ctl.value, "kls": []})  # restored on resume
     kls = state.values["kls"]
     G = rc.group_size if not use_value else 1
@@ -372,8 +349,8 @@ def _run_rl(cfg: AlignConfig, device, run: Path, use_value: bool, resume: str | 
     def make_rollout(step: int) -> dict:
         batch = [train[i] for i in _batches(len(train), rc.prompts_per_step, step, tc.seed)]
         records = [r for r in batch for _ in range(G)]
-        texts, ids, attn, resp = rollout(model, tok, [r["prompt"] for r in records], rc, step + 1, device)
-        rewards = _score(texts, records, rm, ids, attn, shaped_arithmetic_reward)
+        texts, ids, attn, resp = R.rollout(model, tok, [r["prompt"] for r in records], rc, step + 1, device)
+        rewards = R._score(texts, records, rm, ids, attn, R.shaped_arithmetic_reward)
         mask = resp[:, 1:].float()
         with torch.no_grad():
             ref_logp = A.token_logprobs(ref(ids, attn), ids)
@@ -395,8 +372,17 @@ def _run_rl(cfg: AlignConfig, device, run: Path, use_value: bool, resume: str | 
         if use_value:  # the next rollout's coefficient (this one's rewards are already shaped)
             kl_ctl.value = state.values["kl_coef"]
             state.values["kl_coef"] = kl_ctl.update(kl, 1)
-        return {"ids": ids, "attention_mask": attn, "mask": mask, "ref_logp": ref_logp, "old_logp": old_logp,
-                "adv": adv, "old_values": old_values, "returns": returns, "mean_reward": float(rewards.mean())}
+        return {
+            "ids": ids,
+            "attention_mask": attn,
+            "mask": mask,
+            "ref_logp": ref_logp,
+            "old_logp": old_logp,
+            "adv": adv,
+            "old_values": old_values,
+            "returns": returns,
+            "mean_reward": float(rewards.mean()),
+        }
 
     def next_batch(step: int) -> dict:
         if current.get("rollout") != step // epochs:
@@ -416,12 +402,26 @@ def _run_rl(cfg: AlignConfig, device, run: Path, use_value: bool, resume: str | 
         return loss, {"mean_reward": b["mean_reward"], "kl_to_reference": kls[-1]}
 
     trained = torch.nn.ModuleDict({"policy": model, "value": value_head}) if use_value else model
-    _fit(trained, opt, loss_fn, next_batch, run, tc.steps * epochs, cfg, resume, tok, clip_grad=1.0,
-         state=state, save_every=epochs * max(1, tc.steps // 4))
-    after = _mean_reward(model, tok, held, rc, rm, device)
+    _fit(
+        trained,
+        opt,
+        loss_fn,
+        next_batch,
+        run,
+        tc.steps * epochs,
+        cfg,
+        resume,
+        tok,
+        clip_grad=1.0,
+        state=state,
+        save_every=epochs * max(1, tc.steps // 4),
+    )
+    after = R._mean_reward(model, tok, held, rc, rm, device)
     _save(model, tok, run)
-    return {"before": {"mean_reward": before}, "after": {"mean_reward": after, "kl_to_reference": kls[-1] if kls else 0.0,
-                                                          "max_kl": max(kls) if kls else 0.0}}
+    return {
+        "before": {"mean_reward": before},
+        "after": {"mean_reward": after, "kl_to_reference": kls[-1] if kls else 0.0, "max_kl": max(kls) if kls else 0.0},
+    }
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -459,9 +459,17 @@ def run_distill(cfg: AlignConfig, device, run: Path, resume: str | None = None) 
         return A.distill_loss(student(x), t_logits, temperature=dc.temperature, kind=dc.kind), {}
 
     before = agreement()
-    _fit(student, _optimizer(student, cfg), loss_fn,
-         lambda step: {"input_ids": train[_batches(len(train), tc.batch_size, step, tc.seed)]},
-         run, tc.steps, cfg, resume, tok)
+    _fit(
+        student,
+        _optimizer(student, cfg),
+        loss_fn,
+        lambda step: {"input_ids": train[_batches(len(train), tc.batch_size, step, tc.seed)]},
+        run,
+        tc.steps,
+        cfg,
+        resume,
+        tok,
+    )
     after = agreement()
     _save(student, tok, run)
     return {"before": {"greedy_agreement": before}, "after": {"greedy_agreement": after}}
@@ -482,4 +490,11 @@ def _distill_windows(cfg: AlignConfig, tok, vocab: int) -> torch.Tensor:
     return ids[: len(ids) // L * L].view(-1, L)
 
 
-RUNNERS = {"rlaif": run_rlaif, "dpo": run_dpo, "reward": run_reward, "grpo": run_grpo, "ppo": run_ppo, "distill": run_distill}
+RUNNERS = {
+    "rlaif": run_rlaif,
+    "dpo": run_dpo,
+    "reward": run_reward,
+    "grpo": run_grpo,
+    "ppo": run_ppo,
+    "distill": run_distill,
+}

@@ -21,14 +21,26 @@ import torch
 from lmforge.checkpoint import check_output_dir
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, read_json, seed_everything
 from lmforge.model import ModelConfig
-from lmforge.multimodal import (CLIP, ClipConfig, VisionConfig, class_names, info_nce, load_examples,
-                                load_hf_vision, load_multimodal, recall_at_k, same_text_targets, save_multimodal,
-                                to_pixels, zero_shot_accuracy)
+from lmforge.multimodal import (
+    CLIP,
+    ClipConfig,
+    VisionConfig,
+    class_names,
+    info_nce,
+    load_examples,
+    load_hf_vision,
+    load_multimodal,
+    recall_at_k,
+    same_text_targets,
+    save_multimodal,
+    to_pixels,
+    zero_shot_accuracy,
+)
 from lmforge.multimodal.config import ClipTrainConfig
-from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
-from lmforge.recipes._common import add_config_arguments, load_config
 from lmforge.multimodal.data import DIGIT_TEMPLATES, digit_class_names
 from lmforge.multimodal.shapes import SIZES
+from lmforge.recipes._common import add_config_arguments, load_config
+from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.train import build_optimizer
 
@@ -82,8 +94,9 @@ def hard_negative_indices(captions: list[str], batch_size: int, rng: np.random.G
     return np.concatenate([anchors, overlap.argmax(axis=1)])[:batch_size]
 
 
-def near_miss_captions(captions: list[str], corpus: dict[int, list[list[str]]], k: int,
-                       rng: np.random.Generator) -> list[str]:
+def near_miss_captions(
+    captions: list[str], corpus: dict[int, list[list[str]]], k: int, rng: np.random.Generator
+) -> list[str]:
     """k negatives per caption, each with one word swapped for the word a random same-length
     caption of `corpus` (captions by word count) has there: "a small red circle" -> "a small red
     square". Text-only negatives (NegCLIP, Yuksekgonul et al. 2023) that differ in one attribute:
@@ -98,7 +111,7 @@ def near_miss_captions(captions: list[str], corpus: dict[int, list[list[str]]], 
                 diff = [i for i, (a, b) in enumerate(zip(words, other)) if a != b]
                 if diff:
                     i = diff[int(rng.integers(len(diff)))]
-                    words = words[:i] + [other[i]] + words[i + 1:]
+                    words = words[:i] + [other[i]] + words[i + 1 :]
                     break
             out.append(" ".join(words))
     return out
@@ -139,24 +152,38 @@ def train(cfg: ClipTrainConfig, out: str, resume: str | None = None) -> dict:
         corpus.setdefault(len(text.split()), []).append(text.split())
 
     def next_batch(step: int) -> dict:
-        idx = (hard_negative_indices(flat_caps, cfg.batch_size, rng) if cfg.hard_negatives
-               else rng.choice(len(examples), cfg.batch_size, replace=False))
+        idx = (
+            hard_negative_indices(flat_caps, cfg.batch_size, rng)
+            if cfg.hard_negatives
+            else rng.choice(len(examples), cfg.batch_size, replace=False)
+        )
         batch = [examples[i] for i in idx]
         caps = [pick(ex.captions + ex.extra_captions) for ex in batch]
         # Positives: the same caption text, or for labelled sets the same class (digits).
         keys = [str(ex.label) if cfg.data == "digits" else c for ex, c in zip(batch, caps)]
         negatives = near_miss_captions(caps, corpus, cfg.text_negatives, rng)
         ids, mask = encode_texts(tokenizer, caps + negatives, device)
-        return {"pixels": pixels(model, [ex.image for ex in batch], device), "ids": ids, "mask": mask,
-                "targets": same_text_targets(keys, keys + negatives).to(device)}
+        return {
+            "pixels": pixels(model, [ex.image for ex in batch], device),
+            "ids": ids,
+            "mask": mask,
+            "targets": same_text_targets(keys, keys + negatives).to(device),
+        }
 
     def loss_fn(b: dict):
         return info_nce(model(b["pixels"], b["ids"], b["mask"]), b["targets"]), {}
 
     start = time.perf_counter()
-    summary = run_fit(model, optimizer, loss_fn, next_batch, run_dir_for(out),
-                      FitOptions(cfg.steps, optim_cfg, clip_grad=1.0, save_every=max(1, cfg.steps // 4), resume=resume),
-                      LoopState(numpy=[rng]), device=device)
+    summary = run_fit(
+        model,
+        optimizer,
+        loss_fn,
+        next_batch,
+        run_dir_for(out),
+        FitOptions(cfg.steps, optim_cfg, clip_grad=1.0, save_every=max(1, cfg.steps // 4), resume=resume),
+        LoopState(numpy=[rng]),
+        device=device,
+    )
     loss = summary["final_loss"] if summary["final_loss"] is not None else float("nan")  # nan: resumed when done
     seconds = time.perf_counter() - start
     model.eval()
@@ -196,8 +223,9 @@ def evaluate(model: CLIP, tokenizer, data: str, eval_size: int, seed: int) -> di
         zs = load_examples("digits" if data == "digits" else "shapes1", "test", eval_size, seed, size)
         img = model.encode_image(pixels(model, [ex.image for ex in zs], device))
         labels = torch.tensor([ex.label for ex in zs], device=device)
-        metrics["zero_shot_acc"] = round(zero_shot_accuracy(img, class_embeddings(model, tokenizer, data, device),
-                                                            labels), 4)
+        metrics["zero_shot_acc"] = round(
+            zero_shot_accuracy(img, class_embeddings(model, tokenizer, data, device), labels), 4
+        )
         metrics["zero_shot_classes"] = 10 if data == "digits" else len(class_names())
     examples = load_examples(data, "test", eval_size, seed, size)
     caps = [ex.captions[0] for ex in examples]
@@ -206,8 +234,15 @@ def evaluate(model: CLIP, tokenizer, data: str, eval_size: int, seed: int) -> di
     arr = np.array(caps)
     match = torch.from_numpy(arr[:, None] == arr[None, :]).to(device)  # identical captions both count
     i2t, t2i = recall_at_k(img @ txt.T, match), recall_at_k(txt @ img.T, match)
-    metrics.update({"i2t_r1": round(i2t[1], 4), "i2t_r5": round(i2t[5], 4),
-                    "t2i_r1": round(t2i[1], 4), "t2i_r5": round(t2i[5], 4), "eval_images": len(examples)})
+    metrics.update(
+        {
+            "i2t_r1": round(i2t[1], 4),
+            "i2t_r5": round(i2t[5], 4),
+            "t2i_r1": round(t2i[1], 4),
+            "t2i_r5": round(t2i[5], 4),
+            "eval_images": len(examples),
+        }
+    )
     return metrics
 
 

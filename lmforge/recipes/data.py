@@ -19,13 +19,22 @@ from lmforge.recipes._common import add_deprecated_alias
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     p = sub.add_parser("prepare", help="corpus -> filtered, deduplicated, mixed token shards + stats")
-    p.add_argument("inputs", nargs="*", help="files, folders or globs (.txt .md .jsonl .parquet, .gz/.zst); "
-                   "none: the Python standard library")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="files, folders or globs (.txt .md .jsonl .parquet, .gz/.zst); none: the Python standard library",
+    )
     p.add_argument("-o", "--out", default="out/data", help="output folder (default: %(default)s)")
     add_deprecated_alias(p, "--output", "--out")  # every other command says --out
     p.add_argument("--config", help="recipe YAML (default: lmforge/configs/data-default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a recipe field, e.g. --set dedup.threshold=0.7 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a recipe field, e.g. --set dedup.threshold=0.7 (repeatable)",
+    )
     p.add_argument("--source", help="source name of the inputs (default: each file's stem)")
     p.add_argument("--text-field", help="JSONL key / parquet column of the text")
     p.add_argument("--tokenizer", help="tokenizer folder to use instead of training one")
@@ -35,17 +44,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     c = sub.add_parser("contamination", help="n-gram overlap of an evaluation set with the training data")
-    c.add_argument("--train", nargs="+", required=True,
-                   help="a `data prepare` output folder, or training files/folders/globs")
+    c.add_argument(
+        "--train", nargs="+", required=True, help="a `data prepare` output folder, or training files/folders/globs"
+    )
     c.add_argument("--eval", nargs="+", required=True, help="evaluation JSONL file(s)")
     c.add_argument("--field", default="text", help="JSONL key of the evaluation text (default: %(default)s)")
     c.add_argument("--train-field", default="text", help="JSONL key of the training text (default: %(default)s)")
-    c.add_argument("-n", "--ngram", type=int, default=13,
-                   help="n-gram length in words, a CJK character being one (default: %(default)s)")
+    c.add_argument(
+        "-n",
+        "--ngram",
+        type=int,
+        default=13,
+        help="n-gram length in words, a CJK character being one (default: %(default)s)",
+    )
     c.add_argument("--min-overlap", type=int, help="words of overlap that count as contaminated (default: n)")
     c.add_argument("--report", help="write the per-example report here (JSON)")
-    c.add_argument("--decontaminate", metavar="OUT.jsonl",
-                   help="write the training documents that share no n-gram with the evaluation set")
+    c.add_argument(
+        "--decontaminate",
+        metavar="OUT.jsonl",
+        help="write the training documents that share no n-gram with the evaluation set",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,10 +76,19 @@ def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.config import load_config
     from lmforge.data.prepare import prepare
 
-    values = {key: value for key, value in {
-        "input.paths": list(args.inputs) or None, "input.source": args.source, "input.text_field": args.text_field,
-        "tokenize.tokenizer": args.tokenizer, "tokenize.vocab_size": args.vocab_size,
-        "workers": args.workers, "executor": args.executor}.items() if value is not None}
+    values = {
+        key: value
+        for key, value in {
+            "input.paths": list(args.inputs) or None,
+            "input.source": args.source,
+            "input.text_field": args.text_field,
+            "tokenize.tokenizer": args.tokenizer,
+            "tokenize.vocab_size": args.vocab_size,
+            "workers": args.workers,
+            "executor": args.executor,
+        }.items()
+        if value is not None
+    }
     cfg = load_config(args.config, args.overrides, values)
     stats = prepare(cfg, args.out, progress=not args.no_progress)
     print((Path(args.out) / "stats.md").read_text(encoding="utf-8"))
@@ -111,8 +138,12 @@ def _contamination(args: argparse.Namespace) -> int:
         docs, _ = _train_docs(args.train, args.train_field)
     index = NGramIndex.build((d.text for d in docs), args.ngram)
     results = check_examples(index, examples, args.min_overlap)
-    summary = summarize(results) | {"ngram": args.ngram, "train_ngrams": len(index),
-                                    "eval_skipped": eval_report.skipped, "train_skipped": train_report.skipped}
+    summary = summarize(results) | {
+        "ngram": args.ngram,
+        "train_ngrams": len(index),
+        "eval_skipped": eval_report.skipped,
+        "train_skipped": train_report.skipped,
+    }
     _print_table(results, summary)
     if args.report:
         atomic_write_json(args.report, {"summary": summary, "examples": [r.to_dict() for r in results]})
@@ -130,9 +161,11 @@ def _write_jsonl(path: str, docs) -> int:
 
 def _print_table(results, summary: dict) -> None:
     flagged = [r for r in results if r.contaminated]
-    print(f"{summary['contaminated']} of {summary['examples']} evaluation examples contaminated "
-          f"({summary['contaminated_fraction']:.1%}; {summary['ngram']}-grams, "
-          f"{summary['too_short']} too short to check)")
+    print(
+        f"{summary['contaminated']} of {summary['examples']} evaluation examples contaminated "
+        f"({summary['contaminated_fraction']:.1%}; {summary['ngram']}-grams, "
+        f"{summary['too_short']} too short to check)"
+    )
     if flagged:
         print(f"{'example':<40} {'longest overlap (words)':>24} {'matched n-grams':>16}")
         for r in flagged[:50]:

@@ -51,8 +51,19 @@ def main(args: argparse.Namespace) -> int:
 
     config = model_config(args.model)
     nbytes = get_dtype(args.dtype).itemsize
-    print(f"{args.model}: {config.num_parameters() / 1e6:.1f}M parameters, batch {args.batch_size} x {args.seq_len} "
-          f"tokens, {args.dtype} (full fine-tuning keeps fp32 weights + AdamW)")
-    print(estimate_table(config, args.batch_size, args.seq_len, param_bytes=nbytes, act_bytes=nbytes,
-                         lora_r=args.lora_r, checkpointing=args.activation_checkpointing))
+    print(
+        f"{args.model}: {config.num_parameters() / 1e6:.1f}M parameters, batch {args.batch_size} x {args.seq_len} "
+        f"tokens, {args.dtype} (full fine-tuning keeps fp32 weights + AdamW)"
+    )
+    print(
+        estimate_table(
+            config,
+            args.batch_size,
+            args.seq_len,
+            param_bytes=nbytes,
+            act_bytes=nbytes,
+            lora_r=args.lora_r,
+            checkpointing=args.activation_checkpointing,
+        )
+    )
     return 0

@@ -20,9 +20,16 @@ from lmforge.eval.builtin import BuiltinConfig
 from lmforge.recipes._common import add_config_arguments, load_config, overrides_from_args
 
 log = get_logger("lmforge.eval")
-FLAGS = {"--out": "out", "--limit": "limit", "--device": "device", "--dtype": "dtype", "--batch-size": "batch_size",
-         "--max-length": "max_length",
-         "--contamination": "contamination.corpus", "--seed": "seed"}
+FLAGS = {
+    "--out": "out",
+    "--limit": "limit",
+    "--device": "device",
+    "--dtype": "dtype",
+    "--batch-size": "batch_size",
+    "--max-length": "max_length",
+    "--contamination": "contamination.corpus",
+    "--seed": "seed",
+}
 
 
 @dataclasses.dataclass
@@ -52,9 +59,14 @@ class EvalRecipe:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="model folder or http(s) endpoint URL (or set `model:` in the config)")
-    p.add_argument("--task", action="append", default=[], metavar="TYPE:PATH",
-                   help="add a task from a local file, e.g. multiple_choice:mc.jsonl (repeatable); types: "
-                        "multiple_choice, generation, code, perplexity")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="TYPE:PATH",
+        help="add a task from a local file, e.g. multiple_choice:mc.jsonl (repeatable); types: "
+        "multiple_choice, generation, code, perplexity",
+    )
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two result folders (or results.json)")
     add_config_arguments(p, "eval-default", FLAGS)
 
@@ -76,7 +88,9 @@ def build_tasks(cfg: dict) -> list:
         fields = set(TaskConfig.__dataclass_fields__)
         unknown = sorted(set(t) - fields)
         if unknown:
-            raise LmforgeError(f"task {t['name']!r}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+            raise LmforgeError(
+                f"task {t['name']!r}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})"
+            )
         if t["name"] in names:
             raise LmforgeError(f"task name {t['name']!r} is used twice; names must be unique")
         names.add(t["name"])
@@ -116,9 +130,14 @@ def run(cfg: dict, tasks: list) -> dict:
     from lmforge.eval.suite import evaluate
 
     def load(spec: str):
-        return load_lm(str(spec), device=cfg.get("device"), dtype=cfg.get("dtype"),
-                       batch_size=int(cfg.get("batch_size") or 8), endpoint_model=cfg.get("endpoint_model") or "default",
-                       max_length=cfg.get("max_length"))
+        return load_lm(
+            str(spec),
+            device=cfg.get("device"),
+            dtype=cfg.get("dtype"),
+            batch_size=int(cfg.get("batch_size") or 8),
+            endpoint_model=cfg.get("endpoint_model") or "default",
+            max_length=cfg.get("max_length"),
+        )
 
     lm = load(cfg["model"])
     builtin = BuiltinConfig(**cfg["builtin"]) if cfg.get("builtin") else None
@@ -130,12 +149,15 @@ def run(cfg: dict, tasks: list) -> dict:
         from lmforge.eval.contamination import load_index
 
         index = load_index(cont["corpus"], n=int(cont.get("ngram") or 13))
-    results = evaluate(lm, tasks, builtin=builtin, contamination=index, min_overlap=cont.get("min_overlap"),
-                       config=cfg, load=load)
+    results = evaluate(
+        lm, tasks, builtin=builtin, contamination=index, min_overlap=cont.get("min_overlap"), config=cfg, load=load
+    )
     paths = write_report(results, cfg["out"])
     for t in results["tasks"]:
         shown = {k: v for k, v in t["metrics"].items() if k != "examples"}
-        print(f"{t['name']:<24} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in list(shown.items())[:4]))
+        print(
+            f"{t['name']:<24} "
+            + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(shown.items())[:4])
+        )
     print(f"report: {paths['markdown']} and {paths['html']} (every prediction in {paths['results']})")
     return results

@@ -19,8 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids (for folders without a tokenizer)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=bounded(int, ge=0), default=128,
-                   help="at most the model's context (max_position_embeddings) minus the prompt")
+    p.add_argument(
+        "--max-new-tokens",
+        type=bounded(int, ge=0),
+        default=128,
+        help="at most the model's context (max_position_embeddings) minus the prompt",
+    )
     p.add_argument("--temperature", type=bounded(float, ge=0), default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=bounded(int, ge=0), default=0)
     p.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0)
@@ -35,13 +39,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller draft model (same tokenizer)")
     p.add_argument("--lookup", action="store_true", help="speculative decoding with prompt-lookup (n-gram) drafts")
     p.add_argument("--medusa", metavar="DIR", help="speculative decoding with Medusa heads (lmforge train-medusa)")
-    p.add_argument("--num-speculative", type=bounded(int, ge=1), default=4,
-                   help="tokens drafted per step for --draft/--lookup")
+    p.add_argument(
+        "--num-speculative", type=bounded(int, ge=1), default=4, help="tokens drafted per step for --draft/--lookup"
+    )
     add_deprecated_alias(p, "--spec-k", "--num-speculative")  # the name `serve` uses
-    p.add_argument("--draft-min-confidence", type=bounded(float, ge=0, le=1), default=0.0, metavar="P",
-                   help="--draft with one prompt: stop drafting when the draft's probability of its next token "
-                        "is below P (then --num-speculative is an upper bound; e.g. --num-speculative 6 "
-                        "--draft-min-confidence 0.4)")
+    p.add_argument(
+        "--draft-min-confidence",
+        type=bounded(float, ge=0, le=1),
+        default=0.0,
+        metavar="P",
+        help="--draft with one prompt: stop drafting when the draft's probability of its next token "
+        "is below P (then --num-speculative is an upper bound; e.g. --num-speculative 6 "
+        "--draft-min-confidence 0.4)",
+    )
     p.add_argument("--prompts", metavar="FILE.jsonl", help="batch mode: every prompt of the file through the engine")
     p.add_argument("--out", metavar="FILE.jsonl", help="where --prompts writes the completions")
 
@@ -73,8 +83,16 @@ def main(args: argparse.Namespace) -> int:
             raise LmforgeError("--prompts needs --out FILE.jsonl")
         if args.medusa:
             raise LmforgeError("--prompts runs through the engine, which drafts with --draft DIR or --lookup")
-        summary = run_prompts_file(model, tokenizer, args.prompts, args.out, params, draft=args.draft,
-                                   lookup=args.lookup, num_speculative=args.num_speculative)
+        summary = run_prompts_file(
+            model,
+            tokenizer,
+            args.prompts,
+            args.out,
+            params,
+            draft=args.draft,
+            lookup=args.lookup,
+            num_speculative=args.num_speculative,
+        )
         print(json.dumps(summary), file=sys.stderr)
         return 0
     ids, prompt = None, args.prompt
@@ -87,10 +105,13 @@ def main(args: argparse.Namespace) -> int:
             raise LmforgeError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
         bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
         if bad:
-            raise LmforgeError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
+            raise LmforgeError(
+                f"--prompt-ids: token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})"
+            )
     elif args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}]
+            {"role": "user", "content": prompt}
+        ]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         from lmforge.tokenizer.text import end_of_turn_ids  # the template's end of turn (<|eot_id|>, ...)
 
@@ -102,9 +123,16 @@ def main(args: argparse.Namespace) -> int:
         from lmforge.infer.batch import make_proposer
         from lmforge.infer.speculative import SpecStats
 
-        proposer, k = make_proposer(model, n_prompt + args.max_new_tokens, draft=args.draft, lookup=args.lookup,
-                                    medusa=args.medusa, k=args.num_speculative,
-                                    min_confidence=args.draft_min_confidence, tokenizer=tokenizer)
+        proposer, k = make_proposer(
+            model,
+            n_prompt + args.max_new_tokens,
+            draft=args.draft,
+            lookup=args.lookup,
+            medusa=args.medusa,
+            k=args.num_speculative,
+            min_confidence=args.draft_min_confidence,
+            tokenizer=tokenizer,
+        )
         spec = {"proposer": proposer, "k": k, "stats": SpecStats()}
     if ids is not None:  # ids out (EOS stops only a speculative run, as before)
         eos = [tokenizer.eos_id] if spec and tokenizer is not None and tokenizer.eos_id is not None else []
@@ -120,9 +148,15 @@ def main(args: argparse.Namespace) -> int:
 def sampling_params(args: argparse.Namespace):
     from lmforge.infer.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop_strings=list(args.stop))
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop_strings=list(args.stop),
+    )
 
 
 def print_text(pieces, tokenizer, stream: bool) -> None:
@@ -147,8 +181,13 @@ def answer_image(args: argparse.Namespace, device) -> int:
     from lmforge.multimodal import image_question, load_multimodal, prepare_chat
     from lmforge.tokenizer.text import end_of_turn_ids
 
-    for flag, on in (("--draft", args.draft), ("--lookup", args.lookup), ("--medusa", args.medusa),
-                     ("--prompts", args.prompts), ("--prompt-ids", args.prompt_ids)):
+    for flag, on in (
+        ("--draft", args.draft),
+        ("--lookup", args.lookup),
+        ("--medusa", args.medusa),
+        ("--prompts", args.prompts),
+        ("--prompt-ids", args.prompt_ids),
+    ):
         if on:
             raise LmforgeError(f"--image decodes one chat prompt with the VLM; it does not take {flag}")
     tokenizer = load_tokenizer_if_any(args.model)
@@ -163,8 +202,11 @@ def answer_image(args: argparse.Namespace, device) -> int:
     ids = inputs["input_ids"][0].tolist()
     check_context(vlm.config, len(ids), args.max_new_tokens)
     decode_fn = compiled_decode(vlm.language_model) if args.compile else None
-    print_text(stream_text(vlm, tokenizer, ids, params, decode_fn, inputs_embeds=inputs["inputs_embeds"]),
-               tokenizer, args.stream)
+    print_text(
+        stream_text(vlm, tokenizer, ids, params, decode_fn, inputs_embeds=inputs["inputs_embeds"]),
+        tokenizer,
+        args.stream,
+    )
     return 0
 
 
@@ -176,6 +218,8 @@ def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
     if prompt_tokens + max_new_tokens > limit:
         room = max(0, limit - prompt_tokens)
         prompt = f"the prompt ({prompt_tokens} tokens) + " if prompt_tokens else ""
-        raise LmforgeError(f"--max-new-tokens {max_new_tokens}: {prompt}{max_new_tokens} new tokens exceed the "
-                           f"model's context of {limit} positions (max_position_embeddings); use "
-                           f"--max-new-tokens {room} or less")
+        raise LmforgeError(
+            f"--max-new-tokens {max_new_tokens}: {prompt}{max_new_tokens} new tokens exceed the "
+            f"model's context of {limit} positions (max_position_embeddings); use "
+            f"--max-new-tokens {room} or less"
+        )

@@ -34,11 +34,18 @@ STAGES = ["data", "pretrain", "sft", "draft", "quantize", "eval", "generate", "r
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="pipeline-tiny", help="pipeline YAML: a path or a built-in name "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--config", default="pipeline-tiny", help="pipeline YAML: a path or a built-in name (default: %(default)s)"
+    )
     add_deprecated_alias(p, "--recipe", "--config")  # every command's recipe YAML is --config
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set pretrain.steps=50 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set pretrain.steps=50 (repeatable)",
+    )
     p.add_argument("--name", help="run name (default: the recipe's name); outputs go to RUNS_DIR/NAME")
     p.add_argument("--runs-dir", help="parent folder of runs (default: the recipe's runs_dir)")
     group = p.add_mutually_exclusive_group()
@@ -47,11 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config_tree(args.config, args.overrides, open_sections=("data", "pretrain", "draft", "sft", "eval",
-                                                                  "generate"))
+    cfg = load_config_tree(
+        args.config, args.overrides, open_sections=("data", "pretrain", "draft", "sft", "eval", "generate")
+    )
     run = Path(args.runs_dir or cfg.get("runs_dir", "runs")) / (args.name or cfg.get("name", "pipeline"))
     run.mkdir(parents=True, exist_ok=True)
-    forced = set(STAGES[STAGES.index(args.from_stage):]) if args.from_stage else {args.only} if args.only else set()
+    forced = set(STAGES[STAGES.index(args.from_stage) :]) if args.from_stage else {args.only} if args.only else set()
     todo = [args.only] if args.only else STAGES
     t0 = time.time()
     for stage in todo:
@@ -70,22 +78,33 @@ def main(args: argparse.Namespace) -> int:
         t = time.time()
         runner(cfg, run, resume)
         atomic_write_json(stamp, {"key": key, "seconds": round(time.time() - t, 1), "finished": time.time()})
-    print(f"pipeline finished in {time.time() - t0:.0f}s: report at {run / 'report.html'} and {run / 'report.md'}; "
-          f"serve the model with `lmforge serve --model {run / 'final'}`")
+    print(
+        f"pipeline finished in {time.time() - t0:.0f}s: report at {run / 'report.html'} and {run / 'report.md'}; "
+        f"serve the model with `lmforge serve --model {run / 'final'}`"
+    )
     return 0
 
 
 def _stage_key(stage: str, cfg: dict, run: Path) -> str:
     """Hash of the stage's settings and of the stamps of the stages before it."""
-    before = STAGES[:STAGES.index(stage)]
-    upstream = [(run / ".stamps" / f"{s}.json").read_text() if (run / ".stamps" / f"{s}.json").is_file() else ""
-                for s in before]
+    before = STAGES[: STAGES.index(stage)]
+    upstream = [
+        (run / ".stamps" / f"{s}.json").read_text() if (run / ".stamps" / f"{s}.json").is_file() else "" for s in before
+    ]
     section = {s: cfg.get(s) for s in SECTIONS[stage]}
     return hashlib.sha256(json.dumps([section, upstream], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SECTIONS = {"data": ["data"], "pretrain": ["pretrain"], "sft": ["sft"], "draft": ["draft"], "quantize": ["quantize"],
-            "eval": ["eval"], "generate": ["generate"], "report": []}
+SECTIONS = {
+    "data": ["data"],
+    "pretrain": ["pretrain"],
+    "sft": ["sft"],
+    "draft": ["draft"],
+    "quantize": ["quantize"],
+    "eval": ["eval"],
+    "generate": ["generate"],
+    "report": [],
+}
 
 
 def _is_done(stamp: Path, key: str) -> bool:
@@ -134,8 +153,16 @@ def stage_data(cfg: dict, run: Path, resume: bool) -> None:
     d = cfg.get("data") or {}
     # `{stdlib}` in an input path stands for this interpreter's standard library folder.
     inputs = [str(p).replace("{stdlib}", sysconfig.get_paths()["stdlib"]) for p in d.get("inputs") or []]
-    lmforge("data", "prepare", *inputs, "-o", run / "data", "--no-progress", *_sets(d.get("set")),
-            log_file=run / "logs" / "data.log")
+    lmforge(
+        "data",
+        "prepare",
+        *inputs,
+        "-o",
+        run / "data",
+        "--no-progress",
+        *_sets(d.get("set")),
+        log_file=run / "logs" / "data.log",
+    )
 
 
 def data_split(cfg: dict) -> tuple[float, int]:
@@ -161,8 +188,22 @@ def stage_pretrain(cfg: dict, run: Path, resume: bool) -> None:
     section = cfg.get("pretrain") or {}
     if not resume:
         shutil.rmtree(run / "base", ignore_errors=True)
-    lmforge("pretrain", "--data", run / "data", "--runs-dir", run, "--name", "base", "--preset", section["preset"],
-            "--steps", section["steps"], "--resume", *_sets(section.get("set")), log_file=run / "logs" / "base.log")
+    lmforge(
+        "pretrain",
+        "--data",
+        run / "data",
+        "--runs-dir",
+        run,
+        "--name",
+        "base",
+        "--preset",
+        section["preset"],
+        "--steps",
+        section["steps"],
+        "--resume",
+        *_sets(section.get("set")),
+        log_file=run / "logs" / "base.log",
+    )
 
 
 def stage_draft(cfg: dict, run: Path, resume: bool) -> None:
@@ -173,9 +214,24 @@ def stage_draft(cfg: dict, run: Path, resume: bool) -> None:
         return
     if not resume:
         shutil.rmtree(run / "draft", ignore_errors=True)
-    lmforge("pretrain", "--data", run / "data", "--runs-dir", run, "--name", "draft", "--preset", section["preset"],
-            "--steps", section["steps"], "--teacher", run / "final", "--resume", *_sets(section.get("set")),
-            log_file=run / "logs" / "draft.log")
+    lmforge(
+        "pretrain",
+        "--data",
+        run / "data",
+        "--runs-dir",
+        run,
+        "--name",
+        "draft",
+        "--preset",
+        section["preset"],
+        "--steps",
+        section["steps"],
+        "--teacher",
+        run / "final",
+        "--resume",
+        *_sets(section.get("set")),
+        log_file=run / "logs" / "draft.log",
+    )
 
 
 def stage_sft(cfg: dict, run: Path, resume: bool) -> None:
@@ -183,10 +239,28 @@ def stage_sft(cfg: dict, run: Path, resume: bool) -> None:
     if not resume:
         shutil.rmtree(run / "sft", ignore_errors=True)
     heldout, seed = data_split(cfg)
-    lmforge("sft", "--model", run / "base" / "final", "--method", s.get("method", "lora"), "--runs-dir", run,
-            "--name", "sft", "--steps", s.get("steps", 100), "--resume", "--set", f"data.heldout_fraction={heldout}",
-            "--set", f"data.split_seed={seed}", "--set", f"data.replay={run / 'data'}",  # replayed if replay_fraction > 0
-            *_sets(s.get("set")), log_file=run / "logs" / "sft.log")
+    lmforge(
+        "sft",
+        "--model",
+        run / "base" / "final",
+        "--method",
+        s.get("method", "lora"),
+        "--runs-dir",
+        run,
+        "--name",
+        "sft",
+        "--steps",
+        s.get("steps", 100),
+        "--resume",
+        "--set",
+        f"data.heldout_fraction={heldout}",
+        "--set",
+        f"data.split_seed={seed}",
+        "--set",
+        f"data.replay={run / 'data'}",  # replayed if replay_fraction > 0
+        *_sets(s.get("set")),
+        log_file=run / "logs" / "sft.log",
+    )
     # Ship the checkpoint with the best SFT validation loss, not the last one (which may have overfit).
     best = run / "sft" / "best"
     merge_adapters(best if (best / "lmforge_config.json").is_file() else run / "sft" / "final", run / "final")
@@ -210,8 +284,19 @@ def merge_adapters(src: Path, out: Path) -> None:
 def stage_quantize(cfg: dict, run: Path, resume: bool) -> None:
     for q in cfg.get("quantize") or []:
         extra = ["--calib", run / "data"] if q["method"] != "rtn" else []
-        lmforge("quantize", "--model", run / "final", "--out", run / "quant" / q["name"], "--method", q["method"],
-                "--scheme", q["scheme"], *extra, log_file=run / "logs" / "quantize.log")
+        lmforge(
+            "quantize",
+            "--model",
+            run / "final",
+            "--out",
+            run / "quant" / q["name"],
+            "--method",
+            q["method"],
+            "--scheme",
+            q["scheme"],
+            *extra,
+            log_file=run / "logs" / "quantize.log",
+        )
 
 
 def models_of(cfg: dict, run: Path) -> dict[str, Path]:
@@ -235,8 +320,17 @@ def stage_eval(cfg: dict, run: Path, resume: bool) -> None:
     for label, path in models_of(cfg, run).items():
         out = run / "eval" / path.relative_to(run).as_posix().replace("/", "-")
         chat = ["--set", "builtin.chat=true"] if label.startswith("final") else []  # asked as it was fine-tuned
-        lmforge("eval", path, "--out", out, *contamination, *split, *chat, *_sets(e.get("set")),
-                log_file=run / "logs" / "eval.log")
+        lmforge(
+            "eval",
+            path,
+            "--out",
+            out,
+            *contamination,
+            *split,
+            *chat,
+            *_sets(e.get("set")),
+            log_file=run / "logs" / "eval.log",
+        )
 
 
 def stage_generate(cfg: dict, run: Path, resume: bool) -> None:
@@ -253,6 +347,13 @@ def stage_report(cfg: dict, run: Path, resume: bool) -> None:
     log.info("wrote %s and %s", paths["html"], paths["markdown"])
 
 
-STAGE_RUNNERS = {"data": stage_data, "pretrain": stage_pretrain, "sft": stage_sft, "draft": stage_draft,
-                 "quantize": stage_quantize,
-                 "eval": stage_eval, "generate": stage_generate, "report": stage_report}
+STAGE_RUNNERS = {
+    "data": stage_data,
+    "pretrain": stage_pretrain,
+    "sft": stage_sft,
+    "draft": stage_draft,
+    "quantize": stage_quantize,
+    "eval": stage_eval,
+    "generate": stage_generate,
+    "report": stage_report,
+}

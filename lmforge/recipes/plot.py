@@ -45,12 +45,21 @@ def main(args: argparse.Namespace) -> int:
         if not train:
             raise LmforgeError(f"{run}: no training steps in its metrics")
         steps = [r["step"] for r in train]
-        line, = axes[0].plot(steps, [r["loss"] for r in train], alpha=0.25)
-        axes[0].plot(steps, moving_average([r["loss"] for r in train], args.smooth), color=line.get_color(),
-                     label=f"{name} train")
+        (line,) = axes[0].plot(steps, [r["loss"] for r in train], alpha=0.25)
+        axes[0].plot(
+            steps,
+            moving_average([r["loss"] for r in train], args.smooth),
+            color=line.get_color(),
+            label=f"{name} train",
+        )
         if val:
-            axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=line.get_color(),
-                         label=f"{name} val")
+            axes[0].plot(
+                [r["step"] for r in val],
+                [r["val_loss"] for r in val],
+                "o--",
+                color=line.get_color(),
+                label=f"{name} val",
+            )
         axes[1].plot(steps, [r["lr"] for r in train], label=name)
         axes[2].plot(steps, [r["grad_norm"] for r in train], label=name)
     for ax, title in zip(axes, ("loss", "learning rate", "gradient norm")):
@@ -58,8 +67,11 @@ def main(args: argparse.Namespace) -> int:
         ax.set_xlabel("step")
         ax.legend()
     axes[2].set_yscale("log")
-    out = Path(args.out) if args.out else (Path(args.runs[0]) if Path(args.runs[0]).is_dir()
-                                           else Path(args.runs[0]).parent) / "loss.png"
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(args.runs[0]) if Path(args.runs[0]).is_dir() else Path(args.runs[0]).parent) / "loss.png"
+    )
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -18,18 +18,49 @@ import torch
 from lmforge.common import LmforgeError, checked, dist_info, get_logger
 from lmforge.data.pack import data_tokenizer
 from lmforge.model import ModelConfig, Transformer
-from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_deprecated_alias,
-                                     add_train_arguments, load_config, make_run_dir, overrides_from_args,
-                                     switch_overrides)
-from lmforge.train import (ObjectiveTokens, OptimConfig, RunContext, TrainConfig, autocast_dtype, batch_generator,
-                           fit, prepare_model, setup_runtime, shutdown, summary_line)
+from lmforge.recipes._common import (
+    MetricsWriter,
+    RunConfig,
+    add_config_arguments,
+    add_deprecated_alias,
+    add_train_arguments,
+    load_config,
+    make_run_dir,
+    overrides_from_args,
+    switch_overrides,
+)
+from lmforge.train import (
+    ObjectiveTokens,
+    OptimConfig,
+    RunContext,
+    TrainConfig,
+    autocast_dtype,
+    batch_generator,
+    fit,
+    prepare_model,
+    setup_runtime,
+    shutdown,
+    summary_line,
+)
 
 log = get_logger("lmforge.pretrain")
 
-FLAGS = {"--steps": "train.steps", "--objective": "train.objective", "--strategy": "train.strategy",
-         "--data": "data.path", "--preset": "model.preset", "--runs-dir": "run.dir", "--name": "run.name",
-         "--seq-len": "train.seq_len", "--batch-size": "train.micro_batch_size", "--grad-accum": "train.grad_accum",
-         "--lr": "optim.lr", "--device": "run.device", "--dtype": "train.dtype", "--teacher": "distill.teacher"}
+FLAGS = {
+    "--steps": "train.steps",
+    "--objective": "train.objective",
+    "--strategy": "train.strategy",
+    "--data": "data.path",
+    "--preset": "model.preset",
+    "--runs-dir": "run.dir",
+    "--name": "run.name",
+    "--seq-len": "train.seq_len",
+    "--batch-size": "train.micro_batch_size",
+    "--grad-accum": "train.grad_accum",
+    "--lr": "optim.lr",
+    "--device": "run.device",
+    "--dtype": "train.dtype",
+    "--teacher": "distill.teacher",
+}
 
 
 @dataclasses.dataclass
@@ -104,8 +135,9 @@ def loaders(folder: Path, cfg: TrainConfig, info):
     loader = ShardLoader(folder, cfg.seq_len, cfg.micro_batch_size, "train", cfg.seed, info.rank, info.world_size)
 
     def val_loader():
-        return ShardLoader(folder, cfg.seq_len, cfg.micro_batch_size, "val", 1234, info.rank, info.world_size,
-                           prefetch=0)
+        return ShardLoader(
+            folder, cfg.seq_len, cfg.micro_batch_size, "val", 1234, info.rank, info.world_size, prefetch=0
+        )
 
     val_tokens = read_index(folder)[0]["splits"].get("val", {}).get("tokens", 0)
     if val_tokens < info.world_size * cfg.micro_batch_size * (cfg.seq_len + 1) * 2:
@@ -122,8 +154,10 @@ def model_config(cfg: dict, vocab_size: int, objective: str) -> ModelConfig:
         fields["causal"] = False if objective == "mlm" else fields.get("causal", True)
     config = ModelConfig.preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
     if config.vocab_size < vocab_size:  # compared once checked: the raw value may be any YAML
-        raise LmforgeError(f"model.vocab_size {config.vocab_size} is smaller than the data's {vocab_size} "
-                           f"(tokenizer + {objective} special ids)")
+        raise LmforgeError(
+            f"model.vocab_size {config.vocab_size} is smaller than the data's {vocab_size} "
+            f"(tokenizer + {objective} special ids)"
+        )
     return config
 
 
@@ -136,12 +170,15 @@ def load_teacher(distill: DistillConfig, vocab_size: int, objective: str, device
     if objective != "clm":
         raise LmforgeError(f"distill.teacher: distillation needs train.objective clm, not {objective}")
     if not 0.0 <= distill.alpha <= 1.0 or distill.temperature <= 0:
-        raise LmforgeError(f"distill: alpha must be in [0, 1] and temperature > 0 (got {distill.alpha}, "
-                           f"{distill.temperature})")
+        raise LmforgeError(
+            f"distill: alpha must be in [0, 1] and temperature > 0 (got {distill.alpha}, {distill.temperature})"
+        )
     teacher = load_model(distill.teacher).to(device).eval().requires_grad_(False)
     if teacher.config.vocab_size != vocab_size:
-        raise LmforgeError(f"distill.teacher {distill.teacher}: vocabulary {teacher.config.vocab_size} != the data "
-                           f"tokenizer's {vocab_size} (the teacher must share the student's tokenizer)")
+        raise LmforgeError(
+            f"distill.teacher {distill.teacher}: vocabulary {teacher.config.vocab_size} != the data "
+            f"tokenizer's {vocab_size} (the teacher must share the student's tokenizer)"
+        )
     log.info("distilling from %s (alpha %.2f, temperature %.2f)", distill.teacher, distill.alpha, distill.temperature)
     return teacher
 
@@ -155,15 +192,16 @@ def init_from(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
     with torch.no_grad():
         for name, tensor in student.state_dict().items():
             prefix = next((p for p in source if name.startswith(p)), None)
-            key = source[prefix] + name[len(prefix):] if prefix else name
+            key = source[prefix] + name[len(prefix) :] if prefix else name
             if key in theirs and theirs[key].shape == tensor.shape:
                 tensor.copy_(theirs[key])
                 copied += 1
     return copied
 
 
-def continuation_pool(teacher, loader, distill: DistillConfig, seq_len: int, seed: int, device,
-                      generate_batch: int = 128) -> torch.Tensor:
+def continuation_pool(
+    teacher, loader, distill: DistillConfig, seq_len: int, seed: int, device, generate_batch: int = 128
+) -> torch.Tensor:
     """[pool, seq_len + 1] windows: a training window's first 1..continuation_prefix tokens, then the
     teacher's greedy continuation. Generated `generate_batch` rows at a time (left-padded prompts):
     batched decoding is ~10x the tokens/s of the loader's micro-batches."""
@@ -183,10 +221,10 @@ def continuation_pool(teacher, loader, distill: DistillConfig, seq_len: int, see
             prompts += [batch[i, :n].tolist() for i, n in enumerate(lengths)]
         new = generate(teacher, prompts, max_new_tokens=seq_len + 1 - min(map(len, prompts)))
         for prompt, cont in zip(prompts, new):
-            rows.append(torch.cat([torch.tensor(prompt), cont])[:seq_len + 1])
+            rows.append(torch.cat([torch.tensor(prompt), cont])[: seq_len + 1])
         bar.update(len(prompts))
     bar.close()
-    return torch.stack(rows[:distill.continuation_pool]).to(device)
+    return torch.stack(rows[: distill.continuation_pool]).to(device)
 
 
 def with_continuations(batch: torch.Tensor, pool: torch.Tensor, fraction: float, generator) -> torch.Tensor:
@@ -218,11 +256,16 @@ def main(args: argparse.Namespace) -> dict:
         train_cfg = auto_fit(mconfig, train_cfg, device, info.world_size)
     loader, val_loader = loaders(folder, train_cfg, info)
     if mconfig.max_position_embeddings < train_cfg.seq_len + 2 * len(objective.sentinels):
-        raise LmforgeError(f"train.seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings "
-                           f"{mconfig.max_position_embeddings}")
+        raise LmforgeError(
+            f"train.seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings {mconfig.max_position_embeddings}"
+        )
     model = Transformer(mconfig)
-    log.info("model: %.2fM parameters, objective %s, data %s", sum(p.numel() for p in model.parameters()) / 1e6,
-             train_cfg.objective, folder)
+    log.info(
+        "model: %.2fM parameters, objective %s, data %s",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        train_cfg.objective,
+        folder,
+    )
     teacher = load_teacher(distill, tokenizer.vocab_size, train_cfg.objective, device)
     if teacher is not None and distill.init_from_teacher:  # a resumed run then loads its checkpoint over it
         copied = init_from(model, teacher)
@@ -238,8 +281,9 @@ def main(args: argparse.Namespace) -> dict:
     def next_micro(step: int, i: int) -> dict:
         rows = windows(next(loader))
         if pool is not None:
-            rows = with_continuations(rows, pool, distill.continuation_fraction,
-                                      batch_generator(train_cfg.seed + 1, step, i, info.rank))
+            rows = with_continuations(
+                rows, pool, distill.continuation_fraction, batch_generator(train_cfg.seed + 1, step, i, info.rank)
+            )
         batch = objective.batch(rows, batch_generator(train_cfg.seed, step, i, info.rank))
         if teacher is not None:
             with torch.no_grad():
@@ -249,15 +293,25 @@ def main(args: argparse.Namespace) -> dict:
 
     def val_batches():
         vl = val_loader()
-        return [objective.batch(windows(next(vl)), batch_generator(99, 0, i, info.rank))
-                for i in range(train_cfg.eval_batches)]
+        return [
+            objective.batch(windows(next(vl)), batch_generator(99, 0, i, info.rank))
+            for i in range(train_cfg.eval_batches)
+        ]
 
     if val_loader is None:
         val_batches = None
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main,
-                            tensorboard_dir=run_dir / "tb" if run_cfg.tensorboard else None)
-    ctx = RunContext(run_dir, device, autocast_dtype(train_cfg.dtype, device), info, metrics, tokenizer,
-                     aux_coef=mconfig.router_aux_loss_coef if mconfig.num_experts else 0.0)
+    metrics = MetricsWriter(
+        run_dir / "metrics.jsonl", enabled=info.is_main, tensorboard_dir=run_dir / "tb" if run_cfg.tensorboard else None
+    )
+    ctx = RunContext(
+        run_dir,
+        device,
+        autocast_dtype(train_cfg.dtype, device),
+        info,
+        metrics,
+        tokenizer,
+        aux_coef=mconfig.router_aux_loss_coef if mconfig.num_experts else 0.0,
+    )
     try:
         summary = fit(wrapped, optimizer, next_micro, loader, val_batches, train_cfg, optim_cfg, ctx, args.resume)
     finally:

@@ -11,11 +11,14 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.common import LmforgeError, get_logger, human_bytes, seed_everything
 from lmforge.model import has_transform
-from lmforge.recipes._common import bounded
 
+if TYPE_CHECKING:
+    import torch
+from lmforge.recipes._common import bounded
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed", "qat")  # literal: --help must not import torch
 
@@ -23,8 +26,9 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed", "qat")  # literal: --he
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (lmforge checkpoint or Hugging Face folder)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out even if it is a non-empty folder lmforge did not write")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is a non-empty folder lmforge did not write"
+    )
     p.add_argument("--method", default="rtn", choices=METHODS)
     p.add_argument("--scheme", default="int4-g128", help="int8 | int4 | int3 | int2 [-g32|-g64|-g128] | nf4 | w8a8")
     p.add_argument("--calib", help="calibration data: a packed-shard folder (index.json) or a text file")
@@ -32,11 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=bounded(int, ge=1), default=32, help="windows of --seq-len tokens")
     p.add_argument("--seq-len", type=bounded(int, ge=2), default=256)
     p.add_argument("--min-calib-tokens", type=bounded(int, ge=0), default=512)
-    p.add_argument("--skip", action="append", help="regex of module names kept in float (repeatable; "
-                   "default: lm_head, MoE routers, embeddings)")
-    p.add_argument("--quantize-head", action="store_true",
-                   help="quantize the output head too (kept in float by default; with int8 it costs almost no "
-                        "accuracy and speeds up decode of large-vocabulary models; a tied head is untied)")
+    p.add_argument(
+        "--skip",
+        action="append",
+        help="regex of module names kept in float (repeatable; default: lm_head, MoE routers, embeddings)",
+    )
+    p.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="quantize the output head too (kept in float by default; with int8 it costs almost no "
+        "accuracy and speeds up decode of large-vocabulary models; a tied head is untied)",
+    )
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation")
     p.add_argument("--damp", type=bounded(float, gt=0), default=0.01, help="GPTQ: Hessian dampening")
     p.add_argument("--alpha", type=bounded(float, ge=0, le=1), default=0.5, help="SmoothQuant: migration strength")
@@ -65,10 +75,16 @@ def main(args: argparse.Namespace) -> int:
         if not args.calib:
             raise LmforgeError(f"--method {args.method} needs calibration data: --calib SHARDS_DIR_OR_TEXT_FILE")
         calib = calibration_batches(args.calib, tokenizer, args.calib_samples, args.seq_len, args.calib_split)
-    opts = QuantOptions(method="rtn" if args.method == "qat" else args.method, scheme=args.scheme,
-                        damp=args.damp, act_order=args.act_order, alpha=args.alpha, budget_bits=args.budget_bits,
-                        choices=tuple(c.strip() for c in args.choices.split(",") if c.strip()),
-                        min_calib_tokens=args.min_calib_tokens)
+    opts = QuantOptions(
+        method="rtn" if args.method == "qat" else args.method,
+        scheme=args.scheme,
+        damp=args.damp,
+        act_order=args.act_order,
+        alpha=args.alpha,
+        budget_bits=args.budget_bits,
+        choices=tuple(c.strip() for c in args.choices.split(",") if c.strip()),
+        min_calib_tokens=args.min_calib_tokens,
+    )
     if args.skip:
         opts.skip = tuple(args.skip)
     if args.quantize_head:
@@ -80,9 +96,14 @@ def main(args: argparse.Namespace) -> int:
     else:
         stats = quantize_model(model, opts, calib)
     out = save_model(model, args.out, tokenizer=tokenizer)
-    report = {"method": args.method, "scheme": args.scheme, "seconds": round(time.time() - t0, 1),
-              "size_before": folder_bytes(Path(args.model)), "size_after": folder_bytes(out),
-              "peak_rss": human_bytes(stats["peak_rss_bytes"])}
+    report = {
+        "method": args.method,
+        "scheme": args.scheme,
+        "seconds": round(time.time() - t0, 1),
+        "size_before": folder_bytes(Path(args.model)),
+        "size_after": folder_bytes(out),
+        "peak_rss": human_bytes(stats["peak_rss_bytes"]),
+    }
     if "average_bits" in stats:
         report["average_bits"] = round(stats["average_bits"], 3)
     print(json.dumps(report, indent=2))
@@ -102,8 +123,10 @@ def calibration_batches(source: str, tokenizer, samples: int, seq_len: int, spli
         index, folder = read_index(path)
         if split not in index["splits"]:
             raise LmforgeError(f"{folder}/index.json has no split {split!r} (splits: {', '.join(index['splits'])})")
-        tokens = np.concatenate([np.fromfile(folder / s["file"], dtype=index["dtype"])
-                                 for s in index["splits"][split]["shards"]] or [np.zeros(0, np.int64)])
+        tokens = np.concatenate(
+            [np.fromfile(folder / s["file"], dtype=index["dtype"]) for s in index["splits"][split]["shards"]]
+            or [np.zeros(0, np.int64)]
+        )
     elif path.is_file():
         if tokenizer is None:
             raise LmforgeError(f"--calib {source} is text but the model has no tokenizer.json; pass packed shards")
@@ -114,7 +137,7 @@ def calibration_batches(source: str, tokenizer, samples: int, seq_len: int, spli
     if n == 0:
         raise LmforgeError(f"--calib {source}: {len(tokens)} tokens, fewer than one window of --seq-len {seq_len}")
     starts = np.linspace(0, len(tokens) - seq_len, n).astype(np.int64)
-    return [torch.from_numpy(tokens[s:s + seq_len].astype(np.int64))[None] for s in starts]
+    return [torch.from_numpy(tokens[s : s + seq_len].astype(np.int64))[None] for s in starts]
 
 
 def qat_finetune(model, batches, scheme: str, skip, steps: int, lr: float, log) -> None:
@@ -130,8 +153,15 @@ def qat_finetune(model, batches, scheme: str, skip, steps: int, lr: float, log) 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     # train.fit's step with its LM loss; no run folder: quantize writes only --out
-    summary = run_fit(model, opt, None, lambda step: clm_batch(batches[step % len(batches)]), None,
-                      FitOptions(steps, constant_lr(lr)), device=next(model.parameters()).device)
+    summary = run_fit(
+        model,
+        opt,
+        None,
+        lambda step: clm_batch(batches[step % len(batches)]),
+        None,
+        FitOptions(steps, constant_lr(lr)),
+        device=next(model.parameters()).device,
+    )
     log.info("qat: %d steps, final loss %.4f", summary["steps"], summary["final_loss"])
     model.eval()
     convert_qat(model)  # the packed format, rounded exactly as training saw; recorded in the manifest

@@ -18,14 +18,26 @@ from lmforge.common import LmforgeError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # The folder may come positionally (`lmforge serve runs/x/final`, what the pipeline prints) or as --model.
-    p.add_argument("model_dir", nargs="?", metavar="MODEL",
-                   help="model folder (lmforge checkpoint or Hugging Face folder); same as --model")
+    p.add_argument(
+        "model_dir",
+        nargs="?",
+        metavar="MODEL",
+        help="model folder (lmforge checkpoint or Hugging Face folder); same as --model",
+    )
     p.add_argument("--model", help="model folder, if not given positionally")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="a LoRA adapter served as model NAME (repeatable)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter served as model NAME (repeatable)",
+    )
     p.add_argument("--served-model-name", help="the base model's name in the API (default: the folder name)")
-    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY, else open)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LMFORGE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY, else open)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
@@ -33,24 +45,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seqs", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond --max-seqs before 429")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step (chunked prefill)")
-    p.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="prompt tokens per step while other sequences decode (default: no cap beyond "
-                        "--max-batch-tokens); lower keeps streams smooth when many requests arrive at once")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens per step while other sequences decode (default: no cap beyond "
+        "--max-batch-tokens); lower keeps streams smooth when many requests arrive at once",
+    )
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from --max-seqs)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller model (same tokenizer)")
-    p.add_argument("--lookup", action="store_true",
-                   help="speculative decoding with prompt-lookup drafts (n-gram copies from the context, no model)")
+    p.add_argument(
+        "--lookup",
+        action="store_true",
+        help="speculative decoding with prompt-lookup drafts (n-gram copies from the context, no model)",
+    )
     p.add_argument("--num-speculative", type=int, default=4, help="tokens --draft/--lookup propose per decode step")
-    p.add_argument("--engine", choices=("process", "thread"), default="process",
-                   help="where the model runs: a child process of its own (default; the HTTP side and the "
-                        "model never wait for each other's GIL) or a thread of the server process "
-                        "(a vision-language model always uses a thread)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to let in-flight requests finish")
+    p.add_argument(
+        "--engine",
+        choices=("process", "thread"),
+        default="process",
+        help="where the model runs: a child process of its own (default; the HTTP side and the "
+        "model never wait for each other's GIL) or a thread of the server process "
+        "(a vision-language model always uses a thread)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let in-flight requests finish"
+    )
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -69,8 +93,9 @@ def model_folder(args: argparse.Namespace) -> str:
     """The model folder from MODEL or --model: one of them is required, and both must name the same folder."""
     positional, flag = args.model_dir, args.model
     if positional is None and flag is None:
-        raise LmforgeError("no model: give the model folder, e.g. `lmforge serve runs/pipeline-tiny/final` "
-                           "(or --model DIR)")
+        raise LmforgeError(
+            "no model: give the model folder, e.g. `lmforge serve runs/pipeline-tiny/final` (or --model DIR)"
+        )
     if positional is not None and flag is not None and os.path.realpath(positional) != os.path.realpath(flag):
         raise LmforgeError(f"two different models given: MODEL {positional!r} and --model {flag!r}; give one")
     return positional if positional is not None else flag
@@ -80,17 +105,40 @@ def main(args: argparse.Namespace) -> int:
     from lmforge.serve import ServeConfig, serve
 
     model = model_folder(args)
-    for flag in ("max_seqs", "max_queue", "max_batch_tokens", "block_size", "max_body_bytes", "num_speculative",
-                 "max_prefill_tokens"):
+    for flag in (
+        "max_seqs",
+        "max_queue",
+        "max_batch_tokens",
+        "block_size",
+        "max_body_bytes",
+        "num_speculative",
+        "max_prefill_tokens",
+    ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise LmforgeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    cfg = ServeConfig(model=model, adapters=parse_adapters(args.adapter), served_model_name=args.served_model_name,
-                      api_key=args.api_key or None, host=args.host, port=args.port, device=args.device,
-                      dtype=args.dtype, max_seqs=args.max_seqs, max_queue=args.max_queue,
-                      max_batch_tokens=args.max_batch_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
-                      max_model_len=args.max_model_len, request_timeout=args.request_timeout,
-                      max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, draft=args.draft,
-                      lookup=args.lookup, num_speculative=args.num_speculative,
-                      max_prefill_tokens=args.max_prefill_tokens, engine_process=args.engine == "process")
+    cfg = ServeConfig(
+        model=model,
+        adapters=parse_adapters(args.adapter),
+        served_model_name=args.served_model_name,
+        api_key=args.api_key or None,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        max_seqs=args.max_seqs,
+        max_queue=args.max_queue,
+        max_batch_tokens=args.max_batch_tokens,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_model_len=args.max_model_len,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout=args.drain_timeout,
+        draft=args.draft,
+        lookup=args.lookup,
+        num_speculative=args.num_speculative,
+        max_prefill_tokens=args.max_prefill_tokens,
+        engine_process=args.engine == "process",
+    )
     serve(cfg)
     return 0

@@ -15,24 +15,62 @@ import json
 
 from lmforge.common import LmforgeError, atomic_write_text, checked, get_logger
 from lmforge.model.config import PRESETS
-from lmforge.recipes._common import (MetricsWriter, RunConfig, add_config_arguments, add_deprecated_alias,
-                                     add_train_arguments, load_config, make_run_dir, overrides_from_args,
-                                     switch_overrides)
-from lmforge.train import (OptimConfig, RunContext, TrainConfig, autocast_dtype, fit, prepare_model, setup_runtime,
-                           shutdown, summary_line)
+from lmforge.recipes._common import (
+    MetricsWriter,
+    RunConfig,
+    add_config_arguments,
+    add_deprecated_alias,
+    add_train_arguments,
+    load_config,
+    make_run_dir,
+    overrides_from_args,
+    switch_overrides,
+)
+from lmforge.train import (
+    OptimConfig,
+    RunContext,
+    TrainConfig,
+    autocast_dtype,
+    fit,
+    prepare_model,
+    setup_runtime,
+    shutdown,
+    summary_line,
+)
 
 log = get_logger("lmforge.sft")
 
-FLAGS = {"--model": "model.path", "--preset": "model.preset", "--data": "data.train", "--val-data": "data.val",
-         "--method": "peft.method", "--qat": "peft.qat", "--steps": "train.steps", "--runs-dir": "run.dir",
-         "--name": "run.name",
-         "--seq-len": "train.seq_len", "--batch-size": "train.micro_batch_size", "--grad-accum": "train.grad_accum",
-         "--lr": "optim.lr", "--device": "run.device", "--strategy": "train.strategy", "--dtype": "train.dtype"}
+FLAGS = {
+    "--model": "model.path",
+    "--preset": "model.preset",
+    "--data": "data.train",
+    "--val-data": "data.val",
+    "--method": "peft.method",
+    "--qat": "peft.qat",
+    "--steps": "train.steps",
+    "--runs-dir": "run.dir",
+    "--name": "run.name",
+    "--seq-len": "train.seq_len",
+    "--batch-size": "train.micro_batch_size",
+    "--grad-accum": "train.grad_accum",
+    "--lr": "optim.lr",
+    "--device": "run.device",
+    "--strategy": "train.strategy",
+    "--dtype": "train.dtype",
+}
 
 # --method name -> (PEFT config method, fixed options)
-METHODS = {"lora": ("lora", {}), "dora": ("lora", {"use_dora": True}), "qlora": ("lora", {}),
-           "adalora": ("adalora", {}), "ia3": ("ia3", {}), "adapter": ("adapter", {}),
-           "prompt": ("prompt_tuning", {}), "p_tuning": ("p_tuning", {}), "prefix": ("prefix", {})}
+METHODS = {
+    "lora": ("lora", {}),
+    "dora": ("lora", {"use_dora": True}),
+    "qlora": ("lora", {}),
+    "adalora": ("adalora", {}),
+    "ia3": ("ia3", {}),
+    "adapter": ("adapter", {}),
+    "prompt": ("prompt_tuning", {}),
+    "p_tuning": ("p_tuning", {}),
+    "prefix": ("prefix", {}),
+}
 
 
 @dataclasses.dataclass
@@ -91,11 +129,13 @@ def load_base(src: ModelSource, data: SFTData):
     if src.path:
         model, tokenizer = load_model(src.path), load_tokenizer_if_any(src.path)
         if tokenizer is None:
-            raise LmforgeError(f"model.path {src.path}: no tokenizer.json next to the weights (SFT needs the "
-                               "tokenizer and its chat template)")
+            raise LmforgeError(
+                f"model.path {src.path}: no tokenizer.json next to the weights (SFT needs the "
+                "tokenizer and its chat template)"
+            )
         return model.float(), tokenizer
-    from lmforge.model import ModelConfig, Transformer
     from lmforge.data.pack import data_tokenizer
+    from lmforge.model import ModelConfig, Transformer
     from lmforge.train.builtin import builtin_pretrain_data
 
     tokenizer = data_tokenizer(builtin_pretrain_data(data.cache_dir))
@@ -137,8 +177,9 @@ def adalora_hooks(model):
 
     config = next(c for c in peft.peft_configs(model) if c.method == "adalora")
     allocator = peft.RankAllocator(model, config)
-    hooks = StepHooks(extra_loss=lambda m: config.orth_reg_weight * peft.orthogonal_regularization(m),
-                      after_update=allocator.step)
+    hooks = StepHooks(
+        extra_loss=lambda m: config.orth_reg_weight * peft.orthogonal_regularization(m), after_update=allocator.step
+    )
     return hooks, allocator
 
 
@@ -148,8 +189,9 @@ def build_rows(data: SFTData, tokenizer, seq_len: int, seed: int):
     from lmforge.train.sft_data import encode_example, pack, read_jsonl, record_to_messages
 
     if data.train == "builtin":
-        splits = builtin_sft_examples(data.max_bytes, seed=seed, heldout_fraction=data.heldout_fraction,
-                                      split_seed=data.split_seed)
+        splits = builtin_sft_examples(
+            data.max_bytes, seed=seed, heldout_fraction=data.heldout_fraction, split_seed=data.split_seed
+        )
         train = [record_to_messages(r, "built-in") for r in splits["train"]]
         val = [record_to_messages(r, "built-in") for r in splits["val"]]
     else:
@@ -183,10 +225,16 @@ def main(args: argparse.Namespace) -> int:
         data.pack = False
     conversations, train_rows, val_rows = build_rows(data, tokenizer, train_cfg.seq_len, train_cfg.seed)
     if info.is_main:  # what the model is trained on, for contamination checks of any later evaluation
-        atomic_write_text(run_dir / "train_data.jsonl",
-                          "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations))
-    log.info("SFT: %d packed training rows of %d tokens, %s validation rows", len(train_rows), train_cfg.seq_len,
-             len(val_rows) if val_rows else "no")
+        atomic_write_text(
+            run_dir / "train_data.jsonl",
+            "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations),
+        )
+    log.info(
+        "SFT: %d packed training rows of %d tokens, %s validation rows",
+        len(train_rows),
+        train_cfg.seq_len,
+        len(val_rows) if val_rows else "no",
+    )
     if train_cfg.auto_fit:
         from lmforge.train.memory import auto_fit
 
@@ -200,21 +248,41 @@ def main(args: argparse.Namespace) -> int:
 
     from lmforge.train.sft_data import PackedBatches
 
-    loader = PackedBatches(train_rows, train_cfg.micro_batch_size, train_cfg.seed, info.rank, info.world_size,
-                           segments=data.pack)
+    loader = PackedBatches(
+        train_rows, train_cfg.micro_batch_size, train_cfg.seed, info.rank, info.world_size, segments=data.pack
+    )
     val_batches = None
     if val_rows and len(val_rows) >= train_cfg.micro_batch_size * info.world_size:
+
         def val_batches():
             vl = PackedBatches(val_rows, train_cfg.micro_batch_size, 1234, info.rank, info.world_size, data.pack)
             return [next(vl) for _ in range(min(train_cfg.eval_batches, vl.per_epoch // info.world_size))]
 
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main,
-                            tensorboard_dir=run_dir / "tb" if run_cfg.tensorboard else None)
-    ctx = RunContext(run_dir, device, autocast_dtype(train_cfg.dtype, device), info, metrics, tokenizer,
-                     aux_coef=model.config.router_aux_loss_coef if model.config.num_experts else 0.0)
+    metrics = MetricsWriter(
+        run_dir / "metrics.jsonl", enabled=info.is_main, tensorboard_dir=run_dir / "tb" if run_cfg.tensorboard else None
+    )
+    ctx = RunContext(
+        run_dir,
+        device,
+        autocast_dtype(train_cfg.dtype, device),
+        info,
+        metrics,
+        tokenizer,
+        aux_coef=model.config.router_aux_loss_coef if model.config.num_experts else 0.0,
+    )
     try:
-        summary = fit(wrapped, optimizer, lambda step, i: next(loader), loader, val_batches, train_cfg, optim_cfg,
-                      ctx, args.resume, hooks=hooks)
+        summary = fit(
+            wrapped,
+            optimizer,
+            lambda step, i: next(loader),
+            loader,
+            val_batches,
+            train_cfg,
+            optim_cfg,
+            ctx,
+            args.resume,
+            hooks=hooks,
+        )
         if allocator is not None:
             ranks = allocator.final_ranks()
             metrics.write({"adalora_final_ranks": ranks, "adalora_total_rank": sum(ranks.values())})

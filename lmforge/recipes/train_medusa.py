@@ -80,7 +80,7 @@ def self_distill(model, stream: torch.Tensor, n: int, seq_len: int, gen: torch.G
     prompts = stream[starts[:, None] + torch.arange(prompt_len)]
     rows = []
     for i in range(0, n, 16):
-        batch = prompts[i:i + 16].to(next(model.parameters()).device)
+        batch = prompts[i : i + 16].to(next(model.parameters()).device)
         rows.append(torch.cat([batch.cpu(), generate(model, batch, max_new_tokens=seq_len - prompt_len)], dim=1))
     return torch.cat(rows)
 
@@ -88,7 +88,6 @@ def self_distill(model, stream: torch.Tensor, n: int, seq_len: int, gen: torch.G
 def main(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
     from lmforge.infer.medusa import MedusaHeads, medusa_loss, save_medusa
-
     from lmforge.train import OptimConfig, build_optimizer
 
     cfg = load_config(MedusaTrainConfig, args.config, overrides_from_args(args, FLAGS))
@@ -106,8 +105,9 @@ def main(args: argparse.Namespace) -> int:
 
     heads = MedusaHeads(model.config.hidden_size, cfg.heads, cfg.layers).to(device)
     # Linear warmup over 20 steps, then a linear decay to 10% (train/optim.py's WSD, all decay).
-    optim_cfg = OptimConfig(lr=cfg.lr, weight_decay=0.0, schedule="wsd", decay_fraction=1.0,
-                            warmup_steps=min(20, cfg.steps))
+    optim_cfg = OptimConfig(
+        lr=cfg.lr, weight_decay=0.0, schedule="wsd", decay_fraction=1.0, warmup_steps=min(20, cfg.steps)
+    )
     start, accs = time.perf_counter(), []
 
     def next_batch(step: int) -> dict:
@@ -120,12 +120,24 @@ def main(args: argparse.Namespace) -> int:
         loss, accs[:] = medusa_loss(model, heads, b["input_ids"])
         return loss, {f"head{k + 1}_top1": a for k, a in enumerate(accs)}
 
-    result = run_fit(heads, build_optimizer(heads, optim_cfg), loss_fn, next_batch, run_dir_for(args.out),
-                     FitOptions(cfg.steps, optim_cfg, save_every=max(1, cfg.steps // 4), resume=args.resume),
-                     LoopState(generators=[gen]), device=device)
+    result = run_fit(
+        heads,
+        build_optimizer(heads, optim_cfg),
+        loss_fn,
+        next_batch,
+        run_dir_for(args.out),
+        FitOptions(cfg.steps, optim_cfg, save_every=max(1, cfg.steps // 4), resume=args.resume),
+        LoopState(generators=[gen]),
+        device=device,
+    )
     loss = result["final_loss"] if result["final_loss"] is not None else float("nan")  # nan: resumed when done
-    summary = dict(steps=cfg.steps, final_loss=round(loss, 4), head_top1_accuracy=[round(a, 4) for a in accs],
-                   seconds=round(time.perf_counter() - start, 1), base_model=str(args.model))
+    summary = dict(
+        steps=cfg.steps,
+        final_loss=round(loss, 4),
+        head_top1_accuracy=[round(a, 4) for a in accs],
+        seconds=round(time.perf_counter() - start, 1),
+        base_model=str(args.model),
+    )
     save_medusa(heads.cpu(), args.out, extra={"training": summary})
     print(json.dumps(summary))
     return 0

@@ -31,12 +31,23 @@ from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logg
 from lmforge.infer.decode import decode_ids
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
-from lmforge.multimodal import (VisionLanguageModel, VlmConfig, bleu, cider_d, image_turn, is_multimodal,
-                                load_examples, load_hf_vision, load_multimodal, pixels_for, render_ids,
-                                save_multimodal)
+from lmforge.multimodal import (
+    VisionLanguageModel,
+    VlmConfig,
+    bleu,
+    cider_d,
+    image_turn,
+    is_multimodal,
+    load_examples,
+    load_hf_vision,
+    load_multimodal,
+    pixels_for,
+    render_ids,
+    save_multimodal,
+)
 from lmforge.multimodal.config import VlmTrainConfig
-from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
 from lmforge.recipes._common import add_config_arguments, load_config
+from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.tokenizer.text import end_of_turn_ids
 from lmforge.train import build_optimizer
@@ -47,8 +58,13 @@ CAPTION_PROMPT = "describe the image."
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["train", "eval"])
-    p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="train: 1 = projector on captions, "
-                   "2 = projector + LM on questions")
+    p.add_argument(
+        "--stage",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="train: 1 = projector on captions, 2 = projector + LM on questions",
+    )
     add_config_arguments(p, "vlm-shapes")
     p.add_argument("--init", help="stage 2: the stage-1 folder to continue from")
     p.add_argument("--out", help="train: output folder")
@@ -97,9 +113,16 @@ def fresh_lm(cfg: VlmTrainConfig, examples, device, run_dir=None, resume: str | 
         return {"input_ids": ids, "labels": labels}
 
     if cfg.text_warmup_steps:
-        run_fit(lm, build_optimizer(lm, optim_cfg), lambda b: (lm_loss(lm(b["input_ids"]), b["labels"]), {}), batch,
-                None if run_dir is None else run_dir / "text-warmup", _options(cfg.text_warmup_steps, optim_cfg, resume),
-                LoopState(numpy=[next_batch.rng]), device=device)
+        run_fit(
+            lm,
+            build_optimizer(lm, optim_cfg),
+            lambda b: (lm_loss(lm(b["input_ids"]), b["labels"]), {}),
+            batch,
+            None if run_dir is None else run_dir / "text-warmup",
+            _options(cfg.text_warmup_steps, optim_cfg, resume),
+            LoopState(numpy=[next_batch.rng]),
+            device=device,
+        )
     return lm, tokenizer
 
 
@@ -136,8 +159,9 @@ def build_stage1(cfg: VlmTrainConfig, examples, device, run_dir=None, resume: st
             raise LmforgeError(f"{cfg.lm}: the LM's tokenizer needs an '<image>' token and a chat template")
     else:
         lm, tokenizer = fresh_lm(cfg, examples, device, run_dir, resume)
-    config = VlmConfig(vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer, cfg.pool,
-                       cfg.select_feature)
+    config = VlmConfig(
+        vision.config, lm.config, tokenizer.token_to_id("<image>"), cfg.feature_layer, cfg.pool, cfg.select_feature
+    )
     return VisionLanguageModel(config, vision, lm).to(device), tokenizer
 
 
@@ -152,17 +176,25 @@ def stage_optimizer(model: VisionLanguageModel, stage: int, cfg: VlmTrainConfig)
             from lmforge import peft
         except ImportError:
             raise LmforgeError("lora_rank > 0 needs lmforge.peft, which this build lacks") from None
-        peft.apply(model.language_model, peft.LoraConfig(r=cfg.lora_rank, alpha=2 * cfg.lora_rank,
-                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                         "up_proj", "down_proj", "gate_proj"]))
+        peft.apply(
+            model.language_model,
+            peft.LoraConfig(
+                r=cfg.lora_rank,
+                alpha=2 * cfg.lora_rank,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+            ),
+        )
     model.projector.requires_grad_(True)
     model.vision.requires_grad_(stage == 2 and cfg.vision_lr > 0)
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]
-    groups = [{"params": trainable(model.projector), "base_lr": cfg.lr},
-              {"params": trainable(model.language_model), "base_lr": cfg.lm_lr},
-              {"params": trainable(model.vision), "base_lr": cfg.vision_lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98),
-                             weight_decay=cfg.weight_decay)
+    groups = [
+        {"params": trainable(model.projector), "base_lr": cfg.lr},
+        {"params": trainable(model.language_model), "base_lr": cfg.lm_lr},
+        {"params": trainable(model.vision), "base_lr": cfg.vision_lr},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
+    )
 
 
 def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str, resume: str | None = None) -> dict:
@@ -212,12 +244,26 @@ def sampler(pairs: list[tuple[int, str, str]], batch_size: int, seed: int, rende
 def cached_features(model: VisionLanguageModel, examples, batch: int = 256) -> torch.Tensor:
     """The frozen encoder's features of every training image, computed once: [N, tokens, Dv]."""
     model.vision.eval()
-    return torch.cat([model.vision_features(pixels_for(model, [ex.image for ex in examples[s:s + batch]]))
-                      for s in range(0, len(examples), batch)])
+    return torch.cat(
+        [
+            model.vision_features(pixels_for(model, [ex.image for ex in examples[s : s + batch]]))
+            for s in range(0, len(examples), batch)
+        ]
+    )
 
 
-def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainConfig, device, run_dir=None,
-        resume: str | None = None) -> float:
+def fit(
+    model,
+    tokenizer,
+    examples,
+    pairs,
+    optimizer,
+    steps: int,
+    cfg: VlmTrainConfig,
+    device,
+    run_dir=None,
+    resume: str | None = None,
+) -> float:
     """`steps` of train.fit on image conversations -> the last loss (nan when resumed at the end).
     run_dir None: no checkpoints or metrics."""
     c = model.vlm_config
@@ -242,8 +288,16 @@ def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainC
     if steps == 0:
         return 0.0
     # The groups' own peaks (base_lr: projector, LM, encoder) scaled by one warmup-cosine schedule.
-    summary = run_fit(model, optimizer, loss_fn, batch, run_dir, _options(steps, warmup_cosine(cfg.lr, cfg.warmup_steps), resume),
-                      LoopState(numpy=[next_batch.rng]), device=device)
+    summary = run_fit(
+        model,
+        optimizer,
+        loss_fn,
+        batch,
+        run_dir,
+        _options(steps, warmup_cosine(cfg.lr, cfg.warmup_steps), resume),
+        LoopState(numpy=[next_batch.rng]),
+        device=device,
+    )
     return summary["final_loss"] if summary["final_loss"] is not None else float("nan")
 
 
@@ -251,30 +305,50 @@ def fit(model, tokenizer, examples, pairs, optimizer, steps: int, cfg: VlmTrainC
 
 
 @torch.no_grad()
-def answer_batch(model: VisionLanguageModel, tokenizer, images: list[np.ndarray], questions: list[str],
-                 max_new_tokens: int, noise: bool = False, seed: int = 0) -> list[str]:
+def answer_batch(
+    model: VisionLanguageModel,
+    tokenizer,
+    images: list[np.ndarray],
+    questions: list[str],
+    max_new_tokens: int,
+    noise: bool = False,
+    seed: int = 0,
+) -> list[str]:
     """Greedy answers to one question per image (left-padded batch)."""
     cfgv = model.vlm_config
-    rows = [render_ids(tokenizer, image_turn(q), cfgv.image_token_id, cfgv.num_image_tokens, True)[0]
-            for q in questions]
+    rows = [
+        render_ids(tokenizer, image_turn(q), cfgv.image_token_id, cfgv.num_image_tokens, True)[0] for q in questions
+    ]
     width = max(len(r) for r in rows)
     device = next(model.parameters()).device
     ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+        ids[b, width - len(r) :], mask[b, width - len(r) :] = torch.tensor(r), 1
     if noise:  # the control: same prompts, images of uniform noise
         rng = np.random.default_rng(seed)
         images = [rng.integers(0, 256, im.shape, dtype=np.uint8) for im in images]
     embeds = model.embed(ids.to(device), pixels_for(model, images))
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    out = decode_ids(model, params, ids.to(device), inputs_embeds=embeds, attention_mask=mask.to(device),
-                     eos_token_ids=end_of_turn_ids(tokenizer))  # EOS and the template's end of turn
+    out = decode_ids(
+        model,
+        params,
+        ids.to(device),
+        inputs_embeds=embeds,
+        attention_mask=mask.to(device),
+        eos_token_ids=end_of_turn_ids(tokenizer),
+    )  # EOS and the template's end of turn
     return [tokenizer.decode(o).strip() for o in out]
 
 
-def evaluate(model: VisionLanguageModel, tokenizer, cfg: VlmTrainConfig, train_examples=None,
-             noise_only: bool = False, batch: int = 64) -> dict:
+def evaluate(
+    model: VisionLanguageModel,
+    tokenizer,
+    cfg: VlmTrainConfig,
+    train_examples=None,
+    noise_only: bool = False,
+    batch: int = 64,
+) -> dict:
     size = model.vlm_config.vision.image_size
     test = load_examples(cfg.data, "test", cfg.eval_size, cfg.seed, size)
     qa = [(ex.image, q, a, kind) for ex in test for q, a, kind in ex.qa]
@@ -284,7 +358,7 @@ def evaluate(model: VisionLanguageModel, tokenizer, cfg: VlmTrainConfig, train_e
         tag = "noise_" if noise else ""
         preds = []
         for s in range(0, len(qa), batch):
-            chunk = qa[s:s + batch]
+            chunk = qa[s : s + batch]
             preds += answer_batch(model, tokenizer, [c[0] for c in chunk], [c[1] for c in chunk], 8, noise, cfg.seed)
         correct = defaultdict(list)
         for (_, _, a, kind), p in zip(qa, preds):
@@ -298,12 +372,16 @@ def evaluate(model: VisionLanguageModel, tokenizer, cfg: VlmTrainConfig, train_e
         refs = [ex.captions for ex in test]
         caps = []
         for s in range(0, len(test), batch):
-            chunk = test[s:s + batch]
-            caps += answer_batch(model, tokenizer, [ex.image for ex in chunk], [CAPTION_PROMPT] * len(chunk),
-                                 cfg.max_new_tokens)
-        metrics.update(caption_bleu=round(bleu(caps, refs), 2), caption_cider=round(cider_d(caps, refs), 3),
-                       caption_exact=round(float(np.mean([c in r for c, r in zip(caps, refs)])), 4),
-                       caption_example=f"{caps[0]!r} (ref {refs[0][0]!r})")
+            chunk = test[s : s + batch]
+            caps += answer_batch(
+                model, tokenizer, [ex.image for ex in chunk], [CAPTION_PROMPT] * len(chunk), cfg.max_new_tokens
+            )
+        metrics.update(
+            caption_bleu=round(bleu(caps, refs), 2),
+            caption_cider=round(cider_d(caps, refs), 3),
+            caption_exact=round(float(np.mean([c in r for c, r in zip(caps, refs)])), 4),
+            caption_example=f"{caps[0]!r} (ref {refs[0][0]!r})",
+        )
     return metrics
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
-import time
 import itertools
+import json
 import secrets
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -68,8 +68,12 @@ class ServerState:
             return None
         if model in self.adapters:
             return model
-        raise APIError(404, f"the model {model!r} does not exist (available: {', '.join(self.model_ids())})",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist (available: {', '.join(self.model_ids())})",
+            param="model",
+            code="model_not_found",
+        )
 
     def model_ids(self) -> list[str]:
         return [self.model_name, *self.adapters]
@@ -107,8 +111,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        return _error(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                               code="not_found" if e.status_code == 404 else None))
+        return _error(
+            APIError(
+                e.status_code,
+                f"{request.method} {request.url.path}: {e.detail}",
+                code="not_found" if e.status_code == 404 else None,
+            )
+        )
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
@@ -156,8 +165,7 @@ def _check_key(request: Request, state: ServerState) -> JSONResponse | None:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
-        return _error(APIError(401, "no API key given: send 'Authorization: Bearer YOUR_KEY'",
-                               code="invalid_api_key"))
+        return _error(APIError(401, "no API key given: send 'Authorization: Bearer YOUR_KEY'", code="invalid_api_key"))
     if not hmac.compare_digest(key.strip().encode(), state.api_key.encode()):
         return _error(APIError(401, "incorrect API key provided", code="invalid_api_key"))
     return None
@@ -173,8 +181,9 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The body, within `limit` bytes (413) and `timeout` seconds (408: a client that sends less
     than its Content-Length, or trickles it, does not hold a handler forever)."""
     size = request.headers.get("content-length", "")
-    too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                       code="request_too_large")
+    too_big = APIError(
+        413, f"the request body is larger than the server's limit of {limit} bytes", code="request_too_large"
+    )
     if size.isdigit() and int(size) > limit:
         raise too_big
 
@@ -189,9 +198,12 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
 
     try:
         return await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout:g} s (Content-Length "
-                       f"{size or 'not given'})", code="request_timeout") from None
+    except TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout:g} s (Content-Length {size or 'not given'})",
+            code="request_timeout",
+        ) from None
 
 
 # ----------------------------------------------------------------------------- routes
@@ -262,23 +274,37 @@ def _check_length(state: ServerState, ids: list[int], max_tokens: int | None, pa
     if not ids:
         raise APIError(400, "the prompt is empty", param=param)
     if len(ids) >= limit:
-        raise APIError(400, f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)}",
-                       param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)}",
+            param=param,
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         return limit - len(ids)
     if len(ids) + max_tokens > limit:
-        raise APIError(400, f"this model's maximum context length is {limit} tokens; you asked for "
-                       f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate)",
-                       param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {limit} tokens; you asked for "
+            f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return max_tokens
 
 
 def _sampling(req, max_tokens: int, k: int, stop_ids: list[int]) -> SamplingParams:
     try:
-        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                              top_p=req.top_p, repetition_penalty=req.repetition_penalty,
-                              seed=None if req.seed is None else req.seed + k, stop_token_ids=list(stop_ids),
-                              stop_strings=req.stop_list())
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty,
+            seed=None if req.seed is None else req.seed + k,
+            stop_token_ids=list(stop_ids),
+            stop_strings=req.stop_list(),
+        )
     except LmforgeError as e:
         raise APIError(400, str(e)) from None
 
@@ -308,8 +334,10 @@ def _completion_job(state: ServerState, req: CompletionRequest) -> _Job:
     prompt_logprobs = req.logprobs if req.echo else None  # echo + logprobs: the prompt's logprobs too
     for j, ids in enumerate(prompts):
         max_tokens = _check_length(state, ids, 16 if req.max_tokens is None else req.max_tokens, "prompt")
-        subs += [Submission(ids, _sampling(req, max_tokens, k, []), adapter, req.logprobs, prompt_logprobs)
-                 for k in range(req.n)]
+        subs += [
+            Submission(ids, _sampling(req, max_tokens, k, []), adapter, req.logprobs, prompt_logprobs)
+            for k in range(req.n)
+        ]
         text = req.prompt if isinstance(req.prompt, str) else req.prompt[j] if isinstance(req.prompt[j], str) else None
         echo += [state.tokenizer.decode(ids) if text is None else text] * req.n
     return _Job("completion", req, subs, sum(len(p) for p in prompts), echo=echo if req.echo else None)
@@ -332,15 +360,21 @@ def _chat_job(state: ServerState, req: ChatRequest) -> _Job:
 async def _serve(request: Request, state: ServerState, job: _Job):
     runner = job.runner or state.runner
     if len(job.subs) > runner.max_in_flight:  # could never be admitted: not a "retry later"
-        raise APIError(400, f"this request asks for {len(job.subs)} sequences (prompts x n); the server runs "
-                       f"at most {runner.max_in_flight} at once", param="n")
+        raise APIError(
+            400,
+            f"this request asks for {len(job.subs)} sequences (prompts x n); the server runs "
+            f"at most {runner.max_in_flight} at once",
+            param="n",
+        )
     submitted = submit(runner, job.subs)
     state.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in job.subs))
-    deltas = generate(runner, state.tokenizer, state.metrics, submitted, job.req.stop_list(),
-                      state.request_timeout)
+    deltas = generate(runner, state.tokenizer, state.metrics, submitted, job.req.stop_list(), state.request_timeout)
     if job.req.stream:
-        return StreamingResponse(_sse(state, job, deltas), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _sse(state, job, deltas),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     task = asyncio.ensure_future(collect(deltas, len(job.subs)))
     while not task.done():  # a client that hangs up cancels its sequences (and frees their blocks)
         await asyncio.wait({task}, timeout=0.2)
@@ -353,8 +387,11 @@ async def _serve(request: Request, state: ServerState, job: _Job):
 
 
 def _usage(job: _Job, completion_tokens: int) -> dict:
-    return dict(prompt_tokens=job.prompt_tokens, completion_tokens=completion_tokens,
-                total_tokens=job.prompt_tokens + completion_tokens)
+    return dict(
+        prompt_tokens=job.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=job.prompt_tokens + completion_tokens,
+    )
 
 
 def _response(state: ServerState, job: _Job, results: list[dict]) -> dict:
@@ -369,19 +406,37 @@ def _response(state: ServerState, job: _Job, results: list[dict]) -> dict:
             choices.append(dict(index=i, text=text, logprobs=lp, finish_reason=r["finish_reason"]))
         else:
             lp = chat_logprobs(tok, r["logprobs"]) if want_lp else None
-            choices.append(dict(index=i, message=dict(role="assistant", content=r["text"]), logprobs=lp,
-                                finish_reason=r["finish_reason"]))
+            choices.append(
+                dict(
+                    index=i,
+                    message=dict(role="assistant", content=r["text"]),
+                    logprobs=lp,
+                    finish_reason=r["finish_reason"],
+                )
+            )
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
     prefix = "cmpl-" if job.kind == "completion" else "chatcmpl-"
-    return dict(id=prefix + job.id, object=obj, created=job.created, model=job.req.model, choices=choices,
-                usage=_usage(job, sum(r["tokens"] for r in results)), system_fingerprint=None)
+    return dict(
+        id=prefix + job.id,
+        object=obj,
+        created=job.created,
+        model=job.req.model,
+        choices=choices,
+        usage=_usage(job, sum(r["tokens"] for r in results)),
+        system_fingerprint=None,
+    )
 
 
 async def _sse(state: ServerState, job: _Job, deltas: AsyncIterator[Delta]) -> AsyncIterator[str]:
     """OpenAI's chunk stream: `data: {chunk}` per delta, an optional usage chunk, `data: [DONE]`."""
     chat = job.kind == "chat"
-    base = dict(id=("chatcmpl-" if chat else "cmpl-") + job.id, created=job.created, model=job.req.model,
-                object="chat.completion.chunk" if chat else "text_completion", system_fingerprint=None)
+    base = dict(
+        id=("chatcmpl-" if chat else "cmpl-") + job.id,
+        created=job.created,
+        model=job.req.model,
+        object="chat.completion.chunk" if chat else "text_completion",
+        system_fingerprint=None,
+    )
     include_usage = bool(job.req.stream_options and job.req.stream_options.include_usage)
     tokens, offsets, echoed = 0, [0] * len(job.subs), set()
 

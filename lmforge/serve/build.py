@@ -85,8 +85,17 @@ def build_engine(cfg: ServeConfig, model=None, tokenizer=None):
         from lmforge.infer.batch import load_draft
 
         draft = load_draft(cfg.draft, model, tokenizer)
-    engine = Engine(model, tokenizer, max_seqs=cfg.max_seqs, max_batch_tokens=cfg.max_batch_tokens,
-                    block_size=cfg.block_size, num_blocks=cfg.num_blocks, max_model_len=cfg.max_model_len,
-                    draft=draft, lookup=cfg.lookup, num_speculative=cfg.num_speculative,
-                    max_prefill_tokens=cfg.max_prefill_tokens)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_seqs=cfg.max_seqs,
+        max_batch_tokens=cfg.max_batch_tokens,
+        block_size=cfg.block_size,
+        num_blocks=cfg.num_blocks,
+        max_model_len=cfg.max_model_len,
+        draft=draft,
+        lookup=cfg.lookup,
+        num_speculative=cfg.num_speculative,
+        max_prefill_tokens=cfg.max_prefill_tokens,
+    )
     return engine, tokenizer, vlm

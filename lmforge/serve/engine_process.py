@@ -35,9 +35,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Sequence
 
 from lmforge.common import LmforgeError, apply_threads_policy, get_logger
 
@@ -62,8 +62,9 @@ class EngineProcess:
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         apply_threads_policy(env)  # the child loads torch at once; a server made without the CLI has not set it
-        self._proc = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds, env=env,
-                                      stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds, env=env, stdin=subprocess.DEVNULL
+        )
         cmd_recv.close()
         event_send.close()
         self._cmds.send(("config", cfg))
@@ -80,16 +81,19 @@ class EngineProcess:
         deadline = time.monotonic() + timeout
         while not self._events.poll(0.1):
             if self._proc.poll() is not None:
-                raise LmforgeError(f"the engine process exited with code {self._proc.returncode} while loading "
-                                   f"the model (its log is above)")
+                raise LmforgeError(
+                    f"the engine process exited with code {self._proc.returncode} while loading "
+                    f"the model (its log is above)"
+                )
             if time.monotonic() > deadline:
                 self._proc.kill()
                 raise LmforgeError(f"the engine process did not load the model within {timeout:g} s")
         try:
             kind, payload = self._events.recv()
         except EOFError:
-            raise LmforgeError(f"the engine process exited with code {self._wait(5)} while loading the model "
-                               f"(its log is above)") from None
+            raise LmforgeError(
+                f"the engine process exited with code {self._wait(5)} while loading the model (its log is above)"
+            ) from None
         if kind == "error":
             self._wait(5)
             raise LmforgeError(payload)
@@ -208,6 +212,7 @@ class EngineProcess:
 
 # ---------------------------------------------------------------------- the child process
 
+
 def child_main(cfg, cmds, events) -> None:
     """Load the engine as `cfg` says, then step it, applying the server's commands in between."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains on these, then says "stop"
@@ -223,8 +228,12 @@ def child_main(cfg, cmds, events) -> None:
         log.exception("loading the engine failed")
         events.send(("error", f"loading the model failed: {type(e).__name__}: {e}"))
         return
-    events.send(("ready", dict(max_model_len=engine.max_model_len, vocab_size=engine.model.config.vocab_size,
-                               stats=engine.stats)))
+    events.send(
+        (
+            "ready",
+            dict(max_model_len=engine.max_model_len, vocab_size=engine.model.config.vocab_size, stats=engine.stats),
+        )
+    )
     try:
         _serve_forever(engine, cmds, events)
     except (EOFError, OSError):  # the server is gone

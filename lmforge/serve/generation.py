@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from .metrics import Metrics
 from .protocol import APIError
@@ -51,8 +51,14 @@ def submit(runner: EngineRunner, subs: list[Submission]) -> tuple[list[Handle], 
         raise APIError(503, f"the inference engine is not running: {e}", type="server_error") from None
 
 
-async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted: tuple[list[Handle], asyncio.Queue],
-                   stop: list[str], timeout: float) -> AsyncIterator[Delta]:
+async def generate(
+    runner: EngineRunner,
+    tokenizer,
+    metrics: Metrics,
+    submitted: tuple[list[Handle], asyncio.Queue],
+    stop: list[str],
+    timeout: float,
+) -> AsyncIterator[Delta]:
     """Deltas of every choice, interleaved as tokens come; raises APIError (504 timeout, 500
     engine failure)."""
     handles, queue = submitted
@@ -66,8 +72,12 @@ async def generate(runner: EngineRunner, tokenizer, metrics: Metrics, submitted:
         while open_:
             item = queue.get_nowait() if not queue.empty() else await queue.get()
             if item is _DEADLINE:
-                raise APIError(504, f"the request did not finish within the server's {timeout:g} s timeout",
-                               type="timeout_error", code="timeout")
+                raise APIError(
+                    504,
+                    f"the request did not finish within the server's {timeout:g} s timeout",
+                    type="timeout_error",
+                    code="timeout",
+                )
             if isinstance(item, EngineFailed):
                 raise APIError(500, f"the inference engine failed: {item}", type="server_error")
             if isinstance(item, Exception):
@@ -111,7 +121,7 @@ def _advance(ch: _Choice, i: int, ev, metrics: Metrics) -> Delta:
     if ev.logprobs is not None:  # released with their tokens' text: a stop string's tokens never are
         ch.logprobs += ev.logprobs
         upto = ch.text.covered()
-        logprobs, ch.released = ch.logprobs[ch.released:upto], max(ch.released, upto)
+        logprobs, ch.released = ch.logprobs[ch.released : upto], max(ch.released, upto)
     return Delta(i, text, list(ev.new_token_ids), logprobs, reason, ev.prompt_logprobs)
 
 

@@ -90,8 +90,9 @@ class Metrics:
         lines += _gauge("kv_blocks_used", "KV cache blocks held by sequences", s["blocks_used"])
         lines += _gauge("kv_blocks_total", "KV cache blocks in the pool", s["blocks_total"])
         lines += _gauge("kv_blocks_cached", "free KV blocks kept for prefix-cache hits", s["blocks_cached"])
-        lines += _gauge("prefix_cache_hit_tokens", "prompt tokens served from the prefix cache (total)",
-                        s["prefix_hit_tokens"])
+        lines += _gauge(
+            "prefix_cache_hit_tokens", "prompt tokens served from the prefix cache (total)", s["prefix_hit_tokens"]
+        )
         lines += _gauge("preemptions", "sequences preempted for lack of KV blocks (total)", s["preemptions"])
         lines += _gauge("spec_drafted_tokens", "tokens proposed by the draft model (total)", s["drafted_tokens"])
         lines += _gauge("spec_accepted_tokens", "drafted tokens the target accepted (total)", s["accepted_tokens"])

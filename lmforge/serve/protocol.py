@@ -15,23 +15,37 @@ naming where, never a 500.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MAX_DEPTH = 32  # JSON nesting; a chat request with image parts needs 6
 _INT64 = 2**63
 # Fields OpenAI (or vLLM) defines that this server does not implement -> the values that ask for nothing.
-UNSUPPORTED = {"logit_bias": (None, {}), "best_of": (None, 1), "tools": (None, []), "tool_choice": (None, "none"),
-               "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-               "min_tokens": (None, 0), "min_p": (None, 0, 0.0)}
+UNSUPPORTED = {
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "min_tokens": (None, 0),
+    "min_p": (None, 0, 0.0),
+}
 
 
 class APIError(Exception):
     """An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         # A message may quote the client's input: a lone surrogate in it must not break the JSON encoder.
         message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
@@ -83,7 +97,7 @@ class _Sampling(_Request):
         return refuse_unless_default(value, info)
 
     @model_validator(mode="after")
-    def _check(self) -> "_Sampling":
+    def _check(self) -> _Sampling:
         stops = self.stop_list()
         if len(stops) > 4:
             raise ValueError("stop: at most 4 stop sequences")
@@ -97,7 +111,7 @@ class _Sampling(_Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-Prompt = Union[str, list[str], list[int], list[list[int]]]
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_Sampling):
@@ -119,7 +133,7 @@ class ImagePart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[Union[TextPart, ImagePart]] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
 
 
@@ -140,7 +154,7 @@ class ChatRequest(_Sampling):
         return refuse_unless_default(value, info)
 
     @model_validator(mode="after")
-    def _check_logprobs(self) -> "ChatRequest":
+    def _check_logprobs(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -169,18 +183,25 @@ def _check_tree(data: Any) -> None:
     while stack:
         value, where, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep (at {where})",
-                           param=where or None)
+            raise APIError(
+                400, f"the request body is nested more than {MAX_DEPTH} levels deep (at {where})", param=where or None
+            )
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise APIError(400, f"{where or 'body'}: the string has a lone UTF-16 surrogate "
-                               f"({value[e.start]!r} at character {e.start}); send valid Unicode",
-                               param=where or None) from None
+                raise APIError(
+                    400,
+                    f"{where or 'body'}: the string has a lone UTF-16 surrogate "
+                    f"({value[e.start]!r} at character {e.start}); send valid Unicode",
+                    param=where or None,
+                ) from None
         elif isinstance(value, int) and not -_INT64 <= value < 2 * _INT64:  # bool is an int in range
-            raise APIError(400, f"{where or 'body'}: the integer needs {value.bit_length()} bits; at most 64 are "
-                           "accepted", param=where or None)
+            raise APIError(
+                400,
+                f"{where or 'body'}: the integer needs {value.bit_length()} bits; at most 64 are accepted",
+                param=where or None,
+            )
         elif isinstance(value, dict):
             for k, v in value.items():
                 stack.append((k, where, depth + 1))  # keys are strings too

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from lmforge.common import get_logger
 from lmforge.infer.engine import Engine
@@ -150,8 +150,7 @@ class EngineRunner:
                 continue
             s = h.submission
             try:
-                h.request_id = self.engine.add_request(s.prompt_ids, s.params, s.adapter, s.logprobs,
-                                                       s.prompt_logprobs)
+                h.request_id = self.engine.add_request(s.prompt_ids, s.params, s.adapter, s.logprobs, s.prompt_logprobs)
             except Exception as e:  # validated before submit; anything left is reported, not fatal
                 self._finish_with(h, e)
                 continue

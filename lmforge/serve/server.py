@@ -34,8 +34,12 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     if name in cfg.adapters:
         raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
     max_in_flight = cfg.max_seqs + cfg.max_queue
-    common = dict(api_key=cfg.api_key, request_timeout=cfg.request_timeout, max_body_bytes=cfg.max_body_bytes,
-                  body_timeout=cfg.body_timeout)
+    common = dict(
+        api_key=cfg.api_key,
+        request_timeout=cfg.request_timeout,
+        max_body_bytes=cfg.max_body_bytes,
+        body_timeout=cfg.body_timeout,
+    )
     if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model):
         from .engine_process import EngineProcess
 
@@ -43,8 +47,19 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
         return ServerState(EngineProcess(cfg, max_in_flight), tokenizer, name, list(cfg.adapters), **common)
     engine, tokenizer, vlm = build_engine(cfg, model, tokenizer)
     runner = EngineRunner(engine, max_in_flight=max_in_flight)
-    vision = None if vlm is None else VisionRunner(vlm, tokenizer, engine._lock, runner.max_in_flight,
-                                                   engine.max_model_len, cfg.max_image_bytes, cfg.max_image_pixels)
+    vision = (
+        None
+        if vlm is None
+        else VisionRunner(
+            vlm,
+            tokenizer,
+            engine._lock,
+            runner.max_in_flight,
+            engine.max_model_len,
+            cfg.max_image_bytes,
+            cfg.max_image_pixels,
+        )
+    )
     return ServerState(runner, tokenizer, name, list(cfg.adapters), vision=vision, **common)
 
 
@@ -66,8 +81,14 @@ def make_server(cfg: ServeConfig, state=None):
             if sig == signal.SIGTERM and sig in captured:
                 captured.remove(sig)
 
-    config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="warning",
-                            timeout_graceful_shutdown=cfg.drain_timeout, access_log=False)
+    config = uvicorn.Config(
+        create_app(state),
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        timeout_graceful_shutdown=cfg.drain_timeout,
+        access_log=False,
+    )
     return Server(config)
 
 

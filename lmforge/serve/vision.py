@@ -27,16 +27,24 @@ import binascii
 import io
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 
 from lmforge.common import LmforgeError, get_dtype, get_logger
 from lmforge.infer.decode import decode
-from lmforge.infer.engine import Event, logprob_entry
-from lmforge.multimodal import (VisionLanguageModel, is_multimodal, load_image, load_multimodal, pixels_for,
-                                render_ids, split_images)
+from lmforge.infer.engine import Event
+from lmforge.infer.logprobs import logprob_entry
+from lmforge.multimodal import (
+    VisionLanguageModel,
+    is_multimodal,
+    load_image,
+    load_multimodal,
+    pixels_for,
+    render_ids,
+    split_images,
+)
 
 from .protocol import APIError, ChatMessage
 from .runner import EngineFailed, Handle, Submission, _post, check_room
@@ -71,8 +79,16 @@ class VisionRunner:
     """The image path of a VLM server: `prepare` turns messages into (ids, pixels); `submit`,
     `cancel` and `max_in_flight` behave as `EngineRunner`'s."""
 
-    def __init__(self, model: VisionLanguageModel, tokenizer, lock: threading.RLock, max_in_flight: int,
-                 max_model_len: int, max_image_bytes: int = 8 << 20, max_image_pixels: int = 4096 * 4096):
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        tokenizer,
+        lock: threading.RLock,
+        max_in_flight: int,
+        max_model_len: int,
+        max_image_bytes: int = 8 << 20,
+        max_image_pixels: int = 4096 * 4096,
+    ):
         self.model, self.tokenizer, self.lock = model.eval(), tokenizer, lock
         self.max_in_flight, self.max_model_len = max_in_flight, max_model_len
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
@@ -86,9 +102,15 @@ class VisionRunner:
     def prepare(self, messages: list[ChatMessage]) -> tuple[list[int], torch.Tensor]:
         """Chat messages with image parts -> (prompt ids, each image's placeholder expanded to its
         feature slots; pixel values). A bad image is a 400 naming the message part."""
-        plain = [{"role": m.role, "content": m.content if not isinstance(m.content, list)
-                  else [self._part(p, f"messages.{i}.content.{j}") for j, p in enumerate(m.content)]}
-                 for i, m in enumerate(messages)]
+        plain = [
+            {
+                "role": m.role,
+                "content": m.content
+                if not isinstance(m.content, list)
+                else [self._part(p, f"messages.{i}.content.{j}") for j, p in enumerate(m.content)],
+            }
+            for i, m in enumerate(messages)
+        ]
         try:
             plain, images = split_images(plain)
         except LmforgeError as e:
@@ -161,8 +183,14 @@ class VisionRunner:
         stops = set(params.stop_token_ids) | set(eos)
         with self.lock, torch.inference_mode():
             ids = torch.tensor([s.prompt_ids], device=next(self.model.parameters()).device)
-            tokens = decode(self.model, params, ids, inputs_embeds=self.model.embed(ids, s.pixel_values),
-                            eos_token_ids=eos, return_logits=True)
+            tokens = decode(
+                self.model,
+                params,
+                ids,
+                inputs_embeds=self.model.embed(ids, s.pixel_values),
+                eos_token_ids=eos,
+                return_logits=True,
+            )
         for step in range(budget):
             if h.cancelled:
                 return
@@ -178,17 +206,22 @@ class VisionRunner:
 def decode_image_url(url, where: str, max_bytes: int, max_pixels: int):
     """A base64 `data:image/...` URL -> uint8 [H, W, 3], or APIError(400) naming the part: not a
     data URL, bad base64, more than max_bytes, more than max_pixels, not an image."""
+
     def bad(message: str) -> APIError:
         return APIError(400, f"bad image in the messages: {where}: {message}", param=where)
 
     if not isinstance(url, str):
         raise bad("image_url needs {'url': 'data:image/<type>;base64,...'}")
     if url.startswith(("http://", "https://")):
-        raise bad("remote image URLs are not fetched by this server (it makes no network requests); "
-                  "send the image as a base64 data URL")
+        raise bad(
+            "remote image URLs are not fetched by this server (it makes no network requests); "
+            "send the image as a base64 data URL"
+        )
     if not url.startswith("data:"):
-        raise bad(f"image_url must be a base64 data URL (data:image/<type>;base64,...), got {url[:40]!r}; "
-                  "this server does not open paths or other URLs")
+        raise bad(
+            f"image_url must be a base64 data URL (data:image/<type>;base64,...), got {url[:40]!r}; "
+            "this server does not open paths or other URLs"
+        )
     head, _, payload = url.partition(",")
     if ";base64" not in head or not head.startswith("data:image/"):
         raise bad(f"image data URL must be 'data:image/<type>;base64,...', got {head[:40]!r}")

@@ -9,8 +9,9 @@ save and we load what transformers saves.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -34,16 +35,25 @@ class Tokenizer:
     `add_bos=True` is the only way a BOS appears, whatever post-processor a loaded file has.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, chat_template: str | None = None,
-                 extra_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
         self.backend = backend
         # A tokenizer.json may carry truncation/padding settings that would silently cut text.
         backend.no_truncation()
         backend.no_padding()
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)  # ids are 0..vocab_size-1
-        self.special_tokens: dict[str, str | None] = {"bos_token": bos_token, "eos_token": eos_token,
-                                                      "pad_token": pad_token}
+        self.special_tokens: dict[str, str | None] = {
+            "bos_token": bos_token,
+            "eos_token": eos_token,
+            "pad_token": pad_token,
+        }
         self.bos_id, self.eos_id, self.pad_id = (self._role_id(r) for r in _ROLES)
         self.chat_template = chat_template
         self.extra_config = dict(extra_config or {})
@@ -61,8 +71,10 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
-                f"pad_id={self.pad_id}, chat_template={'yes' if self.chat_template else 'no'})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+            f"pad_id={self.pad_id}, chat_template={'yes' if self.chat_template else 'no'})"
+        )
 
     # ------------------------------------------------------------------ ids <-> text
 
@@ -121,20 +133,27 @@ class Tokenizer:
         named = {**others, **self.special_tokens}
         return {**{k: v for k, v in named.items() if isinstance(v, str)}, **extra}
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            **template_vars: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False, **template_vars: Any
+    ) -> str:
         """The conversation as text, rendered by the stored template (same string as
         transformers' `apply_chat_template(tokenize=False)`). Extra keyword arguments become
         template variables (tools=..., enable_thinking=...)."""
         return render(self._template(), messages, add_generation_prompt, **self._template_vars(template_vars))
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
-                    **template_vars: Any) -> tuple[list[int], list[int]]:
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, **template_vars: Any
+    ) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) for a conversation: ids == encode(apply_chat_template(...)); the
         mask is 1 on tokens the assistant wrote, its end-of-turn token included, 0 elsewhere.
         A token that straddles a span edge counts as assistant-written."""
-        text, spans = assistant_spans(self._template(), messages, add_generation_prompt,
-                                      end_tokens=self._special_strings, **self._template_vars(template_vars))
+        text, spans = assistant_spans(
+            self._template(),
+            messages,
+            add_generation_prompt,
+            end_tokens=self._special_strings,
+            **self._template_vars(template_vars),
+        )
         encoding = self._plain_backend.encode(text, add_special_tokens=False)
         mask = [int(any(_overlaps(offset, span) for span in spans)) for offset in encoding.offsets]
         return encoding.ids, mask
@@ -159,8 +178,11 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json (HF format), each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {**self.extra_config, "tokenizer_class": "PreTrainedTokenizerFast",
-                  "clean_up_tokenization_spaces": False}
+        config = {
+            **self.extra_config,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+        }
         config.update({k: v for k, v in self.special_tokens.items() if v is not None})
         if self.chat_template:
             config["chat_template"] = self.chat_template
@@ -176,7 +198,7 @@ class Tokenizer:
                 jinja_file.unlink()
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Load a tokenizer folder (tokenizer.json [+ tokenizer_config.json, chat_template.jinja])
         or a tokenizer.json file."""
         path = Path(path)
@@ -193,8 +215,10 @@ class Tokenizer:
         config = _read_config(folder)
         if config is None:  # a bare tokenizer.json: recognise our own special tokens
             vocab = backend.get_vocab()
-            config = {"bos_token": "<|endoftext|>" if "<|endoftext|>" in vocab else None,
-                      "pad_token": "<|pad|>" if "<|pad|>" in vocab else None}
+            config = {
+                "bos_token": "<|endoftext|>" if "<|endoftext|>" in vocab else None,
+                "pad_token": "<|pad|>" if "<|pad|>" in vocab else None,
+            }
             config["eos_token"] = config["bos_token"]
         where = folder / "tokenizer_config.json" if folder else file
         roles = {r: _token_content(config.get(r), r, where) for r in _ROLES}
@@ -259,8 +283,13 @@ def _checked(texts: Iterable[str]) -> Iterator[str]:
         yield text
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None,
-                    min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: list[str] | None = None,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style) on a stream of texts.
 
     All 256 byte symbols are in the initial alphabet, so any text round-trips exactly.
@@ -271,18 +300,30 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[
     specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
-        raise LmforgeError(f"vocab_size {vocab_size} is too small: the byte alphabet ({len(alphabet)}) "
-                           f"and the special tokens ({len(specials)}) need {len(alphabet) + len(specials)}")
+        raise LmforgeError(
+            f"vocab_size {vocab_size} is too small: the byte alphabet ({len(alphabet)}) "
+            f"and the special tokens ({len(specials)}) need {len(alphabet) + len(specials)}"
+        )
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=alphabet, show_progress=show_progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=show_progress,
+    )
     backend.train_from_iterator(_checked(texts), trainer=trainer)
     eot = "<|endoftext|>" if "<|endoftext|>" in specials else None
     chatml = "<|im_start|>" in specials and "<|im_end|>" in specials
-    return Tokenizer(backend, bos_token=eot, eos_token=eot, pad_token="<|pad|>" if "<|pad|>" in specials else None,
-                     chat_template=CHATML_TEMPLATE if chatml else None)
+    return Tokenizer(
+        backend,
+        bos_token=eot,
+        eos_token=eot,
+        pad_token="<|pad|>" if "<|pad|>" in specials else None,
+        chat_template=CHATML_TEMPLATE if chatml else None,
+    )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 import jinja2
 from jinja2 import nodes
@@ -75,8 +76,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson HTML-escapes; chat templates expect plain JSON (as in transformers).
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -89,8 +91,9 @@ _BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
 
 def _bound(size: int, what: str) -> None:
     if size > MAX_RENDER_CHARS:
-        raise SecurityError(f"{what} would make {size} characters or items; a chat template may make at most "
-                            f"{MAX_RENDER_CHARS}")
+        raise SecurityError(
+            f"{what} would make {size} characters or items; a chat template may make at most {MAX_RENDER_CHARS}"
+        )
 
 
 def _sized(value: Any, what: str) -> Any:
@@ -220,8 +223,9 @@ def check_messages(messages: Any) -> None:
         if content is None and not (role == "assistant" and m.get("tool_calls")):
             raise LmforgeError(f"message {i} ({role}): missing 'content'")
         if content is not None and not isinstance(content, (str, list)):
-            raise LmforgeError(f"message {i} ({role}): 'content' must be a string or a list of parts, "
-                               f"got {type(content).__name__}")
+            raise LmforgeError(
+                f"message {i} ({role}): 'content' must be a string or a list of parts, got {type(content).__name__}"
+            )
 
 
 def render(template: str, messages: list[dict], add_generation_prompt: bool = False, **variables: Any) -> str:
@@ -231,8 +235,9 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Fa
     context = {"tools": None, "documents": None, **variables}
     try:
         pieces, size = [], 0
-        for piece in compile_template(template).generate(messages=list(messages),
-                                                         add_generation_prompt=add_generation_prompt, **context):
+        for piece in compile_template(template).generate(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **context
+        ):
             size += len(piece)
             _bound(size, "the rendered conversation")
             pieces.append(piece)
@@ -266,8 +271,13 @@ def _trim_after_end_token(text: str, start: int, end: int, end_tokens: Iterable[
     return end
 
 
-def assistant_spans(template: str, messages: list[dict], add_generation_prompt: bool = False,
-                    end_tokens: Iterable[str] = (), **variables: Any) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    template: str,
+    messages: list[dict],
+    add_generation_prompt: bool = False,
+    end_tokens: Iterable[str] = (),
+    **variables: Any,
+) -> tuple[str, list[tuple[int, int]]]:
     """(rendered text, [(start, end) character spans the assistant wrote, end-of-turn included]).
 
     Templates with `{% generation %}` say so themselves. For the others, turn i's span runs
@@ -276,8 +286,9 @@ def assistant_spans(template: str, messages: list[dict], add_generation_prompt: 
     """
     text = render(template, messages, add_generation_prompt, **variables)
     if _GENERATION_TAG.search(template):
-        marked, spans = _strip_marks(render(template, messages, add_generation_prompt,
-                                            **{**variables, _MARK_VAR: True}))
+        marked, spans = _strip_marks(
+            render(template, messages, add_generation_prompt, **{**variables, _MARK_VAR: True})
+        )
         if marked != text:
             raise LmforgeError("chat template renders differently when its {% generation %} blocks are tracked")
         return text, spans
@@ -290,7 +301,9 @@ def assistant_spans(template: str, messages: list[dict], add_generation_prompt: 
             prompt = render(template, messages[:i], False, **variables)
         turn = render(template, messages[: i + 1], False, **variables)
         if not (text.startswith(prompt) and text.startswith(turn)):
-            raise LmforgeError(f"message {i}: the chat template does not render conversations by appending turns, "
-                               "so the loss mask cannot be found; mark assistant text with {% generation %}")
+            raise LmforgeError(
+                f"message {i}: the chat template does not render conversations by appending turns, "
+                "so the loss mask cannot be found; mark assistant text with {% generation %}"
+            )
         spans.append((len(prompt), _trim_after_end_token(text, len(prompt), len(turn), end_tokens)))
     return text, spans

@@ -30,11 +30,12 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     if not tokenizer.chat_template:
         return ids
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": _MARK}])
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
+        )
     except LmforgeError:
         return ids
-    after = text[text.find(_MARK) + len(_MARK):] if _MARK in text else ""
+    after = text[text.find(_MARK) + len(_MARK) :] if _MARK in text else ""
     specials = [t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special]
     for i in range(len(after)):
         hit = next((s for s in specials if after.startswith(s, i)), None)
@@ -109,7 +110,7 @@ class IncrementalDecoder:
         """Append one id; return the text it settled (often "", at most a few characters)."""
         self._open.append(token)
         window = self._decode(self._context_ids + self._open)
-        tail = window[len(self._context):]
+        tail = window[len(self._context) :]
         if len(window) >= len(self._context) and not tail.endswith(_FFFD):
             return self._settle(len(self._open), tail, fresh=not self._context_ids)
         self.pending = tail
@@ -197,7 +198,7 @@ class TextStream:
         return self._emit(self._held[:keep])
 
     def _emit(self, piece: str) -> str:
-        self._held = self._held[len(piece):]
+        self._held = self._held[len(piece) :]
         if piece:
             self._pieces.append(piece)
             self._emitted += len(piece)

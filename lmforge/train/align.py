@@ -21,8 +21,9 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def sequence_logprobs(model: nn.Module, ids: torch.Tensor, response_mask: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_logprobs(
+    model: nn.Module, ids: torch.Tensor, response_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum of the response tokens' log-probabilities under `model` -> [B]."""
     logits = model(ids, attention_mask=attention_mask)
     return (token_logprobs(logits, ids) * response_mask[:, 1:]).sum(-1)
@@ -46,9 +47,15 @@ class DPOOutput:
         return float((self.chosen_rewards > self.rejected_rewards).float().mean())
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> DPOOutput:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOOutput:
     """DPO (Rafailov et al. 2023) on summed sequence log-probs [B].
 
     sigmoid: -log sigmoid(beta * h), h = (pi_c - ref_c) - (pi_r - ref_r); with label_smoothing eps the
@@ -62,8 +69,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         loss = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r} (sigmoid | ipo)")
-    return DPOOutput(loss.mean(), beta * (policy_chosen - ref_chosen).detach(),
-                     beta * (policy_rejected - ref_rejected).detach())
+    return DPOOutput(
+        loss.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+    )
 
 
 class RewardModel(nn.Module):
@@ -91,8 +99,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 # ----------------------------------------------------------------------------- RL
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens [B, T] -> (advantages, returns).
     `mask` marks real response tokens; the value after the last one is 0."""
     B, T = rewards.shape
@@ -112,16 +121,18 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> torch.Tensor:
+def ppo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> torch.Tensor:
     """Clipped surrogate objective (Schulman et al. 2017), token-level, masked mean."""
     ratio = torch.exp(logp - old_logp)
     loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float = 0.2) -> torch.Tensor:
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> torch.Tensor:
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
@@ -156,8 +167,13 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- distillation
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
-                 temperature: float = 1.0, kind: str = "forward") -> torch.Tensor:
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    kind: str = "forward",
+) -> torch.Tensor:
     """KL between softened teacher and student distributions per token, times T^2 (Hinton et al.).
     forward: KL(teacher || student) (mean-seeking); reverse: KL(student || teacher) (mode-seeking)."""
     s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -171,4 +187,3 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     if mask is None:
         return kl.mean() * temperature**2
     return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
-

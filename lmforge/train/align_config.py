@@ -97,4 +97,3 @@ class AlignConfig:
     distill: AlignDistill = field(default_factory=AlignDistill)
     rlaif: AlignRlaif = field(default_factory=AlignRlaif)
     run: AlignRun = field(default_factory=AlignRun)
-

@@ -37,7 +37,7 @@ def arithmetic_reward(completion: str, answer: str) -> float:
     text = completion.lstrip()
     if not text.startswith(answer):
         return 0.0
-    rest = text[len(answer):]
+    rest = text[len(answer) :]
     return 1.0 if not rest or not rest[0].isdigit() else 0.0
 
 
@@ -67,7 +67,9 @@ def docstring_preference_pairs(examples: list[dict], seed: int = 0) -> list[dict
 
 def read_pairs(path: str | Path) -> list[dict]:
     """JSONL with prompt/chosen/rejected strings per line; errors name the line and the field."""
-    return [_check_fields(where, rec, ("prompt", "chosen", "rejected")) for where, rec in read_jsonl(path, "pairs file")]
+    return [
+        _check_fields(where, rec, ("prompt", "chosen", "rejected")) for where, rec in read_jsonl(path, "pairs file")
+    ]
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -82,8 +84,9 @@ def _check_fields(where: str, record: dict, keys: tuple[str, ...]) -> dict:
     return record
 
 
-def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_len: int = 256,
-                     add_eos: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_responses(
+    tokenizer, prompts: list[str], responses: list[str], max_len: int = 256, add_eos: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ids [B, T] (right-padded), attention_mask [B, T], response_mask [B, T]."""
     rows, masks = [], []
     for prompt, response in zip(prompts, responses):
@@ -98,5 +101,5 @@ def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_le
     attn = torch.zeros(len(rows), T, dtype=torch.long)
     resp = torch.zeros(len(rows), T, dtype=torch.long)
     for i, (r, m) in enumerate(zip(rows, masks)):
-        ids[i, :len(r)], attn[i, :len(r)], resp[i, :len(m)] = torch.tensor(r), 1, torch.tensor(m)
+        ids[i, : len(r)], attn[i, : len(r)], resp[i, : len(m)] = torch.tensor(r), 1, torch.tensor(m)
     return ids, attn, resp

@@ -38,8 +38,9 @@ def _spread(files: list[Path], max_bytes: int) -> list[Path]:
     return out
 
 
-def builtin_pretrain_data(cache_dir: str | Path, max_bytes: int = 2_000_000, vocab_size: int = 512,
-                          val_fraction: float = 0.05, seed: int = 0) -> Path:
+def builtin_pretrain_data(
+    cache_dir: str | Path, max_bytes: int = 2_000_000, vocab_size: int = 512, val_fraction: float = 0.05, seed: int = 0
+) -> Path:
     """A shard folder (index.json + tokenizer/) built from the stdlib; reused when it exists."""
     key = hashlib.sha1(json.dumps([max_bytes, vocab_size, val_fraction, seed]).encode()).hexdigest()[:10]
     out = Path(cache_dir) / f"builtin-{key}"
@@ -61,15 +62,24 @@ def builtin_pretrain_data(cache_dir: str | Path, max_bytes: int = 2_000_000, voc
 
 # ----------------------------------------------------------------------------- SFT set
 
+
 def function_examples(source: str) -> list[dict]:
     """{"prompt": signature, "response": first docstring sentence} for each documented public function."""
-    return [{"prompt": signature(node), "response": sentence} for node, sentence in documented_functions(source)
-            if is_example(node, sentence)]
+    return [
+        {"prompt": signature(node), "response": sentence}
+        for node, sentence in documented_functions(source)
+        if is_example(node, sentence)
+    ]
 
 
-def builtin_sft_examples(max_bytes: int | None = 1_500_000, val_fraction: float = 0.1, seed: int = 0,
-                         heldout_fraction: float = 0.0, split_seed: int = 0,
-                         root: str | Path | None = None) -> dict[str, list[dict]]:
+def builtin_sft_examples(
+    max_bytes: int | None = 1_500_000,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    heldout_fraction: float = 0.0,
+    split_seed: int = 0,
+    root: str | Path | None = None,
+) -> dict[str, list[dict]]:
     """{"train": [...], "val": [...]}: the examples of one module all land in the same split.
 
     One document split for the whole lifecycle: a module is named by the id the data pipeline gives

@@ -15,9 +15,13 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from lmforge.common import DistInfo, LmforgeError, dist_info
 
@@ -98,12 +102,12 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """{"state": {param_name: {...}}, "param_groups": [...]} keyed by parameter name, not index."""
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
-                    optim_state: dict | None) -> None:
+def load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optim_state: dict | None
+) -> None:
     """Every rank passes the full state; each keeps its own shard."""
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, model_state, options=opts)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -82,10 +82,21 @@ def _trim_metrics(path: Path, step: int) -> None:
     path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
 
 
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable[[int, int], dict], loader,
-        val_batches: Callable[[], Iterable[dict]] | None, cfg: TrainConfig, optim_cfg: OptimConfig,
-        ctx: RunContext, resume: str | None = None, hooks: StepHooks | None = None, *,
-        loss_fn: LossFn | None = None, save_final: bool = True) -> dict:
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    next_micro: Callable[[int, int], dict],
+    loader,
+    val_batches: Callable[[], Iterable[dict]] | None,
+    cfg: TrainConfig,
+    optim_cfg: OptimConfig,
+    ctx: RunContext,
+    resume: str | None = None,
+    hooks: StepHooks | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    save_final: bool = True,
+) -> dict:
     """Train for `cfg.steps` optimizer steps (see the module docstring). `loader`: anything with
     state_dict()/load_state_dict() (saved in each checkpoint), or None. `save_final=False`: the
     caller writes the trained model itself (a CLIP or VLM folder, Medusa heads, a reward head)."""
@@ -119,18 +130,37 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
         set_lr(optimizer, lr, optim_cfg.lr)
         t0 = time.perf_counter()
         micro = [next_micro(step, i) for i in range(cfg.grad_accum)]
-        res = train_step(model, optimizer, micro, device=ctx.device, dtype=ctx.dtype, clip_grad=cfg.clip_grad,
-                         world_size=ctx.info.world_size, guard=guard, aux_coef=ctx.aux_coef, hooks=hooks, step=step,
-                         loss_fn=loss_fn)
+        res = train_step(
+            model,
+            optimizer,
+            micro,
+            device=ctx.device,
+            dtype=ctx.dtype,
+            clip_grad=cfg.clip_grad,
+            world_size=ctx.info.world_size,
+            guard=guard,
+            aux_coef=ctx.aux_coef,
+            hooks=hooks,
+            step=step,
+            loss_fn=loss_fn,
+        )
         dt = time.perf_counter() - t0
         tokens_run += res.tokens
         if res.skipped:
             skipped[res.skipped] += 1
-            log.warning("step %d: %s loss %.4g (grad norm %.3g): update skipped", step + 1, res.skipped,
-                        res.loss, res.grad_norm)
-        last = {"step": step + 1, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                "tokens_per_s": res.tokens / dt, "skipped": sum(skipped.values()), "skip_reason": res.skipped,
-                **res.metrics}
+            log.warning(
+                "step %d: %s loss %.4g (grad norm %.3g): update skipped", step + 1, res.skipped, res.loss, res.grad_norm
+            )
+        last = {
+            "step": step + 1,
+            "loss": res.loss,
+            "lr": lr,
+            "grad_norm": res.grad_norm,
+            "tokens_per_s": res.tokens / dt,
+            "skipped": sum(skipped.values()),
+            "skip_reason": res.skipped,
+            **res.metrics,
+        }
         if (step + 1) % cfg.log_every == 0 or res.skipped:
             ctx.metrics.write(last)
         bar.update(1)
@@ -146,19 +176,31 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, next_micro: Callable
                 log.info("early stopping: %d evaluations without improvement", stopper.bad_evals)
                 done = True
         if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or done):
-            state = {"skipped": skipped, "loader": loader.state_dict() if loader is not None else {}, "spike_history": list(guard.history),
-                     "best_val": stopper.best, "bad_evals": stopper.bad_evals, "train_config": asdict(cfg)}
-            save_checkpoint(ckpt_root, step + 1, model, optimizer, state, ctx.tokenizer, cfg.keep_last,
-                            ctx.info.is_main)
+            state = {
+                "skipped": skipped,
+                "loader": loader.state_dict() if loader is not None else {},
+                "spike_history": list(guard.history),
+                "best_val": stopper.best,
+                "bad_evals": stopper.bad_evals,
+                "train_config": asdict(cfg),
+            }
+            save_checkpoint(
+                ckpt_root, step + 1, model, optimizer, state, ctx.tokenizer, cfg.keep_last, ctx.info.is_main
+            )
         if done:
             break
     bar.close()
     if save_final:
         _save_final(model, ctx, "final", last["step"] if last else start)
     elapsed = time.perf_counter() - t_run
-    summary = {"steps": last["step"] if last else start, "final_loss": last["loss"] if last else None,
-               "skipped": skipped, "best_val_loss": stopper.best if stopper.best < float("inf") else None,
-               "tokens_per_s": tokens_run / elapsed if elapsed > 0 else 0.0, "run_dir": str(ctx.run_dir)}
+    summary = {
+        "steps": last["step"] if last else start,
+        "final_loss": last["loss"] if last else None,
+        "skipped": skipped,
+        "best_val_loss": stopper.best if stopper.best < float("inf") else None,
+        "tokens_per_s": tokens_run / elapsed if elapsed > 0 else 0.0,
+        "run_dir": str(ctx.run_dir),
+    }
     ctx.metrics.write({"summary": summary})
     return summary
 
@@ -167,8 +209,10 @@ def summary_line(summary: dict) -> str:
     def num(x):
         return "n/a" if x is None else f"{x:.4f}"
 
-    return (f"done: {summary['steps']} steps, final loss {num(summary['final_loss'])}, best val loss "
-            f"{num(summary['best_val_loss'])}, {summary['tokens_per_s']:,.0f} tokens/s -> {summary['run_dir']}/final")
+    return (
+        f"done: {summary['steps']} steps, final loss {num(summary['final_loss'])}, best val loss "
+        f"{num(summary['best_val_loss'])}, {summary['tokens_per_s']:,.0f} tokens/s -> {summary['run_dir']}/final"
+    )
 
 
 def _save_final(model: nn.Module, ctx: RunContext, name: str, step: int) -> None:

@@ -9,17 +9,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from lmforge.common import DTYPE_NAMES, checked
 
+from .align import distill_loss  # the one KL of distillation (mean over labelled tokens)
 from .distributed import all_reduce_sum, gradient_sync, total_norm
 from .losses import fusable_head, linear_cross_entropy
-from .align import distill_loss  # the one KL of distillation (mean over labelled tokens)
 from .objectives import IGNORE, lm_loss_sum
 
 
@@ -121,10 +121,21 @@ class StepHooks:
     after_update: Callable[[int], object] | None = None  # called with the 1-based step number
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
-               device: torch.device, dtype: torch.dtype, clip_grad: float, world_size: int,
-               guard: SpikeGuard, aux_coef: float = 0.0, hooks: StepHooks | None = None,
-               step: int = 0, loss_fn: LossFn | None = None) -> StepResult:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    clip_grad: float,
+    world_size: int,
+    guard: SpikeGuard,
+    aux_coef: float = 0.0,
+    hooks: StepHooks | None = None,
+    step: int = 0,
+    loss_fn: LossFn | None = None,
+) -> StepResult:
     """One optimizer step. The LM loss is the mean over every labelled token of the global batch
     (all micro-batches on all ranks), so accumulation and data parallelism give the same update
     as one big batch even when micro-batches hold different numbers of labelled tokens. A custom

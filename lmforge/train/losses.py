@@ -27,7 +27,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(w) if need_w else None
         for s in range(0, hidden.shape[0], chunk):
-            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            h, y = hidden[s : s + chunk], labels[s : s + chunk]
             valid = y != IGNORE
             if not bool(valid.any()):
                 continue
@@ -42,7 +42,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs.mul_(valid[:, None])
                 g = probs.to(h.dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = g @ w
+                    grad_h[s : s + chunk] = g @ w
                 if need_w:
                     grad_w.addmm_(g.T, h)
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)

@@ -41,8 +41,10 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations + self.kv_cache
 
     def row(self) -> list[str]:
-        return [self.mode] + [human_bytes(v) for v in (self.weights, self.gradients, self.optimizer,
-                                                        self.activations, self.kv_cache, self.total)]
+        return [self.mode] + [
+            human_bytes(v)
+            for v in (self.weights, self.gradients, self.optimizer, self.activations, self.kv_cache, self.total)
+        ]
 
 
 def _linear_params(c: ModelConfig) -> int:
@@ -52,14 +54,21 @@ def _linear_params(c: ModelConfig) -> int:
 
 def lora_params(c: ModelConfig, r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> int:
     h, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, c.intermediate_size), "up_proj": (h, c.intermediate_size),
-              "down_proj": (c.intermediate_size, h)}
+    shapes = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, c.intermediate_size),
+        "up_proj": (h, c.intermediate_size),
+        "down_proj": (c.intermediate_size, h),
+    }
     return c.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t in shapes)
 
 
-def activation_bytes(c: ModelConfig, batch: int, seq_len: int, bytes_per: float = 4,
-                     checkpointing: bool = False) -> float:
+def activation_bytes(
+    c: ModelConfig, batch: int, seq_len: int, bytes_per: float = 4, checkpointing: bool = False
+) -> float:
     h, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     mlp = (4 if c.gated_mlp else 2) * c.intermediate_size * (c.num_experts_per_tok if c.num_experts else 1)
     per_layer = 4 * h + 2 * q + 2 * kv + h + mlp
@@ -72,9 +81,17 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, bytes_per: float 
     return tokens * (layers * bytes_per + 2 * h * bytes_per) + head
 
 
-def estimate(c: ModelConfig, mode: str = "full", batch: int = 1, seq_len: int = 512, param_bytes: float = 4,
-             act_bytes: float = 4, lora_r: int = 8, lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
-             checkpointing: bool = False) -> MemoryEstimate:
+def estimate(
+    c: ModelConfig,
+    mode: str = "full",
+    batch: int = 1,
+    seq_len: int = 512,
+    param_bytes: float = 4,
+    act_bytes: float = 4,
+    lora_r: int = 8,
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    checkpointing: bool = False,
+) -> MemoryEstimate:
     """param_bytes: 4 fp32, 2 bf16 (weights of a frozen base / inference); act_bytes likewise for activations."""
     if mode not in MODES:
         raise LmforgeError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -120,8 +137,15 @@ def available_memory(device) -> float:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def auto_fit(c: ModelConfig, cfg, device, world_size: int = 1, mode: str = "full", budget: float | None = None,
-             headroom: float = 0.85):
+def auto_fit(
+    c: ModelConfig,
+    cfg,
+    device,
+    world_size: int = 1,
+    mode: str = "full",
+    budget: float | None = None,
+    headroom: float = 0.85,
+):
     """The largest power-of-two micro-batch whose estimate fits `headroom` x the free memory, with
     gradient accumulation raised to keep micro_batch x grad_accum (x ranks) unchanged; activation
     checkpointing is switched on when even a micro-batch of 1 does not fit without it."""
@@ -133,13 +157,21 @@ def auto_fit(c: ModelConfig, cfg, device, world_size: int = 1, mode: str = "full
         while micro >= 1:
             need = estimate(c, mode, micro, cfg.seq_len, act_bytes=act_bytes, checkpointing=checkpointing).total
             if need <= budget and wanted % micro == 0:
-                out = dataclasses.replace(cfg, micro_batch_size=micro, grad_accum=wanted // micro,
-                                          activation_checkpointing=checkpointing)
-                log.info("auto-fit: micro-batch %d x accumulation %d%s (estimate %s of %s budget)", micro,
-                         out.grad_accum, ", activation checkpointing" if checkpointing else "",
-                         human_bytes(need), human_bytes(budget))
+                out = dataclasses.replace(
+                    cfg, micro_batch_size=micro, grad_accum=wanted // micro, activation_checkpointing=checkpointing
+                )
+                log.info(
+                    "auto-fit: micro-batch %d x accumulation %d%s (estimate %s of %s budget)",
+                    micro,
+                    out.grad_accum,
+                    ", activation checkpointing" if checkpointing else "",
+                    human_bytes(need),
+                    human_bytes(budget),
+                )
                 return out
             micro //= 2
-    raise LmforgeError(f"auto-fit: even a micro-batch of 1 with activation checkpointing needs "
-                       f"{human_bytes(estimate(c, mode, 1, cfg.seq_len, checkpointing=True).total)}, more than the "
-                       f"{human_bytes(budget)} available; use a smaller model, seq_len or QLoRA")
+    raise LmforgeError(
+        f"auto-fit: even a micro-batch of 1 with activation checkpointing needs "
+        f"{human_bytes(estimate(c, mode, 1, cfg.seq_len, checkpointing=True).total)}, more than the "
+        f"{human_bytes(budget)} available; use a smaller model, seq_len or QLoRA"
+    )

@@ -57,10 +57,18 @@ def muon_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups carry `use_muon`; `lr` is shared (the schedule sets it on every group)."""
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 momentum: float = 0.95, ns_steps: int = 5):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0,
-                        use_muon=False)
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0, use_muon=False
+        )
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -106,8 +114,9 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
 
-def build_muon(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-               momentum: float) -> MuonAdamW:
+def build_muon(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, momentum: float
+) -> MuonAdamW:
     matrices, rest = muon_parameters(model)
     groups = [{"params": matrices, "use_muon": True, "weight_decay": weight_decay}]
     if rest:  # norms, biases, embeddings, head: AdamW without decay (as the AdamW recipe does)

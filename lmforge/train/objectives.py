@@ -28,8 +28,9 @@ def clm_batch(windows: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- masked LM
 
 
-def apply_mlm(tokens: torch.Tensor, selected: torch.Tensor, action: torch.Tensor, random_tokens: torch.Tensor,
-              mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_mlm(
+    tokens: torch.Tensor, selected: torch.Tensor, action: torch.Tensor, random_tokens: torch.Tensor, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The deterministic half of MLM, so it can be checked by hand.
 
     selected: bool, positions that get a loss. action: 0 -> mask token, 1 -> random token, 2 -> keep.
@@ -42,8 +43,14 @@ def apply_mlm(tokens: torch.Tensor, selected: torch.Tensor, action: torch.Tensor
     return inputs, labels
 
 
-def mlm_batch(tokens: torch.Tensor, mask_id: int, vocab_size: int, generator: torch.Generator,
-              prob: float = 0.15, special_ids: tuple[int, ...] = ()) -> dict:
+def mlm_batch(
+    tokens: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    prob: float = 0.15,
+    special_ids: tuple[int, ...] = (),
+) -> dict:
     """tokens [B, T] -> BERT-style masked inputs and labels on the chosen 15%."""
     u = torch.rand(tokens.shape, generator=generator)
     selected = u < prob
@@ -73,8 +80,9 @@ def _random_segmentation(total: int, segments: int, generator: torch.Generator) 
     return bounds.diff()
 
 
-def random_spans_noise_mask(length: int, generator: torch.Generator, density: float = 0.15,
-                            mean_span: float = 3.0) -> torch.Tensor:
+def random_spans_noise_mask(
+    length: int, generator: torch.Generator, density: float = 0.15, mean_span: float = 3.0
+) -> torch.Tensor:
     """bool [length]: alternating clean and noise runs, clean first (T5's random_spans_noise_mask)."""
     num_noise, num_spans = span_lengths(length, density, mean_span)
     noise = _random_segmentation(num_noise, num_spans, generator)
@@ -94,8 +102,9 @@ def _replace_spans(tokens: torch.Tensor, mask: torch.Tensor, sentinels: list[int
     return torch.where(starts, sentinel, tokens)[~mask | starts]
 
 
-def corrupt_spans(tokens: torch.Tensor, noise_mask: torch.Tensor,
-                  sentinels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt_spans(
+    tokens: torch.Tensor, noise_mask: torch.Tensor, sentinels: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [L], noise_mask [L] (starting with a clean token) -> (inputs, targets).
 
     inputs: each noise span replaced by the next sentinel. targets: each sentinel followed by the
@@ -115,8 +124,13 @@ def prefix_lm_mask(prefix_len: int, total_len: int, device=None) -> torch.Tensor
     return ((k < prefix_len) | (k <= q))[None, None]
 
 
-def span_batch(tokens: torch.Tensor, sentinels: list[int], generator: torch.Generator,
-               density: float = 0.15, mean_span: float = 3.0) -> dict:
+def span_batch(
+    tokens: torch.Tensor,
+    sentinels: list[int],
+    generator: torch.Generator,
+    density: float = 0.15,
+    mean_span: float = 3.0,
+) -> dict:
     """tokens [B, L] -> prefix-LM batch over [inputs ; targets] with loss on the targets only.
 
     All rows have the same input and target lengths (they depend only on L), so the attention
@@ -139,8 +153,9 @@ def span_batch(tokens: torch.Tensor, sentinels: list[int], generator: torch.Gene
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over labelled positions, number of labelled positions), fp32 math."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, int((labels != IGNORE).sum())
 
 

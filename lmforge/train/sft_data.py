@@ -42,8 +42,9 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
     return [record_to_messages(record, where) for where, record in common_read_jsonl(path, "SFT data file")]
 
 
-def encode_example(tokenizer, messages: list[dict], max_len: int,
-                   where: str = "example") -> tuple[list[int], list[int]]:
+def encode_example(
+    tokenizer, messages: list[dict], max_len: int, where: str = "example"
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels[t] is token t+1 when the assistant wrote it, else IGNORE."""
     try:
         ids, mask = tokenizer.render_chat(messages)
@@ -95,10 +96,15 @@ def replay_rows(folder, n: int, seq_len: int, vocab_size: int, seed: int = 0) ->
 
     index, root = read_index(folder)
     if index.get("vocab_size") != vocab_size:
-        raise LmforgeError(f"data.replay {folder}: vocabulary {index.get('vocab_size')} != the model tokenizer's "
-                           f"{vocab_size} (replay data must be tokenized by the model's tokenizer)")
-    shards = [np.memmap(root / s["file"], dtype=np.dtype(index["dtype"]), mode="r")
-              for s in index["splits"]["train"]["shards"] if s["tokens"] > seq_len + 1]
+        raise LmforgeError(
+            f"data.replay {folder}: vocabulary {index.get('vocab_size')} != the model tokenizer's "
+            f"{vocab_size} (replay data must be tokenized by the model's tokenizer)"
+        )
+    shards = [
+        np.memmap(root / s["file"], dtype=np.dtype(index["dtype"]), mode="r")
+        for s in index["splits"]["train"]["shards"]
+        if s["tokens"] > seq_len + 1
+    ]
     if n > 0 and not shards:
         raise LmforgeError(f"data.replay {folder}: no train shard holds a window of {seq_len + 1} tokens")
     rng = np.random.default_rng(seed)
@@ -106,7 +112,7 @@ def replay_rows(folder, n: int, seq_len: int, vocab_size: int, seed: int = 0) ->
     for _ in range(n):
         shard = shards[int(rng.integers(len(shards)))]
         start = int(rng.integers(0, len(shard) - seq_len - 1))
-        window = np.asarray(shard[start:start + seq_len + 1], dtype=np.int64).tolist()
+        window = np.asarray(shard[start : start + seq_len + 1], dtype=np.int64).tolist()
         rows.append(PackedRow(window[:-1], window[1:], [1] * seq_len))
     return rows
 
@@ -115,11 +121,20 @@ class PackedBatches:
     """Seeded shuffled epochs over packed rows; rank r of W takes batches r, r+W, ... of the global
     sequence (so W ranks x A accumulation == 1 process x A*W), with a resumable position."""
 
-    def __init__(self, rows: list[PackedRow], batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 segments: bool = True):
+    def __init__(
+        self,
+        rows: list[PackedRow],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        segments: bool = True,
+    ):
         if len(rows) < batch_size * world_size:
-            raise LmforgeError(f"only {len(rows)} packed rows: fewer than one batch of {batch_size} x "
-                               f"{world_size} rank(s) (use more data or a smaller batch)")
+            raise LmforgeError(
+                f"only {len(rows)} packed rows: fewer than one batch of {batch_size} x "
+                f"{world_size} rank(s) (use more data or a smaller batch)"
+            )
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         # One example per row with padding at the end needs no segments: causal attention already
         # keeps real tokens from seeing the pads after them.
@@ -131,7 +146,7 @@ class PackedBatches:
     def batch_at(self, index: int) -> dict:
         epoch, i = divmod(index, self.per_epoch)
         order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        picked = [self.rows[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size].tolist()]
+        picked = [self.rows[j] for j in order[i * self.batch_size : (i + 1) * self.batch_size].tolist()]
         return {k: torch.tensor([getattr(r, k) for r in picked]) for k in self.keys}
 
     def __iter__(self):

@@ -53,7 +53,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
     state: dict[str, dict] = {}
     for full, t in tensors.items():
         if full.startswith("optim/"):
-            name, key = full[len("optim/"):].rsplit("/", 1)
+            name, key = full[len("optim/") :].rsplit("/", 1)
             state.setdefault(name, {})[key] = t
     return {"state": state, "param_groups": groups}
 
@@ -71,8 +71,16 @@ def model_to_save(model: torch.nn.Module) -> torch.nn.Module | dict | None:
     return build_and_load(inner.config, dict(state), transforms(inner))
 
 
-def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict, tokenizer=None, keep_last: int = 3, is_main: bool = True) -> Path | None:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict,
+    tokenizer=None,
+    keep_last: int = 3,
+    is_main: bool = True,
+) -> Path | None:
     """Collective: every rank calls it (gathering shards); rank 0 writes. Returns the folder."""
     plain = model_to_save(model)
     optim_state = full_optimizer_state(model, optimizer)
@@ -89,7 +97,9 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
         if isinstance(plain, dict):  # not a Transformer: the weights alone (the recipe knows the module)
             (tmp / "model").mkdir()
             # clone: safetensors refuses tensors that share storage (tied weights)
-            save_file({k: v.detach().clone().contiguous() for k, v in plain.items()}, str(tmp / "model" / "model.safetensors"))
+            save_file(
+                {k: v.detach().clone().contiguous() for k, v in plain.items()}, str(tmp / "model" / "model.safetensors")
+            )
         else:
             save_model(plain, tmp / "model", tokenizer=tokenizer)
         meta = {"train": json.dumps({**train_state, "step": step}), "param_groups": json.dumps(groups)}
@@ -165,8 +175,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             meta = f.metadata()
     except (SafetensorError, OSError) as e:
         raise LmforgeError(f"{path}: cannot read checkpoint ({e})") from None
-    if isinstance(unwrap(model), Transformer) and "lm_head.weight" not in model_state \
-            and "model.embed_tokens.weight" in model_state:
+    if (
+        isinstance(unwrap(model), Transformer)
+        and "lm_head.weight" not in model_state
+        and "model.embed_tokens.weight" in model_state
+    ):
         model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]  # tied
     optim_state = _unflatten_optimizer(tensors, json.loads(meta["param_groups"]))
     load_full_state(model, optimizer, model_state, optim_state if optimizer is not None else None)
