@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmforge.checkpoint import load_model  # noqa: E402
-from lmforge.infer.fast import prepare_for_inference  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
+from lmforge.infer.prepare import prepare_for_inference  # noqa: E402
 
 SHAPES = {"gpt2": dict(kind="gpt2"), "llama-110m": dict(kind="llama")}
 

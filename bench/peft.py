@@ -58,7 +58,7 @@ def build_data(out: Path, seq: int, vocab: int) -> None:
     """Tokenise the built-in SFT set, pack examples into rows of seq+1 tokens with labels only on
     responses (-100 elsewhere), and save train/val tensors."""
     from lmforge.tokenizer import train_tokenizer
-    from lmforge.train.builtin import builtin_sft_examples
+    from lmforge.train.stdlib_data import builtin_sft_examples
 
     splits = builtin_sft_examples()
     tok = train_tokenizer((e["prompt"] + "\n" + e["response"] for e in splits["train"]), vocab_size=vocab)

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lmforge.data.pack import data_tokenizer, read_index  # noqa: E402
+from lmforge.data.shards import data_tokenizer, read_index  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 
 

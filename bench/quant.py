@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmforge.checkpoint import load_model, load_tokenizer_if_any, save_model  # noqa: E402
 from lmforge.common import get_logger  # noqa: E402
-from lmforge.infer.fast import prepare_for_inference  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
+from lmforge.infer.prepare import prepare_for_inference  # noqa: E402
 from lmforge.model import ModelConfig, build_model  # noqa: E402
 from lmforge.quant import QuantOptions, lm_loss, quantize_model  # noqa: E402
 from lmforge.quant.scheme import HEAD_PATTERN  # noqa: E402

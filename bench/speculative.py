@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import load_model, save_model
-from lmforge.infer.fast import prepare_for_inference
 from lmforge.infer.generate import generate
 from lmforge.infer.medusa import MedusaHeads, load_medusa, medusa_generate, medusa_loss, save_medusa
+from lmforge.infer.prepare import prepare_for_inference
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import DraftProposer, LookupProposer, speculative_generate
 from lmforge.model import ModelConfig, Transformer

@@ -277,7 +277,7 @@ def test_loader_names_an_empty_split(tmp_path):
 
 def test_data_tokenizer_of_a_shard_folder(prepared, tmp_path):
     from lmforge.common import LmforgeError
-    from lmforge.data.pack import data_tokenizer
+    from lmforge.data.shards import data_tokenizer
 
     out, _ = prepared
     tok = data_tokenizer(out)
@@ -287,7 +287,7 @@ def test_data_tokenizer_of_a_shard_folder(prepared, tmp_path):
 
 
 def test_shard_documents_and_texts_agree(prepared):
-    from lmforge.data.pack import data_tokenizer, iter_shard_texts
+    from lmforge.data.shards import data_tokenizer, iter_shard_texts
     from lmforge.eval.perplexity import shard_documents
 
     out, _ = prepared

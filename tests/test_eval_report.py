@@ -57,7 +57,7 @@ def _shard_corpus(folder, texts):
     """A packed data folder (train split) with its tokenizer, as `lmforge data prepare` writes."""
     import numpy as np
 
-    from lmforge.data.pack import ShardWriter, write_index
+    from lmforge.data.shards import ShardWriter, write_index
 
     tok = tiny_tokenizer()
     writer = ShardWriter(folder, "train", tok.vocab_size, tok.eos_id, shard_tokens=1 << 16)
@@ -111,7 +111,7 @@ def test_report_files_and_every_prediction(tmp_path):
 
 
 def test_builtin_tasks_are_deterministic_and_held_out():
-    from lmforge.data.pack import is_validation
+    from lmforge.data.shards import is_validation
 
     cfg = BuiltinConfig(num_examples=6)
     assert all(is_validation(doc_id, 0.05, 0) for doc_id, _ in held_out(cfg))

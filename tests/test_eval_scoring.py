@@ -184,7 +184,7 @@ def test_bad_task_rows_name_the_line(tmp_path, row, message):
 def test_validation_shard_perplexity_equals_text_perplexity(tmp_path):
     import numpy as np
 
-    from lmforge.data.pack import ShardWriter, write_index
+    from lmforge.data.shards import ShardWriter, write_index
     from lmforge.eval.perplexity import shard_perplexity, text_perplexity
 
     lm = tiny_lm()

@@ -123,7 +123,7 @@ def test_stream_text_stops_at_stop_string(model):
 def test_prepared_model_gives_the_same_logits_and_state_dict(model):
     import copy
 
-    from lmforge.infer.fast import TransposedLinear, prepare_for_inference
+    from lmforge.infer.prepare import TransposedLinear, prepare_for_inference
 
     ids = torch.randint(0, 512, (2, 9))
     ref_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -36,9 +36,9 @@ def _stdlib(root, n=40):
 
 
 def test_one_split_for_sft_and_eval(tmp_path):
-    from lmforge.data.pack import is_validation
+    from lmforge.data.shards import is_validation
     from lmforge.eval.builtin import BuiltinConfig, functions
-    from lmforge.train.builtin import builtin_sft_examples
+    from lmforge.train.stdlib_data import builtin_sft_examples
 
     root = _stdlib(tmp_path)
     splits = builtin_sft_examples(None, heldout_fraction=0.3, split_seed=0, root=root)
@@ -95,7 +95,7 @@ def test_acc_mutual_info_removes_the_choices_prior():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from lmforge.train.builtin import builtin_pretrain_data
+    from lmforge.train.stdlib_data import builtin_pretrain_data
 
     return builtin_pretrain_data(tmp_path_factory.mktemp("cache"), max_bytes=150_000, vocab_size=300, val_fraction=0.2)
 
@@ -204,7 +204,7 @@ def test_orthogonalize_flattens_singular_values():
 
 
 def test_the_parts_of_a_document_split_together():
-    from lmforge.data.pack import is_validation
+    from lmforge.data.shards import is_validation
 
     ids = [f"stdlib/pkg/mod{i}.py" for i in range(200)]
     assert all(is_validation(i + "#prose", 0.3) == is_validation(i, 0.3) for i in ids)

@@ -8,7 +8,7 @@ import torch
 from lmforge.checkpoint import load_model, save_model
 from lmforge.cli import main as cli
 from lmforge.common import LmforgeError
-from lmforge.data.pack import ShardWriter, write_index
+from lmforge.data.shards import ShardWriter, write_index
 from lmforge.model import build_model
 from lmforge.recipes.quantize import calibration_batches
 

@@ -32,7 +32,7 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from lmforge.train.builtin import builtin_pretrain_data
+    from lmforge.train.stdlib_data import builtin_pretrain_data
 
     return builtin_pretrain_data(tmp_path_factory.mktemp("cache"), max_bytes=100_000, vocab_size=300)
 

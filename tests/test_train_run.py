@@ -27,7 +27,7 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    from lmforge.train.builtin import builtin_pretrain_data
+    from lmforge.train.stdlib_data import builtin_pretrain_data
 
     return builtin_pretrain_data(tmp_path_factory.mktemp("cache"), max_bytes=150_000, vocab_size=300, val_fraction=0.2)
 

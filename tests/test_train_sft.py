@@ -12,8 +12,8 @@ from lmforge.cli import main as cli
 from lmforge.model import ModelConfig, Transformer
 from lmforge.recipes._common import read_metrics
 from lmforge.train import IGNORE
-from lmforge.train.builtin import function_examples
 from lmforge.train.sft_data import PackedBatches, encode_example, pack, record_to_messages
+from lmforge.train.stdlib_data import function_examples
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_align_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, metho
         # dpo: 8 steps, a checkpoint every 2; dies fetching step 6's batch (checkpoints 2 and 4 written)
         # ppo: 8 rollouts x 2 epochs, a checkpoint every 2 rollouts (4 steps); the 1st rollout call is
         # the "before" evaluation, so it dies sampling rollout 4 at step 7 (checkpoint 4 written)
-        kill_on_call(m, recipe, *kill)
+        kill_on_call(m, recipe.R if kill[0] == "rollout" else recipe, *kill)  # rollouts: recipes/_align_rollout.py
         with pytest.raises(Killed):
             _run_align(method, tmp_path / "cut", **sets)
     assert not (tmp_path / "cut" / "final").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.common import LmforgeError
-from lmforge.data.pack import read_index
+from lmforge.data.shards import read_index
 
 
 class ShardLoader:

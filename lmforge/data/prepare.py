@@ -24,8 +24,8 @@ from lmforge.common import LmforgeError, atomic_path, atomic_write_json, atomic_
 from lmforge.data.config import DataConfig
 from lmforge.data.dedup import MinHasher, near_duplicates
 from lmforge.data.mix import MixItem, check_sources, mix, resolve_weights
-from lmforge.data.pack import ShardWriter, is_validation, tokenize_texts, write_index
 from lmforge.data.report import merge_unit_stats, render_markdown
+from lmforge.data.shards import ShardWriter, is_validation, tokenize_texts, write_index
 from lmforge.data.stdlib import BUILTIN_WEIGHTS
 from lmforge.data.units import WorkUnit, default_workers, iter_unit_docs, plan_units, run_units, unit_stats
 

@@ -121,7 +121,7 @@ def read_stdlib(
 
 
 # ----------------------------------------------------------------------------- functions and docstrings
-# Shared by the SFT set (lmforge.train.builtin) and the eval tasks (lmforge.eval.builtin), which
+# Shared by the SFT set (lmforge.train.stdlib_data) and the eval tasks (lmforge.eval.builtin), which
 # cannot import each other: both must see the same signature and sentence for a function.
 
 FIRST_SENTENCE = r"(?s)^\s*(.+?[.!?])(?=\s|$)"

@@ -1,6 +1,6 @@
 """Built-in tasks from the default corpus (the standard library), so a model trained by the
 pipeline on nothing else still gets a meaningful report. Held-out modules are the ones the data
-pipeline's split puts in validation (`lmforge.data.pack.is_validation` on the same document ids,
+pipeline's split puts in validation (`lmforge.data.shards.is_validation` on the same document ids,
 `stdlib/<path>` for code and `stdlib/<path>#prose` for prose, same fraction and seed), so the model
 never trained on them.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.common import LmforgeError
-from lmforge.data.pack import is_validation
+from lmforge.data.shards import is_validation
 from lmforge.data.stdlib import FIRST_SENTENCE, documented_functions, is_example, prose_of, signature, stdlib_files
 from lmforge.eval.perplexity import text_perplexity
 from lmforge.eval.tasks import TaskConfig, TaskResult, aggregate, run_generation, run_multiple_choice

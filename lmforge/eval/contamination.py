@@ -49,7 +49,7 @@ def load_index(spec: str | Path | list, n: int = 13) -> NGramIndex:
 
 def _texts_of(path: Path) -> Iterator[str]:
     if (path / "index.json").is_file():
-        from lmforge.data.pack import iter_shard_texts  # decoded with the tokenizer stored next to them
+        from lmforge.data.shards import iter_shard_texts  # decoded with the tokenizer stored next to them
 
         return iter_shard_texts(path)
     return _corpus_texts(path)

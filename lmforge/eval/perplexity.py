@@ -87,7 +87,7 @@ def aggregate(records: Sequence[dict]) -> dict[str, float]:
 
 def shard_documents(data_dir: str | Path, split: str = "val", limit: int | None = None) -> list[np.ndarray]:
     """Token documents of a packed data split (`lmforge/data` shards: every document ends with EOS)."""
-    from lmforge.data.pack import iter_shard_documents
+    from lmforge.data.shards import iter_shard_documents
 
     docs = []
     for doc in iter_shard_documents(data_dir, split):

@@ -48,7 +48,7 @@ def load_draft(path: str | Path, target, tokenizer=None):
     unless it shares the target's vocabulary (and tokenizer, when both folders have one)."""
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
 
-    from .fast import prepare_for_inference
+    from .prepare import prepare_for_inference
 
     p = next(target.parameters())
     draft = load_model(path, device=p.device, dtype=p.dtype if p.is_floating_point() else None)

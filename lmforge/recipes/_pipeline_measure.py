@@ -23,7 +23,7 @@ def measure_generation(gcfg: dict, models: dict[str, Path], heldout: dict | None
     import torch
 
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
-    from lmforge.infer.fast import prepare_for_inference
+    from lmforge.infer.prepare import prepare_for_inference
     from lmforge.infer.speculative import DraftProposer, LookupProposer
 
     prompts = gcfg.get("prompts") or ["def main():"]
@@ -181,7 +181,7 @@ def quant_speed_at_scale(scfg: dict) -> dict:
     on shapes, not weight values), fp32 against RTN-quantized copies; medians of interleaved repeats."""
     import torch
 
-    from lmforge.infer.fast import prepare_for_inference
+    from lmforge.infer.prepare import prepare_for_inference
     from lmforge.model import build_model
     from lmforge.quant import QuantOptions, quantize_model
 

@@ -75,7 +75,7 @@ def task_records(cfg: AlignConfig) -> tuple[list[dict], list[dict]]:
     if t.name == "arithmetic":
         return D.arithmetic_prompts(n, seed), D.arithmetic_prompts(m, seed + 1)
     if t.name == "docstring":
-        from lmforge.train.builtin import builtin_sft_examples
+        from lmforge.train.stdlib_data import builtin_sft_examples
 
         ex = builtin_sft_examples(max_bytes=600_000)
         return (D.docstring_preference_pairs(ex["train"], seed)[:n], D.docstring_preference_pairs(ex["val"], seed)[:m])
@@ -481,7 +481,7 @@ def _distill_windows(cfg: AlignConfig, tok, vocab: int) -> torch.Tensor:
     n = cfg.task.train_size + 16
     if tok is None:
         return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(0))
-    from lmforge.train.builtin import builtin_sft_examples
+    from lmforge.train.stdlib_data import builtin_sft_examples
 
     text = " ".join(e["prompt"] + " " + e["response"] for e in builtin_sft_examples(max_bytes=400_000)["train"])
     ids = torch.tensor(tok.encode(text)[: n * L])

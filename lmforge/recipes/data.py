@@ -111,8 +111,8 @@ def _train_docs(paths: list[str], field: str):
 
 
 def _decoded_shards(folder: Path):
-    from lmforge.data.pack import iter_shard_texts
     from lmforge.data.readers import Document
+    from lmforge.data.shards import iter_shard_texts
 
     if not (folder / "tokenizer").is_dir():
         raise LmforgeError(f"{folder} has token shards but no tokenizer/ to decode them with")

@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
     from lmforge.infer.decode import decode_ids
-    from lmforge.infer.fast import prepare_for_inference
     from lmforge.infer.generate import compiled_decode, stream_text
+    from lmforge.infer.prepare import prepare_for_inference
 
     if args.prompt is None and args.prompt_ids is None and args.prompts is None:
         raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3, or --prompts FILE.jsonl --out FILE.jsonl)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lmforge.common import LmforgeError, checked, dist_info, get_logger
-from lmforge.data.pack import data_tokenizer
+from lmforge.data.shards import data_tokenizer
 from lmforge.model import ModelConfig, Transformer
 from lmforge.recipes._common import (
     MetricsWriter,
@@ -111,9 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def data_folder(data: DataConfig, seed: int) -> Path:
     """The shard folder: data.path, or the built-in corpus (built once by rank 0, cached)."""
-    from lmforge.data.pack import read_index
-    from lmforge.train.builtin import builtin_pretrain_data
+    from lmforge.data.shards import read_index
     from lmforge.train.distributed import barrier
+    from lmforge.train.stdlib_data import builtin_pretrain_data
 
     if data.path:
         folder = Path(data.path)
@@ -130,7 +130,7 @@ def data_folder(data: DataConfig, seed: int) -> Path:
 def loaders(folder: Path, cfg: TrainConfig, info):
     """-> (train loader, validation loader factory or None). Windows are seq_len + 1 tokens."""
     from lmforge.data.loader import ShardLoader
-    from lmforge.data.pack import read_index
+    from lmforge.data.shards import read_index
 
     loader = ShardLoader(folder, cfg.seq_len, cfg.micro_batch_size, "train", cfg.seed, info.rank, info.world_size)
 

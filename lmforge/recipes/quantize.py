@@ -118,7 +118,7 @@ def calibration_batches(source: str, tokenizer, samples: int, seq_len: int, spli
 
     path = Path(source)
     if (path / "index.json").is_file() or path.name == "index.json":
-        from lmforge.data.pack import read_index
+        from lmforge.data.shards import read_index
 
         index, folder = read_index(path)
         if split not in index["splits"]:

@@ -134,9 +134,9 @@ def load_base(src: ModelSource, data: SFTData):
                 "tokenizer and its chat template)"
             )
         return model.float(), tokenizer
-    from lmforge.data.pack import data_tokenizer
+    from lmforge.data.shards import data_tokenizer
     from lmforge.model import ModelConfig, Transformer
-    from lmforge.train.builtin import builtin_pretrain_data
+    from lmforge.train.stdlib_data import builtin_pretrain_data
 
     tokenizer = data_tokenizer(builtin_pretrain_data(data.cache_dir))
     config = ModelConfig.preset(src.preset, **{"vocab_size": tokenizer.vocab_size, **src.overrides})
@@ -185,8 +185,8 @@ def adalora_hooks(model):
 
 def build_rows(data: SFTData, tokenizer, seq_len: int, seed: int):
     """-> (training conversations, train rows, val rows or None)."""
-    from lmforge.train.builtin import builtin_sft_examples
     from lmforge.train.sft_data import encode_example, pack, read_jsonl, record_to_messages
+    from lmforge.train.stdlib_data import builtin_sft_examples
 
     if data.train == "builtin":
         splits = builtin_sft_examples(

@@ -92,7 +92,7 @@ def replay_rows(folder, n: int, seq_len: int, vocab_size: int, seed: int = 0) ->
     every token: rehearsal of the pretraining data during fine-tuning (seeded, evenly spread)."""
     import numpy as np
 
-    from lmforge.data.pack import read_index
+    from lmforge.data.shards import read_index
 
     index, root = read_index(folder)
     if index.get("vocab_size") != vocab_size:

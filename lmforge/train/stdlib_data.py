@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.common import atomic_dir, get_logger
-from lmforge.data.pack import ShardWriter, is_validation, write_index
 from lmforge.data.readers import ReadReport
+from lmforge.data.shards import ShardWriter, is_validation, write_index
 from lmforge.data.stdlib import documented_functions, is_example, read_stdlib, signature, stdlib_files
 from lmforge.tokenizer import train_tokenizer
 
