@@ -18,6 +18,8 @@ from lmforge.recipes._pipeline_charts import _bar_plot, _eval_plot, _loss_plot
 FINAL = "final (sft, merged)"
 SFT_TARGET_RATIO = 1.5  # docstring ROUGE-L of final over base that makes fine-tuning worth it
 SFT_MAX_CODE_BPB_RISE = 0.03  # ... while held-out code bits/byte may rise at most this much
+SPEC_TARGET_SPEEDUP = 1.3  # speculative decoding with the draft over plain decoding of final ...
+SPEC_TARGET_ACCEPTANCE = 0.6  # ... at this acceptance rate, that make the draft worth shipping
 
 
 def _read(path: Path):
@@ -327,14 +329,23 @@ def _summary_rows(run: Path, models: dict[str, Path], per_model: dict, gen: dict
         )
     spec = next((r for r in gen.get("rows", []) if r["decoding"].startswith("speculative")), None)
     if spec:
-        good = spec.get("speedup", 0) >= 1.0 and spec.get("identical_to_plain")
+        speedup, same = spec.get("speedup", 0), spec.get("identical_to_plain")
+        if not (same and speedup >= 1.0):
+            verdict = "slower or different: see Decoding speed"
+        elif speedup >= SPEC_TARGET_SPEEDUP and (spec.get("acceptance_rate") or 0) >= SPEC_TARGET_ACCEPTANCE:
+            verdict = "good: faster, same output"
+        else:
+            verdict = (
+                f"faster, same output; short of the targets ({SPEC_TARGET_SPEEDUP}x, acceptance >= "
+                f"{SPEC_TARGET_ACCEPTANCE}): see Decoding speed"
+            )
         rows.append(
             [
                 "draft",
                 "a small model distilled from final",
                 f"speculative decoding {spec.get('speedup')}x plain, acceptance {spec.get('acceptance_rate')}, "
                 f"identical tokens: {spec.get('identical_to_plain')}",
-                "good: faster, same output" if good else "slower or different: see Decoding speed",
+                verdict,
             ]
         )
     scale = gen.get("quant_at_scale")
