@@ -111,15 +111,26 @@ def decode_threads(model, ids: list[int], new: int = 16, repeats: int = 3) -> in
     most = torch.get_num_threads()
     if most == 1:
         return 1
-    rates: dict[int, list[float]] = {1: [], most: []}
-    for _ in range(repeats):
-        for n in rates:
-            torch.set_num_threads(n)
-            start = time.perf_counter()
-            _plain(model, ids, new)
-            rates[n].append(new / (time.perf_counter() - start))
+
+    def at(n: int):
+        torch.set_num_threads(n)
+        _plain(model, ids, new)
+
+    rates = _interleaved_rates({n: lambda n=n: at(n) for n in (1, most)}, new, repeats)
     torch.set_num_threads(most)
     return max(rates, key=lambda n: statistics.median(rates[n]))
+
+
+def _interleaved_rates(runs: dict, tokens: int, repeats: int) -> dict:
+    """{key: [tokens/s of each repeat]}: every run once per repeat, in turn, so machine noise slows all
+    of them alike."""
+    rates: dict = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            rates[key].append(tokens / (time.perf_counter() - start))
+    return rates
 
 
 def _timed(methods: dict, encoded: list[list[int]], new: int, k: int, repeats: int) -> dict:
@@ -198,12 +209,7 @@ def quant_speed_at_scale(scfg: dict) -> dict:
     for m in variants.values():
         prepare_for_inference(m)
         _plain(m, prompt, 4)
-    rates = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, m in variants.items():
-            t0 = time.perf_counter()
-            _plain(m, prompt, new)
-            rates[name].append(new / (time.perf_counter() - t0))
+    rates = _interleaved_rates({name: lambda m=m: _plain(m, prompt, new) for name, m in variants.items()}, new, repeats)
     params = sum(p.numel() for p in base.parameters())
     fp32 = statistics.median(rates["fp32"])
     return {
