@@ -19,6 +19,8 @@ import torch
 
 from lmforge.common import LmforgeError
 
+from .grammar import GrammarSpec
+
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy: the distribution is one-hot to float precision
 _MAX = torch.finfo(torch.float32).max
 
@@ -33,6 +35,13 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
+    # OpenAI-style extras: additive bias per token id, min-p filtering (drop tokens whose probability is
+    # under min_p x the top one's), and presence/frequency penalties over the generated tokens.
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0  # 0: off
+    presence_penalty: float = 0.0  # 0: off
+    frequency_penalty: float = 0.0  # 0: off
+    grammar: GrammarSpec | None = None  # the output must match it (JSON, JSON Schema, regex, EBNF)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
