@@ -37,34 +37,24 @@ import itertools
 import threading
 import weakref
 from collections.abc import Sequence as Seq
-from typing import NamedTuple
 
 import torch
 
 from lmforge.common import LmforgeError, get_logger
-from lmforge.tokenizer.text import TextStream
 
+from .engine_rows import EngineRows, Event
 from .engine_spec import DraftModel, PromptLookup
-from .logprobs import _entries, logprob_entries, logprob_entry  # noqa: F401  (logprob_entry: re-exported)
+from .logprobs import logprob_entries
 from .paged import BlockPool, CacheGroup, PagedKVCache, forward_packed, forward_padded
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence, Status
+
+__all__ = ["Engine", "Event", "SamplingParams"]
 
 log = get_logger(__name__)
 
 
-class Event(NamedTuple):
-    request_id: int
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None  # "stop" (stop token/string), "length" (max_new_tokens or context),
-    #                            "error" (this request failed alone: see `error`), None
-    logprobs: list | None = None  # per new token: (token, logprob, [(top_token, logprob), ...]) when asked
-    prompt_logprobs: list | None = None  # on a request's first event when asked: per prompt token, the first None
-    error: str | None = None  # with finish_reason "error": what went wrong
-
-
-class Engine:
+class Engine(EngineRows):
     def __init__(
         self,
         model,
@@ -358,22 +348,6 @@ class Engine:
         )
         return [ev for item in group for ev in run([item])]
 
-    def _fail(self, seq: Sequence, error: Exception) -> Event:
-        """End `seq` alone with finish_reason "error" (its blocks freed); the step goes on."""
-        if not isinstance(error, LmforgeError):  # a bug: keep its traceback in the log
-            log.error("request %d failed", seq.id, exc_info=error)
-        seq.error = str(error) if isinstance(error, LmforgeError) else f"{type(error).__name__}: {error}"
-        self._finish(seq, "error")
-        return Event(seq.id, [], True, "error", error=seq.error)
-
-    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Logprob entries of the prompt tokens these logits [n, V] (from position num_computed on)
-        predict; a recomputed prefill (after preemption) does not add them twice."""
-        for i, row in enumerate(logits):
-            nxt = seq.num_computed + i + 1
-            if nxt < len(seq.prompt) and nxt == len(seq.prompt_token_logprobs):
-                seq.prompt_token_logprobs.append(logprob_entry(row, seq.prompt[nxt], seq.prompt_logprobs))
-
     def _run_speculative(self, group: list[tuple[Sequence, int]]) -> list[Event]:
         """Decode with drafts: the draft proposes for every sequence, the target scores each row's
         [last, d1..dk] in one forward, and each row keeps its accepted drafts plus one token."""
@@ -398,103 +372,12 @@ class Engine:
                 events.append(self._fail(seq, e))
         return events
 
-    def _verify_row(self, seq: Sequence, d: list[int], q, gen, lg: torch.Tensor) -> Event:
-        """One sequence of a speculative step: keep its accepted drafts plus one token."""
-        L = len(seq.tokens)
-        if not d:
-            seq.num_computed += 1
-            seq.num_draft_computed = self.spec.valid_after(seq, L, 0)
-            self.scheduler.register_full_blocks(seq)
-            token = self._choose(seq, lg, 0, int(lg[0].argmax()))
-            event = self._accept(seq, token, _entries(lg, [token], seq.logprobs))
-        else:
-            new, accepted = self.spec.verify(seq, lg, d, q, gen)
-            kept, lps, reason = self._extend(seq, new, _entries(lg, new, seq.logprobs))
-            seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
-            seq.num_draft_computed = self.spec.valid_after(seq, L, len(d))
-            seq.spec_steps += 1
-            seq.drafted, seq.accepted = seq.drafted + len(d), seq.accepted + accepted
-            self.counters["drafted_tokens"] += len(d)
-            self.counters["accepted_tokens"] += accepted
-            self.scheduler.register_full_blocks(seq)
-            if reason is not None:
-                self._finish(seq, reason)
-            event = self._event(seq, kept, lps, reason)
-        if seq.status is Status.RUNNING:
-            self.scheduler.trim(seq)  # blocks reserved for rejected drafts go back
-        return event
-
     def _adapter_rows(self, adapters: list[str | None]):
         if not any(adapters):
             return contextlib.nullcontext()
         from lmforge.peft import adapter_rows
 
         return adapter_rows(self.model, adapters)
-
-    # ------------------------------------------------------------------ sampling and stopping
-
-    def _choose(self, seq: Sequence, logits: torch.Tensor, row: int, argmax: int) -> int | None:
-        """The next token of `seq` from logits[row], or None when the request only scores its prompt
-        (greedy rows only use `argmax`: no tensor op per row)."""
-        p = seq.params
-        if p.max_new_tokens == 0:  # asked for the prompt's logprobs only
-            return None
-        if p.greedy and p.repetition_penalty == 1.0:
-            return argmax
-        seen = None
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
-            seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
-        return int(sample(logits[row : row + 1], p, seq.generator or self._generator, seen)[0])
-
-    def _accept(self, seq: Sequence, token: int | None, entries: list | None) -> Event:
-        """Append the chosen token (with its logprob entry when asked) and report it."""
-        if token is None:
-            self._finish(seq, "length")
-            return self._event(seq, [], None, "length")
-        kept, lps, reason = self._extend(seq, [token], entries)
-        if reason is not None:
-            self._finish(seq, reason)
-        return self._event(seq, kept, lps, reason)
-
-    def _event(self, seq: Sequence, tokens: list[int], lps: list | None, reason: str | None) -> Event:
-        first = len(seq.output) == len(tokens)  # the prompt's logprobs travel with the first event
-        prompt_lps = seq.prompt_token_logprobs if first and seq.prompt_logprobs is not None else None
-        return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps)
-
-    def _extend(
-        self, seq: Sequence, tokens: list[int], entries: list | None
-    ) -> tuple[list[int], list | None, str | None]:
-        """Append tokens (entries[i]: token i's logprob entry, when asked) up to the first that ends
-        the request: (the tokens kept, their logprob entries, the finish reason or None)."""
-        kept, reason = [], None
-        for token in tokens:
-            seq.output.append(token)
-            kept.append(token)
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                break
-        lps = None if seq.logprobs is None else entries[: len(kept)]
-        if lps:
-            seq.token_logprobs += lps
-        self.counters["generated_tokens"] += len(kept)
-        return kept, lps, reason
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if token in p.stop_token_ids or token in self.eos:
-            return "stop"
-        if p.stop_strings and self.tokenizer is not None:
-            # The request's text, decoded incrementally (each token once, not the output every step).
-            text = self._texts.get(seq)
-            if text is None:
-                text = self._texts[seq] = TextStream(self.tokenizer, p.stop_strings)
-            text.push(seq.output[len(text.starts) :])
-            if text.stopped:
-                return "stop"
-        if len(seq.output) >= p.max_new_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
-            return "length"
-        return None
 
     def _finish(self, seq: Sequence, reason: str | None) -> None:
         self.scheduler.finish(seq, reason)
