@@ -194,6 +194,30 @@ def adapter_rows(model: nn.Module, rows: list[str | None]) -> Iterator[None]:
             m.row_index, m.row_count = None, 0
 
 
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove LoRA/DoRA adapter `name` from `model` (the inverse of loading it: runtime unloading
+    in the server). A wrapped linear left without adapters becomes its plain base layer again, so
+    the model runs as fast as before the adapter came."""
+    if not any(c.adapter_name == name and c.method == "lora" for c in peft_configs(model)):
+        raise LmforgeError(f"no LoRA adapter named {name!r} on this model")
+    for path, m in list(model.named_modules()):
+        if not isinstance(m, LoraLinear) or name not in m.lora_A:
+            continue
+        if name in m.merged:
+            raise LmforgeError(f"adapter {name!r} is merged into {path}; call peft.unmerge(model) first")
+        for table in (m.lora_A, m.lora_B, m.lora_dropout, m.lora_magnitude_vector):
+            if name in table:
+                del table[name]
+        m.scaling.pop(name, None)
+        m._dora_norm.pop(name, None)
+        m.active = [n for n in m.active if n != name]
+        if not m.adapter_names():
+            model.set_submodule(path, m.base_layer)
+    drop_transforms(
+        model, "peft", where=lambda e: e["config"]["method"] == "lora" and e["config"]["adapter_name"] == name
+    )
+
+
 def _mergeables(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, WrappedLinear)] + prompt_modules(model)
 
