@@ -31,6 +31,7 @@ class Event(NamedTuple):
     logprobs: list | None = None  # per new token: (token, logprob, [(top_token, logprob), ...]) when asked
     prompt_logprobs: list | None = None  # on a request's first event when asked: per prompt token, the first None
     error: str | None = None  # with finish_reason "error": what went wrong
+    cached_tokens: int | None = None  # on a request's first event: prompt tokens taken from the prefix cache
 
 
 class EngineRows:
@@ -108,7 +109,8 @@ class EngineRows:
     def _event(self, seq: Sequence, tokens: list[int], lps: list | None, reason: str | None) -> Event:
         first = len(seq.output) == len(tokens)  # the prompt's logprobs travel with the first event
         prompt_lps = seq.prompt_token_logprobs if first and seq.prompt_logprobs is not None else None
-        return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps)
+        cached = seq.cached_tokens if first else None
+        return Event(seq.id, tokens, reason is not None, reason, lps, prompt_lps, cached_tokens=cached)
 
     def _extend(
         self, seq: Sequence, tokens: list[int], entries: list | None

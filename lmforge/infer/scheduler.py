@@ -54,6 +54,7 @@ class Sequence:
     spec_steps: int = 0  # speculative decoding: verification forwards, tokens drafted, drafts accepted
     drafted: int = 0
     accepted: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted (usage reports them)
 
     @property
     def tokens(self) -> list[int]:
@@ -90,7 +91,13 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
         self.counters = dict(
-            prefix_hit_blocks=0, prefix_hit_tokens=0, preemptions=0, swaps_out=0, swaps_in=0, recomputes=0
+            prefix_hit_blocks=0,
+            prefix_hit_tokens=0,
+            prefix_query_tokens=0,  # prompt tokens looked up in the prefix cache (hit or not)
+            preemptions=0,
+            swaps_out=0,
+            swaps_in=0,
+            recomputes=0,
         )
 
     @property
@@ -154,6 +161,10 @@ class Scheduler:
             self.waiting.popleft()
             self.counters["prefix_hit_blocks"] += seq.num_registered if seq.num_computed else 0
             self.counters["prefix_hit_tokens"] += seq.num_computed
+            if self.prefix_caching and seq.prompt_logprobs is None:  # it was looked up
+                self.counters["prefix_query_tokens"] += len(seq.tokens)
+            if not seq.output:  # a first admission (not a preempted sequence's recompute)
+                seq.cached_tokens = seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, n))
