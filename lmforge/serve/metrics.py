@@ -1,7 +1,9 @@
 """Prometheus text exposition (format 0.0.4) for the server, without a client library.
 
 Counters and histograms are updated from the event loop's thread only; gauges (queue depth, KV
-blocks) are read from the engine when /metrics is scraped, so they are never stale.
+blocks) and the engine's own running totals (prefix-cache queries and hits, preemptions, drafted
+tokens: typed counter, named *_total) are read from the engine when /metrics is scraped, so they are
+never stale.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def _gauge(name: str, help: str, value: float) -> list[str]:
     return [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value:g}"]
 
 
+def _counter(name: str, help: str, value: float) -> list[str]:
+    """A running total kept by the engine, read at scrape time: typed counter, named *_total."""
+    name = f"{PREFIX}_{name}_total"
+    return [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value:g}"]
+
+
 class Metrics:
     def __init__(self):
         self.requests = Counter("requests_total", "HTTP requests to /v1 endpoints by endpoint and status code")
@@ -90,10 +98,12 @@ class Metrics:
         lines += _gauge("kv_blocks_used", "KV cache blocks held by sequences", s["blocks_used"])
         lines += _gauge("kv_blocks_total", "KV cache blocks in the pool", s["blocks_total"])
         lines += _gauge("kv_blocks_cached", "free KV blocks kept for prefix-cache hits", s["blocks_cached"])
-        lines += _gauge(
-            "prefix_cache_hit_tokens", "prompt tokens served from the prefix cache (total)", s["prefix_hit_tokens"]
+        # Prefix-cache hit rate = hits_total / queries_total (both in prompt tokens, as vLLM counts them).
+        lines += _counter(
+            "prefix_cache_queries", "prompt tokens looked up in the prefix cache", s["prefix_query_tokens"]
         )
-        lines += _gauge("preemptions", "sequences preempted for lack of KV blocks (total)", s["preemptions"])
-        lines += _gauge("spec_drafted_tokens", "tokens proposed by the draft model (total)", s["drafted_tokens"])
-        lines += _gauge("spec_accepted_tokens", "drafted tokens the target accepted (total)", s["accepted_tokens"])
+        lines += _counter("prefix_cache_hits", "prompt tokens served from the prefix cache", s["prefix_hit_tokens"])
+        lines += _counter("preemptions", "sequences preempted for lack of KV blocks", s["preemptions"])
+        lines += _counter("spec_drafted_tokens", "tokens proposed by the draft model", s["drafted_tokens"])
+        lines += _counter("spec_accepted_tokens", "drafted tokens the target accepted", s["accepted_tokens"])
         return "\n".join(lines) + "\n"
