@@ -28,6 +28,7 @@ class Delta:
     logprobs: list | None  # the engine's (token, logprob, [(token, logprob), ...]) per new token
     finish_reason: str | None
     prompt_logprobs: list | None = None  # on a choice's first delta when echo asked for them
+    cached_tokens: int | None = None  # on a choice's first delta: its prompt tokens found in the prefix cache
 
 
 @dataclass
@@ -122,17 +123,21 @@ def _advance(ch: _Choice, i: int, ev, metrics: Metrics) -> Delta:
         ch.logprobs += ev.logprobs
         upto = ch.text.covered()
         logprobs, ch.released = ch.logprobs[ch.released : upto], max(ch.released, upto)
-    return Delta(i, text, list(ev.new_token_ids), logprobs, reason, ev.prompt_logprobs)
+    return Delta(i, text, list(ev.new_token_ids), logprobs, reason, ev.prompt_logprobs, ev.cached_tokens)
 
 
 async def collect(deltas: AsyncIterator[Delta], n: int) -> list[dict]:
-    """Run to the end; per choice: text, token count, finish reason, logprob entries."""
-    out = [dict(text="", tokens=0, finish_reason=None, logprobs=[], prompt_logprobs=None) for _ in range(n)]
+    """Run to the end; per choice: text, token count, finish reason, logprob entries, cached prompt tokens."""
+    out = [
+        dict(text="", tokens=0, finish_reason=None, logprobs=[], prompt_logprobs=None, cached_tokens=0)
+        for _ in range(n)
+    ]
     async for d in deltas:
         o = out[d.index]
         if o["finish_reason"] is not None:
             continue
         o["prompt_logprobs"] = o["prompt_logprobs"] or d.prompt_logprobs
+        o["cached_tokens"] = o["cached_tokens"] or d.cached_tokens or 0
         o["text"] += d.text
         o["tokens"] += len(d.token_ids)
         o["logprobs"] += d.logprobs or []
