@@ -1,0 +1,126 @@
+"""Rate models by pairwise battles (Chatbot Arena style): Bradley-Terry ratings by maximum likelihood
+with bootstrap 95% intervals, online Elo for comparison, and a win-rate matrix plot.
+
+Battles come from a votes file (JSONL: model_a, model_b, winner in model_a|model_b|tie), from an LLM
+judge comparing the models' answers on a prompt set (every pair, both orders), or both together.
+
+    lmforge arena --votes votes.jsonl --out runs/arena
+    lmforge arena runs/a/final runs/b/final http://127.0.0.1:8000 --judge runs/big/final --prompts p.jsonl
+    lmforge arena small=runs/a/final big=runs/b/final --judge runs/big/final      # names in the table
+
+Writes arena.json (the table and settings), battles.jsonl, judgments.jsonl (the judge's texts) and
+win_rates.png to --out, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lmforge.common import LmforgeError, atomic_write_json, atomic_write_text, get_logger
+from lmforge.recipes._common import bounded
+
+log = get_logger("lmforge.arena")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="model folders or endpoint URLs to battle, optionally NAME=SPEC (needs --judge)",
+    )
+    p.add_argument("--votes", action="append", default=[], metavar="FILE", help="a votes JSONL (repeatable)")
+    p.add_argument("--judge", help="the judge: a model folder or an endpoint URL")
+    p.add_argument("--prompts", help="prompt JSONL (field 'prompt' or 'question'; default: a small built-in set)")
+    p.add_argument("--limit", type=bounded(int, ge=1), help="first N prompts only")
+    p.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=64)
+    p.add_argument("--temperature", type=bounded(float, ge=0.0), default=0.0)
+    p.add_argument("--stop", action="append", default=None, help='stop string for answers (default: "\\n\\n")')
+    p.add_argument("--bootstrap", type=bounded(int, ge=0), default=1000, help="bootstrap rounds for the intervals")
+    p.add_argument(
+        "--prior",
+        type=bounded(float, ge=0.0),
+        default=0.1,
+        help="virtual ties added to every pair (keeps an unbeaten model's rating finite; 0: plain MLE)",
+    )
+    p.add_argument("--elo-k", type=bounded(float, gt=0.0), default=4.0, help="online Elo's K factor")
+    p.add_argument("--seed", type=bounded(int, ge=0), default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/arena")
+
+
+def _named(specs: list[str]) -> dict[str, str]:
+    """NAME=SPEC or SPEC (named after its last two path parts, or the URL) -> {name: spec}."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or "/" in name or ":" in name:
+            name, rest = ("/".join(Path(spec).resolve().parts[-2:]) if "://" not in spec else spec), spec
+        if not name or not rest:
+            raise LmforgeError(f"model {spec!r}: expected SPEC or NAME=SPEC")
+        if name in out:
+            raise LmforgeError(f"model name {name!r} is given twice; name them NAME=SPEC")
+        out[name] = rest
+    return out
+
+
+def read_prompts(path: str | None, limit: int | None) -> tuple[list[str], list[str]]:
+    from lmforge.common import read_jsonl
+    from lmforge.eval.arena import BUILTIN_PROMPTS
+
+    if path is None:
+        prompts, ids = list(BUILTIN_PROMPTS), [f"builtin/{i}" for i in range(len(BUILTIN_PROMPTS))]
+    else:
+        prompts, ids = [], []
+        for where, row in read_jsonl(path, "prompts file"):
+            text = row.get("prompt", row.get("question"))
+            if not isinstance(text, str) or not text.strip():
+                raise LmforgeError(f"{where}: field 'prompt' (or 'question') must be a non-empty string")
+            prompts.append(text)
+            ids.append(str(row.get("id", where)))
+    return prompts[:limit], ids[:limit]
+
+
+def main(args: argparse.Namespace) -> int:
+    from lmforge.eval.arena import arena_table, format_table, judge_battles, plot_win_rates, read_votes
+
+    if not args.votes and not args.models:
+        raise LmforgeError("nothing to rate: give --votes FILE and/or two or more MODELs with --judge")
+    if args.models and len(args.models) < 2:
+        raise LmforgeError("battles need at least two models")
+    if args.models and not args.judge:
+        raise LmforgeError("model battles need a --judge (a model folder or endpoint URL)")
+    if args.judge and not args.models:
+        raise LmforgeError("--judge is given but no MODELs to battle")
+    if not args.models and (args.prompts or args.limit):
+        raise LmforgeError("--prompts/--limit choose the prompts of model battles; give MODELs and --judge")
+    battles = [b for path in args.votes for b in read_votes(path)]
+    records: list[dict] = []
+    if args.models:
+        from lmforge.eval.lm import load_lm
+
+        specs = _named(args.models)
+        prompts, ids = read_prompts(args.prompts, args.limit)
+        stop = ["\n\n"] if args.stop is None else args.stop
+        answers = {}
+        for name, spec in specs.items():
+            log.info("answering %d prompts with %s", len(prompts), name)
+            answers[name] = load_lm(spec, device=args.device).generate(
+                prompts, max_new_tokens=args.max_new_tokens, stop=stop, temperature=args.temperature, seed=args.seed
+            )
+        log.info("judging %d pairs x %d prompts x 2 orders", len(specs) * (len(specs) - 1) // 2, len(prompts))
+        judged, records = judge_battles(load_lm(args.judge, device=args.device), prompts, answers, ids)
+        battles += judged
+    rows = arena_table(battles, rounds=args.bootstrap, seed=args.seed, prior=args.prior, elo_k=args.elo_k)
+    out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    atomic_write_json(out / "arena.json", {"table": rows, "settings": settings, "battles": len(battles)})
+    atomic_write_text(out / "battles.jsonl", "".join(json.dumps(b.to_dict()) + "\n" for b in battles))
+    if records:
+        atomic_write_text(out / "judgments.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
+    plot_win_rates(battles, [r["model"] for r in rows], out / "win_rates.png")
+    print(format_table(rows))
+    print(f"{len(battles)} battles; written to {out}/ (arena.json, battles.jsonl, win_rates.png)")
+    return 0
