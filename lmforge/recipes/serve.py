@@ -73,6 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(a vision-language model always uses a thread)",
     )
     p.add_argument(
+        "--embedding-model",
+        metavar="DIR",
+        help="answer /v1/embeddings with this model folder (lmforge checkpoint or Hugging Face folder "
+        "lmforge loads) instead of the served model's own pooled hidden states",
+    )
+    p.add_argument(
+        "--enable-lora-runtime",
+        action="store_true",
+        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default: any client "
+        "with the API key could then load files from this machine's disk)",
+    )
+    p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let in-flight requests finish"
     )
 
@@ -139,6 +151,8 @@ def main(args: argparse.Namespace) -> int:
         num_speculative=args.num_speculative,
         max_prefill_tokens=args.max_prefill_tokens,
         engine_process=args.engine == "process",
+        embedding_model=args.embedding_model,
+        enable_lora_runtime=args.enable_lora_runtime,
     )
     serve(cfg)
     return 0

@@ -37,6 +37,13 @@ class ServeConfig:
     num_speculative: int = 4  # tokens the draft (or lookup) proposes per decode step
     max_prefill_tokens: int | None = None  # prompt tokens per step while others decode (None: no cap)
     engine_process: bool = True  # the engine in a child process (no GIL shared with HTTP); False: a thread
+    embedding_model: str | None = None  # a model folder for /v1/embeddings (None: the served model's hidden states)
+    enable_lora_runtime: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter allowed
+
+
+def embedding_name(cfg: ServeConfig) -> str | None:
+    """The name /v1/embeddings answers to for --embedding-model (its folder's name), or None."""
+    return Path(cfg.embedding_model).resolve().name if cfg.embedding_model else None
 
 
 def load_adapters(model, adapters: dict[str, str]) -> list[str]:
@@ -77,8 +84,8 @@ def build_engine(cfg: ServeConfig, model=None, tokenizer=None):
         tokenizer = load_tokenizer_if_any(cfg.model)
     _require_tokenizer(cfg, tokenizer)
     model, vlm = split_vision(model)  # a vision-language model's LM serves text; images: serve/vision.py
-    if vlm is not None and cfg.adapters:
-        raise LmforgeError("adapters cannot be served with a vision-language model")
+    if vlm is not None and (cfg.adapters or cfg.enable_lora_runtime):
+        raise LmforgeError("adapters cannot be served with a vision-language model (--adapter, --enable-lora-runtime)")
     load_adapters(model, cfg.adapters)
     draft = None
     if cfg.draft is not None:

@@ -8,9 +8,11 @@ loop; the server process keeps the tokenizer, the HTTP routes and the text side.
 two pipes:
 
     server -> child   ("add", key, Submission) | ("cancel", key) | ("stop",)
+                      ("call", key, op, args)   an EngineOps call (embed, load_lora, unload_lora)
     child -> server   ("ready", info) | ("error", message)          once, at start-up
                       ("events", [(key, Event), ...], stats|None)   after every step
                       ("rejected", key, message) | ("failed", message) | ("stats", stats)
+                      ("result", key, ok, payload)                  a call's outcome (engine_ops.run_call)
 
 The event loop reads the child's pipe directly (`add_reader`: no extra thread, no cross-thread
 hand-off per step); a writer thread sends the commands, so the event loop never blocks on a full
@@ -41,7 +43,9 @@ from pathlib import Path
 
 from lmforge.common import LmforgeError, apply_threads_policy, get_logger
 
-from .runner import EngineFailed, Handle, Submission, check_room
+from .build import embedding_name
+from .engine_ops import EngineOps, call_result, run_call
+from .runner import EngineFailed, Handle, Submission, adapter_in_use, check_room
 
 log = get_logger(__name__)
 _STATS_EVERY = 0.05  # seconds between statistics snapshots while the engine is busy
@@ -55,6 +59,8 @@ class EngineProcess:
 
     def __init__(self, cfg, max_in_flight: int, start_timeout: float = 1800.0):
         self.max_in_flight = max_in_flight
+        self.lora_runtime = cfg.enable_lora_runtime
+        self.embedding_model = embedding_name(cfg)
         cmd_recv, self._cmds = mp.Pipe(duplex=False)
         self._events, event_send = mp.Pipe(duplex=False)
         fds = (cmd_recv.fileno(), event_send.fileno())
@@ -72,6 +78,7 @@ class EngineProcess:
         self.max_model_len, self.vocab_size, self.stats = info["max_model_len"], info["vocab_size"], info["stats"]
         self._keys = itertools.count()
         self._live: dict[int, Handle] = {}  # key -> submitted and not finished or cancelled
+        self._calls: dict[int, asyncio.Future] = {}  # key -> an EngineOps call awaiting its result
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="lmforge-engine-writer", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,6 +160,21 @@ class EngineProcess:
             handles.append(h)
         return handles, events
 
+    def adapter_in_use(self, name: str) -> int:
+        return adapter_in_use(self._live.values(), name)
+
+    async def call(self, op: str, *args):
+        """Run EngineOps `op` in the child between two steps; its result or its error."""
+        if not self.alive:
+            raise EngineFailed(f"the engine process has exited (code {self.exitcode})")
+        key = next(self._keys)
+        future = self._calls[key] = asyncio.get_running_loop().create_future()
+        self._outbox.put(("call", key, op, args))
+        try:
+            return call_result(*await future)
+        finally:
+            self._calls.pop(key, None)
+
     def cancel(self, handle: Handle) -> None:
         """Stop a sequence; the child frees its blocks before its next step. A no-op once finished."""
         if self._live.pop(handle.request_id, None) is not None:
@@ -195,6 +217,10 @@ class EngineProcess:
                 h.queue.put_nowait(LmforgeError(msg[2]))
         elif kind == "failed":
             self._fail_all(EngineFailed(msg[1]))
+        elif kind == "result":
+            future = self._calls.get(msg[1])
+            if future is not None and not future.done():
+                future.set_result((msg[2], msg[3]))
 
     def _child_died(self) -> None:
         self._loop.remove_reader(self._events.fileno())
@@ -202,6 +228,9 @@ class EngineProcess:
         self.exitcode = code if code is not None else -1
         log.error("the engine process exited with code %s", self.exitcode)
         self._fail_all(EngineFailed(f"the engine process exited (code {self.exitcode})"))
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineFailed(f"the engine process exited (code {self.exitcode})"))
         self._outbox.put(None)
 
     def _fail_all(self, error: Exception) -> None:
@@ -221,6 +250,7 @@ def child_main(cfg, cmds, events) -> None:
 
     try:
         engine, _, _ = build_engine(cfg)
+        ops = EngineOps.build(engine, cfg.embedding_model, cfg.device, cfg.dtype)
     except LmforgeError as e:
         events.send(("error", str(e)))
         return
@@ -235,12 +265,12 @@ def child_main(cfg, cmds, events) -> None:
         )
     )
     try:
-        _serve_forever(engine, cmds, events)
+        _serve_forever(engine, ops, cmds, events)
     except (EOFError, OSError):  # the server is gone
         pass
 
 
-def _serve_forever(engine, cmds, events) -> None:
+def _serve_forever(engine, ops: EngineOps, cmds, events) -> None:
     rid_of: dict[int, int] = {}  # the server's key -> the engine's request id
     key_of: dict[int, int] = {}
     last_stats, idle_reported = time.monotonic(), True
@@ -254,7 +284,7 @@ def _serve_forever(engine, cmds, events) -> None:
                 msg = cmds.recv()
                 if msg[0] == "stop":
                     return
-                _apply(engine, msg, rid_of, key_of, events)
+                _apply(engine, ops, msg, rid_of, key_of, events)
                 if not cmds.poll():
                     break
         if not engine.has_unfinished():
@@ -284,17 +314,21 @@ def _serve_forever(engine, cmds, events) -> None:
             events.send(("events", out, stats))
 
 
-def _apply(engine, msg: tuple, rid_of: dict, key_of: dict, events) -> None:
+def _apply(engine, ops: EngineOps, msg: tuple, rid_of: dict, key_of: dict, events) -> None:
     if msg[0] == "add":
         _, key, s = msg
         try:
-            rid = engine.add_request(s.prompt_ids, s.params, s.adapter, s.logprobs, s.prompt_logprobs)
+            adapter = ops.adapter(s.adapter)
+            rid = engine.add_request(s.prompt_ids, s.params, adapter, s.logprobs, s.prompt_logprobs)
         except Exception as e:  # validated by the server first; anything left goes back to the client
             events.send(("rejected", key, str(e)))
             return
         rid_of[key], key_of[rid] = rid, key
     elif msg[0] == "cancel" and msg[1] in rid_of:
         _forget(engine, msg[1], rid_of, key_of)
+    elif msg[0] == "call":
+        _, key, op, args = msg
+        events.send(("result", key, *run_call(ops, op, args)))
 
 
 def _forget(engine, key: int, rid_of: dict, key_of: dict) -> None:

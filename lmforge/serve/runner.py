@@ -20,6 +20,8 @@ from lmforge.common import get_logger
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 
+from .engine_ops import EngineOps, call_result, run_call
+
 log = get_logger(__name__)
 
 
@@ -58,9 +60,27 @@ class Handle:
     cancelled: bool = False
 
 
+def adapter_in_use(handles, name: str) -> int:
+    """How many of `handles` (submitted, unfinished) ask for adapter `name`."""
+    return sum(h.submission.adapter == name for h in handles)
+
+
 class EngineRunner:
-    def __init__(self, engine: Engine, max_in_flight: int):
+    def __init__(
+        self,
+        engine: Engine,
+        max_in_flight: int,
+        ops: EngineOps | None = None,
+        lora_runtime: bool = False,
+        embedding_model: str | None = None,
+    ):
+        """ops: embeddings and run-time adapter loads, run on the engine thread between steps;
+        lora_runtime: whether /v1/load_lora_adapter may use them; embedding_model: the served name
+        of a dedicated embedding model (None: embeddings come from the served model)."""
         self.engine, self.max_in_flight = engine, max_in_flight
+        self.ops = ops or EngineOps(engine)
+        self.lora_runtime, self.embedding_model = lora_runtime, embedding_model
+        self._calls: list[tuple] = []  # (future, loop, op, args) to run between steps
         self._live: set[Handle] = set()  # submitted and not finished or cancelled
         self._pending: list[Handle] = []  # to add to the engine
         self._cancels: list[Handle] = []  # to cancel in the engine
@@ -92,6 +112,19 @@ class EngineRunner:
 
     def start(self) -> None:
         self._thread.start()
+
+    def adapter_in_use(self, name: str) -> int:
+        with self._lock:
+            return adapter_in_use(self._live, name)
+
+    async def call(self, op: str, *args):
+        """Run EngineOps `op` on the engine thread between two steps; its result or its error."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._calls.append((future, loop, op, args))
+        self._wake.set()
+        return call_result(*await future)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -141,6 +174,7 @@ class EngineRunner:
         with self._lock:
             pending, self._pending = self._pending, []
             cancels, self._cancels = self._cancels, []
+            calls, self._calls = self._calls, []
         for h in cancels:
             if h.request_id is not None:
                 self.engine.cancel(h.request_id)
@@ -150,11 +184,18 @@ class EngineRunner:
                 continue
             s = h.submission
             try:
-                h.request_id = self.engine.add_request(s.prompt_ids, s.params, s.adapter, s.logprobs, s.prompt_logprobs)
+                adapter = self.ops.adapter(s.adapter)
+                h.request_id = self.engine.add_request(s.prompt_ids, s.params, adapter, s.logprobs, s.prompt_logprobs)
             except Exception as e:  # validated before submit; anything left is reported, not fatal
                 self._finish_with(h, e)
                 continue
             self._by_id[h.request_id] = h
+        for future, loop, op, args in calls:  # after the adds: an unload sees every request queued before it
+            outcome = run_call(self.ops, op, args)
+            try:
+                loop.call_soon_threadsafe(_settle, future, outcome)
+            except RuntimeError:  # that event loop is closed
+                pass
 
     def _dispatch(self, events: list) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per event loop per step
@@ -184,6 +225,11 @@ class EngineRunner:
             self.engine.cancel(rid)
             self._drop(rid)
             self._finish_with(h, EngineFailed(str(error)))
+
+
+def _settle(future: asyncio.Future, outcome: tuple) -> None:
+    if not future.done():  # the caller may have gone (cancelled)
+        future.set_result(outcome)
 
 
 def _deliver(items: list) -> None:

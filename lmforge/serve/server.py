@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lmforge.common import LmforgeError, get_logger
 
-from .build import ServeConfig, _require_tokenizer, build_engine, load_adapters  # noqa: F401  (re-exported)
+from .build import ServeConfig, _require_tokenizer, build_engine, embedding_name, load_adapters  # noqa: F401  (re-exported)
 
 log = get_logger(__name__)
 
@@ -45,8 +45,11 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
 
         tokenizer = _require_tokenizer(cfg, load_tokenizer_if_any(cfg.model))
         return ServerState(EngineProcess(cfg, max_in_flight), tokenizer, name, list(cfg.adapters), **common)
+    from .engine_ops import EngineOps
+
     engine, tokenizer, vlm = build_engine(cfg, model, tokenizer)
-    runner = EngineRunner(engine, max_in_flight=max_in_flight)
+    ops = EngineOps.build(engine, cfg.embedding_model, cfg.device, cfg.dtype)
+    runner = EngineRunner(engine, max_in_flight, ops, cfg.enable_lora_runtime, embedding_name(cfg))
     vision = (
         None
         if vlm is None
