@@ -44,6 +44,7 @@ from lmforge.common import LmforgeError, get_logger
 
 from .engine_rows import EngineRows, Event
 from .engine_spec import DraftModel, PromptLookup
+from .grammar import grammar_for
 from .logprobs import logprob_entries
 from .paged import BlockPool, CacheGroup, PagedKVCache, forward_packed, forward_padded
 from .sampling import SamplingParams
@@ -157,6 +158,7 @@ class Engine(EngineRows):
                 f"prompt of {len(prompt)} tokens does not fit the engine's context of {self.max_model_len} tokens"
             )
         seq = Sequence(next(self._ids), prompt, sampling, adapter, logprobs, prompt_logprobs=prompt_logprobs)
+        seq.matcher = grammar_for(sampling, self.tokenizer, self.model.config.vocab_size, self.eos)
         if sampling.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         self.requests[seq.id] = seq
@@ -294,18 +296,21 @@ class Engine(EngineRows):
     def _run(self, group: list[tuple[Sequence, int]]) -> list[Event]:
         try:  # nothing below changes a sequence until the loop after it: a rerun per row is exact
             logits, failure = self._forward(group), None
+            # Rows that sample now, with their bias, penalties and grammar masks (logits: the model's own).
+            sampling = [(row, s) for row, (s, n) in enumerate(group) if s.num_computed + n == len(s.tokens)]
+            picked = self._constrain(sampling, logits)
         except Exception as e:
             failure = e
         if failure is not None:  # outside the except: a row's own failure is not logged as this one's sequel
             return self._split(self._run, group, failure)
-        argmax = logits.argmax(-1).tolist()  # one call for every greedy row
+        argmax = picked.argmax(-1).tolist()  # one call for every greedy row
         chosen, failed = [], []  # (seq, row, its next token or None: a prompt scored, nothing to generate)
         for row, (seq, n) in enumerate(group):
             seq.num_computed += n
             self.scheduler.register_full_blocks(seq)
             if seq.num_pending == 0 and seq.status is Status.RUNNING:
                 try:
-                    chosen.append((seq, row, self._choose(seq, logits, row, argmax[row])))
+                    chosen.append((seq, row, self._choose(seq, picked, row, argmax[row])))
                 except Exception as e:  # this row's distribution, not the step: it fails alone
                     failed.append(self._fail(seq, e))
         # Logprobs of every row that asked, in one softmax and one top-k (not a few tensor ops per row).

@@ -15,8 +15,9 @@ import torch
 from lmforge.common import LmforgeError, get_logger
 from lmforge.tokenizer.text import TextStream
 
+from .grammar import grammar_masks
 from .logprobs import _entries, logprob_entry
-from .sampling import sample
+from .sampling import adjust_logits, sample
 from .scheduler import Sequence, Status
 
 log = get_logger(__name__)
@@ -55,16 +56,20 @@ class EngineRows:
                 seq.prompt_token_logprobs.append(logprob_entry(row, seq.prompt[nxt], seq.prompt_logprobs))
 
     def _verify_row(self, seq: Sequence, d: list[int], q, gen, lg: torch.Tensor) -> Event:
-        """One sequence of a speculative step: keep its accepted drafts plus one token."""
+        """One sequence of a speculative step: keep its accepted drafts plus one token. lg: the
+        target's logits at [last, d1..dk]; verification sees them with the bias and the grammar's
+        mask at each position (a draft the grammar rejects has probability 0), logprobs do not."""
         L = len(seq.tokens)
+        clg = self._constrain_drafts(seq, d, lg)
         if not d:
             seq.num_computed += 1
             seq.num_draft_computed = self.spec.valid_after(seq, L, 0)
             self.scheduler.register_full_blocks(seq)
-            token = self._choose(seq, lg, 0, int(lg[0].argmax()))
+            token = self._choose(seq, clg, 0, int(clg[0].argmax()))
             event = self._accept(seq, token, _entries(lg, [token], seq.logprobs))
         else:
-            new, accepted = self.spec.verify(seq, lg, d, q, gen)
+            new, accepted = self.spec.verify(seq, clg, d, q, gen)
+            self._advance_grammar(seq, new)
             kept, lps, reason = self._extend(seq, new, _entries(lg, new, seq.logprobs))
             seq.num_computed = min(L + accepted, len(seq.tokens))  # keys of last + the accepted drafts
             seq.num_draft_computed = self.spec.valid_after(seq, L, len(d))
@@ -83,18 +88,78 @@ class EngineRows:
     # ------------------------------------------------------------------ sampling and stopping
 
     def _choose(self, seq: Sequence, logits: torch.Tensor, row: int, argmax: int) -> int | None:
-        """The next token of `seq` from logits[row], or None when the request only scores its prompt
-        (greedy rows only use `argmax`: no tensor op per row)."""
+        """The next token of `seq` from logits[row] (already `_constrain`ed), or None when the request
+        only scores its prompt (greedy rows only use `argmax`: no tensor op per row). A grammar
+        advances past the token here, inside the caller's per-row failure handling."""
         p = seq.params
         if p.max_new_tokens == 0:  # asked for the prompt's logprobs only
             return None
-        if p.greedy and p.repetition_penalty == 1.0:
-            return argmax
-        seen = None
+        token = argmax if p.greedy else int(sample(logits[row : row + 1], p, seq.generator or self._generator)[0])
+        self._advance_grammar(seq, [token])
+        return token
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        return self.eos + [t for t in seq.params.stop_token_ids if t not in self.eos]
+
+    def _advance_grammar(self, seq: Sequence, tokens: list[int]) -> None:
+        """Move the sequence's grammar past `tokens` (up to a stop token: the output ends there)."""
+        if seq.matcher is None:
+            return
+        stops = self._stop_ids(seq)
+        for token in tokens:
+            if token in stops:
+                return
+            seq.matcher.advance(token)
+
+    def _adjust(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """logits [n, V] of one sequence with its logit_bias and penalties (over its tokens so far)."""
+        p, V = seq.params, logits.shape[-1]
+        seen = counts = None
         if p.repetition_penalty != 1.0:
-            seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seen = torch.zeros(1, V, dtype=torch.bool, device=logits.device)
             seen[0, torch.tensor(seq.tokens, device=logits.device)] = True
-        return int(sample(logits[row : row + 1], p, seq.generator or self._generator, seen)[0])
+        if p.presence_penalty or p.frequency_penalty:
+            out = torch.tensor(seq.output, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=V)[None, :V]
+        return adjust_logits(logits, p, seen, counts)
+
+    def _constrain(self, rows: list[tuple[int, Sequence]], logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] with each sampling row's logit_bias, penalties and grammar mask applied; the
+        grammar masks of every constrained row come from one batched call. Rows that need none of
+        these (and `logits` itself: logprobs report the model's own) are left as they are."""
+        adjusted = [(row, seq) for row, seq in rows if seq.params.adjusts]
+        constrained = [(row, seq) for row, seq in rows if seq.matcher is not None]
+        if not adjusted and not constrained:
+            return logits
+        logits = logits.float().clone()
+        for row, seq in adjusted:
+            logits[row : row + 1] = self._adjust(seq, logits[row : row + 1])
+        if constrained:  # after the bias: a +100 bias cannot bring a forbidden token back
+            seqs = [seq for _, seq in constrained]
+            allowed = grammar_masks([s.matcher for s in seqs], [self._stop_ids(s) for s in seqs], logits.shape[-1])
+            idx = torch.tensor([row for row, _ in constrained], device=logits.device)
+            logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
+        return logits
+
+    def _constrain_drafts(self, seq: Sequence, drafts: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """The target's logits [len(drafts) + 1, V] at [last, d1..dk] with the sequence's bias and
+        grammar applied at each position: the grammar's mask after d1..di at row i. A draft the
+        grammar rejects ends the walk (acceptance stops there: later rows keep that row's mask);
+        the matcher is rolled back to where it was."""
+        if seq.params.adjusts:
+            logits = self._adjust(seq, logits.float())
+        if seq.matcher is None:
+            return logits
+        stops, V, masks, advanced = self._stop_ids(seq), logits.shape[-1], [], 0
+        for i in range(len(drafts) + 1):
+            masks.append(grammar_masks([seq.matcher], [stops], V)[0])
+            if i == len(drafts) or not masks[-1][drafts[i]] or drafts[i] in stops:
+                break
+            seq.matcher.advance(drafts[i])
+            advanced += 1
+        seq.matcher.rollback(advanced)
+        allowed = torch.stack(masks + masks[-1:] * (len(drafts) + 1 - len(masks))).to(logits.device)
+        return logits.float().masked_fill(~allowed, float("-inf"))
 
     def _accept(self, seq: Sequence, token: int | None, entries: list | None) -> Event:
         """Append the chosen token (with its logprob entry when asked) and report it."""

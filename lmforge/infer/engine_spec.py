@@ -20,8 +20,9 @@ import torch
 from lmforge.common import LmforgeError
 
 from .decode import verify, verify_greedy
+from .grammar import grammar_masks
 from .paged import PagedKVCache, forward_packed, forward_padded
-from .sampling import probabilities
+from .sampling import adjust_logits, probabilities
 from .scheduler import Sequence
 from .speculative import NgramIndex
 
@@ -38,9 +39,9 @@ class Drafter:
         self.k = k
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
-        """Drafts worth proposing: none past max_new_tokens or the context; none with a repetition
-        penalty (verification would need the penalty at every drafted position)."""
-        if seq.params.repetition_penalty != 1.0:
+        """Drafts worth proposing: none past max_new_tokens or the context; none with a repetition,
+        presence or frequency penalty (verification would need the penalty at every drafted position)."""
+        if seq.params.penalised:
             return 0
         left = seq.params.max_new_tokens - len(seq.output) - 1  # the verify step always adds one token
         return max(0, min(self.k, left, max_model_len - len(seq.tokens)))
@@ -80,7 +81,10 @@ class PromptLookup(Drafter):
             index = self.indexes.get(seq)
             if index is None:
                 index = self.indexes[seq] = NgramIndex(self.max_ngram)
-            drafts.append(index.follow(seq.tokens, k) if k else [])
+            d = index.follow(seq.tokens, k) if k else []
+            if seq.matcher is not None:  # what the grammar cannot continue with would only be rejected
+                d = d[: seq.matcher.valid_prefix(d)]
+            drafts.append(d)
         return drafts, [None] * len(seqs)
 
 
@@ -118,8 +122,11 @@ class DraftModel(Drafter):
         self, seqs: list[Sequence], ks: list[int], generators: list[torch.Generator]
     ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Up to ks[i] drafted tokens per sequence, and the draft's distributions q [ks[i], V] they
-        were sampled from (None for greedy requests: a deterministic proposal)."""
+        were sampled from (None for greedy requests: a deterministic proposal). A request's logit_bias
+        and grammar shape the draft's distribution too (the grammar walks along the drafts and is
+        rolled back after), so its drafts are ones the target can accept."""
         drafts: list[list[int]] = [[] for _ in seqs]
+        walked = {i: 0 for i, seq in enumerate(seqs) if seq.matcher is not None}  # drafts each grammar took
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         # Round 0 feeds what the draft has not seen (one token, or two after a fully accepted step).
         pending = {i: (seq.tokens[seq.num_draft_computed :], seq.num_draft_computed) for i, seq in enumerate(seqs)}
@@ -127,6 +134,7 @@ class DraftModel(Drafter):
             idx = [i for i, k in enumerate(ks) if k > r]
             rows = [(*pending[i], seqs[i].blocks) for i in idx]
             logits = forward_padded(self.draft, self.cache, rows)[:, -1]
+            logits = _shape(logits, [seqs[i] for i in idx], walked, idx, r)
             argmax = logits.argmax(-1).tolist()
             for j, i in enumerate(idx):
                 params = seqs[i].params
@@ -138,4 +146,27 @@ class DraftModel(Drafter):
                     qs[i].append(q)
                 drafts[i].append(x)
                 pending[i] = ([x], len(seqs[i].tokens) + r)
+                if walked.get(i) == r and x != seqs[i].matcher.compiled.eos:  # still on the grammar's path
+                    seqs[i].matcher.advance(x)
+                    walked[i] += 1
+        for i, n in walked.items():
+            seqs[i].matcher.rollback(n)
         return drafts, [torch.stack(q) if q else None for q in qs]
+
+
+def _shape(logits: torch.Tensor, seqs: list[Sequence], walked: dict[int, int], idx: list[int], r: int) -> torch.Tensor:
+    """The draft's logits [B, V] for round r with each request's logit_bias and, where its grammar
+    has followed all r drafts so far, the grammar's mask (its own end-of-sequence token standing for
+    the request's stop ids: a draft of it is rejected at worst)."""
+    if not any(s.params.logit_bias or s.matcher is not None for s in seqs):
+        return logits
+    logits = logits.float().clone()
+    for j, seq in enumerate(seqs):
+        if seq.params.logit_bias:
+            logits[j : j + 1] = adjust_logits(logits[j : j + 1], seq.params)
+    rows = [j for j, i in enumerate(idx) if walked.get(i) == r]
+    if rows:
+        matchers = [seqs[j].matcher for j in rows]
+        allowed = grammar_masks(matchers, [[m.compiled.eos] for m in matchers], logits.shape[-1])
+        logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
+    return logits

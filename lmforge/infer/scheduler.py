@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ class Sequence:
     spec_steps: int = 0  # speculative decoding: verification forwards, tokens drafted, drafts accepted
     drafted: int = 0
     accepted: int = 0
+    matcher: Any = None  # grammar.GrammarMatcher when the request has a grammar (its state lives with the sequence)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted (usage reports them)
 
     @property
