@@ -3,7 +3,7 @@
 from .config import PRESETS, ModelConfig
 from .kv_cache import KVCache
 from .manifest import drop_transforms, has_transform, record_transform, transforms
-from .transformer import Transformer, build_mask
+from .transformer import Transformer, build_mask, per_window_masks
 
 
 def build_model(config: ModelConfig | str, **overrides) -> Transformer:
@@ -20,6 +20,7 @@ __all__ = [
     "Transformer",
     "build_model",
     "build_mask",
+    "per_window_masks",
     "drop_transforms",
     "has_transform",
     "record_transform",

@@ -1,5 +1,6 @@
 """ModelConfig: one flat dataclass. A field exists only for a real axis of variation between the
-families we load (GPT-2, Llama 2/3, Qwen2, Mistral, Mixtral); presets are plain data."""
+families we load (GPT-2, Llama 2/3/3.2, Qwen2/3, Qwen3-MoE, Mistral, Mixtral, Gemma 2/3, Phi-3, OLMo 2);
+presets are plain data. Every field added for a newer family defaults to the Llama behaviour."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from lmforge.common import LmforgeError, checked, dataclass_from_dict
 
 @dataclass
 class ModelConfig:
-    arch: str = "llama"  # HF family used for export: gpt2 | llama | qwen2 | mistral | mixtral
+    arch: str = "llama"  # HF family used for export (model.hf_config.SUPPORTED: gpt2, llama, qwen3, gemma2, ...)
     vocab_size: int = checked(32000, ge=1)
     hidden_size: int = checked(512, ge=1)
     intermediate_size: int = checked(1376, ge=1)
@@ -23,18 +24,33 @@ class ModelConfig:
     max_position_embeddings: int = checked(2048, ge=1)
     norm: str = checked("rmsnorm", choices=("rmsnorm", "layernorm"))
     norm_eps: float = checked(1e-5, gt=0)
+    # Where the block's norms sit: "pre" x + f(norm(x)) (Llama); "sandwich" x + norm(f(norm(x)))
+    # (Gemma 2/3); "post" x + norm(f(x)) (OLMo 2).
+    norm_position: str = checked("pre", choices=("pre", "sandwich", "post"))
+    norm_weight_offset: float = 0.0  # Gemma: RMSNorm scales by (offset + weight), weights stored around 0
+    qk_norm: str | None = checked(None, choices=("head", "full"))  # RMSNorm on q and k: per head (Qwen3,
+    # Gemma 3) or over the whole projection (OLMo 2), before RoPE
     activation: str = "silu"  # silu | gelu | gelu_new (tanh approximation, GPT-2) | relu
     gated_mlp: bool = True  # SwiGLU-style gate_proj * up_proj; False: up_proj -> act -> down_proj
     position: str = checked("rope", choices=("rope", "learned"))
     rope_theta: float = checked(10000.0, gt=0)
-    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"longrope", "factor": ..., ...}
+    rope_local_theta: float | None = checked(None, gt=0)  # Gemma 3: the sliding layers' RoPE base (unscaled)
+    partial_rotary_factor: float = checked(1.0, gt=0, le=1)  # RoPE on this fraction of each head (Phi-4-mini)
     attention_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
     attention_out_bias: bool = False  # bias on o_proj (GPT-2)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = checked(None, ge=1)  # Mistral: a query sees only the last `sliding_window` keys
+    # Per layer "sliding_attention" | "full_attention" (Gemma's alternation); None: every layer uses sliding_window.
+    layer_types: list[str] | None = None
+    scale_embeddings: bool = False  # Gemma: token embeddings x sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = checked(None, gt=0)  # Gemma: scores x this**-0.5 (None: head_dim)
+    attn_logit_softcapping: float | None = checked(None, gt=0)  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = checked(None, gt=0)  # Gemma 2: the same on the output logits
     num_experts: int = checked(0, ge=0)  # > 0: sparse mixture-of-experts MLP (Mixtral)
     num_experts_per_tok: int = checked(2, ge=1)
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1 (Mixtral; Qwen3-MoE: per config)
     router_aux_loss_coef: float = checked(0.02, ge=0)
     causal: bool = True  # False: bidirectional attention (masked LM)
     initializer_range: float = checked(0.02, ge=0)
@@ -58,10 +74,25 @@ class ModelConfig:
             ),
             (self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads", self.num_key_value_heads),
             (self.vocab_size > 0 and self.hidden_size > 0 and self.num_hidden_layers > 0, "sizes", self.vocab_size),
+            (
+                self.layer_types is None
+                or (
+                    len(self.layer_types) == self.num_hidden_layers
+                    and set(self.layer_types) <= {"sliding_attention", "full_attention"}
+                ),
+                "layer_types",
+                self.layer_types,
+            ),
         ]
         for ok, name, value in checks:
             if not ok:
                 raise LmforgeError(f"invalid model config: {name}={value!r}")
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer `layer_idx` (None: it attends to the whole context)."""
+        if self.layer_types is not None and self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,7 +116,10 @@ class ModelConfig:
         mlp = h * self.intermediate_size * (3 if self.gated_mlp else 2)
         if self.num_experts:
             mlp = mlp * self.num_experts + h * self.num_experts
-        per_layer = attn + mlp + 2 * h
+        norms = {"pre": 2, "sandwich": 4, "post": 2}[self.norm_position] * h
+        if self.qk_norm:
+            norms += 2 * self.head_dim if self.qk_norm == "head" else q + kv
+        per_layer = attn + mlp + norms
         n = per_layer * self.num_hidden_layers + h
         if include_embeddings:
             n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)

@@ -1,7 +1,9 @@
-"""Hugging Face <-> lmforge: configs and state-dict key maps, as pure functions over dicts.
+"""Hugging Face <-> lmforge state-dict key maps, as pure functions over dicts (configs: `hf_config`).
 
-Llama, Qwen2 and Mistral already use our names; GPT-2 and Mixtral need renames (and GPT-2's
-Conv1D weights are stored transposed, with q/k/v fused in one `c_attn`).
+Llama, Qwen2/3, Mistral, Gemma 2/3 and OLMo 2 already use our names; GPT-2, Mixtral and Phi-3 need
+renames or splits: GPT-2's Conv1D weights are stored transposed with q/k/v fused in one `c_attn`,
+Phi-3 fuses q/k/v in `qkv_proj` and gate/up in `gate_up_proj` (split on load, fused on export), and
+transformers v5 may store MoE experts fused in 3-D tensors (Mixtral, Qwen3-MoE).
 """
 
 from __future__ import annotations
@@ -10,156 +12,8 @@ import re
 
 import torch
 
-from lmforge.common import LmforgeError
-
 from .config import ModelConfig
-
-SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "mixtral")
-_ARCH_CLASS = {
-    "gpt2": "GPT2LMHeadModel",
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-}
-
-
-def _rope_fields(hf: dict) -> tuple[float, dict | None]:
-    """rope_theta and scaling from either the v4 fields or the v5 `rope_parameters` dict."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
-    scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    return float(theta), scaling
-
-
-def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    arch = hf.get("model_type")
-    if arch not in SUPPORTED:
-        raise LmforgeError(f"{source}: unsupported model_type {arch!r} (supported: {', '.join(SUPPORTED)})")
-    try:
-        if arch == "gpt2":
-            h = hf["n_embd"]
-            return ModelConfig(
-                arch="gpt2",
-                vocab_size=hf["vocab_size"],
-                hidden_size=h,
-                intermediate_size=hf.get("n_inner") or 4 * h,
-                num_hidden_layers=hf["n_layer"],
-                num_attention_heads=hf["n_head"],
-                max_position_embeddings=hf.get("n_positions", 1024),
-                norm="layernorm",
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                activation=hf.get("activation_function", "gelu_new"),
-                gated_mlp=False,
-                position="learned",
-                attention_bias=True,
-                attention_out_bias=True,
-                mlp_bias=True,
-                tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
-                pad_token_id=hf.get("pad_token_id"),
-            )
-        theta, scaling = _rope_fields(hf)
-        sliding = hf.get("sliding_window")
-        if arch == "qwen2" and not hf.get("use_sliding_window", False):
-            sliding = None
-        return ModelConfig(
-            arch=arch,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            activation=hf.get("hidden_act", "silu"),
-            gated_mlp=True,
-            position="rope",
-            rope_theta=theta,
-            rope_scaling=scaling,
-            attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            sliding_window=sliding if arch in ("mistral", "mixtral", "qwen2") else None,
-            num_experts=hf.get("num_local_experts", 0) if arch == "mixtral" else 0,
-            num_experts_per_tok=hf.get("num_experts_per_tok", 2),
-            router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.02),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
-        )
-    except KeyError as e:
-        raise LmforgeError(f"{source}: missing field {e.args[0]!r} for model_type {arch!r}") from None
-
-
-def config_to_hf(c: ModelConfig) -> dict:
-    if c.arch not in SUPPORTED:
-        raise LmforgeError(f"cannot export arch {c.arch!r} to Hugging Face (supported: {', '.join(SUPPORTED)})")
-    common = {
-        "architectures": [_ARCH_CLASS[c.arch]],
-        "model_type": c.arch,
-        "vocab_size": c.vocab_size,
-        "bos_token_id": c.bos_token_id,
-        "eos_token_id": c.eos_token_id,
-        "pad_token_id": c.pad_token_id,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "initializer_range": c.initializer_range,
-        "torch_dtype": "float32",
-    }
-    if c.arch == "gpt2":
-        return {
-            **common,
-            "n_embd": c.hidden_size,
-            "n_inner": c.intermediate_size,
-            "n_layer": c.num_hidden_layers,
-            "n_head": c.num_attention_heads,
-            "n_positions": c.max_position_embeddings,
-            "n_ctx": c.max_position_embeddings,
-            "layer_norm_epsilon": c.norm_eps,
-            "activation_function": c.activation,
-            "attn_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "resid_pdrop": 0.0,
-        }
-    out = {
-        **common,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim,
-        "max_position_embeddings": c.max_position_embeddings,
-        "rms_norm_eps": c.norm_eps,
-        "hidden_act": c.activation,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": c.rope_scaling,
-        "attention_dropout": 0.0,
-    }
-    if c.arch == "llama":
-        out.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
-    if c.arch in ("mistral", "mixtral"):
-        out["sliding_window"] = c.sliding_window
-    if c.arch == "qwen2":
-        out.update(
-            use_sliding_window=c.sliding_window is not None,
-            sliding_window=c.sliding_window,
-            max_window_layers=c.num_hidden_layers,
-        )
-    if c.arch == "mixtral":
-        out.update(
-            num_local_experts=c.num_experts,
-            num_experts_per_tok=c.num_experts_per_tok,
-            router_aux_loss_coef=c.router_aux_loss_coef,
-        )
-    return out
-
+from .hf_config import SUPPORTED, config_from_hf, config_to_hf  # noqa: F401  (re-exported: the one import site)
 
 # ----------------------------------------------------------------------------- state dicts
 
@@ -185,10 +39,10 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str,
             continue
         if c.arch == "gpt2":
             out.update(_gpt2_tensor_from_hf(key.removeprefix("transformer."), t, c))
-        elif c.arch == "mixtral":
-            out.update(_mixtral_tensor_from_hf(key, t))
+        elif c.arch == "phi3":
+            out.update(_phi3_tensor_from_hf(key, t, c))
         else:
-            out[key] = t
+            out.update(_moe_tensor_from_hf(key, t))
     if c.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
@@ -217,7 +71,23 @@ def _gpt2_tensor_from_hf(key: str, t: torch.Tensor, c: ModelConfig) -> dict[str,
     return {key: t}  # unknown: let the loader report it as unexpected
 
 
-def _mixtral_tensor_from_hf(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+def _phi3_tensor_from_hf(key: str, t: torch.Tensor, c: ModelConfig) -> dict[str, torch.Tensor]:
+    """Phi-3's fused projections, split along the output dim: qkv_proj = [q; k; v], gate_up_proj = [gate; up]."""
+    pre, _, kind = key.rpartition(".")
+    if pre.endswith(".self_attn.qkv_proj"):
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        parts = dict(zip("qkv", t.split([q, kv, kv], dim=0)))
+        return {f"{pre.removesuffix('qkv_proj')}{p}_proj.{kind}": parts[p] for p in "qkv"}
+    if pre.endswith(".mlp.gate_up_proj"):
+        gate, up = t.chunk(2, dim=0)
+        base = pre.removesuffix("gate_up_proj")
+        return {f"{base}gate_proj.{kind}": gate, f"{base}up_proj.{kind}": up}
+    return {key: t}
+
+
+def _moe_tensor_from_hf(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mixtral's names (block_sparse_moe, w1/w2/w3) and v5's fused 3-D experts -> one Linear per expert;
+    any other key unchanged."""
     key = key.replace(".block_sparse_moe.", ".mlp.")
     m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(w[123])\.weight$", key)
     if m:
@@ -272,7 +142,18 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, t
                 key = key.replace(".mlp.", ".block_sparse_moe.")
                 for w, ours in _MIXTRAL_EXPERT.items():
                     key = key.replace(f".{ours}.", f".{w}.") if ".experts." in key else key
+            if c.arch == "phi3" and re.search(r"\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)\.", key):
+                continue  # fused below
             out[key] = t
+        if c.arch == "phi3":
+            for i in range(c.num_hidden_layers):
+                pre = f"model.layers.{i}."
+                for fused, parts in (("self_attn.qkv_proj", ("q", "k", "v")), ("mlp.gate_up_proj", ("gate", "up"))):
+                    family = fused.split(".")[0]
+                    for kind in ("weight", "bias"):
+                        names = [f"{pre}{family}.{p}_proj.{kind}" for p in parts]
+                        if names[0] in sd:
+                            out[f"{pre}{fused}.{kind}"] = torch.cat([sd[n] for n in names], dim=0)
         if c.tie_word_embeddings:
             out.pop("lm_head.weight", None)
     return {k: v.detach().contiguous().clone() for k, v in out.items()}

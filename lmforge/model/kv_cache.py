@@ -25,7 +25,8 @@ class KVCache:
     def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
         p = next(model.parameters())
         dtype = p.dtype if p.is_floating_point() else torch.float32
-        return cls(model.config, batch_size, max_len, device=p.device, dtype=dtype)
+        # A tensor-parallel model (lmforge.parallel) holds only its rank's key/value heads.
+        return cls(getattr(model, "tp_local_config", model.config), batch_size, max_len, device=p.device, dtype=dtype)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
         end = start_pos + k.shape[2]
