@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "arena": ("lmforge.recipes.arena", "rate models by pairwise battles: Bradley-Terry, Elo, win rates"),
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model"),
     "vlm": ("lmforge.recipes.vlm", "train or evaluate a LLaVA-style vision-language model"),
+    "audio": ("lmforge.recipes.audio", "train or evaluate an audio-language model (speech recognition)"),
 }
 
 

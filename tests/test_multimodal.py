@@ -276,7 +276,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     from lmforge.cli import main
 
     assert main(["vlm", "eval", "--model", str(tmp_path)]) == 2
-    assert "not an lmforge CLIP/VLM folder" in capsys.readouterr().err
+    assert "not an lmforge CLIP/VLM/ALM folder" in capsys.readouterr().err
     assert main(["clip", "train", "--out", str(tmp_path / "o"), "--set", "nope=1"]) == 2
     assert "override 'nope': unknown field 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -77,3 +77,50 @@ class VlmTrainConfig:
     max_new_tokens: int = checked(32, ge=1)
     seed: int = checked(0, ge=0)
     device: str = checked("auto", pattern=DEVICE_PATTERN)
+
+
+@dataclass
+class AudioTrainConfig:
+    """`lmforge audio train|eval`: an audio-language model (Whisper-style encoder -> projector -> LM)."""
+
+    data: str = "digits-en"  # digits-en | commands-en | mixed-en | digits-zh | a folder with train/test.jsonl
+    train_size: int = checked(3000, ge=1)
+    eval_size: int = checked(200, ge=1)
+    encoder: str | None = None  # a Hugging Face Whisper folder to start from; None: a fresh encoder
+    audio: dict = field(
+        default_factory=lambda: {
+            "num_mel_bins": 80,
+            "d_model": 128,
+            "encoder_layers": 3,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 512,
+            "max_source_positions": 300,
+        }
+    )
+    lm: str | None = None  # an lmforge/HF LM folder whose tokenizer has an <audio> token; None: a fresh one
+    lm_preset: str = "tiny"
+    lm_overrides: dict = field(
+        default_factory=lambda: {
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+        }
+    )
+    vocab_size: int = checked(320, ge=1)
+    stack: int = checked(4, ge=1)  # encoder vectors per audio token (80 ms)
+    clip_seconds: float = checked(0.0, ge=0)  # 0: the longest training clip, rounded up to 0.5 s
+    stage1_steps: int = checked(0, ge=0)  # projector only (encoder and LM frozen): for a pretrained encoder + LM
+    stage2_steps: int = checked(1500, ge=0)  # projector + LM (or LoRA) + the encoder unless encoder_lr = 0
+    lora_rank: int = checked(0, ge=0)  # > 0: stage 2 trains LoRA adapters on the LM (merged before saving)
+    batch_size: int = checked(32, ge=1)
+    lr: float = checked(1e-3, gt=0)
+    encoder_lr: float = checked(1e-3, ge=0)  # 0: keep the encoder frozen in stage 2
+    weight_decay: float = checked(0.0, ge=0)
+    warmup_steps: int = checked(100, ge=0)
+    max_new_tokens: int = checked(24, ge=1)
+    prompt: str = "transcribe."
+    seed: int = checked(0, ge=0)
+    device: str = checked("auto", pattern=DEVICE_PATTERN)

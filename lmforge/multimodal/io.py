@@ -1,6 +1,6 @@
 """Save/load multimodal models as folders: config.json + model.safetensors (+ the tokenizer).
 
-    config.json   {"lmforge_multimodal": "clip" | "vlm", "config": {...}}
+    config.json   {"lmforge_multimodal": "clip" | "vlm" | "alm", "config": {...}}
     vision/       the image encoder alone as a Hugging Face CLIPVisionModel folder (interop)
 
 Hugging Face CLIP vision towers (a CLIPVisionModel or CLIPModel folder) load with
@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_dir, atomic_write_json, read_json
 
+from .alm import AlmConfig, AudioLanguageModel
 from .clip import CLIP, ClipConfig
 from .vit import VisionConfig, VisionTransformer, hf_to_lmforge, lmforge_to_hf
 from .vlm import VisionLanguageModel, VlmConfig
 
-KINDS = {"clip": (CLIP, ClipConfig), "vlm": (VisionLanguageModel, VlmConfig)}
+KINDS = {"clip": (CLIP, ClipConfig), "vlm": (VisionLanguageModel, VlmConfig), "alm": (AudioLanguageModel, AlmConfig)}
 
 
 def _contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -56,10 +57,13 @@ def load_hf_vision(folder: str | Path) -> VisionTransformer:
 
 
 def save_multimodal(
-    model: CLIP | VisionLanguageModel, out_dir: str | Path, tokenizer=None, extra: dict | None = None
+    model: CLIP | VisionLanguageModel | AudioLanguageModel,
+    out_dir: str | Path,
+    tokenizer=None,
+    extra: dict | None = None,
 ) -> Path:
-    kind = "clip" if isinstance(model, CLIP) else "vlm"
-    config = model.config if kind == "clip" else model.vlm_config
+    kind = "clip" if isinstance(model, CLIP) else "alm" if isinstance(model, AudioLanguageModel) else "vlm"
+    config = {"clip": lambda: model.config, "vlm": lambda: model.vlm_config, "alm": lambda: model.alm_config}[kind]()
     with atomic_dir(out_dir, mark=True) as tmp:
         save_file(_contiguous_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(
@@ -68,7 +72,8 @@ def save_multimodal(
         )
         if tokenizer is not None:
             tokenizer.save(tmp)
-        save_hf_vision(model.vision, tmp / "vision")
+        if kind != "alm":
+            save_hf_vision(model.vision, tmp / "vision")
     return Path(out_dir)
 
 
@@ -78,10 +83,11 @@ def is_multimodal(path: str | Path) -> bool:
 
 
 def load_multimodal(path: str | Path, device=None, kind: str | None = None):
-    """-> the model (its tokenizer, when saved, is the folder's tokenizer.json). `kind` ("clip"/"vlm") checks what the folder holds."""
+    """-> the model (its tokenizer, when saved, is the folder's tokenizer.json). `kind` ("clip"/"vlm"/"alm")
+    checks what the folder holds."""
     path = Path(path)
     if not is_multimodal(path):
-        raise LmforgeError(f"{path}: not an lmforge CLIP/VLM folder (config.json without 'lmforge_multimodal')")
+        raise LmforgeError(f"{path}: not an lmforge CLIP/VLM/ALM folder (config.json without 'lmforge_multimodal')")
     meta = read_json(path / "config.json")
     found = meta["lmforge_multimodal"]
     if found not in KINDS or (kind and found != kind):

@@ -176,8 +176,9 @@ _KEY_MAP = [
 ]
 
 
-def _rename(key: str, to_ours: bool) -> str | None:
-    for hf, ours in _KEY_MAP:
+def rename_key(key: str, to_ours: bool, table: list[tuple[str, str]] = _KEY_MAP) -> str | None:
+    """key renamed by the first matching (HF, ours) prefix pair of table; None when none matches."""
+    for hf, ours in table:
         src, dst = (hf, ours) if to_ours else (ours, hf)
         m = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), key)
         if m:
@@ -191,7 +192,7 @@ def hf_to_lmforge(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         key = key.removeprefix("vision_model.")
-        new = _rename(key, to_ours=True)
+        new = rename_key(key, to_ours=True)
         if new is not None:
             out[new] = value
     return out
@@ -200,7 +201,7 @@ def hf_to_lmforge(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def lmforge_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
-        new = _rename(key, to_ours=False)
+        new = rename_key(key, to_ours=False)
         if new is None:
             raise LmforgeError(f"vision state dict key {key!r} has no Hugging Face CLIP name")
         out[new] = value

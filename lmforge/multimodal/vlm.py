@@ -95,14 +95,16 @@ def expand_image_tokens(ids: list[int], mask: list[int], image_token_id: int, n:
     return out_ids, out_mask
 
 
-def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, image_token_id: int) -> torch.Tensor:
+def splice(
+    embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, image_token_id: int, what: str = "image"
+) -> torch.Tensor:
     """embeds [B, T, D] with the image-token rows replaced, in reading order, by features
     [num_images, N, D] (image k fills the k-th run of N placeholders). Differentiable in both."""
     slots = input_ids == image_token_id
     if int(slots.sum()) != features.shape[0] * features.shape[1]:
         raise LmforgeError(
-            f"the prompt has {int(slots.sum())} image-token slots but {features.shape[0]} image(s) "
-            f"x {features.shape[1]} features were given (one <image> per image, expanded "
+            f"the prompt has {int(slots.sum())} {what}-token slots but {features.shape[0]} {what}(s) "
+            f"x {features.shape[1]} features were given (one <{what}> per {what}, expanded "
             f"to {features.shape[1]} tokens)"
         )
     return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
