@@ -23,6 +23,8 @@ from collections import OrderedDict, deque
 
 import torch
 
+from lmforge.model import per_window_masks
+
 PAD_BLOCK = 0  # scratch block: padding tokens write here, padded keys read from here (masked out)
 
 
@@ -263,7 +265,8 @@ def forward_padded(
     # A decode step: (sequence id, position of its new token) per row.
     decode = [(rid, n - 1) for rid, n in zip(row_ids, ctx.tolist())] if row_ids is not None and T == 1 else None
     S = cache.set_step(write_slots(tables, write_pos, bs).to(device), block_table(tables, nb).to(device), decode)
-    mask = _padded_mask(qpos, ctx, S, model.config.sliding_window).to(device)
+    # Keys sit at their positions (a row's blocks gathered in order): the model applies each layer's window.
+    mask = _padded_mask(qpos, ctx, S).to(device)
     logits = model(
         torch.tensor(ids, device=device),
         position_ids=qpos.clamp(min=0).to(device),
@@ -274,13 +277,11 @@ def forward_padded(
     return logits.float()
 
 
-def _padded_mask(qpos: torch.Tensor, ctx: torch.Tensor, S: int, window: int | None) -> torch.Tensor:
+def _padded_mask(qpos: torch.Tensor, ctx: torch.Tensor, S: int) -> torch.Tensor:
     """[B, 1, T, S]: key j is visible to a query at position p if j <= p and j is in the row's context."""
     k = torch.arange(S)[None, None, :]
     q = qpos[:, :, None]
     allowed = (k <= q) & (k < ctx[:, None, None])
-    if window:
-        allowed &= (q - k) < window
     allowed |= (q < 0) & (k == 0)  # padding queries see one key (their output is discarded)
     return allowed[:, None]
 
@@ -304,14 +305,13 @@ def forward_packed(model, cache: PagedKVCache, rows: list[Row]) -> torch.Tensor:
     key_owner = torch.cat([torch.full((len(k),), i) for i, k in enumerate(key_pos)])
     q, k = torch.tensor(qpos)[:, None], torch.cat(key_pos)[None, :]
     allowed = (torch.tensor(owner)[:, None] == key_owner[None, :]) & (k <= q)
-    window = model.config.sliding_window
-    if window:
-        allowed &= (q - k) < window
+    # Keys of several rows side by side are not at their positions: one mask per layer window.
+    masks = {w: m[None, None].to(device) for w, m in per_window_masks(model.config, allowed, q, k).items()}
     cache.set_step(torch.cat(slots).reshape(1, -1).to(device), torch.tensor([tables], device=device))
     _, hidden = model(
         torch.tensor([ids], device=device),
         position_ids=torch.tensor([qpos], device=device),
-        attn_mask=allowed[None, None].to(device),
+        attn_mask=masks,
         kv_cache=cache,
         logits_to_keep=1,
         return_hidden=True,
