@@ -15,6 +15,7 @@ LAYERS = {
     "peft": 2,
     "quant": 2,
     "checkpoint": 3,
+    "parallel": 3,  # tensor parallelism: used by infer and train (L4)
     "train": 4,
     "infer": 4,
     "eval": 5,

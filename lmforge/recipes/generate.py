@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -52,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "is below P (then --num-speculative is an upper bound; e.g. --num-speculative 6 "
         "--draft-min-confidence 0.4)",
     )
+    p.add_argument(
+        "--tp",
+        type=bounded(int, ge=1),
+        default=1,
+        help="tensor-parallel degree: shard the model over N processes (torchrun --nproc_per_node N)",
+    )
     p.add_argument("--prompts", metavar="FILE.jsonl", help="batch mode: every prompt of the file through the engine")
     p.add_argument("--out", metavar="FILE.jsonl", help="where --prompts writes the completions")
 
@@ -65,11 +72,16 @@ def main(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_ids is None and args.prompts is None:
         raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3, or --prompts FILE.jsonl --out FILE.jsonl)")
     device = get_device(args.device)
+    if args.image and args.tp > 1:
+        raise LmforgeError("--image cannot be combined with --tp yet")
     if args.image:  # a vision-language model: the image is spliced in at the prompt's <image>
         return answer_image(args, device)
     model = load_model(args.model, device=device, dtype=args.dtype)
-    # Eager decode: pre-transposed weights; compiled decode: inductor's freezing prepacks nn.Linear itself.
-    model = model.requires_grad_(False) if args.compile else prepare_for_inference(model)
+    if args.tp > 1:
+        model = tensor_parallel_model(model, args, device)
+    else:
+        # Eager decode: pre-transposed weights; compiled decode: inductor's freezing prepacks nn.Linear itself.
+        model = model.requires_grad_(False) if args.compile else prepare_for_inference(model)
     tokenizer = load_tokenizer_if_any(args.model)
     if args.seed is not None:
         seed_everything(args.seed)
@@ -143,6 +155,24 @@ def main(args: argparse.Namespace) -> int:
     if spec:
         print(json.dumps(spec["stats"].as_dict()), file=sys.stderr)
     return 0
+
+
+def tensor_parallel_model(model, args: argparse.Namespace, device):
+    """Shard `model` over torchrun's ranks (lmforge.parallel). Every rank decodes the same tokens from
+    the same gathered logits; only rank 0 prints."""
+    from lmforge.common import dist_info
+    from lmforge.parallel import apply_tensor_parallel, shared_seed
+
+    unsupported = {"--compile": args.compile, "--draft": args.draft, "--lookup": args.lookup}
+    unsupported.update({"--medusa": args.medusa, "--prompts": args.prompts})
+    for flag, value in unsupported.items():
+        if value:
+            raise LmforgeError(f"{flag} cannot be combined with --tp yet")
+    model = apply_tensor_parallel(model.requires_grad_(False), args.tp, device)
+    args.seed = shared_seed(args.seed)
+    if dist_info().rank != 0:  # the other ranks compute the same text: one copy of the output
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    return model
 
 
 def sampling_params(args: argparse.Namespace):

@@ -18,6 +18,7 @@ import torch
 from lmforge.common import LmforgeError, checked, dist_info, get_logger
 from lmforge.data.shards import data_tokenizer
 from lmforge.model import ModelConfig, Transformer
+from lmforge.parallel import data_parallel_info
 from lmforge.recipes._common import (
     MetricsWriter,
     RunConfig,
@@ -49,6 +50,7 @@ FLAGS = {
     "--steps": "train.steps",
     "--objective": "train.objective",
     "--strategy": "train.strategy",
+    "--tp": "train.tp",
     "--data": "data.path",
     "--preset": "model.preset",
     "--runs-dir": "run.dir",
@@ -245,6 +247,7 @@ def main(args: argparse.Namespace) -> dict:
     cfg = load_config(PretrainRecipe, args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
     train_cfg, optim_cfg, data_cfg, run_cfg, distill = cfg.train, cfg.optim, cfg.data, cfg.run, cfg.distill
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
+    data_info = data_parallel_info(info, train_cfg.tp)  # the ranks of a tensor-parallel group read the same data
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
     folder = data_folder(data_cfg, train_cfg.seed)  # the data's tokenizer decides the vocabulary
     tokenizer = data_tokenizer(folder)
@@ -254,7 +257,7 @@ def main(args: argparse.Namespace) -> dict:
         from lmforge.train.memory import auto_fit
 
         train_cfg = auto_fit(mconfig, train_cfg, device, info.world_size)
-    loader, val_loader = loaders(folder, train_cfg, info)
+    loader, val_loader = loaders(folder, train_cfg, data_info)
     if mconfig.max_position_embeddings < train_cfg.seq_len + 2 * len(objective.sentinels):
         raise LmforgeError(
             f"train.seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings {mconfig.max_position_embeddings}"
@@ -272,7 +275,7 @@ def main(args: argparse.Namespace) -> dict:
         log.info("student initialised from the teacher: %d of %d tensors copied", copied, len(model.state_dict()))
     pool = None
     if teacher is not None and distill.continuation_fraction > 0:
-        pool = continuation_pool(teacher, loader, distill, train_cfg.seq_len, train_cfg.seed + info.rank, device)
+        pool = continuation_pool(teacher, loader, distill, train_cfg.seq_len, train_cfg.seed + data_info.rank, device)
         log.info("%d teacher continuations for %.0f%% of each batch", len(pool), 100 * distill.continuation_fraction)
     elif distill.continuation_fraction > 0:
         raise LmforgeError("distill.continuation_fraction needs distill.teacher (whose continuations?)")
@@ -282,9 +285,9 @@ def main(args: argparse.Namespace) -> dict:
         rows = windows(next(loader))
         if pool is not None:
             rows = with_continuations(
-                rows, pool, distill.continuation_fraction, batch_generator(train_cfg.seed + 1, step, i, info.rank)
+                rows, pool, distill.continuation_fraction, batch_generator(train_cfg.seed + 1, step, i, data_info.rank)
             )
-        batch = objective.batch(rows, batch_generator(train_cfg.seed, step, i, info.rank))
+        batch = objective.batch(rows, batch_generator(train_cfg.seed, step, i, data_info.rank))
         if teacher is not None:
             with torch.no_grad():
                 batch["teacher_logits"] = teacher(batch["input_ids"].to(device))
@@ -294,7 +297,7 @@ def main(args: argparse.Namespace) -> dict:
     def val_batches():
         vl = val_loader()
         return [
-            objective.batch(windows(next(vl)), batch_generator(99, 0, i, info.rank))
+            objective.batch(windows(next(vl)), batch_generator(99, 0, i, data_info.rank))
             for i in range(train_cfg.eval_batches)
         ]
 

@@ -15,6 +15,7 @@ import json
 
 from lmforge.common import LmforgeError, atomic_write_text, checked, get_logger
 from lmforge.model.config import PRESETS
+from lmforge.parallel import data_parallel_info
 from lmforge.recipes._common import (
     MetricsWriter,
     RunConfig,
@@ -56,6 +57,7 @@ FLAGS = {
     "--lr": "optim.lr",
     "--device": "run.device",
     "--strategy": "train.strategy",
+    "--tp": "train.tp",
     "--dtype": "train.dtype",
 }
 
@@ -218,6 +220,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(SFTRecipe, args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
     train_cfg, optim_cfg, src, data, peft_cfg, run_cfg = cfg.train, cfg.optim, cfg.model, cfg.data, cfg.peft, cfg.run
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
+    data_info = data_parallel_info(info, train_cfg.tp)  # the ranks of a tensor-parallel group read the same data
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
     model, tokenizer = load_base(src, data)
     if peft_cfg.method in ("prompt", "p_tuning") and data.pack:
@@ -249,14 +252,16 @@ def main(args: argparse.Namespace) -> int:
     from lmforge.train.sft_data import PackedBatches
 
     loader = PackedBatches(
-        train_rows, train_cfg.micro_batch_size, train_cfg.seed, info.rank, info.world_size, segments=data.pack
+        train_rows, train_cfg.micro_batch_size, train_cfg.seed, data_info.rank, data_info.world_size, segments=data.pack
     )
     val_batches = None
-    if val_rows and len(val_rows) >= train_cfg.micro_batch_size * info.world_size:
+    if val_rows and len(val_rows) >= train_cfg.micro_batch_size * data_info.world_size:
 
         def val_batches():
-            vl = PackedBatches(val_rows, train_cfg.micro_batch_size, 1234, info.rank, info.world_size, data.pack)
-            return [next(vl) for _ in range(min(train_cfg.eval_batches, vl.per_epoch // info.world_size))]
+            vl = PackedBatches(
+                val_rows, train_cfg.micro_batch_size, 1234, data_info.rank, data_info.world_size, data.pack
+            )
+            return [next(vl) for _ in range(min(train_cfg.eval_batches, vl.per_epoch // data_info.world_size))]
 
     metrics = MetricsWriter(
         run_dir / "metrics.jsonl", enabled=info.is_main, tensorboard_dir=run_dir / "tb" if run_cfg.tensorboard else None

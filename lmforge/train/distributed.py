@@ -1,5 +1,6 @@
 """Data parallelism through torchrun: DDP (replicated model, all-reduced gradients) or FSDP2
-(`fully_shard`: parameters, gradients and optimizer state sharded across ranks). Single-process
+(`fully_shard`: parameters, gradients and optimizer state sharded across ranks); or tensor
+parallelism (`train.tp`, lmforge.parallel: every rank one shard of one replica). Single-process
 runs go through the same functions, which then do nothing.
 
 State dicts are always gathered to full, unsharded tensors (torch.distributed.checkpoint's
@@ -9,8 +10,6 @@ state_dict helpers), so a checkpoint written by N ranks loads in one process and
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
 
 import torch
 import torch.distributed as dist
@@ -23,28 +22,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lmforge.common import DistInfo, LmforgeError, dist_info
+from lmforge.common import DistInfo, LmforgeError
+from lmforge.parallel import apply_tensor_parallel, init_process_group
 
 STRATEGIES = ("ddp", "fsdp")
 
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA); a no-op for one process."""
-    info = dist_info()
-    if info.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(info.local_rank)
-        minutes = int(os.environ.get("LMFORGE_DIST_TIMEOUT_MIN", 30))
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
-    return info
+    return init_process_group(device)
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+def wrap_model(model: nn.Module, strategy: str, device: torch.device, tp: int = 1) -> nn.Module:
+    if tp > 1:  # every rank holds one shard of the one replica: no data-parallel wrapper on top
+        if strategy == "fsdp":
+            raise LmforgeError("train.strategy fsdp cannot be combined with --tp yet: use --strategy ddp (the default)")
+        return apply_tensor_parallel(model, tp, device)
     if not is_distributed():
         return model
     if strategy == "ddp":
@@ -113,6 +110,21 @@ def load_full_state(
     set_model_state_dict(model, model_state, options=opts)
     if optimizer is not None and optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """clip_grad_norm_ over `params` -> the global norm before clipping. Under tensor parallelism
+    sharded (DTensor) and replicated (plain) gradients mix, which torch's fused norm refuses: each
+    norm is then taken on its own (a DTensor's over the whole tensor) and the clip applied alike."""
+    kinds = {type(p.grad).__name__ == "DTensor" for p in params}
+    if len(kinds) < 2:
+        return total_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]))
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as clip_grad_norm_: always multiply
+    for p in params:
+        p.grad.mul_(coef.item())
+    return float(norm)
 
 
 def total_norm(norm: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from lmforge.common import DTYPE_NAMES, checked
 
 from .align import distill_loss  # the one KL of distillation (mean over labelled tokens)
-from .distributed import all_reduce_sum, gradient_sync, total_norm
+from .distributed import all_reduce_sum, clip_gradients, gradient_sync
 from .losses import fusable_head, linear_cross_entropy
 from .objectives import IGNORE, lm_loss_sum
 
@@ -35,6 +35,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     strategy: str = checked("ddp", choices=("ddp", "fsdp"))  # fsdp only under torchrun
+    tp: int = checked(1, ge=1)  # tensor-parallel degree (lmforge.parallel): torchrun with exactly tp processes
     seed: int = checked(0, ge=0)
     eval_every: int = checked(50, ge=0)  # 0: never
     eval_batches: int = checked(8, ge=1)
@@ -167,7 +168,7 @@ def train_step(
     loss_value = float(all_reduce_sum(loss_total)) / n_global
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = clip_grad if clip_grad > 0 else float("inf")
-    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+    grad_norm = clip_gradients(params, max_norm) if params else 0.0
     skipped = None
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         skipped = "nonfinite"

@@ -61,6 +61,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         is_dtensor = type(groups[0]["params"][0]).__name__ == "DTensor"
         if cfg.fused or (device.type in ("cpu", "cuda") and not is_dtensor):
             kwargs["fused"] = True
+    kinds = {type(p).__name__ == "DTensor" for g in groups for p in g["params"]}
+    if len(kinds) > 1:  # tensor parallelism: sharded and replicated tensors cannot share a foreach kernel
+        kwargs["foreach"] = False
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
 
 

@@ -36,7 +36,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, optim_cfg: OptimConfig, de
     model.model.gradient_checkpointing = bool(cfg.activation_checkpointing)
     model.to(device)
     model.train()
-    wrapped = wrap_model(model, cfg.strategy, device)
+    wrapped = wrap_model(model, cfg.strategy, device, cfg.tp)
     optimizer = build_optimizer(wrapped, optim_cfg)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
