@@ -36,7 +36,8 @@ import torch
 from lmforge.common import LmforgeError
 from lmforge.model import KVCache
 
-from .sampling import SamplingParams, probabilities, sample
+from .grammar import draft_masks, grammar_for, grammar_masks
+from .sampling import SamplingParams, adjust_logits, probabilities, sample
 
 
 class Proposer(Protocol):
@@ -168,6 +169,7 @@ def decode(
     eos_token_ids: Sequence[int] = (),
     stats: SpecStats | None = None,
     return_logits: bool = False,
+    tokenizer=None,
 ) -> Iterator:
     """Yield the next token of every row [B] per step (with `return_logits`, (token, the logits
     [B, V] it was sampled from)). `model`: a Transformer, or a model with a `language_model` (a VLM:
@@ -175,7 +177,9 @@ def decode(
     a list of lists (left-padded); with `inputs_embeds` [B, T, D] they are optional and only seed the
     repetition penalty and the proposers. `sinks`: a streaming.AttentionSinks cache option.
     `decode_fn` replaces the model call of the one-token step (e.g. a torch.compile'd model).
-    `eos_token_ids` stop like params.stop_token_ids. `stats` (speculative) is filled as it goes."""
+    `eos_token_ids` stop like params.stop_token_ids. `stats` (speculative) is filled as it goes.
+    `tokenizer`: needed by a params.grammar (each row its own matcher; once the grammar is complete
+    only the stop ids are allowed)."""
     lm = getattr(model, "language_model", model)
     stop = list(params.stop_token_ids)
     stop += [t for t in eos_token_ids if t is not None and t not in stop]
@@ -208,8 +212,8 @@ def decode(
             )
         if return_logits:
             raise LmforgeError("speculative decoding does not return per-token logits")
-        if params.repetition_penalty != 1.0:
-            raise LmforgeError("speculative decoding does not support repetition_penalty (use plain decoding)")
+        if params.penalised:
+            raise LmforgeError(f"speculative decoding does not support {params.set_penalties[0]} (use plain decoding)")
         if k < 1:
             raise LmforgeError(f"speculative k must be >= 1, got {k}")
         if getattr(proposer, "tree", False) and not params.greedy:
@@ -217,8 +221,14 @@ def decode(
                 "tree verification (Medusa) is greedy only (temperature 0); "
                 "use a draft model or prompt lookup to sample"
             )
-        return _speculative(lm, ids[0].tolist(), params, proposer, k, stop, stats or SpecStats())
-    return _plain(lm, params, ids, mask, inputs_embeds, sinks, decode_fn, stop, return_logits)
+        if getattr(proposer, "tree", False) and params.grammar is not None:
+            raise LmforgeError(
+                "tree verification (Medusa) does not support a grammar; use a draft model or prompt lookup"
+            )
+        matcher = grammar_for(params, tokenizer, lm.config.vocab_size, stop)
+        return _speculative(lm, ids[0].tolist(), params, proposer, k, stop, stats or SpecStats(), matcher)
+    matchers = [grammar_for(params, tokenizer, lm.config.vocab_size, stop) for _ in range(B)]
+    return _plain(lm, params, ids, mask, inputs_embeds, sinks, decode_fn, stop, return_logits, matchers)
 
 
 def _as_batch(input_ids, attention_mask, pad_id: int):
@@ -281,7 +291,7 @@ def _static_feeder(model, B: int, T: int, max_new: int, mask, device, decode_fn)
 
 @torch.inference_mode()  # the cache is made here: an inference tensor updates without version counting
 def _plain(
-    model, params: SamplingParams, ids, mask, embeds, sinks, decode_fn, stop: list[int], return_logits: bool
+    model, params: SamplingParams, ids, mask, embeds, sinks, decode_fn, stop: list[int], return_logits: bool, matchers
 ) -> Iterator:
     device = next(model.parameters()).device
     ids = None if ids is None else ids.to(device)
@@ -290,11 +300,11 @@ def _plain(
         feed, prompt_mask = sinks.feeder(model, device), None
     else:
         feed, prompt_mask = _static_feeder(model, B, T, params.max_new_tokens, mask, device, decode_fn)
-    return _plain_steps(model, params, ids, embeds, feed, prompt_mask, stop, return_logits, device)
+    return _plain_steps(model, params, ids, embeds, feed, prompt_mask, stop, return_logits, device, matchers)
 
 
 @torch.inference_mode()
-def _plain_steps(model, params, ids, embeds, feed, prompt_mask, stop_ids, return_logits, device) -> Iterator:
+def _plain_steps(model, params, ids, embeds, feed, prompt_mask, stop_ids, return_logits, device, matchers) -> Iterator:
     if params.max_new_tokens == 0:
         return
     B = (ids if embeds is None else embeds).shape[0]
@@ -306,17 +316,29 @@ def _plain_steps(model, params, ids, embeds, feed, prompt_mask, stop_ids, return
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         if ids is not None:
             seen.scatter_(1, ids, True if prompt_mask is None else prompt_mask.bool())
+    counts = None  # presence/frequency penalties: how often each row generated each token
+    if params.presence_penalty or params.frequency_penalty:
+        counts = torch.zeros(B, model.config.vocab_size, dtype=torch.long, device=device)
+    grammar = matchers[0] is not None
     stop = torch.tensor(stop_ids, device=device, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits = feed(ids if embeds is None else None, embeds)
     for i in range(params.max_new_tokens):
-        token = sample(logits.float(), params, generator, seen)
+        allowed = grammar_masks(matchers, [stop_ids] * B, logits.shape[-1]).to(device) if grammar else None
+        token = sample(logits.float(), params, generator, seen, counts, allowed)
         if len(stop):
             token = torch.where(finished, stop[0], token)
+        if grammar:  # rows still going move their grammar past the token (a stop ends the row)
+            for m, t, done in zip(matchers, token.tolist(), finished.tolist()):
+                if not done and t not in stop_ids:
+                    m.advance(t)
+        if len(stop):
             finished |= torch.isin(token, stop)
         yield (token, logits) if return_logits else token
         if seen is not None:
             seen[torch.arange(B, device=device), token] = True
+        if counts is not None:
+            counts[torch.arange(B, device=device), token] += 1
         if bool(finished.all()) or i == params.max_new_tokens - 1:
             return
         logits = feed(token[:, None])
@@ -335,7 +357,14 @@ def _virtual_tokens(model) -> int:
 
 @torch.inference_mode()
 def _speculative(
-    target, prompt: list[int], params: SamplingParams, proposer: Proposer, k: int, stop_ids: list[int], stats: SpecStats
+    target,
+    prompt: list[int],
+    params: SamplingParams,
+    proposer: Proposer,
+    k: int,
+    stop_ids: list[int],
+    stats: SpecStats,
+    matcher=None,
 ) -> Iterator[torch.Tensor]:
     device = next(target.parameters()).device
     generator = torch.Generator(device=device).manual_seed(params.seed if params.seed is not None else 0)
@@ -352,6 +381,8 @@ def _speculative(
         for t in new:
             n_out += 1
             tokens.append(t)
+            if matcher is not None and t not in stop:
+                matcher.advance(t)
             stats.new_tokens, stats.seconds = n_out, time.perf_counter() - start
             yield torch.tensor([t])
             if t in stop or n_out >= params.max_new_tokens:
@@ -367,7 +398,8 @@ def _speculative(
             torch.tensor([tokens], device=device), kv_cache=cache, start_pos=0, logits_to_keep=1, return_hidden=True
         )
         proposer.observe(h[0, -1])
-        first = int(sample(logits[:, -1].float(), params, generator)[0])
+        allowed = None if matcher is None else grammar_masks([matcher], [stop_ids], logits.shape[-1]).to(device)
+        first = int(sample(logits[:, -1].float(), params, generator, allowed=allowed)[0])
         yield from emit([first])
         if first in stop or n_out >= params.max_new_tokens:
             return
@@ -391,7 +423,11 @@ def _speculative(
             }
         out = target(ids, kv_cache=cache, start_pos=L - 1, return_hidden=hidden, **kw)
         logits, h = out if hidden else (out, None)
-        logits = logits[0]  # [len(drafts) + 1, V]
+        logits = adjust_logits(logits[0], params)  # [len(drafts) + 1, V], with the logit_bias
+        if matcher is not None:  # each position's grammar mask: a draft the grammar rejects has p = 0
+            logits = logits.float().masked_fill(
+                ~draft_masks(matcher, drafts, stop_ids, logits.shape[-1]).to(device), -torch.inf
+            )
         if parents is not None:
             path, bonus = verify_tree(logits, [tokens[-1]] + drafts, parents)
             _compact(cache, L - 1, path)

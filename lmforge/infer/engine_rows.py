@@ -15,7 +15,7 @@ import torch
 from lmforge.common import LmforgeError, get_logger
 from lmforge.tokenizer.text import TextStream
 
-from .grammar import grammar_masks
+from .grammar import draft_masks, grammar_masks
 from .logprobs import _entries, logprob_entry
 from .sampling import adjust_logits, sample
 from .scheduler import Sequence, Status
@@ -143,22 +143,12 @@ class EngineRows:
 
     def _constrain_drafts(self, seq: Sequence, drafts: list[int], logits: torch.Tensor) -> torch.Tensor:
         """The target's logits [len(drafts) + 1, V] at [last, d1..dk] with the sequence's bias and
-        grammar applied at each position: the grammar's mask after d1..di at row i. A draft the
-        grammar rejects ends the walk (acceptance stops there: later rows keep that row's mask);
-        the matcher is rolled back to where it was."""
+        grammar applied at each position (`grammar.draft_masks`)."""
         if seq.params.adjusts:
             logits = self._adjust(seq, logits.float())
         if seq.matcher is None:
             return logits
-        stops, V, masks, advanced = self._stop_ids(seq), logits.shape[-1], [], 0
-        for i in range(len(drafts) + 1):
-            masks.append(grammar_masks([seq.matcher], [stops], V)[0])
-            if i == len(drafts) or not masks[-1][drafts[i]] or drafts[i] in stops:
-                break
-            seq.matcher.advance(drafts[i])
-            advanced += 1
-        seq.matcher.rollback(advanced)
-        allowed = torch.stack(masks + masks[-1:] * (len(drafts) + 1 - len(masks))).to(logits.device)
+        allowed = draft_masks(seq.matcher, drafts, self._stop_ids(seq), logits.shape[-1]).to(logits.device)
         return logits.float().masked_fill(~allowed, float("-inf"))
 
     def _accept(self, seq: Sequence, token: int | None, entries: list | None) -> Event:

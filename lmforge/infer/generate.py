@@ -13,6 +13,7 @@ import torch
 from lmforge.tokenizer.text import TextStream
 
 from .decode import decode, pad_prompts  # noqa: F401  (pad_prompts: re-exported, it was defined here)
+from .grammar import GrammarSpec
 from .sampling import SamplingParams
 
 
@@ -38,10 +39,21 @@ def generate(
     stop_token_ids: Sequence[int] | None = None,
     attention_mask: torch.Tensor | None = None,
     compile: bool = False,
+    *,
+    min_p: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+    grammar: GrammarSpec | None = None,
+    tokenizer=None,
 ) -> torch.Tensor:
     """New token ids [B, N]. `input_ids`: a [B, T] tensor (with optional attention_mask), a list of
     ids, or a list of lists of different lengths (left-padded here). Rows that stop early are
-    filled with the stop token."""
+    filled with the stop token. A `grammar` needs the `tokenizer` (its EOS then stops too)."""
+    eos = getattr(tokenizer, "eos_id", None) if grammar is not None else None
+    stop_token_ids = list(stop_token_ids or []) + (
+        [eos] if eos is not None and eos not in (stop_token_ids or []) else []
+    )
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -49,10 +61,15 @@ def generate(
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
-        stop_token_ids=list(stop_token_ids or []),
+        stop_token_ids=stop_token_ids,
+        min_p=min_p,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=dict(logit_bias or {}),
+        grammar=grammar,
     )
     decode_fn = compiled_decode(model) if compile else None
-    tokens = list(stream_generate(model, input_ids, params, attention_mask, decode_fn))
+    tokens = list(stream_generate(model, input_ids, params, attention_mask, decode_fn, tokenizer=tokenizer))
     if not tokens:
         return torch.zeros(1 if not isinstance(input_ids, torch.Tensor) else input_ids.shape[0], 0, dtype=torch.long)
     return torch.stack(tokens, dim=1).cpu()
@@ -90,6 +107,7 @@ def stream_text(
     if tokenizer.eos_id is not None and tokenizer.eos_id not in params.stop_token_ids:
         params.stop_token_ids = list(params.stop_token_ids) + [tokenizer.eos_id]
     text = TextStream(tokenizer, params.stop_strings)  # the one text-out path (lmforge.tokenizer.text)
+    options.setdefault("tokenizer", tokenizer)  # a grammar compiles against it
     for token in stream_generate(model, [ids], params, decode_fn=decode_fn, **options):  # options: decode's
         t = int(token[0])
         if t in params.stop_token_ids:

@@ -236,3 +236,20 @@ def grammar_for(params, tokenizer, vocab_size: int, eos_ids: list[int] = ()) -> 
             "request gives no stop token ids"
         )
     return grammar_matcher(params.grammar, tokenizer, vocab_size)
+
+
+def draft_masks(matcher: GrammarMatcher, drafts: list[int], stop_ids: list[int], vocab_size: int) -> torch.Tensor:
+    """[len(drafts) + 1, V] bool: the grammar's mask at [last, d1..dk] (row i: after d1..di), for
+    verifying speculative drafts. A draft the grammar rejects ends the walk (acceptance stops there,
+    so later rows repeat that row's mask); the matcher is rolled back to where it was."""
+    masks, advanced = [], 0
+    try:
+        for i in range(len(drafts) + 1):
+            masks.append(grammar_masks([matcher], [stop_ids], vocab_size)[0])
+            if i == len(drafts) or not masks[-1][drafts[i]] or drafts[i] in stop_ids:
+                break
+            matcher.advance(drafts[i])
+            advanced += 1
+    finally:
+        matcher.rollback(advanced)
+    return torch.stack(masks + masks[-1:] * (len(drafts) + 1 - len(masks)))

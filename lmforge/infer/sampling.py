@@ -89,9 +89,14 @@ class SamplingParams:
             raise LmforgeError(f"logit_bias: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
 
     @property
+    def set_penalties(self) -> list[str]:
+        """The penalties in use (they make the logits depend on the tokens so far)."""
+        on = [self.repetition_penalty != 1.0, self.presence_penalty != 0.0, self.frequency_penalty != 0.0]
+        return [n for n, o in zip(("repetition_penalty", "presence_penalty", "frequency_penalty"), on) if o]
+
+    @property
     def penalised(self) -> bool:
-        """Adjusting the logits depends on the tokens so far (penalties)."""
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return bool(self.set_penalties)
 
     @property
     def adjusts(self) -> bool:
