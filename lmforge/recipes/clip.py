@@ -2,10 +2,15 @@
 
     lmforge clip train --config clip-shapes --out runs/clip-shapes [--set steps=300]
     lmforge clip eval --model runs/clip-shapes [--data shapes]
+    lmforge clip filter --model runs/clip-shapes --data pairs.jsonl --filtered clean.jsonl [--threshold auto]
 
 Evaluation: zero-shot classification (single-shape images against colour+shape prompts, or the
 digits against "a handwritten digit three"...) and image<->text retrieval recall@1/5, on a
-held-out split.
+held-out split; CLIPScore of the held-out captions; and the CLIP filter's precision/recall/F1 at
+finding the 20% of held-out captions swapped for another image's (Otsu's threshold, no labels).
+
+Filter: CLIP-score filtering of a JSONL of image-caption pairs (multimodal/filtering.py): pairs
+below the threshold are dropped and listed with their scores; unreadable lines are reported.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ import numpy as np
 import torch
 
 from lmforge.checkpoint import check_output_dir
-from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, read_json, seed_everything
+from lmforge.common import (
+    LmforgeError,
+    atomic_write_json,
+    atomic_write_text,
+    get_device,
+    get_logger,
+    read_json,
+    seed_everything,
+)
 from lmforge.model import ModelConfig
 from lmforge.multimodal import (
     CLIP,
@@ -29,6 +42,7 @@ from lmforge.multimodal import (
     info_nce,
     load_examples,
     load_hf_vision,
+    load_image,
     load_multimodal,
     recall_at_k,
     same_text_targets,
@@ -38,6 +52,14 @@ from lmforge.multimodal import (
 )
 from lmforge.multimodal.config import ClipTrainConfig
 from lmforge.multimodal.data import DIGIT_TEMPLATES, digit_class_names
+from lmforge.multimodal.filtering import (
+    clip_score_metric,
+    clip_scores,
+    detection_f1,
+    encode_texts,
+    mismatch_captions,
+    otsu_threshold,
+)
 from lmforge.multimodal.shapes import SIZES
 from lmforge.recipes._common import add_config_arguments, load_config
 from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
@@ -45,31 +67,31 @@ from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.train import build_optimizer
 
 log = get_logger("lmforge.clip")
+MISMATCH_FRACTION = 0.2  # eval: the share of held-out captions swapped for another image's (filter F1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["train", "eval"])
+    p.add_argument("action", choices=["train", "eval", "filter"])
     add_config_arguments(p, "clip-shapes")
     p.add_argument("--out", help="train: output folder")
     p.add_argument("--overwrite", action="store_true", help="train: replace --out even if lmforge did not write it")
     p.add_argument("--model", help="eval: a CLIP folder written by `lmforge clip train`")
-    p.add_argument("--data", help="eval: shapes | digits | a JSONL (default: what the model was trained on)")
+    p.add_argument(
+        "--data",
+        help="eval: shapes | digits | a JSONL (default: what the model was trained on); "
+        'filter: the JSONL of {"image": file, "caption": text} pairs to clean',
+    )
+    p.add_argument("--filtered", help="filter: write the kept JSONL lines here (unchanged, in order)")
+    p.add_argument(
+        "--threshold",
+        default="auto",
+        help="filter: drop pairs whose CLIP cosine is below this; 'auto' (default) = Otsu's cut of the scores",
+    )
     p.add_argument("--json", help="write the metrics to this JSON file")
     add_resume_argument(p)  # train: checkpoints and metrics.jsonl are in <out>.train/
 
 
 # ----------------------------------------------------------------------------- batches
-
-
-def encode_texts(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids ending in EOS (the pooled position) and their attention mask."""
-    rows = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return ids.to(device), mask.to(device)
 
 
 def pixels(model: CLIP, images: list[np.ndarray], device) -> torch.Tensor:
@@ -234,8 +256,19 @@ def evaluate(model: CLIP, tokenizer, data: str, eval_size: int, seed: int) -> di
     arr = np.array(caps)
     match = torch.from_numpy(arr[:, None] == arr[None, :]).to(device)  # identical captions both count
     i2t, t2i = recall_at_k(img @ txt.T, match), recall_at_k(txt @ img.T, match)
+    noisy, bad = mismatch_captions(caps, MISMATCH_FRACTION, seed)
+    scores = clip_scores(model, tokenizer, [ex.image for ex in examples], noisy)
+    cut = otsu_threshold(scores)
+    filtered = detection_f1((scores < cut).tolist(), bad)
     metrics.update(
         {
+            "clip_score": round(
+                clip_score_metric(clip_scores(model, tokenizer, [ex.image for ex in examples], caps)), 4
+            ),
+            "filter_f1": filtered["f1"],
+            "filter_precision": filtered["precision"],
+            "filter_recall": filtered["recall"],
+            "filter_threshold": round(cut, 4),
             "i2t_r1": round(i2t[1], 4),
             "i2t_r5": round(i2t[5], 4),
             "t2i_r1": round(t2i[1], 4),
@@ -246,6 +279,55 @@ def evaluate(model: CLIP, tokenizer, data: str, eval_size: int, seed: int) -> di
     return metrics
 
 
+def filter_jsonl(model_dir: str, data: str, out: str, threshold: str = "auto") -> dict:
+    """Score every {"image", "caption"} line of `data` with the CLIP model; write the lines at or
+    above the threshold to `out` (atomically) and report the dropped ones with their scores."""
+    try:
+        cut = None if threshold == "auto" else float(threshold)
+    except ValueError:
+        raise LmforgeError(f"--threshold must be 'auto' or a number, got {threshold!r}") from None
+    model, tokenizer = load_multimodal(model_dir, get_device("auto"), kind="clip"), load_tokenizer(model_dir)
+    path = Path(data)
+    if not path.is_file():
+        raise LmforgeError(f"pairs file {path} does not exist")
+    lines, images, captions, unreadable = [], [], [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            caption = record["caption"] if isinstance(record["caption"], str) else record["caption"][0]
+            image = load_image(path.parent / record["image"])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, LmforgeError) as e:
+            unreadable.append({"line": n, "error": f"{type(e).__name__}: {e}"})
+            continue
+        lines.append((n, line))
+        images.append(image)
+        captions.append(caption)
+    if not lines:
+        raise LmforgeError(f"{path}: no readable image-caption pairs ({len(unreadable)} unreadable lines)")
+    scores = clip_scores(model, tokenizer, images, captions)
+    cut = otsu_threshold(scores) if cut is None else cut
+    keep = (scores >= cut).tolist()
+    atomic_write_text(out, "".join(line + "\n" for (_, line), k in zip(lines, keep) if k))
+    dropped = [
+        {"line": n, "caption": c, "score": round(float(s), 4)}
+        for (n, _), c, s, k in zip(lines, captions, scores, keep)
+        if not k
+    ]
+    for d in dropped:
+        log.info("dropped line %d (score %.3f): %s", d["line"], d["score"], d["caption"])
+    return {
+        "pairs": len(lines),
+        "kept": sum(keep),
+        "dropped": len(dropped),
+        "threshold": round(cut, 4),
+        "clip_score_kept": round(clip_score_metric(scores[torch.tensor(keep)]), 4),
+        "unreadable": unreadable,
+        "dropped_pairs": dropped,
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     if args.action == "train":
         if not args.out:
@@ -253,6 +335,10 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_config(ClipTrainConfig, args.config, args.overrides)
         check_output_dir(args.out, [cfg.data, cfg.init_vision], args.overwrite)
         metrics = train(cfg, args.out, args.resume)
+    elif args.action == "filter":
+        if not (args.model and args.data and args.filtered):
+            raise LmforgeError("clip filter needs --model DIR --data PAIRS.jsonl --filtered OUT.jsonl")
+        metrics = filter_jsonl(args.model, args.data, args.filtered, args.threshold)
     else:
         if not args.model:
             raise LmforgeError("clip eval needs --model DIR")
