@@ -1,0 +1,157 @@
+"""An lmforge bi-encoder: one small bidirectional lmforge Transformer embeds both queries and passages
+(mean pooling, a projection, unit length), trained contrastively with CLIP's symmetric InfoNCE loss
+(`lmforge.multimodal.info_nce`, learnable temperature) on (query, passage) pairs: in a batch of B pairs
+each query's passage is its positive and the other B - 1 passages are its negatives.
+
+E5-style prefixes ("query: " / "passage: ") let the one encoder treat the two sides differently.
+
+    enc = train_biencoder(pairs, "runs/rag-encoder", BiEncoderConfig(steps=600))
+    enc = BiEncoder.load("runs/rag-encoder"); vectors = enc.embed(["def f(x): ..."])
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.common import LmforgeError, atomic_dir, atomic_write_json, get_logger, read_json, seed_everything
+from lmforge.model import ModelConfig, Transformer
+from lmforge.multimodal import info_nce, same_text_targets
+from lmforge.rag.dense import mean_pool
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
+
+log = get_logger("lmforge.rag")
+PREFIX = {"query": "query: ", "passage": "passage: "}
+
+
+@dataclass
+class BiEncoderConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 352
+    projection_dim: int = 128
+    max_length: int = 128  # tokens per text (a passage's head holds its title and first lines)
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            max_position_embeddings=self.max_length,
+            causal=False,  # an encoder: every token sees the whole text
+        )
+
+
+class BiEncoderModel(nn.Module):
+    def __init__(self, cfg: BiEncoderConfig) -> None:
+        super().__init__()
+        self.encoder = Transformer(cfg.model_config())
+        self.projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        _, hidden = self.encoder(ids, attention_mask=mask, logits_to_keep=1, return_hidden=True)
+        return F.normalize(self.projection(mean_pool(hidden, mask)), dim=-1)
+
+
+class BiEncoder:
+    """A trained bi-encoder and its tokenizer, as an `Embedder` (dense.py)."""
+
+    def __init__(self, model: BiEncoderModel, tokenizer, cfg: BiEncoderConfig, name: str = "biencoder") -> None:
+        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
+        self.name, self.dim = f"lmforge:{name}", cfg.projection_dim
+
+    def batch(self, texts: list[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind not in PREFIX:
+            raise LmforgeError(f"embedding kind must be 'query' or 'passage', got {kind!r}")
+        ids = [x[: self.cfg.max_length] or [0] for x in self.tokenizer.encode_batch([PREFIX[kind] + t for t in texts])]
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_id or 0
+        tensor = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        return tensor, mask
+
+    def embed(self, texts: list[str], kind: str = "passage", batch_size: int = 64) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                out.append(self.model(*self.batch(texts[i : i + batch_size], kind)).float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_dir(folder) as tmp:
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
+            self.tokenizer.save(tmp / "tokenizer")
+            atomic_write_json(tmp / "biencoder.json", asdict(self.cfg))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> BiEncoder:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg = BiEncoderConfig(**read_json(folder / "biencoder.json", "bi-encoder config"))
+        model = BiEncoderModel(cfg)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return cls(model, load_tokenizer(folder / "tokenizer"), cfg, folder.name)
+
+
+def train_biencoder(pairs: list[tuple[str, str]], out: str | Path | None, cfg: BiEncoderConfig) -> BiEncoder:
+    """Contrastive training on (query, passage) pairs; saved to `out` (atomically) when given."""
+    if len(pairs) < 2:
+        raise LmforgeError(f"contrastive training needs at least 2 (query, passage) pairs, got {len(pairs)}")
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer([PREFIX["query"] + q for q, _ in pairs] + [p for _, p in pairs], cfg.vocab_size)
+    cfg.vocab_size = tokenizer.vocab_size
+    model = BiEncoderModel(cfg)
+    encoder = BiEncoder(model, tokenizer, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    bs = min(cfg.batch_size, len(pairs))
+    model.train()
+    for step in range(cfg.steps):
+        if len(order) < bs:
+            order += rng.sample(range(len(pairs)), len(pairs))
+        batch, order = [pairs[i] for i in order[:bs]], order[bs:]
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.steps // 10))  # warmup, then cosine to 10%
+        lr *= 0.55 + 0.45 * math.cos(math.pi * step / cfg.steps) if step >= cfg.steps // 10 else 1.0
+        for g in opt.param_groups:
+            g["lr"] = lr
+        q = model(*encoder.batch([b[0] for b in batch], "query"))
+        p = model(*encoder.batch([b[1] for b in batch], "passage"))
+        # Two queries may share a passage (same chunk): soft targets keep them from being pushed apart.
+        targets = same_text_targets([b[1] for b in batch])
+        loss = info_nce(model.logit_scale.clamp(max=math.log(100)).exp() * q @ p.T, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            log.info(
+                "bi-encoder step %d/%d: loss %.3f (%.0f s)", step + 1, cfg.steps, loss.item(), time.perf_counter() - t0
+            )
+    model.eval()
+    if out is not None:
+        encoder.save(out)
+        encoder.name = f"lmforge:{Path(out).name}"
+    return encoder
