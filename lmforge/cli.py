@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lmforge.recipes.convert", "convert between Hugging Face folders and lmforge checkpoints"),
     "serve": ("lmforge.recipes.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "eval": ("lmforge.recipes.evaluate", "evaluate a model or endpoint, or --compare two runs"),
+    "rag": ("lmforge.recipes.rag", "retrieval-augmented answers: index, search, ask with citations"),
     "arena": ("lmforge.recipes.arena", "rate models by pairwise battles: Bradley-Terry, Elo, win rates"),
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model"),
     "vlm": ("lmforge.recipes.vlm", "train or evaluate a LLaVA-style vision-language model"),

@@ -20,6 +20,7 @@ LAYERS = {
     "infer": 4,
     "eval": 5,
     "serve": 5,
+    "rag": 5,
     "recipes": 6,
     "cli": 7,
     "__main__": 7,
@@ -27,6 +28,7 @@ LAYERS = {
 # Sideways imports allowed on top of "any layer below": (importer, imported).
 ALLOWED_SIDEWAYS = {
     ("__main__", "cli"),  # `python -m lmforge` is the CLI itself
+    ("rag", "eval"),  # rag scores with eval's metrics and asks eval's LocalLM/EndpointLM; registers its task type
     ("config", "common"),
 }  # the config loader builds on common's checked dataclasses
 # serve may import anything below except train (DESIGN.md).

@@ -19,7 +19,17 @@ from lmforge.eval.tasks import TaskConfig, TaskResult, run_generation, run_multi
 log = get_logger("lmforge.eval")
 
 
+# Task types whose runner lives above this layer, registered by the module that implements them:
+# "rag" by lmforge.rag.evaluate (`lmforge eval` imports it). type -> runner(lm, cfg) -> TaskResult.
+TASK_RUNNERS: dict = {}
+RUNNER_MODULES = {"rag": "lmforge.rag.evaluate"}
+
+
 def run_task(lm, cfg: TaskConfig, load=load_lm) -> TaskResult:
+    if cfg.type in RUNNER_MODULES:
+        if cfg.type not in TASK_RUNNERS:
+            raise LmforgeError(f"task {cfg.name!r}: type {cfg.type} needs `import {RUNNER_MODULES[cfg.type]}` first")
+        return TASK_RUNNERS[cfg.type](lm, cfg)
     if cfg.type == "multiple_choice":
         return run_multiple_choice(lm, cfg)
     if cfg.type == "generation":

@@ -12,7 +12,7 @@ from typing import Any
 from lmforge.common import LmforgeError
 from lmforge.common import read_jsonl as common_read_jsonl
 
-TASK_TYPES = ("multiple_choice", "generation", "code", "perplexity", "judge_pairwise", "judge_single")
+TASK_TYPES = ("multiple_choice", "generation", "code", "perplexity", "judge_pairwise", "judge_single", "rag")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class TaskConfig:
     # multiple_choice: also score each choice after this answer-free context and report acc_mutual_info
     # (argmax of log p(choice | context) - log p(choice | unconditional context), as lm-eval's metric)
     unconditional_context: str | None = None
+    index: str | None = None  # rag: the `lmforge rag index` folder to retrieve from (runner: lmforge.rag.evaluate)
+    rag_mode: str = "hybrid"  # rag: bm25 | dense | hybrid
+    rag_passages: int = 3  # rag: passages given to the model (0: answer without retrieval)
 
     def __post_init__(self) -> None:
         if self.type not in TASK_TYPES:

@@ -184,6 +184,7 @@ PRIMARY = {
     "perplexity": "bits_per_byte",
     "judge_pairwise": "win_rate",
     "judge_single": "score",
+    "rag": "rouge_l",
 }
 
 

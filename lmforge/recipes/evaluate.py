@@ -143,6 +143,8 @@ def run(cfg: dict, tasks: list) -> dict:
     builtin = BuiltinConfig(**cfg["builtin"]) if cfg.get("builtin") else None
     if builtin is None and not tasks:
         raise LmforgeError("nothing to evaluate: builtin is null and no tasks are configured (add --task TYPE:PATH)")
+    if any(t.type == "rag" for t in tasks):
+        import lmforge.rag.evaluate  # noqa: F401  (registers the rag task type's runner)
     cont = cfg.get("contamination") or {}
     index = None
     if cont.get("corpus"):
