@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.common import OUTPUT_MARKER, LmforgeError, atomic_dir, atomic_write_json, get_dtype, read_json
 from lmforge.model import ModelConfig, Transformer, record_transform, transforms
 from lmforge.model.hf_keys import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from lmforge.model.hub import resolve_model_path
 
 LMFORGE_CONFIG = "lmforge_config.json"
 FORMAT_VERSION = 1
@@ -41,7 +42,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def load_model(path: str | Path, device=None, dtype=None) -> Transformer:
     """An lmforge checkpoint or a Hugging Face model folder -> eval-mode Transformer."""
-    path = Path(path)
+    path = resolve_model_path(path)  # a folder, a file, or a hub name in the local HF cache
     if not path.exists():
         raise LmforgeError(f"model path not found: {path}")
     if (path / LMFORGE_CONFIG).is_file():
@@ -246,7 +247,7 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
 
 def load_tokenizer_if_any(path: str | Path):
     """The tokenizer stored with a model folder, or None when there is none."""
-    path = Path(path)
+    path = resolve_model_path(path)
     if not (path / "tokenizer.json").is_file():
         return None
     from lmforge.tokenizer import load_tokenizer
