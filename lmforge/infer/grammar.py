@@ -230,12 +230,13 @@ def grammar_for(params, tokenizer, vocab_size: int, eos_ids: list[int] = ()) -> 
     params.check_vocab(vocab_size)
     if params.grammar is None:
         return None
+    matcher = grammar_matcher(params.grammar, tokenizer, vocab_size)
     if not [t for t in [*eos_ids, *params.stop_token_ids] if t is not None]:
         raise LmforgeError(
             "a grammar needs a token to end on once it is complete: the tokenizer has no EOS and the "
             "request gives no stop token ids"
         )
-    return grammar_matcher(params.grammar, tokenizer, vocab_size)
+    return matcher
 
 
 def draft_masks(matcher: GrammarMatcher, drafts: list[int], stop_ids: list[int], vocab_size: int) -> torch.Tensor:

@@ -30,6 +30,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=bounded(int, ge=0), default=0)
     p.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0)
     p.add_argument("--repetition-penalty", type=bounded(float, gt=0), default=1.0)
+    p.add_argument("--min-p", type=bounded(float, ge=0, le=1), default=0.0, help="drop tokens under P x the top one's")
+    p.add_argument("--presence-penalty", type=bounded(float, ge=-2, le=2), default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=bounded(float, ge=-2, le=2), default=0.0, help="OpenAI's, in [-2, 2]")
+    structured = p.add_mutually_exclusive_group()  # the output must match (generation stops when it is complete)
+    structured.add_argument("--json", action="store_true", help="JSON mode: the output is a JSON object")
+    structured.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under this JSON Schema")
+    structured.add_argument("--regex", metavar="PATTERN", help="the whole output matches this regular expression")
+    structured.add_argument(
+        "--grammar",
+        metavar="FILE",
+        help="the output matches this grammar: llguidance's Lark-like EBNF (start rule `start`; "
+        "a llama.cpp GBNF file with `root ::= ...` is converted)",
+    )
     p.add_argument("--seed", type=bounded(int, ge=0), default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -147,8 +160,9 @@ def main(args: argparse.Namespace) -> int:
         )
         spec = {"proposer": proposer, "k": k, "stats": SpecStats()}
     if ids is not None:  # ids out (EOS stops only a speculative run, as before)
-        eos = [tokenizer.eos_id] if spec and tokenizer is not None and tokenizer.eos_id is not None else []
-        out = decode_ids(model, params, ids, decode_fn=decode_fn, eos_token_ids=eos, **spec)[0]
+        stops = spec or params.grammar is not None  # a complete grammar ends on EOS
+        eos = [tokenizer.eos_id] if stops and tokenizer is not None and tokenizer.eos_id is not None else []
+        out = decode_ids(model, params, ids, decode_fn=decode_fn, eos_token_ids=eos, tokenizer=tokenizer, **spec)[0]
         print(",".join(str(t) for t in out))
     else:
         print_text(stream_text(model, tokenizer, prompt, params, decode_fn, **spec), tokenizer, args.stream)
@@ -175,6 +189,35 @@ def tensor_parallel_model(model, args: argparse.Namespace, device):
     return model
 
 
+def grammar_spec(args: argparse.Namespace):
+    """The GrammarSpec of --json / --json-schema / --regex / --grammar (None without one), checked
+    here so a bad schema or grammar is an error naming its flag and file."""
+    from pathlib import Path
+
+    from lmforge.infer.grammar import GrammarSpec, check_grammar
+
+    options = (("--json", "json", "json"), ("--json-schema", "json_schema", "json_schema"))
+    options += (("--regex", "regex", "regex"), ("--grammar", "ebnf", "grammar"))
+    chosen = [(flag, kind, getattr(args, attr, None)) for flag, kind, attr in options if getattr(args, attr, None)]
+    if not chosen:
+        return None
+    flag, kind, value = chosen[0]  # argparse keeps them mutually exclusive
+    source = ""
+    if kind == "regex":
+        source = value
+    elif kind != "json":
+        try:
+            source = Path(value).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmforgeError(f"{flag} {value}: cannot read the file ({e})") from None
+    try:
+        spec = GrammarSpec(kind, source)
+        check_grammar(spec)
+    except LmforgeError as e:
+        raise LmforgeError(f"{flag} {value}: {e}" if kind != "json" else f"{flag}: {e}") from None
+    return spec
+
+
 def sampling_params(args: argparse.Namespace):
     from lmforge.infer.sampling import SamplingParams
 
@@ -186,6 +229,10 @@ def sampling_params(args: argparse.Namespace):
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop_strings=list(args.stop),
+        min_p=getattr(args, "min_p", 0.0),
+        presence_penalty=getattr(args, "presence_penalty", 0.0),
+        frequency_penalty=getattr(args, "frequency_penalty", 0.0),
+        grammar=grammar_spec(args),
     )
 
 
