@@ -41,11 +41,16 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def load_model(path: str | Path, device=None, dtype=None) -> Transformer:
-    """An lmforge checkpoint or a Hugging Face model folder -> eval-mode Transformer."""
+    """An lmforge checkpoint, a Hugging Face model folder or a .gguf file -> eval-mode Transformer."""
     path = resolve_model_path(path)  # a folder, a file, or a hub name in the local HF cache
     if not path.exists():
         raise LmforgeError(f"model path not found: {path}")
-    if (path / LMFORGE_CONFIG).is_file():
+    transforms = []
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lmforge.gguf_io import read_model  # lazily: the `gguf` package is an optional extra
+
+        config, state, _ = read_model(path)
+    elif (path / LMFORGE_CONFIG).is_file():
         meta = read_json(path / LMFORGE_CONFIG, "lmforge config")
         if not isinstance(meta, dict) or "model" not in meta:
             raise LmforgeError(f"{path / LMFORGE_CONFIG}: missing field 'model'")
@@ -54,12 +59,11 @@ def load_model(path: str | Path, device=None, dtype=None) -> Transformer:
         state = _read_safetensors(path)
     elif (path / "config.json").is_file():
         config = config_from_hf(read_json(path / "config.json", "config.json"), str(path / "config.json"))
-        transforms = []
         state = state_dict_from_hf(_read_safetensors(path), config)
     else:
         raise LmforgeError(
             f"{path} is not a model folder: expected {LMFORGE_CONFIG} (lmforge) or config.json "
-            "(Hugging Face) with model.safetensors"
+            "(Hugging Face) with model.safetensors, or a .gguf file"
         )
     model = build_and_load(config, state, transforms, source=str(path))
     if dtype is not None:
@@ -227,27 +231,100 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, extra: d
     return out_dir
 
 
-def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
-    """Export to a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-    if transforms(model):
-        kinds = ", ".join(e.get("kind", "?") for e in transforms(model))
+# generation_config.json keys carried from an imported model (sampling defaults); ids are derived.
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def read_generation_defaults(path: str | Path) -> dict:
+    """The sampling defaults stored with a model: a Hugging Face folder's generation_config.json, or
+    the "generation" entry of an lmforge checkpoint (kept there by `convert --from-hf`). {} if none."""
+    path = Path(path)
+    if (path / LMFORGE_CONFIG).is_file():
+        found = read_json(path / LMFORGE_CONFIG, "lmforge config").get("generation") or {}
+    elif (path / "generation_config.json").is_file():
+        found = read_json(path / "generation_config.json", "generation_config.json")
+    else:
+        return {}
+    if not isinstance(found, dict):
+        raise LmforgeError(f"{path}: the generation config must be a JSON object")
+    return {k: found[k] for k in SAMPLING_KEYS if found.get(k) is not None}
+
+
+def _id_list(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def generation_config(config: ModelConfig, tokenizer=None, defaults: dict | None = None) -> dict:
+    """generation_config.json: every id a turn may end with (EOS plus the chat template's end of turn,
+    e.g. <|im_end|>, so transformers/vLLM stop where lmforge does), bos/pad, and sampling defaults."""
+    from lmforge.tokenizer.text import end_of_turn_ids
+
+    eos = _id_list(config.eos_token_id)
+    if tokenizer is not None:
+        eos += [i for i in end_of_turn_ids(tokenizer) if i not in eos]
+    bos = config.bos_token_id if config.bos_token_id is not None else getattr(tokenizer, "bos_id", None)
+    pad = config.pad_token_id if config.pad_token_id is not None else getattr(tokenizer, "pad_id", None)
+    out = {"bos_token_id": bos, "eos_token_id": eos[0] if len(eos) == 1 else eos or None, "pad_token_id": pad}
+    out.update({k: v for k, v in (defaults or {}).items() if k in SAMPLING_KEYS})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def save_hf(model: Transformer, out_dir: str | Path, tokenizer=None, generation: dict | None = None) -> Path:
+    """Export to a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
+    config.json with the real dtype, generation_config.json (`generation_config`), the tokenizer, and a
+    quantized model's linears in the compressed-tensors layout (`lmforge.quant.hf_export`)."""
+    kinds = [e.get("kind", "?") for e in transforms(model)]
+    if any(k != "quant" for k in kinds):
         raise LmforgeError(
-            f"cannot export a transformed model ({kinds}) to a plain HF folder: merge adapters / dequantize first"
+            f"cannot export a transformed model ({', '.join(kinds)}) to a plain HF folder: merge the adapters "
+            "first (`lmforge.peft.export_peft` writes them in PEFT's format)"
         )
+    c = model.config
+    dtype = _float_dtype(model)
+    hf_config = config_to_hf(c)
+    dtype_name = str(dtype).removeprefix("torch.")
+    hf_config.update(torch_dtype=dtype_name, dtype=dtype_name)  # transformers v4 reads torch_dtype, v5 dtype
+    gen = generation_config(c, tokenizer, generation)
+    for key in ("bos_token_id", "pad_token_id"):
+        hf_config[key] = gen.get(key) if hf_config.get(key) is None else hf_config[key]
+    if hf_config.get("eos_token_id") is None and tokenizer is not None:
+        hf_config["eos_token_id"] = tokenizer.eos_id
+    state = model.state_dict()
+    quantized: dict[str, torch.Tensor] = {}
+    if kinds:
+        from lmforge.peft.io import keeps_hf_names
+        from lmforge.quant.hf_export import compressed_tensors_export
+
+        quantized, hf_config["quantization_config"] = compressed_tensors_export(model, dtype)
+        modules = {k.rsplit(".", 1)[0] for k in quantized}
+        if not keeps_hf_names(modules, c):
+            raise LmforgeError(
+                f"cannot export a quantized {c.arch} model to Hugging Face: its HF layout renames linears"
+            )
+        state = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in modules}
+    state = {**state_dict_to_hf(state, c), **quantized}
     out_dir = Path(out_dir)
-    hf_config = config_to_hf(model.config)
-    state = state_dict_to_hf(model.state_dict(), model.config)
     with atomic_dir(out_dir, mark=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        atomic_write_json(tmp / "config.json", hf_config)
+        atomic_write_json(tmp / "generation_config.json", gen)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return out_dir
 
 
 def load_tokenizer_if_any(path: str | Path):
-    """The tokenizer stored with a model folder, or None when there is none."""
+    """The tokenizer stored with a model folder (or in a .gguf file), or None when there is none."""
     path = resolve_model_path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lmforge.gguf_io import read_gguf
+        from lmforge.gguf_io.vocab import tokenizer_from_metadata
+
+        return tokenizer_from_metadata(read_gguf(path, tensors=False)[0], str(path))
     if not (path / "tokenizer.json").is_file():
         return None
     from lmforge.tokenizer import load_tokenizer

@@ -14,6 +14,7 @@ LAYERS = {
     "multimodal": 2,
     "peft": 2,
     "quant": 2,
+    "gguf_io": 2,  # GGUF files: model + tokenizer metadata; checkpoint.load_model reads .gguf through it
     "checkpoint": 3,
     "parallel": 3,  # tensor parallelism: used by infer and train (L4)
     "train": 4,

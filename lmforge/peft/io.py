@@ -12,6 +12,7 @@ PEFT format, a folder with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -137,6 +138,19 @@ def load_adapter(
 # ----------------------------------------------------------------------------- PEFT format
 
 
+def keeps_hf_names(modules: Iterable[str], config) -> bool:
+    """Whether these linears keep their names (and shapes) in the model's Hugging Face layout, so
+    tensors keyed by them (a PEFT adapter's, a quantized weight's) fit the transformers model. GPT-2's
+    fused, transposed c_attn or Mixtral's renamed experts do not."""
+    from lmforge.model.hf_keys import state_dict_to_hf
+
+    probe = {f"{n}.weight": torch.zeros(1) for n in modules}
+    try:
+        return set(state_dict_to_hf(probe, config)) == set(probe)
+    except (KeyError, RuntimeError, ValueError, LmforgeError):
+        return False
+
+
 def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and adapter_name in m.lora_A}
 
@@ -151,8 +165,14 @@ def export_peft(
     )
     if config is None:
         raise LmforgeError(f"no LoRA adapter {adapter_name!r} on this model (PEFT export covers LoRA and DoRA)")
+    layers = _lora_layers(model, adapter_name)
+    if getattr(model, "config", None) is not None and not keeps_hf_names(layers, model.config):
+        raise LmforgeError(
+            f"cannot write PEFT format for a {model.config.arch} model: its Hugging Face layout renames or fuses "
+            f"the adapted linears ({', '.join(sorted({n.split('.')[-1] for n in layers}))}); keep lmforge's format"
+        )
     tensors = {}
-    for name, m in _lora_layers(model, adapter_name).items():
+    for name, m in layers.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].weight
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].weight
         if adapter_name in m.lora_magnitude_vector:

@@ -87,6 +87,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let in-flight requests finish"
     )
+    g = p.add_argument_group("edge-cloud routing (README: Arena, safety and routing)")
+    g.add_argument(
+        "--fallback",
+        metavar="URL",
+        help="an OpenAI-compatible endpoint that answers instead when the local answer's confidence is low",
+    )
+    g.add_argument(
+        "--route-signal",
+        choices=("mean_logprob", "entropy", "learned"),
+        default="mean_logprob",
+        help="the confidence signal: mean token log-probability (escalate below the threshold), mean "
+        "entropy (escalate above), or a learned router's P(right) (escalate below; needs --router)",
+    )
+    g.add_argument(
+        "--route-threshold",
+        type=float,
+        default=None,
+        help="the signal's escalation threshold (default: -1.0 mean_logprob, 1.0 entropy, 0.5 learned)",
+    )
+    g.add_argument("--router", metavar="FILE", help="a learned router JSON (--route-signal learned)")
+    g.add_argument("--fallback-model", help="the model name sent to the fallback (default: the first it lists)")
+    g.add_argument(
+        "--fallback-api-key",
+        default=os.environ.get("LMFORGE_FALLBACK_API_KEY"),
+        help="Bearer key for the fallback (default: $LMFORGE_FALLBACK_API_KEY)",
+    )
+    g.add_argument("--route-log", metavar="FILE", help="append each routing decision to this JSONL file")
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -113,6 +140,29 @@ def model_folder(args: argparse.Namespace) -> str:
     return positional if positional is not None else flag
 
 
+def route_config(args: argparse.Namespace):
+    """--fallback and its routing flags -> a RouteConfig (None without --fallback; the other
+    routing flags alone are refused, not ignored)."""
+    from lmforge.serve.routing import RouteConfig
+
+    if args.fallback is None:
+        given = [f for f in ("route_threshold", "router", "fallback_model", "route_log") if getattr(args, f) is not None]
+        if given or args.route_signal != "mean_logprob":
+            flags = ", ".join("--" + f.replace("_", "-") for f in given or ["route_signal"])
+            raise LmforgeError(f"{flags} configure routing to a --fallback URL; give --fallback too")
+        return None
+    return RouteConfig(
+        args.fallback,
+        args.route_threshold,
+        args.route_signal,
+        args.fallback_model,
+        args.fallback_api_key or None,
+        args.router,
+        args.route_log,
+        args.request_timeout,
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     from lmforge.serve import ServeConfig, serve
 
@@ -129,6 +179,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise LmforgeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     cfg = ServeConfig(
+        route=route_config(args),
         model=model,
         adapters=parse_adapters(args.adapter),
         served_model_name=args.served_model_name,

@@ -296,6 +296,11 @@ def main(args: argparse.Namespace) -> int:
             from lmforge import peft
 
             peft.save_adapter(model, run_dir / "adapter", base_model_name=src.path or src.preset)
+            if METHODS[peft_cfg.method][0] == "lora":  # also PEFT's format: peft.PeftModel.from_pretrained loads it
+                try:
+                    peft.export_peft(model, run_dir / "adapter-peft", base_model_name=src.path or src.preset)
+                except LmforgeError as e:  # an arch whose HF layout renames the adapted linears (GPT-2)
+                    log.warning("adapter-peft not written: %s", e)
     finally:
         metrics.close()
         shutdown()

@@ -26,6 +26,7 @@ from .jobs import chat_job, completion_job
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
 from .responses import Job, response, sse
+from .routing import Router
 from .runner import EngineRunner
 from .text import end_of_turn_ids
 from .vision import VisionRunner
@@ -48,6 +49,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
     vision: VisionRunner | None = None  # a vision-language model's image path (serve/vision.py)
+    router: Router | None = None  # --fallback: low-confidence answers re-asked of another endpoint (routing.py)
     chat_stop_ids: list[int] = field(init=False)  # EOS + the chat template's end-of-turn token
 
     def __post_init__(self) -> None:
@@ -258,7 +260,8 @@ async def _serve(request: Request, state: ServerState, job: Job):
             f"at most {runner.max_in_flight} at once",
             param="n",
         )
-    submitted = submit(runner, job.subs)
+    routed = state.router is not None and not job.req.stream  # the decision needs the whole answer
+    submitted = submit(runner, state.router.probe(job.subs) if routed else job.subs)
     state.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in job.subs))
     deltas = generate(runner, state.tokenizer, state.metrics, submitted, job.req.stop_list(), state.request_timeout)
     if job.req.stream:
@@ -275,4 +278,6 @@ async def _serve(request: Request, state: ServerState, job: Job):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             return JSONResponse({}, status_code=499)
+    if routed:
+        return await state.router.respond(job, task.result(), lambda results: response(state, job, results))
     return response(state, job, task.result())

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lmforge.common import LmforgeError, get_device
 
+from .routing import RouteConfig
+
 
 @dataclass
 class ServeConfig:
@@ -37,6 +39,7 @@ class ServeConfig:
     num_speculative: int = 4  # tokens the draft (or lookup) proposes per decode step
     max_prefill_tokens: int | None = None  # prompt tokens per step while others decode (None: no cap)
     engine_process: bool = True  # the engine in a child process (no GIL shared with HTTP); False: a thread
+    route: RouteConfig | None = None  # --fallback: escalate low-confidence answers to another endpoint (routing.py)
     embedding_model: str | None = None  # a model folder for /v1/embeddings (None: the served model's hidden states)
     enable_lora_runtime: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter allowed
 
