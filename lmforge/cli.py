@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model"),
     "vlm": ("lmforge.recipes.vlm", "train or evaluate a LLaVA-style vision-language model"),
     "audio": ("lmforge.recipes.audio", "train or evaluate an audio-language model (speech recognition)"),
+    "video": ("lmforge.recipes.video", "train or evaluate video question answering (the VLM over frames)"),
 }
 
 

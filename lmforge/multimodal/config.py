@@ -124,3 +124,41 @@ class AudioTrainConfig:
     prompt: str = "transcribe."
     seed: int = checked(0, ge=0)
     device: str = checked("auto", pattern=DEVICE_PATTERN)
+
+
+@dataclass
+class VideoTrainConfig:
+    """`lmforge video train|eval`: the VLM on generated clips of shapes in motion (multimodal/video.py)."""
+
+    train_size: int = checked(3000, ge=1)
+    eval_size: int = checked(300, ge=1)
+    num_frames: int = checked(6, ge=2)
+    vision: dict = field(
+        default_factory=lambda: {
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 96,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        }
+    )
+    lm_preset: str = "tiny"
+    lm_overrides: dict = field(
+        default_factory=lambda: {
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 160,
+        }
+    )
+    vocab_size: int = checked(320, ge=1)
+    pool: int = checked(1, ge=1)  # average-pool each frame's patch grid (token budget: frames x patches / pool^2)
+    steps: int = checked(1500, ge=0)
+    batch_size: int = checked(32, ge=1)
+    lr: float = checked(1e-3, gt=0)
+    warmup_steps: int = checked(100, ge=0)
+    seed: int = checked(0, ge=0)
+    device: str = checked("auto", pattern=DEVICE_PATTERN)

@@ -33,6 +33,9 @@ class VlmConfig:
     # LLaVA's mm_vision_select_feature: "patch" drops the class token, "cls_patch" keeps it first
     # (the image's summary: what CLIP's contrastive loss trained, e.g. which shape is left of which).
     select_feature: str = "patch"
+    # Video: up to max_frames frames per clip, each a run of image tokens with a learned temporal
+    # position added to its features (0: images only). See `video_features`.
+    max_frames: int = 0
 
     def __post_init__(self) -> None:
         grid = self.vision.image_size // self.vision.patch_size
@@ -55,6 +58,7 @@ class VlmConfig:
             "feature_layer": self.feature_layer,
             "pool": self.pool,
             "select_feature": self.select_feature,
+            "max_frames": self.max_frames,
         }
 
     @classmethod
@@ -66,6 +70,7 @@ class VlmConfig:
             d.get("feature_layer", -1),
             d.get("pool", 1),
             d.get("select_feature", "patch"),
+            d.get("max_frames", 0),
         )
 
 
@@ -119,6 +124,9 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision or VisionTransformer(config.vision)
         self.language_model = language_model or Transformer(config.text)
         self.projector = Projector(config.vision.hidden_size, config.text.hidden_size)
+        if config.max_frames:
+            self.temporal = nn.Embedding(config.max_frames, config.vision.hidden_size)
+            nn.init.zeros_(self.temporal.weight)  # starts as "several images"; training learns the order
         # Frozen by default (LLaVA-1.5); a recipe may unfreeze it for stage 2 (`vision_lr`).
         self.vision.requires_grad_(False)
 
@@ -145,6 +153,21 @@ class VisionLanguageModel(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[num_images, 3, H, W] -> projected features [num_images, N, D_lm], ready to splice."""
         return self.projector(self.vision_features(pixel_values))
+
+    def video_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """[num_videos, T, 3, H, W] -> projected features [num_videos, T x N, D_lm]: each frame's
+        patch features plus its frame index's temporal embedding, frames in order. Spliced like
+        images: one <image> placeholder per video, expanded to T x N slots."""
+        n, t = frames.shape[:2]
+        if not self.vlm_config.max_frames:
+            raise LmforgeError("this VLM has no temporal embeddings (max_frames 0): it takes images, not videos")
+        if t > self.vlm_config.max_frames:
+            raise LmforgeError(
+                f"a video of {t} frames is longer than this VLM's max_frames {self.vlm_config.max_frames}"
+            )
+        feats = self.vision_features(frames.flatten(0, 1))  # [n * T, N, Dv]
+        feats = feats.view(n, t, *feats.shape[1:]) + self.temporal.weight[:t, None, :]
+        return self.projector(feats.flatten(1, 2))
 
     def embed(
         self,
