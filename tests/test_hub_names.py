@@ -82,17 +82,29 @@ def test_unknown_name_is_a_clear_error(cache):
         load_model("/no/such/folder")  # an absolute path is never a hub name
 
 
-def test_cli_generate_with_a_hub_name(hf_home):
+def _greedy(hf, prompt: list[int], n: int) -> list[int]:
+    config = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        return hf.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :].tolist()
+
+
+def test_cli_generate_with_a_hub_name(cache, capsys):
+    from lmforge.cli import main
+
+    _, hf = cache
+    assert main(["generate", "--model", REPO, "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == ",".join(map(str, _greedy(hf, [1, 2, 3], 4)))
+
+
+@pytest.mark.slow  # a fresh interpreter: ~10-15 s on 2 busy cores, for what the test above checks in-process
+def test_cli_in_a_fresh_process_reads_hf_home(hf_home):
     """A fresh process finds the cache from HF_HOME alone (huggingface_hub reads it at import)."""
     home, hf = hf_home
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = ["generate", "--model", REPO, "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
     out = subprocess.run([sys.executable, "-m", "lmforge", *args], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None)
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([[1, 2, 3]]), generation_config=config)[0, 3:].tolist()
-    assert out.stdout.strip() == ",".join(map(str, ref))
+    assert out.stdout.strip() == ",".join(map(str, _greedy(hf, [1, 2, 3], 4)))
 
 
 def test_cli_unknown_hub_name(cache, capsys):

@@ -196,6 +196,17 @@ def test_engine_equals_generate_with_windows_and_softcaps(gemma2, tmp_path):
         assert out == reference, model.config.arch
 
 
+def test_speculative_decoding_with_windows(gemma2):
+    """Draft verification (several tokens per forward over the static cache) keeps greedy output."""
+    from lmforge.infer.decode import decode_ids
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.speculative import DraftProposer
+
+    prompt = _prompts(6)[-1]
+    out = decode_ids(gemma2, SamplingParams(max_new_tokens=16), [prompt], proposer=DraftProposer(gemma2, 64), k=4)
+    assert out[0] == generate(gemma2, prompt, max_new_tokens=16)[0].tolist()
+
+
 def test_lora_on_a_new_family(gemma2, tmp_path):
     """LoRA wraps Gemma's projections: merged equals unmerged, and the adapter survives a save/load
     (the manifest replays it on the meta-device model)."""
