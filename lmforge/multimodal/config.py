@@ -72,6 +72,7 @@ class VlmTrainConfig:
     lr: float = checked(1e-3, gt=0)
     lm_lr: float = checked(5e-4, gt=0)
     vision_lr: float = checked(0.0, ge=0)  # > 0: stage 2 also fine-tunes the image encoder at this LR (0: frozen)
+    existence_share: float = checked(0.0, ge=0, lt=1)  # stage 2: POPE-style yes/no object questions, this share
     weight_decay: float = checked(0.0, ge=0)
     warmup_steps: int = checked(30, ge=0)
     max_new_tokens: int = checked(32, ge=1)

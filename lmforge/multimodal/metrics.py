@@ -1,9 +1,12 @@
-"""Evaluation metrics: retrieval recall@k, zero-shot accuracy, CIDEr-D and BLEU for captions."""
+"""Evaluation metrics: retrieval recall@k, zero-shot accuracy, CIDEr-D and BLEU for captions, and
+VQA's soft accuracy over several reference answers."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
+from itertools import combinations
 
 import torch
 
@@ -70,3 +73,30 @@ def bleu(candidates: list[str], references: list[list[str]]) -> float:
     width = max(len(r) for r in references)
     streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
     return sacrebleu.corpus_bleu(candidates, streams).score
+
+
+# ----------------------------------------------------------------------------- VQA accuracy
+
+_ARTICLES = {"a", "an", "the"}
+_NUMBER_WORDS = dict(zip("zero one two three four five six seven eight nine ten".split(), map(str, range(11))))
+
+
+def normalize_answer(text: str) -> str:
+    """VQA's answer normalisation (simplified): lower case, punctuation dropped, articles removed,
+    number words as digits."""
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(prediction: str, references: list[str]) -> float:
+    """The VQA soft score: an answer is fully right when at least 3 annotators gave it,
+    min(1, matches / 3), averaged over the ways of leaving one annotator out (10 choose 9 for
+    VQA v2's ten answers), so agreeing with fewer annotators earns partial credit."""
+    if not references:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    pred = normalize_answer(prediction)
+    refs = [normalize_answer(r) for r in references]
+    if len(refs) == 1:
+        return float(pred == refs[0])
+    subsets = list(combinations(range(len(refs)), len(refs) - 1))
+    return sum(min(1.0, sum(refs[i] == pred for i in s) / 3.0) for s in subsets) / len(subsets)

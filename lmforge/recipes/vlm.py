@@ -46,6 +46,9 @@ from lmforge.multimodal import (
     save_multimodal,
 )
 from lmforge.multimodal.config import VlmTrainConfig
+from lmforge.multimodal.metrics import vqa_accuracy
+from lmforge.multimodal.pope import SPLITS as POPE_SPLITS
+from lmforge.multimodal.pope import pope_questions, pope_scores, shape_objects
 from lmforge.recipes._common import add_config_arguments, load_config
 from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
@@ -87,12 +90,18 @@ def load_vision(folder: str):
     return load_hf_vision(folder)
 
 
-def conversations(examples, caption_share: float, captions_only: bool) -> list[tuple[int, str, str]]:
-    """(example index, question, answer) pairs to train on."""
+def conversations(
+    examples, caption_share: float, captions_only: bool, existence_share: float = 0.0, seed: int = 0
+) -> list[tuple[int, str, str]]:
+    """(example index, question, answer) pairs to train on; with existence_share > 0, POPE-style
+    yes/no object questions (random negatives) are that share of the questions."""
     out = [(i, CAPTION_PROMPT, c) for i, ex in enumerate(examples) for c in ex.captions]
     if captions_only:
         return out
     qa = [(i, q, a) for i, ex in enumerate(examples) for q, a, _ in ex.qa]
+    if existence_share > 0:
+        yes_no = pope_questions([shape_objects(ex.captions[0]) for ex in examples], "random", seed)
+        qa += yes_no[: int(len(qa) * existence_share / (1 - existence_share))]
     keep = int(len(qa) * caption_share / (1 - caption_share))
     return qa + out[:keep]
 
@@ -211,7 +220,9 @@ def train(cfg: VlmTrainConfig, stage: int, init: str | None, out: str, resume: s
         model, tokenizer = load_multimodal(init, device, kind="vlm"), load_tokenizer(init)
         examples = load_examples(cfg.data, "train", cfg.train_size, cfg.seed, model.vlm_config.vision.image_size)
     optimizer = stage_optimizer(model, stage, cfg)
-    pairs = conversations(examples, 0.2, captions_only=stage == 1)
+    if cfg.existence_share and cfg.data not in ("shapes", "shapes1"):
+        raise LmforgeError(f"existence_share needs the built-in shapes data (objects known), not {cfg.data!r}")
+    pairs = conversations(examples, 0.2, stage == 1, cfg.existence_share, cfg.seed)
     steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
     loss = fit(model, tokenizer, examples, pairs, optimizer, steps, cfg, device, run_dir, resume)
     if stage == 2 and cfg.lora_rank:
@@ -366,6 +377,11 @@ def evaluate(
             correct["all"].append(p.lower() == a.lower())
         for kind, hits in sorted(correct.items()):
             metrics[f"{tag}vqa_{kind}"] = round(float(np.mean(hits)), 4)
+        metrics[f"{tag}vqa_soft"] = round(
+            float(np.mean([vqa_accuracy(p, [a]) for (_, _, a, _), p in zip(qa, preds)])), 4
+        )
+    if not noise_only and cfg.data in ("shapes", "shapes1"):
+        metrics.update(pope(model, tokenizer, test, cfg.seed, batch))
     if train_examples is not None:
         metrics["blind_vqa_all"] = round(blind_baseline(train_examples, qa), 4)
     if not noise_only:
@@ -382,6 +398,21 @@ def evaluate(
             caption_exact=round(float(np.mean([c in r for c, r in zip(caps, refs)])), 4),
             caption_example=f"{caps[0]!r} (ref {refs[0][0]!r})",
         )
+    return metrics
+
+
+def pope(model: VisionLanguageModel, tokenizer, test, seed: int, batch: int = 64) -> dict:
+    """POPE hallucination scores per negative-sampling split (multimodal/pope.py)."""
+    objects = [shape_objects(ex.captions[0]) for ex in test]
+    metrics = {}
+    for split in POPE_SPLITS:
+        items = pope_questions(objects, split, seed)
+        preds = []
+        for s in range(0, len(items), batch):
+            chunk = items[s : s + batch]
+            preds += answer_batch(model, tokenizer, [test[i].image for i, _, _ in chunk], [q for _, q, _ in chunk], 4)
+        scores = pope_scores(preds, [a for _, _, a in items])
+        metrics.update({f"pope_{split}_{k}": v for k, v in scores.items() if k in ("accuracy", "f1", "yes_ratio")})
     return metrics
 
 
