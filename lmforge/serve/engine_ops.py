@@ -9,6 +9,9 @@ call; they are not paused or restarted.
 
 Embeddings run here rather than on a copy of the model in the server process: one copy of the
 weights, and the HTTP process never runs torch (the reason the engine has a process of its own).
+A batch of inputs is cut into forwards of at most one step's token budget (--max-batch-tokens, as
+chunked prefill), and the engine steps between two of them, so streams in flight wait one chunk,
+not the whole batch.
 
 An adapter loaded at run time enters the model under a fresh internal name (`NAME@k`): prefix-cache
 blocks are keyed by that name, so blocks computed with an earlier adapter of the same served name
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +33,6 @@ import torch.nn.functional as F
 from lmforge.common import LmforgeError, get_device, get_logger
 
 log = get_logger(__name__)
-EMBED_BATCH_TOKENS = 8192  # padded tokens per embedding forward (bounds the activation memory)
 
 
 class AdapterBusy(LmforgeError):
@@ -73,31 +77,36 @@ class EngineOps:
         """The name inside the model of the adapter a request asks for by its served name."""
         return None if name is None else self.names.get(name, name)
 
-    def run(self, op: str, args: tuple):
-        fn = {"embed": self.embed, "load_lora": self.load_lora, "unload_lora": self.unload_lora}.get(op)
+    def run(self, op: str, args: tuple) -> Generator[None, None, object]:
+        """Call `op` in pieces: the owner steps the engine at each yield; the return value is the result."""
+        if op == "embed":
+            return (yield from self.embed(*args))
+        fn = {"load_lora": self.load_lora, "unload_lora": self.unload_lora}.get(op)
         if fn is None:
             raise CallFailed(f"unknown engine call {op!r}")
         return fn(*args)
 
     # ------------------------------------------------------------------ embeddings
 
-    @torch.inference_mode()
-    def embed(self, inputs: list) -> tuple[bytes, int, list[int]]:
+    def embed(self, inputs: list) -> Generator[None, None, tuple[bytes, int, list[int]]]:
         """Each input (a text or a list of token ids) -> the mean over its tokens of the model's final
         normed hidden state, L2-normalised: (the [N, dim] little-endian float32 array's bytes, dim,
-        tokens per input). Plain bytes cross the pipe (a pickled tensor would go through shared memory)."""
-        e = self.embedder
+        tokens per input). Plain bytes cross the pipe (a pickled tensor would go through shared memory).
+        A generator: it yields between forwards of at most one engine step's token budget."""
+        e, budget = self.embedder, self.engine.scheduler.max_batch_tokens
         ids = [self._ids(i, x) for i, x in enumerate(inputs)]
         out = torch.empty(len(ids), e.model.config.hidden_size)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
         start = 0
         while start < len(order):
             end = start + 1
-            while end < len(order) and (end + 1 - start) * len(ids[order[end]]) <= EMBED_BATCH_TOKENS:
+            while end < len(order) and (end + 1 - start) * len(ids[order[end]]) <= budget:
                 end += 1
             chunk = order[start:end]
             out[chunk] = self._pool([ids[i] for i in chunk])
             start = end
+            if start < len(order):
+                yield
         return out.numpy().astype("<f4").tobytes(), out.shape[1], [len(t) for t in ids]
 
     def _ids(self, i: int, x) -> list[int]:
@@ -116,6 +125,7 @@ class EngineOps:
             raise LmforgeError(f"{where}: {len(x)} tokens; the embedding model takes at most {e.max_len}")
         return list(x)
 
+    @torch.inference_mode()
     def _pool(self, batch: list[list[int]]) -> torch.Tensor:
         model = self.embedder.model
         device = next(model.parameters()).device
@@ -182,10 +192,32 @@ class EngineOps:
         log.info("unloaded LoRA adapter %s", name)
 
 
-def run_call(ops: EngineOps, op: str, args: tuple) -> tuple[bool, object]:
+class PendingCalls:
+    """The calls an engine owner has been asked for, oldest first. `advance()` runs one piece of the
+    oldest (the owner steps the engine between two pieces) and returns the finished ones' outcomes."""
+
+    def __init__(self, ops: EngineOps):
+        self.ops, self.todo = ops, deque()
+
+    def add(self, key, op: str, args: tuple) -> None:
+        self.todo.append((key, _outcome(self.ops, op, args)))
+
+    def advance(self) -> list[tuple[object, tuple[bool, object]]]:
+        if not self.todo:
+            return []
+        key, steps = self.todo[0]
+        try:
+            next(steps)
+            return []
+        except StopIteration as done:
+            self.todo.popleft()
+            return [(key, done.value)]
+
+
+def _outcome(ops: EngineOps, op: str, args: tuple) -> Generator[None, None, tuple[bool, object]]:
     """(True, result) or (False, (kind, message)): what crosses the pipe back to the server."""
     try:
-        return True, ops.run(op, args)
+        return True, (yield from ops.run(op, args))
     except AdapterBusy as e:
         return False, ("busy", str(e))
     except LmforgeError as e:

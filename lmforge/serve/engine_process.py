@@ -12,7 +12,7 @@ two pipes:
     child -> server   ("ready", info) | ("error", message)          once, at start-up
                       ("events", [(key, Event), ...], stats|None)   after every step
                       ("rejected", key, message) | ("failed", message) | ("stats", stats)
-                      ("result", key, ok, payload)                  a call's outcome (engine_ops.run_call)
+                      ("result", key, ok, payload)                  a call's outcome (engine_ops.PendingCalls)
 
 The event loop reads the child's pipe directly (`add_reader`: no extra thread, no cross-thread
 hand-off per step); a writer thread sends the commands, so the event loop never blocks on a full
@@ -44,7 +44,7 @@ from pathlib import Path
 from lmforge.common import LmforgeError, apply_threads_policy, get_logger
 
 from .build import embedding_name
-from .engine_ops import EngineOps, call_result, run_call
+from .engine_ops import EngineOps, PendingCalls, call_result
 from .runner import EngineFailed, Handle, Submission, adapter_in_use, check_room
 
 log = get_logger(__name__)
@@ -274,8 +274,11 @@ def _serve_forever(engine, ops: EngineOps, cmds, events) -> None:
     rid_of: dict[int, int] = {}  # the server's key -> the engine's request id
     key_of: dict[int, int] = {}
     last_stats, idle_reported = time.monotonic(), True
+    calls = PendingCalls(ops)
     while True:
-        busy = engine.has_unfinished()
+        for key, outcome in calls.advance():  # one piece of the oldest call, then an engine step
+            events.send(("result", key, *outcome))
+        busy = engine.has_unfinished() or bool(calls.todo)
         if not busy and not idle_reported:
             events.send(("stats", engine.stats))
             idle_reported = True
@@ -284,7 +287,7 @@ def _serve_forever(engine, ops: EngineOps, cmds, events) -> None:
                 msg = cmds.recv()
                 if msg[0] == "stop":
                     return
-                _apply(engine, ops, msg, rid_of, key_of, events)
+                _apply(engine, ops, calls, msg, rid_of, key_of, events)
                 if not cmds.poll():
                     break
         if not engine.has_unfinished():
@@ -314,7 +317,7 @@ def _serve_forever(engine, ops: EngineOps, cmds, events) -> None:
             events.send(("events", out, stats))
 
 
-def _apply(engine, ops: EngineOps, msg: tuple, rid_of: dict, key_of: dict, events) -> None:
+def _apply(engine, ops: EngineOps, calls: PendingCalls, msg: tuple, rid_of: dict, key_of: dict, events) -> None:
     if msg[0] == "add":
         _, key, s = msg
         try:
@@ -327,8 +330,7 @@ def _apply(engine, ops: EngineOps, msg: tuple, rid_of: dict, key_of: dict, event
     elif msg[0] == "cancel" and msg[1] in rid_of:
         _forget(engine, msg[1], rid_of, key_of)
     elif msg[0] == "call":
-        _, key, op, args = msg
-        events.send(("result", key, *run_call(ops, op, args)))
+        calls.add(*msg[1:])
 
 
 def _forget(engine, key: int, rid_of: dict, key_of: dict) -> None:

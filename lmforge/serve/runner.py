@@ -20,7 +20,7 @@ from lmforge.common import get_logger
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 
-from .engine_ops import EngineOps, call_result, run_call
+from .engine_ops import EngineOps, PendingCalls, call_result
 
 log = get_logger(__name__)
 
@@ -80,7 +80,8 @@ class EngineRunner:
         self.engine, self.max_in_flight = engine, max_in_flight
         self.ops = ops or EngineOps(engine)
         self.lora_runtime, self.embedding_model = lora_runtime, embedding_model
-        self._calls: list[tuple] = []  # (future, loop, op, args) to run between steps
+        self._calls: list[tuple] = []  # ((future, loop), op, args) to start between steps
+        self._running_calls = PendingCalls(self.ops)
         self._live: set[Handle] = set()  # submitted and not finished or cancelled
         self._pending: list[Handle] = []  # to add to the engine
         self._cancels: list[Handle] = []  # to cancel in the engine
@@ -122,7 +123,7 @@ class EngineRunner:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            self._calls.append((future, loop, op, args))
+            self._calls.append(((future, loop), op, args))
         self._wake.set()
         return call_result(*await future)
 
@@ -158,7 +159,7 @@ class EngineRunner:
     def _loop(self) -> None:
         while not self._stopping:
             self._apply_requests()
-            if not self.engine.has_unfinished():
+            if not self.engine.has_unfinished() and not self._running_calls.todo:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -190,8 +191,9 @@ class EngineRunner:
                 self._finish_with(h, e)
                 continue
             self._by_id[h.request_id] = h
-        for future, loop, op, args in calls:  # after the adds: an unload sees every request queued before it
-            outcome = run_call(self.ops, op, args)
+        for call in calls:  # after the adds: an unload sees every request queued before it
+            self._running_calls.add(*call)
+        for (future, loop), outcome in self._running_calls.advance():  # one piece, then a step
             try:
                 loop.call_soon_threadsafe(_settle, future, outcome)
             except RuntimeError:  # that event loop is closed
