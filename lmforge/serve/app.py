@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.common import LmforgeError, get_logger
 
+from .extras import add_extra_routes
 from .generation import collect, generate, submit
 from .jobs import chat_job, completion_job
 from .metrics import Metrics
@@ -33,7 +34,7 @@ from .vision import VisionRunner
 
 log = get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 
 
 @dataclass
@@ -90,6 +91,7 @@ def create_app(state: ServerState) -> FastAPI:
     _add_error_handlers(app)
     app.add_middleware(_AuthAndCount, state=state)
     _add_routes(app, state)
+    add_extra_routes(app, state, _read_body, _check_key)  # embeddings, tokenize, runtime LoRA (extras.py)
     return app
 
 

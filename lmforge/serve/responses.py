@@ -34,11 +34,14 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def usage(job: Job, completion_tokens: int) -> dict:
+def usage(job: Job, completion_tokens: int, cached: list[int]) -> dict:
+    """OpenAI's usage; `cached`: each choice's prompt tokens found in the prefix cache (a prompt counts
+    once, as in prompt_tokens: the cached tokens of its first choice)."""
     return dict(
         prompt_tokens=job.prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=job.prompt_tokens + completion_tokens,
+        prompt_tokens_details=dict(cached_tokens=sum(cached[:: job.req.n])),
     )
 
 
@@ -70,7 +73,7 @@ def response(state, job: Job, results: list[dict]) -> dict:
         created=job.created,
         model=job.req.model,
         choices=choices,
-        usage=usage(job, sum(r["tokens"] for r in results)),
+        usage=usage(job, sum(r["tokens"] for r in results), [r["cached_tokens"] for r in results]),
         system_fingerprint=None,
     )
 
@@ -86,7 +89,7 @@ async def sse(state, job: Job, deltas: AsyncIterator[Delta]) -> AsyncIterator[st
         system_fingerprint=None,
     )
     include_usage = bool(job.req.stream_options and job.req.stream_options.include_usage)
-    tokens, offsets, echoed = 0, [0] * len(job.subs), set()
+    tokens, offsets, echoed, cached = 0, [0] * len(job.subs), set(), [0] * len(job.subs)
 
     head = json.dumps(base)[:-1]  # the fields every chunk shares, encoded once (the same bytes as whole)
     tail = ', "usage": null}' if include_usage else "}"
@@ -100,6 +103,7 @@ async def sse(state, job: Job, deltas: AsyncIterator[Delta]) -> AsyncIterator[st
                 yield chunk(dict(index=i, delta=dict(role="assistant", content=""), logprobs=None, finish_reason=None))
         async for d in deltas:
             tokens += len(d.token_ids)
+            cached[d.index] = cached[d.index] or d.cached_tokens or 0
             text, entries = d.text, d.logprobs
             if job.echo is not None and d.index not in echoed:  # the prompt goes first, in this choice's first chunk
                 echoed.add(d.index)
@@ -117,7 +121,7 @@ async def sse(state, job: Job, deltas: AsyncIterator[Delta]) -> AsyncIterator[st
                 offsets[d.index] += len(text)
                 yield chunk(dict(index=d.index, text=text, logprobs=lp, finish_reason=d.finish_reason))
         if include_usage:
-            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage(job, tokens)})}\n\n"
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage(job, tokens, cached)})}\n\n"
     except APIError as e:  # headers are gone: the error travels in the stream, as OpenAI does
         yield f"data: {json.dumps(e.body())}\n\n"
     yield "data: [DONE]\n\n"
