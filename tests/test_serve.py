@@ -272,7 +272,8 @@ ERRORS = [  # (body or raw bytes, status, error type, code, a word in the messag
     ({"model": "tiny-chat", "prompt": ""}, 400, "invalid_request_error", None, "empty"),
     ({"model": "tiny-chat", "prompt": [1, 99999]}, 400, "invalid_request_error", None, "vocabulary"),
     ({"model": "tiny-chat", "prompt": "hi", "suffix": "!"}, 400, "invalid_request_error", None, "suffix"),
-    ({"model": "tiny-chat", "prompt": "hi", "presence_penalty": 0.5}, 400, "invalid_request_error", None, "penalty"),
+    ({"model": "tiny-chat", "prompt": "hi", "presence_penalty": 2.5}, 400, "invalid_request_error", None, "penalty"),
+    ({"model": "tiny-chat", "prompt": "hi", "unknown_field": 1}, 400, "invalid_request_error", None, "unknown_field"),
     ({"model": "tiny-chat", "prompt": "x" * (2 << 20)}, 413, "invalid_request_error", "request_too_large", "limit"),
 ]
 CHAT_ERRORS = [

@@ -277,7 +277,7 @@ MALFORMED = [  # (raw body, path, a word in the message)
     (b'{"model": "tiny-chat", "prompt": "hi", "temperature": NaN}', "/v1/completions", "NaN"),
     (b'{"model": "tiny-chat", "prompt": "hi", "top_p": Infinity}', "/v1/completions", "Infinity"),
     (b'{"model": "tiny-chat", "prompt": "\xff\xfe"}', "/v1/completions", "JSON"),
-    (b'{"model": "tiny-chat", "prompt": "hi", "logit_bias": {"5": 100}}', "/v1/completions", "logit_bias"),
+    (b'{"model": "tiny-chat", "prompt": "hi", "logit_bias": {"99999": 100}}', "/v1/completions", "logit_bias"),
     (
         b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
         "/v1/chat/completions",
@@ -285,7 +285,7 @@ MALFORMED = [  # (raw body, path, a word in the message)
     ),
     (
         b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], '
-        b'"response_format": {"type": "json_object"}}',
+        b'"response_format": {"type": "xml"}}',
         "/v1/chat/completions",
         "response_format",
     ),

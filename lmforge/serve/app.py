@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.common import LmforgeError, get_logger
 
+from .defaults import GenerationDefaults
 from .extras import add_extra_routes
 from .generation import collect, generate, submit
 from .jobs import chat_job, completion_job
@@ -50,6 +51,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
     vision: VisionRunner | None = None  # a vision-language model's image path (serve/vision.py)
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # generation_config.json's
     router: Router | None = None  # --fallback: low-confidence answers re-asked of another endpoint (routing.py)
     chat_stop_ids: list[int] = field(init=False)  # EOS + the chat template's end-of-turn token
 

@@ -1,6 +1,8 @@
 """OpenAI's response shapes for a finished or streaming job: the JSON body of a completion or a chat
 completion, and the server-sent-event chunks of a stream (with the optional usage chunk and
-`data: [DONE]`). The routes (app.py) build a `Job`; this module only shapes what comes back.
+`data: [DONE]`); with tools, the calls parsed out of a chat's output (message `tool_calls`, or
+streamed `tool_calls` deltas, finish_reason "tool_calls"). The routes (app.py) build a `Job`;
+this module only shapes what comes back.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from .generation import Delta, chat_logprobs, completion_logprobs, echo_entries
 from .protocol import APIError, ChatRequest, CompletionRequest
 from .runner import Submission
+from .tools import ToolSet, ToolStream, call_deltas, message_calls
 from .vision import VisionRunner
 
 _ID_PREFIX, _ids = secrets.token_hex(6), itertools.count()  # unique response ids without a syscall each
@@ -30,6 +33,7 @@ class Job:
     prompt_tokens: int
     runner: VisionRunner | None = None  # None: the engine; image requests run on the VLM's own path
     echo: list[str] | None = None  # completions with echo: each choice's prompt text, put before its text
+    tools: ToolSet | None = None  # chat with tools: calls parsed out of the output (serve/tools.py)
     id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ids):x}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -57,14 +61,16 @@ def response(state, job: Job, results: list[dict]) -> dict:
             choices.append(dict(index=i, text=text, logprobs=lp, finish_reason=r["finish_reason"]))
         else:
             lp = chat_logprobs(tok, r["logprobs"]) if want_lp else None
-            choices.append(
-                dict(
-                    index=i,
-                    message=dict(role="assistant", content=r["text"]),
-                    logprobs=lp,
-                    finish_reason=r["finish_reason"],
-                )
-            )
+            message, reason = dict(role="assistant", content=r["text"]), r["finish_reason"]
+            if job.tools is not None:
+                stream = ToolStream(job.tools)
+                shown, calls = stream.push(r["text"])
+                rest, last, reason = stream.finish(reason)
+                calls += last
+                message["content"] = (shown + rest) or (None if calls else "")  # OpenAI: null beside calls
+                if calls:
+                    message["tool_calls"] = message_calls(calls)
+            choices.append(dict(index=i, message=message, logprobs=lp, finish_reason=reason))
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
     prefix = "cmpl-" if job.kind == "completion" else "chatcmpl-"
     return dict(
@@ -97,6 +103,23 @@ async def sse(state, job: Job, deltas: AsyncIterator[Delta]) -> AsyncIterator[st
     def chunk(choice: dict) -> str:
         return f'data: {head}, "choices": [{json.dumps(choice)}]{tail}\n\n'
 
+    streams = [ToolStream(job.tools) for _ in job.subs] if chat and job.tools is not None else None
+    ncalls = [0] * len(job.subs)
+
+    def chat_delta(i: int, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """The delta of choice i: content, and tool calls once whole (tool_calls deltas)."""
+        if streams is None:
+            return (dict(content=text) if text else {}), finish_reason
+        text, calls = streams[i].push(text)
+        if finish_reason is not None:
+            rest, last, finish_reason = streams[i].finish(finish_reason)
+            text, calls = text + rest, calls + last
+        delta = dict(content=text) if text else {}
+        if calls:
+            delta["tool_calls"] = call_deltas(calls, ncalls[i])
+            ncalls[i] += len(calls)
+        return delta, finish_reason
+
     try:
         if chat:
             for i in range(len(job.subs)):
@@ -113,9 +136,13 @@ async def sse(state, job: Job, deltas: AsyncIterator[Delta]) -> AsyncIterator[st
             if not (text or d.finish_reason or entries):
                 continue
             if chat:
-                delta = dict(content=text) if text else {}
+                delta, reason = chat_delta(d.index, text, d.finish_reason)
                 lp = chat_logprobs(state.tokenizer, entries) if entries else None
-                yield chunk(dict(index=d.index, delta=delta, logprobs=lp, finish_reason=d.finish_reason))
+                if delta.get("tool_calls") and reason is not None:  # the calls, then the finish on its own
+                    yield chunk(dict(index=d.index, delta=delta, logprobs=lp, finish_reason=None))
+                    delta, lp = {}, None
+                if delta or lp or reason:
+                    yield chunk(dict(index=d.index, delta=delta, logprobs=lp, finish_reason=reason))
             else:
                 lp = completion_logprobs(state.tokenizer, entries, offsets[d.index]) if entries else None
                 offsets[d.index] += len(text)

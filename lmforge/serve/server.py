@@ -27,6 +27,7 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     from lmforge.multimodal import is_multimodal
 
     from .app import ServerState
+    from .defaults import load_generation_defaults
     from .routing import Router
     from .runner import EngineRunner
     from .vision import VisionRunner
@@ -40,6 +41,7 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
         request_timeout=cfg.request_timeout,
         max_body_bytes=cfg.max_body_bytes,
         body_timeout=cfg.body_timeout,
+        defaults=load_generation_defaults(cfg.model),
         router=None if cfg.route is None else Router(cfg.route),
     )
     if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model):

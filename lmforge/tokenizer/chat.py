@@ -28,17 +28,47 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.common import LmforgeError
 
+# Tool calling in the Hermes/Qwen style: the tools (OpenAI's {"type": "function", "function": {...}})
+# listed in the system turn inside <tools></tools>, each call written as
+# <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>, each result a tool turn inside
+# <tool_response></tool_response>. serve/tools.py parses the calls back out of the output.
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_POSTAMBLE = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call>"
+)
+
 # ChatML (Qwen, OpenAI). `content` may be a string or a list of parts
 # ({"type": "text", "text": ...} / {"type": "image"}), so vision-language conversations put
-# the <image> placeholder where the image goes. Raw string: Jinja itself reads the '\n' escapes.
+# the <image> placeholder where the image goes. With `tools`, the system turn lists them (a first
+# system message's text goes before); assistant `tool_calls` and tool turns as above. Without
+# tools, tool calls or tool turns it renders as plain ChatML. Raw strings: Jinja reads the '\n' escapes.
 CHATML_TEMPLATE = (
+    r"{% if tools %}{{ '<|im_start|>system\n' }}"
+    r"{% if messages and messages[0]['role'] == 'system' and messages[0]['content'] is string %}"
+    r"{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    r"{{ " + repr(TOOLS_PREAMBLE) + r" }}{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    r"{{ " + repr(TOOLS_POSTAMBLE) + r" + '<|im_end|>\n' }}{% endif %}"
     r"{% for message in messages %}"
+    r"{% if not (tools and loop.first and message['role'] == 'system' and message['content'] is string) %}"
     r"{{ '<|im_start|>' + message['role'] + '\n' }}"
+    r"{% if message['role'] == 'tool' %}{{ '<tool_response>\n' }}{% endif %}"
     r"{% if message['content'] is string %}{{ message['content'] }}"
     r"{% elif message['content'] %}{% for part in message['content'] %}"
     r"{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     r"{% endfor %}{% endif %}"
+    r"{% if message['role'] == 'tool' %}{{ '\n</tool_response>' }}{% endif %}"
+    r"{% for call in message['tool_calls'] or [] %}"
+    r"{{ ('\n' if message['content'] or not loop.first else '') + '<tool_call>\n{\"name\": ' }}"
+    r"{{ call['function']['name'] | tojson }}{{ ', \"arguments\": ' }}"
+    r"{{ call['function']['arguments'] | tojson }}{{ '}\n</tool_call>' }}"
+    r"{% endfor %}"
     r"{{ '<|im_end|>\n' }}"
+    r"{% endif %}"
     r"{% endfor %}"
     r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
