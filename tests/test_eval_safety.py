@@ -109,3 +109,21 @@ def test_user_pair_file(tmp_path):
         read_pairs(p)
     p.write_text(json.dumps({"sent_more": "a", "sent_less": "b", "bias_type": "age"}))
     assert read_pairs(p) == [{"more": "a", "less": "b", "bias_type": "age"}]
+
+
+def test_safety_cli_on_a_tiny_model(tmp_path, capsys):
+    from test_serve_utils import make_checkpoint
+
+    from lmforge.cli import main
+
+    model_dir, _ = make_checkpoint(tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"sent_more": "The dog barked.", "sent_less": "The cat barked."}) + "\n")
+    out = tmp_path / "safety"
+    argv = ["safety", str(model_dir), "--probe", "bias", "--probe", "robustness", "--pairs", str(pairs)]
+    assert main([*argv, "--out", str(out), "--typo-rate", "0.5"]) == 0
+    report = json.loads((out / "safety.json").read_text())
+    assert set(report["metrics"]) == {"bias", "robustness"} and report["metrics"]["bias"]["pairs"] == 1
+    assert report["metrics"]["robustness"]["typo_rate"] == 0.5 and "bias:" in capsys.readouterr().out
+    assert main(["safety", str(model_dir), "--probe", "red_team", "--out", str(out)]) == 2  # no judge
+    assert main(["safety", str(model_dir), "--probe", "bias", "--mc", str(pairs), "--out", str(out)]) == 2
