@@ -275,3 +275,23 @@ def test_bad_adapters_are_refused_with_the_reason(server, ckpt, tmp_path):
         assert r.status_code == 400 and needle in r.json()["error"]["message"], (name, r.text)
     assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]] == ["tiny-chat"]
     assert _greedy(openai.OpenAI(base_url=server.url + "/v1", api_key="x"), "tiny-chat", "The quick")  # still serving
+
+
+def test_delete_adapter_gives_the_base_model_back(base):
+    model = copy.deepcopy(base[0])
+    x = torch.randint(0, 400, (1, 12))
+    with torch.no_grad():
+        ref = model(x)
+        for name, r in (("a", 2), ("b", 4)):
+            peft.apply(model, peft.LoraConfig(r=r, alpha=4, target_modules=["q_proj", "v_proj"], adapter_name=name))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+        peft.delete_adapter(model, "a")
+        peft.set_adapter(model, ["b"])
+        assert not torch.equal(model(x), ref) and [c.adapter_name for c in peft.peft_configs(model)] == ["b"]
+        peft.delete_adapter(model, "b")
+        assert torch.equal(model(x), ref)  # the wrappers are gone: the plain linears compute as before
+    assert not peft.peft_configs(model) and not any(isinstance(m, peft.LoraLinear) for m in model.modules())
+    with pytest.raises(Exception, match="no LoRA adapter named 'b'"):
+        peft.delete_adapter(model, "b")
