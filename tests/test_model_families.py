@@ -194,6 +194,12 @@ def test_engine_equals_generate_with_windows_and_softcaps(gemma2, tmp_path):
         reference = [generate(model, p, max_new_tokens=12)[0].tolist() for p in prompts]
         out = Engine(model, block_size=4).generate_batch(prompts, SamplingParams(max_new_tokens=12))
         assert out == reference, model.config.arch
+    # StreamingLLM's eviction re-rotates cached keys with one RoPE table: refused, not silently wrong.
+    from lmforge.infer.decode import decode_ids
+    from lmforge.infer.streaming import AttentionSinks
+
+    with pytest.raises(LmforgeError, match="local RoPE base"):
+        decode_ids(model, SamplingParams(max_new_tokens=4), [prompts[0]], sinks=AttentionSinks(2, 8))
 
 
 def test_speculative_decoding_with_windows(gemma2):

@@ -81,6 +81,10 @@ class AttentionSinks:
             model.config, 1, self.sinks, self.window, device, dtype if dtype.is_floating_point else torch.float32
         )
         rotary = model.model.rotary if model.config.position == "rope" else None
+        # Evicting re-rotates the kept keys with one RoPE table: layers with their own base (Gemma 3's
+        # sliding layers) or LongRoPE's context-dependent factors would be rotated wrongly.
+        if hasattr(model.model, "rotary_local") or getattr(rotary, "original_max", None) is not None:
+            raise LmforgeError("attention sinks are not supported for models with a local RoPE base or LongRoPE")
         chunk = self.chunk or max(1, self.window // 2)
 
         def feed(tokens: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
