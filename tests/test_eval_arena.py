@@ -156,3 +156,23 @@ def test_arena_cli_from_votes(tmp_path, capsys):
     assert "big" in capsys.readouterr().out
     assert main(["arena", "--out", str(out)]) == 2  # neither votes nor models
     assert main(["arena", "--votes", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+
+
+def test_arena_cli_with_model_battles_and_a_judge(tmp_path, capsys):
+    from test_serve_utils import make_checkpoint
+
+    from lmforge.cli import main
+
+    model_dir, _ = make_checkpoint(tmp_path)
+    out = tmp_path / "judged"
+    argv = ["arena", f"one={model_dir}", f"two={model_dir}", "--judge", str(model_dir), "--limit", "2"]
+    assert main([*argv, "--max-new-tokens", "3", "--bootstrap", "20", "--out", str(out)]) == 0
+    judged = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert len(judged) == 2 and all(len(j["verdicts"]) == 2 for j in judged)  # 1 pair x 2 prompts, both orders
+    # the same model twice: identical answers, so every battle is a tie and the ratings are equal
+    table = json.loads((out / "arena.json").read_text())["table"]
+    assert {r["model"] for r in table} == {"one", "two"} and table[0]["rating"] == pytest.approx(table[1]["rating"])
+    capsys.readouterr()
+    assert main(["arena", f"one={model_dir}", f"one={model_dir}", "--judge", str(model_dir), "--out", str(out)]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main(["arena", str(model_dir), str(model_dir), "--out", str(out)]) == 2  # no judge
