@@ -284,8 +284,7 @@ MALFORMED = [  # (raw body, path, a word in the message)
         "tools",
     ),
     (
-        b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], '
-        b'"response_format": {"type": "xml"}}',
+        b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}',
         "/v1/chat/completions",
         "response_format",
     ),
