@@ -40,7 +40,7 @@ from lmforge.multimodal.speech import load_speech
 from lmforge.multimodal.whisper import AudioEncoder, AudioEncoderConfig, load_hf_encoder
 from lmforge.recipes._common import add_config_arguments, load_config
 from lmforge.recipes._fit import LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
-from lmforge.recipes.vlm import _options, lm_loss, pad_batch
+from lmforge.recipes._multimodal import lm_loss, pad_batch, stage_options
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
 from lmforge.tokenizer.text import end_of_turn_ids
@@ -129,7 +129,7 @@ def fit(model: AudioLanguageModel, tokenizer, examples, mels: torch.Tensor, stag
         return lm_loss(model(inputs_embeds=model.embed(b["ids"], b["mel"])), b["labels"]), {}
 
     run = None if run_dir is None else run_dir / f"stage{stage}"
-    options = _options(steps, warmup_cosine(cfg.lr, cfg.warmup_steps), resume)
+    options = stage_options(steps, warmup_cosine(cfg.lr, cfg.warmup_steps), resume)
     summary = run_fit(model, optimizer, loss_fn, batch, run, options, LoopState(numpy=[rng]), device=device)
     if stage == 2 and cfg.lora_rank:
         from lmforge import peft

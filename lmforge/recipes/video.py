@@ -35,7 +35,7 @@ from lmforge.multimodal.data import to_pixels
 from lmforge.multimodal.video import make_motion_clips, shuffle_frames
 from lmforge.recipes._common import add_config_arguments, load_config
 from lmforge.recipes._fit import LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
-from lmforge.recipes.vlm import _options, lm_loss, pad_batch
+from lmforge.recipes._multimodal import lm_loss, pad_batch, stage_options
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.tokenizer.text import end_of_turn_ids
 from lmforge.train import build_optimizer
@@ -110,7 +110,7 @@ def train(cfg: VideoTrainConfig, out: str, resume: str | None = None) -> dict:
 
     summary = {"final_loss": None}
     if cfg.steps:
-        options = _options(cfg.steps, optim_cfg, resume)
+        options = stage_options(cfg.steps, optim_cfg, resume)
         summary = run_fit(
             model, optimizer, loss_fn, batch, run_dir_for(out), options, LoopState(numpy=[rng]), device=device
         )

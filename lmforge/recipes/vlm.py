@@ -24,7 +24,6 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.checkpoint import check_output_dir, load_model, load_tokenizer_if_any
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, seed_everything
@@ -50,7 +49,8 @@ from lmforge.multimodal.metrics import vqa_accuracy
 from lmforge.multimodal.pope import SPLITS as POPE_SPLITS
 from lmforge.multimodal.pope import pope_questions, pope_scores, shape_objects
 from lmforge.recipes._common import add_config_arguments, load_config
-from lmforge.recipes._fit import FitOptions, LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
+from lmforge.recipes._fit import LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
+from lmforge.recipes._multimodal import lm_loss, pad_batch, stage_options
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.tokenizer.text import end_of_turn_ids
 from lmforge.train import build_optimizer
@@ -128,33 +128,11 @@ def fresh_lm(cfg: VlmTrainConfig, examples, device, run_dir=None, resume: str | 
             lambda b: (lm_loss(lm(b["input_ids"]), b["labels"]), {}),
             batch,
             None if run_dir is None else run_dir / "text-warmup",
-            _options(cfg.text_warmup_steps, optim_cfg, resume),
+            stage_options(cfg.text_warmup_steps, optim_cfg, resume),
             LoopState(numpy=[next_batch.rng]),
             device=device,
         )
     return lm, tokenizer
-
-
-def _options(steps: int, optim_cfg, resume: str | None) -> FitOptions:
-    return FitOptions(steps, optim_cfg, clip_grad=1.0, save_every=max(1, steps // 4), resume=resume)
-
-
-def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and next-token labels [B, T] (-100 off the assistant's tokens).
-    Right padding needs no attention mask: causal real tokens never see the pads after them."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for b, (row, mask) in enumerate(rows):
-        ids[b, : len(row)] = torch.tensor(row)
-        target = torch.tensor(row[1:] + [pad_id])
-        keep = torch.tensor(mask[1:] + [0], dtype=torch.bool)
-        labels[b, : len(row)] = torch.where(keep, target, torch.full_like(target, -100))
-    return ids.to(device), labels.to(device)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 
 # ----------------------------------------------------------------------------- training
@@ -305,7 +283,7 @@ def fit(
         loss_fn,
         batch,
         run_dir,
-        _options(steps, warmup_cosine(cfg.lr, cfg.warmup_steps), resume),
+        stage_options(steps, warmup_cosine(cfg.lr, cfg.warmup_steps), resume),
         LoopState(numpy=[next_batch.rng]),
         device=device,
     )
