@@ -2,7 +2,6 @@
 hand computation, the validation ranges, and the same tokens in every path (engine, speculative
 engine, decode driver)."""
 
-import math
 
 import pytest
 import torch
@@ -33,9 +32,11 @@ def test_logit_bias_and_penalties_by_hand():
     # A negative presence penalty encourages what was already said.
     got = adjust_logits(logits, SamplingParams(presence_penalty=-1.0), counts=counts)
     assert got[0].tolist() == pytest.approx([2.0, 2.0, 4.0, 4.0])
-    # A grammar mask wins over a bias.
+    # A grammar mask wins over a bias: the forbidden token's probability is exactly 0.
     allowed = torch.tensor([[False, True, True, True]])
-    assert adjust_logits(logits, SamplingParams(logit_bias={0: 100}), allowed=allowed)[0, 0] == -math.inf
+    masked = adjust_logits(logits, SamplingParams(logit_bias={0: 100}), allowed=allowed)
+    assert masked[0, 1:].tolist() == [2.0, 3.0, 4.0] and masked[0].argmax() == 3
+    assert probabilities(masked, SamplingParams(temperature=1.0))[0, 0] == 0.0
 
 
 def test_min_p_by_hand():

@@ -36,7 +36,7 @@ import torch
 from lmforge.common import LmforgeError
 from lmforge.model import KVCache
 
-from .grammar import draft_masks, grammar_for, grammar_masks
+from .grammar import draft_masks, grammar_for, grammar_masks, mask_logits
 from .sampling import SamplingParams, adjust_logits, probabilities, sample
 
 
@@ -425,9 +425,7 @@ def _speculative(
         logits, h = out if hidden else (out, None)
         logits = adjust_logits(logits[0], params)  # [len(drafts) + 1, V], with the logit_bias
         if matcher is not None:  # each position's grammar mask: a draft the grammar rejects has p = 0
-            logits = logits.float().masked_fill(
-                ~draft_masks(matcher, drafts, stop_ids, logits.shape[-1]).to(device), -torch.inf
-            )
+            logits = mask_logits(logits, draft_masks(matcher, drafts, stop_ids, logits.shape[-1]))
         if parents is not None:
             path, bonus = verify_tree(logits, [tokens[-1]] + drafts, parents)
             _compact(cache, L - 1, path)

@@ -15,7 +15,7 @@ import torch
 from lmforge.common import LmforgeError, get_logger
 from lmforge.tokenizer.text import TextStream
 
-from .grammar import draft_masks, grammar_masks
+from .grammar import draft_masks, grammar_masks, mask_logits
 from .logprobs import _entries, logprob_entry
 from .sampling import adjust_logits, sample
 from .scheduler import Sequence, Status
@@ -137,8 +137,12 @@ class EngineRows:
         if constrained:  # after the bias: a +100 bias cannot bring a forbidden token back
             seqs = [seq for _, seq in constrained]
             allowed = grammar_masks([s.matcher for s in seqs], [self._stop_ids(s) for s in seqs], logits.shape[-1])
-            idx = torch.tensor([row for row, _ in constrained], device=logits.device)
-            logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
+            rows = [row for row, _ in constrained]
+            if rows == list(range(len(logits))):  # every row: no gather/scatter
+                logits = mask_logits(logits, allowed)
+            else:
+                idx = torch.tensor(rows, device=logits.device)
+                logits[idx] = mask_logits(logits[idx], allowed)
         return logits
 
     def _constrain_drafts(self, seq: Sequence, drafts: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -149,7 +153,7 @@ class EngineRows:
         if seq.matcher is None:
             return logits
         allowed = draft_masks(seq.matcher, drafts, self._stop_ids(seq), logits.shape[-1]).to(logits.device)
-        return logits.float().masked_fill(~allowed, float("-inf"))
+        return mask_logits(logits, allowed)
 
     def _accept(self, seq: Sequence, token: int | None, entries: list | None) -> Event:
         """Append the chosen token (with its logprob entry when asked) and report it."""

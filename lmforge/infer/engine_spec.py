@@ -20,7 +20,7 @@ import torch
 from lmforge.common import LmforgeError
 
 from .decode import verify, verify_greedy
-from .grammar import grammar_masks
+from .grammar import grammar_masks, mask_logits
 from .paged import PagedKVCache, forward_packed, forward_padded
 from .sampling import adjust_logits, probabilities
 from .scheduler import Sequence
@@ -168,5 +168,5 @@ def _shape(logits: torch.Tensor, seqs: list[Sequence], walked: dict[int, int], i
     if rows:
         matchers = [seqs[j].matcher for j in rows]
         allowed = grammar_masks(matchers, [[m.compiled.eos] for m in matchers], logits.shape[-1])
-        logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
+        logits[rows] = mask_logits(logits[rows], allowed)
     return logits

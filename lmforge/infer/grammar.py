@@ -3,7 +3,7 @@ matcher that turns it into a token mask at every step.
 
     spec = GrammarSpec("json_schema", json.dumps(schema))     # or "json", "regex", "ebnf"
     m = grammar_matcher(spec, tokenizer, vocab_size)           # compiled once per (spec, tokenizer)
-    allowed = grammar_masks([m], [stop_ids], vocab_size)[0]    # [V] bool: logits[~allowed] = -inf
+    allowed = grammar_masks([m], [stop_ids], vocab_size)       # [B, V] bool; mask_logits(logits, allowed)
     m.advance(token); m.rollback(n)                            # n: rejected speculative tokens
 
 The library is llguidance (Earley parser + lazy lexer over a token trie, Rust; no Python
@@ -37,6 +37,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmforge.common import LmforgeError
@@ -202,8 +203,7 @@ def grammar_matcher(spec: GrammarSpec, tokenizer, vocab_size: int | None = None)
     return compile_grammar(spec, tokenizer, vocab_size).matcher()
 
 
-# Bit b of byte j -> token 8j + b (llguidance's bitmask is little-endian int32 words).
-_BITS = (torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1
+_FORBIDDEN = torch.finfo(torch.float32).min  # see mask_logits
 
 
 def grammar_masks(matchers: list[GrammarMatcher], stop_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
@@ -213,7 +213,10 @@ def grammar_masks(matchers: list[GrammarMatcher], stop_ids: list[list[int]], voc
     bits = torch.zeros(len(matchers), -(-n_vocab // 32), dtype=torch.int32)
     for row, m in enumerate(matchers):
         m.fill_bitmask(bits[row, : -(-m.compiled.n_vocab // 32)])
-    allowed = _BITS[bits.view(torch.uint8).long()].view(len(matchers), -1)[:, :vocab_size].clone()
+    # Bit b of byte j is token 8j + b (little-endian int32 words): numpy's unpackbits is ~100x faster
+    # than expanding the bits with torch ops.
+    unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab_size]
+    allowed = torch.from_numpy(np.ascontiguousarray(unpacked)).view(torch.bool)
     for row, (m, stops) in enumerate(zip(matchers, stop_ids)):
         eos = m.compiled.eos
         if eos < vocab_size:
@@ -254,3 +257,11 @@ def draft_masks(matcher: GrammarMatcher, drafts: list[int], stop_ids: list[int],
     finally:
         matcher.rollback(advanced)
     return torch.stack(masks + masks[-1:] * (len(drafts) + 1 - len(masks)))
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] float with every token `allowed` [B, V] bool forbids pushed to float32's lowest
+    value: its probability after softmax is exactly 0 and argmax never picks it while any token is
+    allowed. (An add is ~20-50x faster on a CPU than masked_fill(-inf), which costs milliseconds on
+    [16, 32000]; a later logit_bias, penalty or temperature keeps it at the bottom or makes it -inf.)"""
+    return logits.float() + (allowed.to(device=logits.device, dtype=torch.float32) - 1) * -_FORBIDDEN

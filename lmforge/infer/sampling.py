@@ -26,7 +26,7 @@ import torch
 
 from lmforge.common import LmforgeError
 
-from .grammar import GrammarSpec
+from .grammar import GrammarSpec, mask_logits
 
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy: the distribution is one-hot to float precision
 _MAX = torch.finfo(torch.float32).max
@@ -158,7 +158,7 @@ def adjust_logits(
     if counts is not None:
         logits = apply_penalties(logits.float(), counts, params.presence_penalty, params.frequency_penalty)
     if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = mask_logits(logits, allowed)
     return logits
 
 
