@@ -76,8 +76,8 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ckpt):  # the default engine: a child process (the grammar crosses the pipe)
-    with ServerThread(ServeConfig(model=str(ckpt), max_seqs=16)) as s:
+def server(ckpt):  # the engine on a thread: starts in a second, not ten (a child process: tests/test_serve.py)
+    with ServerThread(ServeConfig(model=str(ckpt), max_seqs=16, engine_process=False)) as s:
         yield s
 
 

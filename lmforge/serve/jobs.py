@@ -156,6 +156,8 @@ def _check_vision(req: ChatRequest) -> None:
     """The image path renders roles and contents only: refuse what it would drop."""
     if req.tools and req.tool_mode() != "none":
         raise APIError(400, "tools with image inputs are not supported", param="tools")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, "a JSON response_format with image inputs is not supported", param="response_format")
     for i, m in enumerate(req.messages):
         for name in ("name", "tool_calls", "tool_call_id"):
             if getattr(m, name) is not None:
