@@ -265,12 +265,13 @@ def child_main(cfg, cmds, events) -> None:
         )
     )
     try:
-        _serve_forever(engine, ops, cmds, events)
+        _serve_forever(engine, cmds, events, ops)
     except (EOFError, OSError):  # the server is gone
         pass
 
 
-def _serve_forever(engine, ops: EngineOps, cmds, events) -> None:
+def _serve_forever(engine, cmds, events, ops: EngineOps | None = None) -> None:
+    ops = ops or EngineOps(engine)
     rid_of: dict[int, int] = {}  # the server's key -> the engine's request id
     key_of: dict[int, int] = {}
     last_stats, idle_reported = time.monotonic(), True
