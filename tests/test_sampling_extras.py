@@ -2,7 +2,6 @@
 hand computation, the validation ranges, and the same tokens in every path (engine, speculative
 engine, decode driver)."""
 
-
 import pytest
 import torch
 
@@ -85,6 +84,12 @@ def test_engine_and_driver_honour_the_extras(model):
         got = Engine(model).generate_batch([prompt], params)[0]
         assert got == decode_ids(model, params, prompt)[0]
     assert Engine(model).generate_batch([prompt], SamplingParams(max_new_tokens=12, frequency_penalty=2.0))[0] != base
+    # Sampling: the engine and the driver draw the same tokens from the same seed, each extra applied once.
+    sampled = SamplingParams(
+        max_new_tokens=12, temperature=1.5, seed=4, logit_bias={77: 5.0}, min_p=0.05, presence_penalty=0.7
+    )
+    got = Engine(model).generate_batch([prompt], sampled)[0]
+    assert got == decode_ids(model, sampled, prompt)[0] and 77 in got
     # min_p = 1 keeps only the top token: sampling at temperature 1 is greedy.
     top_only = SamplingParams(max_new_tokens=12, temperature=1.0, min_p=1.0, seed=3)
     assert Engine(model).generate_batch([prompt], top_only)[0] == base

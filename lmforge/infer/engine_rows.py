@@ -17,7 +17,7 @@ from lmforge.tokenizer.text import TextStream
 
 from .grammar import draft_masks, grammar_masks, mask_logits
 from .logprobs import _entries, logprob_entry
-from .sampling import adjust_logits, sample
+from .sampling import adjust_logits, probabilities
 from .scheduler import Sequence, Status
 
 log = get_logger(__name__)
@@ -94,7 +94,11 @@ class EngineRows:
         p = seq.params
         if p.max_new_tokens == 0:  # asked for the prompt's logprobs only
             return None
-        token = argmax if p.greedy else int(sample(logits[row : row + 1], p, seq.generator or self._generator)[0])
+        if p.greedy:
+            token = argmax
+        else:  # not sample(): that would add the logit_bias a second time
+            probs = probabilities(logits[row : row + 1], p)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator or self._generator)[0])
         self._advance_grammar(seq, [token])
         return token
 
