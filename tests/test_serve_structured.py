@@ -76,7 +76,7 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ckpt):  # the engine on a thread: starts in a second, not ten (a child process: tests/test_serve.py)
+def server(ckpt):  # the engine on a thread: it starts in a second, a child process in ten
     with ServerThread(ServeConfig(model=str(ckpt), max_seqs=16, engine_process=False)) as s:
         yield s
 
