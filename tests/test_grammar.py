@@ -159,6 +159,21 @@ def test_mixed_constrained_and_free_requests_equal_each_alone(tok, peaked):
     together = Engine(peaked, tok, max_seqs=32).generate_batch(prompts, params)
     alone = [Engine(peaked, tok).generate_batch([p], [s])[0] for p, s in zip(prompts, params)]
     assert together == alone
+    # Logprobs report the model's own distribution, unchanged by masks on other rows (or its own).
+    entries = []
+    for grammar in (None, specs[0]):
+        engine = Engine(peaked, tok)
+        rids = [engine.add_request(prompts[0], SamplingParams(max_new_tokens=8), logprobs=2)]
+        rids.append(engine.add_request(prompts[1], SamplingParams(max_new_tokens=8, grammar=grammar), logprobs=2))
+        while engine.has_unfinished():
+            engine.step()
+        entries.append([engine.requests[r].token_logprobs for r in rids])
+    assert [e[:2] for e in entries[0][0]] == pytest.approx([e[:2] for e in entries[1][0]], abs=1e-4)
+    seq = engine.requests[rids[1]]  # the constrained row: its logprobs are a plain forward's
+    with torch.no_grad():
+        full = peaked(torch.tensor([seq.tokens]))[0].float().log_softmax(-1)
+    want = [float(full[len(seq.prompt) - 1 + i, t]) for i, t in enumerate(seq.output)]
+    assert [lp for _, lp, _ in seq.token_logprobs] == pytest.approx(want, abs=1e-4)
     # The decode driver (single sequence) gives the same tokens as the engine.
     driver = decode_ids(peaked, params[1], prompts[1], eos_token_ids=[tok.eos_id], tokenizer=tok)[0]
     assert driver == together[1]

@@ -135,14 +135,16 @@ class EngineRows:
         constrained = [(row, seq) for row, seq in rows if seq.matcher is not None]
         if not adjusted and not constrained:
             return logits
-        logits = logits.float().clone()
+        every = [row for row, _ in constrained] == list(range(len(logits)))  # a mask for every row: no scatter
+        if adjusted or not every:  # rows are written in place below: not into the model's logits
+            logits = logits.float().clone()
         for row, seq in adjusted:
             logits[row : row + 1] = self._adjust(seq, logits[row : row + 1])
         if constrained:  # after the bias: a +100 bias cannot bring a forbidden token back
             seqs = [seq for _, seq in constrained]
             allowed = grammar_masks([s.matcher for s in seqs], [self._stop_ids(s) for s in seqs], logits.shape[-1])
             rows = [row for row, _ in constrained]
-            if rows == list(range(len(logits))):  # every row: no gather/scatter
+            if every:
                 logits = mask_logits(logits, allowed)
             else:
                 idx = torch.tensor(rows, device=logits.device)

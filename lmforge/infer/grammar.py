@@ -216,14 +216,14 @@ def grammar_masks(matchers: list[GrammarMatcher], stop_ids: list[list[int]], voc
     # Bit b of byte j is token 8j + b (little-endian int32 words): numpy's unpackbits is ~100x faster
     # than expanding the bits with torch ops.
     unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab_size]
-    allowed = torch.from_numpy(np.ascontiguousarray(unpacked)).view(torch.bool)
-    for row, (m, stops) in enumerate(zip(matchers, stop_ids)):
-        eos = m.compiled.eos
-        if eos < vocab_size:
-            allowed[row, eos] = False
-        if m.accepts_eos:
-            allowed[row, [t for t in stops if 0 <= t < vocab_size]] = True
-    return allowed
+    allowed = np.ascontiguousarray(unpacked)
+    # The grammar's own end of sequence off; the row's stop ids on where the grammar is complete
+    # (one fancy-index assignment each: per-row tensor ops would cost more than the masks).
+    eos = [(row, m.compiled.eos) for row, m in enumerate(matchers) if m.compiled.eos < vocab_size]
+    allowed[[r for r, _ in eos], [t for _, t in eos]] = 0
+    stops = [(row, t) for row, m in enumerate(matchers) if m.accepts_eos for t in stop_ids[row] if 0 <= t < vocab_size]
+    allowed[[r for r, _ in stops], [t for _, t in stops]] = 1
+    return torch.from_numpy(allowed).view(torch.bool)
 
 
 def grammar_for(params, tokenizer, vocab_size: int, eos_ids: list[int] = ()) -> GrammarMatcher | None:
@@ -262,6 +262,8 @@ def draft_masks(matcher: GrammarMatcher, drafts: list[int], stop_ids: list[int],
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """logits [B, V] float with every token `allowed` [B, V] bool forbids pushed to float32's lowest
     value: its probability after softmax is exactly 0 and argmax never picks it while any token is
-    allowed. (An add is ~20-50x faster on a CPU than masked_fill(-inf), which costs milliseconds on
-    [16, 32000]; a later logit_bias, penalty or temperature keeps it at the bottom or makes it -inf.)"""
-    return logits.float() + (allowed.to(device=logits.device, dtype=torch.float32) - 1) * -_FORBIDDEN
+    allowed (a later logit_bias, penalty or temperature keeps it at the bottom or makes it -inf).
+    Arithmetic on the mask's bytes: on a CPU, masked_fill(-inf) or a bool-to-float conversion of a
+    [16, 32000] mask costs ~1.5 ms, this ~0.3 ms."""
+    bias = allowed.contiguous().view(torch.uint8).to(logits.device).float()
+    return logits.float() + bias.sub_(1).mul_(-_FORBIDDEN)
