@@ -92,7 +92,9 @@ def test_embeddings_of_token_ids_and_batches_equal_single_texts(client, base):
     _, tok = base
     texts = ["Language models predict the next token.", "Hello"]
     ids = [tok.encode(t) for t in texts]
-    one = [client.embeddings.create(model="tiny-chat", input=t, encoding_format="float").data[0].embedding for t in texts]
+    one = [
+        client.embeddings.create(model="tiny-chat", input=t, encoding_format="float").data[0].embedding for t in texts
+    ]
     by_ids = client.embeddings.create(model="tiny-chat", input=ids, encoding_format="float")
     single_ids = client.embeddings.create(model="tiny-chat", input=ids[0], encoding_format="float")
     np.testing.assert_allclose(single_ids.data[0].embedding, one[0], atol=1e-5)
@@ -123,7 +125,10 @@ def test_embedding_errors_are_4xx_naming_the_problem(server, body, status, needl
 
 
 def test_cached_tokens_in_usage_and_prefix_cache_counters(client, server):
-    hits, queries = _metric(server, "lmforge_prefix_cache_hits_total"), _metric(server, "lmforge_prefix_cache_queries_total")
+    hits, queries = (
+        _metric(server, "lmforge_prefix_cache_hits_total"),
+        _metric(server, "lmforge_prefix_cache_queries_total"),
+    )
     kw = dict(model="tiny-chat", prompt="cache me: " + LONG, max_tokens=2, temperature=0)
     first = client.completions.create(**kw).usage
     again = client.completions.create(**kw).usage
@@ -172,8 +177,11 @@ def test_tokenize_detokenize_round_trip(server, base):
         assert _post(server, path, body).status_code == status, (path, body)
 
 
-def test_api_key_guards_the_extras_and_runtime_lora_is_off_by_default(ckpt):
-    cfg = ServeConfig(model=str(ckpt[0]), api_key="secret", engine_process=False)
+def test_api_key_guards_the_extras_and_runtime_lora_is_off_by_default(ckpt, base, tmp_path):
+    torch.manual_seed(2)
+    embedder = build_model("tiny", vocab_size=400, hidden_size=32, intermediate_size=64).eval()
+    folder = save_model(embedder, tmp_path / "embedder", tokenizer=base[1])
+    cfg = ServeConfig(model=str(ckpt[0]), api_key="secret", engine_process=False, embedding_model=str(folder))
     with ServerThread(cfg) as s:
         for path in ("/tokenize", "/detokenize", "/v1/embeddings", "/v1/load_lora_adapter"):
             assert _post(s, path, {}).status_code == 401, path
@@ -183,6 +191,11 @@ def test_api_key_guards_the_extras_and_runtime_lora_is_off_by_default(ckpt):
         body = dict(lora_name="x", lora_path=str(ckpt[1]))
         off = httpx.post(s.url + "/v1/load_lora_adapter", json=body, headers=auth)
         assert off.status_code == 404 and "--enable-lora-runtime" in off.json()["error"]["message"]
+        # --embedding-model: embeddings come from that model, under its folder name or the served name
+        keyed = openai.OpenAI(base_url=s.url + "/v1", api_key="secret", max_retries=0)
+        for name in ("embedder", "tiny-chat"):
+            r = keyed.embeddings.create(model=name, input="hello there", encoding_format="float")
+            np.testing.assert_allclose(r.data[0].embedding, _pooled(embedder, base[1].encode("hello there")), atol=2e-5)
 
 
 # ----------------------------------------------------------------------------- LoRA at run time
