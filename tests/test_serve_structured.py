@@ -6,6 +6,7 @@ fields are a 400 naming them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
@@ -114,6 +115,26 @@ def test_json_schema_outputs_always_validate(client, stream):
         assert reasons == ["stop"] * 4, (schema, texts)
         for text in texts:
             jsonschema.validate(json.loads(text), schema)
+
+
+def test_concurrent_constrained_and_free_requests_equal_each_alone(server):
+    """16 greedy requests at once, half under a schema, half free: each answer is the one it gets alone."""
+    aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    fmts = [{"type": "json_schema", "json_schema": {"name": f"s{k}", "schema": s}} for k, s in enumerate(SCHEMAS)]
+    kws = [dict(response_format=fmts[i % len(fmts)]) if i % 2 else dict(logit_bias={str(i): 5.0}) for i in range(16)]
+
+    async def ask(kw):
+        r = await aclient.chat.completions.create(
+            model="tiny-chat", messages=MSGS, temperature=0, max_tokens=40 + len(kw), **kw
+        )
+        return r.choices[0].message.content
+
+    async def both():
+        together = await asyncio.gather(*(ask(kw) for kw in kws))
+        return together, [await ask(kw) for kw in kws]
+
+    together, alone = asyncio.run(both())
+    assert together == alone
 
 
 def test_json_object_mode_and_logit_bias_together(client, server):
