@@ -51,6 +51,7 @@ FLAGS = {
     "--objective": "train.objective",
     "--strategy": "train.strategy",
     "--tp": "train.tp",
+    "--pp": "train.pp",
     "--data": "data.path",
     "--preset": "model.preset",
     "--runs-dir": "run.dir",
@@ -247,7 +248,8 @@ def main(args: argparse.Namespace) -> dict:
     cfg = load_config(PretrainRecipe, args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
     train_cfg, optim_cfg, data_cfg, run_cfg, distill = cfg.train, cfg.optim, cfg.data, cfg.run, cfg.distill
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
-    data_info = data_parallel_info(info, train_cfg.tp)  # the ranks of a tensor-parallel group read the same data
+    # The ranks of a tensor-parallel group or of a pipeline read the same data.
+    data_info = data_parallel_info(info, train_cfg.tp * train_cfg.pp)
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
     folder = data_folder(data_cfg, train_cfg.seed)  # the data's tokenizer decides the vocabulary
     tokenizer = data_tokenizer(folder)

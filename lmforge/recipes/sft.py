@@ -58,6 +58,7 @@ FLAGS = {
     "--device": "run.device",
     "--strategy": "train.strategy",
     "--tp": "train.tp",
+    "--pp": "train.pp",
     "--dtype": "train.dtype",
 }
 
@@ -220,7 +221,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(SFTRecipe, args.config, overrides_from_args(args, FLAGS) + switch_overrides(args))
     train_cfg, optim_cfg, src, data, peft_cfg, run_cfg = cfg.train, cfg.optim, cfg.model, cfg.data, cfg.peft, cfg.run
     device, info = setup_runtime(run_cfg.device, train_cfg.seed)
-    data_info = data_parallel_info(info, train_cfg.tp)  # the ranks of a tensor-parallel group read the same data
+    # The ranks of a tensor-parallel group or of a pipeline read the same data.
+    data_info = data_parallel_info(info, train_cfg.tp * train_cfg.pp)
     run_dir = make_run_dir(run_cfg.dir, run_cfg.name, cfg if info.is_main else None, resume=bool(args.resume))
     model, tokenizer = load_base(src, data)
     if peft_cfg.method in ("prompt", "p_tuning") and data.pack:

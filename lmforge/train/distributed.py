@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
 from lmforge.common import DistInfo, LmforgeError
 from lmforge.parallel import apply_tensor_parallel, init_process_group
 
+from .pipeline import PipelineModel
+
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -94,11 +96,15 @@ def barrier() -> None:
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict with the model's own key names (collective under FSDP)."""
+    if isinstance(model, PipelineModel):
+        return model.full_state()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """{"state": {param_name: {...}}, "param_groups": [...]} keyed by parameter name, not index."""
+    if isinstance(model, PipelineModel):
+        return model.full_optimizer_state(optimizer)
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -106,6 +112,8 @@ def load_full_state(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optim_state: dict | None
 ) -> None:
     """Every rank passes the full state; each keeps its own shard."""
+    if isinstance(model, PipelineModel):
+        return model.load_full_state(optimizer, model_state, optim_state)
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, model_state, options=opts)
     if optimizer is not None and optim_state is not None:

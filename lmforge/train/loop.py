@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from lmforge.common import DTYPE_NAMES, checked
+from lmforge.common import DTYPE_NAMES, LmforgeError, checked
+from lmforge.parallel import tp_degree
 
 from .align import distill_loss  # the one KL of distillation (mean over labelled tokens)
-from .distributed import all_reduce_sum, clip_gradients, gradient_sync
+from .distributed import all_reduce_sum, clip_gradients, gradient_sync, unwrap
 from .losses import fusable_head, linear_cross_entropy
 from .objectives import IGNORE, lm_loss_sum
+from .pipeline import PipelineModel
 
 
 @dataclass
@@ -36,6 +38,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     strategy: str = checked("ddp", choices=("ddp", "fsdp"))  # fsdp only under torchrun
     tp: int = checked(1, ge=1)  # tensor-parallel degree (lmforge.parallel): torchrun with exactly tp processes
+    pp: int = checked(1, ge=1)  # pipeline stages (train/pipeline.py): torchrun with exactly pp processes
+    pp_schedule: str = checked("1f1b", choices=("gpipe", "1f1b"))  # grad_accum micro-batches per step
     seed: int = checked(0, ge=0)
     eval_every: int = checked(50, ge=0)  # 0: never
     eval_batches: int = checked(8, ge=1)
@@ -142,6 +146,45 @@ def train_step(
     as one big batch even when micro-batches hold different numbers of labelled tokens. A custom
     `loss_fn` returns each micro-batch's mean loss: the step averages those over micro-batches
     (and DDP/FSDP over ranks)."""
+    max_norm = clip_grad if clip_grad > 0 else float("inf")
+    if isinstance(model, PipelineModel):  # the schedule runs forward and backward over every stage
+        if loss_fn is not None or (hooks is not None and hooks.extra_loss is not None):
+            raise LmforgeError("--pp trains with the LM loss only (no custom loss or extra loss terms)")
+        with autocast(device, dtype):
+            loss_value, _ = model.pipeline_step(micro_batches)
+        grad_norm, figures, replicas = model.grad_norm_and_clip(max_norm), {}, 1
+    else:
+        loss_value, grad_norm, figures = _forward_backward(
+            model, micro_batches, device, dtype, max_norm, world_size, aux_coef, hooks, loss_fn
+        )
+        replicas = world_size // tp_degree(unwrap(model))  # the ranks of a TP group share one batch
+    skipped = None
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        skipped = "nonfinite"
+    elif guard.is_spike(loss_value):
+        skipped = "spike"
+    else:
+        optimizer.step()
+        guard.accept(loss_value)
+        if hooks is not None and hooks.after_update is not None:
+            hooks.after_update(step + 1)
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b["input_ids"].numel() for b in micro_batches if "input_ids" in b) * replicas
+    return StepResult(loss_value, grad_norm, tokens, skipped, figures)
+
+
+def _forward_backward(
+    model: nn.Module,
+    micro_batches: list[dict],
+    device: torch.device,
+    dtype: torch.dtype,
+    max_norm: float,
+    world_size: int,
+    aux_coef: float,
+    hooks: StepHooks | None,
+    loss_fn: LossFn | None,
+) -> tuple[float, float, dict]:
+    """Accumulated forward/backward over the micro-batches, then clipping -> (loss, grad norm, figures)."""
     if loss_fn is None:
         local = sum(int((b["labels"] != IGNORE).sum()) for b in micro_batches)
         n_global = max(1, int(all_reduce_sum(torch.tensor(float(local))).item()))
@@ -167,26 +210,18 @@ def train_step(
         loss_total += loss_sum.detach().float()
     loss_value = float(all_reduce_sum(loss_total)) / n_global
     params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = clip_grad if clip_grad > 0 else float("inf")
     grad_norm = clip_gradients(params, max_norm) if params else 0.0
-    skipped = None
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-        skipped = "nonfinite"
-    elif guard.is_spike(loss_value):
-        skipped = "spike"
-    else:
-        optimizer.step()
-        guard.accept(loss_value)
-        if hooks is not None and hooks.after_update is not None:
-            hooks.after_update(step + 1)
-    optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b["input_ids"].numel() for b in micro_batches if "input_ids" in b) * world_size
-    return StepResult(loss_value, grad_norm, tokens, skipped, figures)
+    return loss_value, grad_norm, figures
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, dtype: torch.dtype) -> dict:
     """Token-weighted validation loss and perplexity over `batches` (summed over ranks)."""
+    if isinstance(model, PipelineModel):  # grad_accum batches at a time: the schedule's micro-batches
+        with autocast(device, dtype):
+            total, count = model.pipeline_eval(list(batches), model.n_micro)
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)

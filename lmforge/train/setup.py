@@ -11,6 +11,7 @@ from lmforge.common import LmforgeError, get_device, get_dtype, seed_everything
 from .distributed import init_distributed, wrap_model
 from .loop import TrainConfig
 from .optim import OptimConfig, build_optimizer
+from .pipeline import wrap_pipeline
 
 
 def setup_runtime(device_name: str | None, seed: int):
@@ -36,6 +37,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, optim_cfg: OptimConfig, de
     model.model.gradient_checkpointing = bool(cfg.activation_checkpointing)
     model.to(device)
     model.train()
+    if cfg.pp > 1:  # each rank trains its stage; the optimizer holds that stage's parameters only
+        if cfg.tp > 1 or cfg.strategy == "fsdp" or cfg.compile or cfg.activation_checkpointing:
+            raise LmforgeError("--pp cannot be combined with --tp, fsdp, compile or activation checkpointing yet")
+        wrapped = wrap_pipeline(model, cfg.pp, cfg.pp_schedule, cfg.grad_accum, cfg.eval_batches, device)
+        return wrapped, build_optimizer(wrapped.stage_model, optim_cfg)
     wrapped = wrap_model(model, cfg.strategy, device, cfg.tp)
     optimizer = build_optimizer(wrapped, optim_cfg)
     if cfg.compile:
