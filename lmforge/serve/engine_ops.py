@@ -136,7 +136,8 @@ class EngineOps:
         for r, t in enumerate(batch):
             ids[r, : len(t)] = torch.tensor(t, device=device)
             mask[r, : len(t)] = 1
-        _, hidden = model(ids, attention_mask=mask, logits_to_keep=1, return_hidden=True)
+        with self.engine._lock:  # a vision-language model's image path forwards the same weights on its own thread
+            _, hidden = model(ids, attention_mask=mask, logits_to_keep=1, return_hidden=True)
         m = mask.unsqueeze(-1).to(torch.float32)
         mean = (hidden.float() * m).sum(1) / m.sum(1)
         return F.normalize(mean, dim=-1).cpu()
