@@ -85,23 +85,32 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-def _block_config(c: VisionConfig) -> ModelConfig:
-    # The LM block reads only these fields; vocab/positions are unused (vocab_size must be > 0).
-    act = "gelu" if c.hidden_act == "quick_gelu" else c.hidden_act
+def encoder_block_config(
+    hidden: int, intermediate: int, layers: int, heads: int, eps: float, activation: str
+) -> ModelConfig:
+    """The LM block as a bidirectional encoder's (CLIP's ViT, Whisper's encoder): LayerNorm,
+    biased q/k/v/o, an ungated biased MLP. Vocab/positions are unused (vocab_size must be > 0)."""
     return ModelConfig(
         vocab_size=1,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         norm="layernorm",
-        norm_eps=c.layer_norm_eps,
-        activation=act,
+        norm_eps=eps,
+        activation=activation,
         gated_mlp=False,
         attention_bias=True,
         attention_out_bias=True,
         mlp_bias=True,
         causal=False,
+    )
+
+
+def _block_config(c: VisionConfig) -> ModelConfig:
+    act = "gelu" if c.hidden_act == "quick_gelu" else c.hidden_act  # quick_gelu is swapped in after
+    return encoder_block_config(
+        c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.layer_norm_eps, act
     )
 
 

@@ -27,7 +27,7 @@ from lmforge.common import LmforgeError, dataclass_from_dict
 from lmforge.model import ModelConfig
 from lmforge.model.transformer import Block
 
-from .vit import rename_key
+from .vit import encoder_block_config, rename_key
 
 
 @dataclass
@@ -89,20 +89,8 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
 
 
 def _block_config(c: AudioEncoderConfig) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=1,
-        hidden_size=c.d_model,
-        intermediate_size=c.encoder_ffn_dim,
-        num_hidden_layers=c.encoder_layers,
-        num_attention_heads=c.encoder_attention_heads,
-        norm="layernorm",
-        norm_eps=c.layer_norm_eps,
-        activation="gelu",
-        gated_mlp=False,
-        attention_bias=True,
-        attention_out_bias=True,
-        mlp_bias=True,
-        causal=False,
+    return encoder_block_config(
+        c.d_model, c.encoder_ffn_dim, c.encoder_layers, c.encoder_attention_heads, c.layer_norm_eps, "gelu"
     )
 
 

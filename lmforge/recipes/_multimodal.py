@@ -3,10 +3,24 @@ loss mask, the LM loss over them, and the fit options of a training stage."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 
-from lmforge.recipes._fit import FitOptions
+from lmforge.recipes._common import add_config_arguments
+from lmforge.recipes._fit import FitOptions, add_resume_argument
+
+
+def add_train_eval_arguments(p: argparse.ArgumentParser, default_config: str | None, model_help: str) -> None:
+    """`train|eval`, the recipe config flags, --out/--overwrite (train), --model (eval), --json, --resume."""
+    p.add_argument("action", choices=["train", "eval"])
+    add_config_arguments(p, default_config)
+    p.add_argument("--out", help="train: output folder")
+    p.add_argument("--overwrite", action="store_true", help="train: replace --out even if lmforge did not write it")
+    p.add_argument("--model", help=f"eval: {model_help}")
+    p.add_argument("--json", help="write the metrics to this JSON file")
+    add_resume_argument(p)  # train: checkpoints and metrics.jsonl are in <out>.train/
 
 
 def stage_options(steps: int, optim_cfg, resume: str | None) -> FitOptions:

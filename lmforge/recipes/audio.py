@@ -38,9 +38,9 @@ from lmforge.multimodal.alm import AlmConfig, AudioLanguageModel
 from lmforge.multimodal.config import AudioTrainConfig
 from lmforge.multimodal.speech import load_speech
 from lmforge.multimodal.whisper import AudioEncoder, AudioEncoderConfig, load_hf_encoder
-from lmforge.recipes._common import add_config_arguments, load_config
-from lmforge.recipes._fit import LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
-from lmforge.recipes._multimodal import lm_loss, pad_batch, stage_options
+from lmforge.recipes._common import load_config
+from lmforge.recipes._fit import LoopState, run_dir_for, run_fit, warmup_cosine
+from lmforge.recipes._multimodal import add_train_eval_arguments, lm_loss, pad_batch, stage_options
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
 from lmforge.tokenizer.text import end_of_turn_ids
@@ -50,13 +50,7 @@ AUDIO_TOKEN = "<audio>"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["train", "eval"])
-    add_config_arguments(p, None)
-    p.add_argument("--out", help="train: output folder")
-    p.add_argument("--overwrite", action="store_true", help="train: replace --out even if lmforge did not write it")
-    p.add_argument("--model", help="eval: an audio-language model folder (lmforge audio train --out)")
-    p.add_argument("--json", help="write the metrics to this JSON file")
-    add_resume_argument(p)
+    add_train_eval_arguments(p, None, "an audio-language model folder (lmforge audio train --out)")
 
 
 def audio_turn(prompt: str, answer: str | None = None) -> list[dict]:

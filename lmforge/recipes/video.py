@@ -33,9 +33,9 @@ from lmforge.multimodal.chat import image_turn, render_ids
 from lmforge.multimodal.config import VideoTrainConfig
 from lmforge.multimodal.data import to_pixels
 from lmforge.multimodal.video import make_motion_clips, shuffle_frames
-from lmforge.recipes._common import add_config_arguments, load_config
-from lmforge.recipes._fit import LoopState, add_resume_argument, run_dir_for, run_fit, warmup_cosine
-from lmforge.recipes._multimodal import lm_loss, pad_batch, stage_options
+from lmforge.recipes._common import load_config
+from lmforge.recipes._fit import LoopState, run_dir_for, run_fit, warmup_cosine
+from lmforge.recipes._multimodal import add_train_eval_arguments, lm_loss, pad_batch, stage_options
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 from lmforge.tokenizer.text import end_of_turn_ids
 from lmforge.train import build_optimizer
@@ -45,13 +45,7 @@ CHANCE = {"move": 0.25, "appear": 1 / 3, "change": 0.5}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["train", "eval"])
-    add_config_arguments(p, None)
-    p.add_argument("--out", help="train: output folder")
-    p.add_argument("--overwrite", action="store_true", help="train: replace --out even if lmforge did not write it")
-    p.add_argument("--model", help="eval: a folder written by `lmforge video train`")
-    p.add_argument("--json", help="write the metrics to this JSON file")
-    add_resume_argument(p)
+    add_train_eval_arguments(p, None, "a folder written by `lmforge video train`")
 
 
 def clips_for(cfg: VideoTrainConfig, split: str, n: int, image_size: int):
