@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_parallel_tp import torchrun
+from test_parallel_tp import tiny_corpus, torchrun
 
 ARGS = ["--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--steps", "20"]
 ARGS += ["--set", "train.eval_every=0", "--set", "train.save_every=10", "--set", "train.keep_last=0"]
@@ -36,12 +36,11 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
 
 
-def test_pp_schedules_match_one_process_and_checkpoints_cross(tmp_path):
+def test_pp_schedules_match_one_process_and_checkpoints_cross(tmp_path, tmp_path_factory):
     from lmforge.checkpoint import load_model
     from lmforge.cli import main
-    from lmforge.train.stdlib_data import builtin_pretrain_data
 
-    data = str(builtin_pretrain_data(tmp_path / "cache", max_bytes=100_000, vocab_size=300))
+    data = tiny_corpus(tmp_path_factory)
     common = ["--runs-dir", str(tmp_path), "--data", data, *ARGS]
     assert main(["pretrain", "--name", "single", *common]) == 0
     torchrun(__file__, str(tmp_path), data)

@@ -33,6 +33,13 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     return proc
 
 
+def tiny_corpus(tmp_path_factory) -> str:
+    """The built-in corpus, built once per session for every parallel test (it is cached by folder)."""
+    from lmforge.train.stdlib_data import builtin_pretrain_data
+
+    return str(builtin_pretrain_data(tmp_path_factory.getbasetemp() / "parallel-corpus", 100_000, 300))
+
+
 ARGS = ["--seq-len", "32", "--batch-size", "4", "--steps", "20", "--set", "train.eval_every=0"]
 ARGS += ["--set", "train.save_every=10", "--set", "train.keep_last=0"]
 for key, value in {**BASE, "num_key_value_heads": 2, "initializer_range": 0.02}.items():
@@ -89,10 +96,9 @@ def tp_run(tmp_path_factory) -> Path:
     """One torchrun launch of the worker below; -> its folder (tp.json, runs/tp, data)."""
     from lmforge.checkpoint import save_model
     from lmforge.model import ModelConfig, Transformer
-    from lmforge.train.stdlib_data import builtin_pretrain_data
 
     root = tmp_path_factory.mktemp("tp")
-    data = builtin_pretrain_data(root / "cache", max_bytes=100_000, vocab_size=300)
+    data = tiny_corpus(tmp_path_factory)
     (root / "data").write_text(str(data))
     torch.manual_seed(1)
     save_model(Transformer(ModelConfig(**BASE, **SHAPES["llama"])), root / "llama")

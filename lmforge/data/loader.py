@@ -176,14 +176,22 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "seq_len", "world_size"):
+        for key in ("seed", "batch_size", "seq_len"):
             if key in state and state[key] != getattr(self, key):
                 raise LmforgeError(
                     f"loader state has {key}={state[key]}, this loader {key}={getattr(self, key)}: "
                     "resuming would not reproduce the batches"
                 )
+        # Another world size (a run resumed on fewer or more nodes): the same place in the epoch's
+        # window order, when it falls on a step boundary of this world (W ranks x k steps each).
+        seen = int(state["step"]) * int(state.get("world_size", self.world_size))
+        if seen % self.world_size:
+            raise LmforgeError(
+                f"loader state is at {seen} batches of its epoch, not a multiple of this world_size "
+                f"{self.world_size}: resuming would not reproduce the batches"
+            )
         self.close()
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.epoch, self.step = int(state["epoch"]), seen // self.world_size
 
     def __del__(self) -> None:
         try:
