@@ -57,24 +57,47 @@ def test_rag_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert "no readable file" in capsys.readouterr().err
 
 
-def test_rag_ask_with_a_local_model_prints_sources(docs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
     from lmforge.checkpoint import save_model
     from lmforge.model import build_model
     from lmforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer([open(json.__file__).read()], 320)
+    folder = tmp_path_factory.mktemp("rag_model") / "model"
+    tok = train_tokenizer([open(json.__file__).read()], 320)  # default specials: a ChatML template
     torch.manual_seed(0)
-    save_model(build_model("tiny", vocab_size=320), tmp_path / "model", tokenizer=tok)
+    save_model(build_model("tiny", vocab_size=320), folder, tokenizer=tok)
+    return folder
+
+
+def test_rag_ask_with_a_local_model_prints_sources(docs, tmp_path, capsys, tiny_model):
     idx = str(tmp_path / "idx")
     assert main(["rag", "index", str(docs), "-o", idx]) == 0
     capsys.readouterr()
-    argv = ["rag", "ask", idx, "how long is the cache kept?", "--model", str(tmp_path / "model")]
+    argv = ["rag", "ask", idx, "how long is the cache kept?", "--model", str(tiny_model)]
     assert main([*argv, "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "Sources:" in out and "cache.md:1-3" in out
     assert main([*argv, "--max-new-tokens", "4", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["question"] == "how long is the cache kept?" and row["sources"][0]["file"].endswith("cache.md")
+
+
+def test_rag_ask_against_a_running_lmforge_serve(docs, tmp_path, capsys, tiny_model):
+    from test_serve_utils import ServerThread
+
+    from lmforge.serve import ServeConfig
+
+    idx = str(tmp_path / "idx")
+    assert main(["rag", "index", str(docs), "-o", idx]) == 0
+    capsys.readouterr()
+    with ServerThread(ServeConfig(model=str(tiny_model), engine_process=False)) as s:
+        argv = ["rag", "ask", idx, "how long is the cache kept?", "--endpoint", s.url, "--max-new-tokens", "4"]
+        assert main([*argv, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert isinstance(row["answer"], str) and row["sources"][0]["file"].endswith("cache.md")
+    assert main([*argv[:-2], "--max-new-tokens", "4"]) == 2  # the server is gone: one clear line
+    assert "cannot reach the endpoint" in capsys.readouterr().err
 
 
 def _tiny_bert(folder):
@@ -118,13 +141,14 @@ def test_hf_encoder_mean_pooling_matches_a_manual_pass(docs, tmp_path):
     assert len(search(index, "nearest vectors", 2, "hybrid")) == 2  # the embedder reloads from the manifest
 
 
-def test_biencoder_learns_pairs_with_the_clip_loss(tmp_path):
+@pytest.mark.parametrize("layers", [0, 1])  # static embeddings, a Transformer
+def test_biencoder_learns_pairs_with_the_clip_loss(tmp_path, layers):
     from lmforge.rag.biencoder import BiEncoder, BiEncoderConfig, train_biencoder
 
     topics = ["cache", "vector", "parser", "socket", "thread", "string", "number", "file"]
     pairs = [(f"what handles the {t}?", f"def handle_{t}(x):\n    '''Handle a {t} value.'''") for t in topics]
     cfg = BiEncoderConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
         projection_dim=16, max_length=32, steps=60, batch_size=8, lr=3e-3,
     )  # fmt: skip
     enc = train_biencoder(pairs, tmp_path / "enc", cfg)

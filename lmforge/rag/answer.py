@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lmforge.rag.retrieve import Hit
 
@@ -28,7 +29,8 @@ def format_passages(hits: list[Hit], max_chars: int = 1200) -> str:
     blocks = []
     for n, h in enumerate(hits, start=1):
         c = h.chunk
-        where = f"{c.file}{'#' + c.record if c.record else ''}:{c.start_line}-{c.end_line}"
+        short = "/".join(Path(c.file).parts[-3:])  # as indexed_text: the folders nearest the file
+        where = f"{short}{'#' + c.record if c.record else ''}:{c.start_line}-{c.end_line}"
         blocks.append(f"[{n}] {where}\n{c.text[:max_chars]}")
     return "\n\n".join(blocks)
 

@@ -31,8 +31,9 @@ def score_modes(index: RagIndex, examples: list[dict], modes: list[str]) -> dict
     return out
 
 
-def retrieval_table(out: Path, embedder_dir: str | None, settings: IndexSettings) -> dict:
-    """Build the built-in QA set and its index under `out`, score each retriever; -> report dict."""
+def retrieval_table(out: Path, embedder_dir: str | None, settings: IndexSettings, reader: str | None = None) -> dict:
+    """Build the built-in QA set and its index under `out`, score each retriever (and, with a `reader`
+    model, its answers with the best retriever's top passage and without retrieval); -> report dict."""
     examples, files = builtin_qa(num_examples=None)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "qa.jsonl", "".join(json.dumps(e) + "\n" for e in examples))
@@ -50,6 +51,13 @@ def retrieval_table(out: Path, embedder_dir: str | None, settings: IndexSettings
         "retrieval": score_modes(index, examples, modes),
         "chinese": chinese_table(),
     }
+    if reader:
+        from lmforge.eval.lm import LocalLM
+        from lmforge.rag.reader import rag_vs_closed_book
+
+        hits = search_batch(index, [e["question"] for e in examples], 1, modes[-1])
+        report["answers"] = rag_vs_closed_book(LocalLM.load(reader), examples, hits)
+        report["answers_retriever"] = modes[-1]
     return report
 
 
@@ -69,20 +77,9 @@ def chinese_table(settings: IndexSettings | None = None) -> dict[str, dict[str, 
             encoding="utf-8",
         )
         examples = [
-            {"question": q, "sources": [{"file": str(corpus)}], "id": f"p{i}"} for i, (_, q) in enumerate(ZH_SET)
+            {"question": q, "sources": [{"file": str(corpus), "record": f"p{i}"}]} for i, (_, q) in enumerate(ZH_SET)
         ]
         for mode in ("jieba", "bigram"):
             build_index([str(corpus)], Path(tmp) / mode, replace(settings, chinese=mode, embedder=None))
-            index = RagIndex.load(Path(tmp) / mode)
-            hits = search_batch(index, [e["question"] for e in examples], max(KS), "bm25")
-            per = []
-            for h, e in zip(hits, examples):  # relevant: the question's own record
-                ranks = [x.rank for x in h if x.chunk.record == e["id"]]
-                per.append(
-                    {
-                        **{f"recall@{k}": float(bool(ranks) and ranks[0] <= k) for k in KS},
-                        "mrr": 1 / ranks[0] if ranks else 0.0,
-                    }
-                )
-            out[mode] = {k: M.mean([p[k] for p in per]) for k in per[0]}
+            out[mode] = score_modes(RagIndex.load(Path(tmp) / mode), examples, ["bm25"])["bm25"]
     return out

@@ -1,11 +1,15 @@
-"""An lmforge bi-encoder: one small bidirectional lmforge Transformer embeds both queries and passages
-(mean pooling, a projection, unit length), trained contrastively with CLIP's symmetric InfoNCE loss
-(`lmforge.multimodal.info_nce`, learnable temperature) on (query, passage) pairs: in a batch of B pairs
-each query's passage is its positive and the other B - 1 passages are its negatives.
+"""An lmforge bi-encoder: one encoder embeds both queries and passages (mean pooling, a projection, unit
+length), trained contrastively with CLIP's symmetric InfoNCE loss (`lmforge.multimodal.info_nce`,
+learnable temperature) on (query, passage) pairs: in a batch of B pairs each query's passage is its
+positive and the other B - 1 passages are its negatives.
 
+Two encoders: `num_hidden_layers: 0` (the default) is a static model, the mean of learned token
+embeddings (as model2vec / static sentence-transformers); >= 1 is a small bidirectional lmforge
+Transformer. On a CPU the static one trains orders of magnitude faster per step, and on the built-in
+set it is the better retriever at any budget we could afford (README, "Retrieval-augmented answers").
 E5-style prefixes ("query: " / "passage: ") let the one encoder treat the two sides differently.
 
-    enc = train_biencoder(pairs, "runs/rag-encoder", BiEncoderConfig(steps=600))
+    enc = train_biencoder(pairs, "runs/rag-encoder", BiEncoderConfig(steps=400))
     enc = BiEncoder.load("runs/rag-encoder"); vectors = enc.embed(["def f(x): ..."])
 """
 
@@ -34,16 +38,16 @@ PREFIX = {"query": "query: ", "passage": "passage: "}
 
 @dataclass
 class BiEncoderConfig:
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_hidden_layers: int = 0  # 0: static (mean of token embeddings); >= 1: a bidirectional Transformer
     num_attention_heads: int = 4
-    intermediate_size: int = 352
-    projection_dim: int = 128
-    max_length: int = 128  # tokens per text (a passage's head holds its title and first lines)
+    intermediate_size: int = 704
+    projection_dim: int = 256
+    max_length: int = 256  # tokens per text (a passage's head holds its title and first lines)
     steps: int = 400
-    batch_size: int = 32
-    lr: float = 2e-3
+    batch_size: int = 128  # in-batch negatives: more is a harder, better contrast
+    lr: float = 1e-2
     weight_decay: float = 0.01
     seed: int = 0
 
@@ -62,13 +66,23 @@ class BiEncoderConfig:
 class BiEncoderModel(nn.Module):
     def __init__(self, cfg: BiEncoderConfig) -> None:
         super().__init__()
-        self.encoder = Transformer(cfg.model_config())
+        if cfg.num_hidden_layers:
+            self.encoder = Transformer(cfg.model_config())
+        else:  # static: mean of learned token embeddings (no attention), orders of magnitude cheaper to train
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            nn.init.normal_(self.embed_tokens.weight, std=0.02)
         self.projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        _, hidden = self.encoder(ids, attention_mask=mask, logits_to_keep=1, return_hidden=True)
-        return F.normalize(self.projection(mean_pool(hidden, mask)), dim=-1)
+        if hasattr(self, "embed_tokens"):  # the same mean as mean_pool, without a [B, T, H] tensor (5x faster)
+            w = self.embed_tokens.weight
+            total = F.embedding_bag(ids, w, mode="sum", per_sample_weights=mask.to(w.dtype))
+            pooled = total / mask.sum(1, keepdim=True).clamp(min=1).to(w.dtype)
+        else:
+            _, hidden = self.encoder(ids, attention_mask=mask, logits_to_keep=1, return_hidden=True)
+            pooled = mean_pool(hidden, mask)
+        return F.normalize(self.projection(pooled), dim=-1)
 
 
 class BiEncoder:

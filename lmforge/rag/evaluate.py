@@ -7,7 +7,7 @@ of its cited passages that support it (0 when it cites none); `citation_rate` is
 answers that cite any existing passage at all.
 
 A `rag` task (`lmforge eval` config) reads a JSONL of {"question", "answer", "sources": [{"file",
-"line"?}]} and retrieves from `index` (an `lmforge rag index` folder):
+"line"?, "record"?}]} and retrieves from `index` (an `lmforge rag index` folder):
 
     - {name: stdlib_rag, type: rag, path: qa.jsonl, index: runs/rag/index, rag_mode: hybrid, rag_passages: 3}
 

@@ -124,9 +124,11 @@ def training_pairs(
 
 
 def is_relevant(chunk: Chunk, sources: list[dict]) -> bool:
-    """A chunk answers a question when it is in a source file and (if the source names a line) spans it."""
+    """A chunk answers a question when it is in a source file, of the source's record (a JSONL line "L3"
+    or id) if it names one, and spans the source's line if it names one."""
     for s in sources:
         same = chunk.file == s["file"] or Path(chunk.file).resolve() == Path(s["file"]).resolve()
+        same = same and ("record" not in s or chunk.record == s["record"])
         if same and ("line" not in s or chunk.start_line <= int(s["line"]) <= chunk.end_line):
             return True
     return False

@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = sub.add_parser("benchmark", help="retrieval table (BM25 / dense / hybrid) on the built-in stdlib QA set")
     b.add_argument("-o", "--out", required=True, help="folder for qa.jsonl, the index and report.json")
     b.add_argument("--embedder", help="embedding model folder: adds the dense and hybrid rows")
+    b.add_argument("--reader", help="a model fine-tuned on `rag reader-data`: adds RAG vs no-RAG answer scores")
+
+    r = sub.add_parser("reader-data", help="SFT examples (passage + question -> cited answer) from the stdlib")
+    r.add_argument("-o", "--out", required=True, help="the JSONL file to write (chat messages)")
+    r.add_argument("--max-files", type=int, help="read this many stdlib modules only (a quick run)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -80,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         "ask": cmd_ask,
         "train-encoder": cmd_train_encoder,
         "benchmark": cmd_benchmark,
+        "reader-data": cmd_reader_data,
     }[args.action](args)
 
 
@@ -184,7 +190,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from lmforge.rag.bench import retrieval_table
 
     out = Path(args.out)
-    report = retrieval_table(out, args.embedder, _settings(args, args.embedder))
+    report = retrieval_table(out, args.embedder, _settings(args, args.embedder), args.reader)
     atomic_write_json(out / "report.json", report)
     print(
         f"{'retriever':<10} {'recall@1':>9} {'recall@5':>9} {'recall@10':>9} {'MRR':>7}  ({report['questions']} questions)"
@@ -193,5 +199,18 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         print(f"{name:<10} {m['recall@1']:>9.3f} {m['recall@5']:>9.3f} {m['recall@10']:>9.3f} {m['mrr']:>7.3f}")
     for name, m in report.get("chinese", {}).items():
         print(f"Chinese BM25, {name:<7} recall@1 {m['recall@1']:.3f}  recall@5 {m['recall@5']:.3f}  MRR {m['mrr']:.3f}")
+    for name, m in report.get("answers", {}).items():
+        print(f"answers, {name:<7} ROUGE-L {m['rouge_l']:.3f}  F1 {m['f1']:.3f}  cites {m['citation_rate']:.2f}")
     print(f"report: {out / 'report.json'}")
+    return 0
+
+
+def cmd_reader_data(args: argparse.Namespace) -> int:
+    from lmforge.rag.reader import reader_examples
+
+    rows = reader_examples(max_files=args.max_files)
+    if not rows:
+        raise LmforgeError("no reader example found (no documented public function in the modules read)")
+    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"{args.out}: {len(rows)} examples (train with `lmforge sft --data {args.out}`)")
     return 0

@@ -1,0 +1,63 @@
+"""A reader for the built-in set: SFT examples that teach a small model to answer from a passage and cite
+it (extractive reading), and the RAG vs no-RAG comparison of one model on the held-out questions.
+
+    lmforge rag reader-data --out reader.jsonl          # training modules only
+    lmforge sft --data reader.jsonl --seq-len 384 ...   # any model with a chat template
+    lmforge rag benchmark --out bench --embedder ENC --reader runs/.../final
+
+Each example is the prompt `lmforge rag ask` builds (answer.py) with the passage that holds the
+function's `def`, and the answer "<first docstring sentence> [1]".
+"""
+
+from __future__ import annotations
+
+import random
+
+from lmforge.eval import metrics as M
+from lmforge.eval.builtin import BuiltinConfig
+from lmforge.rag.answer import answer_batch, user_message
+from lmforge.rag.chunking import Chunk
+from lmforge.rag.evaluate import answer_scores
+from lmforge.rag.retrieve import Hit
+
+PASSAGE_CHARS = 500  # of the passage shown to the reader: a tiny model's context is short (512 positions)
+
+
+def _passage(indexed: str) -> Chunk:
+    head, _, text = indexed.partition("\n")
+    return Chunk(head, head, None, 1, 1, head, text)
+
+
+def reader_examples(cfg: BuiltinConfig | None = None, max_files: int | None = None, seed: int = 0) -> list[dict]:
+    """{"messages": [user: passage + question, assistant: sentence [1]]} from the training modules."""
+    from lmforge.rag.qa import QUESTION, training_pairs
+
+    rng = random.Random(seed)
+    pairs = training_pairs(cfg, max_files=max_files)
+    out = []
+    for sentence_pair, question_pair in zip(pairs[::2], pairs[1::2]):
+        sentence, passage = sentence_pair
+        question = question_pair[0]
+        shown = " ".join(passage[: passage.find("\n") + 1 + PASSAGE_CHARS].split())
+        if not question.startswith(QUESTION.split("`")[0]) or sentence not in shown:
+            continue  # the reader can only learn to copy what its passage shows
+        hit = Hit(1, 1.0, _passage(passage))
+        messages = [
+            {"role": "user", "content": user_message(question, [hit], PASSAGE_CHARS)},
+            {"role": "assistant", "content": f"{sentence} [1]"},
+        ]
+        out.append({"messages": messages})
+    rng.shuffle(out)
+    return out
+
+
+def rag_vs_closed_book(lm, examples: list[dict], hits: list[list[Hit]], passages: int = 1) -> dict[str, dict]:
+    """Answer scores of `lm` with the top `passages` hits and with none (the same questions)."""
+    questions = [e["question"] for e in examples]
+    out = {}
+    for name, given in (("rag", [h[:passages] for h in hits]), ("no_rag", [[] for _ in hits])):
+        answers = answer_batch(lm, questions, given, max_new_tokens=48, max_chars=PASSAGE_CHARS)
+        per = [answer_scores(a, [e["answer"]]) for a, e in zip(answers, examples)]
+        out[name] = {k: M.mean([p[k] for p in per]) for k in per[0]}
+        out[name]["example"] = {"question": questions[0], "answer": answers[0].text}
+    return out
