@@ -35,6 +35,7 @@ class AlmConfig:
     audio_token_id: int
     stack: int = 4  # encoder vectors concatenated per audio token
     clip_seconds: float = 4.0
+    prompt: str = "transcribe."  # what the user turn says after <audio> to ask for a transcript
 
     def __post_init__(self) -> None:
         if self.stack < 1:
@@ -64,6 +65,7 @@ class AlmConfig:
             "audio_token_id": self.audio_token_id,
             "stack": self.stack,
             "clip_seconds": self.clip_seconds,
+            "prompt": self.prompt,
         }
 
     @classmethod
@@ -74,6 +76,7 @@ class AlmConfig:
             d["audio_token_id"],
             d.get("stack", 4),
             d.get("clip_seconds", 4.0),
+            d.get("prompt", "transcribe."),
         )
 
 

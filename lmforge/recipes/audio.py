@@ -78,7 +78,7 @@ def build(cfg: AudioTrainConfig, examples, device) -> tuple[AudioLanguageModel, 
         lm = Transformer(ModelConfig.preset(cfg.lm_preset, **overrides))
     longest = max(ex.wave.numel() for ex in examples) / 16000
     clip_seconds = cfg.clip_seconds or min(math.ceil(longest * 2) / 2, encoder.config.max_frames / 100)
-    config = AlmConfig(encoder.config, lm.config, tokenizer.token_to_id(AUDIO_TOKEN), cfg.stack, clip_seconds)
+    config = AlmConfig(encoder.config, lm.config, tokenizer.token_to_id(AUDIO_TOKEN), cfg.stack, clip_seconds, cfg.prompt)
     return AudioLanguageModel(config, encoder, lm).to(device), tokenizer
 
 

@@ -20,7 +20,9 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.common import LmforgeError, get_logger
+from lmforge.multimodal.alm import AudioLanguageModel
 
+from .audio import parse_form, transcription_body
 from .defaults import GenerationDefaults
 from .extras import add_extra_routes
 from .generation import collect, generate, submit
@@ -35,7 +37,7 @@ from .vision import VisionRunner
 
 log = get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/audio/transcriptions")
 
 
 @dataclass
@@ -246,6 +248,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat(request: Request):
         req = parse(ChatRequest, await _read_body(request, state.max_body_bytes, state.body_timeout))
         return await _serve(request, state, chat_job(state, req))
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        model = state.vision.model if state.vision is not None else None
+        if not isinstance(model, AudioLanguageModel):
+            raise APIError(400, "this server's model does not take audio (serve an `lmforge audio train` folder)")
+        body = await _read_body(request, state.max_body_bytes, state.body_timeout)
+        form = parse_form(body, request.headers.get("content-type", ""))
+        chat_body, response_format = transcription_body(form, model.alm_config.prompt)
+        result = await _serve(request, state, chat_job(state, parse(ChatRequest, chat_body)))
+        if not isinstance(result, dict):  # the client hung up (499)
+            return result
+        text = (result["choices"][0]["message"].get("content") or "").strip()
+        return PlainTextResponse(text) if response_format == "text" else {"text": text}
 
 
 def _model_card(state: ServerState, model: str) -> dict:

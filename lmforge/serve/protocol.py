@@ -254,9 +254,19 @@ class ImagePart(_Request):
     image_url: Any = None
 
 
+class InputAudio(_Request):
+    data: str  # base64 of the file's bytes
+    format: Literal["wav", "mp3", "flac", "ogg"]
+
+
+class AudioPart(_Request):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart | ImagePart] | None = None
+    content: str | list[TextPart | ImagePart | AudioPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant only
     tool_call_id: str | None = None  # tool only: the call this message answers

@@ -25,6 +25,8 @@ def chat_prompt_ids(
         if isinstance(content, list):
             if any(p.type == "image_url" for p in content) and not accepts_images:
                 raise APIError(400, "this model does not accept images", param=f"messages.{i}.content")
+            if any(p.type == "input_audio" for p in content):
+                raise APIError(400, "this model does not accept audio", param=f"messages.{i}.content")
             content = "".join(p.text for p in content if p.type == "text")
         contents.append(content)
     plain, listed = template_messages(messages, contents, tools, tokenizer.chat_template)

@@ -1,4 +1,5 @@
-"""Images in chat requests, for a vision-language model (lmforge/multimodal's LLaVA-style VLM).
+"""Images in chat requests, for a vision-language model (lmforge/multimodal's LLaVA-style VLM),
+and the same path for audio in requests to an audio-language model (serve/audio.py prepares those).
 
     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
                                  {"type": "text", "text": "what colour is the circle?"}]}
@@ -45,34 +46,45 @@ from lmforge.multimodal import (
     render_ids,
     split_images,
 )
+from lmforge.multimodal.alm import AudioLanguageModel
 
+from .audio import has_audio, prepare_audio
 from .protocol import APIError, ChatMessage
 from .runner import EngineFailed, Handle, Submission, _post, check_room
 
 log = get_logger(__name__)
 
 
-def split_vision(model) -> tuple[torch.nn.Module, VisionLanguageModel | None]:
-    """(the text model the engine runs, the VLM or None): a VLM serves text through its LM."""
-    if isinstance(model, VisionLanguageModel):
+MediaModel = VisionLanguageModel | AudioLanguageModel
+
+
+def split_vision(model) -> tuple[torch.nn.Module, MediaModel | None]:
+    """(the text model the engine runs, the VLM/ALM or None): a multimodal model serves text through its LM."""
+    if isinstance(model, (VisionLanguageModel, AudioLanguageModel)):
         return model.language_model, model
     return model, None
 
 
-def load_vlm_if_any(path: str, device, dtype: str) -> VisionLanguageModel | None:
-    """The VLM in `path` (an `lmforge vlm train` folder), or None for any other model folder."""
+def load_vlm_if_any(path: str, device, dtype: str) -> MediaModel | None:
+    """The VLM or ALM in `path` (an `lmforge vlm|audio train` folder), or None for any other model folder."""
     if not is_multimodal(path):
         return None
-    return load_multimodal(path, device, kind="vlm").to(get_dtype(dtype))
+    model = load_multimodal(path, device)
+    if not isinstance(model, (VisionLanguageModel, AudioLanguageModel)):
+        raise LmforgeError(f"{path} holds a CLIP model, which does not generate text; serve a VLM or an LM")
+    return model.to(get_dtype(dtype))
 
 
 def has_images(messages: list[ChatMessage]) -> bool:
-    return any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content) for m in messages)
+    """Image or audio parts: the request needs the media path."""
+    media = ("image_url", "input_audio")
+    return any(isinstance(m.content, list) and any(p.type in media for p in m.content) for m in messages)
 
 
 @dataclass
 class VisionSubmission(Submission):
-    pixel_values: torch.Tensor | None = None  # [num_images, 3, H, W], in the prompt's order
+    # [num_images, 3, H, W] pixels (VLM) or [num_clips, n_mels, frames] log-mel (ALM), in the prompt's order
+    pixel_values: torch.Tensor | None = None
 
 
 class VisionRunner:
@@ -101,7 +113,12 @@ class VisionRunner:
 
     def prepare(self, messages: list[ChatMessage]) -> tuple[list[int], torch.Tensor]:
         """Chat messages with image parts -> (prompt ids, each image's placeholder expanded to its
-        feature slots; pixel values). A bad image is a 400 naming the message part."""
+        feature slots; pixel values). A bad image is a 400 naming the message part. For an
+        audio-language model: (ids, log-mel of the input_audio parts), serve/audio.py."""
+        if isinstance(self.model, AudioLanguageModel):
+            return prepare_audio(self.model, self.tokenizer, messages, self.max_image_bytes)
+        if has_audio(messages):
+            raise APIError(400, "this model does not accept audio", param="messages")
         plain = [
             {
                 "role": m.role,
