@@ -171,11 +171,26 @@ def majority(answers: Sequence[int | None]) -> int | None:
     return max(counts, key=lambda a: (counts[a], -answers.index(a))) if counts else None
 
 
+def vote(groups: Sequence[Sequence[str]], tokens: int) -> Outcome:
+    """Self-consistency's choice among each question's samples: the majority answer."""
+    return Outcome([majority([extract_answer(s) for s in g]) for g in groups], tokens)
+
+
+def pick(
+    prompts: Sequence[str], groups: Sequence[Sequence[str]], tokens: int, verifier: Callable[[str, str], float]
+) -> Outcome:
+    """Best-of-n's choice: the sample the verifier scores highest (the first of the best)."""
+    picked = []
+    for p, g in zip(prompts, groups):
+        scores = [verifier(p, s) for s in g]
+        picked.append(extract_answer(g[scores.index(max(scores))]))
+    return Outcome(picked, tokens)
+
+
 def self_consistency(
     lm, prompts: Sequence[str], n: int, temperature: float = 0.8, seed: int = 0, max_new_tokens: int = 64
 ) -> Outcome:
-    groups, tokens = _samples(lm, prompts, n, temperature, seed, max_new_tokens)
-    return Outcome([majority([extract_answer(s) for s in g]) for g in groups], tokens)
+    return vote(*_samples(lm, prompts, n, temperature, seed, max_new_tokens))
 
 
 def best_of_n(
@@ -187,12 +202,7 @@ def best_of_n(
     seed: int = 0,
     max_new_tokens: int = 64,
 ) -> Outcome:
-    groups, tokens = _samples(lm, prompts, n, temperature, seed, max_new_tokens)
-    picked = []
-    for p, g in zip(prompts, groups):
-        scores = [verifier(p, s) for s in g]
-        picked.append(extract_answer(g[scores.index(max(scores))]))  # the first of the best
-    return Outcome(picked, tokens)
+    return pick(prompts, *_samples(lm, prompts, n, temperature, seed, max_new_tokens), verifier)
 
 
 def beam_search(
@@ -263,9 +273,10 @@ def compute_table(
         )
 
     add("greedy", "1", greedy(lm, prompts))
-    for n in budgets:
-        add("self_consistency", f"n={n}", self_consistency(lm, prompts, n, temperature, seed))
-        add("best_of_n", f"n={n}", best_of_n(lm, prompts, n, temperature=temperature, seed=seed))
+    for n in budgets:  # both methods choose among the same samples: each is charged for all of them
+        groups, tokens = _samples(lm, prompts, n, temperature, seed, 64)
+        add("self_consistency", f"n={n}", vote(groups, tokens))
+        add("best_of_n", f"n={n}", pick(prompts, groups, tokens, step_verifier))
     for width, expand in beams:
         out = beam_search(lm, prompts, width=width, expand=expand, temperature=temperature, seed=seed)
         add("beam_search", f"width={width},expand={expand}", out)
