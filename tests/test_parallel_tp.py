@@ -74,6 +74,9 @@ def _worker(out: str, checkpoint: str, runs: str, data: str) -> None:
                 "tokens_full": decode_ids(full, params, ids[:, :5].tolist()),
                 "tokens_tp": decode_ids(sharded, params, ids[:, :5].tolist()),
                 "tied": sharded.lm_head.weight is sharded.model.embed_tokens.weight,
+                "local_params": sum(
+                    p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in sharded.parameters()
+                ),
             }
     # The same launch runs the CLI (one torchrun start-up fewer): `generate --tp 2` on the checkpoint
     # written by one process, then 20 steps of `pretrain --tp 2`.
@@ -107,6 +110,9 @@ def tp_run(tmp_path_factory) -> Path:
 
 
 def test_tp_logits_and_greedy_tokens_match_one_process(tp_run):
+    from lmforge.model import ModelConfig
+    from lmforge.train.parallel_memory import per_rank_parameters
+
     results = json.loads((tp_run / "tp.json").read_text())
     results.pop("generate_cli")
     assert set(results) == set(SHAPES)
@@ -115,6 +121,8 @@ def test_tp_logits_and_greedy_tokens_match_one_process(tp_run):
         assert r["max_abs_diff"] <= 1e-5, (name, r["max_abs_diff"])
         assert r["tokens_tp"] == r["tokens_full"] and len({t for row in r["tokens_full"] for t in row}) > 2, (name, r)
         assert r["tied"] == SHAPES[name].get("tie_word_embeddings", False)
+        if not SHAPES[name].get("attention_bias"):  # the estimate counts no biases
+            assert r["local_params"] == per_rank_parameters(ModelConfig(**BASE, **SHAPES[name]), tp=2), name
 
 
 def test_generate_cli_with_tp_prints_what_one_process_prints(tp_run, capsys):

@@ -3,6 +3,7 @@ and sequence length (weights, gradients, optimizer states, activations, KV cache
 
     lmforge estimate --model llama-100m --batch 4 --seq-len 1024
     lmforge estimate --model runs/pretrain-tiny/final --dtype bf16
+    lmforge estimate --model llama-100m --tp 2 --pp 2 --micro-batches 4   # per-rank memory, bytes sent
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="weights of frozen bases / inference and activations")
     parser.add_argument("--lora-r", type=bounded(int, ge=1), default=8)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--tp", type=bounded(int, ge=1), default=1, help="tensor-parallel degree: per-rank table")
+    parser.add_argument("--pp", type=bounded(int, ge=1), default=1, help="pipeline stages: per-rank table")
+    parser.add_argument("--dp", type=bounded(int, ge=1), default=1, help="data-parallel replicas: per-rank table")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="how --dp replicates")
+    parser.add_argument("--micro-batches", type=bounded(int, ge=1), default=1, help="per step (pipeline depth)")
+    parser.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b", help="pipeline schedule (--pp)")
 
 
 def model_config(spec: str):
@@ -66,4 +73,11 @@ def main(args: argparse.Namespace) -> int:
             checkpointing=args.activation_checkpointing,
         )
     )
+    if args.tp > 1 or args.pp > 1 or args.dp > 1 or args.micro_batches > 1:
+        from lmforge.train.parallel_memory import parallel_table
+
+        layout = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "strategy": args.strategy}
+        print(f"\nfull training per rank, micro-batch {args.batch_size} x {args.micro_batches} ({args.schedule}):")
+        kw = {"micro_batches": args.micro_batches, "schedule": args.schedule, "act_bytes": nbytes}
+        print(parallel_table(config, args.batch_size, args.seq_len, [{}, layout], **kw))
     return 0

@@ -115,7 +115,11 @@ def estimate(
 
 def estimate_table(c: ModelConfig, batch: int, seq_len: int, **kw) -> str:
     rows = [estimate(c, m, batch, seq_len, **kw).row() for m in MODES]
-    header = ["mode", "weights", "gradients", "optimizer", "activations", "kv cache", "total"]
+    return format_table(["mode", "weights", "gradients", "optimizer", "activations", "kv cache", "total"], rows)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     fmt = lambda r: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
