@@ -198,7 +198,7 @@ def grammar_spec(args: argparse.Namespace):
 
     options = (("--json", "json", "json"), ("--json-schema", "json_schema", "json_schema"))
     options += (("--regex", "regex", "regex"), ("--grammar", "ebnf", "grammar"))
-    chosen = [(flag, kind, getattr(args, attr, None)) for flag, kind, attr in options if getattr(args, attr, None)]
+    chosen = [(flag, kind, getattr(args, attr)) for flag, kind, attr in options if getattr(args, attr)]
     if not chosen:
         return None
     flag, kind, value = chosen[0]  # argparse keeps them mutually exclusive
@@ -229,9 +229,9 @@ def sampling_params(args: argparse.Namespace):
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop_strings=list(args.stop),
-        min_p=getattr(args, "min_p", 0.0),
-        presence_penalty=getattr(args, "presence_penalty", 0.0),
-        frequency_penalty=getattr(args, "frequency_penalty", 0.0),
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         grammar=grammar_spec(args),
     )
 
