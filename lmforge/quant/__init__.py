@@ -4,7 +4,8 @@ one protocol: `in_features`, `out_features`, `from_float(linear, ...)`, `dequant
     from lmforge.quant import QuantOptions, quantize_model
     quantize_model(model, QuantOptions(method="gptq", scheme="int4-g128"), calib_batches)
 
-Methods: RTN, GPTQ, AWQ, SmoothQuant W8A8, QAT (prepare_qat / convert_qat), mixed precision.
+Methods: RTN, GPTQ, AWQ, SmoothQuant W8A8, QAT (prepare_qat / convert_qat), mixed precision,
+BitNet b1.58 ternary QAT (prepare_bitnet / convert_bitnet -> TernaryLinear, 2-bit packed).
 `replay(model, entry)` is what `lmforge.checkpoint` calls to rebuild them before loading weights.
 """
 
@@ -13,6 +14,7 @@ from .linear import FORMATS, Int8Linear, IntNLinear, NF4Linear, QuantLinear, W8A
 from .mixed import lm_loss
 from .qat import FakeQuantLinear, convert_qat, prepare_qat
 from .scheme import DEFAULT_SKIP, check_config, parse_scheme, quant_config, quantize_state_dict, record, swap
+from .ternary import BitLinear, TernaryLinear, convert_bitnet, prepare_bitnet
 
 __all__ = [
     "METHODS",
@@ -31,6 +33,10 @@ __all__ = [
     "FakeQuantLinear",
     "convert_qat",
     "prepare_qat",
+    "BitLinear",
+    "TernaryLinear",
+    "convert_bitnet",
+    "prepare_bitnet",
     "DEFAULT_SKIP",
     "check_config",
     "parse_scheme",

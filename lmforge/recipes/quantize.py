@@ -1,6 +1,7 @@
 """Quantize a model: RTN (int8, int4/3/2 group-wise, NF4), GPTQ, AWQ, SmoothQuant W8A8, QAT
-(short fake-quant fine-tune on the calibration text, then converted) or mixed precision under a
-bits budget. Writes an lmforge checkpoint that loads, generates and serves without re-quantizing.
+(short fake-quant fine-tune on the calibration text, then converted), BitNet b1.58 (QAT to ternary
+weights with 8-bit activations, stored 2-bit packed) or mixed precision under a bits budget.
+Writes an lmforge checkpoint that loads, generates and serves without re-quantizing.
 
     lmforge quantize --model ckpt --out ckpt-int4 --method gptq --scheme int4-g128 --calib data/out
 """
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 from lmforge.recipes._common import bounded
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed", "qat")  # literal: --help must not import torch
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "mixed", "qat", "bitnet")  # literal: --help must not import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace --out even if it is a non-empty folder lmforge did not write"
     )
     p.add_argument("--method", default="rtn", choices=METHODS)
-    p.add_argument("--scheme", default="int4-g128", help="int8 | int4 | int3 | int2 [-g32|-g64|-g128] | nf4 | w8a8")
+    p.add_argument(
+        "--scheme",
+        help="int8 | int4 | int3 | int2 [-g32|-g64|-g128] | nf4 | w8a8 | ternary "
+        "(default int4-g128; bitnet: ternary, the only one it makes)",
+    )
     p.add_argument("--calib", help="calibration data: a packed-shard folder (index.json) or a text file")
     p.add_argument("--calib-split", default="train", help="split of the packed shards to read")
     p.add_argument("--calib-samples", type=bounded(int, ge=1), default=32, help="windows of --seq-len tokens")
@@ -52,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=bounded(float, ge=0, le=1), default=0.5, help="SmoothQuant: migration strength")
     p.add_argument("--budget-bits", type=bounded(float, gt=0, le=16), default=4.5, help="mixed: average weight bits")
     p.add_argument("--choices", default="int4-g128,int8", help="mixed: candidate schemes, comma-separated")
-    p.add_argument("--qat-steps", type=bounded(int, ge=1), default=100, help="qat: fine-tuning steps")
+    p.add_argument("--qat-steps", type=bounded(int, ge=1), default=100, help="qat, bitnet: fine-tuning steps")
     p.add_argument("--qat-lr", type=bounded(float, gt=0), default=1e-4)
     p.add_argument("--seed", type=bounded(int, ge=0), default=0)
 
@@ -64,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
     from lmforge.quant.scheme import HEAD_PATTERN
 
     log = get_logger("lmforge.quantize")
+    args.scheme = resolve_scheme(args.method, args.scheme)
     check_output_dir(args.out, [args.model, args.calib], args.overwrite)  # before the (slow) quantization
     seed_everything(args.seed)
     model = load_model(args.model, device="cpu", dtype="float32")
@@ -76,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
             raise LmforgeError(f"--method {args.method} needs calibration data: --calib SHARDS_DIR_OR_TEXT_FILE")
         calib = calibration_batches(args.calib, tokenizer, args.calib_samples, args.seq_len, args.calib_split)
     opts = QuantOptions(
-        method="rtn" if args.method == "qat" else args.method,
+        method="rtn" if args.method in ("qat", "bitnet") else args.method,
         scheme=args.scheme,
         damp=args.damp,
         act_order=args.act_order,
@@ -90,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quantize_head:
         opts.skip = tuple(p for p in opts.skip if p != HEAD_PATTERN)
     t0 = time.time()
-    if args.method == "qat":
+    if args.method in ("qat", "bitnet"):
         qat_finetune(model, calib, opts.scheme, opts.skip, args.qat_steps, args.qat_lr, log)
         stats = {"peak_rss_bytes": peak_rss_bytes()}
     else:
@@ -109,6 +115,18 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2))
     log.info("wrote %s (%s -> %s)", out, human_bytes(report["size_before"]), human_bytes(report["size_after"]))
     return 0
+
+
+def resolve_scheme(method: str, scheme: str | None) -> str:
+    """--scheme's default for the method; bitnet makes ternary weights and nothing else."""
+    if method != "bitnet":
+        return scheme or "int4-g128"
+    if scheme is not None and scheme.strip().lower() != "ternary":
+        raise LmforgeError(
+            f"--method bitnet makes ternary weights: --scheme {scheme!r} cannot be honoured "
+            "(leave --scheme out, or use --method qat for an int scheme)"
+        )
+    return "ternary"
 
 
 def calibration_batches(source: str, tokenizer, samples: int, seq_len: int, split: str = "train") -> list[torch.Tensor]:
@@ -142,14 +160,19 @@ def calibration_batches(source: str, tokenizer, samples: int, seq_len: int, spli
 
 def qat_finetune(model, batches, scheme: str, skip, steps: int, lr: float, log) -> None:
     """Fake-quantize the linears and fine-tune briefly with the causal LM loss; the STE lets the
-    float weights settle where rounding hurts least. `quantize_model` then rounds them for real."""
+    float weights settle where rounding hurts least. `quantize_model` then rounds them for real.
+    The `ternary` scheme trains BitNet b1.58 layers (ternary weights, 8-bit activations)."""
     import torch
 
-    from lmforge.quant import convert_qat, prepare_qat
+    from lmforge.quant import convert_bitnet, convert_qat, parse_scheme, prepare_bitnet, prepare_qat
     from lmforge.recipes._fit import FitOptions, constant_lr, run_fit
     from lmforge.train import clm_batch
 
-    prepare_qat(model, scheme, skip)
+    ternary = parse_scheme(scheme)["format"] == "ternary"
+    if ternary:
+        prepare_bitnet(model, skip)
+    else:
+        prepare_qat(model, scheme, skip)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     # train.fit's step with its LM loss; no run folder: quantize writes only --out
@@ -164,7 +187,8 @@ def qat_finetune(model, batches, scheme: str, skip, steps: int, lr: float, log) 
     )
     log.info("qat: %d steps, final loss %.4f", summary["steps"], summary["final_loss"])
     model.eval()
-    convert_qat(model)  # the packed format, rounded exactly as training saw; recorded in the manifest
+    # the packed format, rounded exactly as training saw; recorded in the manifest
+    (convert_bitnet if ternary else convert_qat)(model)
 
 
 def folder_bytes(path: Path) -> int:
