@@ -330,3 +330,39 @@ def test_cli_generate_json_schema_regex_and_bad_files(tok, untrained, tmp_path, 
     assert main(common + ["--json-schema", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
     assert main(common + ["--json", "--regex", "a"]) == 2  # one constraint at a time
+
+
+def _sentencepiece_style(texts, vocab_size):
+    """A Llama-2-style tokenizer.json: BPE over '▁'-joined words, byte fallback (<0xNN> in the vocab)."""
+    from tokenizers import AddedToken, decoders, models, normalizers, trainers
+    from tokenizers import Tokenizer as Backend
+
+    from lmforge.tokenizer import Tokenizer
+
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    base = Backend(models.BPE())
+    base.normalizer = norm
+    base.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size - 259, special_tokens=[]))
+    learned = json.loads(base.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{i:02X}>": 3 + i for i in range(256)}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = norm
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>")
+
+
+def test_sentencepiece_style_tokenizer(untrained):
+    corpus = [json.dumps({"name": "ab" * (i % 5), "age": i}) for i in range(200)] + ["hello world"] * 20
+    sp = _sentencepiece_style(corpus, 500)
+    assert sp.decode(sp.encode('{"a": 1} é€')) == '{"a": 1} é€'  # byte fallback round trip
+    schema = SCHEMAS[2]
+    params = [SamplingParams(max_new_tokens=80, temperature=1.0, seed=i, grammar=_spec(schema)) for i in range(6)]
+    for out in Engine(untrained, sp).generate_batch([sp.encode("hello")] * 6, params):
+        assert out[-1] == sp.eos_id
+        jsonschema.validate(json.loads(sp.decode(out)), schema)
