@@ -318,3 +318,18 @@ def test_search_refuses_bad_queries_and_missing_vectors(docs, tmp_path):
     with pytest.raises(LmforgeError, match="without an embedding model"):
         search(index, "cache", 3, "dense")
     assert search(index, "zzzunknownword", 3, "bm25") == []
+
+
+def test_lm_reranking_orders_candidates_by_query_likelihood(docs, tmp_path):
+    build_index([str(docs)], tmp_path / "idx", IndexSettings(max_chars=120, overlap=0))
+    index = RagIndex.load(tmp_path / "idx")
+
+    class LikesFaiss:  # log p(query | passage): high when the passage mentions Faiss
+        def loglikelihood(self, requests):
+            return [(0.0 if "Faiss" in ctx else -10.0, True) for ctx, _ in requests]
+
+    q = "ranks documents by term frequency, not vectors"
+    plain = search(index, q, 3, "bm25")
+    reranked = search(index, q, 3, "bm25", reranker=LikesFaiss())
+    assert "Faiss" not in plain[0].chunk.text and "Faiss" in reranked[0].chunk.text
+    assert {h.chunk.id for h in plain} == {h.chunk.id for h in reranked}

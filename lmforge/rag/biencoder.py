@@ -30,6 +30,7 @@ from lmforge.common import LmforgeError, atomic_dir, atomic_write_json, get_logg
 from lmforge.model import ModelConfig, Transformer
 from lmforge.multimodal import info_nce, same_text_targets
 from lmforge.rag.dense import mean_pool
+from lmforge.rag.terms import terms
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
 log = get_logger("lmforge.rag")
@@ -48,6 +49,9 @@ class BiEncoderConfig:
     steps: int = 400
     batch_size: int = 128  # in-batch negatives: more is a harder, better contrast
     lr: float = 1e-2
+    # "terms": the encoder reads the BM25 terms (lower-cased, identifiers split: `json.dumps` and
+    # `def dumps(` give the same tokens, which byte-level BPE alone would not); "raw": the text as is
+    text: str = "terms"
     weight_decay: float = 0.01
     seed: int = 0
 
@@ -92,10 +96,14 @@ class BiEncoder:
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
         self.name, self.dim = f"lmforge:{name}", cfg.projection_dim
 
-    def batch(self, texts: list[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, text: str, kind: str) -> str:
         if kind not in PREFIX:
             raise LmforgeError(f"embedding kind must be 'query' or 'passage', got {kind!r}")
-        ids = [x[: self.cfg.max_length] or [0] for x in self.tokenizer.encode_batch([PREFIX[kind] + t for t in texts])]
+        return PREFIX[kind] + (" ".join(terms(text, "bigram")) if self.cfg.text == "terms" else text)
+
+    def batch(self, texts: list[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        prepared = [self.prepare(t, kind) for t in texts]
+        ids = [x[: self.cfg.max_length] or [0] for x in self.tokenizer.encode_batch(prepared)]
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_id or 0
         tensor = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
@@ -134,7 +142,11 @@ def train_biencoder(pairs: list[tuple[str, str]], out: str | Path | None, cfg: B
         raise LmforgeError(f"contrastive training needs at least 2 (query, passage) pairs, got {len(pairs)}")
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer([PREFIX["query"] + q for q, _ in pairs] + [p for _, p in pairs], cfg.vocab_size)
+    if cfg.text not in ("terms", "raw"):
+        raise LmforgeError(f"bi-encoder text must be 'terms' or 'raw', got {cfg.text!r}")
+    probe = BiEncoder(nn.Module(), None, cfg)  # its prepare() only: the tokenizer learns what the encoder reads
+    texts = [probe.prepare(q, "query") for q, _ in pairs] + [probe.prepare(p, "passage") for _, p in pairs]
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
     cfg.vocab_size = tokenizer.vocab_size
     model = BiEncoderModel(cfg)
     encoder = BiEncoder(model, tokenizer, cfg)

@@ -39,7 +39,7 @@ def retrieval_scores(hits: list[Hit], sources: list[dict], ks: tuple[int, ...] =
 def _words(text: str) -> set[str]:
     from lmforge.rag.terms import terms
 
-    return set(terms(M.normalize_answer(text)))
+    return set(terms(M.normalize_answer(text), "bigram"))  # no dictionary to load for a comparison of words
 
 
 def supports(passage: str, answer: str) -> bool:
