@@ -122,7 +122,7 @@ def _tiny_bert(folder):
 def test_hf_encoder_mean_pooling_matches_a_manual_pass(docs, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from lmforge.rag.dense import load_embedder
+    from lmforge.rag.embedders import load_embedder
 
     _tiny_bert(tmp_path / "bert")
     emb = load_embedder(tmp_path / "bert")

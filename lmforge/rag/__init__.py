@@ -24,7 +24,7 @@ _LAZY = {
     "rrf": "lmforge.rag.retrieve",
     "answer_batch": "lmforge.rag.answer",
     "parse_citations": "lmforge.rag.answer",
-    "load_embedder": "lmforge.rag.dense",
+    "load_embedder": "lmforge.rag.embedders",
     "train_biencoder": "lmforge.rag.biencoder",
 }
 

@@ -39,7 +39,7 @@ def retrieval_table(out: Path, embedder_dir: str | None, settings: IndexSettings
     atomic_write_text(out / "qa.jsonl", "".join(json.dumps(e) + "\n" for e in examples))
     embedder = None
     if embedder_dir:
-        from lmforge.rag.dense import load_embedder
+        from lmforge.rag.embedders import load_embedder
 
         embedder = load_embedder(embedder_dir)
     stats = build_index([str(f) for f in files], out / "index", settings, embedder)

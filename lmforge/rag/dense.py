@@ -1,7 +1,7 @@
 """Dense retrieval: an embedding model turns chunks and queries into unit vectors, a vector index finds
 the nearest chunks by inner product (= cosine).
 
-Embedding models (`load_embedder(folder)`):
+Embedding models (`lmforge.rag.embedders.load_embedder(folder)`):
   * any Hugging Face encoder folder (config.json + weights + tokenizer): transformers' AutoModel, mean
     pooling over the real tokens (sentence-transformers' default), L2-normalised;
   * an lmforge bi-encoder (`biencoder.json`, see biencoder.py), trained by `lmforge rag train-encoder`.
@@ -70,20 +70,6 @@ class HFEncoder:
                 pooled = mean_pool(hidden, batch["attention_mask"])
                 out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-
-
-def load_embedder(folder: str | Path) -> Embedder:
-    """An lmforge bi-encoder or a Hugging Face encoder folder (see the module docstring)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LmforgeError(f"embedding model folder not found: {folder}")
-    if (folder / "biencoder.json").is_file():
-        from lmforge.rag.biencoder import BiEncoder
-
-        return BiEncoder.load(folder)
-    if (folder / "config.json").is_file():
-        return HFEncoder(folder)
-    raise LmforgeError(f"{folder}: neither an lmforge bi-encoder (biencoder.json) nor a Hugging Face folder")
 
 
 def fingerprint(folder: str | Path) -> str:

@@ -90,7 +90,7 @@ class RagIndex:
         if self._embedder is None:
             if self.settings.embedder is None or self.vectors is None:
                 raise LmforgeError(f"{self.folder}: built without an embedding model; dense search needs --embedder")
-            from lmforge.rag.dense import load_embedder
+            from lmforge.rag.embedders import load_embedder
 
             self._embedder = load_embedder(self.settings.embedder)
         return self._embedder

@@ -105,7 +105,7 @@ def _settings(args: argparse.Namespace, embedder_dir: str | None):
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from lmforge.rag.dense import load_embedder
+    from lmforge.rag.embedders import load_embedder
     from lmforge.rag.index import build_index
 
     embedder = load_embedder(args.embedder) if args.embedder else None
