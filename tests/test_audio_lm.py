@@ -12,9 +12,10 @@ from lmforge.common import LmforgeError
 from lmforge.model import ModelConfig
 from lmforge.multimodal import load_multimodal, save_multimodal
 from lmforge.multimodal.alm import AlmConfig, AudioLanguageModel
+from lmforge.multimodal.alm import render_audio as render
 from lmforge.multimodal.speech import make_speech, read_speech_jsonl
 from lmforge.multimodal.whisper import AudioEncoderConfig
-from lmforge.recipes.audio import error_rates, render, transcribe
+from lmforge.recipes.audio import error_rates, transcribe
 from lmforge.tokenizer import train_tokenizer
 from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
 
@@ -148,3 +149,25 @@ def test_audio_cli_trains_and_evaluates(tmp_path, capsys):
     assert json.loads((tmp_path / "m.json").read_text())["clips"] == 4
     assert main(["audio", "eval", "--model", str(tmp_path / "nothing")]) != 0
     assert "not an lmforge" in capsys.readouterr().err
+
+
+def test_generate_audio_flag(tmp_path, capsys):
+    """`lmforge generate --audio FILE` on an ALM folder: the same tokens as transcribe(), clear errors."""
+    soundfile = pytest.importorskip("soundfile")
+    from lmforge.cli import main
+
+    torch.manual_seed(0)
+    examples = make_speech("digits-en", 2, seed=5)
+    tokenizer = train_tokenizer([e.text for e in examples] * 4, 300, DEFAULT_SPECIAL_TOKENS + ["<audio>"])
+    model = _tiny_alm(tokenizer).eval()
+    save_multimodal(model, tmp_path / "alm", tokenizer)
+    clip = examples[0].wave[:16000]
+    soundfile.write(str(tmp_path / "clip.wav"), clip.numpy(), 16000)
+    expected = transcribe(model, tokenizer, [clip], "transcribe.", max_new=6)[0]
+    args = ["generate", "--model", str(tmp_path / "alm"), "--audio", str(tmp_path / "clip.wav")]
+    assert main([*args, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    assert main([*args, "--image", "x.png"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "alm"), "--audio", str(tmp_path / "none.wav")]) == 2
+    assert "does not exist" in capsys.readouterr().err

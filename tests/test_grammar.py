@@ -329,7 +329,7 @@ def test_cli_generate_json_schema_regex_and_bad_files(tok, untrained, tmp_path, 
     assert "bad.json" in capsys.readouterr().err
     assert main(common + ["--json-schema", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
-    assert main(common + ["--json", "--regex", "a"]) == 2  # one constraint at a time
+    assert main(common + ["--json-mode", "--regex", "a"]) == 2  # one constraint at a time
 
 
 def _sentencepiece_style(texts, vocab_size):

@@ -20,8 +20,8 @@ from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model import ModelConfig  # noqa: E402
 from lmforge.multimodal import load_multimodal, save_multimodal  # noqa: E402
 from lmforge.multimodal.alm import AlmConfig, AudioLanguageModel  # noqa: E402
+from lmforge.multimodal.alm import render_audio as render  # noqa: E402
 from lmforge.multimodal.whisper import AudioEncoderConfig  # noqa: E402
-from lmforge.recipes.audio import render  # noqa: E402
 from lmforge.serve import ServeConfig  # noqa: E402
 from lmforge.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS  # noqa: E402

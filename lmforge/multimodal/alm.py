@@ -24,8 +24,10 @@ from lmforge.common import LmforgeError
 from lmforge.model import ModelConfig, Transformer
 
 from .audio import HOP_LENGTH, SAMPLE_RATE, log_mel, pad_or_trim
-from .vlm import Projector, splice
+from .vlm import Projector, expand_image_tokens, splice
 from .whisper import AudioEncoder, AudioEncoderConfig
+
+AUDIO_TOKEN = "<audio>"
 
 
 @dataclass
@@ -137,3 +139,13 @@ class AudioLanguageModel(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, mel)
         return self.language_model(inputs_embeds=inputs_embeds, **lm_kwargs)
+
+
+def render_audio(tokenizer, config: AlmConfig, prompt: str, answer: str | None = None) -> tuple[list[int], list[int]]:
+    """The chat-template ids and assistant loss mask of one clip + prompt (+ the answer when
+    training): user turn "<audio>\n{prompt}", the placeholder expanded to its audio slots. Without
+    an answer the template's generation prompt ends the ids."""
+    messages = [{"role": "user", "content": f"{AUDIO_TOKEN}\n{prompt}"}]
+    messages += [{"role": "assistant", "content": answer}] if answer is not None else []
+    ids, mask = tokenizer.render_chat(messages, add_generation_prompt=answer is None)
+    return expand_image_tokens(ids, mask, config.audio_token_id, config.num_audio_tokens)

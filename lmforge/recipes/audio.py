@@ -33,8 +33,8 @@ from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logg
 from lmforge.infer.decode import decode_ids
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
-from lmforge.multimodal import expand_image_tokens, load_multimodal, save_multimodal
-from lmforge.multimodal.alm import AlmConfig, AudioLanguageModel
+from lmforge.multimodal import load_multimodal, save_multimodal
+from lmforge.multimodal.alm import AUDIO_TOKEN, AlmConfig, AudioLanguageModel, render_audio
 from lmforge.multimodal.config import AudioTrainConfig
 from lmforge.multimodal.speech import load_speech
 from lmforge.multimodal.whisper import AudioEncoder, AudioEncoderConfig, load_hf_encoder
@@ -46,22 +46,10 @@ from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
 from lmforge.tokenizer.text import end_of_turn_ids
 
 log = get_logger("lmforge.audio")
-AUDIO_TOKEN = "<audio>"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_train_eval_arguments(p, None, "an audio-language model folder (lmforge audio train --out)")
-
-
-def audio_turn(prompt: str, answer: str | None = None) -> list[dict]:
-    messages = [{"role": "user", "content": f"{AUDIO_TOKEN}\n{prompt}"}]
-    return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
-
-
-def render(tokenizer, config: AlmConfig, prompt: str, answer: str | None = None) -> tuple[list[int], list[int]]:
-    """Chat-template ids + assistant loss mask, the <audio> placeholder expanded to its slots."""
-    ids, mask = tokenizer.render_chat(audio_turn(prompt, answer), add_generation_prompt=answer is None)
-    return expand_image_tokens(ids, mask, config.audio_token_id, config.num_audio_tokens)
 
 
 def build(cfg: AudioTrainConfig, examples, device) -> tuple[AudioLanguageModel, object]:
@@ -78,7 +66,9 @@ def build(cfg: AudioTrainConfig, examples, device) -> tuple[AudioLanguageModel, 
         lm = Transformer(ModelConfig.preset(cfg.lm_preset, **overrides))
     longest = max(ex.wave.numel() for ex in examples) / 16000
     clip_seconds = cfg.clip_seconds or min(math.ceil(longest * 2) / 2, encoder.config.max_frames / 100)
-    config = AlmConfig(encoder.config, lm.config, tokenizer.token_to_id(AUDIO_TOKEN), cfg.stack, clip_seconds, cfg.prompt)
+    config = AlmConfig(
+        encoder.config, lm.config, tokenizer.token_to_id(AUDIO_TOKEN), cfg.stack, clip_seconds, cfg.prompt
+    )
     return AudioLanguageModel(config, encoder, lm).to(device), tokenizer
 
 
@@ -110,7 +100,7 @@ def fit(model: AudioLanguageModel, tokenizer, examples, mels: torch.Tensor, stag
     if steps == 0:
         return float("nan")
     optimizer = stage_optimizer(model, stage, cfg)
-    rows = [render(tokenizer, model.alm_config, cfg.prompt, ex.text) for ex in examples]
+    rows = [render_audio(tokenizer, model.alm_config, cfg.prompt, ex.text) for ex in examples]
     rng = np.random.default_rng(cfg.seed + stage)
     model.train()
 
@@ -138,7 +128,7 @@ def transcribe(
 ) -> list[str]:
     """Greedy transcripts of 16 kHz clips (one batch: every prompt has the same length)."""
     device = next(model.parameters()).device
-    ids, _ = render(tokenizer, model.alm_config, prompt)
+    ids, _ = render_audio(tokenizer, model.alm_config, prompt)
     input_ids = torch.tensor([ids] * len(waves), device=device)
     embeds = model.embed(input_ids, model.mel(waves).to(device))
     out = decode_ids(

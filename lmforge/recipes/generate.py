@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=bounded(float, ge=-2, le=2), default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=bounded(float, ge=-2, le=2), default=0.0, help="OpenAI's, in [-2, 2]")
     structured = p.add_mutually_exclusive_group()  # the output must match (generation stops when it is complete)
-    structured.add_argument("--json", action="store_true", help="JSON mode: the output is a JSON object")
+    structured.add_argument(
+        "--json-mode", action="store_true", help="JSON mode: the output is a JSON object (OpenAI's json_object)"
+    )
     structured.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under this JSON Schema")
     structured.add_argument("--regex", metavar="PATTERN", help="the whole output matches this regular expression")
     structured.add_argument(
@@ -50,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--image", help="image file for a vision-language model folder (lmforge vlm train)")
+    p.add_argument(
+        "--audio",
+        help="audio file (wav/flac/ogg/mp3) for an audio-language model folder (lmforge audio train); "
+        "--prompt defaults to the model's transcription prompt",
+    )
     p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller draft model (same tokenizer)")
     p.add_argument("--lookup", action="store_true", help="speculative decoding with prompt-lookup (n-gram) drafts")
     p.add_argument("--medusa", metavar="DIR", help="speculative decoding with Medusa heads (lmforge train-medusa)")
@@ -82,13 +89,15 @@ def main(args: argparse.Namespace) -> int:
     from lmforge.infer.generate import compiled_decode, stream_text
     from lmforge.infer.prepare import prepare_for_inference
 
-    if args.prompt is None and args.prompt_ids is None and args.prompts is None:
+    if args.prompt is None and args.prompt_ids is None and args.prompts is None and not args.audio:
         raise LmforgeError("give --prompt TEXT (or --prompt-ids 1,2,3, or --prompts FILE.jsonl --out FILE.jsonl)")
     device = get_device(args.device)
-    if args.image and args.tp > 1:
-        raise LmforgeError("--image cannot be combined with --tp yet")
-    if args.image:  # a vision-language model: the image is spliced in at the prompt's <image>
-        return answer_image(args, device)
+    if args.image and args.audio:
+        raise LmforgeError("give --image (a VLM) or --audio (an audio-language model), not both")
+    if (args.image or args.audio) and args.tp > 1:
+        raise LmforgeError(f"{'--image' if args.image else '--audio'} cannot be combined with --tp yet")
+    if args.image or args.audio:  # a multimodal model: the features are spliced in at <image> / <audio>
+        return answer_media(args, device)
     model = load_model(args.model, device=device, dtype=args.dtype)
     if args.tp > 1:
         model = tensor_parallel_model(model, args, device)
@@ -190,13 +199,13 @@ def tensor_parallel_model(model, args: argparse.Namespace, device):
 
 
 def grammar_spec(args: argparse.Namespace):
-    """The GrammarSpec of --json / --json-schema / --regex / --grammar (None without one), checked
+    """The GrammarSpec of --json-mode / --json-schema / --regex / --grammar (None without one), checked
     here so a bad schema or grammar is an error naming its flag and file."""
     from pathlib import Path
 
     from lmforge.infer.grammar import GrammarSpec, check_grammar
 
-    options = (("--json", "json", "json"), ("--json-schema", "json_schema", "json_schema"))
+    options = (("--json-mode", "json", "json_mode"), ("--json-schema", "json_schema", "json_schema"))
     options += (("--regex", "regex", "regex"), ("--grammar", "ebnf", "grammar"))
     chosen = [(flag, kind, getattr(args, attr)) for flag, kind, attr in options if getattr(args, attr)]
     if not chosen:
@@ -249,16 +258,16 @@ def print_text(pieces, tokenizer, stream: bool) -> None:
     print(f"[~{n_tokens} tokens in {time.perf_counter() - start:.2f}s]", file=sys.stderr)
 
 
-def answer_image(args: argparse.Namespace, device) -> int:
-    """--image: one image + one question to a VLM folder (`lmforge vlm train`), in its chat format.
-    The same sampling flags, stop strings and --stream as text, through the same decode driver."""
+def answer_media(args: argparse.Namespace, device) -> int:
+    """--image / --audio: one image or clip + one prompt to a VLM / ALM folder (`lmforge vlm|audio
+    train`), in its chat format. The same sampling flags, stop strings and --stream as text, through
+    the same decode driver."""
     from lmforge.checkpoint import load_tokenizer_if_any
-    from lmforge.common import get_dtype
     from lmforge.infer.generate import compiled_decode, stream_text
-    from lmforge.multimodal import image_question, load_multimodal, prepare_chat
     from lmforge.tokenizer.text import end_of_turn_ids
 
-    for flag, on in (
+    flag = "--image" if args.image else "--audio"
+    for other, on in (
         ("--draft", args.draft),
         ("--lookup", args.lookup),
         ("--medusa", args.medusa),
@@ -266,25 +275,47 @@ def answer_image(args: argparse.Namespace, device) -> int:
         ("--prompt-ids", args.prompt_ids),
     ):
         if on:
-            raise LmforgeError(f"--image decodes one chat prompt with the VLM; it does not take {flag}")
+            raise LmforgeError(f"{flag} decodes one chat prompt with the multimodal model; it does not take {other}")
     tokenizer = load_tokenizer_if_any(args.model)
     if tokenizer is None:
-        raise LmforgeError(f"{args.model} has no tokenizer.json: --image needs the VLM's tokenizer")
-    vlm = load_multimodal(args.model, device, kind="vlm").to(get_dtype(args.dtype, device)).requires_grad_(False)
+        raise LmforgeError(f"{args.model} has no tokenizer.json: {flag} needs the model's tokenizer")
+    model, ids, embeds = (_image_inputs if args.image else _audio_inputs)(args, tokenizer, device)
     if args.seed is not None:
         seed_everything(args.seed)
     params = sampling_params(args)
     params.stop_token_ids += [t for t in end_of_turn_ids(tokenizer) if t not in params.stop_token_ids]
-    inputs = prepare_chat(vlm, tokenizer, image_question(args.image, args.prompt or "describe the image.", args.system))
-    ids = inputs["input_ids"][0].tolist()
-    check_context(vlm.config, len(ids), args.max_new_tokens)
-    decode_fn = compiled_decode(vlm.language_model) if args.compile else None
-    print_text(
-        stream_text(vlm, tokenizer, ids, params, decode_fn, inputs_embeds=inputs["inputs_embeds"]),
-        tokenizer,
-        args.stream,
-    )
+    check_context(model.config, len(ids), args.max_new_tokens)
+    decode_fn = compiled_decode(model.language_model) if args.compile else None
+    print_text(stream_text(model, tokenizer, ids, params, decode_fn, inputs_embeds=embeds), tokenizer, args.stream)
     return 0
+
+
+def _image_inputs(args: argparse.Namespace, tokenizer, device):
+    from lmforge.common import get_dtype
+    from lmforge.multimodal import image_question, load_multimodal, prepare_chat
+
+    vlm = load_multimodal(args.model, device, kind="vlm").to(get_dtype(args.dtype, device)).requires_grad_(False)
+    inputs = prepare_chat(vlm, tokenizer, image_question(args.image, args.prompt or "describe the image.", args.system))
+    return vlm, inputs["input_ids"][0].tolist(), inputs["inputs_embeds"]
+
+
+def _audio_inputs(args: argparse.Namespace, tokenizer, device):
+    import torch
+
+    from lmforge.common import get_dtype
+    from lmforge.multimodal import load_multimodal
+    from lmforge.multimodal.alm import render_audio
+    from lmforge.multimodal.audio import load_audio
+
+    if args.system:
+        raise LmforgeError("--audio uses the model's own prompt layout; it does not take --system")
+    alm = load_multimodal(args.model, device, kind="alm").to(get_dtype(args.dtype, device)).requires_grad_(False)
+    c = alm.alm_config
+    wave = load_audio(args.audio, max_seconds=c.clip_seconds)
+    ids, _ = render_audio(tokenizer, c, args.prompt or c.prompt)
+    with torch.no_grad():
+        embeds = alm.embed(torch.tensor([ids], device=device), alm.mel([wave]).to(device))
+    return alm, ids, embeds
 
 
 def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:

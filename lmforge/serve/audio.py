@@ -28,13 +28,12 @@ import numpy as np
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.multimodal.alm import AudioLanguageModel
+from lmforge.multimodal.alm import AUDIO_TOKEN, AudioLanguageModel
 from lmforge.multimodal.audio import SAMPLE_RATE, decode_samples
 from lmforge.multimodal.vlm import expand_image_tokens
 
 from .protocol import APIError
 
-AUDIO_TOKEN = "<audio>"
 FORMATS = ("wav", "mp3", "flac", "ogg")
 TRANSCRIPTION_FIELDS = {"file", "model", "response_format", "temperature"}
 
