@@ -11,6 +11,10 @@ from lmforge.checkpoint import load_model, load_tokenizer_if_any, save_model
 from lmforge.cli import main
 from lmforge.common import LmforgeError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.model.config import PRESETS
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+GPT2_STYLE = {k: v for k, v in PRESETS["tiny-gpt2"].items() if k not in (*_SIZES, "max_position_embeddings")}
 
 gguf = pytest.importorskip("gguf")
 from lmforge.gguf_io import read_gguf, save_gguf  # noqa: E402
@@ -33,17 +37,7 @@ CONFIGS = {
             "original_max_position_embeddings": 64,
         },
     ),
-    "gpt2": dict(
-        arch="gpt2",
-        norm="layernorm",
-        activation="gelu_new",
-        gated_mlp=False,
-        position="learned",
-        attention_bias=True,
-        attention_out_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=True,
-    ),
+    "gpt2": GPT2_STYLE,
     "mixtral": dict(arch="mixtral", num_experts=4, num_experts_per_tok=2, num_key_value_heads=2),
 }
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
