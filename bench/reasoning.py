@@ -2,8 +2,8 @@
 self-consistency, best-of-n with the step verifier and step-level beam search with the process
 reward, for a tiny model trained on worked problems (bench/_arith_models.py).
 
-    python bench/reasoning.py                          # arith-2500, 60 problems
-    python bench/reasoning.py --model arith-5000 --problems 100
+    python bench/reasoning.py                          # arith-5000, 60 problems
+    python bench/reasoning.py --model arith-2500 --problems 100
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lmforge.eval.reasoning import ArithmeticConfig, arithmetic_task, compute_ta
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--root", default="runs/bench-arith")
-    p.add_argument("--model", default="arith-2500")
+    p.add_argument("--model", default="arith-5000")
     p.add_argument("--problems", type=int, default=60)
     p.add_argument("--budgets", default="1,4,8")
     p.add_argument("--temperature", type=float, default=0.7)
