@@ -112,11 +112,28 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (fp32 always runs)")
     p.add_argument("--skip-110m", action="store_true")
+    p.add_argument("--skip-small", action="store_true", help="only the 110M-shape decode speeds")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
+    if not args.skip_small:
+        small_model_table(args, log)
+    if not args.skip_110m:
+        speeds = speed_on_110m(args.new_tokens, args.repeats)
+        print(
+            f"\nLlama ~110M shape, batch-1 decode ({args.new_tokens} new tokens, median of {args.repeats}, "
+            f"{torch.get_num_threads()} threads)"
+        )
+        for name, tps in speeds.items():
+            print(
+                f"{name:<24} {tps:>7.1f} tok/s  {tps / speeds['fp32']:>5.2f}x fp32  "
+                f"{tps / speeds['int4-g128']:>5.2f}x int4"
+            )
+
+
+def small_model_table(args: argparse.Namespace, log) -> None:
     path = Path(args.model) if args.model else CACHE / f"small-{args.train_steps}"
     if not args.model and not (path / "lmforge_config.json").is_file():
         log(f"training the small model ({args.train_steps} steps) -> {path}")
@@ -149,17 +166,6 @@ def main() -> None:
             f"{r['name']:<16} {r['ppl']:>8.3f} {100 * (r['ppl'] / fp['ppl'] - 1):>+7.1f}% {r['bytes'] / 2**20:>9.2f} "
             f"{tps:>7.1f} {tps / speeds['fp32']:>7.2f} {x4}  {r['secs']:.0f}s"
         )
-    if not args.skip_110m:
-        speeds = speed_on_110m(args.new_tokens, args.repeats)
-        print(
-            f"\nLlama ~110M shape, batch-1 decode ({args.new_tokens} new tokens, median of {args.repeats}, "
-            f"{torch.get_num_threads()} threads)"
-        )
-        for name, tps in speeds.items():
-            print(
-                f"{name:<24} {tps:>7.1f} tok/s  {tps / speeds['fp32']:>5.2f}x fp32  "
-                f"{tps / speeds['int4-g128']:>5.2f}x int4"
-            )
 
 
 if __name__ == "__main__":

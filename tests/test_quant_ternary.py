@@ -16,6 +16,7 @@ from lmforge.quant import (
     QuantOptions,
     TernaryLinear,
     convert_bitnet,
+    dequantize_model,
     prepare_bitnet,
     quantize_model,
     swap,
@@ -151,12 +152,22 @@ def test_converted_checkpoint_round_trip_reproduces_the_logits(tmp_path):
         assert torch.equal(loaded(ids), converted)
 
 
-def test_rtn_ternary_and_quantize_model(tmp_path):
+def test_rtn_ternary_bf16_inputs_and_dequantize():
     torch.manual_seed(0)
     model = build_model("tiny").eval()
     quantize_model(model, QuantOptions(method="rtn", scheme="ternary"), progress=False)
     assert isinstance(model.model.layers[0].self_attn.o_proj, TernaryLinear)
     assert model.lmforge_transforms[-1]["modules"]["model.layers.0.self_attn.o_proj"]["format"] == "ternary"
+    o_proj = model.model.layers[0].self_attn.o_proj
+    codes = set(torch.unique(o_proj.dequantize() / o_proj.weight_scale).tolist())
+    assert codes <= {-1.0, 0.0, 1.0}
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():  # bf16 activations: the same int8 rounding, the output in bf16
+        y = o_proj(x)
+        assert y.dtype == torch.bfloat16
+        assert torch.allclose(y.float(), F.linear(fake_act8(x.float()), o_proj.dequantize()), rtol=1e-2, atol=1e-2)
+    dequantize_model(model)
+    assert type(model.model.layers[0].self_attn.o_proj) is torch.nn.Linear and not model.lmforge_transforms
 
 
 def test_quantize_command_bitnet_end_to_end(ckpt, shards, tmp_path, capsys):  # noqa: F811
@@ -193,3 +204,16 @@ def test_refused_combinations_say_why(ckpt, shards, tmp_path, capsys):  # noqa: 
     with pytest.raises(LmforgeError, match="kernel 'avx9000'"):
         with torch.no_grad():
             q(torch.ones(1, 8))
+
+
+@pytest.mark.skipif(not ternary_kernel.available(), reason="no C compiler here")
+@pytest.mark.parametrize("flags", [(), ("-mno-avx512bw",), ("-mno-avx2",)], ids=["native", "avx2", "scalar"])
+def test_every_simd_path_of_the_c_kernel_matches(flags, monkeypatch):
+    """This machine's widest path, the AVX2 one and the portable loop (other CPUs take those)."""
+    monkeypatch.setattr(ternary_kernel, "_LIB", ternary_kernel._build(flags))
+    torch.manual_seed(1)
+    q = TernaryLinear.from_float(torch.nn.Linear(4 * 64 * 3 + 37, 24))  # 3 AVX-512 blocks, 6 AVX2 ones, a tail
+    q.kernel = "c"
+    x = torch.randn(3, q.in_features)
+    with torch.no_grad():
+        assert torch.allclose(q(x), F.linear(fake_act8(x), q.dequantize(), q.bias), rtol=1e-5, atol=1e-5)

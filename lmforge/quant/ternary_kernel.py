@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.common import atomic_path
+from lmforge.common import atomic_path, atomic_write_text
 
 SOURCE = r"""
 #include <math.h>
@@ -46,10 +46,42 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
+/* One SIMD loop for both widths: the macros name the AVX-512BW or the AVX2 form of each operation. */
 #if defined(__AVX512BW__)
 #define BLOCK 64
+#define SIMD 1
+typedef __m512i vec;
+#define LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define SET8 _mm512_set1_epi8
+#define SET16 _mm512_set1_epi16
+#define ZERO _mm512_setzero_si512
+#define AND _mm512_and_si512
+#define SRL16 _mm512_srli_epi16
+#define MADDUBS _mm512_maddubs_epi16
+#define MADD _mm512_madd_epi16
+#define ADD16 _mm512_add_epi16
+#define ADD32 _mm512_add_epi32
+static int32_t hsum(vec v) { return _mm512_reduce_add_epi32(v); }
 #elif defined(__AVX2__)
 #define BLOCK 32
+#define SIMD 1
+typedef __m256i vec;
+#define LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define SET8 _mm256_set1_epi8
+#define SET16 _mm256_set1_epi16
+#define ZERO _mm256_setzero_si256
+#define AND _mm256_and_si256
+#define SRL16 _mm256_srli_epi16
+#define MADDUBS _mm256_maddubs_epi16
+#define MADD _mm256_madd_epi16
+#define ADD16 _mm256_add_epi16
+#define ADD32 _mm256_add_epi32
+static int32_t hsum(vec v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_hadd_epi32(s, s);
+    s = _mm_hadd_epi32(s, s);
+    return _mm_cvtsi128_si32(s);
+}
 #else
 #define BLOCK 32
 #endif
@@ -57,42 +89,21 @@ SOURCE = r"""
 static int32_t dot_row(const uint8_t *w, const int8_t *xp, int64_t kb) {
     int64_t blocks = kb / BLOCK, b;
     int32_t acc = 0;
-#if defined(__AVX512BW__)
-    const __m512i mask = _mm512_set1_epi8(3), ones = _mm512_set1_epi16(1);
-    __m512i acc32 = _mm512_setzero_si512();
+#ifdef SIMD
+    const vec mask = SET8(3), ones = SET16(1);
+    vec acc32 = ZERO();
     for (int64_t j = 0; j < blocks; j++) {
-        __m512i v = _mm512_loadu_si512((const void *)(w + BLOCK * j));
+        vec v = LOAD(w + BLOCK * j);
         const int8_t *x = xp + 4 * BLOCK * j;
-        /* 4 planes of |c x| pairs <= 508 each: at most 2032 in int16, no saturation */
-        __m512i s16 = _mm512_maddubs_epi16(_mm512_and_si512(v, mask), _mm512_loadu_si512((const void *)x));
-        s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 2), mask),
-                                                         _mm512_loadu_si512((const void *)(x + BLOCK))));
-        s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), mask),
-                                                         _mm512_loadu_si512((const void *)(x + 2 * BLOCK))));
-        s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 6), mask),
-                                                         _mm512_loadu_si512((const void *)(x + 3 * BLOCK))));
-        acc32 = _mm512_add_epi32(acc32, _mm512_madd_epi16(s16, ones));
+        /* bit plane s of the codes (c in 0..2) times its activations; 4 planes of pair sums <= 508
+           add up to at most 2032 in int16: no saturation before widening to int32 */
+        vec s16 = MADDUBS(AND(v, mask), LOAD(x));
+        s16 = ADD16(s16, MADDUBS(AND(SRL16(v, 2), mask), LOAD(x + BLOCK)));
+        s16 = ADD16(s16, MADDUBS(AND(SRL16(v, 4), mask), LOAD(x + 2 * BLOCK)));
+        s16 = ADD16(s16, MADDUBS(AND(SRL16(v, 6), mask), LOAD(x + 3 * BLOCK)));
+        acc32 = ADD32(acc32, MADD(s16, ones));
     }
-    acc = _mm512_reduce_add_epi32(acc32);
-#elif defined(__AVX2__)
-    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc32 = _mm256_setzero_si256();
-    for (int64_t j = 0; j < blocks; j++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + BLOCK * j));
-        const int8_t *x = xp + 4 * BLOCK * j;
-        __m256i s16 = _mm256_maddubs_epi16(_mm256_and_si256(v, mask), _mm256_loadu_si256((const __m256i *)x));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), mask),
-                                                         _mm256_loadu_si256((const __m256i *)(x + BLOCK))));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-                                                         _mm256_loadu_si256((const __m256i *)(x + 2 * BLOCK))));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), mask),
-                                                         _mm256_loadu_si256((const __m256i *)(x + 3 * BLOCK))));
-        acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(s16, ones));
-    }
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc32), _mm256_extracti128_si256(acc32, 1));
-    s = _mm_hadd_epi32(s, s);
-    s = _mm_hadd_epi32(s, s);
-    acc = _mm_cvtsi128_si32(s);
+    acc = hsum(acc32);
 #else
     for (int64_t j = 0; j < blocks; j++)
         for (int s = 0; s < 4; s++)
@@ -157,18 +168,18 @@ def _cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith("flags")), "")
 
 
-def _build() -> ctypes.CDLL:
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (or reuse) the kernel; `extra_flags` (e.g. -mno-avx512bw) select narrower paths in tests."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", *extra_flags, "-fopenmp", "-shared", "-fPIC"]
     # -march=native: the binary is only valid on this CPU, so the CPU's flags are part of the key.
     key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_flags(), sys.platform]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"ternary-{key}.so"
     if not lib.is_file():
         src = cache_dir() / f"ternary-{key}.c"
-        src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_text(SOURCE)
+        atomic_write_text(src, SOURCE)
         with atomic_path(lib) as tmp:  # concurrent builders each write their own file; one rename wins
             run = subprocess.run([cc, *flags, str(src), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
             if run.returncode != 0:
