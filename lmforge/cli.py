@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lmforge.recipes.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "eval": ("lmforge.recipes.evaluate", "evaluate a model or endpoint, or --compare two runs"),
     "rag": ("lmforge.recipes.rag", "retrieval-augmented answers: index, search, ask with citations"),
+    "agent": ("lmforge.recipes.agent", "tool-using agents: run a task with tools, evaluate, train tool use"),
     "arena": ("lmforge.recipes.arena", "rate models by pairwise battles: Bradley-Terry, Elo, win rates"),
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model"),
     "vlm": ("lmforge.recipes.vlm", "train or evaluate a LLaVA-style vision-language model"),

@@ -22,6 +22,7 @@ LAYERS = {
     "eval": 5,
     "serve": 5,
     "rag": 5,
+    "agent": 5,
     "recipes": 6,
     "cli": 7,
     "__main__": 7,
@@ -30,6 +31,9 @@ LAYERS = {
 ALLOWED_SIDEWAYS = {
     ("__main__", "cli"),  # `python -m lmforge` is the CLI itself
     ("rag", "eval"),  # rag scores with eval's metrics and asks eval's LocalLM/EndpointLM; registers its task type
+    ("agent", "eval"),  # the python tool runs in eval's sandbox; agent eval reuses its metrics
+    ("agent", "serve"),  # a local model speaks the server's tool-call format (serve/tools.py)
+    ("agent", "rag"),  # the rag_search tool
     ("config", "common"),
 }  # the config loader builds on common's checked dataclasses
 # serve may import anything below except train (DESIGN.md).
