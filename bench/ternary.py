@@ -3,7 +3,7 @@ size on disk and batch-1 decode tokens/s of the bench model of bench/quant.py (a
 Llama-shaped model trained on the stdlib, cached), then decode speed on the Llama ~110M shape.
 
     python bench/ternary.py                        # trains / reuses the small model of bench/quant.py
-    python bench/ternary.py --qat-steps 300 --bitnet-lr 1e-3 --repeats 5
+    python bench/ternary.py --qat-steps 300 --bitnet-lr 2e-4 --repeats 5
 
 Rows: fp32; "fp32 +ft" (the float model trained for the same steps as the QAT runs: QAT also keeps
 training, so this row says how much of its perplexity is extra training rather than quantization);
@@ -104,9 +104,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="trained lmforge checkpoint with a tokenizer (default: bench/quant.py's)")
     p.add_argument("--train-steps", type=int, default=500, help="of the small model, if it is trained here")
-    p.add_argument("--qat-steps", type=int, default=300, help="8 x 128 tokens per step, for QAT and fp32 +ft")
+    p.add_argument("--qat-steps", type=int, default=150, help="8 x 128 tokens per step, for QAT and fp32 +ft")
     p.add_argument("--int4-lr", type=float, default=2e-5, help="int4 QAT learning rate (bench/quant.py's)")
-    p.add_argument("--bitnet-lr", type=float, default=1e-3, help="BitNet QAT (and fp32 +ft) learning rate")
+    p.add_argument("--bitnet-lr", type=float, default=2e-4, help="BitNet QAT (and fp32 +ft) learning rate")
     p.add_argument("--val-windows", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
@@ -122,15 +122,12 @@ def main() -> None:
         small_model_table(args, log)
     if not args.skip_110m:
         speeds = speed_on_110m(args.new_tokens, args.repeats)
+        fp, int4 = speeds["fp32"], speeds["int4-g128"]
         print(
-            f"\nLlama ~110M shape, batch-1 decode ({args.new_tokens} new tokens, median of {args.repeats}, "
-            f"{torch.get_num_threads()} threads)"
+            f"\n| Llama ~110M shape, {torch.get_num_threads()} thread(s), median of {args.repeats} | tok/s | x fp32 | x int4 |"
         )
-        for name, tps in speeds.items():
-            print(
-                f"{name:<24} {tps:>7.1f} tok/s  {tps / speeds['fp32']:>5.2f}x fp32  "
-                f"{tps / speeds['int4-g128']:>5.2f}x int4"
-            )
+        print("|---|---|---|---|")
+        print("\n".join(f"| {name} | {tps:.1f} | {tps / fp:.2f} | {tps / int4:.2f} |" for name, tps in speeds.items()))
 
 
 def small_model_table(args: argparse.Namespace, log) -> None:
