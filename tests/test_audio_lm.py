@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from vlm_utils import tiny_alm
 
 from lmforge.common import LmforgeError
-from lmforge.model import ModelConfig
 from lmforge.multimodal import load_multimodal, save_multimodal
-from lmforge.multimodal.alm import AlmConfig, AudioLanguageModel
+from lmforge.multimodal.alm import AudioLanguageModel
 from lmforge.multimodal.alm import render_audio as render
 from lmforge.multimodal.speech import make_speech, read_speech_jsonl
-from lmforge.multimodal.whisper import AudioEncoderConfig
 from lmforge.recipes.audio import error_rates, transcribe
 from lmforge.tokenizer import train_tokenizer
 from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
@@ -36,20 +35,7 @@ def test_synthesis_is_deterministic_and_varied():
 
 
 def _tiny_alm(tokenizer) -> AudioLanguageModel:
-    audio = AudioEncoderConfig(
-        d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, max_source_positions=100
-    )
-    text = ModelConfig.preset(
-        "tiny",
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-    )
-    return AudioLanguageModel(AlmConfig(audio, text, tokenizer.token_to_id("<audio>"), stack=4, clip_seconds=1.0))
+    return tiny_alm(tokenizer)
 
 
 def test_alm_trains_saves_and_transcribes(tmp_path):

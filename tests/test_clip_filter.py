@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from vlm_utils import tiny_text_config
 
 from lmforge.common import LmforgeError
-from lmforge.model import ModelConfig
 from lmforge.multimodal import CLIP, ClipConfig, VisionConfig, make_shapes, save_multimodal
 from lmforge.multimodal.filtering import (
     clip_score_metric,
@@ -44,16 +44,7 @@ def test_mismatch_captions_and_f1():
 
 def _tiny_clip(tmp_path, examples):
     tok = train_tokenizer([e.captions[0] for e in examples], vocab_size=300)
-    text = ModelConfig.preset(
-        "tiny",
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    text = tiny_text_config(tok.vocab_size, max_positions=64)
     vision = VisionConfig(
         image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
     )

@@ -14,14 +14,12 @@ openai = pytest.importorskip("openai")
 soundfile = pytest.importorskip("soundfile")
 
 from test_serve_utils import ServerThread  # noqa: E402
+from vlm_utils import tiny_alm  # noqa: E402
 
 from lmforge.infer.decode import decode_ids  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
-from lmforge.model import ModelConfig  # noqa: E402
 from lmforge.multimodal import load_multimodal, save_multimodal  # noqa: E402
-from lmforge.multimodal.alm import AlmConfig, AudioLanguageModel  # noqa: E402
 from lmforge.multimodal.alm import render_audio as render  # noqa: E402
-from lmforge.multimodal.whisper import AudioEncoderConfig  # noqa: E402
 from lmforge.serve import ServeConfig  # noqa: E402
 from lmforge.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS  # noqa: E402
@@ -40,20 +38,7 @@ def alm_dir(tmp_path_factory):
     torch.manual_seed(0)
     torch.set_num_threads(1)
     tok = train_tokenizer(["3 1 4 1 5 9 2 6", "transcribe."] * 8, 300, DEFAULT_SPECIAL_TOKENS + ["<audio>"])
-    audio = AudioEncoderConfig(
-        d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, max_source_positions=100
-    )
-    text = ModelConfig.preset(
-        "tiny",
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-    )
-    model = AudioLanguageModel(AlmConfig(audio, text, tok.token_to_id("<audio>"), clip_seconds=1.0))
+    model = tiny_alm(tok)
     out = tmp_path_factory.mktemp("alm") / "tiny-alm"
     save_multimodal(model, out, tok)
     return out

@@ -30,3 +30,29 @@ def save_tiny_vlm(folder: Path) -> Path:
         for p in model.projector.parameters():
             p.normal_(0, 1.0)
     return save_multimodal(model, folder, tok)
+
+
+def tiny_text_config(vocab_size: int, max_positions: int = 128) -> ModelConfig:
+    """A one-layer, 32-wide LM config: the language side of the tiny multimodal test models."""
+    return ModelConfig.preset(
+        "tiny",
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_positions,
+    )
+
+
+def tiny_alm(tokenizer, clip_seconds: float = 1.0):
+    """A random audio-language model (1-layer encoder and LM, width 32) for the tokenizer's <audio>."""
+    from lmforge.multimodal.alm import AlmConfig, AudioLanguageModel
+    from lmforge.multimodal.whisper import AudioEncoderConfig
+
+    audio = AudioEncoderConfig(
+        d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, max_source_positions=100
+    )
+    text = tiny_text_config(tokenizer.vocab_size)
+    return AudioLanguageModel(AlmConfig(audio, text, tokenizer.token_to_id("<audio>"), clip_seconds=clip_seconds))

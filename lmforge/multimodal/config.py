@@ -9,6 +9,18 @@ from dataclasses import dataclass, field
 from lmforge.common import DEVICE_PATTERN, checked
 
 
+def small_lm(layers: int, max_positions: int) -> dict:
+    """The multimodal recipes' fresh-LM overrides of the `tiny` preset: width 128, GQA 4/2."""
+    return {
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+    }
+
+
 @dataclass
 class ClipTrainConfig:
     data: str = "shapes"  # shapes | shapes1 | digits | path/to/data.jsonl
@@ -49,16 +61,7 @@ class VlmTrainConfig:
     vision: str = ""  # a CLIP run folder (lmforge clip train --out) or a HF CLIP vision folder
     lm: str | None = None  # an lmforge/HF language model folder; None: a fresh `lm_preset` model
     lm_preset: str = "tiny"
-    lm_overrides: dict = field(
-        default_factory=lambda: {
-            "hidden_size": 128,
-            "intermediate_size": 352,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-        }
-    )
+    lm_overrides: dict = field(default_factory=lambda: small_lm(4, 256))
     vocab_size: int = checked(400, ge=1)
     text_warmup_steps: int = checked(300, ge=0)  # fresh LM only: text-only steps on the captions/answers first
     feature_layer: int = -2
@@ -100,16 +103,7 @@ class AudioTrainConfig:
     )
     lm: str | None = None  # an lmforge/HF LM folder whose tokenizer has an <audio> token; None: a fresh one
     lm_preset: str = "tiny"
-    lm_overrides: dict = field(
-        default_factory=lambda: {
-            "hidden_size": 128,
-            "intermediate_size": 352,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 128,
-        }
-    )
+    lm_overrides: dict = field(default_factory=lambda: small_lm(3, 128))
     vocab_size: int = checked(320, ge=1)
     stack: int = checked(4, ge=1)  # encoder vectors per audio token (80 ms)
     clip_seconds: float = checked(0.0, ge=0)  # 0: the longest training clip, rounded up to 0.5 s
@@ -145,16 +139,7 @@ class VideoTrainConfig:
         }
     )
     lm_preset: str = "tiny"
-    lm_overrides: dict = field(
-        default_factory=lambda: {
-            "hidden_size": 128,
-            "intermediate_size": 352,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 160,
-        }
-    )
+    lm_overrides: dict = field(default_factory=lambda: small_lm(3, 160))
     vocab_size: int = checked(320, ge=1)
     pool: int = checked(1, ge=1)  # average-pool each frame's patch grid (token budget: frames x patches / pool^2)
     steps: int = checked(1500, ge=0)
