@@ -44,6 +44,14 @@ def test_agent_run_against_lmforge_serve(server, tmp_path, capsys):  # noqa: F81
         jsonschema.validate(json.loads(call["function"]["arguments"]), CALC)
     tool = next(e for e in events if e["type"] == "tool")
     assert tool["error"] == tool["result"].startswith("error:")  # garbage maths is the model's to read
+    # agent eval: the same endpoint on built-in tasks, with the no-tools baseline
+    out = tmp_path / "eval"
+    argv = ["agent", "eval", "--endpoint", server.url, "--kinds", "arithmetic,file", "--n", "1", "--max-steps", "1"]
+    assert cli([*argv, "--turn-tokens", "8", "--no-tools-baseline", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "m" and set(report["with_tools"]["kinds"]) == {"arithmetic", "file", "all"}
+    assert report["no_tools"]["kinds"]["all"]["n"] == 2 and len(_events(out / "trace.jsonl")) >= 6
+    assert "with_tools arithmetic" in capsys.readouterr().out
 
 
 def test_local_adapter_speaks_the_servers_format(server, ckpt):  # noqa: F811

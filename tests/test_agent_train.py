@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lmforge.agent.traces import call_reward, split_pairs
+from lmforge.agent.traces import answer_reward, call_reward, split_pairs
 from lmforge.checkpoint import load_model
 from lmforge.cli import main as cli
 from lmforge.model import build_model
@@ -31,6 +31,9 @@ def test_call_reward_is_verifiable():
     assert call_reward(_call("123 * 456") + _call("1"), 123, 456) == 0.0
     assert call_reward("so: " + _call("123 * 456"), 123, 456) == 0.0
     assert call_reward('<tool_call>\n{"name": "python", "arguments": {}}\n</tool_call>', 123, 456) == 0.0
+    assert answer_reward("123 * 456 = 56088", 123, 456) == 1.0 and answer_reward("56,088.", 123, 456) == 1.0
+    assert answer_reward("123 * 456 = 56087", 123, 456) == 0.0 and answer_reward("56088 * 1 = 5", 123, 456) == 0.0
+    assert answer_reward(_call("56088"), 123, 456) == 0.0
 
 
 def test_split_pairs_are_disjoint_three_digit():
@@ -56,7 +59,7 @@ def test_shared_prefix_forward_equals_the_plain_forward():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow  # ~20 s alone: a tokenizer, SFT, GRPO rollouts and the held-out runs, twice
+@pytest.mark.slow  # 30-45 s: a tokenizer, SFT, GRPO rollouts and the held-out runs, twice
 def test_agent_train_end_to_end_on_a_toy_budget(tmp_path, capsys):
     out = tmp_path / "calc"
     argv = ["agent", "train", "-o", str(out), "--steps", "2", "--train-size", "16", "--eval-size", "1"]

@@ -145,6 +145,9 @@ def resolve_inside(root: Path, path: str) -> Path:
     return target
 
 
+MAX_FILE_BYTES = 16 << 20
+
+
 def file_tools(folder: str | Path, max_chars: int = 20_000) -> list[Tool]:
     """read_file and list_files confined to `folder`: paths are resolved (symlinks followed) and must
     stay inside it, so `..`, absolute paths and symlinks pointing out are all refused."""
@@ -164,6 +167,8 @@ def file_tools(folder: str | Path, max_chars: int = 20_000) -> list[Tool]:
         target = resolve_inside(root, path)
         if not target.is_file():
             raise ValueError(f"{path!r}: no such file (use list_files)")
+        if target.stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{path!r} is larger than {MAX_FILE_BYTES >> 20} MiB; this tool reads text files")
         lines = target.read_text(encoding="utf-8", errors="replace").splitlines()
         start = max(1, start_line)
         chunk = "\n".join(lines[start - 1 : start - 1 + max(1, max_lines)])

@@ -133,3 +133,11 @@ def call_reward(completion: str, a: int, b: int) -> float:
     except (ValueError, AttributeError, json.JSONDecodeError):
         return 0.1
     return 1.0 if value == a * b else 0.1
+
+
+def answer_reward(completion: str, a: int, b: int) -> float:
+    """The verifiable reward of the assistant's last turn (after the calculator's result): 1.0 when
+    it is plain text whose last number is A * B, else 0.0."""
+    if "<tool_call>" in completion:
+        return 0.0
+    return 1.0 if last_number(completion) == a * b else 0.0

@@ -327,7 +327,8 @@ def sft_stage(model, tok, data: list[tuple[list[int], list[int]]], args, device)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    # linear warmup, then a linear decay to a tenth: the last steps sharpen what was learned
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / args.steps))
     rng, t0, P = random.Random(args.seed), time.time(), _common_prefix([ids for ids, _ in data])
     model.train()
     for step in range(1, args.steps + 1):
@@ -347,35 +348,41 @@ def sft_stage(model, tok, data: list[tuple[list[int], list[int]]], args, device)
 
 
 def grpo_stage(model, tok, pairs: list[tuple[int, int]], args, device) -> dict:
-    """GRPO written out on the tool-call turn: `group_size` samples per question at temperature 1,
-    the verifiable reward `call_reward` (1 for a calculator call that computes A * B), advantages
-    relative to the group, one policy-gradient step per rollout (lmforge.train.align's clipped loss)
-    with a KL penalty to the model as it was before GRPO."""
+    """GRPO written out on both assistant turns: `group_size` samples per question and turn at
+    temperature 1, verifiable rewards (`call_reward`: the call computes A * B; `answer_reward`: after
+    the tool's result, the answer's last number is A * B), advantages relative to the group, one
+    policy-gradient step per rollout (lmforge.train.align's clipped loss) with a KL penalty to the
+    model as it was before GRPO."""
     import copy
     import random
     import time
 
     import torch
 
-    from lmforge.agent.traces import calculator_tools, call_reward, prompt_ids, question
+    from lmforge.agent.traces import answer_reward, calculator_tools, calculator_trace, call_reward, prompt_ids
     from lmforge.infer.generate import generate
     from lmforge.tokenizer.text import end_of_turn_ids
     from lmforge.train import align as A
 
+    turns = {"call": 1, "answer": 3}  # the turn -> how many messages of the trace come before it
     tools, stops, G = calculator_tools(), end_of_turn_ids(tok), args.group_size
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.grpo_lr, weight_decay=0.0)
     rng, t0, rewards_seen = random.Random(args.seed + 1), time.time(), []
     for step in range(1, args.grpo_steps + 1):
         picked = [(k, *pairs[k]) for k in rng.sample(range(len(pairs)), min(args.grpo_prompts, len(pairs)))]
-        asks = [(a, b, question(a, b, k % args.phrasings)) for k, a, b in picked for _ in range(G)]
-        prompts = [prompt_ids(tok, [{"role": "user", "content": q}], tools) for _, _, q in asks]
+        asks = [(turn, a, b, calculator_trace(a, b, k % args.phrasings)) for k, a, b in picked for turn in turns]
+        asks = [ask for ask in asks for _ in range(G)]  # each (question, turn) a group of G samples
+        prompts = [prompt_ids(tok, conv[: turns[turn]], tools) for turn, _, _, conv in asks]
         model.eval()
         new = generate(model, prompts, 48, temperature=1.0, seed=args.seed + step, stop_token_ids=stops).tolist()
         model.train()
         done = [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in new]
         texts = [tok.decode([t for t in c if t not in stops]) for c in done]
-        rewards = torch.tensor([call_reward(t, a, b) for t, (a, b, _) in zip(texts, asks)], device=device)
+        rewards = [
+            (call_reward if turn == "call" else answer_reward)(t, a, b) for t, (turn, a, b, _) in zip(texts, asks)
+        ]
+        rewards = torch.tensor(rewards, device=device)
         rewards_seen.append(float(rewards.mean()))
         P = _common_prefix(prompts)
         ids = _pad([p[P:] + c for p, c in zip(prompts, done)], tok.pad_id or 0, device)
