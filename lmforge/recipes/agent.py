@@ -400,7 +400,7 @@ def grpo_stage(model, tok, pairs: list[tuple[int, int]], args, device) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 5 == 0 or step == args.grpo_steps:
-            log.info(f"grpo step {step}/{args.grpo_steps} mean reward {rewards_seen[-1]:.3f} kl {kl.item():.4f}")
+            log.info(f"grpo step {step}/{args.grpo_steps} mean reward {rewards_seen[-1]:.3f} kl {kl.item():.2e}")
     return {
         "steps": args.grpo_steps,
         "first_mean_reward": rewards_seen[0],
