@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rag": ("lmforge.recipes.rag", "retrieval-augmented answers: index, search, ask with citations"),
     "agent": ("lmforge.recipes.agent", "tool-using agents: run a task with tools, evaluate, train tool use"),
     "arena": ("lmforge.recipes.arena", "rate models by pairwise battles: Bradley-Terry, Elo, win rates"),
+    "safety": ("lmforge.recipes.safety", "probe safety, bias and robustness: red teaming, over-refusal, bias"),
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model"),
     "vlm": ("lmforge.recipes.vlm", "train or evaluate a LLaVA-style vision-language model"),
     "audio": ("lmforge.recipes.audio", "train or evaluate an audio-language model (speech recognition)"),

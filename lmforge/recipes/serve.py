@@ -146,7 +146,9 @@ def route_config(args: argparse.Namespace):
     from lmforge.serve.routing import RouteConfig
 
     if args.fallback is None:
-        given = [f for f in ("route_threshold", "router", "fallback_model", "route_log") if getattr(args, f) is not None]
+        given = [
+            f for f in ("route_threshold", "router", "fallback_model", "route_log") if getattr(args, f) is not None
+        ]
         if given or args.route_signal != "mean_logprob":
             flags = ", ".join("--" + f.replace("_", "-") for f in given or ["route_signal"])
             raise LmforgeError(f"{flags} configure routing to a --fallback URL; give --fallback too")
