@@ -55,7 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--pattern", choices=PATTERNS, default="react", help="react (default), plan, reflect, debate")
     r.add_argument("--rounds", type=int, default=2, help="rounds of reflect/debate (default: %(default)s)")
     r.add_argument("--system", help="a system prompt")
-    r.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+    r.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="the run's summary as JSON: to FILE, or with no value to stdout instead of the answer",
+    )
 
     e = sub.add_parser("eval", help="success rate on built-in verifiable tasks (calculator, files, rag, code)")
     _add_model(e)
@@ -168,7 +174,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = patterns.reflect(model, args.task, tools, cfg, trace, rounds=args.rounds).summary()
     else:
         summary = patterns.debate(model, args.task, tools, cfg, trace, rounds=args.rounds).summary()
-    if args.json:
+    if args.json and args.json != "-":
+        atomic_write_json(args.json, summary)
+    if args.json == "-":
         print(json.dumps(summary, ensure_ascii=False))
     else:
         print(summary["answer"] if summary["answer"] is not None else f"(no answer: {summary.get('stop_reason')})")
