@@ -152,7 +152,7 @@ def test_json_mode_regex_and_ebnf_outputs_match(tok, untrained):
 
 def test_mixed_constrained_and_free_requests_equal_each_alone(tok, peaked):
     specs = [_spec(s) for s in SCHEMAS] + [GrammarSpec("json"), GrammarSpec("regex", r"(ab|cd)+[0-9]")]
-    prompts = _prompts(tok, 18)
+    prompts = _prompts(tok, 32)  # the 32 concurrent requests, two thirds constrained
     params = [
         SamplingParams(max_new_tokens=40, grammar=specs[i % len(specs)] if i % 3 else None) for i in range(len(prompts))
     ]
