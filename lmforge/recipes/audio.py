@@ -131,14 +131,9 @@ def transcribe(
     ids, _ = render_audio(tokenizer, model.alm_config, prompt)
     input_ids = torch.tensor([ids] * len(waves), device=device)
     embeds = model.embed(input_ids, model.mel(waves).to(device))
-    out = decode_ids(
-        model,
-        SamplingParams(max_new_tokens=max_new),
-        input_ids,
-        inputs_embeds=embeds,
-        eos_token_ids=end_of_turn_ids(tokenizer),
-    )
-    return [tokenizer.decode([t for t in o if t not in end_of_turn_ids(tokenizer)]).strip() for o in out]
+    eot = end_of_turn_ids(tokenizer)
+    out = decode_ids(model, SamplingParams(max_new_tokens=max_new), input_ids, inputs_embeds=embeds, eos_token_ids=eot)
+    return [tokenizer.decode([t for t in o if t not in eot]).strip() for o in out]
 
 
 def error_rates(hypotheses: list[str], references: list[str]) -> dict:

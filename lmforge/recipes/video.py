@@ -25,7 +25,7 @@ import torch
 
 from lmforge.checkpoint import check_output_dir
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, seed_everything
-from lmforge.infer.decode import decode_ids
+from lmforge.infer.decode import decode_ids, pad_prompts
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
 from lmforge.multimodal import VisionConfig, VisionLanguageModel, VlmConfig, load_multimodal, save_multimodal
@@ -123,13 +123,8 @@ def answer(model: VisionLanguageModel, tokenizer, frames: list[np.ndarray], ques
     n_slots = slots(model, frames[0].shape[0])
     image_id = model.vlm_config.image_token_id
     rows = [render_ids(tokenizer, image_turn(q), image_id, n_slots, True)[0] for q in questions]
-    width = max(len(r) for r in rows)
     device = next(model.parameters()).device
-    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r) :], mask[b, width - len(r) :] = torch.tensor(r), 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in pad_prompts(rows, tokenizer.pad_id))
     embeds = model.embed(ids, image_features=model.video_features(frames_tensor(model, frames)))
     eot = end_of_turn_ids(tokenizer)
     out = decode_ids(

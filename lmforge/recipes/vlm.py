@@ -27,7 +27,7 @@ import torch
 
 from lmforge.checkpoint import check_output_dir, load_model, load_tokenizer_if_any
 from lmforge.common import LmforgeError, atomic_write_json, get_device, get_logger, seed_everything
-from lmforge.infer.decode import decode_ids
+from lmforge.infer.decode import decode_ids, pad_prompts
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
 from lmforge.multimodal import (
@@ -308,12 +308,8 @@ def answer_batch(
     rows = [
         render_ids(tokenizer, image_turn(q), cfgv.image_token_id, cfgv.num_image_tokens, True)[0] for q in questions
     ]
-    width = max(len(r) for r in rows)
     device = next(model.parameters()).device
-    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r) :], mask[b, width - len(r) :] = torch.tensor(r), 1
+    ids, mask = pad_prompts(rows, tokenizer.pad_id)
     if noise:  # the control: same prompts, images of uniform noise
         rng = np.random.default_rng(seed)
         images = [rng.integers(0, 256, im.shape, dtype=np.uint8) for im in images]
