@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from parallel_guard import start_guarded, stop_guarded
 from test_parallel_tp import tiny_corpus
 
 ARGS = ["--seq-len", "32", "--batch-size", "4", "--steps", "6", "--set", "train.eval_every=0"]
@@ -41,10 +42,14 @@ def test_two_nodes_train_with_ddp_and_resume_on_one(tmp_path, tmp_path_factory):
     rdzv += ["--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "-m", "lmforge", "pretrain"]
     cmd += ["--runs-dir", str(tmp_path), "--name", "two-nodes", "--data", data, *ARGS]
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
-    for node in nodes:
-        _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-3000:]
+    nodes = [start_guarded(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    try:  # each agent and its worker die with the test (a timeout, a failure, pytest killed)
+        for node in nodes:
+            _, err = node.communicate(timeout=300)
+            assert node.returncode == 0, err[-3000:]
+    finally:
+        for node in nodes:
+            stop_guarded(node)
     two = _losses(tmp_path / "two-nodes")
     assert sorted(two) == list(range(1, 7))
     resume = tmp_path / "two-nodes" / "checkpoints" / "step-00000003"

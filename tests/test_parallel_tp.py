@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from parallel_guard import run_guarded
 
 SHAPES = {  # tiny, but every axis TP must get right: GQA (4 query / 2 kv heads), biases, ties, experts
     "llama": dict(arch="llama", num_key_value_heads=2),
@@ -24,11 +24,11 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
 BASE["initializer_range"] = 0.2  # large random weights: greedy tokens vary, so a wrong shard shows
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300):
     root = str(Path(__file__).resolve().parent.parent)  # a script's sys.path starts at tests/, not the repo
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_LOG_LEVEL": "WARNING", "PYTHONPATH": root}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_guarded(cmd, env, timeout)  # torchrun's workers die with the test, on a timeout too
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

@@ -56,6 +56,10 @@ log = get_logger(__name__)
 
 
 class Engine(EngineRows):
+    # Every model forward goes through these (engine_tp.TPEngine sends each one to its other ranks first).
+    forward_packed = staticmethod(forward_packed)
+    forward_padded = staticmethod(forward_padded)
+
     def __init__(
         self,
         model,
@@ -88,10 +92,11 @@ class Engine(EngineRows):
         self.device = p.device
         dtype = p.dtype if p.is_floating_point() else torch.float32
         self.max_model_len = min(max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        kv = getattr(model, "tp_local_config", c)  # a tensor-parallel shard caches its own heads only
         if num_blocks is None:  # max_seqs sequences of a quarter context each, within kv_memory; >= 2 full ones
             per_seq = -(-self.max_model_len // block_size)
             itemsize = torch.finfo(dtype).bits // 8
-            block_bytes = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * itemsize
+            block_bytes = 2 * c.num_hidden_layers * block_size * kv.num_key_value_heads * c.head_dim * itemsize
             num_blocks = max(2 * per_seq, min(max_seqs * per_seq // 4, kv_memory // block_bytes)) + 1
         self.block_size = block_size
         if draft is not None and lookup:
@@ -109,7 +114,7 @@ class Engine(EngineRows):
         if self.spec is not None:
             self.max_model_len = min(self.max_model_len, self.spec.max_len)
         self.pool = BlockPool(num_blocks, block_size)
-        self.cache = PagedKVCache(c, num_blocks, block_size, self.device, dtype)
+        self.cache = PagedKVCache(kv, num_blocks, block_size, self.device, dtype)
         caches = self.cache if self.spec is None or self.spec.cache is None else CacheGroup(self.cache, self.spec.cache)
         self.scheduler = Scheduler(
             self.pool,
@@ -331,9 +336,9 @@ class Engine(EngineRows):
         packable = len(group) > 1 and len({seq.adapter for seq, _ in group}) == 1 and T > 1 and not any(scored)
         with self._adapter_rows([seq.adapter for seq, _ in group] if not packable else [group[0][0].adapter]):
             if packable:  # one adapter for the whole group: per-row LoRA selection works on batch rows
-                logits = forward_packed(self.model, self.cache, rows)
+                logits = self.forward_packed(self.model, self.cache, rows)
             else:  # prompt logprobs need every position's logits
-                every = forward_padded(
+                every = self.forward_padded(
                     self.model, self.cache, rows, keep=T if any(scored) else 1, row_ids=[seq.id for seq, _ in group]
                 )
                 logits = every[:, -1]
@@ -363,7 +368,7 @@ class Engine(EngineRows):
             rows = [(seq.tokens[-1:] + d, seq.num_computed, seq.blocks) for seq, d in zip(seqs, drafts)]
             T = max(len(tokens) for tokens, _, _ in rows)
             with self._adapter_rows([seq.adapter for seq in seqs]):
-                logits = forward_padded(self.model, self.cache, rows, keep=T)  # rows are left-padded
+                logits = self.forward_padded(self.model, self.cache, rows, keep=T)  # rows are left-padded
             failure = None
         except Exception as e:
             failure = e
