@@ -34,6 +34,7 @@ ALLOWED_SIDEWAYS = {
     ("agent", "eval"),  # the python tool runs in eval's sandbox; agent eval reuses its metrics
     ("agent", "serve"),  # a local model speaks the server's tool-call format (serve/tools.py)
     ("agent", "rag"),  # the rag_search tool
+    ("serve", "rag"),  # `serve --rag INDEX`: retrieval-augmented answers as a model name (serve/rag.py)
     ("config", "common"),
 }  # the config loader builds on common's checked dataclasses
 # serve may import anything below except train (DESIGN.md).

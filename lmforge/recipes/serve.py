@@ -87,6 +87,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let in-flight requests finish"
     )
+    p.add_argument(
+        "--rag",
+        metavar="INDEX",
+        help="also serve retrieval-augmented answers from this `lmforge rag index` folder, as the chat model "
+        "'<name>-rag' (answers cite passages [n]; the response's `sources` field lists them)",
+    )
+    p.add_argument(
+        "--rag-top-k", type=int, default=3, help="passages retrieved per --rag request (default: %(default)s)"
+    )
     g = p.add_argument_group("edge-cloud routing (README: Arena, safety and routing)")
     g.add_argument(
         "--fallback",
@@ -180,6 +189,8 @@ def main(args: argparse.Namespace) -> int:
     ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise LmforgeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.rag is None and args.rag_top_k != 3:
+        raise LmforgeError("--rag-top-k sets the passages of --rag INDEX; give --rag too")
     cfg = ServeConfig(
         route=route_config(args),
         model=model,
@@ -206,6 +217,8 @@ def main(args: argparse.Namespace) -> int:
         engine_process=args.engine == "process",
         embedding_model=args.embedding_model,
         enable_lora_runtime=args.enable_lora_runtime,
+        rag=args.rag,
+        rag_top_k=args.rag_top_k,
     )
     serve(cfg)
     return 0

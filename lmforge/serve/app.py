@@ -55,6 +55,7 @@ class ServerState:
     vision: VisionRunner | None = None  # a vision-language model's image path (serve/vision.py)
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # generation_config.json's
     router: Router | None = None  # --fallback: low-confidence answers re-asked of another endpoint (routing.py)
+    rag: object = None  # --rag: a RagModel (serve/rag.py), retrieval-augmented answers under its own name
     chat_stop_ids: list[int] = field(init=False)  # EOS + the chat template's end-of-turn token
 
     def __post_init__(self) -> None:
@@ -70,6 +71,8 @@ class ServerState:
             return None
         if model in self.adapters:
             return model
+        if self.rag is not None and model == self.rag.name:
+            raise APIError(400, f"{model!r} is the RAG model: it answers /v1/chat/completions only", param="model")
         raise APIError(
             404,
             f"the model {model!r} does not exist (available: {', '.join(self.model_ids())})",
@@ -78,7 +81,7 @@ class ServerState:
         )
 
     def model_ids(self) -> list[str]:
-        return [self.model_name, *self.adapters]
+        return [self.model_name, *self.adapters, *([self.rag.name] if self.rag is not None else [])]
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -236,7 +239,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        state.adapter_for(model)
+        if state.rag is None or model != state.rag.name:
+            state.adapter_for(model)
         return _model_card(state, model)
 
     @app.post("/v1/completions")
@@ -247,6 +251,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = parse(ChatRequest, await _read_body(request, state.max_body_bytes, state.body_timeout))
+        if state.rag is not None and req.model == state.rag.name:
+            from .rag import chat as rag_chat
+
+            return await rag_chat(request, state, req, _serve)
         return await _serve(request, state, chat_job(state, req))
 
     @app.post("/v1/audio/transcriptions")

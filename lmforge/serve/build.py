@@ -42,6 +42,8 @@ class ServeConfig:
     route: RouteConfig | None = None  # --fallback: escalate low-confidence answers to another endpoint (routing.py)
     embedding_model: str | None = None  # a model folder for /v1/embeddings (None: the served model's hidden states)
     enable_lora_runtime: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter allowed
+    rag: str | None = None  # an `lmforge rag index` folder: answers as model "<name>-rag" (serve/rag.py)
+    rag_top_k: int = 3  # passages retrieved per RAG request
 
 
 def embedding_name(cfg: ServeConfig) -> str | None:

@@ -35,6 +35,13 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
     name = cfg.served_model_name or Path(cfg.model).resolve().name
     if name in cfg.adapters:
         raise LmforgeError(f"adapter name {name!r} is also the base model's name; pick another")
+    rag = None
+    if cfg.rag is not None:  # loaded first: a bad index is an error before the model loads
+        from .rag import RagModel
+
+        rag = RagModel.load(cfg.rag, f"{name}-rag", cfg.rag_top_k)
+        if rag.name in cfg.adapters:
+            raise LmforgeError(f"adapter name {rag.name!r} is also the --rag model's name; pick another")
     max_in_flight = cfg.max_seqs + cfg.max_queue
     common = dict(
         api_key=cfg.api_key,
@@ -43,6 +50,7 @@ def build_state(cfg: ServeConfig, model=None, tokenizer=None):
         body_timeout=cfg.body_timeout,
         defaults=load_generation_defaults(cfg.model),
         router=None if cfg.route is None else Router(cfg.route),
+        rag=rag,
     )
     if cfg.engine_process and model is None and Path(cfg.model).is_dir() and not is_multimodal(cfg.model):
         from .engine_process import EngineProcess
