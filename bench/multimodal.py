@@ -1,6 +1,8 @@
-"""Vision-language on CPU, end to end, one table: CLIP zero-shot + retrieval (shapes, digits) and
-the LLaVA-style VLM (VQA, captioning, the noise-image control), each against its target; plus
-the ViT forward speed against transformers' CLIPVisionModel of the same shape (median ratio).
+"""Vision-language on CPU, end to end, one table: CLIP zero-shot + retrieval (shapes, digits), the
+CLIP-score filter's F1 at finding 20% swapped captions, and the LLaVA-style VLM (VQA, captioning,
+the noise-image control, POPE hallucination splits), each against its target; plus the ViT forward
+speed against transformers' CLIPVisionModel of the same shape (median ratio). The VLM trains with
+20% POPE-style yes/no object questions (`existence_share`), so POPE measures what it learnt.
 
     python bench/multimodal.py                 # the shipped configs (minutes on a laptop CPU)
     python bench/multimodal.py --quick         # a smoke run: few steps, targets not expected
@@ -28,6 +30,7 @@ from lmforge.multimodal.config import ClipTrainConfig, VlmTrainConfig  # noqa: E
 from lmforge.recipes import clip as clip_recipe  # noqa: E402
 from lmforge.recipes import vlm as vlm_recipe  # noqa: E402
 
+POPE = ("accuracy", "f1", "yes_ratio")
 QUICK_CLIP = ["steps=40", "train_size=400", "eval_size=100"]
 QUICK_VLM = ["text_warmup_steps=30", "stage1_steps=20", "stage2_steps=40", "train_size=400", "eval_size=40"]
 
@@ -96,7 +99,7 @@ def main() -> int:
     t0 = time.perf_counter()
     shapes = clip_recipe.train(load_config(ClipTrainConfig, "clip-shapes", clip_over), str(out / "clip-shapes"))
     t_clip_shapes = time.perf_counter() - t0
-    vlm_over = (QUICK_VLM if args.quick else []) + [f"vision={out / 'clip-shapes'}"]
+    vlm_over = (QUICK_VLM if args.quick else []) + [f"vision={out / 'clip-shapes'}", "existence_share=0.2"]
     cfg = load_config(VlmTrainConfig, "vlm-shapes", vlm_over)
     t0 = time.perf_counter()
     s1 = vlm_recipe.train(cfg, 1, None, str(out / "vlm-stage1"))
@@ -115,6 +118,8 @@ def main() -> int:
         ),
         row("CLIP shapes image->text R@1 / R@5", f"{shapes['i2t_r1']:.3f}/{shapes['i2t_r5']:.3f}"),
         row("CLIP shapes text->image R@1 / R@5", f"{shapes['t2i_r1']:.3f}/{shapes['t2i_r5']:.3f}"),
+        row("CLIP filter F1, 20% swapped captions", shapes["filter_f1"], ">= 0.90", shapes["filter_f1"] >= 0.9),
+        row("  precision / recall", f"{shapes['filter_precision']:.3f}/{shapes['filter_recall']:.3f}"),
         row(
             "CLIP digits zero-shot acc (10 classes)", digits["zero_shot_acc"], ">= 0.80", digits["zero_shot_acc"] >= 0.8
         ),
@@ -131,6 +136,10 @@ def main() -> int:
             abs(s2["noise_vqa_all"] - s2["blind_vqa_all"]) <= 0.1,
         ),
         row("  blind baseline (best answer per question)", s2["blind_vqa_all"]),
+        *(
+            row(f"POPE {split}: accuracy / F1 / yes-ratio", "/".join(f"{s2[f'pope_{split}_{k}']:.2f}" for k in POPE))
+            for split in ("random", "popular", "adversarial")
+        ),
         row("train seconds: clip shapes / digits / vlm", f"{t_clip_shapes:.0f}/{t_clip_digits:.0f}/{t_vlm:.0f}"),
         row("ViT fwd s/batch64: lmforge / transformers", f"{ours:.4f}/{hf:.4f}"),
         row("ViT speed ratio (transformers / lmforge)", hf / ours),

@@ -3,6 +3,7 @@ trains (loss falls) and round-trips through save/load, transcription runs batche
 CLI trains and evaluates end to end, and bad speech data gives clear errors."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,10 +14,13 @@ from lmforge.common import LmforgeError
 from lmforge.multimodal import load_multimodal, save_multimodal
 from lmforge.multimodal.alm import AudioLanguageModel
 from lmforge.multimodal.alm import render_audio as render
-from lmforge.multimodal.speech import make_speech, read_speech_jsonl
-from lmforge.recipes.audio import error_rates, transcribe
+from lmforge.multimodal.config import AudioTrainConfig
+from lmforge.multimodal.speech import DIGITS_ZH, VOICES, SpeechExample, _utterance, make_speech, read_speech_jsonl
+from lmforge.recipes.audio import build, error_rates, transcribe
 from lmforge.tokenizer import train_tokenizer
 from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
+
+_TINY_AUDIO = {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64}
 
 
 def test_synthesis_is_deterministic_and_varied():
@@ -32,6 +36,36 @@ def test_synthesis_is_deterministic_and_varied():
     assert all(set(e.text) <= set("零一二三四五六七八九") for e in zh)
     with pytest.raises(LmforgeError, match="unknown speech task"):
         make_speech("klingon", 1)
+
+
+def test_mandarin_digits_are_spoken_as_mandarin():
+    """espeak-ng 1.51 reads the numeral characters through pinyin with the tone digit in English
+    (三 -> "san one"): the clips are synthesised from Arabic digits, which its cmn voice reads with
+    its Mandarin number rules, one syllable a digit and no switch to English."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        spoken, text, lang = _utterance("digits-zh", rng)
+        assert lang == "zh" and spoken.split() == [str(DIGITS_ZH.index(c)) for c in text]
+    every = " ".join(map(str, range(10)))
+    phonemes = subprocess.run(
+        ["espeak-ng", "-v", VOICES["zh"][0], "-x", "-q", every], capture_output=True, text=True, check=True
+    ).stdout
+    assert "(en)" not in phonemes and phonemes.count("_|") == 10, phonemes
+
+
+def test_fresh_alm_tokenizer_keeps_chinese_characters_whole():
+    """Byte-level BPE would merge frequent neighbours (三零 one token, 三 another), so a digit's
+    target ids would depend on the next digit; the fresh ALM tokenizer isolates each character."""
+    rng = np.random.default_rng(0)
+    texts = [_utterance("digits-zh", rng)[1] for _ in range(300)]
+    examples = [SpeechExample(t, torch.zeros(1600)) for t in texts]
+    cfg = AudioTrainConfig(lm_overrides={"hidden_size": 32, "num_hidden_layers": 1}, audio=_TINY_AUDIO)
+    _, tokenizer = build(cfg, examples, torch.device("cpu"))
+    for t in texts[:50]:
+        ids = tokenizer.encode(t)
+        assert [tokenizer.decode([i]) for i in ids] == list(t)
+    merged = train_tokenizer(texts + [cfg.prompt], cfg.vocab_size, DEFAULT_SPECIAL_TOKENS + ["<audio>"])
+    assert any(len(merged.encode(t)) < len(t) for t in texts)  # what isolating prevents
 
 
 def _tiny_alm(tokenizer) -> AudioLanguageModel:

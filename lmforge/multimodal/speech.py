@@ -6,7 +6,7 @@
 Built-in tasks (transcripts are what the model must write):
     digits-en     3-6 digits read as English words ("three one four"), written "3 1 4"
     commands-en   short commands ("turn on the kitchen light", "play some music")
-    digits-zh     3-6 digits read in Mandarin, written as Chinese numerals ("三一四")
+    digits-zh     3-6 digits read in Mandarin (sān yī sì), written as Chinese numerals ("三一四")
 Each clip varies the voice (accent / speaker variant), speaking rate (words per minute), pitch and
 added white noise (20-35 dB SNR), all drawn from one seeded generator, so a seed gives the same
 clips on any machine with the same espeak-ng. espeak-ng is an OS package (`apt-get install
@@ -57,8 +57,10 @@ def _utterance(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
         digits = rng.integers(0, 10, int(rng.integers(3, 7))).tolist()
         if task == "digits-en":
             return " ".join(DIGITS_EN[d] for d in digits), " ".join(map(str, digits)), "en"
-        zh = "".join(DIGITS_ZH[d] for d in digits)
-        return " ".join(zh), zh, "zh"
+        # espeak-ng reads Arabic digits with its Mandarin number rules (3 -> s'a55n), but the
+        # numeral characters through its dictionary's pinyin with the tone digit spoken in English
+        # (三 -> "san one", 九 -> "jiu three"): so the clip is synthesised from "3 1 4", written 三一四.
+        return " ".join(map(str, digits)), "".join(DIGITS_ZH[d] for d in digits), "zh"
     if task == "commands-en":
         text = f"{rng.choice(_VERBS)} {rng.choice(_THINGS)}{rng.choice(_PLACES)}"
         return text, text, "en"

@@ -46,6 +46,7 @@ from lmforge.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
 from lmforge.tokenizer.text import end_of_turn_ids
 
 log = get_logger("lmforge.audio")
+HAN = r"\p{Han}"  # CJK ideographs, in the Rust regex syntax of the tokenizers library
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +62,11 @@ def build(cfg: AudioTrainConfig, examples, device) -> tuple[AudioLanguageModel, 
             raise LmforgeError(f"{cfg.lm}: the LM's tokenizer needs an '{AUDIO_TOKEN}' token and a chat template")
     else:
         specials = DEFAULT_SPECIAL_TOKENS + [AUDIO_TOKEN]
-        tokenizer = train_tokenizer([ex.text for ex in examples] + [cfg.prompt], cfg.vocab_size, specials)
+        # Each Chinese character stays one token (one syllable of the clip): merged across
+        # characters, 三零 would be one token and 三 another, and the target ids of a digit would
+        # depend on its neighbours.
+        texts = [ex.text for ex in examples] + [cfg.prompt]
+        tokenizer = train_tokenizer(texts, cfg.vocab_size, specials, isolate=HAN)
         overrides = {**cfg.lm_overrides, "vocab_size": tokenizer.vocab_size}
         lm = Transformer(ModelConfig.preset(cfg.lm_preset, **overrides))
     longest = max(ex.wave.numel() for ex in examples) / 16000

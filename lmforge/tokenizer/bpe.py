@@ -289,6 +289,7 @@ def train_tokenizer(
     special_tokens: list[str] | None = None,
     min_frequency: int = 2,
     show_progress: bool = False,
+    isolate: str | None = None,
 ) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style) on a stream of texts.
 
@@ -296,6 +297,8 @@ def train_tokenizer(
     `vocab_size` counts the bytes, the merges and the special tokens (ids 0..k-1).
     bos = eos = "<|endoftext|>" and pad = "<|pad|>" when present; ChatML is the chat
     template when "<|im_start|>" and "<|im_end|>" are.
+    `isolate`: a regex (Rust `tokenizers` syntax) whose every match is a pre-token of its own, so no
+    merge crosses it; the Unicode class Han (`\\p{Han}`) keeps each Chinese character one token.
     """
     specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -306,6 +309,9 @@ def train_tokenizer(
         )
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if isolate:
+        split = pre_tokenizers.Split(tokenizers.Regex(isolate), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence([split, backend.pre_tokenizer])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
