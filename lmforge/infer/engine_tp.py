@@ -42,9 +42,16 @@ log = get_logger(__name__)
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # followers wait for rank 0's next step this long
 
 
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the default group -> its control group
+
+
 def control_group():
-    """A gloo group over every rank for rank 0's step messages (call it on every rank, in the same order)."""
-    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    """The gloo group over every rank for rank 0's step messages: made once per process group (the
+    first call is collective: every rank makes it, in the same order as its other groups)."""
+    world = dist.group.WORLD
+    if world not in _GROUPS:
+        _GROUPS[world] = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return _GROUPS[world]
 
 
 def _broadcast(message, group) -> object:

@@ -67,10 +67,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine",
         choices=("process", "thread"),
-        default="process",
+        default=None,
         help="where the model runs: a child process of its own (default; the HTTP side and the "
         "model never wait for each other's GIL) or a thread of the server process "
         "(a vision-language model always uses a thread)",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel degree: the model sharded over N processes, launched with "
+        "`torchrun --nproc_per_node N -m lmforge serve --tp N ...`; rank 0 answers HTTP",
     )
     p.add_argument(
         "--embedding-model",
@@ -214,11 +221,18 @@ def main(args: argparse.Namespace) -> int:
         lookup=args.lookup,
         num_speculative=args.num_speculative,
         max_prefill_tokens=args.max_prefill_tokens,
-        engine_process=args.engine == "process",
+        engine_process=args.engine != "thread",
         embedding_model=args.embedding_model,
         enable_lora_runtime=args.enable_lora_runtime,
         rag=args.rag,
         rag_top_k=args.rag_top_k,
     )
+    if args.tp < 1:
+        raise LmforgeError(f"--tp must be >= 1, got {args.tp}")
+    if args.tp > 1:  # every rank runs this; rank 0 serves, the others step with it (serve/tp.py)
+        from lmforge.serve.tp import serve_tp
+
+        serve_tp(cfg, args.tp, args.engine)
+        return 0
     serve(cfg)
     return 0

@@ -97,6 +97,8 @@ def build_engine(cfg: ServeConfig, model=None, tokenizer=None):
         from lmforge.infer.batch import load_draft
 
         draft = load_draft(cfg.draft, model, tokenizer)
+    if getattr(model, "tp_mesh", None) is not None:  # sharded by `serve --tp` (serve/tp.py): rank 0 schedules
+        from lmforge.infer.engine_tp import TPEngine as Engine
     engine = Engine(
         model,
         tokenizer,
