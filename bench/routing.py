@@ -1,11 +1,18 @@
 """Edge-cloud routing's cost-quality curve on the arithmetic task: a weak local model answers every
 problem greedily, a stronger fallback model answers the ones escalated; accuracy against the
-fraction escalated for each confidence signal of lmforge/serve/routing.py (mean token log-prob,
-entropy, a learned router fitted on other problems), next to random routing's expected accuracy.
+fraction escalated for each confidence signal of lmforge/serve/routing.py, next to random routing's
+expected accuracy.
 
-The signals are computed as the server computes them: per generated token its log-probability and
-the top ROUTE_TOP_LOGPROBS alternatives (here by scoring the greedy answer, which gives the same
-numbers as decoding it), then `routing.features`.
+    mean_logprob, entropy   the local answer's token log-probabilities
+    agreement               self-consistency: share of --samples sampled answers agreeing (ties by mean_logprob)
+    learned-answer          logistic regression on the answer features, label: the local answer is right
+    learned-prompt          on the prompt alone (lengths, digits, hashed char n-grams), label: escalating
+                            would not help (local right, or the fallback wrong too)
+    learned-all             answer + agreement + prompt features, the same label
+
+The routers are fitted on --router-problems problems of another seed (7) than the test problems
+(seed 0); nothing of the test set is seen in training. The signals are what the server computes
+(`lmforge.recipes.route.local_queries`). Each model's answers are cached under --cache.
 
     python bench/routing.py                            # local arith-2500, fallback arith-5000
     python bench/routing.py --local arith-1000 --problems 300
@@ -14,9 +21,11 @@ numbers as decoding it), then `routing.features`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,79 +33,79 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _arith_models import models_in  # noqa: E402
 
-from lmforge.eval.lm import LocalLM, encode_pair  # noqa: E402
+from lmforge.common import atomic_write_json  # noqa: E402
+from lmforge.eval.lm import LocalLM  # noqa: E402
 from lmforge.eval.reasoning import ArithmeticConfig, arithmetic_task, extract_answer  # noqa: E402
-from lmforge.serve.routing import ROUTE_TOP_LOGPROBS, LearnedRouter, cost_quality_curve, features  # noqa: E402
-
-STOP = ["\n\n", "Q:"]
-
-
-@torch.inference_mode()
-def answer_with_entries(lm: LocalLM, prompts: list[str]) -> tuple[list[str], list[list]]:
-    """Greedy answers and their (token, logprob, top alternatives) entries."""
-    texts = lm.generate(prompts, max_new_tokens=64, stop=STOP)
-    out = []
-    for p, t in zip(prompts, texts):
-        ctx, cont = encode_pair(lm.tokenizer, p, t)
-        if not cont:
-            out.append([])
-            continue
-        ids = torch.tensor([ctx + cont])
-        logp = torch.log_softmax(lm.model(ids[:, :-1]).float(), -1)[0, len(ctx) - 1 :]
-        top = logp.topk(ROUTE_TOP_LOGPROBS, -1)
-        out.append(
-            [
-                (tok, float(logp[i, tok]), list(zip(top.indices[i].tolist(), top.values[i].tolist())))
-                for i, tok in enumerate(cont)
-            ]
-        )
-    return texts, out
+from lmforge.recipes.route import STOP, local_queries  # noqa: E402
+from lmforge.serve.router_model import ANSWER_FEATURES, PROMPT_FEATURES, LearnedRouter  # noqa: E402
+from lmforge.serve.routing import cost_quality_curve  # noqa: E402
 
 
-def correct(texts: list[str], problems: list[dict]) -> list[bool]:
-    return [extract_answer(t) == p["answer"] for t, p in zip(texts, problems)]
+def collect(args, models: dict, seed: int, n: int) -> dict:
+    """{"queries", "local_ok", "fallback_ok"} for n problems of `seed` (cached)."""
+    path = Path(args.cache) / f"{args.local}-{args.fallback}-seed{seed}-n{n}-k{args.samples}-t{args.temperature}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    problems, _ = arithmetic_task(ArithmeticConfig(num_examples=n, seed=seed))
+    prompts = [p["prompt"] for p in problems]
+    local, fallback = (LocalLM.load(models[m], batch_size=64) for m in (args.local, args.fallback))
+    texts, queries = local_queries(local, prompts, args.samples, args.temperature, 64, STOP)
+    fb_texts = fallback.generate(prompts, max_new_tokens=64, stop=list(STOP))
+    out = {
+        "queries": queries,
+        "local_ok": [extract_answer(t) == p["answer"] for t, p in zip(texts, problems)],
+        "fallback_ok": [extract_answer(t) == p["answer"] for t, p in zip(fb_texts, problems)],
+    }
+    atomic_write_json(path, out)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="runs/bench-arith")
+    ap.add_argument("--cache", default="runs/bench-routing")
     ap.add_argument("--local", default="arith-2500")
     ap.add_argument("--fallback", default="arith-5000")
-    ap.add_argument("--problems", type=int, default=200)
-    ap.add_argument("--router-problems", type=int, default=200)
+    ap.add_argument("--problems", type=int, default=500)
+    ap.add_argument("--router-problems", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--temperature", type=float, default=0.7)
     args = ap.parse_args()
     torch.set_num_threads(2)
     models = models_in(args.root)
-    local, fallback = (LocalLM.load(models[m], batch_size=32) for m in (args.local, args.fallback))
-    test, _ = arithmetic_task(ArithmeticConfig(num_examples=args.problems, seed=0))
-    train, _ = arithmetic_task(ArithmeticConfig(num_examples=args.router_problems, seed=7))
-
-    texts, entries = answer_with_entries(local, [p["prompt"] for p in test])
-    local_ok = correct(texts, test)
-    fallback_ok = correct(fallback.generate([p["prompt"] for p in test], max_new_tokens=64, stop=STOP), test)
-    tr_texts, tr_entries = answer_with_entries(local, [p["prompt"] for p in train])
-    router = LearnedRouter.fit([features(e) for e in tr_entries], correct(tr_texts, train))
-    feats = [features(e) for e in entries]
-    curves = {
-        "mean_logprob": cost_quality_curve([f["mean_logprob"] for f in feats], local_ok, fallback_ok),
-        "entropy": cost_quality_curve([f["entropy"] for f in feats], local_ok, fallback_ok, higher_is_confident=False),
-        "learned": cost_quality_curve([router.predict(f) for f in feats], local_ok, fallback_ok),
+    test = collect(args, models, 0, args.problems)
+    train = collect(args, models, 7, args.router_problems)
+    lc, fc = np.array(test["local_ok"]), np.array(test["fallback_ok"])
+    tq = test["queries"]
+    no_gain = np.array(train["local_ok"]) | ~np.array(train["fallback_ok"])
+    routers = {
+        "learned-answer": (ANSWER_FEATURES, 0, train["local_ok"]),
+        "learned-prompt": (PROMPT_FEATURES, 256, no_gain),
+        "learned-all": ((*ANSWER_FEATURES, "agreement", *PROMPT_FEATURES), 256, no_gain),
     }
+    values = {
+        "mean_logprob": [q["mean_logprob"] for q in tq],
+        "entropy": [-q["entropy"] for q in tq],
+        "agreement": [q["agreement"] + 1e-6 * q["mean_logprob"] for q in tq],
+    }
+    for name, (feats, dims, keep) in routers.items():
+        kw = {"samples": args.samples, "temperature": args.temperature} if "agreement" in feats else {}
+        values[name] = LearnedRouter.fit(train["queries"], keep, feats, dims, **kw).predict_many(tq)
+    curves = {k: cost_quality_curve(v, lc, fc) for k, v in values.items()}
     print(
-        f"local {args.local}: accuracy {sum(local_ok) / len(test):.3f}; fallback {args.fallback}: "
-        f"{sum(fallback_ok) / len(test):.3f}; {len(test)} problems (router fitted on {len(train)} others)"
+        f"local {args.local}: accuracy {lc.mean():.3f}; fallback {args.fallback}: {fc.mean():.3f}; "
+        f"{len(lc)} test problems (seed 0); routers fitted on {len(no_gain)} others (seed 7)"
     )
-    print(f"{'escalated':>9} {'random':>7} " + " ".join(f"{k:>13}" for k in curves))
+    print("| escalated | random | " + " | ".join(curves) + " |")
+    print("|---:|---:|" + "---:|" * len(curves))
     for i, row in enumerate(curves["mean_logprob"]):
-        print(
-            f"{row['fraction_escalated']:>9.2f} {row['random_accuracy']:>7.3f} "
-            + " ".join(f"{curves[k][i]['accuracy']:>13.3f}" for k in curves)
-        )
+        cells = " | ".join(f"{curves[k][i]['accuracy']:.3f}" for k in curves)
+        print(f"| {row['fraction_escalated']:.0%} | {row['random_accuracy']:.3f} | {cells} |")
     for k, rows in curves.items():
         inner = rows[1:-1]
-        beats = all(r["accuracy"] > r["random_accuracy"] for r in inner)
+        beats = sum(r["accuracy"] > r["random_accuracy"] for r in inner)
         gain = sum(r["accuracy"] - r["random_accuracy"] for r in inner) / len(inner)
-        print(f"{k}: beats random at every budget: {beats}; mean gain {gain:+.3f}")
+        print(f"{k}: beats random at {beats}/{len(inner)} budgets (10-90%); mean gain {gain:+.3f}")
 
 
 if __name__ == "__main__":

@@ -16,15 +16,8 @@ import numpy as np
 import pytest
 
 from lmforge.common import LmforgeError
-from lmforge.serve.routing import (
-    HEADER,
-    LearnedRouter,
-    RouteConfig,
-    Router,
-    cost_quality_curve,
-    features,
-    token_entropy,
-)
+from lmforge.serve.router_model import LearnedRouter, query, token_entropy
+from lmforge.serve.routing import HEADER, RouteConfig, Router, cost_quality_curve, features
 
 
 def entries(logprobs, alts=None):
@@ -44,16 +37,19 @@ def test_signals():
 
 
 def test_decisions_on_scripted_logprobs():
+    def q(*args):
+        return query(entries=entries(*args))
+
     router = Router(RouteConfig("http://127.0.0.1:1", threshold=-1.0))
-    assert router.decide([entries([-0.2, -0.5])]).route == "local"
-    assert router.decide([entries([-0.2, -3.0])]).route == "fallback"  # mean -1.6
-    d = router.decide([entries([-0.1]), entries([-2.5])])  # the least confident choice decides
+    assert router.decide([q([-0.2, -0.5])]).route == "local"
+    assert router.decide([q([-0.2, -3.0])]).route == "fallback"  # mean -1.6
+    d = router.decide([q([-0.1]), q([-2.5])])  # the least confident choice decides
     assert d.route == "fallback" and d.value == -2.5
     ent = Router(RouteConfig("http://127.0.0.1:1", threshold=0.5, signal="entropy"))
-    sure = entries([-0.01], [[(0, -0.01)]])
-    unsure = entries([math.log(0.25)], [[(t, math.log(0.25)) for t in range(4)]])
+    sure = q([-0.01], [[(0, -0.01)]])
+    unsure = q([math.log(0.25)], [[(t, math.log(0.25)) for t in range(4)]])
     assert ent.decide([sure]).route == "local" and ent.decide([unsure]).route == "fallback"
-    assert router.decide([[]]).route == "fallback"  # an empty answer is not trusted
+    assert router.decide([query(entries=[])]).route == "fallback"  # an empty answer is not trusted
 
 
 def test_probe_and_trim_give_the_client_what_it_asked():
@@ -112,7 +108,7 @@ def test_learned_router_fit_save_load(tmp_path):
     (tmp_path / "bad.json").write_text('{"weights": [1]}')
     with pytest.raises(LmforgeError, match="bad.json"):
         LearnedRouter.load(tmp_path / "bad.json")
-    with pytest.raises(LmforgeError, match="right and wrong"):
+    with pytest.raises(LmforgeError, match="worth keeping"):
         LearnedRouter.fit(feats[:5], [True] * 5)
 
 
@@ -201,6 +197,43 @@ def test_confident_answers_stay_local_and_look_unrouted(servers):
     local.state.router = None
     plain = _ask(local.url, "/v1/completions", body).json()
     assert plain["choices"][0]["text"] == r.json()["choices"][0]["text"] and "lmforge_route" not in plain
+
+
+def test_agreement_samples_stay_behind_the_response(servers, tmp_path):
+    local, fallback = servers
+    log_file = tmp_path / "routes.jsonl"
+    body = {"model": "small", "prompt": "Hello there", "max_tokens": 5, "temperature": 0, "n": 2}
+    values = []
+    for threshold, route in ((1.01, "fallback"), (0.0, "local")):  # agreement is in [0, 1]
+        cfg = RouteConfig(fallback, signal="agreement", samples=3, threshold=threshold, route_log=str(log_file))
+        local.state.router = Router(cfg)
+        r = _ask(local.url, "/v1/completions", body)
+        assert r.status_code == 200 and r.headers[HEADER] == route
+        data = r.json()
+        assert len(data["choices"]) == 2 and data["lmforge_route"]["signal"] == "agreement"
+        values.append(data["lmforge_route"]["value"])
+    assert data["usage"]["completion_tokens"] == 10  # the client's two choices, not the six samples
+    assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in values)
+    assert [json.loads(x)["decision"] for x in log_file.read_text().splitlines()] == ["fallback", "local"]
+    too_many = local.state.runner.max_in_flight // 2  # 2 + 2 x too_many: more than the server runs at once
+    local.state.router = Router(RouteConfig(fallback, signal="agreement", samples=too_many))
+    r = _ask(local.url, "/v1/completions", body)
+    assert r.status_code == 400 and "samples per choice" in r.json()["error"]["message"]
+
+
+def test_a_learned_router_reads_the_prompt_text_in_serve(servers, tmp_path):
+    from lmforge.serve.router_model import PROMPT_FEATURES, query
+
+    local, fallback = servers
+    qs = [query(f"Q: {a} {op} {b}") for a in range(1, 10) for b in range(1, 10) for op in "+*"]
+    router = LearnedRouter.fit(qs, ["*" not in q["prompt"] for q in qs], PROMPT_FEATURES, ngram_dims=64)
+    router.save(tmp_path / "router.json")
+    local.state.router = Router(RouteConfig(fallback, signal="learned", router=str(tmp_path / "router.json")))
+    routes = {
+        op: _ask(local.url, "/v1/completions", {"model": "small", "prompt": f"Q: 4 {op} 7", "max_tokens": 3})
+        for op in "+*"
+    }
+    assert routes["+"].headers[HEADER] == "local" and routes["*"].headers[HEADER] == "fallback"
 
 
 def test_a_failed_fallback_keeps_the_local_answer(servers):

@@ -2,13 +2,17 @@
 confidence in that answer is low the request is sent on to a fallback OpenAI-compatible endpoint (a
 larger model) and the fallback's answer is returned instead.
 
-Confidence signals, from the engine's per-token log-probabilities of the local answer:
-    mean_logprob   mean log p of the generated tokens; escalate when it is BELOW the threshold
+Confidence signals (router_model.py computes what they read):
+    mean_logprob   mean log p of the local answer's tokens; escalate when it is BELOW the threshold
     entropy        mean entropy (nats) of the next-token distributions, estimated from the top
                    ROUTE_TOP_LOGPROBS alternatives plus one bucket for the rest of the mass;
                    escalate when it is ABOVE the threshold
-    learned        a logistic-regression router (`LearnedRouter`, a JSON file) trained on which
-                   queries the local model got right; escalate when its P(right) is BELOW the threshold
+    agreement      self-consistency: the engine also samples `samples` answers per choice (at
+                   `temperature`, seeds 1..k: the same request gets the same decision) and the value
+                   is the share whose final answer equals the local answer's; escalate BELOW
+    learned        a logistic-regression router (`LearnedRouter`, a JSON file from `lmforge route
+                   train`) over answer features, agreement and/or the prompt's own features
+                   (lengths, digits, hashed character n-grams); escalate when its P(keep) is BELOW
 A request with several choices (n > 1, or several prompts) is judged by its least confident choice.
 
 Every non-streaming /v1 completion is routed; the decision is logged (logger `lmforge.serve.routing`,
@@ -28,19 +32,23 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
-from lmforge.common import LmforgeError, get_logger, read_json
+from lmforge.common import LmforgeError, get_logger
+
+from .protocol import APIError
+from .router_model import LearnedRouter, answer_features, query
 
 log = get_logger("lmforge.serve.routing")
-SIGNALS = ("mean_logprob", "entropy", "learned")
+SIGNALS = ("mean_logprob", "entropy", "agreement", "learned")
 ROUTE_TOP_LOGPROBS = 5  # alternatives per token the engine reports for the entropy estimate
 HEADER = "X-Lmforge-Route"
-FEATURES = ("mean_logprob", "min_logprob", "entropy", "log_tokens")
-# mean log p below -1 (a typical token under e^-1 = 37%), entropy above 1 nat, P(right) below one half
-DEFAULT_THRESHOLDS = {"mean_logprob": -1.0, "entropy": 1.0, "learned": 0.5}
+features = answer_features  # the answer-confidence features (the name the benches import)
+# mean log p below -1 (a typical token under e^-1 = 37%), entropy above 1 nat, fewer than half of the
+# samples agreeing, P(keep) below one half
+DEFAULT_THRESHOLDS = {"mean_logprob": -1.0, "entropy": 1.0, "agreement": 0.5, "learned": 0.5}
+DEFAULT_SAMPLES = 5  # --route-signal agreement without --route-samples
 
 
 @dataclass
@@ -53,6 +61,8 @@ class RouteConfig:
     router: str | None = None  # signal "learned": the LearnedRouter JSON
     route_log: str | None = None  # append one JSON line per routed request
     timeout: float = 120.0
+    samples: int | None = None  # signal "agreement": answers sampled per choice (None: DEFAULT_SAMPLES)
+    temperature: float | None = None  # ... and their temperature (None: 0.7)
 
     def __post_init__(self) -> None:
         if not self.fallback.startswith(("http://", "https://")):
@@ -61,94 +71,20 @@ class RouteConfig:
             raise LmforgeError(f"--route-signal {self.signal!r}: choose from {', '.join(SIGNALS)}")
         if (self.signal == "learned") != (self.router is not None):
             raise LmforgeError("--route-signal learned needs --router FILE (and --router needs that signal)")
+        if self.signal != "agreement" and (self.samples is not None or self.temperature is not None):
+            # a learned router samples as it was trained to (its file says how); no other signal samples
+            raise LmforgeError("--route-samples/--route-temperature go with --route-signal agreement only")
+        if self.signal == "agreement":
+            self.samples = DEFAULT_SAMPLES if self.samples is None else self.samples
+            self.temperature = 0.7 if self.temperature is None else self.temperature
+            if self.samples < 1:
+                raise LmforgeError(f"--route-samples must be >= 1, got {self.samples}")
+            if not (math.isfinite(self.temperature) and self.temperature > 0):
+                raise LmforgeError(f"--route-temperature must be a finite number > 0, got {self.temperature}")
         if self.threshold is None:
             self.threshold = DEFAULT_THRESHOLDS[self.signal]
         if not math.isfinite(self.threshold):
             raise LmforgeError(f"--route-threshold must be a finite number, got {self.threshold}")
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-def token_entropy(logprob: float, alts: Sequence[tuple[int, float]] | None) -> float:
-    """Entropy (nats) of one next-token distribution seen through its top alternatives (the chosen
-    token included): their probabilities, plus the remaining mass as one bucket (a lower bound)."""
-    probs = {t: math.exp(lp) for t, lp in (alts or [])}
-    if not probs:
-        probs = {None: math.exp(logprob)}
-    p = np.array(list(probs.values()))
-    rest = max(0.0, 1.0 - float(p.sum()))
-    h = float(-(p * np.log(np.clip(p, 1e-30, None))).sum())
-    return h - (rest * math.log(rest) if rest > 0 else 0.0)
-
-
-def features(entries: Sequence) -> dict[str, float]:
-    """Confidence features of one answer from its (token, logprob, alternatives) entries."""
-    lps = [float(lp) for _, lp, _ in entries if lp is not None]
-    if not lps:  # an empty answer: nothing to trust
-        return {"mean_logprob": -1e9, "min_logprob": -1e9, "entropy": 1e9, "log_tokens": 0.0}
-    ents = [token_entropy(lp, alts) for _, lp, alts in entries if lp is not None]
-    return {
-        "mean_logprob": float(np.mean(lps)),
-        "min_logprob": float(np.min(lps)),
-        "entropy": float(np.mean(ents)),
-        "log_tokens": math.log1p(len(lps)),
-    }
-
-
-@dataclass
-class LearnedRouter:
-    """P(the local answer is right) = sigmoid(w . standardized features + b), fitted by Newton's
-    method on L2-regularised logistic loss."""
-
-    weights: list[float]
-    bias: float
-    mean: list[float]
-    std: list[float]
-    features: tuple[str, ...] = FEATURES
-
-    @classmethod
-    def fit(cls, feats: Sequence[dict], correct: Sequence[bool], l2: float = 1e-2, iters: int = 50) -> LearnedRouter:
-        X = np.array([[f[k] for k in FEATURES] for f in feats], dtype=np.float64)
-        y = np.asarray(correct, dtype=np.float64)
-        if len(X) < 2 or y.min() == y.max():
-            raise LmforgeError("a learned router needs examples the local model got right and wrong")
-        mean, std = X.mean(0), X.std(0) + 1e-9
-        Z = np.hstack([(X - mean) / std, np.ones((len(X), 1))])
-        w = np.zeros(Z.shape[1])
-        reg = l2 * np.eye(Z.shape[1])
-        reg[-1, -1] = 0  # the bias is not shrunk
-        for _ in range(iters):
-            p = 1 / (1 + np.exp(-Z @ w))
-            grad = Z.T @ (p - y) + reg @ w
-            hess = Z.T @ (Z * (p * (1 - p))[:, None]) + reg
-            step = np.linalg.solve(hess + 1e-9 * np.eye(len(w)), grad)
-            w -= step
-            if np.abs(step).max() < 1e-10:
-                break
-        return cls(w[:-1].tolist(), float(w[-1]), mean.tolist(), std.tolist())
-
-    def predict(self, feats: dict) -> float:
-        x = (np.array([feats[k] for k in self.features]) - np.array(self.mean)) / np.array(self.std)
-        return float(1 / (1 + np.exp(-(x @ np.array(self.weights) + self.bias))))
-
-    def save(self, path: str | Path) -> None:
-        from lmforge.common import atomic_write_json
-
-        atomic_write_json(path, {**self.__dict__, "features": list(self.features)})
-
-    @classmethod
-    def load(cls, path: str | Path) -> LearnedRouter:
-        data = read_json(path, "router file")
-        try:
-            router = cls(**{**data, "features": tuple(data["features"])})
-        except (TypeError, KeyError) as e:
-            raise LmforgeError(f"{path}: not a router file ({e})") from None
-        if set(router.features) - set(FEATURES) or not (
-            len(router.weights) == len(router.mean) == len(router.std) == len(router.features)
-        ):
-            raise LmforgeError(f"{path}: router features {router.features} do not match its weights")
-        return router
 
 
 # ----------------------------------------------------------------------------- the server side
@@ -167,27 +103,65 @@ class Router:
     def __init__(self, cfg: RouteConfig):
         self.cfg = cfg
         self.learned = LearnedRouter.load(cfg.router) if cfg.router else None
+        if self.learned is not None:
+            self.samples, self.temperature = self.learned.samples, self.learned.temperature
+        else:
+            self.samples, self.temperature = cfg.samples or 0, cfg.temperature or 0.7
         base = cfg.fallback.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
         self._model = cfg.fallback_model
         self.counts = {"local": 0, "fallback": 0, "local-fallback-failed": 0}
 
-    def value(self, entries: Sequence) -> float:
-        f = features(entries)
-        return self.learned.predict(f) if self.learned is not None else f[self.cfg.signal]
+    def value(self, q: dict) -> float:
+        """The signal's value for one choice's query (router_model.query)."""
+        return self.learned.predict(q) if self.learned is not None else q[self.cfg.signal]
 
     def escalate(self, value: float) -> bool:
         return value > self.cfg.threshold if self.cfg.signal == "entropy" else value < self.cfg.threshold
 
-    def decide(self, per_choice_entries: Sequence[Sequence]) -> Decision:
-        values = [self.value(e) for e in per_choice_entries]
+    def decide(self, queries: Sequence[dict]) -> Decision:
+        """The decision for a request from its choices' queries (the least confident one decides)."""
+        values = [self.value(q) for q in queries]
         worst = max(values) if self.cfg.signal == "entropy" else min(values)
         return Decision("fallback" if self.escalate(worst) else "local", worst)
 
-    def probe(self, subs: list) -> list:
-        """The submissions with log-probabilities asked of the engine (the signal needs them);
-        `trim` takes back out what the client did not ask for."""
-        return [replace(s, logprobs=max(s.logprobs or 0, ROUTE_TOP_LOGPROBS)) for s in subs]
+    def queries(self, results: list[dict], n: int, prompts: Sequence[str]) -> list[dict]:
+        """Per client choice (the first `n` results; the samples follow, `samples` per choice) what
+        the signal reads: the prompt's text, the answer's log-probability entries, the samples."""
+        k = self.samples
+        return [
+            query(
+                prompts[i],
+                results[i]["logprobs"],
+                [s["text"] for s in results[n + i * k : n + (i + 1) * k]] if k else None,
+                results[i]["text"],
+            )
+            for i in range(n)
+        ]
+
+    def probe(self, subs: list, max_in_flight: int | None = None) -> list:
+        """The submissions to run: the client's, with log-probabilities asked of the engine (the
+        signals need them; `trim` takes back out what the client did not ask for), then `samples`
+        sampled answers per choice for the agreement signal."""
+        probed = [replace(s, logprobs=max(s.logprobs or 0, ROUTE_TOP_LOGPROBS)) for s in subs]
+        extra = [
+            replace(
+                s,
+                logprobs=None,
+                prompt_logprobs=None,
+                params=replace(s.params, temperature=self.temperature, seed=j + 1 + (s.params.seed or 0)),
+            )
+            for s in subs
+            for j in range(self.samples)
+        ]
+        if max_in_flight is not None and len(probed) + len(extra) > max_in_flight:
+            raise APIError(
+                400,
+                f"routing with {self.samples} samples per choice runs {len(probed) + len(extra)} sequences for "
+                f"this request; the server runs at most {max_in_flight} at once",
+                param="n",
+            )
+        return probed + extra
 
     @staticmethod
     def trim(results: list[dict], asked: Sequence[int | None]) -> list[dict]:
@@ -223,13 +197,16 @@ class Router:
             r.raise_for_status()
             return r.json()
 
-    async def respond(self, job, results: list[dict], local: Callable[[list[dict]], dict]):
+    async def respond(self, job, results: list[dict], local: Callable[[list[dict]], dict], tokenizer=None):
         """The response for a job (responses.Job) the local model answered (`results`, from the
-        probing submissions): the local one, or the fallback's; either carries the decision."""
+        probing submissions): the local one, or the fallback's; either carries the decision. The
+        prompt text the signals read is each choice's prompt ids decoded by `tokenizer`."""
         from fastapi.responses import JSONResponse
 
         kind, subs = job.kind, job.subs
-        decision = self.decide([r["logprobs"] for r in results])
+        prompts = [tokenizer.decode(s.prompt_ids) if tokenizer is not None else "" for s in subs]
+        decision = self.decide(self.queries(results, len(subs), prompts))
+        results = results[: len(subs)]
         body = None
         if decision.route == "fallback":
             try:
