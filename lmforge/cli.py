@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("lmforge.recipes.agent", "tool-using agents: run a task with tools, evaluate, train tool use"),
     "arena": ("lmforge.recipes.arena", "rate models by pairwise battles: Bradley-Terry, Elo, win rates"),
     "safety": ("lmforge.recipes.safety", "probe safety, bias and robustness: red teaming, over-refusal, bias"),
+    "route": ("lmforge.recipes.route", "train the learned router of edge-cloud routing (serve --fallback)"),
+    "mtbench": ("lmforge.recipes.mtbench", "multi-turn judging (MT-Bench style): a judge grades whole conversations"),
     "clip": ("lmforge.recipes.clip", "train or evaluate a CLIP image-text model"),
     "vlm": ("lmforge.recipes.vlm", "train or evaluate a LLaVA-style vision-language model"),
     "audio": ("lmforge.recipes.audio", "train or evaluate an audio-language model (speech recognition)"),

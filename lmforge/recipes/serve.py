@@ -111,16 +111,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--route-signal",
-        choices=("mean_logprob", "entropy", "learned"),
+        choices=("mean_logprob", "entropy", "agreement", "learned"),
         default="mean_logprob",
         help="the confidence signal: mean token log-probability (escalate below the threshold), mean "
-        "entropy (escalate above), or a learned router's P(right) (escalate below; needs --router)",
+        "entropy (escalate above), agreement: the share of --route-samples sampled answers whose final "
+        "answer matches (escalate below), or a learned router's P(keep) (escalate below; needs --router)",
     )
     g.add_argument(
         "--route-threshold",
         type=float,
         default=None,
-        help="the signal's escalation threshold (default: -1.0 mean_logprob, 1.0 entropy, 0.5 learned)",
+        help="the signal's escalation threshold (default: -1.0 mean_logprob, 1.0 entropy, 0.5 agreement, "
+        "0.5 learned)",
+    )
+    g.add_argument(
+        "--route-samples",
+        type=int,
+        default=None,
+        help="--route-signal agreement: answers sampled per choice to compare with the local one (default 5)",
+    )
+    g.add_argument(
+        "--route-temperature",
+        type=float,
+        default=None,
+        help="--route-signal agreement: the samples' temperature (default 0.7)",
     )
     g.add_argument("--router", metavar="FILE", help="a learned router JSON (--route-signal learned)")
     g.add_argument("--fallback-model", help="the model name sent to the fallback (default: the first it lists)")
@@ -163,7 +177,9 @@ def route_config(args: argparse.Namespace):
 
     if args.fallback is None:
         given = [
-            f for f in ("route_threshold", "router", "fallback_model", "route_log") if getattr(args, f) is not None
+            f
+            for f in ("route_threshold", "router", "fallback_model", "route_log", "route_samples", "route_temperature")
+            if getattr(args, f) is not None
         ]
         if given or args.route_signal != "mean_logprob":
             flags = ", ".join("--" + f.replace("_", "-") for f in given or ["route_signal"])
@@ -178,6 +194,8 @@ def route_config(args: argparse.Namespace):
         args.router,
         args.route_log,
         args.request_timeout,
+        samples=args.route_samples,
+        temperature=args.route_temperature,
     )
 
 

@@ -289,7 +289,7 @@ async def _serve(request: Request, state: ServerState, job: Job):
             param="n",
         )
     routed = state.router is not None and not job.req.stream  # the decision needs the whole answer
-    submitted = submit(runner, state.router.probe(job.subs) if routed else job.subs)
+    submitted = submit(runner, state.router.probe(job.subs, runner.max_in_flight) if routed else job.subs)
     state.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in job.subs))
     deltas = generate(runner, state.tokenizer, state.metrics, submitted, job.req.stop_list(), state.request_timeout)
     if job.req.stream:
@@ -298,7 +298,7 @@ async def _serve(request: Request, state: ServerState, job: Job):
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    task = asyncio.ensure_future(collect(deltas, len(job.subs)))
+    task = asyncio.ensure_future(collect(deltas, len(submitted[0])))  # routing adds sampled answers
     while not task.done():  # a client that hangs up cancels its sequences (and frees their blocks)
         await asyncio.wait({task}, timeout=0.2)
         if not task.done() and await request.is_disconnected():
@@ -307,5 +307,7 @@ async def _serve(request: Request, state: ServerState, job: Job):
                 await task
             return JSONResponse({}, status_code=499)
     if routed:
-        return await state.router.respond(job, task.result(), lambda results: response(state, job, results))
+        return await state.router.respond(
+            job, task.result(), lambda results: response(state, job, results), state.tokenizer
+        )
     return response(state, job, task.result())
