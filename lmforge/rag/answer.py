@@ -11,6 +11,7 @@ Answer:" layout); an endpoint gets the same instruction as the user turn of a ch
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,21 +25,48 @@ INSTRUCTION = (
 _CITATION = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
 
 
-def format_passages(hits: list[Hit], max_chars: int = 1200) -> str:
-    """[n] file:lines (title)\\n text, one block per passage; long passages are cut to `max_chars`."""
+def focus(text: str, question: str, max_chars: int) -> tuple[str, int]:
+    """The `max_chars` window of a long passage that answers best, and the number of lines skipped
+    before it: a query-biased snippet (Tombros & Sanderson 1998), as search engines show. The window
+    starts at the line sharing the most question terms, each weighted by its rarity among the
+    passage's lines (log(lines / lines holding it)): a term on every line weighs nothing, so the
+    function's own name outweighs its module's. A passage that fits, or shares no term, keeps its head."""
+    if len(text) <= max_chars:
+        return text, 0
+    from lmforge.rag.terms import terms
+
+    lines = text.split("\n")
+    words = [set(terms(line, "bigram")) for line in lines]
+    asked = set(terms(question, "bigram"))
+    held = {t: sum(t in w for w in words) for t in asked}
+    weight = {t: math.log(len(lines) / n) for t, n in held.items() if n}
+    scores = [sum(weight.get(t, 0.0) for t in w & asked) for w in words]
+    best = max(range(len(lines)), key=lambda i: (scores[i], -i))
+    if scores[best] <= 0:
+        return text[:max_chars], 0
+    start = sum(len(line) + 1 for line in lines[:best])
+    return text[start : start + max_chars], best
+
+
+def format_passages(hits: list[Hit], max_chars: int = 1200, question: str | None = None) -> str:
+    """[n] file:lines (title)\\n text, one block per passage; a passage longer than `max_chars` shows the
+    window that best matches `question` (`focus`), or its head without one."""
     blocks = []
     for n, h in enumerate(hits, start=1):
         c = h.chunk
+        text, skipped = focus(c.text, question, max_chars) if question else (c.text[:max_chars], 0)
         short = "/".join(Path(c.file).parts[-3:])  # as indexed_text: the folders nearest the file
-        where = f"{short}{'#' + c.record if c.record else ''}:{c.start_line}-{c.end_line}"
-        blocks.append(f"[{n}] {where}\n{c.text[:max_chars]}")
+        first = c.start_line + skipped
+        last = c.end_line if len(c.text) <= max_chars else max(first, min(c.end_line, first + text.count("\n")))
+        where = f"{short}{'#' + c.record if c.record else ''}:{first}-{last}"
+        blocks.append(f"[{n}] {where}\n{text}")
     return "\n\n".join(blocks)
 
 
 def user_message(question: str, hits: list[Hit], max_chars: int = 1200) -> str:
     if not hits:
         return f"Question: {question}"
-    return f"{INSTRUCTION}\n\nPassages:\n{format_passages(hits, max_chars)}\n\nQuestion: {question}"
+    return f"{INSTRUCTION}\n\nPassages:\n{format_passages(hits, max_chars, question)}\n\nQuestion: {question}"
 
 
 def build_prompt(tokenizer, question: str, hits: list[Hit], max_chars: int = 1200) -> str:

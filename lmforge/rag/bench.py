@@ -19,12 +19,13 @@ from lmforge.rag.retrieve import search_batch
 log = get_logger("lmforge.rag")
 
 
-def score_modes(index: RagIndex, examples: list[dict], modes: list[str]) -> dict[str, dict[str, float]]:
-    """Mean recall@k / MRR of each retrieval mode over `examples` ({"question", "sources"})."""
+def score_modes(index: RagIndex, examples: list[dict], modes: list[str], **search) -> dict[str, dict[str, float]]:
+    """Mean recall@k / MRR of each retrieval mode over `examples` ({"question", "sources"}); `search`:
+    more arguments of search_batch (fusion, alpha)."""
     out = {}
     for mode in modes:
         t0 = time.perf_counter()
-        hits = search_batch(index, [e["question"] for e in examples], max(KS), mode)
+        hits = search_batch(index, [e["question"] for e in examples], max(KS), mode, **search)
         per = [retrieval_scores(h, e["sources"]) for h, e in zip(hits, examples)]
         out[mode] = {k: M.mean([p[k] for p in per]) for k in per[0]}
         out[mode]["ms_per_query"] = 1000 * (time.perf_counter() - t0) / max(1, len(examples))
@@ -49,8 +50,11 @@ def retrieval_table(out: Path, embedder_dir: str | None, settings: IndexSettings
         "questions": len(examples),
         "corpus": {"files": len(files), "chunks": stats["chunks"]},
         "retrieval": score_modes(index, examples, modes),
+        "fusion": dict(zip(("fusion", "alpha"), index.fusion())) if embedder is not None else None,
         "chinese": chinese_table(),
     }
+    if embedder is not None and index.fusion()[0] != "rrf":  # the tuned fusion beside plain RRF
+        report["retrieval"]["hybrid-rrf"] = score_modes(index, examples, ["hybrid"], fusion="rrf")["hybrid"]
     if reader:
         from lmforge.eval.lm import LocalLM
         from lmforge.rag.reader import rag_vs_closed_book

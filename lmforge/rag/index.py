@@ -95,6 +95,17 @@ class RagIndex:
             self._embedder = load_embedder(self.settings.embedder)
         return self._embedder
 
+    def fusion(self) -> tuple[str, float | None]:
+        """How hybrid search fuses: the encoder folder's fusion.json (written by `rag train-encoder`,
+        tuned on its dev split), else reciprocal rank fusion."""
+        path = Path(self.settings.embedder) / "fusion.json" if self.settings.embedder else None
+        if path is None or not path.is_file():
+            return "rrf", None
+        tuned = read_json(path, "fusion settings")
+        if tuned.get("fusion") not in ("rrf", "convex"):
+            raise LmforgeError(f"{path}: fusion must be 'rrf' or 'convex', got {tuned.get('fusion')!r}")
+        return tuned["fusion"], tuned.get("alpha")
+
     def vector_index(self, backend: str = "auto"):
         if self._vector_index is None or self._vector_index.backend != backend and backend != "auto":
             from lmforge.rag.dense import VectorIndex

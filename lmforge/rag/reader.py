@@ -15,12 +15,12 @@ import random
 
 from lmforge.eval import metrics as M
 from lmforge.eval.builtin import BuiltinConfig
-from lmforge.rag.answer import answer_batch, user_message
+from lmforge.rag.answer import answer_batch, focus, user_message
 from lmforge.rag.chunking import Chunk
 from lmforge.rag.evaluate import answer_scores
 from lmforge.rag.retrieve import Hit
 
-PASSAGE_CHARS = 500  # of the passage shown to the reader: a tiny model's context is short (512 positions)
+PASSAGE_CHARS = 300  # of the passage shown to the reader: its window around the question's best line (answer.focus)
 
 
 def _passage(indexed: str) -> Chunk:
@@ -38,7 +38,7 @@ def reader_examples(cfg: BuiltinConfig | None = None, max_files: int | None = No
     for sentence_pair, question_pair in zip(pairs[::2], pairs[1::2]):
         sentence, passage = sentence_pair
         question = question_pair[0]
-        shown = " ".join(passage[: passage.find("\n") + 1 + PASSAGE_CHARS].split())
+        shown = " ".join(focus(passage.partition("\n")[2], question, PASSAGE_CHARS)[0].split())
         if not question.startswith(QUESTION.split("`")[0]) or sentence not in shown:
             continue  # the reader can only learn to copy what its passage shows
         hit = Hit(1, 1.0, _passage(passage))

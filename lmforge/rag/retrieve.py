@@ -6,6 +6,12 @@ of the fused candidates by a language model's log-likelihood of the query given 
 
 RRF (Cormack et al. 2009): score(d) = sum over rankers of 1 / (k + rank of d), k = 60. It needs no
 score calibration between BM25 (unbounded) and cosine (-1..1), which is why it is the default fusion.
+It weighs both rankers alike, though: a weaker dense ranker drags a strong BM25 down. The convex
+combination (Bruch et al. 2023, "An analysis of fusion functions for hybrid retrieval") keeps the
+scores: alpha * dense + (1 - alpha) * BM25, each min-max normalised over its own candidates (a
+candidate one ranker did not return scores its minimum there). Its alpha is tuned on a dev split
+(`lmforge rag train-encoder` writes it beside the encoder, fusion.json, and an index built with that
+encoder uses it), never on the questions it is measured on.
 """
 
 from __future__ import annotations
@@ -51,6 +57,24 @@ def rrf(rankings: list[list[int]], k: int = 60) -> list[tuple[int, float]]:
     return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+FUSIONS = ("rrf", "convex")
+
+
+def convex(sparse: list[tuple[int, float]], dense: list[tuple[int, float]], alpha: float) -> list[tuple[int, float]]:
+    """alpha * min-max(dense) + (1 - alpha) * min-max(BM25) over the union of both candidate lists, best
+    first (ties: lower id); a chunk missing from one list gets 0 (that list's minimum) from it."""
+
+    def normalised(ranking: list[tuple[int, float]]) -> dict[int, float]:
+        if not ranking:
+            return {}
+        lo, hi = min(s for _, s in ranking), max(s for _, s in ranking)
+        return {i: (s - lo) / (hi - lo) if hi > lo else 1.0 for i, s in ranking}
+
+    a, b = normalised(sparse), normalised(dense)
+    fused = {i: (1 - alpha) * a.get(i, 0.0) + alpha * b.get(i, 0.0) for i in a.keys() | b.keys()}
+    return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def _top(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
     """Best k (index, score) of a score vector; chunks with score 0 (no shared term) are left out."""
     k = min(k, len(scores))
@@ -81,11 +105,21 @@ def search_batch(
     reranker=None,
     rerank_depth: int = 20,
     backend: str = "auto",
+    fusion: str | None = None,
+    alpha: float | None = None,
 ) -> list[list[Hit]]:
     """Top `top_k` hits per query. `depth`: candidates each ranker contributes to the fusion.
-    `reranker`: an lm with `loglikelihood` (lmforge.eval.lm) re-scoring the best `rerank_depth`."""
+    `reranker`: an lm with `loglikelihood` (lmforge.eval.lm) re-scoring the best `rerank_depth`.
+    `fusion` / `alpha` (hybrid): None takes the index's (its encoder's fusion.json, else RRF)."""
     if mode not in MODES:
         raise LmforgeError(f"unknown retrieval mode {mode!r} (choose from {', '.join(MODES)})")
+    if fusion is None:
+        fusion, tuned = index.fusion()
+        alpha = tuned if alpha is None else alpha
+    if fusion not in FUSIONS:
+        raise LmforgeError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
+    if fusion == "convex" and (alpha is None or not 0.0 <= alpha <= 1.0):
+        raise LmforgeError(f"convex fusion needs a weight alpha in [0, 1], got {alpha}")
     if top_k < 1:
         raise LmforgeError(f"--top-k must be >= 1, got {top_k}")
     if any(not q.strip() for q in queries):
@@ -97,7 +131,10 @@ def search_batch(
         ranked = dense_rankings(index, queries, depth, backend)
     else:
         sparse, dense = bm25_rankings(index, queries, depth), dense_rankings(index, queries, depth, backend)
-        ranked = [rrf([[i for i, _ in s], [i for i, _ in d]], rrf_k) for s, d in zip(sparse, dense)]
+        if fusion == "convex":
+            ranked = [convex(s, d, alpha) for s, d in zip(sparse, dense)]
+        else:
+            ranked = [rrf([[i for i, _ in s], [i for i, _ in d]], rrf_k) for s, d in zip(sparse, dense)]
     out = []
     for query, ranking in zip(queries, ranked):
         if reranker is not None:

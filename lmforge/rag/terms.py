@@ -53,11 +53,12 @@ def _chinese(run: str, mode: str) -> list[str]:
     return [run[i : i + 2] for i in range(len(run) - 1)]
 
 
-def terms(text: str, chinese: str = "jieba") -> list[str]:
-    """Lower-cased search terms of `text` (see the module docstring)."""
+def terms(text: str, chinese: str = "jieba", stopwords: bool = True) -> list[str]:
+    """Lower-cased search terms of `text` (see the module docstring); `stopwords=False` keeps them (an
+    identifier such as `when` or `get` is a stopword to BM25 but names a function to a learned encoder)."""
     if chinese not in CHINESE_MODES:
         raise LmforgeError(f"unknown Chinese tokenisation {chinese!r} (choose from {', '.join(CHINESE_MODES)})")
-    stop = _stopwords()
+    stop = _stopwords() if stopwords else frozenset()
     out: list[str] = []
     for m in _TOKEN.finditer(text):
         tok = m.group(0)

@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("-o", "--out", required=True, help="the encoder folder")
     t.add_argument("--steps", type=int, default=400, help="optimizer steps (default: %(default)s)")
     t.add_argument("--max-files", type=int, help="train on this many stdlib modules only (a quick run)")
+    t.add_argument(
+        "--text",
+        choices=["trigrams", "terms", "raw"],
+        default="trigrams",
+        help="what the encoder reads: hashed words + letter trigrams (DSSM), BPE over the BM25 terms, or raw text",
+    )
 
     b = sub.add_parser("benchmark", help="retrieval table (BM25 / dense / hybrid) on the built-in stdlib QA set")
     b.add_argument("-o", "--out", required=True, help="folder for qa.jsonl, the index and report.json")
@@ -174,15 +180,52 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
+    import tempfile
+
     from lmforge.rag.biencoder import BiEncoderConfig, train_biencoder
-    from lmforge.rag.qa import training_pairs
+    from lmforge.rag.training import DevSet, split_modules, training_triples
 
     if args.steps < 1:
         raise LmforgeError(f"--steps must be >= 1, got {args.steps}")
-    pairs = training_pairs(max_files=args.max_files)
-    log.info("%d (query, passage) pairs from the stdlib's training modules", len(pairs))
-    train_biencoder(pairs, args.out, BiEncoderConfig(steps=args.steps))
-    print(f"{args.out}: bi-encoder trained on {len(pairs)} pairs, {args.steps} steps")
+    if args.max_files is not None and args.max_files < 2:
+        raise LmforgeError(f"--max-files must be >= 2, got {args.max_files}")
+    split = split_modules()
+    train, dev = split.train, split.dev
+    if args.max_files is not None:  # an even sample of the modules, and a dev split in proportion
+        train = train[:: max(1, len(train) // args.max_files)][: args.max_files]
+        dev = dev[:: max(1, len(dev) // max(2, args.max_files // 5))][: max(2, args.max_files // 5)]
+    triples = training_triples(train, split.base)
+    log.info("%d training examples from %d modules; dev: %d modules", len(triples), len(train), len(dev))
+    with tempfile.TemporaryDirectory() as tmp:
+        devset = DevSet(dev, split.base, Path(tmp) / "dev")
+
+        def on_eval(encoder, step: int) -> float:
+            devset.attach(encoder)
+            m = devset.score(["dense"])["dense"]
+            log.info(
+                "dev (%d questions) at step %d: dense recall@5 %.3f MRR %.3f",
+                len(devset.examples),
+                step,
+                m["recall@5"],
+                m["mrr"],
+            )
+            return m["mrr"]
+
+        if not devset.examples:
+            log.warning("the dev modules hold no question: the last step's weights and RRF fusion are kept")
+        cfg = BiEncoderConfig(steps=args.steps, text=args.text)
+        check = on_eval if devset.examples else None
+        encoder = train_biencoder(triples, None, cfg, check, eval_every=max(50, args.steps // 6))
+        devset.attach(encoder)
+        fusion = devset.tune_fusion()
+    fusion["split"] = {"train_modules": len(train), "dev_modules": len(dev), "test_modules": len(split.test)}
+    encoder.save(args.out, extra={"fusion.json": fusion})
+    alpha = f" alpha {fusion['alpha']}" if fusion["alpha"] is not None else ""
+    dev_note = f" (dev recall@5 {fusion['dev']['recall@5']:.3f})" if fusion["dev"] else " (no dev question)"
+    print(
+        f"{args.out}: bi-encoder trained on {len(triples)} examples, {args.steps} steps; hybrid fusion "
+        f"{fusion['fusion']}{alpha}{dev_note}"
+    )
     return 0
 
 
