@@ -80,6 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "`torchrun --nproc_per_node N -m lmforge serve --tp N ...`; rank 0 answers HTTP",
     )
     p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="N copies of the server behind one HTTP endpoint on Ray Serve (a local Ray cluster, or "
+        "$RAY_ADDRESS's); needs the serve-ray extra",
+    )
+    p.add_argument(
         "--embedding-model",
         metavar="DIR",
         help="answer /v1/embeddings with this model folder (lmforge checkpoint or Hugging Face folder "
@@ -247,6 +254,13 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.tp < 1:
         raise LmforgeError(f"--tp must be >= 1, got {args.tp}")
+    if args.replicas is not None:
+        if args.tp > 1:
+            raise LmforgeError("--replicas cannot be combined with --tp yet (a replica of several processes)")
+        from lmforge.serve.ray_serve import serve_replicas
+
+        serve_replicas(cfg, args.replicas)
+        return 0
     if args.tp > 1:  # every rank runs this; rank 0 serves, the others step with it (serve/tp.py)
         from lmforge.serve.tp import serve_tp
 
