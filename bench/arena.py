@@ -3,7 +3,13 @@ test-time compute), from votes decided by the answers' correctness: on every pro
 contestants meets; the one that answered right wins, both right or both wrong is a tie. The votes
 go through `lmforge arena --votes` (Bradley-Terry, bootstrap intervals, Elo, win-rate plot).
 
+With --pipeline RUN, the models a pipeline run produced (base, final, draft, each quantized one) meet
+on code instead: prompts are the last lines before a line of standard-library modules the pipeline
+did not train on, the reference is that next line, and `lmforge arena --judge reference:chrf`
+decides every pair by which model's next line is closer to it (chrF).
+
     python bench/arena.py                              # 100 problems, writes runs/bench-arena
+    python bench/arena.py --pipeline runs/pipeline-micro --out runs/bench-arena-pipeline
 """
 
 from __future__ import annotations
@@ -25,14 +31,48 @@ from lmforge.cli import main as lmforge  # noqa: E402
 from lmforge.eval.lm import LocalLM  # noqa: E402
 from lmforge.eval.reasoning import ArithmeticConfig, arithmetic_task, best_of_n, greedy  # noqa: E402
 
+CODE_MODULES = ("csv.py", "textwrap.py", "shlex.py", "fnmatch.py", "heapq.py", "calendar.py", "difflib.py")
+
+
+def code_prompts(n: int, context_lines: int = 3, max_chars: int = 160) -> list[dict]:
+    """{"prompt", "reference", "id"}: the `context_lines` lines before a non-blank line of the
+    CODE_MODULES (evenly spread over them), and that line."""
+    import sysconfig
+
+    per_file = -(-n // len(CODE_MODULES))
+    rows = []
+    for name in CODE_MODULES:
+        lines = (Path(sysconfig.get_paths()["stdlib"]) / name).read_text(encoding="utf-8").splitlines()
+        spots = [
+            i for i in range(context_lines, len(lines)) if lines[i].strip() and not lines[i].strip().startswith("#")
+        ]
+        for i in spots[:: max(1, len(spots) // per_file)][:per_file]:
+            prompt = "\n".join(lines[i - context_lines : i]) + "\n"
+            rows.append({"prompt": prompt[-max_chars:], "reference": lines[i], "id": f"{name}:{i + 1}"})
+    return rows[:n]
+
+
+def pipeline_arena(run: Path, out: Path, n: int) -> None:
+    folders = {"base": run / "base" / "final", "final": run / "final", "draft": run / "draft" / "final"}
+    specs = [f"{m}={f}" for m, f in folders.items() if f.is_dir()]
+    specs += [f"{q.name}={q}" for q in sorted((run / "quant").glob("*")) if q.is_dir()]
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "code_prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in code_prompts(n)))
+    argv = ["arena", *specs, "--judge", "reference:chrf", "--prompts", str(prompts), "--stop", "\n"]
+    lmforge([*argv, "--max-new-tokens", "24", "--out", str(out), "--bootstrap", "1000"])
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="runs/bench-arith")
     ap.add_argument("--problems", type=int, default=100)
     ap.add_argument("--out", default="runs/bench-arena")
+    ap.add_argument("--pipeline", help="a pipeline run folder: battle its models on code instead")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.pipeline:
+        return pipeline_arena(Path(args.pipeline), Path(args.out), args.problems)
     models = models_in(args.root)
     problems, _ = arithmetic_task(ArithmeticConfig(num_examples=args.problems, seed=0))
     prompts = [p["prompt"] for p in problems]

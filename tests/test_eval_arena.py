@@ -176,3 +176,45 @@ def test_arena_cli_with_model_battles_and_a_judge(tmp_path, capsys):
     assert main(["arena", f"one={model_dir}", f"one={model_dir}", "--judge", str(model_dir), "--out", str(out)]) == 2
     assert "given twice" in capsys.readouterr().err
     assert main(["arena", str(model_dir), str(model_dir), "--out", str(out)]) == 2  # no judge
+
+
+def test_arena_cli_judged_by_references(tmp_path, capsys, monkeypatch):
+    """--judge reference[:METRIC]: each answer scored against the prompt's reference, the higher
+    score wins the pair; scripted models of known quality come out in that order."""
+    import lmforge.eval.lm as lm_module
+    from lmforge.cli import main
+    from lmforge.eval.arena import reference_battles
+
+    class Scripted:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def generate(self, prompts, max_new_tokens=64, stop=(), temperature=0.0, seed=None):
+            return [self.answer(int(p.split()[-1])) for p in prompts]
+
+    models = {
+        "always": Scripted(lambda i: f"A: {i * 2}"),  # right on every prompt
+        "half": Scripted(lambda i: f"A: {i * 2 if i % 2 else -1}"),
+        "never": Scripted(lambda i: "A: -1"),
+    }
+    monkeypatch.setattr(lm_module, "load_lm", lambda spec, device=None: models[spec])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"double {i}", "answer": 2 * i}) + "\n" for i in range(40)))
+    out = tmp_path / "ref"
+    argv = ["arena", "a=always", "h=half", "n=never", "--prompts", str(prompts), "--judge", "reference"]
+    assert main([*argv, "--bootstrap", "20", "--out", str(out)]) == 0
+    table = json.loads((out / "arena.json").read_text())["table"]
+    assert [r["model"] for r in table] == ["a", "h", "n"]
+    assert "a: mean reference score 1.0000" in capsys.readouterr().out
+    scores = [json.loads(x) for x in (out / "judgments.jsonl").read_text().splitlines()]
+    assert len(scores) == 3 * 40 and {s["score"] for s in scores} == {0.0, 1.0}
+    b = reference_battles({"x": [1.0, 0.2, 0.5], "y": [0.0, 0.7, 0.5]}, ["p0", "p1", "p2"])
+    assert [x.winner for x in b] == ["model_a", "model_b", "tie"]
+    # a graded metric; references are required; an unknown metric is named
+    assert main([*argv[:-1], "reference:chrf", "--bootstrap", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    prompts.write_text(json.dumps({"prompt": "double 1"}) + "\n")
+    assert main([*argv, "--out", str(out)]) == 2 and "p.jsonl:1" in capsys.readouterr().err
+    assert main([*argv[:-2], "--judge", "reference:bleurt", "--out", str(out)]) == 2
+    assert "reference metric" in capsys.readouterr().err
+    assert main(["arena", "a=always", "h=half", "--judge", "reference", "--out", str(out)]) == 2  # no --prompts

@@ -295,3 +295,20 @@ def judge_battles(
                 battles.append(Battle(ma, mb, winner, rec["id"], len(rec["answer_a"]), len(rec["answer_b"])))
                 records.append({"model_a": ma, "model_b": mb, **rec})
     return battles, records
+
+
+def reference_battles(
+    scores: Mapping[str, Sequence[float]], ids: Sequence[str], lengths: Mapping[str, Sequence[int]] | None = None
+) -> list[Battle]:
+    """Battles from per-prompt scores of each model's answer (e.g. against a reference answer):
+    every pair of models on every prompt, the higher score wins, equal scores tie."""
+    names = list(scores)
+    battles = []
+    for i, ma in enumerate(names):
+        for mb in names[i + 1 :]:
+            for k, pid in enumerate(ids):
+                sa, sb = scores[ma][k], scores[mb][k]
+                winner = "model_a" if sa > sb + 1e-12 else "model_b" if sb > sa + 1e-12 else "tie"
+                la, lb = (lengths[ma][k], lengths[mb][k]) if lengths is not None else (None, None)
+                battles.append(Battle(ma, mb, winner, pid, la, lb))
+    return battles

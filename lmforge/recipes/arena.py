@@ -2,11 +2,16 @@
 with bootstrap 95% intervals, online Elo for comparison, and a win-rate matrix plot.
 
 Battles come from a votes file (JSONL: model_a, model_b, winner in model_a|model_b|tie), from an LLM
-judge comparing the models' answers on a prompt set (every pair, both orders), or both together.
+judge comparing the models' answers on a prompt set (every pair, both orders), from the prompts'
+reference answers (`--judge reference[:METRIC]`: each answer scored against the prompt's "reference"
+(or "answer") field, the higher score wins the pair, equal scores tie; METRIC is answer (the final
+answer equals the reference's, the default), exact (SQuAD-normalised exact match), token_f1, chrf
+or rouge_l), or votes and battles together.
 
     lmforge arena --votes votes.jsonl --out runs/arena
     lmforge arena runs/a/final runs/b/final http://127.0.0.1:8000 --judge runs/big/final --prompts p.jsonl
     lmforge arena small=runs/a/final big=runs/b/final --judge runs/big/final      # names in the table
+    lmforge arena base=runs/p/base final=runs/p/final --judge reference:chrf --prompts code.jsonl
 
 Writes arena.json (the table and settings), battles.jsonl, judgments.jsonl (the judge's texts) and
 win_rates.png to --out, and prints the table.
@@ -22,6 +27,27 @@ from lmforge.common import LmforgeError, atomic_write_json, atomic_write_text, g
 from lmforge.recipes._common import bounded
 
 log = get_logger("lmforge.arena")
+REFERENCE_METRICS = ("answer", "exact", "token_f1", "chrf", "rouge_l")
+
+
+def reference_scorer(judge: str | None):
+    """--judge reference[:METRIC] -> score(answer, reference) in [0, 1]; None for a model judge."""
+    if judge is None or judge.split(":", 1)[0] != "reference":
+        return None
+    from lmforge.eval import metrics
+    from lmforge.serve.router_model import answer_key
+
+    metric = judge.partition(":")[2] or "answer"
+    scorers = {
+        "answer": lambda a, r: float(answer_key(a) == answer_key(r)),
+        "exact": lambda a, r: metrics.exact_match(a, [r]),
+        "token_f1": lambda a, r: metrics.token_f1(a, [r]),
+        "chrf": lambda a, r: metrics.chrf([a], [[r]]) / 100,
+        "rouge_l": lambda a, r: metrics.rouge_l(a, [r]),
+    }
+    if metric not in scorers:
+        raise LmforgeError(f"--judge {judge!r}: the reference metric must be one of {', '.join(REFERENCE_METRICS)}")
+    return scorers[metric]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +58,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model folders or endpoint URLs to battle, optionally NAME=SPEC (needs --judge)",
     )
     p.add_argument("--votes", action="append", default=[], metavar="FILE", help="a votes JSONL (repeatable)")
-    p.add_argument("--judge", help="the judge: a model folder or an endpoint URL")
-    p.add_argument("--prompts", help="prompt JSONL (field 'prompt' or 'question'; default: a small built-in set)")
+    p.add_argument(
+        "--judge",
+        help="the judge: a model folder, an endpoint URL, or reference[:METRIC] (score against the prompts' "
+        f"references; METRIC: {', '.join(REFERENCE_METRICS)})",
+    )
+    p.add_argument(
+        "--prompts",
+        help="prompt JSONL (field 'prompt' or 'question', and 'reference' or 'answer' for --judge reference; "
+        "default: a small built-in set)",
+    )
     p.add_argument("--limit", type=bounded(int, ge=1), help="first N prompts only")
     p.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=64)
     p.add_argument("--temperature", type=bounded(float, ge=0.0), default=0.0)
@@ -66,25 +100,44 @@ def _named(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def read_prompts(path: str | None, limit: int | None) -> tuple[list[str], list[str]]:
+def read_prompts(
+    path: str | None, limit: int | None, need_references: bool = False
+) -> tuple[list[str], list[str], list]:
+    """(prompts, ids, references: the 'reference' or 'answer' field as text, None where absent; every
+    prompt must have one when `need_references`)."""
     from lmforge.common import read_jsonl
     from lmforge.eval.arena import BUILTIN_PROMPTS
 
     if path is None:
-        prompts, ids = list(BUILTIN_PROMPTS), [f"builtin/{i}" for i in range(len(BUILTIN_PROMPTS))]
-    else:
-        prompts, ids = [], []
-        for where, row in read_jsonl(path, "prompts file"):
-            text = row.get("prompt", row.get("question"))
-            if not isinstance(text, str) or not text.strip():
-                raise LmforgeError(f"{where}: field 'prompt' (or 'question') must be a non-empty string")
-            prompts.append(text)
-            ids.append(str(row.get("id", where)))
-    return prompts[:limit], ids[:limit]
+        if need_references:
+            raise LmforgeError("--judge reference needs --prompts FILE with a 'reference' (or 'answer') per prompt")
+        n = len(BUILTIN_PROMPTS)
+        return list(BUILTIN_PROMPTS)[:limit], [f"builtin/{i}" for i in range(n)][:limit], [None] * min(n, limit or n)
+    prompts, ids, refs = [], [], []
+    for where, row in read_jsonl(path, "prompts file"):
+        text = row.get("prompt", row.get("question"))
+        if not isinstance(text, str) or not text.strip():
+            raise LmforgeError(f"{where}: field 'prompt' (or 'question') must be a non-empty string")
+        ref = row.get("reference", row.get("answer"))
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (str, int, float))):
+            raise LmforgeError(f"{where}: field 'reference' (or 'answer') must be a string or a number, got {ref!r}")
+        if ref is None and need_references:
+            raise LmforgeError(f"{where}: --judge reference needs a 'reference' (or 'answer') field")
+        prompts.append(text)
+        ids.append(str(row.get("id", where)))
+        refs.append(None if ref is None else str(ref))
+    return prompts[:limit], ids[:limit], refs[:limit]
 
 
 def main(args: argparse.Namespace) -> int:
-    from lmforge.eval.arena import arena_table, format_table, judge_battles, plot_win_rates, read_votes
+    from lmforge.eval.arena import (
+        arena_table,
+        format_table,
+        judge_battles,
+        plot_win_rates,
+        read_votes,
+        reference_battles,
+    )
 
     if not args.votes and not args.models:
         raise LmforgeError("nothing to rate: give --votes FILE and/or two or more MODELs with --judge")
@@ -102,7 +155,8 @@ def main(args: argparse.Namespace) -> int:
         from lmforge.eval.lm import load_lm
 
         specs = _named(args.models)
-        prompts, ids = read_prompts(args.prompts, args.limit)
+        score = reference_scorer(args.judge)
+        prompts, ids, refs = read_prompts(args.prompts, args.limit, need_references=score is not None)
         stop = ["\n\n"] if args.stop is None else args.stop
         answers = {}
         for name, spec in specs.items():
@@ -110,8 +164,16 @@ def main(args: argparse.Namespace) -> int:
             answers[name] = load_lm(spec, device=args.device).generate(
                 prompts, max_new_tokens=args.max_new_tokens, stop=stop, temperature=args.temperature, seed=args.seed
             )
-        log.info("judging %d pairs x %d prompts x 2 orders", len(specs) * (len(specs) - 1) // 2, len(prompts))
-        judged, records = judge_battles(load_lm(args.judge, device=args.device), prompts, answers, ids)
+        if score is not None:
+            scores = {m: [score(a, r) for a, r in zip(ans, refs)] for m, ans in answers.items()}
+            judged = reference_battles(scores, ids, {m: [len(a) for a in ans] for m, ans in answers.items()})
+            records = [{"model": m, "id": i, "answer": a, "score": sc}
+                       for m in answers for i, a, sc in zip(ids, answers[m], scores[m])]  # fmt: skip
+            for m, sc in scores.items():
+                print(f"{m}: mean {args.judge} score {sum(sc) / len(sc):.4f}")
+        else:
+            log.info("judging %d pairs x %d prompts x 2 orders", len(specs) * (len(specs) - 1) // 2, len(prompts))
+            judged, records = judge_battles(load_lm(args.judge, device=args.device), prompts, answers, ids)
         battles += judged
     rows = arena_table(battles, rounds=args.bootstrap, seed=args.seed, prior=args.prior, elo_k=args.elo_k)
     out = Path(args.out)
