@@ -10,6 +10,7 @@ BitNet b1.58 ternary QAT (prepare_bitnet / convert_bitnet -> TernaryLinear, 2-bi
 """
 
 from .api import METHODS, QuantOptions, dequantize_model, quantize_model, replay
+from .kernel_linear import Q4_0Linear, Q8_0Linear  # registers the q8_0 / q4_0 formats
 from .linear import FORMATS, Int8Linear, IntNLinear, NF4Linear, QuantLinear, W8A8Linear
 from .mixed import lm_loss
 from .qat import FakeQuantLinear, convert_qat, prepare_qat
@@ -29,6 +30,8 @@ __all__ = [
     "NF4Linear",
     "QuantLinear",
     "W8A8Linear",
+    "Q8_0Linear",
+    "Q4_0Linear",
     "lm_loss",
     "FakeQuantLinear",
     "convert_qat",

@@ -21,7 +21,7 @@ CONFIG_VERSION = 1
 # sensitive matmul) and MoE routers (a flipped expert choice costs more than it saves).
 HEAD_PATTERN = r"(^|\.)lm_head$"
 DEFAULT_SKIP: tuple[str, ...] = (HEAD_PATTERN, r"(^|\.)mlp\.gate$", r"embed")
-SCHEMES = "int8, int4, int3, int2 (optionally -g32/-g64/-g128, default g128), nf4, w8a8, ternary"
+SCHEMES = "int8, int4, int3, int2 (optionally -g32/-g64/-g128, default g128), nf4, w8a8, ternary, q8_0, q4_0"
 
 _INTN = re.compile(r"^int([234])(?:-g(-?\d+))?$")
 
@@ -34,7 +34,7 @@ def parse_scheme(scheme: str | dict) -> dict[str, Any]:
     name = scheme.strip().lower()
     if m := _INTN.match(name):
         return {"format": "intn", "bits": int(m.group(1)), "group_size": int(m.group(2) or 128)}
-    if name in ("int8", "nf4", "w8a8", "ternary"):
+    if name in ("int8", "nf4", "w8a8", "ternary", "q8_0", "q4_0"):
         return {"format": name}
     raise LmforgeError(f"unknown quantization scheme {scheme!r}: use one of {SCHEMES}")
 
@@ -47,7 +47,7 @@ def scheme_name(spec: dict) -> str:
 
 def bits_of(spec: dict) -> float:
     """Nominal weight bits (no scale overhead), for mixed-precision budgets."""
-    return {"int8": 8, "w8a8": 8, "nf4": 4, "ternary": 2}.get(spec["format"], spec.get("bits", 16))
+    return {"int8": 8, "w8a8": 8, "nf4": 4, "ternary": 2, "q8_0": 8.5, "q4_0": 4.5}.get(spec["format"], spec.get("bits", 16))
 
 
 def check_spec(spec: dict, where: str) -> None:

@@ -168,23 +168,29 @@ def _cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith("flags")), "")
 
 
-def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile (or reuse) the kernel; `extra_flags` (e.g. -mno-avx512bw) select narrower paths in tests."""
+def compile_library(name: str, source: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (or reuse) `source` as a shared library named `name` in the kernel cache; `extra_flags`
+    (e.g. -mno-avx512bw) select narrower paths in tests. Shared with `cpu_kernel`."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
     flags = ["-O3", "-march=native", *extra_flags, "-fopenmp", "-shared", "-fPIC"]
     # -march=native: the binary is only valid on this CPU, so the CPU's flags are part of the key.
-    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_flags(), sys.platform]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"ternary-{key}.so"
+    key = hashlib.sha256("\0".join([source, cc, *flags, _cpu_flags(), sys.platform]).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"{name}-{key}.so"
     if not lib.is_file():
-        src = cache_dir() / f"ternary-{key}.c"
-        atomic_write_text(src, SOURCE)
+        src = cache_dir() / f"{name}-{key}.c"
+        atomic_write_text(src, source)
         with atomic_path(lib) as tmp:  # concurrent builders each write their own file; one rename wins
             run = subprocess.run([cc, *flags, str(src), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
             if run.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-500:]}")
-    dll = ctypes.CDLL(str(lib))
+    return ctypes.CDLL(str(lib))
+
+
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The ternary kernel, compiled (or reused) with `extra_flags`."""
+    dll = compile_library("ternary", SOURCE, extra_flags)
     dll.ternary_linear.restype = None
     dll.ternary_linear.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 4
     dll.ternary_linear.argtypes += [ctypes.c_int]

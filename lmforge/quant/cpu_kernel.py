@@ -1,0 +1,460 @@
+"""Batch-1 CPU matmuls in C, at llama.cpp's level: Q8_0 and Q4_0 (ggml's block formats) and F32.
+
+Why: at batch 1 a decode step reads every weight once, and torch's CPU kernels do not reach the
+memory bandwidth on small matrix-vector products (its int8/int4 packed kernels take bf16 activations
+and run near 40% of what llama.cpp gets at the same bytes), nor do they run on two threads well. Here
+each linear is one C call that does what ggml's CPU backend does:
+
+* Q8_0 weights: blocks of 32 int8 with an fp16 scale d (w = d q). Q4_0: blocks of 32 4-bit codes c
+  with an fp16 scale (w = d (c - 8)). The rounding is ggml's reference, so the blocks are the bytes
+  llama.cpp's quantizer writes (only the nibble order inside a 128-value chunk differs, see below).
+* Activations are rounded to int8 per block of 32 (d_x = max|x| / 127, round half to even), as ggml
+  does for both formats, so each block's dot product is an exact int32:
+  y = sum_b d_w[b] d_x[b] dot(q_w[b], q_x[b])   (Q4_0: dot(c - 8, q_x) = dot(c, q_x) - 8 sum(q_x)).
+* AVX-512 VNNI: `vpdpbusd` (u8 x s8 -> s32) on 64 bytes at once; Q8_0's signed weights go through
+  |w| and sign(w) x. AVX2: `maddubs`/`madd`. Otherwise a plain loop. All three give the same int32
+  per block; only the float summation order differs (~1e-6 relative).
+* F32: a gemv over rows of W [N, K] (4 rows per step, 16-wide FMA), for a few activation rows.
+* Two or more threads split the output rows with OpenMP (torch.get_num_threads()); one thread skips it.
+
+Q4_0 storage inside a 128-value chunk (4 blocks, 64 bytes): byte j holds value j in its low nibble
+and value 64 + j in its high one, so one 64-byte load gives 128 codes in two vectors that meet the
+activations contiguously. Widths are padded with zero blocks to a multiple of 64 (Q8_0) or 128
+(Q4_0); the padding has scale 0 and adds nothing.
+
+Built with gcc -O3 -march=native once per source/compiler/CPU into the kernel cache (the same cache
+and rules as `ternary_kernel`); without a compiler (or LMFORGE_CPU_KERNEL=0) `available()` is False
+and the formats fall back to torch with the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import threading
+import warnings
+
+import torch
+
+from . import ternary_kernel
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define AVX2 1
+#endif
+
+static float h2f(uint16_t h) {  /* IEEE half -> float, portable (the scalar path) */
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
+    if (e == 0) {
+        float f = ldexpf((float)m, -24);
+        return s ? -f : f;
+    }
+    bits = e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+int kernel_path(void) {
+#if defined(VNNI)
+    return 2;
+#elif defined(AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* x [m, k] fp32 -> int8 blocks q [m, kp] (zero padded), scales d [m, kp/32], block sums s [m, kp/32] */
+static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t kp, int8_t *q, float *d, int32_t *s) {
+    int64_t nb = kp / 32;
+    for (int64_t m = 0; m < m_rows; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xr = x + m * k + 32 * b;
+            int64_t n = k - 32 * b < 32 ? (k - 32 * b > 0 ? k - 32 * b : 0) : 32;
+            float amax = 0.0f;
+            for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(xr[i]));
+            float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+            int32_t sum = 0;
+            int8_t *qb = q + m * kp + 32 * b;
+            for (int64_t i = 0; i < 32; i++) {
+                int v = i < n ? (int)nearbyintf(xr[i] * id) : 0;
+                qb[i] = (int8_t)v;
+                sum += v;
+            }
+            d[m * nb + b] = db;
+            s[m * nb + b] = sum;
+        }
+}
+
+#if defined(VNNI)
+static const int32_t PAIR_IDX[8][16] = {
+#define P(p) {2*p,2*p,2*p,2*p,2*p,2*p,2*p,2*p,2*p+1,2*p+1,2*p+1,2*p+1,2*p+1,2*p+1,2*p+1,2*p+1}
+    P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7)
+#undef P
+};
+/* 16 blocks' scales d_w d_x, as one vector; blocks past nb are 0 */
+static inline __m512 group_scales(const uint16_t *wd, const float *xd, int64_t left) {
+    __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, wd)), _mm512_maskz_loadu_ps(mk, xd));
+}
+#endif
+
+static float dot_q8(const int8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb) {
+#if defined(VNNI)
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nb; b += 16) {
+        int64_t left = nb - b, pairs = (left >= 16 ? 16 : left) / 2;
+        __m512 s = group_scales(wd + b, xd + b, left);
+        for (int64_t p = 0; p < pairs; p++) {
+            __m512i wv = _mm512_loadu_si512((const void *)(w + 32 * (b + 2 * p)));
+            __m512i xv = _mm512_loadu_si512((const void *)(x + 32 * (b + 2 * p)));
+            __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
+            __m512i dp = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+            __m512 sp = _mm512_permutexvar_ps(_mm512_loadu_si512((const void *)PAIR_IDX[p]), s);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), sp, acc);
+        }
+    }
+    return _mm512_reduce_add_ps(acc);
+#elif defined(AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 32 * b));
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * b));
+        /* |w| (<= 127) x sign(w) x: pair sums <= 2 * 127 * 127, no int16 saturation */
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(wd[b]) * xd[b]), acc);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_hadd_ps(r, r);
+    r = _mm_hadd_ps(r, r);
+    return _mm_cvtss_f32(r);
+#else
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t s = 0;
+        for (int i = 0; i < 32; i++) s += (int32_t)w[32 * b + i] * x[32 * b + i];
+        acc += (float)s * (h2f(wd[b]) * xd[b]);
+    }
+    return acc;
+#endif
+}
+
+/* Q4_0, 128-value chunks: byte j of a chunk = value j (low nibble) | value 64 + j (high nibble).
+   corr: per pair of blocks 16 int32 with -8 sum(q_x) of each block in lanes 0 and 8 (VNNI only). */
+static float dot_q4(const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, const int32_t *xs,
+                    const int32_t *corr, int64_t nb) {
+#if defined(VNNI)
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(15);
+    for (int64_t b = 0; b < nb; b += 16) {
+        int64_t left = nb - b, chunks = (left >= 16 ? 16 : left) / 4;
+        __m512 s = group_scales(wd + b, xd + b, left);
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t blk = b + 4 * c;
+            __m512i v = _mm512_loadu_si512((const void *)(w + 16 * blk));
+            const int8_t *xc = x + 32 * blk;
+            const int32_t *cc = corr + 8 * blk;
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)cc), _mm512_and_si512(v, low),
+                                             _mm512_loadu_si512((const void *)xc));
+            __m512i d1 = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)(cc + 16)),
+                                             _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                             _mm512_loadu_si512((const void *)(xc + 64)));
+            __m512i i0 = _mm512_loadu_si512((const void *)PAIR_IDX[2 * c]);
+            __m512i i1 = _mm512_loadu_si512((const void *)PAIR_IDX[2 * c + 1]);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(i0, s), acc);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(i1, s), acc);
+        }
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float acc = 0.0f, corr8 = 0.0f;
+#if defined(AVX2)
+    __m256 vacc = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int64_t blk = 0; blk < nb; blk += 4) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + 16 * blk));
+        __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + 16 * blk + 32));
+        __m256i q[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),
+                        _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+        for (int j = 0; j < 4; j++) {
+            float sb = _cvtsh_ss(wd[blk + j]) * xd[blk + j];
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * (blk + j)));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], xv), ones);
+            vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sb), vacc);
+            corr8 += sb * (float)xs[blk + j];
+        }
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(vacc), _mm256_extractf128_ps(vacc, 1));
+    r = _mm_hadd_ps(r, r);
+    r = _mm_hadd_ps(r, r);
+    acc = _mm_cvtss_f32(r);
+#else
+    for (int64_t blk = 0; blk < nb; blk += 4)
+        for (int j = 0; j < 4; j++) {
+            int32_t s = 0;
+            for (int i = 0; i < 32; i++) {
+                int64_t v = 32 * j + i, byte = v & 63;
+                int code = v < 64 ? w[16 * blk + byte] & 15 : w[16 * blk + byte] >> 4;
+                s += code * x[32 * (blk + j) + i];
+            }
+            float sb = h2f(wd[blk + j]) * xd[blk + j];
+            acc += (float)s * sb;
+            corr8 += sb * (float)xs[blk + j];
+        }
+#endif
+    (void)corr;
+    return acc - 8.0f * corr8;
+#endif
+}
+
+static float dot_f32(const float *w, const float *x, int64_t k) {
+    int64_t i = 0;
+    float acc = 0.0f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= k; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(AVX2)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; i + 16 <= k; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    r = _mm_hadd_ps(r, r);
+    r = _mm_hadd_ps(r, r);
+    acc = _mm_cvtss_f32(r);
+#endif
+    for (; i < k; i++) acc += w[i] * x[i];
+    return acc;
+}
+
+/* A linear layer's weights: type 0 fp32 [n, k]; 8 Q8_0 int8 [n, kp]; 4 Q4_0 [n, kp/2] (fp16 scales d
+   [n, kp/32]); bias fp32 [n] or NULL. */
+typedef struct {
+    int64_t type;
+    const void *w;
+    const uint16_t *d;
+    const float *bias;
+    int64_t n, k, kp;
+} mat_t;
+
+/* activation rows rounded to int8 blocks, shared by every quantized matrix that reads them */
+typedef struct {
+    int64_t kp;
+    int8_t *q;
+    float *d;
+    int32_t *s, *corr;
+} act_t;
+
+static void act_init(act_t *a, const float *x, int64_t m_rows, int64_t k) {
+    int64_t kp = (k + 127) / 128 * 128, nb = kp / 32;
+    a->kp = kp;
+    a->q = (int8_t *)aligned_alloc(64, (size_t)((m_rows * kp + 63) / 64 * 64));
+    a->d = (float *)malloc((size_t)(m_rows * nb) * sizeof(float));
+    a->s = (int32_t *)malloc((size_t)(m_rows * nb) * sizeof(int32_t));
+    a->corr = (int32_t *)calloc((size_t)(m_rows * nb * 8), sizeof(int32_t));
+    quantize_rows(x, m_rows, k, kp, a->q, a->d, a->s);
+    for (int64_t i = 0; i < m_rows * nb; i++) a->corr[8 * i] = -8 * a->s[i];  /* lanes 0 / 8 of each pair's 16 */
+}
+
+static void act_free(act_t *a) { free(a->q); free(a->d); free(a->s); free(a->corr); }
+
+/* row r of mat for activation row m (x fp32 for type 0, else the rounded act) */
+static float mat_row(const mat_t *mt, int64_t r, const float *x, const act_t *a, int64_t m) {
+    int64_t nb = mt->kp / 32, anb = a->kp / 32;
+    float v;
+    if (mt->type == 0)
+        v = dot_f32((const float *)mt->w + r * mt->k, x + m * mt->k, mt->k);
+    else if (mt->type == 8)
+        v = dot_q8((const int8_t *)mt->w + r * mt->kp, mt->d + r * nb, a->q + m * a->kp, a->d + m * anb, nb);
+    else
+        v = dot_q4((const uint8_t *)mt->w + r * (mt->kp / 2), mt->d + r * nb, a->q + m * a->kp, a->d + m * anb,
+                   a->s + m * anb, a->corr + m * anb * 8, nb);
+    return mt->bias ? v + mt->bias[r] : v;
+}
+
+/* ys[j] [m, n_j] = x [m, k] @ mats[j]^T (+ bias) for `count` matrices that share the input (q/k/v,
+   gate/up): one rounding of x, one parallel loop over all their rows. */
+static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows, float **ys, int threads) {
+    act_t a = {0};
+    int quant = 0;
+    int64_t total = 0;
+    for (int j = 0; j < count; j++) quant |= mats[j].type != 0, total += mats[j].n;
+    if (quant) act_init(&a, x, m_rows, mats[0].k);
+    #pragma omp parallel for if(threads > 1) num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < total; r++) {
+        int j = 0;
+        int64_t rr = r;
+        while (rr >= mats[j].n) rr -= mats[j].n, j++;
+        for (int64_t m = 0; m < m_rows; m++) ys[j][m * mats[j].n + rr] = mat_row(&mats[j], rr, x, &a, m);
+    }
+    if (quant) act_free(&a);
+}
+
+/* y [m, n] = act8(x [m, k]) @ W^T, W Q8_0 (bits 8: q int8 [n, kp]) or Q4_0 (bits 4: [n, kp/2]), scales fp16 [n, kp/32] */
+void quant_linear(const float *x, const void *w, const uint16_t *wd, float *y, int64_t m_rows, int64_t n_out,
+                  int64_t k, int64_t kp, int bits, int threads) {
+    mat_t mt = {bits, w, wd, NULL, n_out, k, kp};
+    matvecs(&mt, 1, x, m_rows, &y, threads);
+}
+
+/* y [m, n] = x [m, k] @ W^T, W fp32 [n, k] */
+void f32_linear(const float *x, const float *w, float *y, int64_t m_rows, int64_t n_out, int64_t k, int threads) {
+    mat_t mt = {0, w, NULL, NULL, n_out, k, k};
+    matvecs(&mt, 1, x, m_rows, &y, threads);
+}
+
+/* One pre-norm Llama block (RMSNorm, GQA attention with RoPE, SwiGLU MLP) for one token at batch 1. */
+typedef struct {
+    mat_t q, k, v, o, gate, up, down;
+    const float *ln1, *ln2;
+    float eps, scale;
+    int64_t hidden, n_heads, n_kv, head_dim, rot_dim, inter;
+} layer_t;
+
+static void rmsnorm(const float *x, const float *w, float eps, int64_t n, float *out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float *x, int64_t heads, int64_t hd, int64_t rd, const float *cs, const float *sn) {
+    int64_t half = rd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * hd, tmp[1024];
+        for (int64_t i = 0; i < rd; i++) tmp[i] = v[i];
+        for (int64_t i = 0; i < rd; i++) v[i] = tmp[i] * cs[i] + (i < half ? -tmp[i + half] : tmp[i - half]) * sn[i];
+    }
+}
+
+/* h [hidden] is updated in place; kc / vc: this layer's cache [n_kv, max_len, head_dim], slot pos written */
+void llama_layer(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, int64_t max_len, const float *cs,
+                 const float *sn, int threads) {
+    int64_t H = L->hidden, nh = L->n_heads, nkv = L->n_kv, hd = L->head_dim, S = pos + 1;
+    float *xn = (float *)malloc((size_t)H * sizeof(float)), *tmp = (float *)malloc((size_t)H * sizeof(float));
+    float *q = (float *)malloc((size_t)(nh * hd) * sizeof(float)), *att = (float *)malloc((size_t)(nh * hd) * sizeof(float));
+    float *kk = (float *)malloc((size_t)(nkv * hd) * sizeof(float)), *vv = (float *)malloc((size_t)(nkv * hd) * sizeof(float));
+    float *g = (float *)malloc((size_t)L->inter * sizeof(float)), *u = (float *)malloc((size_t)L->inter * sizeof(float));
+    float *sc = (float *)malloc((size_t)(nh * S) * sizeof(float));
+    rmsnorm(h, L->ln1, L->eps, H, xn);
+    mat_t qkv[3] = {L->q, L->k, L->v};
+    float *ys[3] = {q, kk, vv};
+    matvecs(qkv, 3, xn, 1, ys, threads);
+    rope(q, nh, hd, L->rot_dim, cs, sn);
+    rope(kk, nkv, hd, L->rot_dim, cs, sn);
+    for (int64_t j = 0; j < nkv; j++) {
+        memcpy(kc + (j * max_len + pos) * hd, kk + j * hd, (size_t)hd * sizeof(float));
+        memcpy(vc + (j * max_len + pos) * hd, vv + j * hd, (size_t)hd * sizeof(float));
+    }
+    int64_t group = nh / nkv;
+    #pragma omp parallel for if(threads > 1 && S * nh >= 4096) num_threads(threads) schedule(static)
+    for (int64_t hq = 0; hq < nh; hq++) {
+        const float *qh = q + hq * hd, *kb = kc + (hq / group) * max_len * hd, *vb = vc + (hq / group) * max_len * hd;
+        float *s = sc + hq * S, *o = att + hq * hd, mx = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < S; t++) s[t] = dot_f32(kb + t * hd, qh, hd) * L->scale, mx = fmaxf(mx, s[t]);
+        for (int64_t t = 0; t < S; t++) s[t] = expf(s[t] - mx), sum += s[t];
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int64_t t = 0; t < S; t++) {
+            const float *vt = vb + t * hd;
+            float p = s[t] / sum;
+            for (int64_t i = 0; i < hd; i++) o[i] += p * vt[i];
+        }
+    }
+    float *yo[1] = {tmp};
+    matvecs(&L->o, 1, att, 1, yo, threads);
+    for (int64_t i = 0; i < H; i++) h[i] += tmp[i];
+    rmsnorm(h, L->ln2, L->eps, H, xn);
+    mat_t gu[2] = {L->gate, L->up};
+    float *ygu[2] = {g, u};
+    matvecs(gu, 2, xn, 1, ygu, threads);
+    for (int64_t i = 0; i < L->inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    matvecs(&L->down, 1, g, 1, yo, threads);
+    for (int64_t i = 0; i < H; i++) h[i] += tmp[i];
+    free(xn); free(tmp); free(q); free(att); free(kk); free(vv); free(g); free(u); free(sc);
+}
+"""
+
+_LOCK = threading.Lock()
+_LIBS: dict[tuple[str, ...], ctypes.CDLL | None] = {}
+PATHS = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}
+# Flags that select the narrower paths (tests force each one on a machine that has the wider).
+PATH_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx2", "-mno-avx512f", "-mno-fma")}
+
+
+def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    dll.quant_linear.restype = dll.f32_linear.restype = None
+    dll.quant_linear.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_int] * 2
+    dll.f32_linear.argtypes = [ptr] * 3 + [i64] * 3 + [ctypes.c_int]
+    dll.kernel_path.restype = ctypes.c_int
+    dll.llama_layer.restype = None
+    dll.llama_layer.argtypes = [ptr] * 4 + [i64] * 2 + [ptr] * 2 + [ctypes.c_int]
+    return dll
+
+
+def library(path: str = "native") -> ctypes.CDLL | None:
+    """The compiled kernels for `path` (native, avx2, scalar), built on first use; None (once warned)
+    when they cannot be built or LMFORGE_CPU_KERNEL=0."""
+    flags = PATH_FLAGS[path]
+    with _LOCK:
+        if flags not in _LIBS:
+            _LIBS[flags] = None
+            if os.environ.get("LMFORGE_CPU_KERNEL", "1") != "0":
+                try:
+                    _LIBS[flags] = _declare(ternary_kernel.compile_library("cpu", SOURCE, flags))
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    warnings.warn(f"CPU C kernels unavailable ({e}); using the torch paths", stacklevel=2)
+    return _LIBS[flags]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def kernel_path(lib: ctypes.CDLL | None = None) -> str:
+    lib = lib or library()
+    return "torch" if lib is None else PATHS[lib.kernel_path()]
+
+
+def quant_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
+    """fp32 [M, N] = act8(x [M, K]) @ W^T for Q8_0 (bits 8, qweight int8 [N, Kp]) or Q4_0 (bits 4,
+    uint8 [N, Kp/2]), fp16 scales [N, Kp/32]; K <= Kp, the padding blocks have scale 0."""
+    lib = lib or library()
+    x = x.detach().to(torch.float32).contiguous()
+    (m, k), n = x.shape, qweight.shape[0]
+    kp = scales.shape[1] * 32
+    y = torch.empty(m, n, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    lib.quant_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, kp, bits, threads)
+    return y
+
+
+def f32_linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """fp32 [M, N] = x [M, K] @ weight [N, K]^T (weight contiguous fp32)."""
+    lib = lib or library()
+    x = x.detach().to(torch.float32).contiguous()
+    (m, k), n = x.shape, weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.f32_linear(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+    return y
