@@ -46,6 +46,7 @@ for key, value in {**BASE, "num_key_value_heads": 2, "initializer_range": 0.02}.
     if key != "vocab_size":  # the data's tokenizer sets it
         ARGS += ["--set", f"model.{key}={value}"]
 
+MEMORY_BATCH = (4, 64)  # the micro-batch whose training step each TP rank measures
 GENERATE = ["--prompt-ids", "5,6,7,8", "--max-new-tokens", "10", "--temperature", "0.8", "--seed", "3"]
 
 
@@ -78,6 +79,15 @@ def _worker(out: str, checkpoint: str, runs: str, data: str) -> None:
                     p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in sharded.parameters()
                 ),
             }
+    # A TP rank's memory in one training step, measured (weights, grads, AdamW states, saved activations).
+    from test_parallel_estimate import measure_step
+
+    from lmforge.train.objectives import lm_loss_sum
+
+    torch.manual_seed(0)
+    model = apply_tensor_parallel(Transformer(ModelConfig(**BASE, **SHAPES["llama"])), 2, torch.device("cpu"))
+    batch = torch.randint(0, BASE["vocab_size"], MEMORY_BATCH, generator=torch.Generator().manual_seed(1))
+    results["memory"] = measure_step(model, lambda: lm_loss_sum(model(batch), batch)[0] / batch.numel())
     # The same launch runs the CLI (one torchrun start-up fewer): `generate --tp 2` on the checkpoint
     # written by one process, then 20 steps of `pretrain --tp 2`.
     import contextlib
@@ -115,6 +125,7 @@ def test_tp_logits_and_greedy_tokens_match_one_process(tp_run):
 
     results = json.loads((tp_run / "tp.json").read_text())
     results.pop("generate_cli")
+    results.pop("memory")
     assert set(results) == set(SHAPES)
     for name, r in results.items():
         assert r["local_q_weight"] == [BASE["hidden_size"] // 2, BASE["hidden_size"]], name  # really sharded
@@ -123,6 +134,18 @@ def test_tp_logits_and_greedy_tokens_match_one_process(tp_run):
         assert r["tied"] == SHAPES[name].get("tie_word_embeddings", False)
         if not SHAPES[name].get("attention_bias"):  # the estimate counts no biases
             assert r["local_params"] == per_rank_parameters(ModelConfig(**BASE, **SHAPES[name]), tp=2), name
+
+
+def test_tp_rank_memory_equals_the_estimate(tp_run):
+    """`lmforge estimate --tp 2`'s per-rank weights, gradients and AdamW states equal what a rank holds
+    after a real training step; its activations are within 15% of what autograd saved on the rank."""
+    from test_parallel_estimate import check_against_estimate
+
+    from lmforge.model import ModelConfig
+    from lmforge.train.parallel_memory import parallel_estimate
+
+    measured = json.loads((tp_run / "tp.json").read_text())["memory"]
+    check_against_estimate(measured, parallel_estimate(ModelConfig(**BASE, **SHAPES["llama"]), *MEMORY_BATCH, tp=2))
 
 
 def test_generate_cli_with_tp_prints_what_one_process_prints(tp_run, capsys):

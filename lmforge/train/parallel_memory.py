@@ -5,6 +5,8 @@ Memory per rank (full training: fp32 weights and gradients, AdamW's two fp32 mom
   TP shards every block Linear and the embedding/head by `tp` (norms, the MoE router and learned
   positions stay whole); PP keeps ceil(L/pp) blocks per stage, the embedding on the first stage and
   the head on the last (the heavier of the two is reported); FSDP divides what is left by `dp`.
+  Under TP the embedding's gradient is whole on every rank (DTensor's embedding backward gives it
+  replicated; measured in tests/test_parallel_tp.py), so TP gradients exceed the weights by (tp-1)/tp V h.
   Activations: TP shards the attention/MLP intermediates (the residual-stream terms stay whole) and
   gathers full logits (no fused head); PP keeps the micro-batches in flight on the first stage:
   all `m` under GPipe, min(m, pp) under 1F1B.
@@ -84,6 +86,8 @@ def parallel_estimate(
     n = per_rank_parameters(c, tp, pp)
     shard = dp if strategy == "fsdp" else 1
     weights, grads, optim = 4 * n / shard, 4 * n / shard, 8 * n / shard
+    if tp > 1:  # measured: DTensor's embedding backward returns the vocab-parallel embedding's gradient
+        grads += 4 * c.vocab_size * c.hidden_size * (tp - 1) / tp  # whole (Replicate), not its shard
     local = dataclasses.replace(
         c,
         num_attention_heads=c.num_attention_heads // tp,

@@ -11,8 +11,15 @@ accumulation takes the same step. Gradients are clipped by the norm over all sta
 
 Tied embeddings: the first stage's embedding and the last stage's head are one weight held twice;
 their gradients are summed between the two ranks before the update (as Megatron does), so both copies
-take the same step. Not yet: PP with DDP or TP (2D/3D meshes), MoE (its balancing loss spans every
-layer), packed/masked batches and custom losses.
+take the same step.
+
+PP x DP (2D): WORLD_SIZE = pp x dp ranks form dp pipelines of pp consecutive ranks (rank = d * pp +
+stage, the layout `parallel.data_parallel_info` reads data by: a pipeline's ranks read the same
+batches). Each pipeline runs its own schedule on its share of the batch; each micro-batch's loss is
+divided by the labelled tokens of the whole step (all pipelines), and after the backward each stage's
+gradients are summed over its dp replicas, so the step equals one process accumulating every
+pipeline's micro-batches. Not yet: PP with TP (3D), MoE (its balancing loss spans every layer),
+packed/masked batches and custom losses.
 """
 
 from __future__ import annotations
@@ -81,10 +88,21 @@ class StageModel(nn.Module):
         return self.lm_head(m.norm(x)) if self.last else x
 
 
+def mesh_ranks(world_size: int, pp: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(the pipelines' ranks, the data-parallel replicas' ranks of each stage) of a pp x dp layout."""
+    dp = world_size // pp
+    pipelines = [list(range(d * pp, (d + 1) * pp)) for d in range(dp)]
+    return pipelines, [list(range(s, world_size, pp)) for s in range(pp)]
+
+
 def check_pipeline(config, pp: int, schedule: str, grad_accum: int, eval_batches: int, world_size: int) -> None:
     """Refuse what this pipeline cannot do exactly, naming the setting."""
     problems = [
-        (world_size != pp, f"needs exactly {pp} processes (torchrun --nproc_per_node {pp}); WORLD_SIZE={world_size}"),
+        (
+            world_size < pp or world_size % pp != 0,
+            f"needs a multiple of {pp} processes (pp x dp: torchrun --nproc_per_node {pp} or {2 * pp}, ...); "
+            f"WORLD_SIZE={world_size}",
+        ),
         (schedule not in SCHEDULES, f"train.pp_schedule {schedule!r} is not one of {', '.join(SCHEDULES)}"),
         (config.num_hidden_layers < pp, f"model.num_hidden_layers={config.num_hidden_layers} < {pp} stages"),
         (schedule == "1f1b" and grad_accum < pp, f"1F1B needs train.grad_accum >= {pp} micro-batches"),
@@ -110,19 +128,27 @@ class PipelineModel(nn.Module):
         super().__init__()
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        rank = dist.get_rank()
-        self.stage_model = StageModel(model, rank, pp).to(device)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self.dp, stage_id, replica = world // pp, rank % pp, rank // pp
+        self.first_rank, self.last_rank = replica * pp, replica * pp + pp - 1  # of this rank's pipeline
+        self.stage_model = StageModel(model, stage_id, pp).to(device)
         # The whole Transformer, unregistered (its other stages' blocks are not trained here): `unwrap`
         # gives it to the checkpoint code, which takes its config and rebuilds the full model to save.
         object.__setattr__(self, "module", model)
+        # Every rank takes part in creating every group, in the same order. One pipeline: the world.
+        pipelines, replicas = mesh_ranks(world, pp)
+        self.pp_group = self.dp_group = None
+        if self.dp > 1:
+            self.pp_group = [dist.new_group(r) for r in pipelines][replica]
+            self.dp_group = [dist.new_group(r) for r in replicas][stage_id]
         self.tied = None  # this rank's copy of a tied embedding/head weight, if any
         if model.config.tie_word_embeddings:
-            group = dist.new_group([0, pp - 1])  # every rank takes part in creating the group
-            if rank in (0, pp - 1):
-                self.tied, self.tie_group = model.model.embed_tokens.weight, group
+            groups = [dist.new_group([p[0], p[-1]]) for p in pipelines]
+            if rank in (self.first_rank, self.last_rank):
+                self.tied, self.tie_group = model.model.embed_tokens.weight, groups[replica]
         self.config, self.device, self.pp, self.n_micro = model.config, device, pp, grad_accum
         self._n = 1.0  # the divisor of each micro-batch's summed loss (set per step)
-        stage = PipelineStage(self.stage_model, rank, pp, device)
+        stage = PipelineStage(self.stage_model, stage_id, pp, device, group=self.pp_group)
         kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         self.schedule = kind(stage, n_microbatches=grad_accum, loss_fn=self._loss, scale_grads=False)
 
@@ -142,16 +168,26 @@ class PipelineModel(nn.Module):
         args = (x,) if self.stage_model.first else ()
         run(*args, target=y if self.stage_model.last else None, losses=losses)
         total = torch.stack(losses).sum().detach().float() if losses else torch.zeros(())
-        dist.broadcast(total, src=self.pp - 1)  # the last stage computed it; every rank decides alike
-        return float(total)
+        dist.broadcast(total, src=self.last_rank, group=self.pp_group)  # the last stage computed it
+        return float(self._dp_sum(total))
+
+    def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the data-parallel replicas of this stage (every pipeline's share)."""
+        if self.dp > 1:
+            dist.all_reduce(t, group=self.dp_group)
+        return t
 
     def pipeline_step(self, micro_batches: list[dict]) -> tuple[float, int]:
         """Forward and backward of one step's micro-batches -> (mean token loss, labelled tokens)."""
-        n = max(1, sum(int((b["labels"] != IGNORE).sum()) for b in micro_batches))
+        local = torch.tensor(float(sum(int((b["labels"] != IGNORE).sum()) for b in micro_batches)))
+        n = max(1, int(self._dp_sum(local)))  # the whole step's labelled tokens, every pipeline's
         self._n = float(n)
         loss = self._run(micro_batches, train=True)
         if self.tied is not None:  # embedding gradient + head gradient, on both copies
             dist.all_reduce(self.tied.grad, group=self.tie_group)
+        for p in self.stage_model.parameters():  # each loss was already divided by the step's tokens: a sum
+            if self.dp > 1 and p.grad is not None:
+                dist.all_reduce(p.grad, group=self.dp_group)
         return loss, n
 
     @torch.no_grad()
@@ -163,14 +199,14 @@ class PipelineModel(nn.Module):
             chunk = batches[i : i + group]
             total += self._run(chunk, train=False)
             count += sum(int((b["labels"] != IGNORE).sum()) for b in chunk)
-        return total, count
+        return total, int(self._dp_sum(torch.tensor(float(count))))
 
     def grad_norm_and_clip(self, max_norm: float) -> float:
         """clip_grad_norm_ over the whole model: each stage's squared norm, summed over stages."""
         twice = self.tied if self._head_alias() else None
         grads = [p.grad for p in self.stage_model.parameters() if p.grad is not None and p is not twice]
         sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        dist.all_reduce(sq)
+        dist.all_reduce(sq, group=self.pp_group)  # the stages of one pipeline (replicas hold the same grads)
         norm = math.sqrt(float(sq))
         coef = min(1.0, max_norm / (norm + 1e-6))
         for g in grads + ([twice.grad] if twice is not None else []):
@@ -182,8 +218,11 @@ class PipelineModel(nn.Module):
         return self.tied is not None and self.stage_model.last and not self.stage_model.first
 
     def _gather(self, part):
+        """The stages' parts on rank 0 (the first pipeline's: every replica holds the same), [] elsewhere."""
+        if self.first_rank != 0:
+            return []
         parts = [None] * self.pp if dist.get_rank() == 0 else None
-        dist.gather_object(part, parts, dst=0)
+        dist.gather_object(part, parts, dst=0, group=self.pp_group)
         return parts or []
 
     def full_state(self) -> dict[str, torch.Tensor]:
