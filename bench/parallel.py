@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=4, help="per step: accumulation / pipeline depth")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every row, interleaved; medians reported")
     a = p.parse_args()
 
     from lmforge.model import ModelConfig
@@ -99,17 +101,27 @@ def main() -> None:
         num_key_value_heads=a.heads // 2,
         intermediate_size=a.hidden * 2,
     )
-    results = {}
-    for name, (run, nproc, extra, layout) in rows.items():
-        results[name] = train_row(run, nproc, extra, a, data, out, env)
+    # Each round runs every row once, so a change in the machine's load hits every row alike (the
+    # machine may be shared); each figure is the median of its rounds.
+    runs: dict[str, dict[str, list[float]]] = {name: {"tokens_per_s": []} for name in rows}
+    for r in range(a.repeats):
+        for name, (run, nproc, extra, _) in rows.items():
+            runs[name]["tokens_per_s"].append(train_row(f"{run}-{r}", nproc, extra, a, data, out, env)["tokens_per_s"])
+        model = out / "single-0" / "final"
+        decodes = {
+            "1 process": decode_rates(1, [], model, a, env)[0],
+            "TP 2": decode_rates(2, ["--tp", "2"], model, a, env)[0],  # both ranks print the same
+            "DDP 2": sum(decode_rates(2, [], model, a, env)),  # two replicas at once
+        }
+        for name, rate in decodes.items():
+            runs[name].setdefault("decode", []).append(rate)
+    results = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in runs.items()}
+    for name, (_, _, _, layout) in rows.items():
         est = parallel_estimate(config, a.micro_batch, a.seq_len, micro_batches=m // layout.get("dp", 1), **layout)
         results[name]["sent_per_step"] = sum(est.comm.values())
-    model = out / "single" / "final"
-    results["1 process"]["decode"] = decode_rates(1, [], model, a, env)[0]
-    results["TP 2"]["decode"] = decode_rates(2, ["--tp", "2"], model, a, env)[0]  # both ranks print the same
-    results["DDP 2"]["decode"] = sum(decode_rates(2, [], model, a, env))  # two replicas at once
 
     print(f"\n{a.device}, hidden {a.hidden} x {a.layers} layers, batch {a.micro_batch} x {m} x {a.seq_len} tokens")
+    print(f"medians of {a.repeats} interleaved round(s); load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'layout':<12} {'train tok/s':>12} {'vs 1':>6} {'decode tok/s':>13} {'sent/step/rank':>15}")
     base = results["1 process"]["tokens_per_s"]
     for name, r in results.items():
