@@ -128,8 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--route-threshold",
         type=float,
         default=None,
-        help="the signal's escalation threshold (default: -1.0 mean_logprob, 1.0 entropy, 0.5 agreement, "
-        "0.5 learned)",
+        help="the signal's escalation threshold (default: -1.0 mean_logprob, 1.0 entropy, 0.5 agreement, 0.5 learned)",
     )
     g.add_argument(
         "--route-samples",
