@@ -218,3 +218,36 @@ def test_arena_cli_judged_by_references(tmp_path, capsys, monkeypatch):
     assert main([*argv[:-2], "--judge", "reference:bleurt", "--out", str(out)]) == 2
     assert "reference metric" in capsys.readouterr().err
     assert main(["arena", "a=always", "h=half", "--judge", "reference", "--out", str(out)]) == 2  # no --prompts
+
+
+def test_style_control_takes_the_length_effect_out(tmp_path, capsys):
+    """A judge that likes long answers: the verbose model's plain BT rating is inflated; with the
+    length difference as a covariate the true order comes back and gamma is recovered."""
+    from lmforge.cli import main
+    from lmforge.eval.arena import fit_bt_style
+
+    rng = np.random.default_rng(0)
+    truth = {"terse": 0.6, "mid": 0.0, "verbose": -0.4}
+    mean_len = {"terse": 100, "mid": 150, "verbose": 400}
+    names, battles = list(truth), []
+    for _ in range(6000):
+        ma, mb = rng.choice(names, 2, replace=False)
+        la, lb = (int(rng.normal(mean_len[m], 20)) for m in (ma, mb))
+        z = (la - lb) / (la + lb) / 0.33  # about the normalised difference's std in this mix
+        p = 1 / (1 + np.exp(-(truth[ma] - truth[mb] + 1.5 * z)))
+        battles.append(Battle(ma, mb, "model_a" if rng.random() < p else "model_b", "", la, lb))
+    plain = {r["model"]: r["rating"] for r in arena_table(battles, rounds=0)}
+    assert plain["verbose"] > plain["mid"]  # length bought the verbose model its place
+    theta, gamma = fit_bt_style(battles, names)
+    assert list(np.argsort(-theta)) == [0, 1, 2] and 1.0 < gamma < 2.5
+    assert np.allclose(theta, np.array(list(truth.values())) - np.mean(list(truth.values())), atol=0.25)
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text("".join(json.dumps(b.to_dict()) + "\n" for b in battles[:600]))
+    out = tmp_path / "styled"
+    assert main(["arena", "--votes", str(votes), "--style-control", "--bootstrap", "0", "--out", str(out)]) == 0
+    report = json.loads((out / "arena.json").read_text())
+    assert report["length_coefficient"] > 0 and all("style_rating" in r for r in report["table"])
+    assert "style-ctrl" in capsys.readouterr().out
+    votes.write_text(json.dumps({"model_a": "x", "model_b": "y", "winner": "tie"}) + "\n")
+    assert main(["arena", "--votes", str(votes), "--style-control", "--out", str(out)]) == 2
+    assert "answer lengths" in capsys.readouterr().err

@@ -138,6 +138,38 @@ def fit_bt(wins: np.ndarray, prior: float = 0.1, max_iter: int = 100, tol: float
     return theta[0] if single else theta
 
 
+def fit_bt_style(
+    battles: Sequence[Battle], models: Sequence[str], prior: float = 0.1, max_iter: int = 100
+) -> tuple[np.ndarray, float]:
+    """Style control (Chatbot Arena's, with length as the style): P(A beats B) = sigmoid(theta_A -
+    theta_B + gamma * z), z the battle's normalised length difference (len_a - len_b) / (len_a +
+    len_b) divided by its standard deviation, fitted jointly by Newton's method (ties half a win;
+    `prior` as a ridge on the thetas, in place of fit_bt's virtual ties). Returns the centred thetas,
+    the ratings with the length effect held out, and gamma, the log-odds a standard deviation longer
+    answer buys. Every battle needs len_a and len_b."""
+    missing = [i for i, x in enumerate(battles) if x.len_a is None or x.len_b is None]
+    if missing:
+        raise LmforgeError(f"style control needs answer lengths (len_a, len_b); battle {missing[0]} has none")
+    a, b, s = _indices(battles, models)
+    la = np.array([x.len_a for x in battles], dtype=np.float64)
+    lb = np.array([x.len_b for x in battles], dtype=np.float64)
+    z = (la - lb) / np.maximum(la + lb, 1.0)
+    z = z / z.std() if z.std() > 0 else z
+    k, n = len(models), len(battles)
+    X = np.zeros((n, k + 1))
+    X[np.arange(n), a], X[np.arange(n), b], X[:, k] = 1.0, -1.0, z
+    ridge = np.diag([max(prior, 1e-6)] * k + [1e-6])  # also pins the thetas' common shift
+    w = np.zeros(k + 1)
+    for _ in range(max_iter):
+        p = 1 / (1 + np.exp(-np.clip(X @ w, -30, 30)))
+        grad = X.T @ (s - p) - ridge @ w
+        step = np.linalg.solve(X.T @ (X * (p * (1 - p))[:, None]) + ridge, grad)
+        w += np.clip(step, -2.0, 2.0)
+        if np.abs(step).max() < 1e-10:
+            break
+    return w[:k] - w[:k].mean(), float(w[k])
+
+
 def log_likelihood(theta: np.ndarray, wins: np.ndarray, prior: float = 0.0) -> float:
     """The objective fit_bt maximises (the ties-as-half-wins BT log-likelihood plus the prior's ties)."""
     k = len(theta)
@@ -235,11 +267,14 @@ def format_table(rows: Sequence[dict]) -> str:
     lines = [
         f"{'rank':>4}  {'model':<28} {'BT rating':>9}  {'95% CI':>15}  {'Elo':>7}  {'battles':>7}  {'win rate':>8}"
     ]
+    style = all("style_rating" in r for r in rows)
+    if style:
+        lines[0] += f"  {'style-ctrl':>10}"
     for r in rows:
         ci = f"{r['ci_low']:.0f}..{r['ci_high']:.0f}"
         lines.append(
             f"{r['rank']:>4}  {r['model']:<28} {r['rating']:>9.1f}  {ci:>15}  {r['elo']:>7.1f}  "
-            f"{r['battles']:>7}  {r['win_rate']:>8.3f}"
+            f"{r['battles']:>7}  {r['win_rate']:>8.3f}" + (f"  {r['style_rating']:>10.1f}" if style else "")
         )
     return "\n".join(lines)
 

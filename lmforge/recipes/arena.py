@@ -79,6 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.1,
         help="virtual ties added to every pair (keeps an unbeaten model's rating finite; 0: plain MLE)",
     )
+    p.add_argument(
+        "--style-control",
+        action="store_true",
+        help="also rate with the answers' length difference as a covariate (the style_rating column)",
+    )
     p.add_argument("--elo-k", type=bounded(float, gt=0.0), default=4.0, help="online Elo's K factor")
     p.add_argument("--seed", type=bounded(int, ge=0), default=0)
     p.add_argument("--device", default="auto")
@@ -132,11 +137,13 @@ def read_prompts(
 def main(args: argparse.Namespace) -> int:
     from lmforge.eval.arena import (
         arena_table,
+        fit_bt_style,
         format_table,
         judge_battles,
         plot_win_rates,
         read_votes,
         reference_battles,
+        to_elo_scale,
     )
 
     if not args.votes and not args.models:
@@ -176,13 +183,22 @@ def main(args: argparse.Namespace) -> int:
             judged, records = judge_battles(load_lm(args.judge, device=args.device), prompts, answers, ids)
         battles += judged
     rows = arena_table(battles, rounds=args.bootstrap, seed=args.seed, prior=args.prior, elo_k=args.elo_k)
+    extra = {}
+    if args.style_control:
+        names = [r["model"] for r in rows]
+        theta, gamma = fit_bt_style(battles, names, args.prior)
+        for r, t in zip(rows, to_elo_scale(theta)):
+            r["style_rating"] = float(t)
+        extra["length_coefficient"] = gamma
     out = Path(args.out)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
-    atomic_write_json(out / "arena.json", {"table": rows, "settings": settings, "battles": len(battles)})
+    atomic_write_json(out / "arena.json", {"table": rows, "settings": settings, "battles": len(battles), **extra})
     atomic_write_text(out / "battles.jsonl", "".join(json.dumps(b.to_dict()) + "\n" for b in battles))
     if records:
         atomic_write_text(out / "judgments.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
     plot_win_rates(battles, [r["model"] for r in rows], out / "win_rates.png")
     print(format_table(rows))
+    if extra:
+        print(f"style control: a standard deviation longer answer adds {extra['length_coefficient']:+.3f} log-odds")
     print(f"{len(battles)} battles; written to {out}/ (arena.json, battles.jsonl, win_rates.png)")
     return 0
