@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parallel_engine_cases import VARIANTS, check_variant
 from parallel_guard import run_guarded
 
 SHAPES = {  # tiny, but every axis TP must get right: GQA (4 query / 2 kv heads), biases, ties, experts
@@ -55,6 +56,8 @@ def _worker(out: str, checkpoint: str, runs: str, data: str) -> None:
     shape comes from a checkpoint written by one process (it loads into the TP run)."""
     import copy
 
+    from parallel_engine_cases import engine_results
+
     from lmforge.checkpoint import load_model
     from lmforge.infer.decode import decode_ids
     from lmforge.infer.sampling import SamplingParams
@@ -68,6 +71,8 @@ def _worker(out: str, checkpoint: str, runs: str, data: str) -> None:
         full = (load_model(checkpoint) if name == "llama" else Transformer(ModelConfig(**BASE, **shape))).eval()
         sharded = apply_tensor_parallel(copy.deepcopy(full), 2, torch.device("cpu"))
         params = SamplingParams(max_new_tokens=8)
+        if name == "llama":  # the continuous-batching engine runs on this one (parallel_engine_cases.py)
+            engine_models = (full, sharded)
         with torch.no_grad():
             results[name] = {
                 "max_abs_diff": float((full(ids) - sharded(ids)).abs().max()),
@@ -79,6 +84,7 @@ def _worker(out: str, checkpoint: str, runs: str, data: str) -> None:
                     p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in sharded.parameters()
                 ),
             }
+    results["engine"] = engine_results(engine_models[0], engine_models[1])
     # A TP rank's memory in one training step, measured (weights, grads, AdamW states, saved activations).
     from test_parallel_estimate import measure_step
 
@@ -124,8 +130,8 @@ def test_tp_logits_and_greedy_tokens_match_one_process(tp_run):
     from lmforge.train.parallel_memory import per_rank_parameters
 
     results = json.loads((tp_run / "tp.json").read_text())
-    results.pop("generate_cli")
-    results.pop("memory")
+    for key in ("generate_cli", "memory", "engine"):
+        results.pop(key)
     assert set(results) == set(SHAPES)
     for name, r in results.items():
         assert r["local_q_weight"] == [BASE["hidden_size"] // 2, BASE["hidden_size"]], name  # really sharded
@@ -134,6 +140,24 @@ def test_tp_logits_and_greedy_tokens_match_one_process(tp_run):
         assert r["tied"] == SHAPES[name].get("tie_word_embeddings", False)
         if not SHAPES[name].get("attention_bias"):  # the estimate counts no biases
             assert r["local_params"] == per_rank_parameters(ModelConfig(**BASE, **SHAPES[name]), tp=2), name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tp_engine_gives_one_process_tokens(tp_run, variant):
+    check_variant(json.loads((tp_run / "tp.json").read_text())["engine"], variant)
+
+
+def test_tp_engine_direct_model_call_runs_on_every_rank(tp_run):
+    assert json.loads((tp_run / "tp.json").read_text())["engine"]["direct_call_diff"] <= 1e-5
+
+
+def test_tp_engine_refuses_an_unsharded_model():
+    from lmforge.common import LmforgeError
+    from lmforge.infer.engine_tp import TPEngine
+    from lmforge.model import ModelConfig, Transformer
+
+    with pytest.raises(LmforgeError, match="apply_tensor_parallel"):
+        TPEngine(Transformer(ModelConfig(**BASE)))
 
 
 def test_tp_rank_memory_equals_the_estimate(tp_run):
