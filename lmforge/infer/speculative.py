@@ -4,7 +4,8 @@ keeps the output distributed exactly as the target's own sampling (greedy: ident
 
 Proposers:
   DraftProposer(draft_model)  a smaller model with the same tokenizer; proposes by sampling its own
-                              distribution q (same temperature/top-k/top-p as the request)
+                              distribution q (same temperature/top-k/top-p as the request);
+                              `vocab=` limits its head to a subset of ids (e.g. `frequent_tokens`)
   LookupProposer(max_ngram)   prompt lookup: find the latest earlier occurrence of the last n tokens
                               and propose what followed it (deterministic, no model; good when the
                               output copies from the input, e.g. edits and extraction)
@@ -16,8 +17,10 @@ are the one driver's, lmforge.infer.decode. A deterministic proposal is q = one-
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
-from lmforge.model import KVCache
+from lmforge.common import LmforgeError
+from lmforge.model import KVCache, Transformer
 
 from .decode import SpecStats, decode, verify, verify_greedy  # noqa: F401  (verify*: engine_spec's, re-exported)
 from .sampling import SamplingParams, probabilities
@@ -72,15 +75,71 @@ class LookupProposer:
         pass
 
 
+class SubVocabHead(nn.Module):
+    """The rows of an output head for a subset of token ids: logits [..., N] over `ids` instead of
+    [..., V]. Stored [hidden, N] contiguous (the layout CPU matrix-vector products read fastest)."""
+
+    def __init__(self, head: nn.Module, ids: torch.Tensor):
+        super().__init__()
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise LmforgeError(
+                f"a draft vocabulary subset needs a plain output head with a [vocab, hidden] weight, not {type(head).__name__}"
+            )
+        self.register_buffer("weight_t", weight.detach()[ids].t().contiguous())
+        bias = getattr(head, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach()[ids].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight_t
+        return out if self.bias is None else out + self.bias
+
+
+class SubVocabLM(nn.Module):
+    """A causal LM whose head scores only `ids` (the draft's backbone is shared, not copied): a draft
+    proposes from the tokens it is likely to be right about, and its head, the largest matrix of a
+    one-layer draft over a large vocabulary, shrinks by V / N. Exactness does not depend on it: the
+    target verifies every proposal, and ids outside the subset are simply never proposed."""
+
+    def __init__(self, lm: nn.Module, ids):
+        super().__init__()
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+        V = lm.config.vocab_size
+        if ids.numel() == 0 or ids.dim() != 1 or int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise LmforgeError(f"draft vocabulary subset: need 1..{V} token ids in [0, {V}), got {ids.numel()}")
+        if len(set(ids.tolist())) != ids.numel():
+            raise LmforgeError("draft vocabulary subset: token ids repeat")
+        self.config, self.model = lm.config, lm.model
+        self.lm_head = SubVocabHead(lm.lm_head, ids)
+        self.register_buffer("ids", ids.to(self.lm_head.weight_t.device))
+
+    # The Transformer's own forward (embeddings, blocks, norm, softcap) with this module's head.
+    forward = Transformer.forward
+
+
+def frequent_tokens(counts: torch.Tensor, n: int) -> list[int]:
+    """The n most frequent token ids given per-id counts [V] (ties: lower id first), for a draft's
+    vocabulary subset. n >= V keeps every id."""
+    order = torch.sort(torch.as_tensor(counts), descending=True, stable=True).indices
+    return order[: max(1, n)].tolist()
+
+
 class DraftProposer:
     """A small draft model with its own static KV cache, rolled back after each verification.
 
     min_confidence > 0 stops drafting early when the draft's probability of its own next token falls
     below it (after at least one token): unsure guesses are mostly rejected, and each costs a draft
-    forward plus a verified position. With it, k is an upper bound rather than a fixed length."""
+    forward plus a verified position. With it, k is an upper bound rather than a fixed length.
+    vocab: token ids the draft may propose (None: all); its head then scores only those (SubVocabLM),
+    which makes each draft forward cheaper; q is still a distribution over the whole vocabulary (0
+    outside the subset), so sampled output keeps the target's distribution."""
 
-    def __init__(self, draft, max_len: int, min_confidence: float = 0.0):
+    def __init__(self, draft, max_len: int, min_confidence: float = 0.0, vocab=None):
         self.draft, self.max_len, self.min_confidence = draft.eval(), max_len, min_confidence
+        self.vocab_size = draft.config.vocab_size
+        if vocab is not None and len(vocab) < self.vocab_size:
+            self.draft = SubVocabLM(draft, vocab).eval()
+        self.ids = getattr(self.draft, "ids", None)  # head row -> token id (None: the identity)
         self.cache: KVCache | None = None
         self.valid = 0  # tokens whose keys/values in the draft cache are right
 
@@ -103,6 +162,10 @@ class DraftProposer:
                 q = probabilities(logits.float()[None], params)[0]
                 x = int(torch.multinomial(q, 1, generator=generator))
                 confidence = float(q[x])
+                if self.ids is not None:  # over the whole vocabulary: 0 outside the subset
+                    q = q.new_zeros(self.vocab_size).index_copy_(0, self.ids, q)
+            if self.ids is not None:
+                x = int(self.ids[x])
             if drafts and confidence < self.min_confidence:
                 break  # the cache holds what was fed; this token is simply not proposed
             if not params.greedy:
