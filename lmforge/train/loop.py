@@ -152,7 +152,7 @@ def train_step(
             raise LmforgeError("--pp trains with the LM loss only (no custom loss or extra loss terms)")
         with autocast(device, dtype):
             loss_value, _ = model.pipeline_step(micro_batches)
-        grad_norm, figures, replicas = model.grad_norm_and_clip(max_norm), {}, 1
+        grad_norm, figures, replicas = model.grad_norm_and_clip(max_norm), {}, model.dp  # PP x DP: dp pipelines
     else:
         loss_value, grad_norm, figures = _forward_backward(
             model, micro_batches, device, dtype, max_norm, world_size, aux_coef, hooks, loss_fn
