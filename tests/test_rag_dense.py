@@ -55,10 +55,9 @@ def test_trigram_biencoder_with_hard_negatives_learns_and_reloads(tmp_path):
     np.testing.assert_allclose(again.embed([triples[0][0]], "query"), q[:1], atol=1e-5)
 
 
-def test_training_triples_split_modules_and_mine_hard_negatives(tmp_path):
-    from lmforge.eval.builtin import BuiltinConfig
-    from lmforge.rag.training import split_modules, training_triples
-
+@pytest.fixture()
+def fake_stdlib(tmp_path):
+    """12 modules of 3 documented functions each (a stand-in for the stdlib: `BuiltinConfig.root`)."""
     root = tmp_path / "lib"
     root.mkdir()
     for m in range(12):
@@ -66,8 +65,15 @@ def test_training_triples_split_modules_and_mine_hard_negatives(tmp_path):
             f'def parse_{w}_{m}(text):\n    """Parse the {w} records of module {m} quickly."""\n    return text\n\n\n'
             for w in ("alpha", "beta", "gamma")
         )
-        (root / f"mod{m}.py").write_text(funcs * 1, encoding="utf-8")
-    cfg = BuiltinConfig(root=str(root), val_fraction=0.2)
+        (root / f"mod{m}.py").write_text(funcs, encoding="utf-8")
+    return root
+
+
+def test_training_triples_split_modules_and_mine_hard_negatives(fake_stdlib):
+    from lmforge.eval.builtin import BuiltinConfig
+    from lmforge.rag.training import split_modules, training_triples
+
+    cfg = BuiltinConfig(root=str(fake_stdlib), val_fraction=0.2)
     split = split_modules(cfg, dev_fraction=0.3)
     assert split.train and split.dev and split.test
     names = [set(p.name for p in s) for s in (split.train, split.dev, split.test)]
@@ -143,3 +149,18 @@ def test_focus_shows_the_window_around_the_question_s_rarest_terms():
     block = format_passages([hit], 120, "What does `Timeout.expired` do?")
     assert block.startswith("[1] f.py:31-33\n    def expired")  # the line span of the window shown
     assert format_passages([hit], 120).startswith("[1] f.py:10-") and "class Timeout" in format_passages([hit], 120)
+
+
+def test_reader_examples_copy_from_the_window_and_mix_closed_book_questions(fake_stdlib):
+    from lmforge.eval.builtin import BuiltinConfig
+    from lmforge.rag.reader import reader_examples
+
+    cfg = BuiltinConfig(root=str(fake_stdlib), val_fraction=0.2)
+    rows = reader_examples(cfg, closed_book=0.0)
+    assert rows and all(r["messages"][1]["content"].endswith(" [1]") for r in rows)
+    for r in rows:
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"].removesuffix(" [1]")
+        assert "Passages:\n[1] " in user and answer in user  # the answer is in the passage shown
+    mixed = reader_examples(cfg, closed_book=0.5)
+    book = [r for r in mixed if r["messages"][0]["content"].startswith("Question: ")]
+    assert 0 < len(book) < len(mixed) and not any("[1]" in r["messages"][1]["content"] for r in book)

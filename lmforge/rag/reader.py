@@ -28,8 +28,13 @@ def _passage(indexed: str) -> Chunk:
     return Chunk(head, head, None, 1, 1, head, text)
 
 
-def reader_examples(cfg: BuiltinConfig | None = None, max_files: int | None = None, seed: int = 0) -> list[dict]:
-    """{"messages": [user: passage + question, assistant: sentence [1]]} from the training modules."""
+def reader_examples(
+    cfg: BuiltinConfig | None = None, max_files: int | None = None, seed: int = 0, closed_book: float = 0.15
+) -> list[dict]:
+    """{"messages": [user: passage + question, assistant: sentence [1]]} from the training modules; a
+    `closed_book` share asks the question alone (answer: the sentence, no citation), so the same model
+    also answers without retrieval as well as it can: the RAG vs no-RAG comparison is then fair, not
+    a model asked a prompt it never saw."""
     from lmforge.rag.qa import QUESTION, training_pairs
 
     rng = random.Random(seed)
@@ -41,11 +46,17 @@ def reader_examples(cfg: BuiltinConfig | None = None, max_files: int | None = No
         shown = " ".join(focus(passage.partition("\n")[2], question, PASSAGE_CHARS)[0].split())
         if not question.startswith(QUESTION.split("`")[0]) or sentence not in shown:
             continue  # the reader can only learn to copy what its passage shows
-        hit = Hit(1, 1.0, _passage(passage))
-        messages = [
-            {"role": "user", "content": user_message(question, [hit], PASSAGE_CHARS)},
-            {"role": "assistant", "content": f"{sentence} [1]"},
-        ]
+        if rng.random() < closed_book:
+            messages = [
+                {"role": "user", "content": user_message(question, [], PASSAGE_CHARS)},
+                {"role": "assistant", "content": sentence},
+            ]
+        else:
+            hit = Hit(1, 1.0, _passage(passage))
+            messages = [
+                {"role": "user", "content": user_message(question, [hit], PASSAGE_CHARS)},
+                {"role": "assistant", "content": f"{sentence} [1]"},
+            ]
         out.append({"messages": messages})
     rng.shuffle(out)
     return out

@@ -82,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = sub.add_parser("reader-data", help="SFT examples (passage + question -> cited answer) from the stdlib")
     r.add_argument("-o", "--out", required=True, help="the JSONL file to write (chat messages)")
     r.add_argument("--max-files", type=int, help="read this many stdlib modules only (a quick run)")
+    r.add_argument(
+        "--closed-book",
+        type=float,
+        default=0.15,
+        help="share of examples asked without a passage (the same model's no-RAG baseline; default: %(default)s)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -251,7 +257,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_reader_data(args: argparse.Namespace) -> int:
     from lmforge.rag.reader import reader_examples
 
-    rows = reader_examples(max_files=args.max_files)
+    if not 0.0 <= args.closed_book < 1.0:
+        raise LmforgeError(f"--closed-book must be in [0, 1), got {args.closed_book}")
+    rows = reader_examples(max_files=args.max_files, closed_book=args.closed_book)
     if not rows:
         raise LmforgeError("no reader example found (no documented public function in the modules read)")
     atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
