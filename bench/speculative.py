@@ -26,7 +26,7 @@ from lmforge.infer.generate import generate
 from lmforge.infer.medusa import MedusaHeads, load_medusa, medusa_generate, medusa_loss, save_medusa
 from lmforge.infer.prepare import prepare_for_inference
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.speculative import DraftProposer, LookupProposer, speculative_generate
+from lmforge.infer.speculative import DraftProposer, LookupProposer, frequent_tokens, speculative_generate
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
@@ -166,6 +166,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--max-k", type=int, default=6, help="draft length bound with a confidence stop")
     ap.add_argument("--min-confidence", type=float, default=0.4, help="stop drafting below this draft probability")
+    ap.add_argument(
+        "--draft-vocab", type=int, default=512, help="also: the draft's head over the N most frequent tokens"
+    )
     ap.add_argument("--medusa-trees", default="3x2x2,2x1x1,1x1x1", help="Medusa trees to try (top-k per level)")
     ap.add_argument("--methods", default="", help="only the methods whose names contain one of these (comma-separated)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -189,6 +192,10 @@ def main() -> None:
     copy_prompts = [s + tok.encode("\n\n") + s[:8] for s in snippets]
     sp = SamplingParams(max_new_tokens=args.new)
     k = args.k
+    # The draft's vocabulary subset: the most frequent tokens of the text it was trained on.
+    frequent = frequent_tokens(
+        torch.bincount(torch.tensor(tok.encode(text)), minlength=tok.vocab_size), args.draft_vocab
+    )
 
     def plain(p):
         return generate(target, p, max_new_tokens=args.new)[0].tolist(), None
@@ -200,6 +207,10 @@ def main() -> None:
             lambda p: speculative_generate(
                 target, p, sp, DraftProposer(draft, 1024, args.min_confidence), k=args.max_k
             ),
+        ),
+        f"draft model (top-{args.draft_vocab} head)": (
+            prompts,
+            lambda p: speculative_generate(target, p, sp, DraftProposer(draft, 1024, vocab=frequent), k=k),
         ),
         "prompt lookup (free text)": (prompts, lambda p: speculative_generate(target, p, sp, LookupProposer(3), k=k)),
         "prompt lookup (copy task)": (

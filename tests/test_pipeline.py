@@ -123,3 +123,15 @@ def test_bad_recipe_is_a_clear_error(tmp_path, capsys):
     bad.write_text("name: [unclosed\n")
     assert main(["pipeline", "--recipe", str(bad), "--runs-dir", str(tmp_path)]) == 2
     assert "invalid YAML" in capsys.readouterr().err
+
+
+def test_draft_proposes_from_the_frequent_tokens(run):
+    """The micro recipe's draft head scores the 256 most frequent ids (generate.draft_vocab); the row
+    with the whole vocabulary is measured beside it, and both give plain decoding's tokens."""
+    gen = json.loads((run / "generate" / "results.json").read_text())
+    assert gen["draft_vocab"]["tokens"] == 256 and gen["draft_vocab"]["of"] == 512
+    assert 0.5 < gen["draft_vocab"]["coverage"] <= 1.0
+    rows = {r["decoding"]: r for r in gen["rows"] if r["decoding"].startswith("speculative")}
+    assert set(rows) == {"speculative (draft model)", "speculative (draft model), whole vocabulary"}
+    assert all(r["identical_to_plain"] for r in rows.values())
+    assert "256 most frequent of the 512 token ids" in (run / "report.md").read_text()

@@ -2,8 +2,9 @@
 decode speed (plain, prompt lookup, speculative with the distilled draft, quantized), and the
 quantization speed-up measured at a size where decoding is memory-bound.
 
-Speeds are medians of interleaved repeats (each repeat times every decoding method once), so a
-noisy machine slows all methods alike instead of whichever happened to run during the noise.
+Speeds are medians of interleaved repeats (each repeat times every decoding method once, prompt by
+prompt), so a noisy machine slows all methods alike instead of whichever happened to run during the
+noise.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ import time
 from pathlib import Path
 
 FINAL = "final (sft, merged)"
+SPECULATIVE = "speculative (draft model)"
 
 
-def measure_generation(gcfg: dict, models: dict[str, Path], heldout: dict | None = None) -> dict:
+def measure_generation(
+    gcfg: dict, models: dict[str, Path], heldout: dict | None = None, data: Path | None = None
+) -> dict:
     """Samples, decode tokens/s for every model, speculative decoding on the final model, and the
     quantization speed-up at scale (`generate.quant_at_scale`). `heldout`: BuiltinConfig fields of
-    the run's document split (fine-tuned models are asked about held-out functions)."""
+    the run's document split (fine-tuned models are asked about held-out functions). `data`: the
+    run's token shards, whose frequencies pick the draft's vocabulary (`generate.draft_vocab`)."""
     import torch
 
     from lmforge.checkpoint import load_model, load_tokenizer_if_any
     from lmforge.infer.prepare import prepare_for_inference
-    from lmforge.infer.speculative import DraftProposer, LookupProposer
+    from lmforge.infer.speculative import DraftProposer, LookupProposer, frequent_tokens
 
     prompts = gcfg.get("prompts") or ["def main():"]
     new = int(gcfg.get("max_new_tokens", 64))
@@ -52,10 +57,26 @@ def measure_generation(gcfg: dict, models: dict[str, Path], heldout: dict | None
         if "draft" in loaded:
             # Drafting stops where the draft is unsure (k is then a bound): a weak guess costs less.
             length = max(map(len, encoded)) + new + k + 2
-            methods[(FINAL, "speculative (draft model)")] = (
+            confidence = float(gcfg.get("draft_min_confidence", 0.0))
+            n_vocab, vocab_size = int(gcfg.get("draft_vocab") or 0), loaded["draft"].config.vocab_size
+            vocab = None
+            if 0 < n_vocab < vocab_size and data is not None:
+                counts = token_counts(data, vocab_size)
+                vocab = frequent_tokens(counts, n_vocab)
+                out["draft_vocab"] = {
+                    "tokens": n_vocab,
+                    "of": vocab_size,
+                    "coverage": round(float(counts[vocab].sum() / max(1, counts.sum())), 4),
+                }
+            methods[(FINAL, SPECULATIVE)] = (
                 loaded[FINAL],
-                DraftProposer(loaded["draft"], length, float(gcfg.get("draft_min_confidence", 0.0))),
+                DraftProposer(loaded["draft"], length, confidence, vocab=vocab),
             )
+            if vocab is not None:  # the whole head beside it: what the smaller head gains
+                methods[(FINAL, SPECULATIVE + ", whole vocabulary")] = (
+                    loaded[FINAL],
+                    DraftProposer(loaded["draft"], length, confidence),
+                )
     threads = torch.get_num_threads()
     if FINAL in loaded:  # batch-1 decoding of a small model may run faster on fewer threads: use the faster
         torch.set_num_threads(decode_threads(loaded[FINAL], encoded[0]))
@@ -93,6 +114,20 @@ def measure_generation(gcfg: dict, models: dict[str, Path], heldout: dict | None
     if scale:
         out["quant_at_scale"] = quant_speed_at_scale(scale)
     return out
+
+
+def token_counts(data: Path, vocab_size: int):
+    """How often each token id occurs in a shard folder's training split (np.int64 [vocab_size])."""
+    import numpy as np
+
+    from lmforge.data.shards import read_index
+
+    index, folder = read_index(data)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for shard in index["splits"].get("train", {}).get("shards", []):
+        tokens = np.memmap(folder / shard["file"], dtype=np.dtype(index["dtype"]), mode="r")
+        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+    return counts
 
 
 def _plain(model, ids: list[int], new: int) -> list[int]:
@@ -145,17 +180,25 @@ def _timed(methods: dict, encoded: list[list[int]], new: int, k: int, repeats: i
     for model, _ in methods.values():  # warm-up: kernel pre-packing, allocator
         _plain(model, encoded[0], 4)
     for _ in range(repeats):
-        for m, (model, proposer) in methods.items():
-            rows, accepted, proposed, start = [], 0, 0, time.perf_counter()
-            for ids in encoded:
+        # Interleaved prompt by prompt (every method decodes a prompt before the next prompt), so a
+        # burst of load on a shared machine slows every method alike.
+        seconds = {m: 0.0 for m in methods}
+        rows: dict = {m: [] for m in methods}
+        counted = {m: [0, 0] for m in methods}  # accepted, proposed
+        for ids in encoded:
+            for m, (model, proposer) in methods.items():
+                start = time.perf_counter()
                 if proposer is None:
-                    rows.append(_plain(model, ids, new))
+                    rows[m].append(_plain(model, ids, new))
                 else:
                     row, stats = speculative_generate(model, ids, params, proposer, k=k)
-                    rows.append(row)
-                    accepted, proposed = accepted + stats.accepted, proposed + stats.proposed
-            rates[m].append(sum(map(len, rows)) / (time.perf_counter() - start))
-            tokens[m], acceptance[m] = rows, round(accepted / max(1, proposed), 3)
+                    rows[m].append(row)
+                    counted[m][0] += stats.accepted
+                    counted[m][1] += stats.proposed
+                seconds[m] += time.perf_counter() - start
+        for m in methods:
+            rates[m].append(sum(map(len, rows[m])) / seconds[m])
+            tokens[m], acceptance[m] = rows[m], round(counted[m][0] / max(1, counted[m][1]), 3)
     return {
         m: {
             "tokens_per_s": round(statistics.median(rates[m]), 1),

@@ -218,6 +218,18 @@ def _quant_blocks(run: Path, models: dict[str, Path], gen: dict) -> list[tuple]:
     return blocks
 
 
+def _draft_vocab_note(gen: dict) -> str:
+    v = gen.get("draft_vocab")
+    if not v:
+        return ""
+    return (
+        f" The draft proposes from the {v['tokens']:,} most frequent of the {v['of']:,} token ids of the "
+        f"training data ({100 * v['coverage']:.1f}% of its tokens): its head, most of a one-layer draft's "
+        "weights, shrinks by that factor, and the target still verifies every token (the row with the whole "
+        "vocabulary shows the gain)."
+    )
+
+
 def _decode_blocks(run: Path, gen: dict) -> list[tuple]:
     if not gen.get("rows"):
         return [("p", "Generate stage: not available.")]
@@ -226,7 +238,8 @@ def _decode_blocks(run: Path, gen: dict) -> list[tuple]:
         (
             "p",
             f"Batch 1, greedy, {gen['max_new_tokens']} new tokens per prompt, {gen['threads']} thread(s) (the "
-            f"faster for plain decoding of `final`), median of {gen.get('repeats', 1)} interleaved repeats.",
+            f"faster for plain decoding of `final`), median of {gen.get('repeats', 1)} interleaved repeats."
+            + _draft_vocab_note(gen),
         ),
         (
             "table",

@@ -336,7 +336,7 @@ def stage_eval(cfg: dict, run: Path, resume: bool) -> None:
 def stage_generate(cfg: dict, run: Path, resume: bool) -> None:
     from lmforge.recipes._pipeline_measure import measure_generation
 
-    results = measure_generation(cfg.get("generate") or {}, models_of(cfg, run), heldout_split(cfg, run))
+    results = measure_generation(cfg.get("generate") or {}, models_of(cfg, run), heldout_split(cfg, run), run / "data")
     atomic_write_json(run / "generate" / "results.json", results)
 
 
