@@ -103,6 +103,17 @@ def test_bad_subset_is_a_clear_error(ids, match):
         DraftProposer(_model(layers=1), 32, vocab=ids)
 
 
+def test_subset_of_a_model_that_is_not_a_transformer_is_a_clear_error():
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _model(layers=1)
+            self.config = self.inner.config
+
+    with pytest.raises(LmforgeError, match="lmforge Transformer"):
+        DraftProposer(Wrapped(), 32, vocab=[1, 2])
+
+
 def test_whole_vocabulary_subset_keeps_the_draft():
     draft = _model(layers=1)
     assert DraftProposer(draft, 32, vocab=range(512)).draft is draft

@@ -103,6 +103,8 @@ class SubVocabLM(nn.Module):
 
     def __init__(self, lm: nn.Module, ids):
         super().__init__()
+        if not isinstance(lm, Transformer):
+            raise LmforgeError(f"a draft vocabulary subset needs an lmforge Transformer, not {type(lm).__name__}")
         ids = torch.as_tensor(list(ids), dtype=torch.long)
         V = lm.config.vocab_size
         if ids.numel() == 0 or ids.dim() != 1 or int(ids.min()) < 0 or int(ids.max()) >= V:
@@ -136,7 +138,7 @@ class DraftProposer:
 
     def __init__(self, draft, max_len: int, min_confidence: float = 0.0, vocab=None):
         self.draft, self.max_len, self.min_confidence = draft.eval(), max_len, min_confidence
-        self.vocab_size = draft.config.vocab_size
+        self.vocab_size = None if vocab is None else draft.config.vocab_size
         if vocab is not None and len(vocab) < self.vocab_size:
             self.draft = SubVocabLM(draft, vocab).eval()
         self.ids = getattr(self.draft, "ids", None)  # head row -> token id (None: the identity)
