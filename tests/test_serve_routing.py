@@ -151,7 +151,7 @@ def servers(tmp_path_factory):
         with ServerThread(
             ServeConfig(model=str(model_dir), served_model_name="small", engine_process=False, route=route)
         ) as s:
-            assert wait_until(healthy, timeout=60), "the fallback server did not come up"
+            assert wait_until(healthy, timeout=180), "the fallback server did not come up"  # a loaded machine
             yield s, url
     finally:
         proc.terminate()
