@@ -37,20 +37,25 @@ def test_trigram_biencoder_with_hard_negatives_learns_and_reloads(tmp_path):
     # the hard negative of each: its neighbour's code, sharing the module words ("handle", "value")
     code = {t: f"def handle_{t}(x):\n    '''Handle a {t} value.'''" for t in topics}
     triples = [(f"what handles the {t}?", code[t], code[topics[i - 1]]) for i, t in enumerate(topics)]
-    cfg = BiEncoderConfig(text="trigrams", buckets=4096, hidden_size=32, projection_dim=16, steps=60, batch_size=8)
+    cfg = BiEncoderConfig(text="trigrams", buckets=4096, hidden_size=32, projection_dim=16, steps=40, batch_size=8)
     cfg.lr = 3e-2
     scores = []
 
-    def on_eval(enc, step):  # a dev score that is best at step 20: those weights must be the ones kept
-        scores.append(step)
-        return -abs(step - 20)
+    kept = {}
 
-    enc = train_biencoder(triples, tmp_path / "enc", cfg, on_eval, eval_every=20)
-    assert scores == [20, 40, 60]
+    def on_eval(enc, step):  # a dev score that is best at step 30: those weights must be the ones kept
+        scores.append(step)
+        if step == 30:
+            kept["q"] = enc.embed([triples[0][0]], "query")
+        return -abs(step - 30)
+
+    enc = train_biencoder(triples, tmp_path / "enc", cfg, on_eval, eval_every=10)
+    assert scores == [10, 20, 30, 40]
     q = enc.embed([t[0] for t in triples], "query")
     d = enc.embed([t[1] for t in triples], "passage")
     assert (np.argmax(q @ d.T, axis=1) == np.arange(len(topics))).mean() >= 0.75
     assert not (tmp_path / "enc" / "tokenizer").exists()  # hashed features: no vocabulary to store
+    np.testing.assert_allclose(q[:1], kept["q"], atol=1e-6)  # step 30's weights, not step 40's
     again = BiEncoder.load(tmp_path / "enc")
     np.testing.assert_allclose(again.embed([triples[0][0]], "query"), q[:1], atol=1e-5)
 

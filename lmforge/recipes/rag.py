@@ -246,6 +246,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     )
     for name, m in report["retrieval"].items():
         print(f"{name:<10} {m['recall@1']:>9.3f} {m['recall@5']:>9.3f} {m['recall@10']:>9.3f} {m['mrr']:>7.3f}")
+    if report.get("fusion"):
+        f = report["fusion"]
+        print(
+            f"hybrid fusion: {f['fusion']}" + (f" alpha {f['alpha']} (the encoder's fusion.json)" if f["alpha"] else "")
+        )
     for name, m in report.get("chinese", {}).items():
         print(f"Chinese BM25, {name:<7} recall@1 {m['recall@1']:.3f}  recall@5 {m['recall@5']:.3f}  MRR {m['mrr']:.3f}")
     for name, m in report.get("answers", {}).items():
