@@ -5,8 +5,9 @@ go through `lmforge arena --votes` (Bradley-Terry, bootstrap intervals, Elo, win
 
 With --pipeline RUN, the models a pipeline run produced (base, final, draft, each quantized one) meet
 on code instead: prompts are the last lines before a line of standard-library modules the pipeline
-did not train on, the reference is that next line, and `lmforge arena --judge reference:chrf`
-decides every pair by which model's next line is closer to it (chrF).
+did not train on, the reference is that next line, and `lmforge arena --judge reference:METRIC`
+decides every pair (--metric loglik, the default: which model finds that line likelier, per
+character; chrf: whose generated next line is closer to it).
 
     python bench/arena.py                              # 100 problems, writes runs/bench-arena
     python bench/arena.py --pipeline runs/pipeline-micro --out runs/bench-arena-pipeline
@@ -52,14 +53,14 @@ def code_prompts(n: int, context_lines: int = 3, max_chars: int = 160) -> list[d
     return rows[:n]
 
 
-def pipeline_arena(run: Path, out: Path, n: int) -> None:
+def pipeline_arena(run: Path, out: Path, n: int, metric: str) -> None:
     folders = {"base": run / "base" / "final", "final": run / "final", "draft": run / "draft" / "final"}
     specs = [f"{m}={f}" for m, f in folders.items() if f.is_dir()]
     specs += [f"{q.name}={q}" for q in sorted((run / "quant").glob("*")) if q.is_dir()]
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "code_prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in code_prompts(n)))
-    argv = ["arena", *specs, "--judge", "reference:chrf", "--prompts", str(prompts), "--stop", "\n"]
+    argv = ["arena", *specs, "--judge", f"reference:{metric}", "--prompts", str(prompts), "--stop", "\n"]
     lmforge([*argv, "--max-new-tokens", "24", "--out", str(out), "--bootstrap", "1000"])
 
 
@@ -69,10 +70,11 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=100)
     ap.add_argument("--out", default="runs/bench-arena")
     ap.add_argument("--pipeline", help="a pipeline run folder: battle its models on code instead")
+    ap.add_argument("--metric", default="loglik", help="--pipeline: the reference metric (loglik, chrf, ...)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.pipeline:
-        return pipeline_arena(Path(args.pipeline), Path(args.out), args.problems)
+        return pipeline_arena(Path(args.pipeline), Path(args.out), args.problems, args.metric)
     models = models_in(args.root)
     problems, _ = arithmetic_task(ArithmeticConfig(num_examples=args.problems, seed=0))
     prompts = [p["prompt"] for p in problems]

@@ -210,9 +210,16 @@ def test_arena_cli_judged_by_references(tmp_path, capsys, monkeypatch):
     assert len(scores) == 3 * 40 and {s["score"] for s in scores} == {0.0, 1.0}
     b = reference_battles({"x": [1.0, 0.2, 0.5], "y": [0.0, 0.7, 0.5]}, ["p0", "p1", "p2"])
     assert [x.winner for x in b] == ["model_a", "model_b", "tie"]
-    # a graded metric; references are required; an unknown metric is named
+    # a graded metric; the references' likelihood; references are required; an unknown metric is named
     assert main([*argv[:-1], "reference:chrf", "--bootstrap", "0", "--out", str(out)]) == 0
     capsys.readouterr()
+    for name, m in models.items():  # per character, `always` finds the reference likeliest
+        m.loglikelihood = lambda reqs, bias={"always": 0.0, "half": -1.0, "never": -2.0}[name]: [
+            (bias * len(r) - 0.1, False) for _, r in reqs
+        ]
+    assert main([*argv[:-1], "reference:loglik", "--bootstrap", "0", "--out", str(out)]) == 0
+    table = json.loads((out / "arena.json").read_text())["table"]
+    assert [r["model"] for r in table] == ["a", "h", "n"] and "per character" in capsys.readouterr().out
     prompts.write_text(json.dumps({"prompt": "double 1"}) + "\n")
     assert main([*argv, "--out", str(out)]) == 2 and "p.jsonl:1" in capsys.readouterr().err
     assert main([*argv[:-2], "--judge", "reference:bleurt", "--out", str(out)]) == 2

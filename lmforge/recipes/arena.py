@@ -5,8 +5,9 @@ Battles come from a votes file (JSONL: model_a, model_b, winner in model_a|model
 judge comparing the models' answers on a prompt set (every pair, both orders), from the prompts'
 reference answers (`--judge reference[:METRIC]`: each answer scored against the prompt's "reference"
 (or "answer") field, the higher score wins the pair, equal scores tie; METRIC is answer (the final
-answer equals the reference's, the default), exact (SQuAD-normalised exact match), token_f1, chrf
-or rouge_l), or votes and battles together.
+answer equals the reference's, the default), exact (SQuAD-normalised exact match), token_f1, chrf,
+rouge_l, or loglik: no answers, each model's log-likelihood of the reference after the prompt per
+character, which still ranks models too weak to produce the reference), or votes and battles together.
 
     lmforge arena --votes votes.jsonl --out runs/arena
     lmforge arena runs/a/final runs/b/final http://127.0.0.1:8000 --judge runs/big/final --prompts p.jsonl
@@ -27,11 +28,12 @@ from lmforge.common import LmforgeError, atomic_write_json, atomic_write_text, g
 from lmforge.recipes._common import bounded
 
 log = get_logger("lmforge.arena")
-REFERENCE_METRICS = ("answer", "exact", "token_f1", "chrf", "rouge_l")
+REFERENCE_METRICS = ("answer", "exact", "token_f1", "chrf", "rouge_l", "loglik")
+LOGLIK = "loglik"  # not an answer's score: the model's log-likelihood of the reference, per character
 
 
 def reference_scorer(judge: str | None):
-    """--judge reference[:METRIC] -> score(answer, reference) in [0, 1]; None for a model judge."""
+    """--judge reference[:METRIC] -> score(answer, reference) in [0, 1], or LOGLIK; None for a model judge."""
     if judge is None or judge.split(":", 1)[0] != "reference":
         return None
     from lmforge.eval import metrics
@@ -45,6 +47,8 @@ def reference_scorer(judge: str | None):
         "chrf": lambda a, r: metrics.chrf([a], [[r]]) / 100,
         "rouge_l": lambda a, r: metrics.rouge_l(a, [r]),
     }
+    if metric == LOGLIK:
+        return LOGLIK
     if metric not in scorers:
         raise LmforgeError(f"--judge {judge!r}: the reference metric must be one of {', '.join(REFERENCE_METRICS)}")
     return scorers[metric]
@@ -165,13 +169,25 @@ def main(args: argparse.Namespace) -> int:
         score = reference_scorer(args.judge)
         prompts, ids, refs = read_prompts(args.prompts, args.limit, need_references=score is not None)
         stop = ["\n\n"] if args.stop is None else args.stop
-        answers = {}
+        answers, loglik = {}, {}
         for name, spec in specs.items():
+            lm = load_lm(spec, device=args.device)
+            if score == LOGLIK:  # how likely each model finds the reference: no answers to generate
+                log.info("scoring %d references with %s", len(prompts), name)
+                lls = lm.loglikelihood(list(zip(prompts, refs)))
+                loglik[name] = [ll / max(1, len(r)) for (ll, _), r in zip(lls, refs)]
+                answers[name] = [""] * len(prompts)
+                continue
             log.info("answering %d prompts with %s", len(prompts), name)
-            answers[name] = load_lm(spec, device=args.device).generate(
+            answers[name] = lm.generate(
                 prompts, max_new_tokens=args.max_new_tokens, stop=stop, temperature=args.temperature, seed=args.seed
             )
-        if score is not None:
+        if score == LOGLIK:
+            judged = reference_battles(loglik, ids)
+            records = [{"model": m, "id": i, "loglik_per_char": v} for m in loglik for i, v in zip(ids, loglik[m])]
+            for m, sc in loglik.items():
+                print(f"{m}: mean log-likelihood of the reference per character {sum(sc) / len(sc):.4f}")
+        elif score is not None:
             scores = {m: [score(a, r) for a, r in zip(ans, refs)] for m, ans in answers.items()}
             judged = reference_battles(scores, ids, {m: [len(a) for a in ans] for m, ans in answers.items()})
             records = [{"model": m, "id": i, "answer": a, "score": sc}
