@@ -17,7 +17,9 @@ llama.cpp: `llama_decode` of the prompt (pp) then one token at a time (tg), n_th
 = the thread count, default context settings (F16 KV cache, as llama-bench). lmforge: `stream_generate`
 (the `generate` path): pp is the time to the first token, tg the rate of the following ones. Each
 repeat runs every engine once, interleaved, so machine noise hits all of them; medians are printed
-with `uptime`'s load average beside them.
+with `uptime`'s load average beside them. "per CPU-s" divides the decoded tokens by the process's CPU
+time instead of the wall clock: on a shared machine it is the steadier figure at 1 thread (at 2 it
+also counts the time threads spin waiting for each other).
 """
 
 from __future__ import annotations
@@ -92,16 +94,16 @@ class LlamaCpp:
             raise RuntimeError("llama_decode failed")
         self.lib.llama_synchronize(self.ctx)
 
-    def run(self, prompt: list[int], new: int, threads: int) -> tuple[float, float]:
-        """(prefill tok/s, decode tok/s) on a fresh context."""
+    def run(self, prompt: list[int], new: int, threads: int) -> tuple[float, float, float]:
+        """(prefill tok/s, decode tok/s, decode tokens per CPU-second) on a fresh context."""
         self._context(threads)
         t = time.perf_counter()
         self._decode(prompt)
         pp = len(prompt) / (time.perf_counter() - t)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for i in range(new):
             self._decode([(prompt[-1] + 7 * i) % 32000])
-        return pp, new / (time.perf_counter() - t)
+        return pp, new / (time.perf_counter() - t), new / (time.process_time() - cpu)
 
     def close(self) -> None:
         if self.ctx is not None:
@@ -109,14 +111,16 @@ class LlamaCpp:
         self.lib.llama_model_free(self.model)
 
 
-def run_lmforge(model, prompt: list[int], new: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) through `stream_generate`: time to the first token, then the rest."""
+def run_lmforge(model, prompt: list[int], new: int) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, decode tokens per CPU-second) through `stream_generate`: time to
+    the first token, then the rest."""
     params = SamplingParams(max_new_tokens=new, temperature=0.0)
     t0 = time.perf_counter()
     stamps = []
     for _ in stream_generate(model, [prompt], params):
-        stamps.append(time.perf_counter())
-    return len(prompt) / (stamps[0] - t0), (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        stamps.append((time.perf_counter(), time.process_time()))
+    (wall0, cpu0), (wall1, cpu1) = stamps[0], stamps[-1]
+    return len(prompt) / (wall0 - t0), (len(stamps) - 1) / (wall1 - wall0), (len(stamps) - 1) / (cpu1 - cpu0)
 
 
 def make_model(tied: bool = False) -> Transformer:
@@ -164,7 +168,7 @@ def main() -> None:
             ours = lmforge_model(base, gguf_type)
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                res: dict[tuple[str, int], list[tuple[float, float]]] = {}
+                res: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
                 for n in args.pp:  # warm-up: first calls build kernels / caches on both sides
                     theirs.run(prompts[n], 4, threads), run_lmforge(ours, prompts[n], 4)
                 for _ in range(args.repeats):
@@ -172,12 +176,12 @@ def main() -> None:
                         new = args.new_tokens if n == args.pp[0] else 2
                         res.setdefault(("llama.cpp", n), []).append(theirs.run(prompts[n], new, threads))
                         res.setdefault(("lmforge", n), []).append(run_lmforge(ours, prompts[n], new))
-                med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for k, v in res.items()}
+                med = {k: tuple(statistics.median(col) for col in zip(*v)) for k, v in res.items()}
                 rows.append((gguf_type, threads, med, load_avg()))
-                tg_l, tg_o = med[("llama.cpp", args.pp[0])][1], med[("lmforge", args.pp[0])][1]
+                (_, tg_l, cpu_l), (_, tg_o, cpu_o) = med[("llama.cpp", args.pp[0])], med[("lmforge", args.pp[0])]
                 print(
                     f"{gguf_type} {threads}t: tg{args.new_tokens} llama.cpp {tg_l:.1f} lmforge {tg_o:.1f} "
-                    f"({tg_o / tg_l:.2f}x); " + "; ".join(
+                    f"({tg_o / tg_l:.2f}x; per CPU-second {cpu_l:.1f} vs {cpu_o:.1f}, {cpu_o / cpu_l:.2f}x); " + "; ".join(
                         f"pp{n} {med[('llama.cpp', n)][0]:.0f} vs {med[('lmforge', n)][0]:.0f}" for n in args.pp
                     ) + f"  [load {load_avg()}]",
                     flush=True,
@@ -189,13 +193,13 @@ def main() -> None:
 
 def print_table(rows, args) -> None:
     tg = f"tg{args.new_tokens}"
-    head = f"| type | threads | {tg} llama.cpp | {tg} lmforge | ratio |"
+    head = f"| type | threads | {tg} llama.cpp | {tg} lmforge | ratio | per CPU-s llama.cpp | lmforge | ratio |"
     head += "".join(f" pp{n} llama.cpp | pp{n} lmforge | ratio |" for n in args.pp) + " load avg |"
     print("\n" + head)
     print("|" + "---|" * (head.count("|") - 1))
     for gguf_type, threads, med, load in rows:
-        l_, o = med[("llama.cpp", args.pp[0])][1], med[("lmforge", args.pp[0])][1]
-        line = f"| {gguf_type.upper()} | {threads} | {l_:.1f} | {o:.1f} | {o / l_:.2f}x |"
+        (_, l_, cl), (_, o, co) = med[("llama.cpp", args.pp[0])], med[("lmforge", args.pp[0])]
+        line = f"| {gguf_type.upper()} | {threads} | {l_:.1f} | {o:.1f} | {o / l_:.2f}x | {cl:.1f} | {co:.1f} | {co / cl:.2f}x |"
         for n in args.pp:
             a, b = med[("llama.cpp", n)][0], med[("lmforge", n)][0]
             line += f" {a:.0f} | {b:.0f} | {b / a:.2f}x |"

@@ -10,8 +10,8 @@ write, GQA attention in fp32, o_proj, the residuals and the SwiGLU MLP.
 `fuse_blocks(model)` (called by `prepare_for_inference`) gives each eligible block a forward that
 takes this path for one token of one sequence with a plain `KVCache` and an all-visible mask, and
 otherwise calls the block's own forward. Eligible: pre-norm RMSNorm blocks without qk-norm, score
-soft-capping or sliding windows, a SiLU-gated MLP, and linears that are fp32 `nn.Linear` (weight
-[out, in]), `Q8_0Linear` or `Q4_0Linear` without an input scale. The results equal the torch path's
+soft-capping or sliding windows, a SiLU-gated MLP, and linears that are fp32 (`TransposedLinear`
+or `nn.Linear`), `Q8_0Linear` or `Q4_0Linear` without an input scale. The results equal the torch path's
 up to fp32 summation order (tests: logits within 1e-4, identical greedy tokens).
 """
 
@@ -27,6 +27,8 @@ from lmforge.model.kv_cache import KVCache
 from lmforge.model.layers import MLP, RMSNorm
 from lmforge.quant import cpu_kernel
 from lmforge.quant.kernel_linear import BlockLinear
+
+from .prepare import TransposedLinear
 
 
 class Mat(ctypes.Structure):
@@ -52,21 +54,11 @@ def _mat(m: nn.Module) -> Mat | None:
     if isinstance(m, BlockLinear) and m.input_scale is None and m.qweight.device.type == "cpu":
         kp = m.padded_in_features
         return Mat(m.bits, m.qweight.data_ptr(), m.scales.data_ptr(), b, m.out_features, m.in_features, kp)
-    if isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, KernelLinear.forward) and _f32(m.weight):
+    if type(m) is TransposedLinear and _f32(m.weight_t):  # fp32 [in, out], what prepare_for_inference makes
+        return Mat(1, m.weight_t.data_ptr(), None, b, m.out_features, m.in_features, m.in_features)
+    if type(m) is nn.Linear and _f32(m.weight):
         return Mat(0, m.weight.data_ptr(), None, b, m.out_features, m.in_features, m.in_features)
     return None
-
-
-class KernelLinear(nn.Linear):
-    """nn.Linear (weight [out, in], same state dict) whose forward at a few rows is the C gemv."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > 8 * self.in_features or x.dtype != torch.float32 or torch.is_grad_enabled():
-            return super().forward(x)
-        lib = cpu_kernel.library()
-        y = cpu_kernel.f32_linear(x.reshape(-1, self.in_features), self.weight.detach(), lib)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
 
 
 def layer_spec(block: nn.Module, config) -> Layer | None:
@@ -152,20 +144,87 @@ def _visible(mask, seen: list) -> bool:
 
 
 def fuse_blocks(model: nn.Module) -> int:
-    """Give every eligible block of `model` the C decode path; returns how many got it (0 without
-    the C kernels or a fitting architecture). Weights must not be replaced afterwards: the C
-    description holds their addresses (prepare again after loading new weights)."""
+    """Give every eligible block of `model` the C decode path, and the model a one-call decode step
+    when every block, the final norm and the head qualify; returns how many blocks got it (0 without
+    the C kernels or a fitting architecture). The C descriptions hold the weights' addresses (and
+    references that keep them alive): prepare again after replacing weights (not needed after an
+    in-place load_state_dict)."""
     lib = cpu_kernel.library()
     config = getattr(model, "config", None)
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if lib is None or config is None or layers is None or config.rope_scaling and "longrope" in str(config.rope_scaling):
+    if lib is None or config is None or layers is None or "longrope" in str(config.rope_scaling):
         return 0
-    fused = 0
+    specs = []
     for block in layers:
         spec = layer_spec(block, config)
         if spec is not None:
             # the struct, and every tensor whose address it holds, live as long as the block
-            block._lmforge_layer_spec = spec, [t for t in block.state_dict(keep_vars=True).values()]
+            block._lmforge_layer_spec = spec, list(block.state_dict(keep_vars=True).values())
             block.forward = _fast_forward(block, spec, lib)
-            fused += 1
-    return fused
+            specs.append(spec)
+    if len(specs) == len(layers) and len(specs):
+        _fuse_model(model, specs, lib)
+    return len(specs)
+
+
+def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL) -> None:
+    """The whole decode step in one C call: embedding row, blocks, final norm, head."""
+    c, m = model.config, model.model
+    emb, norm, head = m.embed_tokens, m.norm, _mat(model.lm_head)
+    if (
+        head is None
+        or c.final_logit_softcapping is not None
+        or hasattr(m, "rotary_local")
+        or type(norm) is not RMSNorm
+        or norm.offset != 0
+        or ctypes.c_float(norm.eps).value != specs[0].eps
+        or not _f32(emb.weight)
+        or not _f32(norm.weight)
+        or type(emb) is not nn.Embedding  # (Gemma's scaled embedding has offset norms: not fused anyway)
+    ):
+        return
+    table = (Layer * len(specs))(*specs)
+    model._lmforge_step_spec = table, head, list(model.state_dict(keep_vars=True).values())
+    torch_forward = model.forward
+    vocab = model.lm_head.out_features
+
+    def forward(input_ids=None, **kw):
+        cache = kw.get("kv_cache")
+        start = kw.get("start_pos", 0)
+        if not (
+            type(cache) is KVCache
+            and isinstance(input_ids, torch.Tensor)
+            and input_ids.shape == (1, 1)
+            and kw.keys() <= _STEP_ARGS
+            and kw.get("inputs_embeds") is None
+            and start < cache.max_len
+            and _f32(cache.k[0])
+            and not torch.is_grad_enabled()
+            and all(b.self_attn.kv_prefix is None for b in m.layers)
+            and (kw.get("attention_mask") is None or bool(kw["attention_mask"].all()))
+        ):
+            return torch_forward(input_ids, **kw)
+        token = int(input_ids)
+        if not 0 <= token < emb.num_embeddings:
+            return torch_forward(input_ids, **kw)
+        positions = kw.get("position_ids")
+        if positions is None:
+            positions = torch.tensor([[start]])
+        cos, sin = (t.reshape(-1).contiguous() for t in m.rotary(positions, torch.float32))
+        n = len(specs)
+        kcs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.k])
+        vcs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.v])
+        logits = torch.empty(1, 1, vocab)
+        lib.llama_forward(
+            emb.weight.data_ptr(), token, 1.0, table, n, kcs, vcs, start, cache.max_len,
+            cos.data_ptr(), sin.data_ptr(), norm.weight.data_ptr(), ctypes.byref(head), logits.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return logits
+
+    model.forward = forward
+
+
+# Keyword arguments the one-call step accepts (anything else, e.g. attn_mask or return_hidden, takes
+# the torch forward); logits_to_keep does not matter for one token.
+_STEP_ARGS = {"inputs_embeds", "attention_mask", "position_ids", "kv_cache", "start_pos", "logits_to_keep"}

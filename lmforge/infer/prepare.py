@@ -5,9 +5,8 @@ weight stored pre-transposed ([in, out], as GPT-2's Conv1D keeps it) faster than
 at small batch. `prepare_for_inference` swaps plain `nn.Linear` modules for `TransposedLinear`
 (quantized and adapter modules are left alone: they own their layouts).
 
-With lmforge's C kernels (`lmforge.quant.cpu_kernel`, built on first use) plain linears become
-`KernelLinear` instead (weight kept [out, in]; the C gemv at a few rows, torch's matmul above), and
-every Llama-style block gets the one-call C decode step of `fused_block` for batch-1 decoding.
+With lmforge's C kernels (`lmforge.quant.cpu_kernel`, built on first use) Llama-style blocks (and,
+when all qualify, the whole decode step) also get the one-call C batch-1 decode of `fused_block`.
 """
 
 from __future__ import annotations
@@ -49,28 +48,16 @@ class TransposedLinear(nn.Module):
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Swap plain nn.Linear for TransposedLinear (or KernelLinear with the C kernels) on CPU, and give
-    Llama-style blocks the fused C decode step; eval mode, no grads. Returns the model."""
-    from lmforge.quant import cpu_kernel
-
-    from .fused_block import KernelLinear, fuse_blocks
+    """Swap plain nn.Linear for TransposedLinear on CPU and give Llama-style blocks the C decode step
+    (`fused_block.fuse_blocks`, when the C kernels build); eval mode, no grads. Returns the model."""
+    from .fused_block import fuse_blocks
 
     model.eval().requires_grad_(False)
     if next(model.parameters()).device.type != "cpu":
         return model
-    kernels = cpu_kernel.available()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, _kernel_linear(child, KernelLinear) if kernels else TransposedLinear(child))
-    if kernels:
-        fuse_blocks(model)
+                setattr(parent, name, TransposedLinear(child))
+    fuse_blocks(model)
     return model
-
-
-def _kernel_linear(linear: nn.Linear, cls: type[nn.Linear]) -> nn.Linear:
-    """The same parameters (shared, so a tied head stays tied) in a KernelLinear."""
-    m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-    m.weight = linear.weight
-    m.bias = linear.bias
-    return m

@@ -44,6 +44,9 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -246,7 +249,43 @@ static float dot_f32(const float *w, const float *x, int64_t k) {
     return acc;
 }
 
-/* A linear layer's weights: type 0 fp32 [n, k]; 8 Q8_0 int8 [n, kp]; 4 Q4_0 [n, kp/2] (fp16 scales d
+/* y[c0:c1] = x [k] @ wt[:, c0:c1], wt fp32 [k, n] (a transposed weight, as TransposedLinear keeps it):
+   row k of the weight streams through once; a tile of 2048 outputs stays in L1 while 4 rows of the
+   weight are added into it (this reads memory faster here than a dot product per output row). */
+static void gemv_t_f32(const float *x, const float *wt, float *y, int64_t k, int64_t n, int64_t c0, int64_t c1) {
+    for (int64_t t0 = c0; t0 < c1; t0 += 2048) {
+        int64_t len = c1 - t0 < 2048 ? c1 - t0 : 2048, kk = 0;
+        float *yt = y + t0;
+        for (int64_t j = 0; j < len; j++) yt[j] = 0.0f;
+        for (; kk + 4 <= k; kk += 4) {
+            const float *r0 = wt + kk * n + t0, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
+            float x0 = x[kk], x1 = x[kk + 1], x2 = x[kk + 2], x3 = x[kk + 3];
+            int64_t j = 0;
+#if defined(__AVX512F__)
+            __m512 v0 = _mm512_set1_ps(x0), v1 = _mm512_set1_ps(x1), v2 = _mm512_set1_ps(x2), v3 = _mm512_set1_ps(x3);
+            for (; j + 16 <= len; j += 16) {
+                __m512 a = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + j), v0, _mm512_loadu_ps(yt + j));
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + j), v1, a);
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + j), v2, a);
+                _mm512_storeu_ps(yt + j, _mm512_fmadd_ps(_mm512_loadu_ps(r3 + j), v3, a));
+            }
+#elif defined(AVX2)
+            __m256 v0 = _mm256_set1_ps(x0), v1 = _mm256_set1_ps(x1), v2 = _mm256_set1_ps(x2), v3 = _mm256_set1_ps(x3);
+            for (; j + 8 <= len; j += 8) {
+                __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + j), v0, _mm256_loadu_ps(yt + j));
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + j), v1, a);
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + j), v2, a);
+                _mm256_storeu_ps(yt + j, _mm256_fmadd_ps(_mm256_loadu_ps(r3 + j), v3, a));
+            }
+#endif
+            for (; j < len; j++) yt[j] += r0[j] * x0 + r1[j] * x1 + r2[j] * x2 + r3[j] * x3;
+        }
+        for (; kk < k; kk++)
+            for (int64_t j = 0; j < len; j++) yt[j] += wt[kk * n + t0 + j] * x[kk];
+    }
+}
+
+/* A linear layer's weights: type 0 fp32 [n, k]; 1 fp32 transposed [k, n]; 8 Q8_0 int8 [n, kp]; 4 Q4_0 [n, kp/2] (fp16 scales d
    [n, kp/32]); bias fp32 [n] or NULL. */
 typedef struct {
     int64_t type;
@@ -296,15 +335,34 @@ static float mat_row(const mat_t *mt, int64_t r, const float *x, const act_t *a,
 static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows, float **ys, int threads) {
     act_t a = {0};
     int quant = 0;
-    int64_t total = 0;
-    for (int j = 0; j < count; j++) quant |= mats[j].type != 0, total += mats[j].n;
+    int64_t total = 0;  /* rows of the row-major matrices (types 0, 8, 4), done by one parallel loop */
+    for (int j = 0; j < count; j++) quant |= mats[j].type >= 4, total += mats[j].type == 1 ? 0 : mats[j].n;
     if (quant) act_init(&a, x, m_rows, mats[0].k);
-    #pragma omp parallel for if(threads > 1) num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < total; r++) {
-        int j = 0;
-        int64_t rr = r;
-        while (rr >= mats[j].n) rr -= mats[j].n, j++;
-        for (int64_t m = 0; m < m_rows; m++) ys[j][m * mats[j].n + rr] = mat_row(&mats[j], rr, x, &a, m);
+    #pragma omp parallel if(threads > 1) num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < total; r++) {
+            int j = 0;
+            int64_t rr = r;
+            while (mats[j].type == 1 || rr >= mats[j].n) rr -= mats[j].type == 1 ? 0 : mats[j].n, j++;
+            for (int64_t m = 0; m < m_rows; m++) ys[j][m * mats[j].n + rr] = mat_row(&mats[j], rr, x, &a, m);
+        }
+        /* transposed fp32: each thread takes a slice of the columns (16-aligned) */
+        int tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#endif
+        for (int j = 0; j < count; j++) {
+            const mat_t *mt = &mats[j];
+            if (mt->type != 1) continue;
+            int64_t per = (mt->n / nth + 15) / 16 * 16, c0 = per * tid, c1 = tid == nth - 1 ? mt->n : per * (tid + 1);
+            if (c1 > mt->n) c1 = mt->n;
+            for (int64_t m = 0; m < m_rows && c0 < c1; m++) {
+                gemv_t_f32(x + m * mt->k, (const float *)mt->w, ys[j] + m * mt->n, mt->k, mt->n, c0, c1);
+                if (mt->bias)
+                    for (int64_t c = c0; c < c1; c++) ys[j][m * mt->n + c] += mt->bias[c];
+            }
+        }
     }
     if (quant) act_free(&a);
 }
@@ -316,9 +374,10 @@ void quant_linear(const float *x, const void *w, const uint16_t *wd, float *y, i
     matvecs(&mt, 1, x, m_rows, &y, threads);
 }
 
-/* y [m, n] = x [m, k] @ W^T, W fp32 [n, k] */
-void f32_linear(const float *x, const float *w, float *y, int64_t m_rows, int64_t n_out, int64_t k, int threads) {
-    mat_t mt = {0, w, NULL, NULL, n_out, k, k};
+/* y [m, n] = x [m, k] @ W^T, W fp32 [n, k] (transposed = 0) or its transpose [k, n] (transposed = 1) */
+void f32_linear(const float *x, const float *w, float *y, int64_t m_rows, int64_t n_out, int64_t k, int transposed,
+                int threads) {
+    mat_t mt = {transposed, w, NULL, NULL, n_out, k, k};
     matvecs(&mt, 1, x, m_rows, &y, threads);
 }
 
@@ -391,6 +450,20 @@ void llama_layer(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, 
     for (int64_t i = 0; i < H; i++) h[i] += tmp[i];
     free(xn); free(tmp); free(q); free(att); free(kk); free(vv); free(g); free(u); free(sc);
 }
+
+/* A whole decode step: embedding row of `token` (table [vocab, hidden] fp32, times emb_scale), every
+   layer, the final RMSNorm and the head (logits [vocab]). kcs / vcs: each layer's cache. */
+void llama_forward(const float *emb, int64_t token, float emb_scale, const layer_t *layers, int64_t n_layers,
+                   float *const *kcs, float *const *vcs, int64_t pos, int64_t max_len, const float *cs,
+                   const float *sn, const float *norm, const mat_t *head, float *logits, int threads) {
+    int64_t H = layers[0].hidden;
+    float *h = (float *)malloc((size_t)H * sizeof(float)), *xn = (float *)malloc((size_t)H * sizeof(float));
+    for (int64_t i = 0; i < H; i++) h[i] = emb[token * H + i] * emb_scale;
+    for (int64_t l = 0; l < n_layers; l++) llama_layer(h, layers + l, kcs[l], vcs[l], pos, max_len, cs, sn, threads);
+    rmsnorm(h, norm, layers[0].eps, H, xn);
+    matvecs(head, 1, xn, 1, &logits, threads);
+    free(h); free(xn);
+}
 """
 
 _LOCK = threading.Lock()
@@ -404,10 +477,12 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     dll.quant_linear.restype = dll.f32_linear.restype = None
     dll.quant_linear.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_int] * 2
-    dll.f32_linear.argtypes = [ptr] * 3 + [i64] * 3 + [ctypes.c_int]
+    dll.f32_linear.argtypes = [ptr] * 3 + [i64] * 3 + [ctypes.c_int] * 2
     dll.kernel_path.restype = ctypes.c_int
     dll.llama_layer.restype = None
     dll.llama_layer.argtypes = [ptr] * 4 + [i64] * 2 + [ptr] * 2 + [ctypes.c_int]
+    dll.llama_forward.restype = None
+    dll.llama_forward.argtypes = [ptr, i64, ctypes.c_float, ptr, i64, ptr, ptr, i64, i64] + [ptr] * 5 + [ctypes.c_int]
     return dll
 
 
@@ -450,11 +525,14 @@ def quant_linear(
     return y
 
 
-def f32_linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """fp32 [M, N] = x [M, K] @ weight [N, K]^T (weight contiguous fp32)."""
+def f32_linear(
+    x: torch.Tensor, weight: torch.Tensor, transposed: bool = False, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
+    """fp32 [M, N] = x [M, K] @ W^T, `weight` W [N, K] or, `transposed`, W^T [K, N] (contiguous fp32)."""
     lib = lib or library()
     x = x.detach().to(torch.float32).contiguous()
-    (m, k), n = x.shape, weight.shape[0]
+    m, k = x.shape
+    n = weight.shape[1] if transposed else weight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    lib.f32_linear(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+    lib.f32_linear(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k, int(transposed), torch.get_num_threads())
     return y
