@@ -181,9 +181,11 @@ def main() -> None:
                 (_, tg_l, cpu_l), (_, tg_o, cpu_o) = med[("llama.cpp", args.pp[0])], med[("lmforge", args.pp[0])]
                 print(
                     f"{gguf_type} {threads}t: tg{args.new_tokens} llama.cpp {tg_l:.1f} lmforge {tg_o:.1f} "
-                    f"({tg_o / tg_l:.2f}x; per CPU-second {cpu_l:.1f} vs {cpu_o:.1f}, {cpu_o / cpu_l:.2f}x); " + "; ".join(
+                    f"({tg_o / tg_l:.2f}x; per CPU-second {cpu_l:.1f} vs {cpu_o:.1f}, {cpu_o / cpu_l:.2f}x); "
+                    + "; ".join(
                         f"pp{n} {med[('llama.cpp', n)][0]:.0f} vs {med[('lmforge', n)][0]:.0f}" for n in args.pp
-                    ) + f"  [load {load_avg()}]",
+                    )
+                    + f"  [load {load_avg()}]",
                     flush=True,
                 )
             theirs.close()

@@ -127,4 +127,4 @@ def test_unknown_scheme_and_format_errors_name_the_value():
     with pytest.raises(LmforgeError, match="version 9 is newer"):
         check_config({**config, "version": 9})
     assert parse_scheme("INT4") == {"format": "intn", "bits": 4, "group_size": 128}
-    assert set(FORMATS) == {"int8", "intn", "nf4", "w8a8", "ternary"}
+    assert set(FORMATS) == {"int8", "intn", "nf4", "w8a8", "ternary", "q8_0", "q4_0"}

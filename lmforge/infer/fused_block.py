@@ -30,6 +30,92 @@ from lmforge.quant.kernel_linear import BlockLinear
 
 from .prepare import TransposedLinear
 
+BLOCK_SOURCE = r"""
+/* One pre-norm Llama block (RMSNorm, GQA attention with RoPE, SwiGLU MLP) for one token at batch 1. */
+typedef struct {
+    mat_t q, k, v, o, gate, up, down;
+    const float *ln1, *ln2;
+    float eps, scale;
+    int64_t hidden, n_heads, n_kv, head_dim, rot_dim, inter;
+} layer_t;
+
+static void rmsnorm(const float *x, const float *w, float eps, int64_t n, float *out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float *x, int64_t heads, int64_t hd, int64_t rd, const float *cs, const float *sn) {
+    int64_t half = rd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * hd, tmp[1024];
+        for (int64_t i = 0; i < rd; i++) tmp[i] = v[i];
+        for (int64_t i = 0; i < rd; i++) v[i] = tmp[i] * cs[i] + (i < half ? -tmp[i + half] : tmp[i - half]) * sn[i];
+    }
+}
+
+/* h [hidden] is updated in place; kc / vc: this layer's cache [n_kv, max_len, head_dim], slot pos written */
+void llama_layer(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, int64_t max_len, const float *cs,
+                 const float *sn, int threads) {
+    int64_t H = L->hidden, nh = L->n_heads, nkv = L->n_kv, hd = L->head_dim, S = pos + 1;
+    float *xn = (float *)malloc((size_t)H * sizeof(float)), *tmp = (float *)malloc((size_t)H * sizeof(float));
+    float *q = (float *)malloc((size_t)(nh * hd) * sizeof(float)), *att = (float *)malloc((size_t)(nh * hd) * sizeof(float));
+    float *kk = (float *)malloc((size_t)(nkv * hd) * sizeof(float)), *vv = (float *)malloc((size_t)(nkv * hd) * sizeof(float));
+    float *g = (float *)malloc((size_t)L->inter * sizeof(float)), *u = (float *)malloc((size_t)L->inter * sizeof(float));
+    float *sc = (float *)malloc((size_t)(nh * S) * sizeof(float));
+    rmsnorm(h, L->ln1, L->eps, H, xn);
+    mat_t qkv[3] = {L->q, L->k, L->v};
+    float *ys[3] = {q, kk, vv};
+    matvecs(qkv, 3, xn, 1, ys, threads);
+    rope(q, nh, hd, L->rot_dim, cs, sn);
+    rope(kk, nkv, hd, L->rot_dim, cs, sn);
+    for (int64_t j = 0; j < nkv; j++) {
+        memcpy(kc + (j * max_len + pos) * hd, kk + j * hd, (size_t)hd * sizeof(float));
+        memcpy(vc + (j * max_len + pos) * hd, vv + j * hd, (size_t)hd * sizeof(float));
+    }
+    int64_t group = nh / nkv;
+    #pragma omp parallel for if(threads > 1 && S * nh >= 4096) num_threads(threads) schedule(static)
+    for (int64_t hq = 0; hq < nh; hq++) {
+        const float *qh = q + hq * hd, *kb = kc + (hq / group) * max_len * hd, *vb = vc + (hq / group) * max_len * hd;
+        float *s = sc + hq * S, *o = att + hq * hd, mx = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < S; t++) s[t] = dot_f32(kb + t * hd, qh, hd) * L->scale, mx = fmaxf(mx, s[t]);
+        for (int64_t t = 0; t < S; t++) s[t] = expf(s[t] - mx), sum += s[t];
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int64_t t = 0; t < S; t++) {
+            const float *vt = vb + t * hd;
+            float p = s[t] / sum;
+            for (int64_t i = 0; i < hd; i++) o[i] += p * vt[i];
+        }
+    }
+    float *yo[1] = {tmp};
+    matvecs(&L->o, 1, att, 1, yo, threads);
+    for (int64_t i = 0; i < H; i++) h[i] += tmp[i];
+    rmsnorm(h, L->ln2, L->eps, H, xn);
+    mat_t gu[2] = {L->gate, L->up};
+    float *ygu[2] = {g, u};
+    matvecs(gu, 2, xn, 1, ygu, threads);
+    for (int64_t i = 0; i < L->inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    matvecs(&L->down, 1, g, 1, yo, threads);
+    for (int64_t i = 0; i < H; i++) h[i] += tmp[i];
+    free(xn); free(tmp); free(q); free(att); free(kk); free(vv); free(g); free(u); free(sc);
+}
+
+/* A whole decode step: embedding row of `token` (table [vocab, hidden] fp32, times emb_scale), every
+   layer, the final RMSNorm and the head (logits [vocab]). kcs / vcs: each layer's cache. */
+void llama_forward(const float *emb, int64_t token, float emb_scale, const layer_t *layers, int64_t n_layers,
+                   float *const *kcs, float *const *vcs, int64_t pos, int64_t max_len, const float *cs,
+                   const float *sn, const float *norm, const mat_t *head, float *logits, int threads) {
+    int64_t H = layers[0].hidden;
+    float *h = (float *)malloc((size_t)H * sizeof(float)), *xn = (float *)malloc((size_t)H * sizeof(float));
+    for (int64_t i = 0; i < H; i++) h[i] = emb[token * H + i] * emb_scale;
+    for (int64_t l = 0; l < n_layers; l++) llama_layer(h, layers + l, kcs[l], vcs[l], pos, max_len, cs, sn, threads);
+    rmsnorm(h, norm, layers[0].eps, H, xn);
+    matvecs(head, 1, xn, 1, &logits, threads);
+    free(h); free(xn);
+}
+"""
+
 
 class Mat(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int64), ("w", ctypes.c_void_p), ("d", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
@@ -59,6 +145,18 @@ def _mat(m: nn.Module) -> Mat | None:
     if type(m) is nn.Linear and _f32(m.weight):
         return Mat(0, m.weight.data_ptr(), None, b, m.out_features, m.in_features, m.in_features)
     return None
+
+
+def block_library(kernel: str = "native") -> ctypes.CDLL | None:
+    """cpu_kernel's library with the block step compiled in (None without a compiler)."""
+    lib = cpu_kernel.library(kernel, BLOCK_SOURCE)
+    if lib is not None and lib.llama_layer.restype is not None:  # ctypes' default restype (int): not declared yet
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.llama_layer.restype = lib.llama_forward.restype = None
+        lib.llama_layer.argtypes = [ptr] * 4 + [i64] * 2 + [ptr] * 2 + [ctypes.c_int]
+        lib.llama_forward.argtypes = [ptr, i64, ctypes.c_float, ptr, i64, ptr, ptr, i64, i64] + [ptr] * 5
+        lib.llama_forward.argtypes += [ctypes.c_int]
+    return lib
 
 
 def layer_spec(block: nn.Module, config) -> Layer | None:
@@ -143,13 +241,13 @@ def _visible(mask, seen: list) -> bool:
     return seen[1]
 
 
-def fuse_blocks(model: nn.Module) -> int:
+def fuse_blocks(model: nn.Module, kernel: str = "native") -> int:
     """Give every eligible block of `model` the C decode path, and the model a one-call decode step
     when every block, the final norm and the head qualify; returns how many blocks got it (0 without
     the C kernels or a fitting architecture). The C descriptions hold the weights' addresses (and
     references that keep them alive): prepare again after replacing weights (not needed after an
-    in-place load_state_dict)."""
-    lib = cpu_kernel.library()
+    in-place load_state_dict). `kernel`: the C path (native, avx2, scalar; tests force the narrower)."""
+    lib = block_library(kernel)
     config = getattr(model, "config", None)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if lib is None or config is None or layers is None or "longrope" in str(config.rope_scaling):

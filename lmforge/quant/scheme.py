@@ -47,7 +47,9 @@ def scheme_name(spec: dict) -> str:
 
 def bits_of(spec: dict) -> float:
     """Nominal weight bits (no scale overhead), for mixed-precision budgets."""
-    return {"int8": 8, "w8a8": 8, "nf4": 4, "ternary": 2, "q8_0": 8.5, "q4_0": 4.5}.get(spec["format"], spec.get("bits", 16))
+    return {"int8": 8, "w8a8": 8, "nf4": 4, "ternary": 2, "q8_0": 8, "q4_0": 4}.get(
+        spec["format"], spec.get("bits", 16)
+    )
 
 
 def check_spec(spec: dict, where: str) -> None:

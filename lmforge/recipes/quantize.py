@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="rtn", choices=METHODS)
     p.add_argument(
         "--scheme",
-        help="int8 | int4 | int3 | int2 [-g32|-g64|-g128] | nf4 | w8a8 | ternary "
-        "(default int4-g128; bitnet: ternary, the only one it makes)",
+        help="int8 | int4 | int3 | int2 [-g32|-g64|-g128] | nf4 | w8a8 | ternary | q8_0 | q4_0 "
+        "(default int4-g128; bitnet: ternary, the only one it makes; q8_0/q4_0: llama.cpp's blocks, "
+        "decoded by lmforge's C kernels)",
     )
     p.add_argument("--calib", help="calibration data: a packed-shard folder (index.json) or a text file")
     p.add_argument("--calib-split", default="train", help="split of the packed shards to read")
