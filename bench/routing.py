@@ -11,11 +11,11 @@ expected accuracy.
     learned-all             answer + agreement + prompt features, the same label
 
 The routers are fitted on --router-problems problems of another seed (7) than the test problems
-(seed 0); nothing of the test set is seen in training. The signals are what the server computes
+(--test-seed, 0); nothing of the test set is seen in training. The signals are what the server computes
 (`lmforge.recipes.route.local_queries`). Each model's answers are cached under --cache.
 
     python bench/routing.py                            # local arith-2500, fallback arith-5000
-    python bench/routing.py --local arith-1000 --problems 300
+    python bench/routing.py --test-seed 11              # another test set
 """
 
 from __future__ import annotations
@@ -66,14 +66,17 @@ def main() -> None:
     ap.add_argument("--cache", default="runs/bench-routing")
     ap.add_argument("--local", default="arith-2500")
     ap.add_argument("--fallback", default="arith-5000")
-    ap.add_argument("--problems", type=int, default=500)
-    ap.add_argument("--router-problems", type=int, default=1000)
+    ap.add_argument("--problems", type=int, default=300)
+    ap.add_argument("--router-problems", type=int, default=400)
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--test-seed", type=int, default=0, help="the test problems' seed (the routers': 7)")
     args = ap.parse_args()
+    if args.test_seed == 7:
+        ap.error("--test-seed 7 is the routers' training seed")
     torch.set_num_threads(2)
     models = models_in(args.root)
-    test = collect(args, models, 0, args.problems)
+    test = collect(args, models, args.test_seed, args.problems)
     train = collect(args, models, 7, args.router_problems)
     lc, fc = np.array(test["local_ok"]), np.array(test["fallback_ok"])
     tq = test["queries"]
@@ -94,7 +97,7 @@ def main() -> None:
     curves = {k: cost_quality_curve(v, lc, fc) for k, v in values.items()}
     print(
         f"local {args.local}: accuracy {lc.mean():.3f}; fallback {args.fallback}: {fc.mean():.3f}; "
-        f"{len(lc)} test problems (seed 0); routers fitted on {len(no_gain)} others (seed 7)"
+        f"{len(lc)} test problems (seed {args.test_seed}); routers fitted on {len(no_gain)} others (seed 7)"
     )
     print("| escalated | random | " + " | ".join(curves) + " |")
     print("|---:|---:|" + "---:|" * len(curves))
