@@ -28,8 +28,6 @@ from lmforge.model.layers import MLP, RMSNorm
 from lmforge.quant import cpu_kernel
 from lmforge.quant.kernel_linear import BlockLinear
 
-from .prepare import TransposedLinear
-
 BLOCK_SOURCE = r"""
 /* One pre-norm Llama block (RMSNorm, GQA attention with RoPE, SwiGLU MLP) for one token at batch 1. */
 typedef struct {
@@ -132,7 +130,9 @@ def _f32(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
 
 
-def _mat(m: nn.Module) -> Mat | None:
+def _mat(m: nn.Module, transposed: tuple[type, ...] = ()) -> Mat | None:
+    """`transposed`: module types holding an fp32 `weight_t` [in, out] (prepare's TransposedLinear; passed
+    in, as prepare imports this module)."""
     bias = getattr(m, "bias", None)
     if not _f32(bias):
         return None
@@ -140,7 +140,7 @@ def _mat(m: nn.Module) -> Mat | None:
     if isinstance(m, BlockLinear) and m.input_scale is None and m.qweight.device.type == "cpu":
         kp = m.padded_in_features
         return Mat(m.bits, m.qweight.data_ptr(), m.scales.data_ptr(), b, m.out_features, m.in_features, kp)
-    if type(m) is TransposedLinear and _f32(m.weight_t):  # fp32 [in, out], what prepare_for_inference makes
+    if type(m) in transposed and _f32(m.weight_t):
         return Mat(1, m.weight_t.data_ptr(), None, b, m.out_features, m.in_features, m.in_features)
     if type(m) is nn.Linear and _f32(m.weight):
         return Mat(0, m.weight.data_ptr(), None, b, m.out_features, m.in_features, m.in_features)
@@ -159,7 +159,7 @@ def block_library(kernel: str = "native") -> ctypes.CDLL | None:
     return lib
 
 
-def layer_spec(block: nn.Module, config) -> Layer | None:
+def layer_spec(block: nn.Module, config, transposed: tuple[type, ...] = ()) -> Layer | None:
     """The C description of `block`, or None when it is not a block the C layer computes exactly."""
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     norms = (getattr(block, "input_layernorm", None), getattr(block, "post_attention_layernorm", None))
@@ -174,8 +174,8 @@ def layer_spec(block: nn.Module, config) -> Layer | None:
     rot = int(attn.head_dim * config.partial_rotary_factor)
     if rot > 1024 or rot % 2:
         return None
-    mats = [_mat(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)]
-    mats.append(_mat(mlp.down_proj))
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    mats = [_mat(m, transposed) for m in linears]
     if any(m is None for m in mats):
         return None
     scale = attn.scale if attn.scale is not None else attn.head_dim**-0.5
@@ -241,7 +241,7 @@ def _visible(mask, seen: list) -> bool:
     return seen[1]
 
 
-def fuse_blocks(model: nn.Module, kernel: str = "native") -> int:
+def fuse_blocks(model: nn.Module, kernel: str = "native", transposed: tuple[type, ...] = ()) -> int:
     """Give every eligible block of `model` the C decode path, and the model a one-call decode step
     when every block, the final norm and the head qualify; returns how many blocks got it (0 without
     the C kernels or a fitting architecture). The C descriptions hold the weights' addresses (and
@@ -254,21 +254,21 @@ def fuse_blocks(model: nn.Module, kernel: str = "native") -> int:
         return 0
     specs = []
     for block in layers:
-        spec = layer_spec(block, config)
+        spec = layer_spec(block, config, transposed)
         if spec is not None:
             # the struct, and every tensor whose address it holds, live as long as the block
             block._lmforge_layer_spec = spec, list(block.state_dict(keep_vars=True).values())
             block.forward = _fast_forward(block, spec, lib)
             specs.append(spec)
     if len(specs) == len(layers) and len(specs):
-        _fuse_model(model, specs, lib)
+        _fuse_model(model, specs, lib, transposed)
     return len(specs)
 
 
-def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL) -> None:
+def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transposed: tuple[type, ...]) -> None:
     """The whole decode step in one C call: embedding row, blocks, final norm, head."""
     c, m = model.config, model.model
-    emb, norm, head = m.embed_tokens, m.norm, _mat(model.lm_head)
+    emb, norm, head = m.embed_tokens, m.norm, _mat(model.lm_head, transposed)
     if (
         head is None
         or c.final_logit_softcapping is not None

@@ -59,5 +59,5 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, TransposedLinear(child))
-    fuse_blocks(model)
+    fuse_blocks(model, transposed=(TransposedLinear,))
     return model
