@@ -169,3 +169,17 @@ def test_reader_examples_copy_from_the_window_and_mix_closed_book_questions(fake
     mixed = reader_examples(cfg, closed_book=0.5)
     book = [r for r in mixed if r["messages"][0]["content"].startswith("Question: ")]
     assert 0 < len(book) < len(mixed) and not any("[1]" in r["messages"][1]["content"] for r in book)
+
+
+def test_counterfactual_reader_examples_answer_from_the_passage_not_the_question(fake_stdlib):
+    from lmforge.eval.builtin import BuiltinConfig
+    from lmforge.rag.reader import reader_examples
+
+    rows = reader_examples(BuiltinConfig(root=str(fake_stdlib), val_fraction=0.2), closed_book=0.0, counterfactual=0.9)
+    swapped = 0
+    for r in rows:
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"].removesuffix(" [1]")
+        assert answer in user  # always copyable from the passage shown
+        _, w, m = user.rsplit("`", 2)[1].rsplit(".", 1)[1].split("_")  # parse_<w>_<m>
+        swapped += answer != f"Parse the {w} records of module {m} quickly."
+    assert 0 < swapped < len(rows)

@@ -29,37 +29,54 @@ def _passage(indexed: str) -> Chunk:
 
 
 def reader_examples(
-    cfg: BuiltinConfig | None = None, max_files: int | None = None, seed: int = 0, closed_book: float = 0.15
+    cfg: BuiltinConfig | None = None,
+    max_files: int | None = None,
+    seed: int = 0,
+    closed_book: float = 0.15,
+    counterfactual: float = 0.0,
 ) -> list[dict]:
-    """{"messages": [user: passage + question, assistant: sentence [1]]} from the training modules; a
-    `closed_book` share asks the question alone (answer: the sentence, no citation), so the same model
-    also answers without retrieval as well as it can: the RAG vs no-RAG comparison is then fair, not
-    a model asked a prompt it never saw."""
+    """{"messages": [user: passage + question, assistant: sentence [1]]} from the training modules.
+
+    `closed_book`: a share asked the question alone (answer: the sentence, no citation), so the same
+    model also answers without retrieval as well as it can: the RAG vs no-RAG comparison is then fair,
+    not a model asked a prompt it never saw. `counterfactual`: a share whose passage has the docstring
+    sentence swapped for another function's, which is then the answer (knowledge-conflict augmentation,
+    Longpre et al. 2021): one question, two answers depending on the passage, so a reader cannot answer
+    from memory of the question and must copy from what it is shown."""
     from lmforge.rag.qa import QUESTION, training_pairs
 
     rng = random.Random(seed)
     pairs = training_pairs(cfg, max_files=max_files)
-    out = []
+    kept = []
     for sentence_pair, question_pair in zip(pairs[::2], pairs[1::2]):
         sentence, passage = sentence_pair
         question = question_pair[0]
-        shown = " ".join(focus(passage.partition("\n")[2], question, PASSAGE_CHARS)[0].split())
-        if not question.startswith(QUESTION.split("`")[0]) or sentence not in shown:
-            continue  # the reader can only learn to copy what its passage shows
+        if question.startswith(QUESTION.split("`")[0]) and sentence in _shown(passage, question):
+            kept.append((question, sentence, passage))  # the reader can only copy what its passage shows
+    sentences = sorted({s for _, s, _ in kept})
+    out = []
+    for question, sentence, passage in kept:
         if rng.random() < closed_book:
-            messages = [
-                {"role": "user", "content": user_message(question, [], PASSAGE_CHARS)},
-                {"role": "assistant", "content": sentence},
-            ]
-        else:
-            hit = Hit(1, 1.0, _passage(passage))
-            messages = [
-                {"role": "user", "content": user_message(question, [hit], PASSAGE_CHARS)},
-                {"role": "assistant", "content": f"{sentence} [1]"},
-            ]
-        out.append({"messages": messages})
+            out.append(_example(user_message(question, [], PASSAGE_CHARS), sentence))
+            continue
+        if rng.random() < counterfactual and sentence in passage:
+            other = rng.choice(sentences)
+            swapped = passage.replace(sentence, other, 1)
+            if other != sentence and other in _shown(swapped, question):
+                sentence, passage = other, swapped
+        hit = Hit(1, 1.0, _passage(passage))
+        out.append(_example(user_message(question, [hit], PASSAGE_CHARS), f"{sentence} [1]"))
     rng.shuffle(out)
     return out
+
+
+def _shown(passage: str, question: str) -> str:
+    """The reader's window of an indexed passage, whitespace-normalised (a sentence may wrap lines)."""
+    return " ".join(focus(passage.partition("\n")[2], question, PASSAGE_CHARS)[0].split())
+
+
+def _example(user: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
 
 
 def rag_vs_closed_book(lm, examples: list[dict], hits: list[list[Hit]], passages: int = 1) -> dict[str, dict]:

@@ -88,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.15,
         help="share of examples asked without a passage (the same model's no-RAG baseline; default: %(default)s)",
     )
+    r.add_argument(
+        "--counterfactual",
+        type=float,
+        default=0.3,
+        help="share of passage examples whose sentence is swapped for another function's, then the answer "
+        "(the reader must copy, not recall; default: %(default)s)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -262,9 +269,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_reader_data(args: argparse.Namespace) -> int:
     from lmforge.rag.reader import reader_examples
 
-    if not 0.0 <= args.closed_book < 1.0:
-        raise LmforgeError(f"--closed-book must be in [0, 1), got {args.closed_book}")
-    rows = reader_examples(max_files=args.max_files, closed_book=args.closed_book)
+    for flag in ("closed_book", "counterfactual"):
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            raise LmforgeError(f"--{flag.replace('_', '-')} must be in [0, 1), got {getattr(args, flag)}")
+    rows = reader_examples(max_files=args.max_files, closed_book=args.closed_book, counterfactual=args.counterfactual)
     if not rows:
         raise LmforgeError("no reader example found (no documented public function in the modules read)")
     atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
