@@ -175,3 +175,16 @@ def test_unsupported_blocks_and_missing_kernels_keep_the_torch_path(monkeypatch)
     assert not any(hasattr(b, "_lmforge_layer_spec") for b in prepared.model.layers)
     ids = [[3, 4, 5, 6]]
     assert torch.equal(generate(prepared, ids, max_new_tokens=8), generate(plain, ids, max_new_tokens=8))
+
+
+@needs_kernel
+def test_blocks_alone_take_the_c_path_when_the_head_does_not_qualify():
+    base = random_model("tiny", tie_word_embeddings=False)
+    swap(base, "q8_0", skip=("embed", "lm_head"))
+    swap(base, "int8", skip=("embed", "layers"))  # an int8 head: no C step for the whole model
+    fast = prepare_for_inference(copy.deepcopy(base))
+    assert not hasattr(fast, "_lmforge_step_spec")
+    assert all(hasattr(b, "_lmforge_layer_spec") for b in fast.model.layers)
+    ids = list(range(2, 12))
+    torch.testing.assert_close(decode_logits(fast, ids, 8), decode_logits(base, ids, 8), rtol=1e-4, atol=1e-4)
+    assert torch.equal(generate(fast, [ids], max_new_tokens=16), generate(base, [ids], max_new_tokens=16))
