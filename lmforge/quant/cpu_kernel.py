@@ -6,21 +6,22 @@ and run near 40% of what llama.cpp gets at the same bytes), nor do they run on t
 each linear is one C call that does what ggml's CPU backend does:
 
 * Q8_0 weights: blocks of 32 int8 with an fp16 scale d (w = d q). Q4_0: blocks of 32 4-bit codes c
-  with an fp16 scale (w = d (c - 8)). The rounding is ggml's reference, so the blocks are the bytes
-  llama.cpp's quantizer writes (only the nibble order inside a 128-value chunk differs, see below).
+  with an fp16 scale (w = d (c - 8)), ggml's 16 bytes per block. The rounding is ggml's reference, so
+  the blocks hold the bytes llama.cpp's quantizer writes; only their order differs (below).
 * Activations are rounded to int8 per block of 32 (d_x = max|x| / 127, round half to even), as ggml
   does for both formats, so each block's dot product is an exact int32:
   y = sum_b d_w[b] d_x[b] dot(q_w[b], q_x[b])   (Q4_0: dot(c - 8, q_x) = dot(c, q_x) - 8 sum(q_x)).
-* AVX-512 VNNI: `vpdpbusd` (u8 x s8 -> s32) on 64 bytes at once; Q8_0's signed weights go through
-  |w| and sign(w) x. AVX2: `maddubs`/`madd`. Otherwise a plain loop. All three give the same int32
-  per block; only the float summation order differs (~1e-6 relative).
-* F32: a gemv over rows of W [N, K] (4 rows per step, 16-wide FMA), for a few activation rows.
+* Order: blocks in groups of 16 (the last of 8), each group stored unit-major (4-byte unit t of all
+  its blocks, then unit t + 1), weights and activations alike. A 64-byte vector then holds one unit of
+  16 blocks, so `vpdpbusd` (AVX-512 VNNI, u8 x s8 -> s32) accumulates 16 blocks' dots in its 16 lanes
+  and one convert + FMA with the 16 scales closes the group (a block-major order needed a shuffle of
+  the scales per pair of blocks: this order made the Q4_0 decode step ~20% faster). Q8_0's signed
+  weights go through |w| and sign(w) x. AVX2: the same order, 8 blocks per vector, `maddubs`/`madd`.
+  Otherwise a plain loop. All three give the same int32 per block; only the float summation order
+  differs (~1e-6 relative). Widths are padded with zero blocks (scale 0) to a multiple of 256.
+* F32: a dot product per row of W [N, K], or, for a transposed weight [K, N] (`TransposedLinear`),
+  rows of W^T added into an L1-resident tile of outputs.
 * Two or more threads split the output rows with OpenMP (torch.get_num_threads()); one thread skips it.
-
-Q4_0 storage inside a 128-value chunk (4 blocks, 64 bytes): byte j holds value j in its low nibble
-and value 64 + j in its high one, so one 64-byte load gives 128 codes in two vectors that meet the
-activations contiguously. Widths are padded with zero blocks to a multiple of 64 (Q8_0) or 128
-(Q4_0); the padding has scale 0 and adds nothing.
 
 Built with gcc -O3 -march=native once per source/compiler/CPU into the kernel cache (the same cache
 and rules as `ternary_kernel`); without a compiler (or LMFORGE_CPU_KERNEL=0) `available()` is False
@@ -78,149 +79,192 @@ int kernel_path(void) {
 #endif
 }
 
-/* x [m, k] fp32 -> int8 blocks q [m, kp] (zero padded), scales d [m, kp/32], block sums s [m, kp/32] */
-static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t kp, int8_t *q, float *d, int32_t *s) {
+/* Group-transposed layout (weights and rounded activations alike): blocks go in groups of 16 (the last
+   of 8 when the block count is not a multiple of 16); inside a group the data is stored unit-major:
+   4-byte unit t of block 0, of block 1, ..., of block g-1, then unit t + 1. One 64-byte vector then
+   holds unit t of 16 blocks, so vpdpbusd's 16 int32 lanes are 16 blocks' partial dots and one
+   convert + one FMA with the 16 block scales finish a group: no per-block shuffles. */
+static inline int64_t group_size(int64_t nb, int64_t b) { return nb - b >= 16 ? 16 : 8; }
+
+/* x [m, k] fp32 -> int8 [m, kp] (zero padded, group-transposed), scales d and -8 x block sums c [m, kp/32] */
+static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t kp, int8_t *q, float *d, int32_t *c) {
     int64_t nb = kp / 32;
     for (int64_t m = 0; m < m_rows; m++)
-        for (int64_t b = 0; b < nb; b++) {
-            const float *xr = x + m * k + 32 * b;
-            int64_t n = k - 32 * b < 32 ? (k - 32 * b > 0 ? k - 32 * b : 0) : 32;
-            float amax = 0.0f;
-            for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(xr[i]));
-            float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
-            int32_t sum = 0;
-            int8_t *qb = q + m * kp + 32 * b;
-            for (int64_t i = 0; i < 32; i++) {
-                int v = i < n ? (int)nearbyintf(xr[i] * id) : 0;
-                qb[i] = (int8_t)v;
-                sum += v;
+        for (int64_t g0 = 0; g0 < nb; g0 += group_size(nb, g0)) {
+            int64_t g = group_size(nb, g0);
+            for (int64_t j = 0; j < g; j++) {
+                int64_t b = g0 + j;
+                const float *xr = x + m * k + 32 * b;
+                int64_t n = k - 32 * b < 32 ? (k - 32 * b > 0 ? k - 32 * b : 0) : 32;
+                float amax = 0.0f;
+                for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(xr[i]));
+                float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+                int32_t sum = 0;
+                int8_t *qg = q + m * kp + 32 * g0;
+                for (int64_t i = 0; i < 32; i++) {
+                    int v = i < n ? (int)nearbyintf(xr[i] * id) : 0;
+                    qg[(i / 4) * 4 * g + 4 * j + i % 4] = (int8_t)v;
+                    sum += v;
+                }
+                d[m * nb + b] = db;
+                c[m * nb + b] = -8 * sum;
             }
-            d[m * nb + b] = db;
-            s[m * nb + b] = sum;
         }
 }
 
-#if defined(VNNI)
-static const int32_t PAIR_IDX[8][16] = {
-#define P(p) {2*p,2*p,2*p,2*p,2*p,2*p,2*p,2*p,2*p+1,2*p+1,2*p+1,2*p+1,2*p+1,2*p+1,2*p+1,2*p+1}
-    P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7)
-#undef P
-};
-/* 16 blocks' scales d_w d_x, as one vector; blocks past nb are 0 */
-static inline __m512 group_scales(const uint16_t *wd, const float *xd, int64_t left) {
-    __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, wd)), _mm512_maskz_loadu_ps(mk, xd));
-}
-#endif
-
-static float dot_q8(const int8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb) {
-#if defined(VNNI)
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    for (int64_t b = 0; b < nb; b += 16) {
-        int64_t left = nb - b, pairs = (left >= 16 ? 16 : left) / 2;
-        __m512 s = group_scales(wd + b, xd + b, left);
-        for (int64_t p = 0; p < pairs; p++) {
-            __m512i wv = _mm512_loadu_si512((const void *)(w + 32 * (b + 2 * p)));
-            __m512i xv = _mm512_loadu_si512((const void *)(x + 32 * (b + 2 * p)));
-            __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
-            __m512i dp = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
-            __m512 sp = _mm512_permutexvar_ps(_mm512_loadu_si512((const void *)PAIR_IDX[p]), s);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), sp, acc);
-        }
-    }
-    return _mm512_reduce_add_ps(acc);
-#elif defined(AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 32 * b));
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * b));
-        /* |w| (<= 127) x sign(w) x: pair sums <= 2 * 127 * 127, no int16 saturation */
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(wd[b]) * xd[b]), acc);
-    }
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+#if defined(AVX2)
+static float hsum8(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_hadd_ps(r, r);
     r = _mm_hadd_ps(r, r);
     return _mm_cvtss_f32(r);
-#else
-    float acc = 0.0f;
-    for (int64_t b = 0; b < nb; b++) {
-        int32_t s = 0;
-        for (int i = 0; i < 32; i++) s += (int32_t)w[32 * b + i] * x[32 * b + i];
-        acc += (float)s * (h2f(wd[b]) * xd[b]);
-    }
-    return acc;
-#endif
 }
+/* the 8 blocks from b: one half of a group of 16, or a group of 8 -> (group start, group size, offset) */
+static inline void half_group(int64_t nb, int64_t b, int64_t *g0, int64_t *g, int64_t *h) {
+    *g0 = (b % 16 == 8 && group_size(nb, b - 8) == 16) ? b - 8 : b;
+    *g = group_size(nb, *g0);
+    *h = b - *g0;
+}
+#endif
 
-/* Q4_0, 128-value chunks: byte j of a chunk = value j (low nibble) | value 64 + j (high nibble).
-   corr: per pair of blocks 16 int32 with -8 sum(q_x) of each block in lanes 0 and 8 (VNNI only). */
-static float dot_q4(const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, const int32_t *xs,
-                    const int32_t *corr, int64_t nb) {
+/* Q8_0 row: w int8 [kp] group-transposed, wd fp16 [nb]; x the rounded activation, xd its scales */
+static float dot_q8(const int8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb) {
+    float acc = 0.0f;
 #if defined(VNNI)
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i low = _mm512_set1_epi8(15);
-    for (int64_t b = 0; b < nb; b += 16) {
-        int64_t left = nb - b, chunks = (left >= 16 ? 16 : left) / 4;
-        __m512 s = group_scales(wd + b, xd + b, left);
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t blk = b + 4 * c;
-            __m512i v = _mm512_loadu_si512((const void *)(w + 16 * blk));
-            const int8_t *xc = x + 32 * blk;
-            const int32_t *cc = corr + 8 * blk;
-            __m512i d0 = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)cc), _mm512_and_si512(v, low),
-                                             _mm512_loadu_si512((const void *)xc));
-            __m512i d1 = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)(cc + 16)),
-                                             _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                                             _mm512_loadu_si512((const void *)(xc + 64)));
-            __m512i i0 = _mm512_loadu_si512((const void *)PAIR_IDX[2 * c]);
-            __m512i i1 = _mm512_loadu_si512((const void *)PAIR_IDX[2 * c + 1]);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(i0, s), acc);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(i1, s), acc);
+    __m512 f = _mm512_setzero_ps();
+    __m256 f8 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += group_size(nb, b)) {
+        const int8_t *wg = w + 32 * b, *xg = x + 32 * b;
+        if (group_size(nb, b) == 16) {
+            __m512i a = _mm512_setzero_si512();
+            for (int t = 0; t < 8; t++) {
+                __m512i wv = _mm512_loadu_si512((const void *)(wg + 64 * t));
+                __m512i xv = _mm512_loadu_si512((const void *)(xg + 64 * t));
+                __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+                a = _mm512_dpbusd_epi32(a, _mm512_abs_epi8(wv), sx);
+            }
+            __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b))), _mm512_loadu_ps(xd + b));
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, f);
+        } else {
+            __m256i a = _mm256_setzero_si256();
+            for (int t = 0; t < 8; t++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + 32 * t));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + 32 * t));
+                __m256i sx = _mm256_mask_sub_epi8(xv, _mm256_movepi8_mask(wv), _mm256_setzero_si256(), xv);
+                a = _mm256_dpbusd_epi32(a, _mm256_abs_epi8(wv), sx);
+            }
+            __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))), _mm256_loadu_ps(xd + b));
+            f8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, f8);
         }
     }
-    return _mm512_reduce_add_ps(acc);
-#else
-    float acc = 0.0f, corr8 = 0.0f;
-#if defined(AVX2)
-    __m256 vacc = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    for (int64_t blk = 0; blk < nb; blk += 4) {
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + 16 * blk));
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + 16 * blk + 32));
-        __m256i q[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),
-                        _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
-        for (int j = 0; j < 4; j++) {
-            float sb = _cvtsh_ss(wd[blk + j]) * xd[blk + j];
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * (blk + j)));
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], xv), ones);
-            vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sb), vacc);
-            corr8 += sb * (float)xs[blk + j];
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(f, _mm512_castps256_ps512(f8)));
+#elif defined(AVX2)
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 8) {
+        int64_t g0, g, h;
+        half_group(nb, b, &g0, &g, &h);
+        const int8_t *wg = w + 32 * g0 + 4 * h, *xg = x + 32 * g0 + 4 * h;
+        __m256i a = _mm256_setzero_si256();
+        for (int t = 0; t < 8; t++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + 4 * g * t));
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + 4 * g * t));
+            /* |w| (<= 127) x sign(w) x: pair sums <= 2 * 127 * 127, no int16 saturation */
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(p, ones));
         }
+        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))), _mm256_loadu_ps(xd + b));
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, f);
     }
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(vacc), _mm256_extractf128_ps(vacc, 1));
-    r = _mm_hadd_ps(r, r);
-    r = _mm_hadd_ps(r, r);
-    acc = _mm_cvtss_f32(r);
+    acc = hsum8(f);
 #else
-    for (int64_t blk = 0; blk < nb; blk += 4)
-        for (int j = 0; j < 4; j++) {
+    for (int64_t g0 = 0; g0 < nb; g0 += group_size(nb, g0)) {
+        int64_t g = group_size(nb, g0);
+        for (int64_t j = 0; j < g; j++) {
             int32_t s = 0;
             for (int i = 0; i < 32; i++) {
-                int64_t v = 32 * j + i, byte = v & 63;
-                int code = v < 64 ? w[16 * blk + byte] & 15 : w[16 * blk + byte] >> 4;
-                s += code * x[32 * (blk + j) + i];
+                int64_t pos = 32 * g0 + (i / 4) * 4 * g + 4 * j + i % 4;
+                s += (int32_t)w[pos] * x[pos];
             }
-            float sb = h2f(wd[blk + j]) * xd[blk + j];
-            acc += (float)s * sb;
-            corr8 += sb * (float)xs[blk + j];
+            acc += (float)s * (h2f(wd[g0 + j]) * xd[g0 + j]);
         }
+    }
 #endif
-    (void)corr;
-    return acc - 8.0f * corr8;
+    return acc;
+}
+
+/* Q4_0 row: ggml's 16 bytes per block (byte i = code i | code i + 16 << 4), group-transposed in 4-byte
+   units; c: -8 x the activation block sums (unsigned codes: dot(c - 8, x) = dot(c, x) - 8 sum x) */
+static float dot_q4(const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, const int32_t *c,
+                    int64_t nb) {
+    float acc = 0.0f;
+#if defined(VNNI)
+    __m512 f = _mm512_setzero_ps();
+    __m256 f8 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += group_size(nb, b)) {
+        const uint8_t *wg = w + 16 * b;
+        const int8_t *xg = x + 32 * b;
+        if (group_size(nb, b) == 16) {
+            const __m512i low = _mm512_set1_epi8(15);
+            __m512i a = _mm512_loadu_si512((const void *)(c + b));
+            for (int t = 0; t < 4; t++) {
+                __m512i v = _mm512_loadu_si512((const void *)(wg + 64 * t));
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                a = _mm512_dpbusd_epi32(a, _mm512_and_si512(v, low), _mm512_loadu_si512((const void *)(xg + 64 * t)));
+                a = _mm512_dpbusd_epi32(a, hi, _mm512_loadu_si512((const void *)(xg + 64 * (t + 4))));
+            }
+            __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b))), _mm512_loadu_ps(xd + b));
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, f);
+        } else {
+            const __m256i low = _mm256_set1_epi8(15);
+            __m256i a = _mm256_loadu_si256((const __m256i *)(c + b));
+            for (int t = 0; t < 4; t++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * t));
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                a = _mm256_dpbusd_epi32(a, _mm256_and_si256(v, low), _mm256_loadu_si256((const __m256i *)(xg + 32 * t)));
+                a = _mm256_dpbusd_epi32(a, hi, _mm256_loadu_si256((const __m256i *)(xg + 32 * (t + 4))));
+            }
+            __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))), _mm256_loadu_ps(xd + b));
+            f8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, f8);
+        }
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(f, _mm512_castps256_ps512(f8)));
+#elif defined(AVX2)
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+    __m256 f = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 8) {
+        int64_t g0, g, h;
+        half_group(nb, b, &g0, &g, &h);
+        const uint8_t *wg = w + 16 * g0 + 4 * h;
+        const int8_t *xg = x + 32 * g0 + 4 * h;
+        __m256i a = _mm256_loadu_si256((const __m256i *)(c + b));
+        for (int t = 0; t < 4; t++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 4 * g * t));
+            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            __m256i xl = _mm256_loadu_si256((const __m256i *)(xg + 4 * g * t));
+            __m256i xh = _mm256_loadu_si256((const __m256i *)(xg + 4 * g * (t + 4)));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones));
+        }
+        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))), _mm256_loadu_ps(xd + b));
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, f);
+    }
+    acc = hsum8(f);
+#else
+    for (int64_t g0 = 0; g0 < nb; g0 += group_size(nb, g0)) {
+        int64_t g = group_size(nb, g0);
+        for (int64_t j = 0; j < g; j++) {
+            int32_t s = c[g0 + j];
+            for (int i = 0; i < 16; i++) {
+                int64_t off = (i / 4) * 4 * g + 4 * j + i % 4;
+                int64_t xhi = 32 * g0 + ((i / 4) + 4) * 4 * g + 4 * j + i % 4;
+                s += (w[16 * g0 + off] & 15) * x[32 * g0 + off] + (w[16 * g0 + off] >> 4) * x[xhi];
+            }
+            acc += (float)s * (h2f(wd[g0 + j]) * xd[g0 + j]);
+        }
+    }
 #endif
+    return acc;
 }
 
 static float dot_f32(const float *w, const float *x, int64_t k) {
@@ -300,33 +344,31 @@ typedef struct {
     int64_t kp;
     int8_t *q;
     float *d;
-    int32_t *s, *corr;
+    int32_t *c;
 } act_t;
 
-static void act_init(act_t *a, const float *x, int64_t m_rows, int64_t k) {
-    int64_t kp = (k + 127) / 128 * 128, nb = kp / 32;
+static void act_init(act_t *a, const float *x, int64_t m_rows, int64_t k, int64_t kp) {
+    int64_t nb = kp / 32;
     a->kp = kp;
     a->q = (int8_t *)aligned_alloc(64, (size_t)((m_rows * kp + 63) / 64 * 64));
     a->d = (float *)malloc((size_t)(m_rows * nb) * sizeof(float));
-    a->s = (int32_t *)malloc((size_t)(m_rows * nb) * sizeof(int32_t));
-    a->corr = (int32_t *)calloc((size_t)(m_rows * nb * 8), sizeof(int32_t));
-    quantize_rows(x, m_rows, k, kp, a->q, a->d, a->s);
-    for (int64_t i = 0; i < m_rows * nb; i++) a->corr[8 * i] = -8 * a->s[i];  /* lanes 0 / 8 of each pair's 16 */
+    a->c = (int32_t *)malloc((size_t)(m_rows * nb) * sizeof(int32_t));
+    quantize_rows(x, m_rows, k, kp, a->q, a->d, a->c);
 }
 
-static void act_free(act_t *a) { free(a->q); free(a->d); free(a->s); free(a->corr); }
+static void act_free(act_t *a) { free(a->q); free(a->d); free(a->c); }
 
 /* row r of mat for activation row m (x fp32 for type 0, else the rounded act) */
 static float mat_row(const mat_t *mt, int64_t r, const float *x, const act_t *a, int64_t m) {
-    int64_t nb = mt->kp / 32, anb = a->kp / 32;
+    int64_t nb = mt->kp / 32;
     float v;
     if (mt->type == 0)
         v = dot_f32((const float *)mt->w + r * mt->k, x + m * mt->k, mt->k);
     else if (mt->type == 8)
-        v = dot_q8((const int8_t *)mt->w + r * mt->kp, mt->d + r * nb, a->q + m * a->kp, a->d + m * anb, nb);
+        v = dot_q8((const int8_t *)mt->w + r * mt->kp, mt->d + r * nb, a->q + m * a->kp, a->d + m * nb, nb);
     else
-        v = dot_q4((const uint8_t *)mt->w + r * (mt->kp / 2), mt->d + r * nb, a->q + m * a->kp, a->d + m * anb,
-                   a->s + m * anb, a->corr + m * anb * 8, nb);
+        v = dot_q4((const uint8_t *)mt->w + r * (mt->kp / 2), mt->d + r * nb, a->q + m * a->kp, a->d + m * nb,
+                   a->c + m * nb, nb);
     return mt->bias ? v + mt->bias[r] : v;
 }
 
@@ -334,10 +376,12 @@ static float mat_row(const mat_t *mt, int64_t r, const float *x, const act_t *a,
    gate/up): one rounding of x, one parallel loop over all their rows. */
 static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows, float **ys, int threads) {
     act_t a = {0};
-    int quant = 0;
-    int64_t total = 0;  /* rows of the row-major matrices (types 0, 8, 4), done by one parallel loop */
-    for (int j = 0; j < count; j++) quant |= mats[j].type >= 4, total += mats[j].type == 1 ? 0 : mats[j].n;
-    if (quant) act_init(&a, x, m_rows, mats[0].k);
+    int64_t quant_kp = 0, total = 0;  /* total: rows of the row-major matrices (types 0, 8, 4), one parallel loop */
+    for (int j = 0; j < count; j++) {
+        if (mats[j].type >= 4) quant_kp = mats[j].kp;  /* matrices sharing an input share its padded width */
+        total += mats[j].type == 1 ? 0 : mats[j].n;
+    }
+    if (quant_kp) act_init(&a, x, m_rows, mats[0].k, quant_kp);
     #pragma omp parallel if(threads > 1) num_threads(threads)
     {
         #pragma omp for schedule(static)
@@ -364,7 +408,7 @@ static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows
             }
         }
     }
-    if (quant) act_free(&a);
+    if (quant_kp) act_free(&a);
 }
 
 /* y [m, n] = act8(x [m, k]) @ W^T, W Q8_0 (bits 8: q int8 [n, kp]) or Q4_0 (bits 4: [n, kp/2]), scales fp16 [n, kp/32] */

@@ -51,17 +51,40 @@ def q4_0_quantize(w: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]
     return c.to(torch.uint8).reshape(w.shape[0], kp), d.squeeze(-1).to(torch.float16)
 
 
+def _byte_order(nb: int, unit_blocks: int) -> torch.Tensor:
+    """The kernels' group-transposed order: blocks in groups of 16 (the last of 8), and inside a group
+    4-byte unit t of every block before unit t + 1 (`unit_blocks` units per block). Returns, for each
+    stored byte, its index in the block-major row."""
+    order, b0 = [], 0
+    while b0 < nb:
+        g = 16 if nb - b0 >= 16 else 8
+        order += [(b0 + j) * unit_blocks + t for t in range(unit_blocks) for j in range(g)]
+        b0 += g
+    return (torch.tensor(order)[:, None] * 4 + torch.arange(4)).reshape(-1)
+
+
+def to_kernel_order(rows: torch.Tensor, unit_blocks: int) -> torch.Tensor:
+    """Block-major [N, nb * 4 * unit_blocks] bytes -> the kernels' order."""
+    return rows[:, _byte_order(rows.shape[1] // (4 * unit_blocks), unit_blocks)]
+
+
+def from_kernel_order(rows: torch.Tensor, unit_blocks: int) -> torch.Tensor:
+    out = torch.empty_like(rows)
+    out[:, _byte_order(rows.shape[1] // (4 * unit_blocks), unit_blocks)] = rows
+    return out
+
+
 def pack_q4(codes: torch.Tensor) -> torch.Tensor:
-    """[N, Kp] codes -> [N, Kp/2] bytes; in each 128-value chunk byte j = value j | value 64 + j << 4."""
+    """[N, Kp] codes -> [N, Kp/2] bytes: ggml's block bytes (byte i = code i | code i + 16 << 4) in kernel order."""
     n, kp = codes.shape
-    c = codes.reshape(n, kp // 128, 2, 64)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, kp // 2)
+    c = codes.reshape(n, kp // 32, 2, 16)
+    return to_kernel_order((c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, kp // 2), 4)
 
 
 def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
     n, half = packed.shape
-    c = packed.reshape(n, half // 64, 1, 64)
-    return torch.cat([c & 15, c >> 4], dim=2).reshape(n, half * 2)
+    b = from_kernel_order(packed, 4).reshape(n, half // 16, 1, 16)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
 
 
 def act_dequantize(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +103,7 @@ class BlockLinear(QuantLinear):
     scalar: tests force the narrower ones); `use_kernels = False` forces the torch fallback."""
 
     bits = 8
-    pad_multiple = 64  # the kernels step over two blocks (Q8_0) or four (Q4_0) at a time
+    pad_multiple = 256  # the kernels take blocks in groups of 8 or 16
     kernel = "native"
 
     def __init__(self, in_features, out_features, bias=True, input_scale=False, device=None, dtype=torch.float32):
@@ -124,11 +147,11 @@ class Q8_0Linear(BlockLinear):
 
     def set_weight(self, w):
         q, d = q8_0_quantize(w, self.padded_in_features)
-        self.qweight.copy_(q), self.scales.copy_(d)
+        self.qweight.copy_(to_kernel_order(q, 8)), self.scales.copy_(d)
         self._cache = self._dense = None
 
     def _codes(self):
-        return self.qweight
+        return from_kernel_order(self.qweight, 8)
 
 
 @register
@@ -137,7 +160,6 @@ class Q4_0Linear(BlockLinear):
 
     format = "q4_0"
     bits = 4
-    pad_multiple = 128
 
     def set_weight(self, w):
         c, d = q4_0_quantize(w, self.padded_in_features)
