@@ -131,8 +131,9 @@ def test_hybrid_search_uses_the_encoders_tuned_fusion(docs, tmp_path):  # noqa: 
     (enc / "fusion.json").write_text(json.dumps({"fusion": "convex", "alpha": 1.0}))
     assert index.fusion() == ("convex", 1.0)
     q = "nearest vectors"
-    dense = [h.chunk.id for h in search(index, q, 3, "dense")]
-    assert [h.chunk.id for h in search(index, q, 3, "hybrid")] == dense  # alpha 1: the dense order
+    dense = {h.chunk.id: h.score for h in search(index, q, 10, "dense")}
+    got = [dense[h.chunk.id] for h in search(index, q, 3, "hybrid")]  # alpha 1: the dense order (ties aside)
+    assert got == pytest.approx(sorted(dense.values(), reverse=True)[:3])
     (enc / "fusion.json").write_text(json.dumps({"fusion": "mean"}))
     with pytest.raises(LmforgeError, match="fusion.json: fusion must be"):
         search(index, q, 3, "hybrid")
