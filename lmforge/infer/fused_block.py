@@ -37,6 +37,28 @@ typedef struct {
     int64_t hidden, n_heads, n_kv, head_dim, rot_dim, inter;
 } layer_t;
 
+typedef struct { float *xn, *tmp, *q, *att, *kk, *vv, *g, *u, *sc; } scratch_t;
+
+static void scratch_init(scratch_t *s, const layer_t *L, int64_t n_layers, int64_t S) {
+    int64_t H = 0, QD = 0, KD = 0, I = 0, NS = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const layer_t *y = L + l;
+        H = y->hidden > H ? y->hidden : H, I = y->inter > I ? y->inter : I;
+        QD = y->n_heads * y->head_dim > QD ? y->n_heads * y->head_dim : QD;
+        KD = y->n_kv * y->head_dim > KD ? y->n_kv * y->head_dim : KD;
+        NS = y->n_heads * S > NS ? y->n_heads * S : NS;
+    }
+    s->xn = (float *)malloc((size_t)H * sizeof(float)), s->tmp = (float *)malloc((size_t)H * sizeof(float));
+    s->q = (float *)malloc((size_t)QD * sizeof(float)), s->att = (float *)malloc((size_t)QD * sizeof(float));
+    s->kk = (float *)malloc((size_t)KD * sizeof(float)), s->vv = (float *)malloc((size_t)KD * sizeof(float));
+    s->g = (float *)malloc((size_t)I * sizeof(float)), s->u = (float *)malloc((size_t)I * sizeof(float));
+    s->sc = (float *)malloc((size_t)NS * sizeof(float));
+}
+
+static void scratch_free(scratch_t *s) {
+    free(s->xn); free(s->tmp); free(s->q); free(s->att); free(s->kk); free(s->vv); free(s->g); free(s->u); free(s->sc);
+}
+
 static void rmsnorm(const float *x, const float *w, float eps, int64_t n, float *out) {
     float ss = 0.0f;
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
@@ -53,30 +75,29 @@ static void rope(float *x, int64_t heads, int64_t hd, int64_t rd, const float *c
     }
 }
 
-/* h [hidden] is updated in place; kc / vc: this layer's cache [n_kv, max_len, head_dim], slot pos written */
-void llama_layer(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, int64_t max_len, const float *cs,
-                 const float *sn, int threads) {
-    int64_t H = L->hidden, nh = L->n_heads, nkv = L->n_kv, hd = L->head_dim, S = pos + 1;
-    float *xn = (float *)malloc((size_t)H * sizeof(float)), *tmp = (float *)malloc((size_t)H * sizeof(float));
-    float *q = (float *)malloc((size_t)(nh * hd) * sizeof(float)), *att = (float *)malloc((size_t)(nh * hd) * sizeof(float));
-    float *kk = (float *)malloc((size_t)(nkv * hd) * sizeof(float)), *vv = (float *)malloc((size_t)(nkv * hd) * sizeof(float));
-    float *g = (float *)malloc((size_t)L->inter * sizeof(float)), *u = (float *)malloc((size_t)L->inter * sizeof(float));
-    float *sc = (float *)malloc((size_t)(nh * S) * sizeof(float));
-    rmsnorm(h, L->ln1, L->eps, H, xn);
+/* Called by every thread of a team (or serially): h [hidden] updated in place; kc / vc: this layer's
+   cache [n_kv, max_len, head_dim], slot pos written. Serial steps run in `single` (with its barrier). */
+static void layer_step(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, int64_t max_len,
+                       const float *cs, const float *sn, scratch_t *W) {
+    int64_t H = L->hidden, nh = L->n_heads, nkv = L->n_kv, hd = L->head_dim, S = pos + 1, group = nh / nkv;
+    #pragma omp single
+    rmsnorm(h, L->ln1, L->eps, H, W->xn);
     mat_t qkv[3] = {L->q, L->k, L->v};
-    float *ys[3] = {q, kk, vv};
-    matvecs(qkv, 3, xn, 1, ys, threads);
-    rope(q, nh, hd, L->rot_dim, cs, sn);
-    rope(kk, nkv, hd, L->rot_dim, cs, sn);
-    for (int64_t j = 0; j < nkv; j++) {
-        memcpy(kc + (j * max_len + pos) * hd, kk + j * hd, (size_t)hd * sizeof(float));
-        memcpy(vc + (j * max_len + pos) * hd, vv + j * hd, (size_t)hd * sizeof(float));
+    float *ys[3] = {W->q, W->kk, W->vv};
+    matvecs(qkv, 3, W->xn, 1, ys);
+    #pragma omp single
+    {
+        rope(W->q, nh, hd, L->rot_dim, cs, sn);
+        rope(W->kk, nkv, hd, L->rot_dim, cs, sn);
+        for (int64_t j = 0; j < nkv; j++) {
+            memcpy(kc + (j * max_len + pos) * hd, W->kk + j * hd, (size_t)hd * sizeof(float));
+            memcpy(vc + (j * max_len + pos) * hd, W->vv + j * hd, (size_t)hd * sizeof(float));
+        }
     }
-    int64_t group = nh / nkv;
-    #pragma omp parallel for if(threads > 1 && S * nh >= 4096) num_threads(threads) schedule(static)
+    #pragma omp for schedule(static)
     for (int64_t hq = 0; hq < nh; hq++) {
-        const float *qh = q + hq * hd, *kb = kc + (hq / group) * max_len * hd, *vb = vc + (hq / group) * max_len * hd;
-        float *s = sc + hq * S, *o = att + hq * hd, mx = -INFINITY, sum = 0.0f;
+        const float *qh = W->q + hq * hd, *kb = kc + (hq / group) * max_len * hd, *vb = vc + (hq / group) * max_len * hd;
+        float *s = W->sc + hq * S, *o = W->att + hq * hd, mx = -INFINITY, sum = 0.0f;
         for (int64_t t = 0; t < S; t++) s[t] = dot_f32(kb + t * hd, qh, hd) * L->scale, mx = fmaxf(mx, s[t]);
         for (int64_t t = 0; t < S; t++) s[t] = expf(s[t] - mx), sum += s[t];
         for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
@@ -86,30 +107,50 @@ void llama_layer(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, 
             for (int64_t i = 0; i < hd; i++) o[i] += p * vt[i];
         }
     }
-    float *yo[1] = {tmp};
-    matvecs(&L->o, 1, att, 1, yo, threads);
-    for (int64_t i = 0; i < H; i++) h[i] += tmp[i];
-    rmsnorm(h, L->ln2, L->eps, H, xn);
+    float *yo[1] = {W->tmp};
+    matvecs(&L->o, 1, W->att, 1, yo);
+    #pragma omp single
+    {
+        for (int64_t i = 0; i < H; i++) h[i] += W->tmp[i];
+        rmsnorm(h, L->ln2, L->eps, H, W->xn);
+    }
     mat_t gu[2] = {L->gate, L->up};
-    float *ygu[2] = {g, u};
-    matvecs(gu, 2, xn, 1, ygu, threads);
-    for (int64_t i = 0; i < L->inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    matvecs(&L->down, 1, g, 1, yo, threads);
-    for (int64_t i = 0; i < H; i++) h[i] += tmp[i];
-    free(xn); free(tmp); free(q); free(att); free(kk); free(vv); free(g); free(u); free(sc);
+    float *ygu[2] = {W->g, W->u};
+    matvecs(gu, 2, W->xn, 1, ygu);
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < L->inter; i++) W->g[i] = W->g[i] / (1.0f + expf(-W->g[i])) * W->u[i];
+    matvecs(&L->down, 1, W->g, 1, yo);
+    #pragma omp single
+    for (int64_t i = 0; i < H; i++) h[i] += W->tmp[i];
 }
 
-/* A whole decode step: embedding row of `token` (table [vocab, hidden] fp32, times emb_scale), every
-   layer, the final RMSNorm and the head (logits [vocab]). kcs / vcs: each layer's cache. */
+void llama_layer(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, int64_t max_len, const float *cs,
+                 const float *sn, int threads) {
+    scratch_t W;
+    scratch_init(&W, L, 1, pos + 1);
+    #pragma omp parallel if(threads > 1) num_threads(threads)
+    layer_step(h, L, kc, vc, pos, max_len, cs, sn, &W);
+    scratch_free(&W);
+}
+
+/* A whole decode step in one team: embedding row of `token` (table [vocab, hidden] fp32, times emb_scale),
+   every layer, the final RMSNorm and the head (logits [vocab]). kcs / vcs: each layer's cache. */
 void llama_forward(const float *emb, int64_t token, float emb_scale, const layer_t *layers, int64_t n_layers,
                    float *const *kcs, float *const *vcs, int64_t pos, int64_t max_len, const float *cs,
                    const float *sn, const float *norm, const mat_t *head, float *logits, int threads) {
     int64_t H = layers[0].hidden;
     float *h = (float *)malloc((size_t)H * sizeof(float)), *xn = (float *)malloc((size_t)H * sizeof(float));
+    scratch_t W;
+    scratch_init(&W, layers, n_layers, pos + 1);
     for (int64_t i = 0; i < H; i++) h[i] = emb[token * H + i] * emb_scale;
-    for (int64_t l = 0; l < n_layers; l++) llama_layer(h, layers + l, kcs[l], vcs[l], pos, max_len, cs, sn, threads);
-    rmsnorm(h, norm, layers[0].eps, H, xn);
-    matvecs(head, 1, xn, 1, &logits, threads);
+    #pragma omp parallel if(threads > 1) num_threads(threads)
+    {
+        for (int64_t l = 0; l < n_layers; l++) layer_step(h, layers + l, kcs[l], vcs[l], pos, max_len, cs, sn, &W);
+        #pragma omp single
+        rmsnorm(h, norm, layers[0].eps, H, xn);
+        matvecs(head, 1, xn, 1, &logits);
+    }
+    scratch_free(&W);
     free(h); free(xn);
 }
 """

@@ -373,56 +373,65 @@ static float mat_row(const mat_t *mt, int64_t r, const float *x, const act_t *a,
 }
 
 /* ys[j] [m, n_j] = x [m, k] @ mats[j]^T (+ bias) for `count` matrices that share the input (q/k/v,
-   gate/up): one rounding of x, one parallel loop over all their rows. */
-static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows, float **ys, int threads) {
+   gate/up): one rounding of x, one loop over all their rows. Called by every thread of an enclosing
+   OpenMP team (the work is split; one team per decode step, so the threads are woken once per token,
+   not once per matmul: under load a woken thread may wait a whole time slice), or outside any team
+   (then serially). Returns with the team synchronized. */
+static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows, float **ys) {
     act_t a = {0};
-    int64_t quant_kp = 0, total = 0;  /* total: rows of the row-major matrices (types 0, 8, 4), one parallel loop */
+    int64_t quant_kp = 0, total = 0;  /* total: rows of the row-major matrices (types 0, 8, 4) */
     for (int j = 0; j < count; j++) {
         if (mats[j].type >= 4) quant_kp = mats[j].kp;  /* matrices sharing an input share its padded width */
         total += mats[j].type == 1 ? 0 : mats[j].n;
     }
-    if (quant_kp) act_init(&a, x, m_rows, mats[0].k, quant_kp);
-    #pragma omp parallel if(threads > 1) num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < total; r++) {
-            int j = 0;
-            int64_t rr = r;
-            while (mats[j].type == 1 || rr >= mats[j].n) rr -= mats[j].type == 1 ? 0 : mats[j].n, j++;
-            for (int64_t m = 0; m < m_rows; m++) ys[j][m * mats[j].n + rr] = mat_row(&mats[j], rr, x, &a, m);
-        }
-        /* transposed fp32: each thread takes a slice of the columns (16-aligned) */
-        int tid = 0, nth = 1;
+    if (quant_kp) {
+        #pragma omp single copyprivate(a)
+        act_init(&a, x, m_rows, mats[0].k, quant_kp);
+    }
+    #pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < total; r++) {
+        int j = 0;
+        int64_t rr = r;
+        while (mats[j].type == 1 || rr >= mats[j].n) rr -= mats[j].type == 1 ? 0 : mats[j].n, j++;
+        for (int64_t m = 0; m < m_rows; m++) ys[j][m * mats[j].n + rr] = mat_row(&mats[j], rr, x, &a, m);
+    }
+    /* transposed fp32: each thread takes a slice of the columns (16-aligned) */
+    int tid = 0, nth = 1;
 #ifdef _OPENMP
-        tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    tid = omp_get_thread_num(), nth = omp_get_num_threads();
 #endif
-        for (int j = 0; j < count; j++) {
-            const mat_t *mt = &mats[j];
-            if (mt->type != 1) continue;
-            int64_t per = (mt->n / nth + 15) / 16 * 16, c0 = per * tid, c1 = tid == nth - 1 ? mt->n : per * (tid + 1);
-            if (c1 > mt->n) c1 = mt->n;
-            for (int64_t m = 0; m < m_rows && c0 < c1; m++) {
-                gemv_t_f32(x + m * mt->k, (const float *)mt->w, ys[j] + m * mt->n, mt->k, mt->n, c0, c1);
-                if (mt->bias)
-                    for (int64_t c = c0; c < c1; c++) ys[j][m * mt->n + c] += mt->bias[c];
-            }
+    for (int j = 0; j < count; j++) {
+        const mat_t *mt = &mats[j];
+        if (mt->type != 1) continue;
+        int64_t per = (mt->n / nth + 15) / 16 * 16, c0 = per * tid, c1 = tid == nth - 1 ? mt->n : per * (tid + 1);
+        if (c1 > mt->n) c1 = mt->n;
+        for (int64_t m = 0; m < m_rows && c0 < c1; m++) {
+            gemv_t_f32(x + m * mt->k, (const float *)mt->w, ys[j] + m * mt->n, mt->k, mt->n, c0, c1);
+            if (mt->bias)
+                for (int64_t c = c0; c < c1; c++) ys[j][m * mt->n + c] += mt->bias[c];
         }
     }
-    if (quant_kp) act_free(&a);
+    #pragma omp barrier
+    if (quant_kp) {
+        #pragma omp single
+        act_free(&a);
+    }
 }
 
 /* y [m, n] = act8(x [m, k]) @ W^T, W Q8_0 (bits 8: q int8 [n, kp]) or Q4_0 (bits 4: [n, kp/2]), scales fp16 [n, kp/32] */
 void quant_linear(const float *x, const void *w, const uint16_t *wd, float *y, int64_t m_rows, int64_t n_out,
                   int64_t k, int64_t kp, int bits, int threads) {
     mat_t mt = {bits, w, wd, NULL, n_out, k, kp};
-    matvecs(&mt, 1, x, m_rows, &y, threads);
+    #pragma omp parallel if(threads > 1) num_threads(threads)
+    matvecs(&mt, 1, x, m_rows, &y);
 }
 
 /* y [m, n] = x [m, k] @ W^T, W fp32 [n, k] (transposed = 0) or its transpose [k, n] (transposed = 1) */
 void f32_linear(const float *x, const float *w, float *y, int64_t m_rows, int64_t n_out, int64_t k, int transposed,
                 int threads) {
     mat_t mt = {transposed, w, NULL, NULL, n_out, k, k};
-    matvecs(&mt, 1, x, m_rows, &y, threads);
+    #pragma omp parallel if(threads > 1) num_threads(threads)
+    matvecs(&mt, 1, x, m_rows, &y);
 }
 
 """
