@@ -1,9 +1,8 @@
 """Batch-1 CPU matmuls in C, at llama.cpp's level: Q8_0 and Q4_0 (ggml's block formats) and F32.
 
-Why: at batch 1 a decode step reads every weight once, and torch's CPU kernels do not reach the
-memory bandwidth on small matrix-vector products (its int8/int4 packed kernels take bf16 activations
-and run near 40% of what llama.cpp gets at the same bytes), nor do they run on two threads well. Here
-each linear is one C call that does what ggml's CPU backend does:
+Why: at batch 1 a decode step reads every weight once; torch's packed int8/int4 CPU kernels take
+bf16 activations and ran at 0.4-0.5x llama.cpp's rate on the same bytes. Here each linear is one C
+call doing what ggml's CPU backend does:
 
 * Q8_0 weights: blocks of 32 int8 with an fp16 scale d (w = d q). Q4_0: blocks of 32 4-bit codes c
   with an fp16 scale (w = d (c - 8)), ggml's 16 bytes per block. The rounding is ggml's reference, so
@@ -23,9 +22,8 @@ each linear is one C call that does what ggml's CPU backend does:
   rows of W^T added into an L1-resident tile of outputs.
 * Two or more threads split the output rows with OpenMP (torch.get_num_threads()); one thread skips it.
 
-Built with gcc -O3 -march=native once per source/compiler/CPU into the kernel cache (the same cache
-and rules as `ternary_kernel`); without a compiler (or LMFORGE_CPU_KERNEL=0) `available()` is False
-and the formats fall back to torch with the same arithmetic.
+Built with gcc -O3 -march=native once per source/compiler/CPU into `ternary_kernel`'s cache; without
+a compiler (or with LMFORGE_CPU_KERNEL=0) the formats run in torch with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -439,7 +437,6 @@ void f32_linear(const float *x, const float *w, float *y, int64_t m_rows, int64_
 _LOCK = threading.Lock()
 _LIBS: dict[tuple[str, ...], ctypes.CDLL | None] = {}
 PATHS = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}
-# Flags that select the narrower paths (tests force each one on a machine that has the wider).
 PATH_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx2", "-mno-avx512f", "-mno-fma")}
 
 
@@ -453,9 +450,8 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def library(path: str = "native", extra: str = "") -> ctypes.CDLL | None:
-    """The compiled kernels for `path` (native, avx2, scalar), built on first use; None (once warned)
-    when they cannot be built or LMFORGE_CPU_KERNEL=0. `extra`: more C compiled after SOURCE, in the
-    same library (it may call the static functions above; `infer.fused_block` adds its block step)."""
+    """The kernels for `path` (native, avx2, scalar), built on first use; None (once warned) when they
+    cannot be built. `extra`: more C compiled after SOURCE into the same library (fused_block's step)."""
     key = (*PATH_FLAGS[path], extra)
     with _LOCK:
         if key not in _LIBS:
@@ -485,11 +481,10 @@ def quant_linear(
     uint8 [N, Kp/2]), fp16 scales [N, Kp/32]; K <= Kp, the padding blocks have scale 0."""
     lib = lib or library()
     x = x.detach().to(torch.float32).contiguous()
-    (m, k), n = x.shape, qweight.shape[0]
-    kp = scales.shape[1] * 32
+    (m, k), n, kp = x.shape, qweight.shape[0], scales.shape[1] * 32
     y = torch.empty(m, n, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    lib.quant_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, kp, bits, threads)
+    args = (x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, kp, bits)
+    lib.quant_linear(*args, torch.get_num_threads())
     return y
 
 
@@ -499,8 +494,7 @@ def f32_linear(
     """fp32 [M, N] = x [M, K] @ W^T, `weight` W [N, K] or, `transposed`, W^T [K, N] (contiguous fp32)."""
     lib = lib or library()
     x = x.detach().to(torch.float32).contiguous()
-    m, k = x.shape
-    n = weight.shape[1] if transposed else weight.shape[0]
+    (m, k), n = x.shape, weight.shape[int(transposed)]
     y = torch.empty(m, n, dtype=torch.float32)
     lib.f32_linear(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k, int(transposed), torch.get_num_threads())
     return y
