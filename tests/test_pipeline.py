@@ -27,6 +27,7 @@ def test_every_artefact_exists(run):
         "final/model.safetensors",
         "final/tokenizer.json",
         "quant/int8/model.safetensors",
+        "quant/q8_0/model.safetensors",
         "quant/gptq-int4/model.safetensors",
         "eval/final/results.json",
         "generate/results.json",
@@ -44,8 +45,10 @@ def test_every_artefact_exists(run):
 def test_final_model_is_merged_and_quantized_ones_are_small(run):
     meta = json.loads((run / "final" / "lmforge_config.json").read_text())
     assert not [t for t in meta["transforms"] if t["kind"] == "peft"]  # LoRA folded into the weights
-    sizes = {p: (run / p / "model.safetensors").stat().st_size for p in ["final", "quant/int8", "quant/gptq-int4"]}
+    names = ["final", "quant/int8", "quant/q8_0", "quant/gptq-int4"]
+    sizes = {p: (run / p / "model.safetensors").stat().st_size for p in names}
     assert sizes["quant/gptq-int4"] < sizes["quant/int8"] < sizes["final"]
+    assert sizes["quant/q8_0"] < sizes["final"]
 
 
 def test_report_figures_come_from_the_runs_files(run):
