@@ -79,7 +79,7 @@ def model_dir(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("tp-serve"))[0]
 
 
-@pytest.mark.slow  # ~40 s quiet, 60 s loaded: two torchrun ranks plus a reference server
+# ~40 s quiet, 60 s loaded: two torchrun ranks plus a reference server (in CI: the issue asks every TP test to run)
 def test_serve_tp_answers_like_one_process_and_stops_cleanly(model_dir, tmp_path):
     from lmforge.serve import ServeConfig
 

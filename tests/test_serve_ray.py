@@ -15,7 +15,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from parallel_guard import start_guarded, stop_guarded
 from test_parallel_serve import _free_port, _wait_healthy
 from test_serve_utils import ServerThread, make_checkpoint
@@ -41,7 +40,6 @@ def _load(url: str) -> list[tuple[str, float]]:
         return list(pool.map(lambda i: _chat(url, i), range(REQUESTS)))
 
 
-@pytest.mark.slow
 def test_two_ray_serve_replicas_answer_a_bounded_load(tmp_path):
     from lmforge.serve import ServeConfig
 
