@@ -102,7 +102,9 @@ def make_motion_clips(n: int, seed: int = 0, image_size: int = 32, num_frames: i
             before, after = rng.choice(colours, 2, replace=False).tolist()
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
             cx, cy = rng.uniform(r + 1, image_size - r - 1, 2)
-            switch = int(rng.integers(1, num_frames))
+            # Each colour is on screen for half the clip (odd lengths: either colour gets the extra frame),
+            # so only the order tells which came last (counting frames would answer from shuffled frames).
+            switch = num_frames // 2 + (int(rng.integers(2)) if num_frames % 2 else 0)
             for t in range(num_frames):
                 frames.append(
                     _canvas(

@@ -1,6 +1,6 @@
 """Train or evaluate video question answering: the VLM reads clips as frames in order.
 
-    lmforge video train --out runs/video-shapes [--set steps=1500]
+    lmforge video train --out runs/video-shapes [--set steps=2500]
     lmforge video eval --model runs/video-shapes
 
 Each clip (multimodal/video.py: shapes that move, come and go, or change colour) is sampled to
