@@ -5,22 +5,15 @@ follows the target's distribution (q is 0 outside the subset), and bad subsets a
 import pytest
 import torch
 from scipy.stats import chi2
+from test_speculative import _model
 
 from lmforge.common import LmforgeError
 from lmforge.infer.generate import generate
 from lmforge.infer.prepare import prepare_for_inference
 from lmforge.infer.sampling import SamplingParams, probabilities
 from lmforge.infer.speculative import DraftProposer, SubVocabLM, frequent_tokens, speculative_generate
-from lmforge.model import ModelConfig, Transformer
 
 torch.set_num_threads(1)
-
-
-def _model(layers=2, vocab=512, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    return Transformer(
-        ModelConfig.preset("tiny", vocab_size=vocab, num_hidden_layers=layers, initializer_range=std)
-    ).eval()
 
 
 class _Recording(DraftProposer):
