@@ -60,16 +60,33 @@ static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t kp,
                 int64_t b = g0 + j;
                 const float *xr = x + m * k + 32 * b;
                 int64_t n = k - 32 * b < 32 ? (k - 32 * b > 0 ? k - 32 * b : 0) : 32;
+                int8_t *qg = q + m * kp + 32 * g0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+                /* the same arithmetic on two vectors (roundscale to nearest = nearbyintf's default mode):
+                   a scalar loop cost ~3% of a Q8_0 decode step */
+                __mmask16 m0 = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
+                __mmask16 m1 = n >= 32 ? 0xffff : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1);
+                __m512 v0 = _mm512_maskz_loadu_ps(m0, xr), v1 = _mm512_maskz_loadu_ps(m1, xr + 16);
+                float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+                const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, _mm512_set1_ps(id)), rnd));
+                __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, _mm512_set1_ps(id)), rnd));
+                int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)), units[8];
+                _mm_storeu_si128((__m128i *)units, _mm512_cvtepi32_epi8(q0));
+                _mm_storeu_si128((__m128i *)(units + 4), _mm512_cvtepi32_epi8(q1));
+                for (int u = 0; u < 8; u++) memcpy(qg + u * 4 * g + 4 * j, units + u, 4);
+#else
                 float amax = 0.0f;
                 for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(xr[i]));
                 float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
                 int32_t sum = 0;
-                int8_t *qg = q + m * kp + 32 * g0;
                 for (int64_t i = 0; i < 32; i++) {
                     int v = i < n ? (int)nearbyintf(xr[i] * id) : 0;
                     qg[(i / 4) * 4 * g + 4 * j + i % 4] = (int8_t)v;
                     sum += v;
                 }
+#endif
                 d[m * nb + b] = db;
                 c[m * nb + b] = -8 * sum, c8[m * nb + b] = -128 * sum;
             }
@@ -206,7 +223,10 @@ static float dot_f32(const float *w, const float *x, int64_t k) {
 #ifndef PF_DIST
 #define PF_DIST 16384
 #endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_DIST, _MM_HINT_T1)
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_DIST, PF_HINT)
 
 /* the sums of 4 vectors -> one vector [sum v0, sum v1, sum v2, sum v3] */
 static inline __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
