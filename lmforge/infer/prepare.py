@@ -49,12 +49,15 @@ class TransposedLinear(nn.Module):
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """Give Llama-style blocks the C decode step (`fused_block.fuse_blocks`, when the C kernels build)
-    and swap the other plain nn.Linear for TransposedLinear on CPU; eval mode, no grads. Returns the model."""
+    and swap the other plain nn.Linear for TransposedLinear on CPU, large weights moved to huge pages
+    (`hugepages`); eval mode, no grads. Returns the model."""
     from .fused_block import fuse_blocks
+    from .hugepages import move_to_hugepages
 
     model.eval().requires_grad_(False)
     if next(model.parameters()).device.type != "cpu":
         return model
+    move_to_hugepages(model)  # decode streams every weight per token: 2 MB pages read ~1.2-1.6x faster
     fuse_blocks(model, transposed=(TransposedLinear,))
     # The C step reads an fp32 W [out, in] row after row, one sequential stream, ~25% faster than the
     # transposed layout (several strided streams): the linears it runs stay nn.Linear.
