@@ -107,39 +107,55 @@ static void act_init(act_t *a, const float *x, int64_t m_rows, int64_t k, int64_
 
 static void act_free(act_t *a) { free(a->q); free(a->d); free(a->c); free(a->c8); }
 
-/* out[i] = row r + i of mat (i < nr <= 4) for activation row m (x fp32 for type 0, else the rounded act):
-   the AVX-512 kernels take 4 rows per pass, the others one */
-static void mat_rows(const mat_t *mt, int64_t r, int nr, const float *x, const act_t *a, int64_t m, float *out) {
+/* out[4 mi + i] = row r + i of mat (i < nr <= 4) for activation row m + mi (mi < nm <= 4); x fp32 for
+   type 0, else the rounded act. The AVX-512 kernels take 4 weight rows and 4 activation rows per call. */
+static void mat_rows(const mat_t *mt, int64_t r, int nr, const float *x, const act_t *a, int64_t m, int nm,
+                     float *out) {
     int64_t nb = mt->kp / 32, ws = mt->type == 0 ? mt->k : mt->type == 8 ? mt->kp : mt->kp / 2;
 #if defined(__AVX512F__)
     if (mt->type == 0) {
-        const float *w = (const float *)mt->w + r * ws;
-        if (nr == 4) tile_f32(w, ws, x + m * mt->k, mt->k, 4, out);
-        else for (int i = 0; i < nr; i++) tile_f32(w + i * ws, ws, x + m * mt->k, mt->k, 1, out + i);
+        for (int mi = 0; mi < nm; mi += nm == 4 ? 4 : 1)
+            for (int i = 0; i < nr; i += nr == 4 ? 4 : 1) {
+                const float *w = (const float *)mt->w + (r + i) * ws, *xm = x + (m + mi) * mt->k;
+                float *o = out + 4 * mi + i;
+                if (nr == 4 && nm == 4) tile_f32(w, ws, xm, mt->k, mt->k, 4, 4, o);
+                else if (nr == 4) tile_f32(w, ws, xm, mt->k, mt->k, 4, 1, o);
+                else if (nm == 4) tile_f32(w, ws, xm, mt->k, mt->k, 1, 4, o);
+                else tile_f32(w, ws, xm, mt->k, mt->k, 1, 1, o);
+            }
         return;
     }
 #endif
 #if defined(VNNI)
-    const uint8_t *w = (const uint8_t *)mt->w + r * ws;
-    const int32_t *c = (mt->type == 8 ? a->c8 : a->c) + m * nb;
-    const int8_t *xq = a->q + m * a->kp;
-    if (nr == 4 && mt->type == 8) tile_q(8, w, ws, mt->d + r * nb, nb, xq, a->d + m * nb, c, nb, 4, out);
-    else if (nr == 4) tile_q(4, w, ws, mt->d + r * nb, nb, xq, a->d + m * nb, c, nb, 4, out);
-    else if (mt->type == 8)
-        for (int i = 0; i < nr; i++) tile_q(8, w + i * ws, ws, mt->d + (r + i) * nb, nb, xq, a->d + m * nb, c, nb, 1, out + i);
-    else
-        for (int i = 0; i < nr; i++) tile_q(4, w + i * ws, ws, mt->d + (r + i) * nb, nb, xq, a->d + m * nb, c, nb, 1, out + i);
+    for (int mi = 0; mi < nm; mi += nm == 4 ? 4 : 1)
+        for (int i = 0; i < nr; i += nr == 4 ? 4 : 1) {
+            const uint8_t *w = (const uint8_t *)mt->w + (r + i) * ws;
+            const uint16_t *wd = mt->d + (r + i) * nb;
+            const int8_t *xq = a->q + (m + mi) * a->kp;
+            const float *xd = a->d + (m + mi) * nb;
+            const int32_t *c = (mt->type == 8 ? a->c8 : a->c) + (m + mi) * nb;
+            float *o = out + 4 * mi + i;
+#define TILE(R, M) mt->type == 8 ? tile_q(8, w, ws, wd, nb, xq, a->kp, xd, c, nb, R, M, o) \
+                                 : tile_q(4, w, ws, wd, nb, xq, a->kp, xd, c, nb, R, M, o)
+            if (nr == 4 && nm == 4) TILE(4, 4);
+            else if (nr == 4) TILE(4, 1);
+            else if (nm == 4) TILE(1, 4);
+            else TILE(1, 1);
+#undef TILE
+        }
 #else
-    for (int i = 0; i < nr; i++) {
-        int64_t ri = r + i;
-        if (mt->type == 0)
-            out[i] = dot_f32((const float *)mt->w + ri * ws, x + m * mt->k, mt->k);
-        else if (mt->type == 8)
-            out[i] = dot_q8((const int8_t *)mt->w + ri * ws, mt->d + ri * nb, a->q + m * a->kp, a->d + m * nb, nb);
-        else
-            out[i] = dot_q4((const uint8_t *)mt->w + ri * ws, mt->d + ri * nb, a->q + m * a->kp, a->d + m * nb,
-                            a->c + m * nb, nb);
-    }
+    for (int mi = 0; mi < nm; mi++)
+        for (int i = 0; i < nr; i++) {
+            int64_t ri = r + i, mm = m + mi;
+            float *o = out + 4 * mi + i;
+            if (mt->type == 0)
+                *o = dot_f32((const float *)mt->w + ri * ws, x + mm * mt->k, mt->k);
+            else if (mt->type == 8)
+                *o = dot_q8((const int8_t *)mt->w + ri * ws, mt->d + ri * nb, a->q + mm * a->kp, a->d + mm * nb, nb);
+            else
+                *o = dot_q4((const uint8_t *)mt->w + ri * ws, mt->d + ri * nb, a->q + mm * a->kp, a->d + mm * nb,
+                            a->c + mm * nb, nb);
+        }
 #endif
 }
 
@@ -167,10 +183,13 @@ static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows
         const mat_t *mt = &mats[j];
         int64_t r = 4 * tt;
         int nr = mt->n - r < 4 ? (int)(mt->n - r) : 4;
-        for (int64_t m = 0; m < m_rows; m++) {  /* the tile's weights stay in L1 for the next rows of x */
-            float out[4];
-            mat_rows(mt, r, nr, x, &a, m, out);
-            for (int i = 0; i < nr; i++) ys[j][m * mt->n + r + i] = mt->bias ? out[i] + mt->bias[r + i] : out[i];
+        for (int64_t m = 0; m < m_rows; m += 4) {  /* the tile's weights stay in L1 for the next rows of x */
+            int nm = m_rows - m < 4 ? (int)(m_rows - m) : 4;
+            float out[16];
+            mat_rows(mt, r, nr, x, &a, m, nm, out);
+            for (int mi = 0; mi < nm; mi++)
+                for (int i = 0; i < nr; i++)
+                    ys[j][(m + mi) * mt->n + r + i] = mt->bias ? out[4 * mi + i] + mt->bias[r + i] : out[4 * mi + i];
         }
     }
     /* transposed fp32: each thread takes a slice of the columns (16-aligned) */

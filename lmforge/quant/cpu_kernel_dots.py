@@ -241,94 +241,125 @@ static inline __attribute__((always_inline)) void close_rows(const __m512 *f, in
         for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(f[r]);
 }
 
-/* F32: R consecutive rows of W [., k] (row stride ws) dotted with x. The rows are read one after the
-   other (one sequential stream: reading 4 rows side by side ran ~35% slower), 4 accumulators per row,
-   one reduction for all R. */
-static inline __attribute__((always_inline)) void tile_f32(const float *w, int64_t ws, const float *x, int64_t k,
-                                                            int R, float *out) {
-    __m512 f[4];
+/* F32: R consecutive rows of W [., k] (row stride ws) times M rows of x (row stride xs), out[4 m + r].
+   The rows are read one after the other (one sequential stream: reading 4 rows side by side ran ~35%
+   slower), each weight vector loaded once for the M rows of x; 4 accumulators per output, added in
+   the same order whatever M (a row of x gets the same bits alone or in a batch); one reduction per 4. */
+static inline __attribute__((always_inline)) void tile_f32(const float *w, int64_t ws, const float *x, int64_t xs,
+                                                            int64_t k, int R, int M, float *out) {
+    __m512 f[4][4];
     for (int r = 0; r < R; r++) {
         const float *wr = w + r * ws;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m512 a[4][4];
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < 4; j++) a[m][j] = _mm512_setzero_ps();
         int64_t i = 0;
         for (; i + 64 <= k; i += 64) {
             PREFETCH(wr + i);
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i), _mm512_loadu_ps(x + i), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+            for (int j = 0; j < 4; j++) {
+                __m512 v = _mm512_loadu_ps(wr + i + 16 * j);
+                for (int m = 0; m < M; m++) a[m][j] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * xs + i + 16 * j), a[m][j]);
+            }
         }
-        for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i), _mm512_loadu_ps(x + i), a0);
+        for (; i + 16 <= k; i += 16) {
+            __m512 v = _mm512_loadu_ps(wr + i);
+            for (int m = 0; m < M; m++) a[m][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * xs + i), a[m][0]);
+        }
         if (i < k) {
             __mmask16 mk = (__mmask16)((1u << (k - i)) - 1);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, wr + i), _mm512_maskz_loadu_ps(mk, x + i), a1);
+            __m512 v = _mm512_maskz_loadu_ps(mk, wr + i);
+            for (int m = 0; m < M; m++) a[m][1] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mk, x + m * xs + i), a[m][1]);
         }
-        f[r] = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        for (int m = 0; m < M; m++) f[m][r] = _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3]));
     }
-    close_rows(f, R, out);
+    for (int m = 0; m < M; m++) close_rows(f[m], R, out + 4 * m);
 }
 #endif
 
 #if defined(VNNI)
-/* Q8_0 and Q4_0, R consecutive rows (read one after the other). Q8_0 as unsigned bytes w ^ 0x80 =
-   w + 128, so vpdpbusd takes them as they are (no |w| and sign(w) x); the lanes start at c8 = -128 x
-   sum(x) per block, which removes the +128 exactly (|int32| < 2^21). Q4_0: codes c in 0..15 (the low and
-   high nibbles), lanes start at -8 sum(x). w: row 0's bytes, ws the row stride in bytes; wd row 0's fp16
-   scales, ds their stride. */
+/* Q8_0 and Q4_0: R consecutive weight rows (read one after the other) times M rows of the rounded
+   activation (row stride xs bytes; their scales and sums nb apart), out[4 m + r]; each weight vector is
+   loaded and converted once for the M rows, and a row's sums are formed in the same order whatever M.
+   Q8_0 as unsigned bytes w ^ 0x80 = w + 128, so vpdpbusd takes them as they are (no |w| and sign(w) x);
+   the lanes start at c8 = -128 x sum(x) per block, which removes the +128 exactly (|int32| < 2^21).
+   Q4_0: codes c in 0..15 (the low and high nibbles), lanes start at -8 sum(x). w: row 0's bytes, ws the
+   row stride in bytes; wd row 0's fp16 scales, ds their stride. */
 static inline __attribute__((always_inline)) void tile_q(int bits, const uint8_t *w, int64_t ws, const uint16_t *wd,
-                                                          int64_t ds, const int8_t *x, const float *xd, const int32_t *c,
-                                                          int64_t nb, int R, float *out) {
+                                                          int64_t ds, const int8_t *x, int64_t xs, const float *xd,
+                                                          const int32_t *c, int64_t nb, int R, int M, float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80), low = _mm512_set1_epi8(15);
-    __m512 f[4];
+    __m512 f[4][4];
     for (int r = 0; r < R; r++) {
         const uint8_t *wr = w + r * ws;
         const uint16_t *dr = wd + r * ds;
-        __m512 fr = _mm512_setzero_ps();
-        __m256 f8 = _mm256_setzero_ps();
+        __m512 fr[4];
+        __m256 f8[4];
+        for (int m = 0; m < M; m++) fr[m] = _mm512_setzero_ps(), f8[m] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b += group_size(nb, b)) {
             const uint8_t *wg = wr + (bits == 8 ? 32 : 16) * b;
             const int8_t *xg = x + 32 * b;
             if (group_size(nb, b) == 16) {
-                __m512i a0 = _mm512_loadu_si512((const void *)(c + b)), a1 = _mm512_setzero_si512();
+                __m512i a0[4], a1[4];
+                for (int m = 0; m < M; m++)
+                    a0[m] = _mm512_loadu_si512((const void *)(c + m * nb + b)), a1[m] = _mm512_setzero_si512();
                 for (int t = 0; t < (bits == 8 ? 8 : 4); t++) {
                     __m512i v = _mm512_loadu_si512((const void *)(wg + 64 * t));
-                    __m512i xv = _mm512_loadu_si512((const void *)(xg + 64 * t));
                     /* Q8_0: a line per 256 bytes; Q4_0: per 512 (per 256 ran ~10% slower in 2 MB pages) */
                     if (bits == 8 ? t % 4 == 0 : t == 0 && b % 32 == 0) PREFETCH(wg + 64 * t);
                     if (bits == 8) {
-                        if (t % 2) a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(v, flip), xv);
-                        else a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(v, flip), xv);
+                        __m512i u = _mm512_xor_si512(v, flip);
+                        for (int m = 0; m < M; m++) {
+                            __m512i xv = _mm512_loadu_si512((const void *)(xg + m * xs + 64 * t));
+                            if (t % 2) a1[m] = _mm512_dpbusd_epi32(a1[m], u, xv);
+                            else a0[m] = _mm512_dpbusd_epi32(a0[m], u, xv);
+                        }
                     } else {
-                        __m512i xh = _mm512_loadu_si512((const void *)(xg + 64 * (t + 4)));
-                        a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v, low), xv);
-                        a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xh);
+                        __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                        for (int m = 0; m < M; m++) {
+                            const int8_t *xm = xg + m * xs;
+                            a0[m] = _mm512_dpbusd_epi32(a0[m], lo, _mm512_loadu_si512((const void *)(xm + 64 * t)));
+                            a1[m] = _mm512_dpbusd_epi32(a1[m], hi, _mm512_loadu_si512((const void *)(xm + 64 * (t + 4))));
+                        }
                     }
                 }
-                __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dr + b))), _mm512_loadu_ps(xd + b));
-                fr = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), s, fr);
+                __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dr + b)));
+                for (int m = 0; m < M; m++) {
+                    __m512 s = _mm512_mul_ps(sw, _mm512_loadu_ps(xd + m * nb + b));
+                    fr[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[m], a1[m])), s, fr[m]);
+                }
             } else {  /* a last group of 8 blocks: the same on 256-bit vectors */
-                __m256i a0 = _mm256_loadu_si256((const __m256i *)(c + b)), a1 = _mm256_setzero_si256();
+                __m256i a0[4], a1[4];
+                for (int m = 0; m < M; m++)
+                    a0[m] = _mm256_loadu_si256((const __m256i *)(c + m * nb + b)), a1[m] = _mm256_setzero_si256();
                 for (int t = 0; t < (bits == 8 ? 8 : 4); t++) {
                     __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * t));
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + 32 * t));
                     if (bits == 8) {
                         __m256i u = _mm256_xor_si256(v, _mm512_castsi512_si256(flip));
-                        if (t % 2) a1 = _mm256_dpbusd_epi32(a1, u, xv);
-                        else a0 = _mm256_dpbusd_epi32(a0, u, xv);
+                        for (int m = 0; m < M; m++) {
+                            __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + m * xs + 32 * t));
+                            if (t % 2) a1[m] = _mm256_dpbusd_epi32(a1[m], u, xv);
+                            else a0[m] = _mm256_dpbusd_epi32(a0[m], u, xv);
+                        }
                     } else {
                         __m256i l4 = _mm512_castsi512_si256(low);
-                        __m256i xh = _mm256_loadu_si256((const __m256i *)(xg + 32 * (t + 4)));
-                        a0 = _mm256_dpbusd_epi32(a0, _mm256_and_si256(v, l4), xv);
-                        a1 = _mm256_dpbusd_epi32(a1, _mm256_and_si256(_mm256_srli_epi16(v, 4), l4), xh);
+                        __m256i lo = _mm256_and_si256(v, l4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), l4);
+                        for (int m = 0; m < M; m++) {
+                            const int8_t *xm = xg + m * xs;
+                            a0[m] = _mm256_dpbusd_epi32(a0[m], lo, _mm256_loadu_si256((const __m256i *)(xm + 32 * t)));
+                            a1[m] = _mm256_dpbusd_epi32(a1[m], hi, _mm256_loadu_si256((const __m256i *)(xm + 32 * (t + 4))));
+                        }
                     }
                 }
-                __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + b))), _mm256_loadu_ps(xd + b));
-                f8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), s, f8);
+                __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + b)));
+                for (int m = 0; m < M; m++) {
+                    __m256 s = _mm256_mul_ps(sw, _mm256_loadu_ps(xd + m * nb + b));
+                    f8[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0[m], a1[m])), s, f8[m]);
+                }
             }
         }
-        f[r] = _mm512_add_ps(fr, _mm512_zextps256_ps512(f8));
+        for (int m = 0; m < M; m++) f[m][r] = _mm512_add_ps(fr[m], _mm512_zextps256_ps512(f8[m]));
     }
-    close_rows(f, R, out);
+    for (int m = 0; m < M; m++) close_rows(f[m], R, out + 4 * m);
 }
 #endif
 """
