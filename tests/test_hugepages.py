@@ -47,6 +47,8 @@ def test_weights_move_with_their_values_objects_and_ties():
     assert m.up.bias.data_ptr() == ptrs["up.bias"]
     starts = sorted(state[n].data_ptr() for n in ("embed.weight", "up.weight", "down.weight"))
     assert starts[0] % HUGE_PAGE == 0  # the mapping starts on a huge page
+    # a second call moves nothing: addresses already handed to C code (a fused step) stay valid
+    assert move_to_hugepages(m, min_bytes=32 << 10) == 0 and m.up.weight.data_ptr() == state["up.weight"].data_ptr()
 
 
 @needs_thp

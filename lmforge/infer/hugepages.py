@@ -23,6 +23,9 @@ from torch import nn
 HUGE_PAGE = 2 << 20
 MIN_BYTES = 64 << 10  # norms and biases: not worth a copy
 ALIGN = 4096
+# storages this module made: never moved again, so C code already holding their addresses (a fused
+# decode step of this model, or of another model sharing its modules) keeps valid pointers
+_PLACED: set[int] = set()
 
 
 def _arena(nbytes: int) -> tuple[mmap.mmap, int] | None:
@@ -45,7 +48,8 @@ def move_to_hugepages(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
     advised for huge pages and re-point them there in place; returns the bytes moved. Each tensor keeps
     a storage of its own (a slice of the mapping, which lives while any of them does), so saving,
     safetensors' shared-memory check and deep copies see ordinary tensors. Tensors that share their
-    storage with another (views, aliases under another name) are left alone: no sharing is broken."""
+    storage with another (views, aliases under another name) are left alone: no sharing is broken; so
+    are tensors moved before (preparing a model twice keeps the addresses the first fused step holds)."""
     tensors: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for t in (*module._parameters.values(), *module._buffers.values()):
@@ -59,7 +63,7 @@ def move_to_hugepages(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
     for t in tensors.values():
         nbytes, storage = t.numel() * t.element_size(), t.untyped_storage()
         if nbytes >= min_bytes and t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == nbytes:
-            if owners[storage.data_ptr()] == 1:
+            if owners[storage.data_ptr()] == 1 and storage.data_ptr() not in _PLACED:
                 chosen.append((t, nbytes))
     offsets, total = [], 0
     for _, nbytes in chosen:
@@ -73,4 +77,5 @@ def move_to_hugepages(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
         new = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=start + off).view(t.shape)
         new.copy_(t.detach())
         t.data = new
+        _PLACED.add(new.data_ptr())
     return sum(nbytes for _, nbytes in chosen)
