@@ -46,7 +46,13 @@ def measure_generation(
     tok = load_tokenizer_if_any(next(iter(models.values()))) if models else None
     if tok is None:
         return out
-    loaded = {label: prepare_for_inference(load_model(path)) for label, path in models.items()}
+    loaded = {label: load_model(path) for label, path in models.items()}
+    if "draft" in loaded and gcfg.get("draft_quant"):  # a cheaper proposer; the target still verifies every token
+        from lmforge.quant import swap
+
+        swap(loaded["draft"], str(gcfg["draft_quant"]), skip=("embed", "lm_head"))
+        out["draft_quant"] = str(gcfg["draft_quant"])
+    loaded = {label: prepare_for_inference(model) for label, model in loaded.items()}
     encoded = [tok.encode(p) for p in prompts]
     methods: dict[tuple[str, str], tuple] = {}
     for label, model in loaded.items():

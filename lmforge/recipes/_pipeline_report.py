@@ -30,8 +30,8 @@ def _read(path: Path):
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
+    if isinstance(v, float):  # 4 significant digits; large values in full (12,345, not 1.234e+04)
+        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
     return "-" if v is None else str(v)
 
 
@@ -248,10 +248,11 @@ def _quant_blocks(run: Path, models: dict[str, Path], gen: dict) -> list[tuple]:
 
 
 def _draft_vocab_note(gen: dict) -> str:
-    v = gen.get("draft_vocab")
+    v, quant = gen.get("draft_vocab"), gen.get("draft_quant")
+    note = f" The draft's layers run in {quant.upper()} (a cheaper proposer, same acceptance)." if quant else ""
     if not v:
-        return ""
-    return (
+        return note
+    return note + (
         f" The draft proposes from the {v['tokens']:,} most frequent of the {v['of']:,} token ids of the "
         f"training data ({100 * v['coverage']:.1f}% of its tokens): its head, most of a one-layer draft's "
         "weights, shrinks by that factor, and the target still verifies every token (the row with the whole "
