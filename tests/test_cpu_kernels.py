@@ -163,30 +163,35 @@ def test_fused_decode_matches_the_torch_path(scheme, overrides, monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("scheme", [None, "q8_0"])
-def test_fused_rows_match_the_torch_path(scheme):
+def test_fused_rows_match_the_torch_path(scheme, monkeypatch):
     """Several tokens in one C call (a speculative verification, a prefill chunk): every row's logits
     equal torch's, each row attending only up to its own slot; explicit positions and logits_to_keep too."""
     base = random_model(attention_bias=True, tie_word_embeddings=False)
     if scheme:
         swap(base, scheme, skip=("embed",))
+    spy = Spy(fused_block.block_library())
+    monkeypatch.setattr(cpu_kernel, "library", lambda path="native", extra="": spy)
     fast = prepare_for_inference(copy.deepcopy(base))
-    ids = torch.randint(0, base.config.vocab_size, (1, 13))
+    ids = torch.randint(0, base.config.vocab_size, (1, 77))
     with torch.inference_mode():
-        caches = [KVCache.for_model(m, 1, 32) for m in (fast, base)]
-        for m, cache in zip((fast, base), caches):
-            m(ids[:, :7], kv_cache=cache)  # a prefill of 7 rows
-        rows = [m(ids[:, 7:11], kv_cache=c, start_pos=7) for m, c in zip((fast, base), caches)]  # 4 rows at 7..10
+        caches = [KVCache.for_model(m, 1, 96) for m in (fast, base)]
+        # a prefill of 71 rows: in chunks of 64 + 7 (fp32 matrices: torch's path past 16 rows)
+        first = [m(ids[:, :71], kv_cache=c, logits_to_keep=1) for m, c in zip((fast, base), caches)]
+        torch.testing.assert_close(first[0], first[1], rtol=1e-4, atol=1e-4)
+        rows = [m(ids[:, 71:75], kv_cache=c, start_pos=71) for m, c in zip((fast, base), caches)]  # 4 rows
         torch.testing.assert_close(rows[0], rows[1], rtol=1e-4, atol=1e-4)
         assert rows[0].shape == (1, 4, base.config.vocab_size)
-        positions = torch.tensor([[11, 12]])
+        positions = torch.tensor([[75, 76]])
         last = [
-            m(ids[:, 11:], kv_cache=c, start_pos=11, position_ids=positions, logits_to_keep=1)
+            m(ids[:, 75:], kv_cache=c, start_pos=75, position_ids=positions, logits_to_keep=1)
             for m, c in zip((fast, base), caches)
         ]
         torch.testing.assert_close(last[0], last[1], rtol=1e-4, atol=1e-4)
         assert last[0].shape == (1, 1, base.config.vocab_size)
-        for kf, kb in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # all 13 slots written
-            torch.testing.assert_close(kf[:, :, :13], kb[:, :, :13], rtol=1e-4, atol=1e-4)
+        for kf, kb in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # all 77 slots written
+            torch.testing.assert_close(kf[:, :, :77], kb[:, :, :77], rtol=1e-4, atol=1e-4)
+    layers = base.config.num_hidden_layers
+    assert spy.calls == ([(layers, 64), (layers, 7)] if scheme else []) + [(layers, 4), (layers, 2)]
 
 
 @needs_kernel
