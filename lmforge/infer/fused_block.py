@@ -242,6 +242,7 @@ def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transpos
             and not (kw.get("inputs_embeds") is not None or kw.get("return_hidden") or kw.get("return_aux_loss"))
             and start + input_ids.shape[1] <= cache.max_len
             and _f32(cache.k[0])
+            and cache.k[0].shape[0] == 1
             and not torch.is_grad_enabled()
             and all(b.self_attn.kv_prefix is None for b in m.layers)
             and (kw.get("attention_mask") is None or bool(kw["attention_mask"].all()))
@@ -279,6 +280,7 @@ def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transpos
             and k > 0
             and start + T + k - 1 <= cache.max_len
             and _f32(cache.k[0])
+            and cache.k[0].shape[0] == 1
             and all(b.self_attn.kv_prefix is None for b in m.layers)
             and all(0 <= t < emb.num_embeddings for t in tokens)
         ):
