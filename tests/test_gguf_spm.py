@@ -240,9 +240,12 @@ def test_whole_model_imports_with_the_cli_and_generates(vocab, tmp_path, capsys)
     assert capsys.readouterr().out.strip()
 
 
-def test_export_round_trip(vocab, tmp_path):
+@pytest.mark.parametrize("tied", [1, 7])
+def test_export_round_trip(vocab, tmp_path, tied):
     """An imported SentencePiece vocabulary exports as "llama" again: same tokens, types, flags and
-    merge order, so a reader without lmforge's tokenizer.huggingface.json tokenizes the same."""
+    merge order, so a reader without lmforge's tokenizer.huggingface.json tokenizes the same; also
+    when pieces share scores (`tied` pieces per score), where ties decide the merge order."""
+    vocab = dict(vocab, scores=[float(s // tied) for s in vocab["scores"]])
     model = tiny_llama(len(vocab["tokens"]))
     write_spm_gguf(tmp_path / "in.gguf", vocab, model)
     tok = load_tokenizer_if_any(tmp_path / "in.gguf")

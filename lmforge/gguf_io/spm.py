@@ -163,6 +163,29 @@ def _space_prefix(spec: dict) -> bool | None:
     return True if len(steps) == 2 and steps[0] == {"type": "Prepend", "prepend": SPACE} else None
 
 
+def scores_from_merges(tokens: list[str], merges: list[tuple[str, str]]) -> list[float] | None:
+    """Scores under which `merges_from_scores` gives back `merges` (None when none is found).
+
+    Within one score, `merges_from_scores` orders merges by (longer left, longer right, token id, left
+    id, right id); so the merges are cut into runs where that key increases, run k scoring -k: the
+    fewest distinct scores, which also reproduces tied scores (many tokens sharing one). Every merge
+    of a token must fall in one run; tokens no merge makes score below all others."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    level_of: dict[str, int] = {}
+    level, previous = 0, None
+    for left, right in merges:
+        token = left + right
+        if token not in ids or left not in ids or right not in ids:
+            return None
+        key = (-len(left), -len(right), ids[token], ids[left], ids[right])
+        if previous is not None and key <= previous:
+            level += 1
+        previous = key
+        if level_of.setdefault(token, level) != level:
+            return None
+    return [-float(level_of.get(t, level + 1)) for t in tokens]
+
+
 def vocab_rows(tok: Tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
     """Token strings and types for ids 0..n_vocab-1: special added tokens CONTROL, other added tokens
     USER_DEFINED, embedding rows past the vocabulary UNUSED "[PAD<id>]" (as llama.cpp's converter)."""
@@ -180,9 +203,9 @@ def vocab_rows(tok: Tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
 def spm_metadata(tok: Tokenizer, spec: dict, n_vocab: int) -> dict[str, object]:
     """The "llama" vocabulary keys for `tok` (an `is_spm` tokenizer), padded to `n_vocab` rows.
 
-    Scores are recovered from the merge order (a token scores minus the rank of the first merge that
-    makes it), and the merges those scores imply must be the tokenizer's own, in order: otherwise
-    llama.cpp would join pairs this BPE never joins, and the export is refused."""
+    Scores are recovered from the merge order (`scores_from_merges`), and the merges those scores imply
+    must be the tokenizer's own, in order: otherwise llama.cpp would join pairs this BPE never joins,
+    and the export is refused."""
     model = spec["model"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     unk = model.get("unk_token")
@@ -190,12 +213,8 @@ def spm_metadata(tok: Tokenizer, spec: dict, n_vocab: int) -> dict[str, object]:
     types = [
         UNKNOWN if t == unk else BYTE if k == NORMAL and _BYTE_TOKEN.fullmatch(t) else k for t, k in zip(tokens, types)
     ]
-    rank: dict[str, int] = {}
-    for r, (left, right) in enumerate(merges):
-        rank.setdefault(left + right, r)
-    floor = -float(len(merges) + 1)  # below every merged token: never the best join
-    scores = [-float(rank[t]) if t in rank else floor for t in tokens]
-    if merges_from_scores(tokens, scores) != merges:
+    scores = scores_from_merges(tokens, merges)
+    if scores is None or merges_from_scores(tokens, scores) != merges:
         raise LmforgeError(
             "GGUF export: this SentencePiece-style tokenizer's merges are not the ones its vocabulary implies "
             "(every split of every token, ranked by score), so llama.cpp would tokenize differently; "
