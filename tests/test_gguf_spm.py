@@ -188,6 +188,10 @@ def test_import_details(imported, vocab):
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert chat == "<s>[INST] hi [/INST]"
     assert tok.encode(chat)[0] == tok.bos_id
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "def wrap(x)"}]
+    ids, mask = tok.render_chat(turns)  # SFT: the loss mask covers the reply and its </s>
+    assert ids == tok.encode(tok.apply_chat_template(turns))
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "def wrap(x)</s>"
 
 
 def test_merges_follow_scores(vocab, tmp_path):
