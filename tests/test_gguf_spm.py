@@ -307,6 +307,9 @@ def test_bad_metadata_is_refused_naming_the_key(vocab, tmp_path, override, messa
         tokenizer_from_metadata(
             {"tokenizer.ggml.model": "llama", **_keys(vocab), "tokenizer.ggml.token_type": types}, "f"
         )
+    merges = {"tokenizer.ggml.merges": ["▁t he", "nope"]}
+    with pytest.raises(LmforgeError, match="tokenizer.ggml.merges has 'nope'"):
+        tokenizer_from_metadata({"tokenizer.ggml.model": "llama", **_keys(vocab), **merges}, "f")
     duplicated = vocab["tokens"][:-1] + ["<s>"]
     with pytest.raises(LmforgeError, match="'<s>' twice"):
         tokenizer_from_metadata(

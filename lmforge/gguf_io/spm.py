@@ -88,15 +88,13 @@ def spm_tokenizer(meta: dict, source: str) -> Tokenizer:
         merges = merges_from_scores(tokens, scores)
     ids = {r: token_id(meta, f"{r}_token_id", n, source) for r in ("bos", "eos", "unknown", "padding")}
     unk = ids["unknown"] if ids["unknown"] is not None else next((i for i, k in enumerate(types) if k == UNKNOWN), None)
-    backend = tokenizers.Tokenizer(
-        models.BPE(
-            vocab={t: i for i, t in enumerate(tokens)},
-            merges=merges,
-            unk_token=tokens[unk] if unk is not None else None,
-            fuse_unk=True,
-            byte_fallback=True,
-        )
-    )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bad = next((m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab), None)
+    if bad is not None:
+        raise LmforgeError(f"{source}: metadata tokenizer.ggml.merges has {' '.join(bad)!r}, not two vocabulary tokens")
+    unk_token = tokens[unk] if unk is not None else None
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True)
+    backend = tokenizers.Tokenizer(bpe)
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     replace = normalizers.Replace(" ", SPACE)
     backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if prefix else replace
