@@ -335,7 +335,7 @@ static void gemm_t_f32(const float *x, int64_t m_rows, const float *wt, float *y
                        int64_t c1) {
     int64_t j0 = c0;
 #if defined(__AVX512F__)
-    for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+    for (int64_t m0 = 0; m0 < m_rows && m_rows > 1; m0 += 4) {  /* one row: gemv_t_f32's memory-bound stream */
         int64_t mr = m_rows - m0 < 4 ? m_rows - m0 : 4;
         const float *xr[4];
         for (int64_t m = 0; m < 4; m++) xr[m] = x + (m0 + (m < mr ? m : 0)) * k;
