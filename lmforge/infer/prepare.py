@@ -48,16 +48,24 @@ class TransposedLinear(nn.Module):
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Swap plain nn.Linear for TransposedLinear on CPU and give Llama-style blocks the C decode step
-    (`fused_block.fuse_blocks`, when the C kernels build); eval mode, no grads. Returns the model."""
+    """Give Llama-style blocks the C decode step (`fused_block.fuse_blocks`, when the C kernels build)
+    and swap the other plain nn.Linear for TransposedLinear on CPU, large weights moved to huge pages
+    (`hugepages`); eval mode, no grads. Returns the model."""
     from .fused_block import fuse_blocks
+    from .hugepages import move_to_hugepages
 
     model.eval().requires_grad_(False)
     if next(model.parameters()).device.type != "cpu":
         return model
+    move_to_hugepages(model)  # decode streams every weight per token: 2 MB pages read ~1.2-1.6x faster
+    fuse_blocks(model, transposed=(TransposedLinear,))
+    # The C step reads an fp32 W [out, in] row after row, one sequential stream, ~25% faster than the
+    # transposed layout (several strided streams): the linears it runs stay nn.Linear.
+    in_c = {id(m) for b in model.modules() if hasattr(b, "_lmforge_layer_spec") for m in b.modules()}
+    if hasattr(model, "_lmforge_step_spec"):
+        in_c.add(id(model.lm_head))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and id(child) not in in_c:
                 setattr(parent, name, TransposedLinear(child))
-    fuse_blocks(model, transposed=(TransposedLinear,))
     return model

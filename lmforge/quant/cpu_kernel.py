@@ -36,261 +36,11 @@ import warnings
 
 import torch
 
-from . import ternary_kernel
+from . import cpu_kernel_dots, ternary_kernel
 
-SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define VNNI 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define AVX2 1
-#endif
-
-static float h2f(uint16_t h) {  /* IEEE half -> float, portable (the scalar path) */
-    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
-    if (e == 0) {
-        float f = ldexpf((float)m, -24);
-        return s ? -f : f;
-    }
-    bits = e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-int kernel_path(void) {
-#if defined(VNNI)
-    return 2;
-#elif defined(AVX2)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-/* Group-transposed layout (weights and rounded activations alike): blocks go in groups of 16 (the last
-   of 8 when the block count is not a multiple of 16); inside a group the data is stored unit-major:
-   4-byte unit t of block 0, of block 1, ..., of block g-1, then unit t + 1. One 64-byte vector then
-   holds unit t of 16 blocks, so vpdpbusd's 16 int32 lanes are 16 blocks' partial dots and one
-   convert + one FMA with the 16 block scales finish a group: no per-block shuffles. */
-static inline int64_t group_size(int64_t nb, int64_t b) { return nb - b >= 16 ? 16 : 8; }
-
-/* x [m, k] fp32 -> int8 [m, kp] (zero padded, group-transposed), scales d and -8 x block sums c [m, kp/32] */
-static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t kp, int8_t *q, float *d, int32_t *c) {
-    int64_t nb = kp / 32;
-    for (int64_t m = 0; m < m_rows; m++)
-        for (int64_t g0 = 0; g0 < nb; g0 += group_size(nb, g0)) {
-            int64_t g = group_size(nb, g0);
-            for (int64_t j = 0; j < g; j++) {
-                int64_t b = g0 + j;
-                const float *xr = x + m * k + 32 * b;
-                int64_t n = k - 32 * b < 32 ? (k - 32 * b > 0 ? k - 32 * b : 0) : 32;
-                float amax = 0.0f;
-                for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(xr[i]));
-                float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
-                int32_t sum = 0;
-                int8_t *qg = q + m * kp + 32 * g0;
-                for (int64_t i = 0; i < 32; i++) {
-                    int v = i < n ? (int)nearbyintf(xr[i] * id) : 0;
-                    qg[(i / 4) * 4 * g + 4 * j + i % 4] = (int8_t)v;
-                    sum += v;
-                }
-                d[m * nb + b] = db;
-                c[m * nb + b] = -8 * sum;
-            }
-        }
-}
-
-#if defined(AVX2)
-static float hsum8(__m256 v) {
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    r = _mm_hadd_ps(r, r);
-    r = _mm_hadd_ps(r, r);
-    return _mm_cvtss_f32(r);
-}
-/* the 8 blocks from b: one half of a group of 16, or a group of 8 -> (group start, group size, offset) */
-static inline void half_group(int64_t nb, int64_t b, int64_t *g0, int64_t *g, int64_t *h) {
-    *g0 = (b % 16 == 8 && group_size(nb, b - 8) == 16) ? b - 8 : b;
-    *g = group_size(nb, *g0);
-    *h = b - *g0;
-}
-#endif
-
-/* Q8_0 row: w int8 [kp] group-transposed, wd fp16 [nb]; x the rounded activation, xd its scales */
-static float dot_q8(const int8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb) {
-    float acc = 0.0f;
-#if defined(VNNI)
-    __m512 f = _mm512_setzero_ps();
-    __m256 f8 = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b += group_size(nb, b)) {
-        const int8_t *wg = w + 32 * b, *xg = x + 32 * b;
-        if (group_size(nb, b) == 16) {
-            __m512i a = _mm512_setzero_si512();
-            for (int t = 0; t < 8; t++) {
-                __m512i wv = _mm512_loadu_si512((const void *)(wg + 64 * t));
-                __m512i xv = _mm512_loadu_si512((const void *)(xg + 64 * t));
-                __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
-                a = _mm512_dpbusd_epi32(a, _mm512_abs_epi8(wv), sx);
-            }
-            __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b))), _mm512_loadu_ps(xd + b));
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, f);
-        } else {
-            __m256i a = _mm256_setzero_si256();
-            for (int t = 0; t < 8; t++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + 32 * t));
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + 32 * t));
-                __m256i sx = _mm256_mask_sub_epi8(xv, _mm256_movepi8_mask(wv), _mm256_setzero_si256(), xv);
-                a = _mm256_dpbusd_epi32(a, _mm256_abs_epi8(wv), sx);
-            }
-            __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))), _mm256_loadu_ps(xd + b));
-            f8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, f8);
-        }
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(f, _mm512_castps256_ps512(f8)));
-#elif defined(AVX2)
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 f = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b += 8) {
-        int64_t g0, g, h;
-        half_group(nb, b, &g0, &g, &h);
-        const int8_t *wg = w + 32 * g0 + 4 * h, *xg = x + 32 * g0 + 4 * h;
-        __m256i a = _mm256_setzero_si256();
-        for (int t = 0; t < 8; t++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + 4 * g * t));
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + 4 * g * t));
-            /* |w| (<= 127) x sign(w) x: pair sums <= 2 * 127 * 127, no int16 saturation */
-            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            a = _mm256_add_epi32(a, _mm256_madd_epi16(p, ones));
-        }
-        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))), _mm256_loadu_ps(xd + b));
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, f);
-    }
-    acc = hsum8(f);
-#else
-    for (int64_t g0 = 0; g0 < nb; g0 += group_size(nb, g0)) {
-        int64_t g = group_size(nb, g0);
-        for (int64_t j = 0; j < g; j++) {
-            int32_t s = 0;
-            for (int i = 0; i < 32; i++) {
-                int64_t pos = 32 * g0 + (i / 4) * 4 * g + 4 * j + i % 4;
-                s += (int32_t)w[pos] * x[pos];
-            }
-            acc += (float)s * (h2f(wd[g0 + j]) * xd[g0 + j]);
-        }
-    }
-#endif
-    return acc;
-}
-
-/* Q4_0 row: ggml's 16 bytes per block (byte i = code i | code i + 16 << 4), group-transposed in 4-byte
-   units; c: -8 x the activation block sums (unsigned codes: dot(c - 8, x) = dot(c, x) - 8 sum x) */
-static float dot_q4(const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, const int32_t *c,
-                    int64_t nb) {
-    float acc = 0.0f;
-#if defined(VNNI)
-    __m512 f = _mm512_setzero_ps();
-    __m256 f8 = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b += group_size(nb, b)) {
-        const uint8_t *wg = w + 16 * b;
-        const int8_t *xg = x + 32 * b;
-        if (group_size(nb, b) == 16) {
-            const __m512i low = _mm512_set1_epi8(15);
-            __m512i a = _mm512_loadu_si512((const void *)(c + b));
-            for (int t = 0; t < 4; t++) {
-                __m512i v = _mm512_loadu_si512((const void *)(wg + 64 * t));
-                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                a = _mm512_dpbusd_epi32(a, _mm512_and_si512(v, low), _mm512_loadu_si512((const void *)(xg + 64 * t)));
-                a = _mm512_dpbusd_epi32(a, hi, _mm512_loadu_si512((const void *)(xg + 64 * (t + 4))));
-            }
-            __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b))), _mm512_loadu_ps(xd + b));
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, f);
-        } else {
-            const __m256i low = _mm256_set1_epi8(15);
-            __m256i a = _mm256_loadu_si256((const __m256i *)(c + b));
-            for (int t = 0; t < 4; t++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * t));
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                a = _mm256_dpbusd_epi32(a, _mm256_and_si256(v, low), _mm256_loadu_si256((const __m256i *)(xg + 32 * t)));
-                a = _mm256_dpbusd_epi32(a, hi, _mm256_loadu_si256((const __m256i *)(xg + 32 * (t + 4))));
-            }
-            __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))), _mm256_loadu_ps(xd + b));
-            f8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, f8);
-        }
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(f, _mm512_castps256_ps512(f8)));
-#elif defined(AVX2)
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-    __m256 f = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b += 8) {
-        int64_t g0, g, h;
-        half_group(nb, b, &g0, &g, &h);
-        const uint8_t *wg = w + 16 * g0 + 4 * h;
-        const int8_t *xg = x + 32 * g0 + 4 * h;
-        __m256i a = _mm256_loadu_si256((const __m256i *)(c + b));
-        for (int t = 0; t < 4; t++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 4 * g * t));
-            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            __m256i xl = _mm256_loadu_si256((const __m256i *)(xg + 4 * g * t));
-            __m256i xh = _mm256_loadu_si256((const __m256i *)(xg + 4 * g * (t + 4)));
-            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones));
-            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones));
-        }
-        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))), _mm256_loadu_ps(xd + b));
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, f);
-    }
-    acc = hsum8(f);
-#else
-    for (int64_t g0 = 0; g0 < nb; g0 += group_size(nb, g0)) {
-        int64_t g = group_size(nb, g0);
-        for (int64_t j = 0; j < g; j++) {
-            int32_t s = c[g0 + j];
-            for (int i = 0; i < 16; i++) {
-                int64_t off = (i / 4) * 4 * g + 4 * j + i % 4;
-                int64_t xhi = 32 * g0 + ((i / 4) + 4) * 4 * g + 4 * j + i % 4;
-                s += (w[16 * g0 + off] & 15) * x[32 * g0 + off] + (w[16 * g0 + off] >> 4) * x[xhi];
-            }
-            acc += (float)s * (h2f(wd[g0 + j]) * xd[g0 + j]);
-        }
-    }
-#endif
-    return acc;
-}
-
-static float dot_f32(const float *w, const float *x, int64_t k) {
-    int64_t i = 0;
-    float acc = 0.0f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (; i + 32 <= k; i += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#elif defined(AVX2)
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; i + 16 <= k; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-    }
-    a0 = _mm256_add_ps(a0, a1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-    r = _mm_hadd_ps(r, r);
-    r = _mm_hadd_ps(r, r);
-    acc = _mm_cvtss_f32(r);
-#endif
-    for (; i < k; i++) acc += w[i] * x[i];
-    return acc;
-}
-
+SOURCE = (
+    cpu_kernel_dots.DOTS
+    + r"""
 /* y[c0:c1] = x [k] @ wt[:, c0:c1], wt fp32 [k, n] (a transposed weight, as TransposedLinear keeps it):
    row k of the weight streams through once; a tile of 2048 outputs stays in L1 while 4 rows of the
    weight are added into it (this reads memory faster here than a dot product per output row). */
@@ -378,7 +128,7 @@ typedef struct {
     int64_t kp;
     int8_t *q;
     float *d;
-    int32_t *c;
+    int32_t *c, *c8;
 } act_t;
 
 static void act_init(act_t *a, const float *x, int64_t m_rows, int64_t k, int64_t kp) {
@@ -387,23 +137,62 @@ static void act_init(act_t *a, const float *x, int64_t m_rows, int64_t k, int64_
     a->q = (int8_t *)aligned_alloc(64, (size_t)((m_rows * kp + 63) / 64 * 64));
     a->d = (float *)malloc((size_t)(m_rows * nb) * sizeof(float));
     a->c = (int32_t *)malloc((size_t)(m_rows * nb) * sizeof(int32_t));
-    quantize_rows(x, m_rows, k, kp, a->q, a->d, a->c);
+    a->c8 = (int32_t *)malloc((size_t)(m_rows * nb) * sizeof(int32_t));
+    quantize_rows(x, m_rows, k, kp, a->q, a->d, a->c, a->c8);
 }
 
-static void act_free(act_t *a) { free(a->q); free(a->d); free(a->c); }
+static void act_free(act_t *a) { free(a->q); free(a->d); free(a->c); free(a->c8); }
 
-/* row r of mat for activation row m (x fp32 for type 0, else the rounded act) */
-static float mat_row(const mat_t *mt, int64_t r, const float *x, const act_t *a, int64_t m) {
-    int64_t nb = mt->kp / 32;
-    float v;
-    if (mt->type == 0)
-        v = dot_f32((const float *)mt->w + r * mt->k, x + m * mt->k, mt->k);
-    else if (mt->type == 8)
-        v = dot_q8((const int8_t *)mt->w + r * mt->kp, mt->d + r * nb, a->q + m * a->kp, a->d + m * nb, nb);
-    else
-        v = dot_q4((const uint8_t *)mt->w + r * (mt->kp / 2), mt->d + r * nb, a->q + m * a->kp, a->d + m * nb,
-                   a->c + m * nb, nb);
-    return mt->bias ? v + mt->bias[r] : v;
+/* out[4 mi + i] = row r + i of mat (i < nr <= 4) for activation row m + mi (mi < nm <= 4); x fp32 for
+   type 0, else the rounded act. The AVX-512 kernels take 4 weight rows and 4 activation rows per call. */
+static void mat_rows(const mat_t *mt, int64_t r, int nr, const float *x, const act_t *a, int64_t m, int nm,
+                     float *out) {
+    int64_t nb = mt->kp / 32, ws = mt->type == 0 ? mt->k : mt->type == 8 ? mt->kp : mt->kp / 2;
+#if defined(__AVX512F__)
+    if (mt->type == 0) {
+        for (int mi = 0; mi < nm; mi += nm == 4 ? 4 : 1)
+            for (int i = 0; i < nr; i += nr == 4 ? 4 : 1) {
+                const float *w = (const float *)mt->w + (r + i) * ws, *xm = x + (m + mi) * mt->k;
+                float *o = out + 4 * mi + i;
+                if (nr == 4 && nm == 4) tile_f32(w, ws, xm, mt->k, mt->k, 4, 4, o);
+                else if (nr == 4) tile_f32(w, ws, xm, mt->k, mt->k, 4, 1, o);
+                else if (nm == 4) tile_f32(w, ws, xm, mt->k, mt->k, 1, 4, o);
+                else tile_f32(w, ws, xm, mt->k, mt->k, 1, 1, o);
+            }
+        return;
+    }
+#endif
+#if defined(VNNI)
+    for (int mi = 0; mi < nm; mi += nm == 4 ? 4 : 1)
+        for (int i = 0; i < nr; i += nr == 4 ? 4 : 1) {
+            const uint8_t *w = (const uint8_t *)mt->w + (r + i) * ws;
+            const uint16_t *wd = mt->d + (r + i) * nb;
+            const int8_t *xq = a->q + (m + mi) * a->kp;
+            const float *xd = a->d + (m + mi) * nb;
+            const int32_t *c = (mt->type == 8 ? a->c8 : a->c) + (m + mi) * nb;
+            float *o = out + 4 * mi + i;
+#define TILE(R, M) mt->type == 8 ? tile_q(8, w, ws, wd, nb, xq, a->kp, xd, c, nb, R, M, o) \
+                                 : tile_q(4, w, ws, wd, nb, xq, a->kp, xd, c, nb, R, M, o)
+            if (nr == 4 && nm == 4) TILE(4, 4);
+            else if (nr == 4) TILE(4, 1);
+            else if (nm == 4) TILE(1, 4);
+            else TILE(1, 1);
+#undef TILE
+        }
+#else
+    for (int mi = 0; mi < nm; mi++)
+        for (int i = 0; i < nr; i++) {
+            int64_t ri = r + i, mm = m + mi;
+            float *o = out + 4 * mi + i;
+            if (mt->type == 0)
+                *o = dot_f32((const float *)mt->w + ri * ws, x + mm * mt->k, mt->k);
+            else if (mt->type == 8)
+                *o = dot_q8((const int8_t *)mt->w + ri * ws, mt->d + ri * nb, a->q + mm * a->kp, a->d + mm * nb, nb);
+            else
+                *o = dot_q4((const uint8_t *)mt->w + ri * ws, mt->d + ri * nb, a->q + mm * a->kp, a->d + mm * nb,
+                            a->c + mm * nb, nb);
+        }
+#endif
 }
 
 /* ys[j] [m, n_j] = x [m, k] @ mats[j]^T (+ bias) for `count` matrices that share the input (q/k/v,
@@ -413,21 +202,31 @@ static float mat_row(const mat_t *mt, int64_t r, const float *x, const act_t *a,
    (then serially). Returns with the team synchronized. */
 static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows, float **ys) {
     act_t a = {0};
-    int64_t quant_kp = 0, total = 0;  /* total: rows of the row-major matrices (types 0, 8, 4) */
+    int64_t quant_kp = 0, total = 0;  /* total: tiles of 4 rows of the row-major matrices (types 0, 8, 4) */
     for (int j = 0; j < count; j++) {
         if (mats[j].type >= 4) quant_kp = mats[j].kp;  /* matrices sharing an input share its padded width */
-        total += mats[j].type == 1 ? 0 : mats[j].n;
+        total += mats[j].type == 1 ? 0 : (mats[j].n + 3) / 4;
     }
     if (quant_kp) {
         #pragma omp single copyprivate(a)
         act_init(&a, x, m_rows, mats[0].k, quant_kp);
     }
     #pragma omp for schedule(static) nowait
-    for (int64_t r = 0; r < total; r++) {
+    for (int64_t t = 0; t < total; t++) {
         int j = 0;
-        int64_t rr = r;
-        while (mats[j].type == 1 || rr >= mats[j].n) rr -= mats[j].type == 1 ? 0 : mats[j].n, j++;
-        for (int64_t m = 0; m < m_rows; m++) ys[j][m * mats[j].n + rr] = mat_row(&mats[j], rr, x, &a, m);
+        int64_t tt = t;
+        while (mats[j].type == 1 || tt >= (mats[j].n + 3) / 4) tt -= mats[j].type == 1 ? 0 : (mats[j].n + 3) / 4, j++;
+        const mat_t *mt = &mats[j];
+        int64_t r = 4 * tt;
+        int nr = mt->n - r < 4 ? (int)(mt->n - r) : 4;
+        for (int64_t m = 0; m < m_rows; m += 4) {  /* the tile's weights stay in L1 for the next rows of x */
+            int nm = m_rows - m < 4 ? (int)(m_rows - m) : 4;
+            float out[16];
+            mat_rows(mt, r, nr, x, &a, m, nm, out);
+            for (int mi = 0; mi < nm; mi++)
+                for (int i = 0; i < nr; i++)
+                    ys[j][(m + mi) * mt->n + r + i] = mt->bias ? out[4 * mi + i] + mt->bias[r + i] : out[4 * mi + i];
+        }
     }
     /* transposed fp32: each thread takes a slice of the columns (16-aligned) */
     int tid = 0, nth = 1;
@@ -467,6 +266,7 @@ void f32_linear(const float *x, const float *w, float *y, int64_t m_rows, int64_
 }
 
 """
+)
 
 _LOCK = threading.Lock()
 _LIBS: dict[tuple[str, ...], ctypes.CDLL | None] = {}
