@@ -63,7 +63,10 @@ class Worker:
         self.opt = torch.optim.AdamW(self.train_model.parameters(), lr=1e-3, weight_decay=0.1)
         vocab = self.train_model.config.vocab_size
         self.batch = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1))
-        self.decode_model = build_model(args.decode_preset).eval()
+        from lmforge.infer.prepare import prepare_for_inference
+
+        # as `lmforge generate` runs it: prepared (the one-call C decode step where the model fits it)
+        self.decode_model = prepare_for_inference(build_model(args.decode_preset))
         self.prompt = torch.randint(0, self.decode_model.config.vocab_size, (16,)).tolist()
         self.server, self.url, self.server_log = None, None, None
         if "serve" in args.tasks:  # `lmforge serve` applies the policy itself: it gets the environment as it was

@@ -74,10 +74,11 @@ def test_kernel_equals_torch_reference(cls, path, shape):
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
-def test_f32_gemv_both_layouts(path):
+@pytest.mark.parametrize("rows, n", [(1, 70), (2, 70), (5, 200), (4, 131)])  # several rows: the register tiles
+def test_f32_gemv_both_layouts(path, rows, n):
     lib = cpu_kernel.library(path)
     torch.manual_seed(2)
-    w, x = torch.randn(70, 45), torch.randn(2, 45)
+    w, x = torch.randn(n, 45), torch.randn(rows, 45)
     torch.testing.assert_close(cpu_kernel.f32_linear(x, w, False, lib), x @ w.t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cpu_kernel.f32_linear(x, w.t().contiguous(), True, lib), x @ w.t(), rtol=1e-5, atol=1e-5)
 
@@ -115,14 +116,19 @@ class Spy:
     """Counts the whole-step C calls of a library."""
 
     def __init__(self, lib):
-        self.lib, self.steps = lib, 0
+        self.lib, self.steps, self.calls = lib, 0, []
 
     def __getattr__(self, name):
         return getattr(self.lib, name)
 
     def llama_forward(self, *args):
         self.steps += 1
+        self.calls.append((args[5], args[2]))  # (layers, rows)
         return self.lib.llama_forward(*args)
+
+    def llama_propose(self, *args):
+        self.calls.append(("propose", args[4]))  # (greedy drafting, layers)
+        return self.lib.llama_propose(*args)
 
 
 def decode_logits(model, ids: list[int], steps: int) -> torch.Tensor:
@@ -152,7 +158,40 @@ def test_fused_decode_matches_the_torch_path(scheme, overrides, monkeypatch):
     torch.testing.assert_close(decode_logits(fast, ids, 12), decode_logits(base, ids, 12), rtol=1e-4, atol=1e-4)
     before = spy.steps
     assert torch.equal(generate(fast, [ids], max_new_tokens=24), generate(base, [ids], max_new_tokens=24))
-    assert spy.steps - before == 23  # every decode step after the prompt went through the one C call
+    assert spy.steps - before == 24  # the prompt and every decode step after it went through the one C call
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", [None, "q8_0"])
+def test_fused_rows_match_the_torch_path(scheme, monkeypatch):
+    """Several tokens in one C call (a speculative verification, a prefill chunk): every row's logits
+    equal torch's, each row attending only up to its own slot; explicit positions and logits_to_keep too."""
+    base = random_model(attention_bias=True, tie_word_embeddings=False)
+    if scheme:
+        swap(base, scheme, skip=("embed",))
+    spy = Spy(fused_block.block_library())
+    monkeypatch.setattr(cpu_kernel, "library", lambda path="native", extra="": spy)
+    fast = prepare_for_inference(copy.deepcopy(base))
+    ids = torch.randint(0, base.config.vocab_size, (1, 77))
+    with torch.inference_mode():
+        caches = [KVCache.for_model(m, 1, 96) for m in (fast, base)]
+        # a prefill of 71 rows: in chunks of 64 + 7 (fp32 matrices: torch's path past 16 rows)
+        first = [m(ids[:, :71], kv_cache=c, logits_to_keep=1) for m, c in zip((fast, base), caches)]
+        torch.testing.assert_close(first[0], first[1], rtol=1e-4, atol=1e-4)
+        rows = [m(ids[:, 71:75], kv_cache=c, start_pos=71) for m, c in zip((fast, base), caches)]  # 4 rows
+        torch.testing.assert_close(rows[0], rows[1], rtol=1e-4, atol=1e-4)
+        assert rows[0].shape == (1, 4, base.config.vocab_size)
+        positions = torch.tensor([[75, 76]])
+        last = [
+            m(ids[:, 75:], kv_cache=c, start_pos=75, position_ids=positions, logits_to_keep=1)
+            for m, c in zip((fast, base), caches)
+        ]
+        torch.testing.assert_close(last[0], last[1], rtol=1e-4, atol=1e-4)
+        assert last[0].shape == (1, 1, base.config.vocab_size)
+        for kf, kb in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # all 77 slots written
+            torch.testing.assert_close(kf[:, :, :77], kb[:, :, :77], rtol=1e-4, atol=1e-4)
+    layers = base.config.num_hidden_layers
+    assert spy.calls == ([(layers, 64), (layers, 7)] if scheme else []) + [(layers, 4), (layers, 2)]
 
 
 @needs_kernel
@@ -188,3 +227,32 @@ def test_blocks_alone_take_the_c_path_when_the_head_does_not_qualify():
     ids = list(range(2, 12))
     torch.testing.assert_close(decode_logits(fast, ids, 8), decode_logits(base, ids, 8), rtol=1e-4, atol=1e-4)
     assert torch.equal(generate(fast, [ids], max_new_tokens=16), generate(base, [ids], max_new_tokens=16))
+
+
+@needs_kernel
+def test_speculative_verification_and_a_subvocab_draft_run_in_c(monkeypatch):
+    """A prepared target verifies k + 1 tokens in one C call, the prepared draft with a sub-vocabulary head
+    proposes through its own one-call step, and greedy output equals plain greedy."""
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.speculative import DraftProposer, speculative_generate
+
+    spy = Spy(fused_block.block_library())
+    monkeypatch.setattr(cpu_kernel, "library", lambda path="native", extra="": spy)
+    target = random_model(num_hidden_layers=3, tie_word_embeddings=False)
+    draft = copy.deepcopy(target)
+    draft.model.layers = draft.model.layers[:1]
+    draft.config.num_hidden_layers = 1
+    prompt = torch.randint(0, target.config.vocab_size, (9,)).tolist()
+    reference = generate(target, [prompt], max_new_tokens=20)[0].tolist()
+    subset = sorted(set(reference) | set(range(40)))
+    fast, fast_draft = prepare_for_inference(copy.deepcopy(target)), prepare_for_inference(draft)
+    for confidence in (0.0, 0.3):
+        proposer = DraftProposer(fast_draft, 64, confidence, vocab=subset)
+        out, stats = speculative_generate(fast, prompt, SamplingParams(max_new_tokens=20), proposer, k=3)
+        assert out == reference and stats.steps < 20
+        assert (3, 4) in spy.calls  # a verification of 3 drafts + the last token: the target's 3 layers, 4 rows
+        assert ("propose", 1) in spy.calls  # the draft's greedy proposals: one C call per step
+        # The same proposals as the draft's Python loop (one forward per token): the same statistics.
+        del proposer.draft._lmforge_propose
+        slow = speculative_generate(fast, prompt, SamplingParams(max_new_tokens=20), proposer, k=3)[1]
+        assert slow.accepted_per_step == stats.accepted_per_step and slow.proposed == stats.proposed

@@ -187,3 +187,42 @@ def test_quantized_bytes_equal_llama_quantize(llama_cpp, trained, gguf_type):
     assert (
         compared >= 4 * SHAPE["num_hidden_layers"]
     )  # every block's matrices (llama.cpp may pick other types for a few)
+
+
+def _detokenize(llama_cpp, llm, ids: list[int]) -> str:
+    """llama.cpp's own detokenizer (strips the SentencePiece prefix space; the Python binding's
+    `Llama.detokenize` pieces tokens together without it)."""
+    buf = bytes(4 * 1024)
+    n = llama_cpp.llama_detokenize(
+        llm._model.vocab, (llama_cpp.llama_token * len(ids))(*ids), len(ids), buf, len(buf), False, True
+    )
+    assert n >= 0
+    return buf[:n].decode()
+
+
+def test_sentencepiece_vocab_tokenizes_like_llama_cpp(llama_cpp, tmp_path):
+    """A "llama" (SentencePiece) vocabulary: llama.cpp and lmforge's import of the same GGUF give the
+    same ids (BOS as the file's add_bos_token asks, prefix spaces, text after special tokens, byte
+    fallback) and the same text back; so does lmforge's export of the imported tokenizer."""
+    from test_gguf_spm import TEXTS, make_vocab, tiny_llama, write_spm_gguf
+
+    from lmforge.checkpoint import load_tokenizer_if_any
+
+    vocab = make_vocab()
+    write_spm_gguf(tmp_path / "in.gguf", vocab, tiny_llama(len(vocab["tokens"])))
+    tok = load_tokenizer_if_any(tmp_path / "in.gguf")
+    save_gguf(load_model(tmp_path / "in.gguf"), tmp_path / "out.gguf", tok)
+    texts = [
+        *TEXTS,
+        "a <s> b",
+        "a<s>b",
+        "</s>\nx",
+        "a  <|user|>  b",
+        tok.apply_chat_template([{"role": "user", "content": " hi"}]),
+    ]
+    for name in ("in", "out"):
+        llm = llama_cpp.Llama(model_path=str(tmp_path / f"{name}.gguf"), vocab_only=True, verbose=False)
+        for text in texts:
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, add_bos=True), text
+            ids = tok.encode(text)
+            assert _detokenize(llama_cpp, llm, ids) == tok.decode(ids, skip_special_tokens=False), text

@@ -69,7 +69,7 @@ def test_report_figures_come_from_the_runs_files(run):
     spec = next(r for r in gen["rows"] if r["decoding"] == "speculative (draft model)")
     assert spec["identical_to_plain"] is True
     assert re.search(
-        r"speculative \(draft model\) \| [0-9.]+ \| [0-9.]+ \| " + re.escape(f"{spec['acceptance_rate']:.4g}"), report
+        r"speculative \(draft model\) \| [0-9.,]+ \| [0-9.]+ \| " + re.escape(f"{spec['acceptance_rate']:.4g}"), report
     )
     assert "not available" not in report
 

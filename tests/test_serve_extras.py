@@ -196,6 +196,9 @@ def test_api_key_guards_the_extras_and_runtime_lora_is_off_by_default(ckpt, base
         for name in ("embedder", "tiny-chat"):
             r = keyed.embeddings.create(model=name, input="hello there", encoding_format="float")
             np.testing.assert_allclose(r.data[0].embedding, _pooled(embedder, base[1].encode("hello there")), atol=2e-5)
+        assert [m.id for m in keyed.models.list()] == ["tiny-chat", "embedder"]  # listed, without a parent
+        assert keyed.models.retrieve("embedder").id == "embedder"
+        assert "parent" not in httpx.get(s.url + "/v1/models/embedder", headers=auth).json()
 
 
 # ----------------------------------------------------------------------------- LoRA at run time

@@ -125,6 +125,8 @@ def _add(writer, key: str, value) -> None:
     elif isinstance(value, list):
         if value and isinstance(value[0], int):
             writer.add_key_value(key, value, vt.ARRAY, sub_type=vt.INT32)
+        elif value and isinstance(value[0], float):  # SentencePiece token scores
+            writer.add_key_value(key, value, vt.ARRAY, sub_type=vt.FLOAT32)
         else:
             writer.add_key_value(key, value, vt.ARRAY, sub_type=vt.STRING)
     else:

@@ -6,6 +6,7 @@ added tokens USER_DEFINED, ids past the tokenizer's vocabulary UNUSED padding) a
 name that selects llama.cpp's split regex. The pre-tokenizer is recognised from the tokenizer's own
 regex, never guessed: an unknown one is refused with the regex named. The full tokenizer.json
 travels too (`tokenizer.huggingface.json`), so an lmforge import restores it exactly.
+SentencePiece vocabularies (llama.cpp's "llama" model) are lmforge.gguf_io.spm.
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from lmforge.common import LmforgeError
+from lmforge.gguf_io.spm import (
+    CONTROL,
+    NORMAL,
+    USER_DEFINED,
+    array,
+    is_spm,
+    spm_metadata,
+    spm_tokenizer,
+    token_id,
+    vocab_rows,
+)
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.text import end_of_turn_ids
 
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # gguf.TokenType
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 # llama.cpp pre-tokenizer name -> the Split regex the Hugging Face tokenizer.json carries for it
 # (llama.cpp's own copies are rewritten for its regex engine; these are the originals).
@@ -57,37 +68,10 @@ def _pre_name(spec: dict | None) -> str:
 def tokenizer_metadata(tok: Tokenizer, n_vocab: int) -> dict[str, object]:
     """`tokenizer.*` GGUF metadata for `tok`, padded to the model's `n_vocab` embedding rows."""
     spec = json.loads(tok.backend.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer"):
-        raise LmforgeError(
-            "GGUF export: only byte-level BPE tokenizers without a normalizer are supported "
-            f"(this one: model {model.get('type')!r}, byte_fallback={model.get('byte_fallback')}, "
-            f"normalizer {(spec.get('normalizer') or {}).get('type')!r})"
-        )
     if tok.vocab_size > n_vocab:
         raise LmforgeError(f"GGUF export: the tokenizer has {tok.vocab_size} tokens, the model only {n_vocab} rows")
-    added = tok.backend.get_added_tokens_decoder()
-    tokens, types = [], []
-    for i in range(n_vocab):
-        text = tok.id_to_token(i) if i < tok.vocab_size else None
-        if text is None:  # embedding rows past the vocabulary (padded to a round size)
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
-            continue
-        tokens.append(text)
-        types.append((CONTROL if added[i].special else USER_DEFINED) if i in added else NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    meta: dict[str, object] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": _pre_name(spec.get("pre_tokenizer")),
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-        # lmforge never adds BOS/EOS on its own (Tokenizer.encode): llama.cpp must not either.
-        "tokenizer.ggml.add_bos_token": False,
-        "tokenizer.ggml.add_eos_token": False,
-        "tokenizer.huggingface.json": tok.backend.to_str(),
-    }
+    meta = spm_metadata(tok, spec, n_vocab) if is_spm(spec) else _bpe_metadata(tok, spec, n_vocab)
+    meta["tokenizer.huggingface.json"] = tok.backend.to_str()
     for role, value in (("bos", tok.bos_id), ("eos", tok.eos_id), ("padding", tok.pad_id)):
         if value is not None:
             meta[f"tokenizer.ggml.{role}_token_id"] = value
@@ -99,25 +83,53 @@ def tokenizer_metadata(tok: Tokenizer, n_vocab: int) -> dict[str, object]:
     return meta
 
 
+def _bpe_metadata(tok: Tokenizer, spec: dict, n_vocab: int) -> dict[str, object]:
+    """The "gpt2" (byte-level BPE) vocabulary keys."""
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer"):
+        raise LmforgeError(
+            "GGUF export: only byte-level BPE tokenizers without a normalizer and SentencePiece-style BPE "
+            "(byte fallback, spaces as '\u2581' by a Prepend/Replace normalizer) are supported "
+            f"(this one: model {model.get('type')!r}, byte_fallback={model.get('byte_fallback')}, "
+            f"normalizer {(spec.get('normalizer') or {}).get('type')!r}, "
+            f"pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')!r})"
+        )
+    tokens, types = vocab_rows(tok, n_vocab)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": _pre_name(spec.get("pre_tokenizer")),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        # lmforge never adds BOS/EOS on its own (Tokenizer.encode): llama.cpp must not either.
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_eos_token": False,
+    }
+
+
 def tokenizer_from_metadata(meta: dict, source: str) -> Tokenizer | None:
     """The Tokenizer a GGUF file describes (None when it has none); refuses kinds it cannot rebuild."""
     kind = meta.get("tokenizer.ggml.model")
     if kind in (None, "none"):
         return None
+    spm = spm_tokenizer(meta, source) if kind == "llama" else None  # checks the keys, keeps the flags
     if "tokenizer.huggingface.json" in meta:  # written by lmforge (or a converter that kept it)
         backend = tokenizers.Tokenizer.from_str(meta["tokenizer.huggingface.json"])
+    elif spm is not None:
+        return spm
     elif kind == "gpt2":
         backend = _bpe_backend(meta, source)
     else:
         raise LmforgeError(
-            f"{source}: tokenizer model {kind!r} cannot be imported yet (byte-level BPE 'gpt2' is supported); "
-            "import the weights from the original Hugging Face folder instead"
+            f"{source}: tokenizer model {kind!r} cannot be imported yet (byte-level BPE 'gpt2' and "
+            "SentencePiece 'llama' are supported); import the weights from the original Hugging Face folder instead"
         )
-    tokens = meta["tokenizer.ggml.tokens"]
+    tokens = array(meta, "tokenizer.ggml.tokens", source, None, str) or []
 
     def role(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+        i = token_id(meta, f"{key}_token_id", len(tokens), source)
+        return tokens[i] if i is not None else None
 
     return Tokenizer(
         backend,
@@ -125,14 +137,17 @@ def tokenizer_from_metadata(meta: dict, source: str) -> Tokenizer | None:
         eos_token=role("eos"),
         pad_token=role("padding"),
         chat_template=meta.get("tokenizer.chat_template"),
+        extra_config=spm.extra_config if spm is not None else None,
     )
 
 
 def _bpe_backend(meta: dict, source: str) -> tokenizers.Tokenizer:
     """A byte-level BPE rebuilt from `tokenizer.ggml.tokens/merges/token_type/pre`."""
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type")
-    types = types or [NORMAL] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tokens = array(meta, "tokenizer.ggml.tokens", source, None, str)
+    if not tokens:
+        raise LmforgeError(f"{source}: metadata tokenizer.ggml.tokens is missing or empty")
+    types = array(meta, "tokenizer.ggml.token_type", source, len(tokens), int) or [NORMAL] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in array(meta, "tokenizer.ggml.merges", source, None, str) or []]
     backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre in ("gpt-2", "default"):

@@ -1,4 +1,4 @@
-"""Batch-1 decode of a whole Llama block in one C call (`cpu_kernel.llama_layer`).
+"""Batch-1 decode, verification and prefill of Llama blocks in one C call (`llama_layer`, `llama_forward`).
 
 Why: at batch 1 on CPU a block is ~7 matrix-vector products and ~100 small torch ops; with Q4_0
 weights the matmuls of the 110M bench model take ~3 ms per token and the torch ops around them as
@@ -9,7 +9,11 @@ write, GQA attention in fp32, o_proj, the residuals and the SwiGLU MLP.
 
 `fuse_blocks(model)` (called by `prepare_for_inference`) gives each eligible block a forward that
 takes this path for one token of one sequence with a plain `KVCache` and an all-visible mask, and
-otherwise calls the block's own forward. Eligible: pre-norm RMSNorm blocks without qk-norm, score
+otherwise calls the block's own forward. When every block, the final norm and the head qualify, the
+model's forward takes T tokens of one sequence in one C call (`llama_forward`): a decode step (T = 1),
+a speculative verification (k + 1 rows, each matrix read once for all of them, row t attending up to
+slot start + t) or a prompt in chunks of 64 rows (with fp32 matrices only up to 16 rows: past that,
+torch's batched products are faster); `_lmforge_propose` drafts k greedy tokens in one call. Eligible: pre-norm RMSNorm blocks without qk-norm, score
 soft-capping or sliding windows, a SiLU-gated MLP, and linears that are fp32 (`TransposedLinear`
 or `nn.Linear`), `Q8_0Linear` or `Q4_0Linear` without an input scale. The results equal the torch path's
 up to fp32 summation order (tests: logits within 1e-4, identical greedy tokens).
@@ -28,132 +32,7 @@ from lmforge.model.layers import MLP, RMSNorm
 from lmforge.quant import cpu_kernel
 from lmforge.quant.kernel_linear import BlockLinear
 
-BLOCK_SOURCE = r"""
-/* One pre-norm Llama block (RMSNorm, GQA attention with RoPE, SwiGLU MLP) for one token at batch 1. */
-typedef struct {
-    mat_t q, k, v, o, gate, up, down;
-    const float *ln1, *ln2;
-    float eps, scale;
-    int64_t hidden, n_heads, n_kv, head_dim, rot_dim, inter;
-} layer_t;
-
-typedef struct { float *xn, *tmp, *q, *att, *kk, *vv, *g, *u, *sc; } scratch_t;
-
-static void scratch_init(scratch_t *s, const layer_t *L, int64_t n_layers, int64_t S) {
-    int64_t H = 0, QD = 0, KD = 0, I = 0, NS = 0;
-    for (int64_t l = 0; l < n_layers; l++) {
-        const layer_t *y = L + l;
-        H = y->hidden > H ? y->hidden : H, I = y->inter > I ? y->inter : I;
-        QD = y->n_heads * y->head_dim > QD ? y->n_heads * y->head_dim : QD;
-        KD = y->n_kv * y->head_dim > KD ? y->n_kv * y->head_dim : KD;
-        NS = y->n_heads * S > NS ? y->n_heads * S : NS;
-    }
-    s->xn = (float *)malloc((size_t)H * sizeof(float)), s->tmp = (float *)malloc((size_t)H * sizeof(float));
-    s->q = (float *)malloc((size_t)QD * sizeof(float)), s->att = (float *)malloc((size_t)QD * sizeof(float));
-    s->kk = (float *)malloc((size_t)KD * sizeof(float)), s->vv = (float *)malloc((size_t)KD * sizeof(float));
-    s->g = (float *)malloc((size_t)I * sizeof(float)), s->u = (float *)malloc((size_t)I * sizeof(float));
-    s->sc = (float *)malloc((size_t)NS * sizeof(float));
-}
-
-static void scratch_free(scratch_t *s) {
-    free(s->xn); free(s->tmp); free(s->q); free(s->att); free(s->kk); free(s->vv); free(s->g); free(s->u); free(s->sc);
-}
-
-static void rmsnorm(const float *x, const float *w, float eps, int64_t n, float *out) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-    float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
-}
-
-static void rope(float *x, int64_t heads, int64_t hd, int64_t rd, const float *cs, const float *sn) {
-    int64_t half = rd / 2;
-    for (int64_t h = 0; h < heads; h++) {
-        float *v = x + h * hd, tmp[1024];
-        for (int64_t i = 0; i < rd; i++) tmp[i] = v[i];
-        for (int64_t i = 0; i < rd; i++) v[i] = tmp[i] * cs[i] + (i < half ? -tmp[i + half] : tmp[i - half]) * sn[i];
-    }
-}
-
-/* Called by every thread of a team (or serially): h [hidden] updated in place; kc / vc: this layer's
-   cache [n_kv, max_len, head_dim], slot pos written. Serial steps run in `single` (with its barrier). */
-static void layer_step(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, int64_t max_len,
-                       const float *cs, const float *sn, scratch_t *W) {
-    int64_t H = L->hidden, nh = L->n_heads, nkv = L->n_kv, hd = L->head_dim, S = pos + 1, group = nh / nkv;
-    #pragma omp single
-    rmsnorm(h, L->ln1, L->eps, H, W->xn);
-    mat_t qkv[3] = {L->q, L->k, L->v};
-    float *ys[3] = {W->q, W->kk, W->vv};
-    matvecs(qkv, 3, W->xn, 1, ys);
-    #pragma omp single
-    {
-        rope(W->q, nh, hd, L->rot_dim, cs, sn);
-        rope(W->kk, nkv, hd, L->rot_dim, cs, sn);
-        for (int64_t j = 0; j < nkv; j++) {
-            memcpy(kc + (j * max_len + pos) * hd, W->kk + j * hd, (size_t)hd * sizeof(float));
-            memcpy(vc + (j * max_len + pos) * hd, W->vv + j * hd, (size_t)hd * sizeof(float));
-        }
-    }
-    #pragma omp for schedule(static)
-    for (int64_t hq = 0; hq < nh; hq++) {
-        const float *qh = W->q + hq * hd, *kb = kc + (hq / group) * max_len * hd, *vb = vc + (hq / group) * max_len * hd;
-        float *s = W->sc + hq * S, *o = W->att + hq * hd, mx = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < S; t++) s[t] = dot_f32(kb + t * hd, qh, hd) * L->scale, mx = fmaxf(mx, s[t]);
-        for (int64_t t = 0; t < S; t++) s[t] = expf(s[t] - mx), sum += s[t];
-        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-        for (int64_t t = 0; t < S; t++) {
-            const float *vt = vb + t * hd;
-            float p = s[t] / sum;
-            for (int64_t i = 0; i < hd; i++) o[i] += p * vt[i];
-        }
-    }
-    float *yo[1] = {W->tmp};
-    matvecs(&L->o, 1, W->att, 1, yo);
-    #pragma omp single
-    {
-        for (int64_t i = 0; i < H; i++) h[i] += W->tmp[i];
-        rmsnorm(h, L->ln2, L->eps, H, W->xn);
-    }
-    mat_t gu[2] = {L->gate, L->up};
-    float *ygu[2] = {W->g, W->u};
-    matvecs(gu, 2, W->xn, 1, ygu);
-    #pragma omp for schedule(static)
-    for (int64_t i = 0; i < L->inter; i++) W->g[i] = W->g[i] / (1.0f + expf(-W->g[i])) * W->u[i];
-    matvecs(&L->down, 1, W->g, 1, yo);
-    #pragma omp single
-    for (int64_t i = 0; i < H; i++) h[i] += W->tmp[i];
-}
-
-void llama_layer(float *h, const layer_t *L, float *kc, float *vc, int64_t pos, int64_t max_len, const float *cs,
-                 const float *sn, int threads) {
-    scratch_t W;
-    scratch_init(&W, L, 1, pos + 1);
-    #pragma omp parallel if(threads > 1) num_threads(threads)
-    layer_step(h, L, kc, vc, pos, max_len, cs, sn, &W);
-    scratch_free(&W);
-}
-
-/* A whole decode step in one team: embedding row of `token` (table [vocab, hidden] fp32, times emb_scale),
-   every layer, the final RMSNorm and the head (logits [vocab]). kcs / vcs: each layer's cache. */
-void llama_forward(const float *emb, int64_t token, float emb_scale, const layer_t *layers, int64_t n_layers,
-                   float *const *kcs, float *const *vcs, int64_t pos, int64_t max_len, const float *cs,
-                   const float *sn, const float *norm, const mat_t *head, float *logits, int threads) {
-    int64_t H = layers[0].hidden;
-    float *h = (float *)malloc((size_t)H * sizeof(float)), *xn = (float *)malloc((size_t)H * sizeof(float));
-    scratch_t W;
-    scratch_init(&W, layers, n_layers, pos + 1);
-    for (int64_t i = 0; i < H; i++) h[i] = emb[token * H + i] * emb_scale;
-    #pragma omp parallel if(threads > 1) num_threads(threads)
-    {
-        for (int64_t l = 0; l < n_layers; l++) layer_step(h, layers + l, kcs[l], vcs[l], pos, max_len, cs, sn, &W);
-        #pragma omp single
-        rmsnorm(h, norm, layers[0].eps, H, xn);
-        matvecs(head, 1, xn, 1, &logits);
-    }
-    scratch_free(&W);
-    free(h); free(xn);
-}
-"""
+from .fused_block_source import BLOCK_SOURCE  # the C of the block, the whole step and greedy drafting
 
 
 class Mat(ctypes.Structure):
@@ -194,9 +73,12 @@ def block_library(kernel: str = "native") -> ctypes.CDLL | None:
     if lib is not None and lib.llama_layer.restype is not None:  # ctypes' default restype (int): not declared yet
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.llama_layer.restype = lib.llama_forward.restype = None
-        lib.llama_layer.argtypes = [ptr] * 4 + [i64] * 2 + [ptr] * 2 + [ctypes.c_int]
-        lib.llama_forward.argtypes = [ptr, i64, ctypes.c_float, ptr, i64, ptr, ptr, i64, i64] + [ptr] * 5
-        lib.llama_forward.argtypes += [ctypes.c_int]
+        lib.llama_layer.argtypes = [ptr, i64] + [ptr] * 3 + [i64] * 2 + [ptr] * 2 + [ctypes.c_int]
+        lib.llama_forward.argtypes = [ptr, ptr, i64, ctypes.c_float, ptr, i64, ptr, ptr, i64, i64] + [ptr] * 4
+        lib.llama_forward.argtypes += [i64, ptr, ctypes.c_int]
+        lib.llama_propose.restype = i64
+        lib.llama_propose.argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64] + [ptr] * 5
+        lib.llama_propose.argtypes += [i64, ctypes.c_float, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -259,6 +141,7 @@ def _fast_forward(block: nn.Module, spec: Layer, lib: ctypes.CDLL):
         cos, sin = rope[0].reshape(-1).contiguous(), rope[1].reshape(-1).contiguous()
         lib.llama_layer(
             h.data_ptr(),
+            1,
             ctypes.byref(spec),
             kc.data_ptr(),
             vc.data_ptr(),
@@ -301,9 +184,23 @@ def fuse_blocks(model: nn.Module, kernel: str = "native", transposed: tuple[type
             block._lmforge_layer_spec = spec, list(block.state_dict(keep_vars=True).values())
             block.forward = _fast_forward(block, spec, lib)
             specs.append(spec)
+    model.model._lmforge_kernel = kernel
     if len(specs) == len(layers) and len(specs):
         _fuse_model(model, specs, lib, transposed)
     return len(specs)
+
+
+def fuse_step(model: nn.Module, transposed: tuple[type, ...] = ()) -> bool:
+    """Give `model`, a causal LM over a backbone whose blocks `fuse_blocks` already fused (a draft with a
+    sub-vocabulary head shares its backbone), the one-call step over its own head; True when it got it.
+    `transposed`: the head's module types that hold an fp32 `weight_t` [in, out]."""
+    backbone = getattr(model, "model", None)
+    blocks = getattr(backbone, "layers", None) or []
+    specs = [getattr(b, "_lmforge_layer_spec", (None,))[0] for b in blocks]
+    if not specs or any(spec is None for spec in specs):
+        return False
+    _fuse_model(model, specs, block_library(backbone._lmforge_kernel), transposed)
+    return hasattr(model, "_lmforge_step_spec")
 
 
 def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transposed: tuple[type, ...]) -> None:
@@ -327,43 +224,126 @@ def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transpos
     torch_forward = model.forward
     vocab = model.lm_head.out_features
 
+    rope = _RopeTable(m.rotary)
+    pointers = _CachePointers()
+    # With fp32 matrices, prompts longer than a verification take torch's batched products (faster there).
+    max_rows = MAX_F32_ROWS if any(mat.type < 4 for mat in _mats(specs, head)) else 1 << 62
+
     def forward(input_ids=None, **kw):
         cache = kw.get("kv_cache")
         start = kw.get("start_pos", 0)
         if not (
             type(cache) is KVCache
             and isinstance(input_ids, torch.Tensor)
-            and input_ids.shape == (1, 1)
+            and input_ids.dim() == 2
+            and input_ids.shape[0] == 1
+            and 0 < input_ids.shape[1] <= max_rows
             and kw.keys() <= _STEP_ARGS
-            and kw.get("inputs_embeds") is None
-            and start < cache.max_len
+            and not (kw.get("inputs_embeds") is not None or kw.get("return_hidden") or kw.get("return_aux_loss"))
+            and start + input_ids.shape[1] <= cache.max_len
             and _f32(cache.k[0])
+            and cache.k[0].shape[0] == 1
             and not torch.is_grad_enabled()
             and all(b.self_attn.kv_prefix is None for b in m.layers)
             and (kw.get("attention_mask") is None or bool(kw["attention_mask"].all()))
         ):
             return torch_forward(input_ids, **kw)
-        token = int(input_ids)
-        if not 0 <= token < emb.num_embeddings:
+        tokens = input_ids.reshape(-1).to(torch.int64).contiguous()
+        T = tokens.numel()
+        if not (0 <= int(tokens.min()) and int(tokens.max()) < emb.num_embeddings):
             return torch_forward(input_ids, **kw)
-        positions = kw.get("position_ids")
-        if positions is None:
-            positions = torch.tensor([[start]])
-        cos, sin = (t.reshape(-1).contiguous() for t in m.rotary(positions, torch.float32))
-        n = len(specs)
-        kcs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.k])
-        vcs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.v])
-        logits = torch.empty(1, 1, vocab)
-        lib.llama_forward(
-            emb.weight.data_ptr(), token, 1.0, table, n, kcs, vcs, start, cache.max_len,
-            cos.data_ptr(), sin.data_ptr(), norm.weight.data_ptr(), ctypes.byref(head), logits.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
+        keep = min(int(kw.get("logits_to_keep") or T), T)
+        if keep > (T - 1) % MAX_ROWS + 1:  # the logits wanted span more than the last chunk's rows
+            return torch_forward(input_ids, **kw)
+        cos, sin = rope(kw.get("position_ids"), start, T)
+        kcs, vcs = pointers(cache)
+        logits = torch.empty(1, keep, vocab)
+        for c0 in range(0, T, MAX_ROWS):  # a long prompt in chunks: each row attends to the slots before it
+            n = min(MAX_ROWS, T - c0)
+            lib.llama_forward(
+                emb.weight.data_ptr(), tokens[c0:].data_ptr(), n, 1.0, table, len(specs), kcs, vcs, start + c0,
+                cache.max_len, cos[c0:].data_ptr(), sin[c0:].data_ptr(), norm.weight.data_ptr(), ctypes.byref(head),
+                keep if c0 + n == T else 0, logits.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
         return logits
 
+    ids = getattr(model, "ids", None)  # a sub-vocabulary head's row -> token id
+    id_map = None if ids is None else ids.to(torch.int64).contiguous()
+
+    def propose(tokens: list[int], cache, start: int, k: int, min_confidence: float) -> tuple[list[int], int] | None:
+        """Up to k greedy proposals after feeding `tokens` at `start`, in one C call (`llama_propose`), and how
+        many tokens were fed; None where the one-call step does not apply."""
+        T = len(tokens)
+        if not (
+            type(cache) is KVCache
+            and 0 < T <= MAX_ROWS
+            and k > 0
+            and start + T + k - 1 <= cache.max_len
+            and _f32(cache.k[0])
+            and cache.k[0].shape[0] == 1
+            and all(b.self_attn.kv_prefix is None for b in m.layers)
+            and all(0 <= t < emb.num_embeddings for t in tokens)
+        ):
+            return None
+        feed = torch.tensor(tokens, dtype=torch.int64)
+        cos, sin = rope(None, start, T + k - 1)
+        kcs, vcs = pointers(cache)
+        out, n_out = (ctypes.c_int64 * k)(), ctypes.c_int64()
+        fed = lib.llama_propose(
+            emb.weight.data_ptr(), feed.data_ptr(), T, table, len(specs), kcs, vcs, start, cache.max_len,
+            cos.data_ptr(), sin.data_ptr(), norm.weight.data_ptr(), ctypes.byref(head),
+            None if id_map is None else id_map.data_ptr(), k, min_confidence, out, ctypes.byref(n_out),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return list(out[: n_out.value]), fed
+
     model.forward = forward
+    model._lmforge_propose = propose
 
 
-# Keyword arguments the one-call step accepts (anything else, e.g. attn_mask or return_hidden, takes
-# the torch forward); logits_to_keep does not matter for one token.
+# Rows one C call takes: a decode step (1), a speculative verification (k + 1) or a chunk of a prompt.
+MAX_ROWS = 64
+MAX_F32_ROWS = 16
+
+
+def _mats(specs: list[Layer], head: Mat) -> list[Mat]:
+    return [getattr(spec, name) for spec in specs for name in ("q", "k", "v", "o", "gate", "up", "down")] + [head]
+
+
+class _RopeTable:
+    """cos / sin rows [T, rot_dim] for positions start .. start + T - 1 from a table grown on demand (the
+    rotary embedding is a function of the position alone: longrope, which is not, never gets here), or
+    computed for explicit position_ids."""
+
+    def __init__(self, rotary: nn.Module):
+        self.rotary, self.cos, self.sin = rotary, torch.empty(0), torch.empty(0)
+
+    def __call__(self, positions, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is not None:
+            cos, sin = self.rotary(positions.reshape(1, T), torch.float32)
+            return cos.reshape(T, -1).contiguous(), sin.reshape(T, -1).contiguous()
+        if start + T > self.cos.shape[0]:
+            n = max(2 * self.cos.shape[0], start + T, 256)
+            cos, sin = self.rotary(torch.arange(n)[None], torch.float32)
+            self.cos, self.sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
+        return self.cos[start : start + T], self.sin[start : start + T]
+
+
+class _CachePointers:
+    """The ctypes arrays of a KVCache's per-layer key and value addresses, rebuilt when the cache changes."""
+
+    def __init__(self):
+        self.key, self.arrays = None, None
+
+    def __call__(self, cache: KVCache):
+        key = tuple(t.data_ptr() for t in cache.k) + tuple(t.data_ptr() for t in cache.v)
+        if key != self.key:
+            n = len(cache.k)
+            self.key = key
+            self.arrays = (ctypes.c_void_p * n)(*key[:n]), (ctypes.c_void_p * n)(*key[n:])
+        return self.arrays
+
+
+# Keyword arguments the one-call step accepts (anything else, e.g. attn_mask, takes the torch forward).
 _STEP_ARGS = {"inputs_embeds", "attention_mask", "position_ids", "kv_cache", "start_pos", "logits_to_keep"}
+_STEP_ARGS |= {"return_hidden", "return_aux_loss"}  # when false

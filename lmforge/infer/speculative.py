@@ -23,6 +23,7 @@ from lmforge.common import LmforgeError
 from lmforge.model import KVCache, Transformer
 
 from .decode import SpecStats, decode, verify, verify_greedy  # noqa: F401  (verify*: engine_spec's, re-exported)
+from .fused_block import fuse_step
 from .sampling import SamplingParams, probabilities
 
 
@@ -86,6 +87,7 @@ class SubVocabHead(nn.Module):
             raise LmforgeError(
                 f"a draft vocabulary subset needs a plain output head with a [vocab, hidden] weight, not {type(head).__name__}"
             )
+        self.in_features, self.out_features = weight.shape[1], len(ids)
         self.register_buffer("weight_t", weight.detach()[ids].t().contiguous())
         bias = getattr(head, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach()[ids].clone())
@@ -141,6 +143,7 @@ class DraftProposer:
         self.vocab_size = None if vocab is None else draft.config.vocab_size
         if vocab is not None and len(vocab) < self.vocab_size:
             self.draft = SubVocabLM(draft, vocab).eval()
+            fuse_step(self.draft, (SubVocabHead,))  # the one-call C step, when the draft's blocks have it
         self.ids = getattr(self.draft, "ids", None)  # head row -> token id (None: the identity)
         self.cache: KVCache | None = None
         self.valid = 0  # tokens whose keys/values in the draft cache are right
@@ -152,6 +155,12 @@ class DraftProposer:
     def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor]:
         device = next(self.draft.parameters()).device
         pending = tokens[self.valid :]
+        fused = getattr(self.draft, "_lmforge_propose", None)  # greedy drafting in one C call (fused_block)
+        result = fused(pending, self.cache, self.valid, k, self.min_confidence) if fused and params.greedy else None
+        if result is not None:
+            drafts, fed = result
+            self.valid += fed
+            return drafts, None
         drafts, qs = [], []
         for _ in range(k):
             ids = torch.tensor([pending], device=device)

@@ -46,7 +46,13 @@ def measure_generation(
     tok = load_tokenizer_if_any(next(iter(models.values()))) if models else None
     if tok is None:
         return out
-    loaded = {label: prepare_for_inference(load_model(path)) for label, path in models.items()}
+    loaded = {label: load_model(path) for label, path in models.items()}
+    if "draft" in loaded and gcfg.get("draft_quant"):  # a cheaper proposer; the target still verifies every token
+        from lmforge.quant import swap
+
+        swap(loaded["draft"], str(gcfg["draft_quant"]), skip=("embed", "lm_head"))
+        out["draft_quant"] = str(gcfg["draft_quant"])
+    loaded = {label: prepare_for_inference(model) for label, model in loaded.items()}
     encoded = [tok.encode(p) for p in prompts]
     methods: dict[tuple[str, str], tuple] = {}
     for label, model in loaded.items():
@@ -83,6 +89,8 @@ def measure_generation(
     try:
         results = _timed(methods, encoded, new, k, repeats)
         out["threads"] = torch.get_num_threads()
+        if (FINAL, SPECULATIVE) in methods:  # what a verification costs: why the draft gains what it does
+            out["verify_cost"] = {"rows": k + 1, "steps": round(verify_cost(loaded[FINAL], encoded[0], k), 2)}
     finally:
         torch.set_num_threads(threads)
     for (label, decoding), r in results.items():
@@ -112,8 +120,28 @@ def measure_generation(
         out["sample_format"]["draft"] = "completion"
     scale = gcfg.get("quant_at_scale")
     if scale:
-        out["quant_at_scale"] = quant_speed_at_scale(scale)
+        out["quant_at_scale"] = quant_speed_at_scale(scale, k if "verify_cost" in out else 0)
     return out
+
+
+def verify_cost(model, ids: list[int], k: int, repeats: int = 15) -> float:
+    """How many batch-1 decode steps of `model` one speculative verification of k drafts (a forward of
+    k + 1 rows) costs: medians of interleaved timings of both forwards at the same cache position."""
+    import torch
+
+    from lmforge.model import KVCache
+
+    cache = KVCache.for_model(model, 1, len(ids) + k + 2)
+    one, rows = torch.tensor([ids[-1:]]), torch.tensor([ids[-1:] * (k + 1)])
+    seconds: dict[int, list[float]] = {1: [], k + 1: []}
+    with torch.inference_mode():
+        model(torch.tensor([ids]), kv_cache=cache, logits_to_keep=1)
+        for _ in range(repeats):
+            for x in (one, rows):
+                start = time.perf_counter()
+                model(x, kv_cache=cache, start_pos=len(ids) - 1)
+                seconds[x.shape[1]].append(time.perf_counter() - start)
+    return statistics.median(seconds[k + 1]) / statistics.median(seconds[1])
 
 
 def token_counts(data: Path, vocab_size: int):
@@ -230,9 +258,10 @@ def _chat_samples(model, tok, user_turns: list[str], new: int) -> list[str]:
     return out
 
 
-def quant_speed_at_scale(scfg: dict) -> dict:
+def quant_speed_at_scale(scfg: dict, k: int = 0) -> dict:
     """Batch-1 decode tokens/s of a randomly initialised model of a memory-bound size (speed depends
-    on shapes, not weight values), fp32 against RTN-quantized copies; medians of interleaved repeats."""
+    on shapes, not weight values), fp32 against RTN-quantized copies; medians of interleaved repeats.
+    k > 0: also what verifying k drafts costs in fp32 there (`verify_cost`)."""
     import torch
 
     from lmforge.infer.prepare import prepare_for_inference
@@ -256,6 +285,7 @@ def quant_speed_at_scale(scfg: dict) -> dict:
     params = sum(p.numel() for p in base.parameters())
     fp32 = statistics.median(rates["fp32"])
     return {
+        **({"verify_cost": {"rows": k + 1, "steps": round(verify_cost(base, prompt, k, 5), 2)}} if k else {}),
         "preset": preset,
         "parameters": params,
         "new_tokens": new,

@@ -235,10 +235,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card(state, m) for m in state.model_ids()]}
+        embedder = state.runner.embedding_model  # --embedding-model: answers /v1/embeddings only
+        ids = state.model_ids() + ([embedder] if embedder and embedder not in state.model_ids() else [])
+        return {"object": "list", "data": [_model_card(state, m) for m in ids]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
+        if model == state.runner.embedding_model:
+            return {"id": model, "object": "model", "created": 0, "owned_by": "lmforge"}
         if state.rag is None or model != state.rag.name:
             state.adapter_for(model)
         return _model_card(state, model)
