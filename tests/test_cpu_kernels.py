@@ -230,7 +230,8 @@ def test_blocks_alone_take_the_c_path_when_the_head_does_not_qualify():
 
 
 @needs_kernel
-def test_speculative_verification_and_a_subvocab_draft_run_in_c(monkeypatch):
+@pytest.mark.parametrize("draft_scheme", [None, "q8_0"])
+def test_speculative_verification_and_a_subvocab_draft_run_in_c(draft_scheme, monkeypatch):
     """A prepared target verifies k + 1 tokens in one C call, the prepared draft with a sub-vocabulary head
     proposes through its own one-call step, and greedy output equals plain greedy."""
     from lmforge.infer.sampling import SamplingParams
@@ -242,6 +243,8 @@ def test_speculative_verification_and_a_subvocab_draft_run_in_c(monkeypatch):
     draft = copy.deepcopy(target)
     draft.model.layers = draft.model.layers[:1]
     draft.config.num_hidden_layers = 1
+    if draft_scheme:  # a quantized draft, head included: its sub-vocabulary head keeps the blocks
+        swap(draft, draft_scheme, skip=("embed",))
     prompt = torch.randint(0, target.config.vocab_size, (9,)).tolist()
     reference = generate(target, [prompt], max_new_tokens=20)[0].tolist()
     subset = sorted(set(reference) | set(range(40)))

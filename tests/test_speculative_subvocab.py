@@ -11,7 +11,8 @@ from lmforge.common import LmforgeError
 from lmforge.infer.generate import generate
 from lmforge.infer.prepare import prepare_for_inference
 from lmforge.infer.sampling import SamplingParams, probabilities
-from lmforge.infer.speculative import DraftProposer, SubVocabLM, frequent_tokens, speculative_generate
+from lmforge.infer.speculative import DraftProposer, SubVocabHead, SubVocabLM, frequent_tokens, speculative_generate
+from lmforge.quant import swap
 
 torch.set_num_threads(1)
 
@@ -47,13 +48,17 @@ def test_subvocab_draft_greedy_is_identical_and_proposes_only_the_subset(prepare
     assert out == reference and set(prop.seen) <= set(missing) and stats.accepted == 0
 
 
-def test_subvocab_logits_are_the_full_heads_columns():
+@pytest.mark.parametrize("scheme", [None, "q8_0", "q4_0"])
+def test_subvocab_logits_are_the_full_heads_columns(scheme):
     draft = _model(layers=1, seed=3)
+    if scheme:  # a block-format head keeps its blocks: the same rows, exactly
+        swap(draft, scheme, skip=("embed",))
     ids = [7, 0, 300, 511, 42]
     x = torch.randint(0, 512, (1, 9))
     with torch.no_grad():
         full, sub = draft(x), SubVocabLM(draft, ids)(x)
-    torch.testing.assert_close(sub, full[..., ids])
+    torch.testing.assert_close(sub, full[..., ids], rtol=1e-6, atol=1e-6)
+    assert type(SubVocabLM(draft, ids).lm_head) is (type(draft.lm_head) if scheme else SubVocabHead)
 
 
 def test_subvocab_sampling_follows_the_target_distribution():

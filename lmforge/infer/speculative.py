@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from lmforge.common import LmforgeError
 from lmforge.model import KVCache, Transformer
+from lmforge.quant.kernel_linear import BlockLinear
 
 from .decode import SpecStats, decode, verify, verify_greedy  # noqa: F401  (verify*: engine_spec's, re-exported)
 from .fused_block import fuse_step
@@ -97,6 +98,18 @@ class SubVocabHead(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+def sub_head(head: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """The rows `ids` of an output head: a Q8_0/Q4_0 head keeps its blocks (each row's own: exact, and a
+    quarter of the bytes of fp32), any other plain head becomes a `SubVocabHead`."""
+    if isinstance(head, BlockLinear) and head.input_scale is None:
+        rows = type(head)(head.in_features, len(ids), bias=head.bias is not None, device=head.qweight.device)
+        rows.qweight.copy_(head.qweight[ids]), rows.scales.copy_(head.scales[ids])
+        if head.bias is not None:
+            rows.bias.data.copy_(head.bias.detach()[ids])
+        return rows.eval().requires_grad_(False)
+    return SubVocabHead(head, ids)
+
+
 class SubVocabLM(nn.Module):
     """A causal LM whose head scores only `ids` (the draft's backbone is shared, not copied): a draft
     proposes from the tokens it is likely to be right about, and its head, the largest matrix of a
@@ -114,8 +127,8 @@ class SubVocabLM(nn.Module):
         if len(set(ids.tolist())) != ids.numel():
             raise LmforgeError("draft vocabulary subset: token ids repeat")
         self.config, self.model = lm.config, lm.model
-        self.lm_head = SubVocabHead(lm.lm_head, ids)
-        self.register_buffer("ids", ids.to(self.lm_head.weight_t.device))
+        self.lm_head = sub_head(lm.lm_head, ids)
+        self.register_buffer("ids", ids.to(next(self.lm_head.buffers()).device))
 
     # The Transformer's own forward (embeddings, blocks, norm, softcap) with this module's head.
     forward = Transformer.forward

@@ -50,7 +50,7 @@ def measure_generation(
     if "draft" in loaded and gcfg.get("draft_quant"):  # a cheaper proposer; the target still verifies every token
         from lmforge.quant import swap
 
-        swap(loaded["draft"], str(gcfg["draft_quant"]), skip=("embed", "lm_head"))
+        swap(loaded["draft"], str(gcfg["draft_quant"]), skip=("embed",))
         out["draft_quant"] = str(gcfg["draft_quant"])
     loaded = {label: prepare_for_inference(model) for label, model in loaded.items()}
     encoded = [tok.encode(p) for p in prompts]
