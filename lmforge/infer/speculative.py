@@ -166,7 +166,6 @@ class DraftProposer:
         self.valid = 0
 
     def propose(self, tokens: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor]:
-        device = next(self.draft.parameters()).device
         pending = tokens[self.valid :]
         fused = getattr(self.draft, "_lmforge_propose", None)  # greedy drafting in one C call (fused_block)
         result = fused(pending, self.cache, self.valid, k, self.min_confidence) if fused and params.greedy else None
@@ -174,6 +173,7 @@ class DraftProposer:
             drafts, fed = result
             self.valid += fed
             return drafts, None
+        device = next(self.draft.parameters()).device
         drafts, qs = [], []
         for _ in range(k):
             ids = torch.tensor([pending], device=device)
