@@ -259,3 +259,31 @@ def test_speculative_verification_and_a_subvocab_draft_run_in_c(draft_scheme, mo
         del proposer.draft._lmforge_propose
         slow = speculative_generate(fast, prompt, SamplingParams(max_new_tokens=20), proposer, k=3)[1]
         assert slow.accepted_per_step == stats.accepted_per_step and slow.proposed == stats.proposed
+
+
+def test_team_size_keeps_the_faster_thread_count():
+    """One busy core makes a 2-thread team slower than one thread: the probe finds it, and finds 2 again
+    once the other program is gone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        team = fused_block.TeamSize()
+
+        def run(calls: int, seconds: dict[int, float]) -> list[int]:
+            used = []
+            for _ in range(calls):
+                n = team()
+                used.append(n)
+                team.record(n, seconds[n])
+            return used
+
+        first = run(team.CYCLE, {2: 1.0, 1: 3.0})  # quiet: 2 threads win; 1 is only probed
+        assert first.count(1) == team.PROBE and first[-1] == 2
+        busy = run(team.CYCLE, {2: 5.0, 1: 1.5})  # beside a busy loop: 1 thread from the probe on
+        assert busy[2 * team.PROBE :] == [1] * (team.CYCLE - 2 * team.PROBE)
+        quiet = run(team.CYCLE, {2: 1.0, 1: 1.5})
+        assert quiet[-1] == 2
+        torch.set_num_threads(1)
+        assert team() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -22,6 +22,8 @@ up to fp32 summation order (tests: logits within 1e-4, identical greedy tokens).
 from __future__ import annotations
 
 import ctypes
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +228,7 @@ def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transpos
 
     rope = _RopeTable(m.rotary)
     pointers = _CachePointers()
+    step_team, propose_team = TeamSize(), TeamSize()
     # With fp32 matrices, prompts longer than a verification take torch's batched products (faster there).
     max_rows = MAX_F32_ROWS if any(mat.type < 4 for mat in _mats(specs, head)) else 1 << 62
 
@@ -258,13 +261,16 @@ def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transpos
         cos, sin = rope(kw.get("position_ids"), start, T)
         kcs, vcs = pointers(cache)
         logits = torch.empty(1, keep, vocab)
+        threads, began = step_team(), time.perf_counter()
         for c0 in range(0, T, MAX_ROWS):  # a long prompt in chunks: each row attends to the slots before it
             n = min(MAX_ROWS, T - c0)
             lib.llama_forward(
                 emb.weight.data_ptr(), tokens[c0:].data_ptr(), n, 1.0, table, len(specs), kcs, vcs, start + c0,
                 cache.max_len, cos[c0:].data_ptr(), sin[c0:].data_ptr(), norm.weight.data_ptr(), ctypes.byref(head),
-                keep if c0 + n == T else 0, logits.data_ptr(), torch.get_num_threads(),
+                keep if c0 + n == T else 0, logits.data_ptr(), threads,
             )  # fmt: skip
+        if T == 1:  # decode steps are alike: their times choose the team size
+            step_team.record(threads, time.perf_counter() - began)
         return logits
 
     ids = getattr(model, "ids", None)  # a sub-vocabulary head's row -> token id
@@ -289,12 +295,13 @@ def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transpos
         cos, sin = rope(None, start, T + k - 1)
         kcs, vcs = pointers(cache)
         out, n_out = (ctypes.c_int64 * k)(), ctypes.c_int64()
+        threads, began = propose_team(), time.perf_counter()
         fed = lib.llama_propose(
             emb.weight.data_ptr(), feed.data_ptr(), T, table, len(specs), kcs, vcs, start, cache.max_len,
             cos.data_ptr(), sin.data_ptr(), norm.weight.data_ptr(), ctypes.byref(head),
-            None if id_map is None else id_map.data_ptr(), k, min_confidence, out, ctypes.byref(n_out),
-            torch.get_num_threads(),
+            None if id_map is None else id_map.data_ptr(), k, min_confidence, out, ctypes.byref(n_out), threads,
         )  # fmt: skip
+        propose_team.record(threads, (time.perf_counter() - began) / fed)
         return list(out[: n_out.value]), fed
 
     model.forward = forward
@@ -308,6 +315,39 @@ MAX_F32_ROWS = 16
 
 def _mats(specs: list[Layer], head: Mat) -> list[Mat]:
     return [getattr(spec, name) for spec in specs for name in ("q", "k", "v", "o", "gate", "up", "down")] + [head]
+
+
+class TeamSize:
+    """How many threads a C call runs on: torch's thread count, or 1 where that is faster. Beside another
+    CPU-bound program, a thread of a 2-thread team on the busy core waits a time slice at each of a step's
+    dozens of barriers (bench/contention.py: decoding 4.8x slower beside one busy loop), while one thread
+    keeps the free core to itself. So the calls are timed (wall clock): each cycle of CYCLE calls starts
+    with PROBE calls on the current size and PROBE on the other, and the faster median stays for the rest
+    of the cycle. When quiet this costs PROBE of CYCLE calls on the slower size (~1%)."""
+
+    CYCLE, PROBE = 512, 8
+
+    def __init__(self):
+        self.best, self.calls, self.seconds = 0, 0, {}
+
+    def __call__(self) -> int:
+        n = torch.get_num_threads()
+        if n == 1:
+            return 1
+        if self.best not in (1, n):  # the first call, or torch's thread count changed: start over
+            self.best, self.calls = n, 0
+        phase = self.calls % self.CYCLE
+        return self.best if phase < self.PROBE or phase >= 2 * self.PROBE else (1 if self.best != 1 else n)
+
+    def record(self, threads: int, seconds: float) -> None:
+        phase = self.calls % self.CYCLE
+        self.calls += 1
+        if phase >= 2 * self.PROBE or torch.get_num_threads() == 1:
+            return
+        self.seconds.setdefault(threads, []).append(seconds)
+        if phase == 2 * self.PROBE - 1:  # both sizes timed: keep the faster
+            times = {t: statistics.median(v) for t, v in self.seconds.items()}
+            self.best, self.seconds = min(times, key=times.get), {}
 
 
 class _RopeTable:
