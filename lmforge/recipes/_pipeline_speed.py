@@ -80,6 +80,16 @@ def _quant_blocks(run: Path, models: dict[str, Path], gen: dict) -> list[tuple]:
                 + [[r["scheme"], _fmt(r["tokens_per_s"]), f"{r['speedup']:.2f}x"] for r in scale["rows"]],
             ),
         ]
+        behind = [r["scheme"] for r in scale["rows"] if r["speedup"] < 1]
+        if behind:
+            blocks.append(
+                (
+                    "p",
+                    f"Slower than fp32 there too: {', '.join(behind)}. It reads fewer bytes, but runs each block "
+                    "as torch ops around torch's packed matmuls, while fp32, q8_0 and q4_0 decode a token in one "
+                    "C call that streams their weights at close to the memory's speed.",
+                )
+            )
     return blocks
 
 
