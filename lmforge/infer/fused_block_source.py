@@ -51,6 +51,41 @@ static void rope(float *x, int64_t heads, int64_t hd, int64_t rd, const float *c
     }
 }
 
+#if defined(__AVX512F__)
+/* e^x for 16 lanes: Cephes' expf (x = n ln2 + r, a degree-6 polynomial in r, times 2^n by vscalefps),
+   within ~1 ulp of libm's; x is clamped to [-87.3, 88.7] (e^x then under/overflows as libm's would). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* g[i] = silu(g[i]) * u[i] for n values: the SwiGLU gate, 16 lanes at a time where AVX-512 is there (the
+   scalar expf over every intermediate value of every row was ~3% of a 110M model's token) */
+static void silu_mul(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+void swiglu(float *g, const float *u, int64_t n) { silu_mul(g, u, n); }  /* for the tests */
+
 /* Called by every thread of a team (or serially): h [T, hidden] updated in place; kc / vc: this layer's
    cache [n_kv, max_len, head_dim], slots pos .. pos + T - 1 written; cs / sn [T, rot_dim]. Serial steps
    run in `single` (with its barrier). */
@@ -98,7 +133,7 @@ static void layer_step(float *h, int64_t T, const layer_t *L, float *kc, float *
     float *ygu[2] = {W->g, W->u};
     matvecs(gu, 2, W->xn, T, ygu);
     #pragma omp for schedule(static)
-    for (int64_t i = 0; i < T * L->inter; i++) W->g[i] = W->g[i] / (1.0f + expf(-W->g[i])) * W->u[i];
+    for (int64_t i0 = 0; i0 < T * L->inter; i0 += 256) silu_mul(W->g + i0, W->u + i0, T * L->inter - i0 < 256 ? T * L->inter - i0 : 256);
     matvecs(&L->down, 1, W->g, T, yo);
     #pragma omp single
     for (int64_t i = 0; i < T * H; i++) h[i] += W->tmp[i];
