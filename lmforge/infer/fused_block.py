@@ -13,10 +13,11 @@ otherwise calls the block's own forward. When every block, the final norm and th
 model's forward takes T tokens of one sequence in one C call (`llama_forward`): a decode step (T = 1),
 a speculative verification (k + 1 rows, each matrix read once for all of them, row t attending up to
 slot start + t) or a prompt in chunks of 64 rows (with fp32 matrices only up to 16 rows: past that,
-torch's batched products are faster); `_lmforge_propose` drafts k greedy tokens in one call. Eligible: pre-norm RMSNorm blocks without qk-norm, score
-soft-capping or sliding windows, a SiLU-gated MLP, and linears that are fp32 (`TransposedLinear`
-or `nn.Linear`), `Q8_0Linear` or `Q4_0Linear` without an input scale. The results equal the torch path's
-up to fp32 summation order (tests: logits within 1e-4, identical greedy tokens).
+torch's batched products are faster); `_lmforge_propose` drafts k greedy tokens in one call.
+Eligible: pre-norm RMSNorm blocks without qk-norm, score soft-capping or sliding windows, a SiLU-gated
+MLP, and linears that are fp32 (`nn.Linear`, or a `transposed` type holding `weight_t`), `Q8_0Linear`
+or `Q4_0Linear` without an input scale. The results equal the torch path's up to fp32 summation order
+(tests: logits within 1e-4, identical greedy tokens).
 """
 
 from __future__ import annotations
@@ -231,30 +232,37 @@ def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transpos
     step_team, propose_team = TeamSize(), TeamSize()
     # With fp32 matrices, prompts longer than a verification take torch's batched products (faster there).
     max_rows = MAX_F32_ROWS if any(mat.type < 4 for mat in _mats(specs, head)) else 1 << 62
+    attentions = [b.self_attn for b in m.layers]
+
+    def fits(cache, end: int, ids: list[int]) -> bool:
+        """The C step can write slots up to `end` of `cache` and embed `ids` (one sequence, fp32 cache)."""
+        return (
+            type(cache) is KVCache
+            and end <= cache.max_len
+            and _f32(cache.k[0])
+            and cache.k[0].shape[0] == 1
+            and all(a.kv_prefix is None for a in attentions)  # prefix tuning: the torch path's
+            and 0 <= min(ids)
+            and max(ids) < emb.num_embeddings
+        )
 
     def forward(input_ids=None, **kw):
         cache = kw.get("kv_cache")
         start = kw.get("start_pos", 0)
         if not (
-            type(cache) is KVCache
-            and isinstance(input_ids, torch.Tensor)
+            isinstance(input_ids, torch.Tensor)
             and input_ids.dim() == 2
             and input_ids.shape[0] == 1
             and 0 < input_ids.shape[1] <= max_rows
             and kw.keys() <= _STEP_ARGS
             and not (kw.get("inputs_embeds") is not None or kw.get("return_hidden") or kw.get("return_aux_loss"))
-            and start + input_ids.shape[1] <= cache.max_len
-            and _f32(cache.k[0])
-            and cache.k[0].shape[0] == 1
             and not torch.is_grad_enabled()
-            and all(b.self_attn.kv_prefix is None for b in m.layers)
+            and fits(cache, start + input_ids.shape[1], ids := input_ids[0].tolist())
             and (kw.get("attention_mask") is None or bool(kw["attention_mask"].all()))
         ):
             return torch_forward(input_ids, **kw)
-        tokens = input_ids.reshape(-1).to(torch.int64).contiguous()
-        T = tokens.numel()
-        if not (0 <= int(tokens.min()) and int(tokens.max()) < emb.num_embeddings):
-            return torch_forward(input_ids, **kw)
+        tokens = torch.tensor(ids, dtype=torch.int64)
+        T = len(ids)
         keep = min(int(kw.get("logits_to_keep") or T), T)
         if keep > (T - 1) % MAX_ROWS + 1:  # the logits wanted span more than the last chunk's rows
             return torch_forward(input_ids, **kw)
@@ -280,16 +288,7 @@ def _fuse_model(model: nn.Module, specs: list[Layer], lib: ctypes.CDLL, transpos
         """Up to k greedy proposals after feeding `tokens` at `start`, in one C call (`llama_propose`), and how
         many tokens were fed; None where the one-call step does not apply."""
         T = len(tokens)
-        if not (
-            type(cache) is KVCache
-            and 0 < T <= MAX_ROWS
-            and k > 0
-            and start + T + k - 1 <= cache.max_len
-            and _f32(cache.k[0])
-            and cache.k[0].shape[0] == 1
-            and all(b.self_attn.kv_prefix is None for b in m.layers)
-            and all(0 <= t < emb.num_embeddings for t in tokens)
-        ):
+        if not (0 < T <= MAX_ROWS and k > 0 and fits(cache, start + T + k - 1, tokens)):
             return None
         feed = torch.tensor(tokens, dtype=torch.int64)
         cos, sin = rope(None, start, T + k - 1)
@@ -386,4 +385,4 @@ class _CachePointers:
 
 # Keyword arguments the one-call step accepts (anything else, e.g. attn_mask, takes the torch forward).
 _STEP_ARGS = {"inputs_embeds", "attention_mask", "position_ids", "kv_cache", "start_pos", "logits_to_keep"}
-_STEP_ARGS |= {"return_hidden", "return_aux_loss"}  # when false
+_STEP_ARGS |= {"return_hidden", "return_aux_loss"}  # accepted when false

@@ -81,42 +81,6 @@ static void gemv_t_f32(const float *x, const float *wt, float *y, int64_t k, int
     }
 }
 
-/* y[:, c0:c1] = x [m, k] @ wt[:, c0:c1] for several rows m (a speculative verification, a prefill chunk): the
-   products are then bound by FMA throughput, not memory, so 4 rows x 64 columns of outputs stay in registers
-   while 16 rows of the weight pass (each 16-float weight vector feeds 4 FMAs); the 16-row blocks keep the
-   weight's reads to 16 sequential streams. A group of fewer than 4 rows repeats its first (not stored). */
-static void gemm_t_f32(const float *x, int64_t m_rows, const float *wt, float *y, int64_t k, int64_t n, int64_t c0,
-                       int64_t c1) {
-    int64_t j0 = c0;
-#if defined(__AVX512F__)
-    for (int64_t m0 = 0; m0 < m_rows && m_rows > 1; m0 += 4) {  /* one row: gemv_t_f32's memory-bound stream */
-        int64_t mr = m_rows - m0 < 4 ? m_rows - m0 : 4;
-        const float *xr[4];
-        for (int64_t m = 0; m < 4; m++) xr[m] = x + (m0 + (m < mr ? m : 0)) * k;
-        for (int64_t m = 0; m < mr; m++) memset(y + (m0 + m) * n + c0, 0, (size_t)(c1 - c0) * sizeof(float));
-        for (int64_t k0 = 0; k0 < k; k0 += 16) {
-            int64_t k1 = k0 + 16 < k ? k0 + 16 : k;
-            for (j0 = c0; j0 + 64 <= c1; j0 += 64) {
-                __m512 acc[4][4];
-                for (int m = 0; m < 4; m++)
-                    for (int i = 0; i < 4; i++) acc[m][i] = _mm512_loadu_ps(y + (m0 + (m < mr ? m : 0)) * n + j0 + 16 * i);
-                for (int64_t kk = k0; kk < k1; kk++) {
-                    const float *r = wt + kk * n + j0;
-                    __m512 w[4] = {_mm512_loadu_ps(r), _mm512_loadu_ps(r + 16), _mm512_loadu_ps(r + 32), _mm512_loadu_ps(r + 48)};
-                    for (int m = 0; m < 4; m++) {
-                        __m512 xv = _mm512_set1_ps(xr[m][kk]);
-                        for (int i = 0; i < 4; i++) acc[m][i] = _mm512_fmadd_ps(w[i], xv, acc[m][i]);
-                    }
-                }
-                for (int64_t m = 0; m < mr; m++)
-                    for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + (m0 + m) * n + j0 + 16 * i, acc[m][i]);
-            }
-        }
-    }
-#endif
-    for (int64_t m = 0; m < m_rows && j0 < c1; m++) gemv_t_f32(x + m * k, wt, y + m * n, k, n, j0, c1);  /* the rest */
-}
-
 /* A linear layer's weights: type 0 fp32 [n, k]; 1 fp32 transposed [k, n]; 8 Q8_0 int8 [n, kp]; 4 Q4_0 [n, kp/2] (fp16 scales d
    [n, kp/32]); bias fp32 [n] or NULL. */
 typedef struct {
@@ -242,7 +206,8 @@ static void matvecs(const mat_t *mats, int count, const float *x, int64_t m_rows
         if (mt->type != 1) continue;
         int64_t per = (mt->n / nth + 15) / 16 * 16, c0 = per * tid, c1 = tid == nth - 1 ? mt->n : per * (tid + 1);
         if (c1 > mt->n) c1 = mt->n;
-        if (c0 < c1) gemm_t_f32(x, m_rows, (const float *)mt->w, ys[j], mt->k, mt->n, c0, c1);
+        for (int64_t m = 0; m < m_rows && c0 < c1; m++)  /* a few rows at most: the C step keeps nn.Linear */
+            gemv_t_f32(x + m * mt->k, (const float *)mt->w, ys[j] + m * mt->n, mt->k, mt->n, c0, c1);
         for (int64_t m = 0; m < m_rows && c0 < c1 && mt->bias; m++)
             for (int64_t c = c0; c < c1; c++) ys[j][m * mt->n + c] += mt->bias[c];
     }
